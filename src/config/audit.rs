@@ -1,0 +1,561 @@
+//! Rejects every field that is set in an Envoy message but that the proxy does not honour, so that
+//! no part of a config is silently ignored. Driven by one policy table over prost-reflect, instead
+//! of each conversion checking fields by hand; conversions then only judge the values they read.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::OnceLock;
+
+use prost_reflect::{DynamicMessage, MapKey, Value};
+
+use prost_reflect::ReflectMessage;
+
+use super::proto;
+
+/// A set field, or a message type, that the proxy does not honour.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unsupported {
+    /// Relative to the audited message: `filter_chains[0].transport_socket`,
+    /// `metadata.filter_metadata["key"]`; empty for the audited message itself.
+    pub path: String,
+    pub reason: String,
+}
+
+impl fmt::Display for Unsupported {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() { f.write_str(&self.reason) } else { write!(f, "{}: {}", self.path, self.reason) }
+    }
+}
+
+/// What the proxy honours of one message type (or, in [`Policy::Fields`], of one field's contents).
+#[derive(Debug, Clone, Copy)]
+pub enum Policy {
+    /// Every field, to any depth: the consumer reads the message as a whole.
+    All,
+    /// Only these fields (proto names); each set one is audited by its own type's policy.
+    Only(&'static [&'static str]),
+    /// Only these fields, each with the policy for its contents, overriding its type's policy.
+    Fields(&'static [(&'static str, Policy)]),
+    /// Audited elsewhere (e.g. listeners and clusters by their own conversion, so static and xDS
+    /// resources pass the same check); not descended into.
+    Skip,
+}
+
+/// The single table of what is honoured, by proto type name. A message type reached through a
+/// set field and missing here is rejected, so a new Envoy field or type can never be ignored
+/// silently. Field names are proto (snake_case) names.
+const POLICIES: &[(&str, Policy)] = {
+    use Policy::{All, Fields, Only, Skip};
+    &[
+        // Well-known types: plain values, read whole.
+        ("google.protobuf.Duration", All),
+        ("google.protobuf.Timestamp", All),
+        ("google.protobuf.BoolValue", All),
+        ("google.protobuf.UInt32Value", All),
+        ("google.protobuf.UInt64Value", All),
+        ("google.protobuf.Int32Value", All),
+        ("google.protobuf.Int64Value", All),
+        ("google.protobuf.DoubleValue", All),
+        ("google.protobuf.FloatValue", All),
+        ("google.protobuf.StringValue", All),
+        ("google.protobuf.BytesValue", All),
+        ("google.protobuf.Struct", All),
+        ("google.protobuf.Value", All),
+        ("google.protobuf.ListValue", All),
+        ("google.protobuf.Empty", All),
+        // Bootstrap.
+        ("envoy.config.bootstrap.v3.Bootstrap", Only(&["node", "admin", "static_resources", "dynamic_resources"])),
+        ("envoy.config.bootstrap.v3.Bootstrap.StaticResources", Fields(&[("listeners", Skip), ("clusters", Skip)])),
+        ("envoy.config.bootstrap.v3.Bootstrap.DynamicResources", Only(&["lds_config", "cds_config", "ads_config"])),
+        // Read whole by the xDS client, which judges the values.
+        ("envoy.config.core.v3.ConfigSource", All),
+        ("envoy.config.core.v3.ApiConfigSource", All),
+        ("envoy.config.core.v3.Node", All),
+        // access_log_path is accepted and ignored on purpose: the admin log is not an API surface.
+        ("envoy.config.bootstrap.v3.Admin", Only(&["address", "access_log_path", "profile_path"])),
+        // Addresses.
+        ("envoy.config.core.v3.Address", Only(&["socket_address"])),
+        // protocol: the conversion accepts TCP only.
+        ("envoy.config.core.v3.SocketAddress", Only(&["protocol", "address", "port_value", "ipv4_compat"])),
+        // Listeners.
+        (
+            "envoy.config.listener.v3.Listener",
+            Only(&[
+                "name",
+                "address",
+                "filter_chains",
+                "default_filter_chain",
+                "use_original_dst",
+                "bind_to_port",
+                "enable_reuse_port",
+                "tcp_backlog_size",
+                "freebind",
+                "transparent",
+                "socket_options",
+                "per_connection_buffer_limit_bytes",
+                "drain_type",
+                "stat_prefix",
+                "metadata",
+                "listener_filters_timeout",
+                "continue_on_listener_filters_timeout",
+                "traffic_direction",
+                "ignore_global_conn_limit",
+            ]),
+        ),
+        (
+            "envoy.config.listener.v3.FilterChain",
+            Only(&["name", "filter_chain_match", "filters", "transport_socket", "metadata"]),
+        ),
+        // The filter chain index decides which match fields it supports.
+        ("envoy.config.listener.v3.FilterChainMatch", All),
+        ("envoy.config.listener.v3.Filter", Only(&["name", "typed_config"])),
+        // The conversion checks that the socket is raw_buffer.
+        ("envoy.config.core.v3.TransportSocket", Only(&["name", "typed_config"])),
+        ("envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer", All),
+        ("envoy.config.core.v3.SocketOption", All),
+        ("envoy.config.core.v3.Metadata", All),
+        // Network filters.
+        (
+            "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+            Only(&["stat_prefix", "cluster", "weighted_clusters", "idle_timeout", "max_connect_attempts"]),
+        ),
+        ("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy.WeightedCluster", Only(&["clusters"])),
+        (
+            "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy.WeightedCluster.ClusterWeight",
+            Only(&["name", "weight"]),
+        ),
+        ("envoy.extensions.filters.network.direct_response.v3.Config", Only(&["response"])),
+        ("envoy.config.core.v3.DataSource", Only(&["filename", "inline_bytes", "inline_string"])),
+        // Clusters and endpoints; the conversion may still reject values (e.g. a cluster type).
+        (
+            "envoy.config.cluster.v3.Cluster",
+            Only(&[
+                "name",
+                "type",
+                "connect_timeout",
+                "lb_policy",
+                "load_assignment",
+                "eds_cluster_config",
+                "dns_refresh_rate",
+                "dns_lookup_family",
+                "circuit_breakers",
+                "per_connection_buffer_limit_bytes",
+                "metadata",
+                "alt_stat_name",
+                "respect_dns_ttl",
+            ]),
+        ),
+        ("envoy.config.cluster.v3.Cluster.EdsClusterConfig", All),
+        ("envoy.config.cluster.v3.CircuitBreakers", Only(&["thresholds"])),
+        // max_pending_requests, max_requests and max_retries are honoured by the HTTP path.
+        (
+            "envoy.config.cluster.v3.CircuitBreakers.Thresholds",
+            Only(&["priority", "max_connections", "max_pending_requests", "max_requests", "max_retries"]),
+        ),
+        ("envoy.config.endpoint.v3.ClusterLoadAssignment", Only(&["cluster_name", "endpoints"])),
+        (
+            "envoy.config.endpoint.v3.LocalityLbEndpoints",
+            Only(&["locality", "lb_endpoints", "load_balancing_weight", "priority"]),
+        ),
+        ("envoy.config.core.v3.Locality", All),
+        (
+            "envoy.config.endpoint.v3.LbEndpoint",
+            Only(&["endpoint", "health_status", "load_balancing_weight", "metadata"]),
+        ),
+        ("envoy.config.endpoint.v3.Endpoint", Only(&["address", "hostname"])),
+    ]
+};
+
+/// The policy for a message type, `None` when the proxy honours nothing of it.
+fn policy(full_name: &str) -> Option<Policy> {
+    static BY_NAME: OnceLock<HashMap<&'static str, Policy>> = OnceLock::new();
+    BY_NAME.get_or_init(|| POLICIES.iter().copied().collect()).get(full_name).copied()
+}
+
+/// Checks every set field of `msg` (of proto type `full_name`) against the policy table, looking
+/// inside `google.protobuf.Any` fields by their type URL. Returns every rejection, not just the
+/// first, so one NACK can list them all.
+pub fn audit<T: prost::Message>(msg: &T, full_name: &str) -> Result<(), Vec<Unsupported>> {
+    let dynamic = proto::to_dynamic(msg, full_name)
+        .map_err(|err| vec![Unsupported { path: String::new(), reason: err.to_string() }])?;
+    let mut found = Vec::new();
+    audit_message(&dynamic, &mut String::new(), None, &mut found);
+    if found.is_empty() { Ok(()) } else { Err(found) }
+}
+
+/// Whether a field counts as set, with protobuf presence: proto3 scalars when non-default,
+/// messages when present, repeated and map fields when non-empty. This is exactly the set of
+/// fields `DynamicMessage::fields()` yields, which the walk relies on.
+pub fn is_set(msg: &DynamicMessage, field_name: &str) -> bool {
+    msg.descriptor().get_field_by_name(field_name).is_some_and(|field| msg.has_field(&field))
+}
+
+/// Audits one message reached at `path`. `context` is the policy the parent gave this field's
+/// contents, which takes precedence over the type's own.
+fn audit_message(msg: &DynamicMessage, path: &mut String, context: Option<Policy>, found: &mut Vec<Unsupported>) {
+    let desc = msg.descriptor();
+    if desc.full_name() == "google.protobuf.Any" {
+        audit_any(msg, path, context, found);
+        return;
+    }
+    let Some(policy) = context.or_else(|| policy(desc.full_name())) else {
+        found.push(Unsupported { path: path.clone(), reason: format!("{} is not supported", desc.full_name()) });
+        return;
+    };
+    let allowed = |name: &str| -> Option<Option<Policy>> {
+        match policy {
+            Policy::All | Policy::Skip => None,
+            Policy::Only(names) => names.contains(&name).then_some(None),
+            Policy::Fields(fields) => fields.iter().find(|(field, _)| *field == name).map(|(_, policy)| Some(*policy)),
+        }
+    };
+    if matches!(policy, Policy::All | Policy::Skip) {
+        return;
+    }
+    for (field, value) in msg.fields() {
+        let len = path.len();
+        if !path.is_empty() {
+            path.push('.');
+        }
+        path.push_str(field.name());
+        match allowed(field.name()) {
+            None => found.push(Unsupported { path: path.clone(), reason: "not supported".to_owned() }),
+            Some(context) => audit_value(value, path, context, found),
+        }
+        path.truncate(len);
+    }
+}
+
+/// Descends into a field's value: messages, elements of repeated fields, values of map fields.
+fn audit_value(value: &Value, path: &mut String, context: Option<Policy>, found: &mut Vec<Unsupported>) {
+    match value {
+        Value::Message(msg) => audit_message(msg, path, context, found),
+        Value::List(items) => {
+            for (index, item) in items.iter().enumerate() {
+                let len = path.len();
+                path.push_str(&format!("[{index}]"));
+                audit_value(item, path, context, found);
+                path.truncate(len);
+            }
+        }
+        Value::Map(entries) => {
+            // Sorted so the rejections come out in a stable order.
+            let mut entries: Vec<(&MapKey, &Value)> = entries.iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(b.0));
+            for (key, item) in entries {
+                let len = path.len();
+                match key {
+                    MapKey::String(key) => path.push_str(&format!("[{key:?}]")),
+                    other => path.push_str(&format!("[{}]", map_key_text(other))),
+                }
+                audit_value(item, path, context, found);
+                path.truncate(len);
+            }
+        }
+        // Scalars and enums: their values are for the conversion to judge.
+        _ => {}
+    }
+}
+
+fn map_key_text(key: &MapKey) -> String {
+    match key {
+        MapKey::Bool(v) => v.to_string(),
+        MapKey::I32(v) => v.to_string(),
+        MapKey::I64(v) => v.to_string(),
+        MapKey::U32(v) => v.to_string(),
+        MapKey::U64(v) => v.to_string(),
+        MapKey::String(v) => format!("{v:?}"),
+    }
+}
+
+/// An Any is audited as the message its type URL names, at the Any's own path.
+fn audit_any(any: &DynamicMessage, path: &mut String, context: Option<Policy>, found: &mut Vec<Unsupported>) {
+    if matches!(context, Some(Policy::All | Policy::Skip)) {
+        return;
+    }
+    let type_url = match any.get_field_by_name("type_url").as_deref() {
+        Some(Value::String(url)) => url.clone(),
+        _ => String::new(),
+    };
+    let bytes = match any.get_field_by_name("value").as_deref() {
+        Some(Value::Bytes(bytes)) => bytes.clone(),
+        _ => Default::default(),
+    };
+    let inner_desc = type_url.rsplit_once('/').and_then(|(_, name)| proto::pool().get_message_by_name(name));
+    let Some(inner_desc) = inner_desc else {
+        found.push(Unsupported { path: path.clone(), reason: format!("unknown type {type_url}") });
+        return;
+    };
+    match DynamicMessage::decode(inner_desc, bytes) {
+        Ok(inner) => audit_message(&inner, path, context, found),
+        Err(err) => found.push(Unsupported { path: path.clone(), reason: format!("invalid {type_url}: {err}") }),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::expect_used, clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::config::proto::{Format, decode, parse_dynamic};
+    use envoy_types::pb::envoy::config::bootstrap::v3::Bootstrap;
+    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+    use envoy_types::pb::envoy::config::listener::v3::{Listener, ListenerFilter};
+    use envoy_types::pb::google::protobuf::Any;
+    use prost_reflect::ReflectMessage;
+
+    const LISTENER: &str = "envoy.config.listener.v3.Listener";
+    const CLUSTER: &str = "envoy.config.cluster.v3.Cluster";
+    const BOOTSTRAP: &str = "envoy.config.bootstrap.v3.Bootstrap";
+
+    const TCP_LISTENER: &str = r#"
+name: listener_0
+address:
+  socket_address: { address: 127.0.0.1, port_value: 10000 }
+bind_to_port: true
+per_connection_buffer_limit_bytes: 32768
+metadata:
+  filter_metadata:
+    some.filter: { anything: [1, 2] }
+filter_chains:
+- name: plain
+  filter_chain_match: { destination_port: 10000, server_names: [a.example] }
+  transport_socket:
+    name: envoy.transport_sockets.raw_buffer
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer
+  filters:
+  - name: envoy.filters.network.tcp_proxy
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+      stat_prefix: tcp
+      weighted_clusters:
+        clusters:
+        - { name: a, weight: 1 }
+        - { name: b, weight: 3 }
+      idle_timeout: 10s
+      max_connect_attempts: 2
+"#;
+
+    const STATIC_CLUSTER: &str = r#"
+name: service
+type: STATIC
+connect_timeout: 1s
+lb_policy: ROUND_ROBIN
+circuit_breakers:
+  thresholds:
+  - { priority: DEFAULT, max_connections: 100, max_retries: 3 }
+load_assignment:
+  cluster_name: service
+  endpoints:
+  - locality: { zone: z1 }
+    lb_endpoints:
+    - endpoint:
+        address:
+          socket_address: { address: 127.0.0.1, port_value: 8080 }
+      load_balancing_weight: 2
+"#;
+
+    fn parse<T: prost::Message + Default>(yaml: &str, full_name: &str) -> T {
+        decode(&parse_dynamic(yaml, Format::Yaml, full_name).expect("parses")).expect("decodes")
+    }
+
+    fn audit_errors<T: prost::Message>(msg: &T, full_name: &str) -> Vec<String> {
+        match audit(msg, full_name) {
+            Ok(()) => Vec::new(),
+            Err(found) => found.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn policy_table_names_real_types_and_fields() {
+        let pool = proto::pool();
+        let mut seen = std::collections::HashSet::new();
+        for (name, policy) in POLICIES {
+            assert!(seen.insert(name), "{name} listed twice");
+            let desc = pool.get_message_by_name(name).unwrap_or_else(|| panic!("{name} is not a message type"));
+            let fields: Vec<&str> = match policy {
+                Policy::Only(fields) => fields.to_vec(),
+                Policy::Fields(fields) => fields.iter().map(|(field, _)| *field).collect(),
+                Policy::All | Policy::Skip => Vec::new(),
+            };
+            for field in fields {
+                assert!(desc.get_field_by_name(field).is_some(), "{name} has no field {field}");
+            }
+        }
+    }
+
+    #[test]
+    fn honoured_listener_and_cluster_pass() {
+        let listener: Listener = parse(TCP_LISTENER, LISTENER);
+        assert_eq!(audit_errors(&listener, LISTENER), Vec::<String>::new());
+        let cluster: Cluster = parse(STATIC_CLUSTER, CLUSTER);
+        assert_eq!(audit_errors(&cluster, CLUSTER), Vec::<String>::new());
+    }
+
+    #[test]
+    fn bootstrap_passes_and_leaves_listeners_and_clusters_to_their_own_audit() {
+        let text = format!(
+            r#"
+node: {{ id: n, cluster: c, metadata: {{ k: v }} }}
+admin:
+  access_log_path: /dev/null
+  address: {{ socket_address: {{ address: 127.0.0.1, port_value: 9901 }} }}
+static_resources:
+  listeners:
+  - listener_filters:
+    - name: envoy.filters.listener.tls_inspector
+  clusters:
+  - name: xds
+    health_checks: [{{ timeout: 1s }}]
+dynamic_resources:
+  ads_config:
+    api_type: GRPC
+    transport_api_version: V3
+    grpc_services: [{{ envoy_grpc: {{ cluster_name: xds }} }}]
+  lds_config: {{ ads: {{}}, resource_api_version: V3 }}
+  cds_config: {{ ads: {{}}, resource_api_version: V3 }}
+"#
+        );
+        let bootstrap: Bootstrap = parse(&text, BOOTSTRAP);
+        assert_eq!(audit_errors(&bootstrap, BOOTSTRAP), Vec::<String>::new());
+    }
+
+    #[test]
+    fn bootstrap_rejects_unhonoured_fields() {
+        let text = r#"
+static_resources:
+  secrets: [{ name: s }]
+admin:
+  address: { pipe: { path: /tmp/admin.sock } }
+stats_flush_interval: 5s
+"#;
+        let bootstrap: Bootstrap = parse(text, BOOTSTRAP);
+        assert_eq!(
+            audit_errors(&bootstrap, BOOTSTRAP),
+            // In field-number order, as the walk visits them.
+            [
+                "static_resources.secrets: not supported",
+                "stats_flush_interval: not supported",
+                "admin.address.pipe: not supported",
+            ]
+        );
+    }
+
+    #[test]
+    fn set_unsupported_listener_field_is_rejected() {
+        let text = format!("{TCP_LISTENER}listener_filters:\n- name: envoy.filters.listener.tls_inspector\n");
+        let listener: Listener = parse(&text, LISTENER);
+        assert_eq!(audit_errors(&listener, LISTENER), ["listener_filters: not supported"]);
+    }
+
+    #[test]
+    fn set_unsupported_cluster_field_is_rejected() {
+        let text = format!("{STATIC_CLUSTER}health_checks:\n- timeout: 1s\n  interval: 5s\n  tcp_health_check: {{}}\n");
+        let cluster: Cluster = parse(&text, CLUSTER);
+        assert_eq!(audit_errors(&cluster, CLUSTER), ["health_checks: not supported"]);
+    }
+
+    #[test]
+    fn tls_transport_socket_is_an_unsupported_type() {
+        let text = TCP_LISTENER
+            .replace("envoy.transport_sockets.raw_buffer", "envoy.transport_sockets.tls")
+            .replace("transport_sockets.raw_buffer.v3.RawBuffer", "transport_sockets.tls.v3.DownstreamTlsContext");
+        let listener: Listener = parse(&text, LISTENER);
+        assert_eq!(
+            audit_errors(&listener, LISTENER),
+            ["filter_chains[0].transport_socket.typed_config: \
+                 envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext is not supported"]
+        );
+    }
+
+    #[test]
+    fn unsupported_network_filter_and_filter_fields_are_rejected() {
+        let text = TCP_LISTENER
+            .replace("      idle_timeout: 10s\n", "      idle_timeout: 10s\n      access_log: [{ name: x }]\n")
+            + r#"- name: http
+  filters:
+  - name: envoy.filters.network.http_connection_manager
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+      stat_prefix: http
+"#;
+        let listener: Listener = parse(&text, LISTENER);
+        assert_eq!(
+            audit_errors(&listener, LISTENER),
+            [
+                "filter_chains[0].filters[0].typed_config.access_log: not supported",
+                "filter_chains[1].filters[0].typed_config: envoy.extensions.filters.network.\
+                 http_connection_manager.v3.HttpConnectionManager is not supported",
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_any_type_is_rejected_at_its_path() {
+        let mut listener: Listener = parse(TCP_LISTENER, LISTENER);
+        let filter = &mut listener.filter_chains[0].filters[0];
+        filter.config_type = Some(envoy_types::pb::envoy::config::listener::v3::filter::ConfigType::TypedConfig(Any {
+            type_url: "type.googleapis.com/istio.Custom".into(),
+            value: vec![],
+        }));
+        assert_eq!(
+            audit_errors(&listener, LISTENER),
+            ["filter_chains[0].filters[0].typed_config: unknown type type.googleapis.com/istio.Custom"]
+        );
+    }
+
+    #[test]
+    fn map_entries_are_walked_with_quoted_keys() {
+        let yaml = r#"
+typed_filter_metadata:
+  my.filter:
+    "@type": type.googleapis.com/envoy.config.core.v3.Http1ProtocolOptions
+"#;
+        let metadata = parse_dynamic(yaml, Format::Yaml, "envoy.config.core.v3.Metadata").expect("parses");
+        let mut found = Vec::new();
+        audit_message(&metadata, &mut String::new(), Some(Policy::Only(&["typed_filter_metadata"])), &mut found);
+        assert_eq!(
+            found,
+            [Unsupported {
+                path: "typed_filter_metadata[\"my.filter\"]".into(),
+                reason: "envoy.config.core.v3.Http1ProtocolOptions is not supported".into(),
+            }]
+        );
+    }
+
+    #[test]
+    fn set_means_protobuf_presence() {
+        let yaml = r#"
+name: ""
+stat_prefix: ""
+continue_on_listener_filters_timeout: false
+bind_to_port: false
+filter_chains: []
+freebind: true
+"#;
+        let dynamic = parse_dynamic(yaml, Format::Yaml, LISTENER).expect("parses");
+        let listener: Listener = decode(&dynamic).expect("decodes");
+        let reflected = proto::to_dynamic(&listener, LISTENER).expect("reflects");
+        for msg in [&dynamic, &reflected] {
+            let mut set: Vec<String> = msg.fields().map(|(f, _)| f.name().to_owned()).collect();
+            set.sort();
+            // Defaults of proto3 scalars and empty lists are unset; present wrappers are set even
+            // when they hold the default.
+            assert_eq!(set, ["bind_to_port", "freebind"], "{}", msg.descriptor().name());
+            assert!(is_set(msg, "bind_to_port"));
+            assert!(!is_set(msg, "stat_prefix"));
+            assert!(!is_set(msg, "filter_chains"));
+            assert!(!is_set(msg, "no_such_field"));
+        }
+    }
+
+    #[test]
+    fn root_type_without_policy_is_reported_without_a_path() {
+        const LISTENER_FILTER: &str = "envoy.config.listener.v3.ListenerFilter";
+        let filter: ListenerFilter = parse("name: envoy.filters.listener.tls_inspector", LISTENER_FILTER);
+        assert_eq!(
+            audit_errors(&filter, LISTENER_FILTER),
+            ["envoy.config.listener.v3.ListenerFilter is not supported"]
+        );
+    }
+}

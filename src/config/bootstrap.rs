@@ -1,0 +1,113 @@
+//! The validated bootstrap: node identity, admin address, static listeners and clusters, and the dynamic resource
+//! sources (kept for the xDS client).
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::bootstrap::v3 as bpb;
+use envoy_types::pb::envoy::config::core::v3 as core;
+
+use super::cluster::ClusterConfig;
+use super::listener::{ListenerConfig, NetworkFilterConfig};
+use super::{ConfigError, audit_resource, ip_socket_address};
+
+#[derive(Debug, Clone)]
+pub struct BootstrapConfig {
+    pub node: core::Node,
+    pub admin_address: Option<SocketAddr>,
+    pub listeners: Vec<ListenerConfig>,
+    pub clusters: Vec<ClusterConfig>,
+    /// LDS/CDS/ADS sources, consumed by the xDS client.
+    pub dynamic_resources: Option<bpb::bootstrap::DynamicResources>,
+    pub proto: Arc<bpb::Bootstrap>,
+}
+
+/// Command-line values that Envoy lets override the bootstrap.
+#[derive(Debug, Clone, Default)]
+pub struct NodeOverrides {
+    pub service_node: Option<String>,
+    pub service_cluster: Option<String>,
+}
+
+impl BootstrapConfig {
+    pub fn from_proto(mut b: bpb::Bootstrap, overrides: &NodeOverrides) -> Result<Self, ConfigError> {
+        audit_resource(&b, "envoy.config.bootstrap.v3.Bootstrap")?;
+        let node = b.node.get_or_insert_with(Default::default);
+        if let Some(id) = &overrides.service_node {
+            node.id = id.clone();
+        }
+        if let Some(cluster) = &overrides.service_cluster {
+            node.cluster = cluster.clone();
+        }
+        let node = node.clone();
+        let admin_address = b
+            .admin
+            .as_ref()
+            .and_then(|a| a.address.as_ref())
+            .map(|a| ip_socket_address(Some(a), "admin.address"))
+            .transpose()?;
+
+        let statics = b.static_resources.clone().unwrap_or_default();
+        let mut clusters = Vec::with_capacity(statics.clusters.len());
+        let mut cluster_names = HashSet::new();
+        for (i, c) in statics.clusters.into_iter().enumerate() {
+            let path = format!("static_resources.clusters[{i}]");
+            let name = c.name.clone();
+            let c = ClusterConfig::try_from(c).map_err(|e| e.under(&path))?;
+            if !cluster_names.insert(name.clone()) {
+                return Err(ConfigError::new(path, format!("cluster manager: duplicate cluster '{name}' found")));
+            }
+            clusters.push(c);
+        }
+
+        let cds = b.dynamic_resources.as_ref().is_some_and(|d| d.cds_config.is_some());
+        let mut listeners = Vec::with_capacity(statics.listeners.len());
+        let mut listener_names = HashSet::new();
+        for (i, l) in statics.listeners.into_iter().enumerate() {
+            let path = format!("static_resources.listeners[{i}]");
+            let l = ListenerConfig::try_from(l).map_err(|e| e.under(&path))?;
+            if !listener_names.insert(l.name.clone()) {
+                return Err(ConfigError::new(path, format!("duplicate listener {} found", l.name)));
+            }
+            // Without CDS no cluster can appear later, so a dangling reference can only be a typo.
+            if !cds {
+                check_clusters(&l, &cluster_names).map_err(|e| e.under(&path))?;
+            }
+            listeners.push(l);
+        }
+
+        Ok(BootstrapConfig {
+            node,
+            admin_address,
+            listeners,
+            clusters,
+            dynamic_resources: b.dynamic_resources.clone(),
+            proto: Arc::new(b),
+        })
+    }
+}
+
+fn check_clusters(l: &ListenerConfig, known: &HashSet<String>) -> Result<(), ConfigError> {
+    let chains = l
+        .filter_chains
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (format!("filter_chains[{i}]"), c))
+        .chain(l.default_filter_chain.iter().map(|c| ("default_filter_chain".to_string(), c)));
+    for (path, chain) in chains {
+        for (j, f) in chain.filters.iter().enumerate() {
+            if let NetworkFilterConfig::TcpProxy(tp) = f {
+                for (name, _) in &tp.clusters {
+                    if !known.contains(name) {
+                        return Err(ConfigError::new(
+                            format!("{path}.filters[{j}].typed_config.cluster"),
+                            format!("unknown cluster '{name}'"),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}

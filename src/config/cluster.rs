@@ -1,0 +1,260 @@
+//! Validated cluster configuration: Envoy's `Cluster` and `ClusterLoadAssignment`, converted from the proto with
+//! every error naming its field path.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::cluster::v3 as cpb;
+use envoy_types::pb::envoy::config::core::v3 as core;
+use envoy_types::pb::envoy::config::endpoint::v3 as epb;
+
+use super::listener::DEFAULT_BUFFER_LIMIT;
+use super::{ConfigError, audit_resource, join, opt_duration, port_value, socket_address};
+
+/// Envoy's default `connect_timeout`.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Envoy's default `dns_refresh_rate`.
+pub const DEFAULT_DNS_REFRESH: Duration = Duration::from_millis(5000);
+/// Envoy's default circuit breaker `max_connections`.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClusterKind {
+    Static,
+    StrictDns,
+    LogicalDns,
+    /// Endpoints arrive over EDS for this service name.
+    Eds {
+        service_name: String,
+    },
+    /// Connects to the downstream connection's original destination (Istio's PassthroughCluster).
+    OriginalDst,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LbPolicy {
+    RoundRobin,
+    LeastRequest,
+    Random,
+    /// ORIGINAL_DST clusters pick their host themselves.
+    ClusterProvided,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DnsFamily {
+    /// Envoy's AUTO: IPv6 if any, else IPv4.
+    Auto,
+    V4Only,
+    V6Only,
+    V4Preferred,
+    All,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndpointAddress {
+    Ip(SocketAddr),
+    /// Resolved by STRICT_DNS / LOGICAL_DNS clusters.
+    Dns {
+        host: String,
+        port: u16,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointConfig {
+    pub address: EndpointAddress,
+    pub weight: u32,
+    pub priority: u32,
+    /// False for hosts EDS marks UNHEALTHY, DRAINING or TIMEOUT: they receive no traffic.
+    pub healthy: bool,
+    pub hostname: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub name: String,
+    pub kind: ClusterKind,
+    pub connect_timeout: Duration,
+    pub lb_policy: LbPolicy,
+    pub endpoints: Vec<EndpointConfig>,
+    pub dns_refresh_rate: Duration,
+    pub dns_family: DnsFamily,
+    pub max_connections: u32,
+    pub per_connection_buffer_limit_bytes: u32,
+    /// `alt_stat_name`, else the name: the `cluster.<stat_name>.*` prefix.
+    pub stat_name: String,
+    pub proto: Arc<cpb::Cluster>,
+}
+
+impl TryFrom<cpb::Cluster> for ClusterConfig {
+    type Error = ConfigError;
+
+    fn try_from(c: cpb::Cluster) -> Result<Self, ConfigError> {
+        use cpb::cluster::{ClusterDiscoveryType, DiscoveryType, LbPolicy as P};
+        audit_resource(&c, "envoy.config.cluster.v3.Cluster")?;
+        if c.name.is_empty() {
+            return Err(ConfigError::new("name", "a cluster needs a name"));
+        }
+        let discovery = match &c.cluster_discovery_type {
+            Some(ClusterDiscoveryType::Type(t)) => DiscoveryType::try_from(*t)
+                .map_err(|_| ConfigError::new("type", format!("unknown discovery type {t}")))?,
+            Some(ClusterDiscoveryType::ClusterType(_)) => {
+                return Err(ConfigError::new("cluster_type", "custom cluster types are not supported"));
+            }
+            None => DiscoveryType::Static,
+        };
+        let kind = match discovery {
+            DiscoveryType::Static => ClusterKind::Static,
+            DiscoveryType::StrictDns => ClusterKind::StrictDns,
+            DiscoveryType::LogicalDns => ClusterKind::LogicalDns,
+            DiscoveryType::OriginalDst => ClusterKind::OriginalDst,
+            DiscoveryType::Eds => {
+                let eds = c
+                    .eds_cluster_config
+                    .as_ref()
+                    .ok_or_else(|| ConfigError::new("eds_cluster_config", "EDS clusters need eds_cluster_config"))?;
+                let service_name = if eds.service_name.is_empty() { c.name.clone() } else { eds.service_name.clone() };
+                ClusterKind::Eds { service_name }
+            }
+        };
+        let lb_policy = match P::try_from(c.lb_policy) {
+            Ok(P::RoundRobin) => LbPolicy::RoundRobin,
+            Ok(P::LeastRequest) => LbPolicy::LeastRequest,
+            Ok(P::Random) => LbPolicy::Random,
+            Ok(P::ClusterProvided) => LbPolicy::ClusterProvided,
+            Ok(other) => {
+                return Err(ConfigError::new("lb_policy", format!("{} is not supported", other.as_str_name())));
+            }
+            Err(_) => return Err(ConfigError::new("lb_policy", format!("unknown lb_policy {}", c.lb_policy))),
+        };
+        // Envoy's pairing rule: ORIGINAL_DST clusters and only they use CLUSTER_PROVIDED.
+        match (&kind, lb_policy) {
+            (ClusterKind::OriginalDst, LbPolicy::ClusterProvided) => {}
+            (ClusterKind::OriginalDst, p) => {
+                return Err(ConfigError::new(
+                    "lb_policy",
+                    format!(
+                        "LB policy {p:?} is not valid for cluster type ORIGINAL_DST; only CLUSTER_PROVIDED is allowed"
+                    ),
+                ));
+            }
+            (_, LbPolicy::ClusterProvided) => {
+                return Err(ConfigError::new(
+                    "lb_policy",
+                    "CLUSTER_PROVIDED is only valid for cluster type ORIGINAL_DST",
+                ));
+            }
+            _ => {}
+        }
+
+        let dns = matches!(kind, ClusterKind::StrictDns | ClusterKind::LogicalDns);
+        let endpoints = match &c.load_assignment {
+            Some(la) => endpoints(la, dns, "load_assignment")?,
+            None => Vec::new(),
+        };
+        match kind {
+            ClusterKind::OriginalDst if !endpoints.is_empty() => {
+                return Err(ConfigError::new("load_assignment", "ORIGINAL_DST clusters must have no load assignment"));
+            }
+            ClusterKind::LogicalDns if endpoints.len() != 1 => {
+                return Err(ConfigError::new(
+                    "load_assignment",
+                    "LOGICAL_DNS clusters must have a single locality_lb_endpoint and a single lb_endpoint",
+                ));
+            }
+            ClusterKind::StrictDns if endpoints.is_empty() => {
+                return Err(ConfigError::new("load_assignment", "STRICT_DNS clusters need at least one endpoint"));
+            }
+            _ => {}
+        }
+
+        let dns_family = match cpb::cluster::DnsLookupFamily::try_from(c.dns_lookup_family) {
+            Ok(cpb::cluster::DnsLookupFamily::Auto) => DnsFamily::Auto,
+            Ok(cpb::cluster::DnsLookupFamily::V4Only) => DnsFamily::V4Only,
+            Ok(cpb::cluster::DnsLookupFamily::V6Only) => DnsFamily::V6Only,
+            Ok(cpb::cluster::DnsLookupFamily::V4Preferred) => DnsFamily::V4Preferred,
+            Ok(cpb::cluster::DnsLookupFamily::All) => DnsFamily::All,
+            Err(_) => {
+                return Err(ConfigError::new("dns_lookup_family", format!("unknown value {}", c.dns_lookup_family)));
+            }
+        };
+        // Deprecated upstream in favour of DNS cluster extensions, but it is what Istio and most configs send.
+        #[allow(deprecated)]
+        let refresh = c.dns_refresh_rate.as_ref();
+        let dns_refresh_rate = opt_duration(refresh, DEFAULT_DNS_REFRESH, "dns_refresh_rate")?;
+        if dns && dns_refresh_rate < Duration::from_millis(1) {
+            return Err(ConfigError::new("dns_refresh_rate", "must be at least 1ms"));
+        }
+        let max_connections = c
+            .circuit_breakers
+            .as_ref()
+            .and_then(|cb| cb.thresholds.iter().find(|t| t.priority == core::RoutingPriority::Default as i32))
+            .and_then(|t| t.max_connections.as_ref())
+            .map_or(DEFAULT_MAX_CONNECTIONS, |v| v.value);
+
+        Ok(ClusterConfig {
+            name: c.name.clone(),
+            kind,
+            connect_timeout: opt_duration(c.connect_timeout.as_ref(), DEFAULT_CONNECT_TIMEOUT, "connect_timeout")?,
+            lb_policy,
+            endpoints,
+            dns_refresh_rate,
+            dns_family,
+            max_connections,
+            per_connection_buffer_limit_bytes: c
+                .per_connection_buffer_limit_bytes
+                .as_ref()
+                .map_or(DEFAULT_BUFFER_LIMIT, |v| v.value),
+            stat_name: if c.alt_stat_name.is_empty() { c.name.clone() } else { c.alt_stat_name.clone() },
+            proto: Arc::new(c),
+        })
+    }
+}
+
+/// Endpoints of a load assignment (a cluster's inline one, or an EDS resource). `dns` allows host names.
+pub fn endpoints(la: &epb::ClusterLoadAssignment, dns: bool, path: &str) -> Result<Vec<EndpointConfig>, ConfigError> {
+    let mut out = Vec::new();
+    for (i, locality) in la.endpoints.iter().enumerate() {
+        let lpath = join(path, &format!("endpoints[{i}]"));
+        for (j, lb) in locality.lb_endpoints.iter().enumerate() {
+            let epath = join(&lpath, &format!("lb_endpoints[{j}]"));
+            let ep = match &lb.host_identifier {
+                Some(epb::lb_endpoint::HostIdentifier::Endpoint(ep)) => ep,
+                Some(epb::lb_endpoint::HostIdentifier::EndpointName(_)) => {
+                    return Err(ConfigError::new(join(&epath, "endpoint_name"), "named endpoints are not supported"));
+                }
+                None => return Err(ConfigError::new(join(&epath, "endpoint"), "an endpoint is required")),
+            };
+            let apath = join(&epath, "endpoint.address");
+            let sa = socket_address(ep.address.as_ref(), &apath)?;
+            let port = port_value(sa, &apath)?;
+            let address = match sa.address.parse() {
+                Ok(ip) => EndpointAddress::Ip(SocketAddr::new(ip, port)),
+                Err(_) if dns => EndpointAddress::Dns { host: sa.address.clone(), port },
+                Err(_) => {
+                    return Err(ConfigError::new(
+                        join(&apath, "socket_address.address"),
+                        format!("malformed IP address: {}", sa.address),
+                    ));
+                }
+            };
+            let weight = lb.load_balancing_weight.as_ref().map_or(1, |w| w.value);
+            if weight == 0 {
+                return Err(ConfigError::new(join(&epath, "load_balancing_weight"), "must be at least 1"));
+            }
+            let healthy = !matches!(
+                core::HealthStatus::try_from(lb.health_status),
+                Ok(core::HealthStatus::Unhealthy | core::HealthStatus::Draining | core::HealthStatus::Timeout)
+            );
+            out.push(EndpointConfig {
+                address,
+                weight,
+                priority: locality.priority,
+                healthy,
+                hostname: ep.hostname.clone(),
+            });
+        }
+    }
+    Ok(out)
+}

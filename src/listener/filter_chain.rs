@@ -1,0 +1,90 @@
+//! Filter chains at runtime and the one function that picks a chain for a connection.
+//!
+//! A chain is immutable and shared (`Arc`) by every worker and by every listener version that keeps it: an
+//! in-place filter chain update hands the same `Arc` (with the same drain) to the new listener, so its
+//! connections live on. Matching on `filter_chain_match` criteria arrives with the listener-filters issue; today
+//! configs with criteria are refused at conversion, so "the chain, else the default chain" is exact.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::config::listener::{FilterChainConfig, NetworkFilterConfig};
+use crate::drain::DrainTrigger;
+use crate::network::tcp_proxy::TcpProxy;
+use crate::stats::Store;
+
+/// What is known about a connection when its chain is chosen.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionInfo {
+    /// The local address, or the original destination once restored.
+    pub local: SocketAddr,
+    pub peer: SocketAddr,
+}
+
+#[derive(Debug)]
+pub enum NetworkFilter {
+    TcpProxy(TcpProxy),
+    DirectResponse(Arc<[u8]>),
+}
+
+#[derive(Debug)]
+pub struct FilterChain {
+    pub config: FilterChainConfig,
+    pub filter: NetworkFilter,
+    /// Drains this chain's connections when the chain is removed or changed.
+    pub drain: DrainTrigger,
+}
+
+impl FilterChain {
+    pub fn new(config: FilterChainConfig, stats: &Store) -> Self {
+        let filter = match config.terminal() {
+            NetworkFilterConfig::TcpProxy(tp) => NetworkFilter::TcpProxy(TcpProxy::new(tp.clone(), stats)),
+            NetworkFilterConfig::DirectResponse(bytes) => NetworkFilter::DirectResponse(bytes.clone().into()),
+        };
+        FilterChain { config, filter, drain: DrainTrigger::new() }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+}
+
+/// A listener's chains.
+#[derive(Debug, Clone, Default)]
+pub struct ChainSet {
+    pub chains: Vec<Arc<FilterChain>>,
+    pub default: Option<Arc<FilterChain>>,
+}
+
+impl ChainSet {
+    /// Builds the chains for a listener, reusing chains from `previous` whose proto is unchanged (Envoy's in-place
+    /// filter chain update keeps those chains' connections).
+    pub fn build(
+        configs: &[FilterChainConfig],
+        default: Option<&FilterChainConfig>,
+        previous: Option<&ChainSet>,
+        stats: &Store,
+    ) -> ChainSet {
+        let reuse_or_build = |c: &FilterChainConfig| {
+            previous
+                .and_then(|p| p.all().find(|old| old.config.proto == c.proto))
+                .cloned()
+                .unwrap_or_else(|| Arc::new(FilterChain::new(c.clone(), stats)))
+        };
+        ChainSet { chains: configs.iter().map(reuse_or_build).collect(), default: default.map(reuse_or_build) }
+    }
+
+    pub fn all(&self) -> impl Iterator<Item = &Arc<FilterChain>> {
+        self.chains.iter().chain(self.default.iter())
+    }
+
+    /// The chain for a connection; `None` means close it and count `no_filter_chain_match`.
+    pub fn select(&self, _conn: &ConnectionInfo) -> Option<&Arc<FilterChain>> {
+        self.chains.first().or(self.default.as_ref())
+    }
+
+    /// Chains of `self` that `next` does not keep: the ones to drain after an update.
+    pub fn dropped_by<'a>(&'a self, next: &'a ChainSet) -> impl Iterator<Item = &'a Arc<FilterChain>> {
+        self.all().filter(move |c| !next.all().any(|n| Arc::ptr_eq(c, n)))
+    }
+}

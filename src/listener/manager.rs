@@ -1,0 +1,394 @@
+//! The listener manager: owns every listener on the main thread, applies added/changed/removed listener configs,
+//! binds their sockets before anything is published, publishes a new [`ListenerSet`] to the workers, and drains
+//! what an update leaves behind.
+//!
+//! Envoy's rules, copied (source/common/listener_manager/listener_manager_impl.cc):
+//! - an update whose socket spec is unchanged reuses (shares) the old sockets: never rebinds, so nothing waiting in
+//!   an accept queue is lost;
+//! - an update that only changes filter chains is in place: unchanged chains keep their connections;
+//! - a state-of-the-world update applies removals first, so an address can move between listeners;
+//! - each listener's outcome is its own: one bad listener never blocks the others.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use super::filter_chain::{ChainSet, FilterChain};
+use super::socket::SocketFactory;
+use super::worker::{ListenerSet, Workers};
+use super::{Listener, ListenerCore, ListenerStats};
+use crate::config::listener::{ListenerConfig, SocketSpec};
+use crate::drain::DrainStrategy;
+use crate::stats::{Counter, Gauge, Store};
+
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum ListenerError {
+    #[error("duplicate listener {0} found")]
+    DuplicateName(String),
+    #[error("error adding listener '{name}': has duplicate address '{address}' as existing listener '{existing}'")]
+    DuplicateAddress { name: String, address: SocketAddr, existing: String },
+    #[error("cannot bind '{address}': {reason}")]
+    Bind { address: SocketAddr, reason: String },
+    #[error("listener '{0}': reuse port cannot be changed during an update")]
+    ReusePortChanged(String),
+    #[error(
+        "listener '{0}': socket options cannot be changed on an update of the same address unless enable_reuse_port \
+         is true"
+    )]
+    SocketOptionsChanged(String),
+    #[error("listener '{0}' is static (from the bootstrap) and cannot be changed or removed")]
+    Static(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Added,
+    Updated,
+    /// Only filter chains changed; the listener kept its sockets and unchanged chains kept their connections.
+    InPlaceUpdated,
+    Unchanged,
+}
+
+/// What /listeners and tests see of a listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerInfo {
+    pub name: String,
+    pub address: SocketAddr,
+    pub bind_to_port: bool,
+}
+
+#[derive(Debug, Clone)]
+struct ManagerStats {
+    listener_added: Counter,
+    listener_modified: Counter,
+    listener_removed: Counter,
+    listener_create_failure: Counter,
+    listener_in_place_updated: Counter,
+    total_listeners_active: Gauge,
+    total_listeners_draining: Gauge,
+}
+
+impl ManagerStats {
+    fn new(store: &Store) -> Self {
+        let c = |s: &str| store.counter(&format!("listener_manager.{s}"));
+        let g = |s: &str| store.gauge(&format!("listener_manager.{s}"));
+        ManagerStats {
+            listener_added: c("listener_added"),
+            listener_modified: c("listener_modified"),
+            listener_removed: c("listener_removed"),
+            listener_create_failure: c("listener_create_failure"),
+            listener_in_place_updated: c("listener_in_place_updated"),
+            total_listeners_active: g("total_listeners_active"),
+            total_listeners_draining: g("total_listeners_draining"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct DrainSettings {
+    pub drain_time: Duration,
+    pub strategy: DrainStrategy,
+}
+
+#[derive(Debug)]
+pub struct ListenerManager {
+    workers: Workers,
+    sockets: Box<dyn SocketFactory>,
+    active: BTreeMap<String, Arc<Listener>>,
+    static_names: HashSet<String>,
+    /// Sockets of listeners removed earlier in the same state-of-the-world update, for a listener that takes over
+    /// the same address with the same spec in that update.
+    released: Vec<(SocketSpec, Arc<Vec<TcpListener>>)>,
+    drain: DrainSettings,
+    store: Store,
+    stats: ManagerStats,
+    next_id: u64,
+    runtime: tokio::runtime::Handle,
+}
+
+impl ListenerManager {
+    /// Must be called inside the main tokio runtime: drains run there.
+    pub fn new(workers: Workers, sockets: Box<dyn SocketFactory>, drain: DrainSettings, store: Store) -> Self {
+        let stats = ManagerStats::new(&store);
+        store.gauge("listener_manager.workers_started").set(0);
+        ListenerManager {
+            workers,
+            sockets,
+            active: BTreeMap::new(),
+            static_names: HashSet::new(),
+            released: Vec::new(),
+            drain,
+            store,
+            stats,
+            next_id: 1,
+            runtime: tokio::runtime::Handle::current(),
+        }
+    }
+
+    pub fn workers(&self) -> &Workers {
+        &self.workers
+    }
+
+    /// Marks workers started in the stats (Istio's readiness probe reads `listener_manager.workers_started`).
+    pub async fn start_workers(&self) {
+        if self.workers.wait_started().await {
+            self.store.gauge("listener_manager.workers_started").set(1);
+        }
+    }
+
+    /// Adds the bootstrap's listeners; they cannot be changed or removed through LDS afterwards.
+    pub fn add_static(&mut self, config: ListenerConfig) -> Result<Outcome, ListenerError> {
+        let name = config.name.clone();
+        let outcome = self.add_or_update(config, true)?;
+        self.static_names.insert(name);
+        Ok(outcome)
+    }
+
+    /// Adds a listener or updates the one with its name.
+    pub fn add_or_update(&mut self, config: ListenerConfig, allow_static: bool) -> Result<Outcome, ListenerError> {
+        let result = self.apply_one(config, allow_static);
+        self.released.clear();
+        result
+    }
+
+    /// Removes a listener: it stops accepting at once and its connections drain.
+    pub fn remove(&mut self, name: &str) -> Result<bool, ListenerError> {
+        let removed = self.remove_one(name)?;
+        self.released.clear();
+        if removed {
+            self.publish();
+        }
+        Ok(removed)
+    }
+
+    /// A state-of-the-world update (LDS): listeners not named in `configs` and not in `keep` (names present in the
+    /// response but rejected before reaching here) are removed first, then each config is added or updated on its
+    /// own. Static listeners are left alone. One outcome per entry of `configs`, in order; a repeated name is an error
+    /// for the repeats and the first one applies.
+    pub fn apply_sotw(
+        &mut self,
+        configs: Vec<ListenerConfig>,
+        keep: &HashSet<String>,
+    ) -> Vec<(String, Result<Outcome, ListenerError>)> {
+        let mut seen = HashSet::new();
+        let duplicate: Vec<bool> = configs.iter().map(|c| !seen.insert(c.name.clone())).collect();
+        let stale: Vec<String> = self
+            .active
+            .keys()
+            .filter(|n| !seen.contains(*n) && !keep.contains(*n) && !self.static_names.contains(*n))
+            .cloned()
+            .collect();
+        for name in stale {
+            let _ = self.remove_one(&name);
+        }
+        let mut results = Vec::with_capacity(configs.len());
+        for (c, dup) in configs.into_iter().zip(duplicate) {
+            let name = c.name.clone();
+            let result = if dup {
+                self.stats.listener_create_failure.inc();
+                Err(ListenerError::DuplicateName(name.clone()))
+            } else {
+                self.apply_one(c, false)
+            };
+            results.push((name, result));
+        }
+        self.released.clear();
+        self.publish();
+        results
+    }
+
+    pub fn listeners(&self) -> Vec<ListenerInfo> {
+        self.active
+            .values()
+            .map(|l| ListenerInfo {
+                name: l.name().to_string(),
+                address: l.local_address,
+                bind_to_port: l.config().bind_to_port,
+            })
+            .collect()
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Listener>> {
+        self.active.get(name).cloned()
+    }
+
+    /// Stops every listener and drains every connection (process shutdown). Resolves when all connections are
+    /// gone, or shortly after the drain deadline forced them closed.
+    pub fn shutdown(&mut self) -> impl Future<Output = ()> + use<> {
+        let listeners: Vec<Arc<Listener>> = std::mem::take(&mut self.active).into_values().collect();
+        self.static_names.clear();
+        self.publish();
+        let chains: Vec<Arc<FilterChain>> = listeners.iter().flat_map(|l| l.chains().all().cloned()).collect();
+        drain_chains(chains, self.drain)
+    }
+
+    fn apply_one(&mut self, config: ListenerConfig, allow_static: bool) -> Result<Outcome, ListenerError> {
+        let result = self.try_apply(config, allow_static);
+        if result.is_err() {
+            self.stats.listener_create_failure.inc();
+        }
+        result
+    }
+
+    fn try_apply(&mut self, config: ListenerConfig, allow_static: bool) -> Result<Outcome, ListenerError> {
+        let name = config.name.clone();
+        let old = self.active.get(&name).cloned();
+        if let Some(old) = &old {
+            if old.config().proto == config.proto {
+                return Ok(Outcome::Unchanged);
+            }
+            if !allow_static && self.static_names.contains(&name) {
+                return Err(ListenerError::Static(name));
+            }
+            if old.config().socket.reuse_port != config.socket.reuse_port {
+                return Err(ListenerError::ReusePortChanged(name));
+            }
+        }
+        let address = config.socket.address;
+        if address.port() != 0 {
+            if let Some(other) = self.active.values().find(|l| l.name() != name && l.config().socket.address == address)
+            {
+                return Err(ListenerError::DuplicateAddress { name, address, existing: other.name().to_string() });
+            }
+        }
+
+        let in_place = old.as_ref().is_some_and(|o| o.config().only_filter_chains_differ(&config));
+        let (sockets, local_address) = self.sockets_for(&config, old.as_deref())?;
+        let chains = ChainSet::build(
+            &config.filter_chains,
+            config.default_filter_chain.as_ref(),
+            if in_place { old.as_ref().map(|o| o.chains()) } else { None },
+            &self.store,
+        );
+        let listener = Arc::new(Listener {
+            id: self.next_id,
+            local_address,
+            sockets,
+            core: Arc::new(ListenerCore {
+                stats: ListenerStats::new(&self.store, &config.stat_prefix),
+                config: Arc::new(config),
+                chains,
+            }),
+        });
+        self.next_id += 1;
+        self.active.insert(name.clone(), listener.clone());
+        self.publish();
+
+        let outcome = match old {
+            None => {
+                self.stats.listener_added.inc();
+                info!(listener = %name, address = %local_address, "listener added");
+                Outcome::Added
+            }
+            Some(old) => {
+                let dropped: Vec<Arc<FilterChain>> = old.chains().dropped_by(listener.chains()).cloned().collect();
+                self.start_drain(&name, dropped);
+                self.stats.listener_modified.inc();
+                if in_place {
+                    self.stats.listener_in_place_updated.inc();
+                    info!(listener = %name, "listener updated in place (filter chains only)");
+                    Outcome::InPlaceUpdated
+                } else {
+                    info!(listener = %name, address = %local_address, "listener updated");
+                    Outcome::Updated
+                }
+            }
+        };
+        self.stats.total_listeners_active.set(self.active.len() as i64);
+        Ok(outcome)
+    }
+
+    /// The sockets for a new listener version: the old version's when the spec is unchanged, sockets released in
+    /// this update with the same spec, or freshly bound ones.
+    fn sockets_for(
+        &mut self,
+        config: &ListenerConfig,
+        old: Option<&Listener>,
+    ) -> Result<(Arc<Vec<TcpListener>>, SocketAddr), ListenerError> {
+        if !config.bind_to_port {
+            return Ok((Arc::new(Vec::new()), config.socket.address));
+        }
+        if let Some(old) = old {
+            let old_config = old.config();
+            if old_config.bind_to_port && old_config.socket == config.socket {
+                return Ok((old.sockets.clone(), old.local_address));
+            }
+            if old_config.bind_to_port
+                && old_config.socket.address == config.socket.address
+                && !config.socket.reuse_port
+            {
+                return Err(ListenerError::SocketOptionsChanged(config.name.clone()));
+            }
+        }
+        if let Some(i) = self.released.iter().position(|(spec, _)| *spec == config.socket) {
+            let (_, sockets) = self.released.swap_remove(i);
+            let local = sockets.first().and_then(|s| s.local_addr().ok()).unwrap_or(config.socket.address);
+            return Ok((sockets, local));
+        }
+        let bound = self.sockets.bind(&config.socket, self.workers.count()).map_err(|e| {
+            warn!(listener = %config.name, "cannot bind {}: {e}", config.socket.address);
+            ListenerError::Bind { address: config.socket.address, reason: e.to_string() }
+        })?;
+        let local = bound.first().and_then(|s| s.local_addr().ok()).unwrap_or(config.socket.address);
+        Ok((Arc::new(bound), local))
+    }
+
+    fn remove_one(&mut self, name: &str) -> Result<bool, ListenerError> {
+        if self.static_names.contains(name) {
+            return Err(ListenerError::Static(name.to_string()));
+        }
+        let Some(old) = self.active.remove(name) else { return Ok(false) };
+        if old.config().bind_to_port && !old.sockets.is_empty() {
+            self.released.push((old.config().socket.clone(), old.sockets.clone()));
+        }
+        self.start_drain(name, old.chains().all().cloned().collect());
+        self.stats.listener_removed.inc();
+        self.stats.total_listeners_active.set(self.active.len() as i64);
+        info!(listener = %name, "listener removed");
+        Ok(true)
+    }
+
+    fn start_drain(&self, name: &str, chains: Vec<Arc<FilterChain>>) {
+        if chains.is_empty() {
+            return;
+        }
+        let draining = self.stats.total_listeners_draining.clone();
+        draining.inc();
+        let name = name.to_string();
+        let done = drain_chains(chains, self.drain);
+        self.runtime.spawn(async move {
+            done.await;
+            draining.dec();
+            info!(listener = %name, "listener drained");
+        });
+    }
+
+    fn publish(&self) {
+        self.workers.publish(ListenerSet { listeners: self.active.values().cloned().collect() });
+    }
+}
+
+/// How long forced-closed connections get to actually go away before a drain stops waiting for them.
+const FORCE_GRACE: Duration = Duration::from_secs(5);
+
+fn drain_chains(chains: Vec<Arc<FilterChain>>, settings: DrainSettings) -> impl Future<Output = ()> + use<> {
+    async move {
+        let mut tasks = tokio::task::JoinSet::new();
+        for chain in chains {
+            tasks.spawn(async move {
+                chain.drain.drain(settings.drain_time, settings.strategy, FORCE_GRACE).await;
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+impl ListenerManager {
+    /// Stops the worker threads; call after [`ListenerManager::shutdown`] has drained.
+    pub fn stop_workers(&mut self) {
+        self.workers.stop();
+    }
+}

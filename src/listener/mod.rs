@@ -1,0 +1,81 @@
+//! Listeners: the manager that applies listener configs on the main thread, the sockets it binds, the filter
+//! chains it builds, and the workers that accept and serve connections from immutable snapshots.
+
+pub mod filter_chain;
+pub mod manager;
+pub mod socket;
+pub mod worker;
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+
+use crate::config::listener::ListenerConfig;
+use crate::stats::{Counter, Gauge, Store};
+use filter_chain::ChainSet;
+
+#[derive(Debug, Clone)]
+pub struct ListenerStats {
+    pub downstream_cx_total: Counter,
+    pub downstream_cx_active: Gauge,
+    pub downstream_cx_destroy: Counter,
+    pub no_filter_chain_match: Counter,
+}
+
+impl ListenerStats {
+    pub fn new(store: &Store, prefix: &str) -> Self {
+        let c = |s: &str| store.counter(&format!("listener.{prefix}.{s}"));
+        ListenerStats {
+            downstream_cx_total: c("downstream_cx_total"),
+            downstream_cx_active: store.gauge(&format!("listener.{prefix}.downstream_cx_active")),
+            downstream_cx_destroy: c("downstream_cx_destroy"),
+            no_filter_chain_match: c("no_filter_chain_match"),
+        }
+    }
+}
+
+/// One version of a listener. Immutable: an update builds a new `Listener` (with a new id), possibly sharing this
+/// one's sockets and chains.
+#[derive(Debug)]
+pub struct Listener {
+    /// Unique per version; workers run one accept loop per (id, worker).
+    pub id: u64,
+    /// The bound address (port 0 resolved); the configured one for `bind_to_port: false`.
+    pub local_address: SocketAddr,
+    /// Bound sockets: one per worker with reuse_port, one shared otherwise, none without bind_to_port. Shared
+    /// with later versions that keep the same socket spec, so queued connections survive an update. Only the
+    /// manager and accept loops hold them: a removed listener's socket closes as soon as nobody accepts on it,
+    /// however long its connections live.
+    pub sockets: Arc<Vec<TcpListener>>,
+    /// What connections hold for their life.
+    pub core: Arc<ListenerCore>,
+}
+
+/// The part of a listener its connections need.
+#[derive(Debug)]
+pub struct ListenerCore {
+    pub config: Arc<ListenerConfig>,
+    pub chains: ChainSet,
+    pub stats: ListenerStats,
+}
+
+impl Listener {
+    pub fn name(&self) -> &str {
+        &self.core.config.name
+    }
+
+    pub fn config(&self) -> &ListenerConfig {
+        &self.core.config
+    }
+
+    pub fn chains(&self) -> &ChainSet {
+        &self.core.chains
+    }
+
+    /// The socket worker `index` accepts on.
+    pub fn socket_for_worker(&self, index: usize) -> Option<&TcpListener> {
+        match self.sockets.len() {
+            0 => None,
+            n => self.sockets.get(index % n),
+        }
+    }
+}

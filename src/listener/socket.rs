@@ -1,0 +1,134 @@
+//! Creating listen sockets on the main thread: SO_REUSEADDR always, SO_REUSEPORT with one socket per worker when
+//! `enable_reuse_port`, IPV6_V6ONLY unless `ipv4_compat`, freebind, transparent, the listener's raw socket
+//! options at the state they ask for, and the backlog. Workers only convert the result (`from_std`).
+//!
+//! Socket creation sits behind [`SocketFactory`] so tests can substitute failures.
+
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::AsRawFd;
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::config::listener::{SocketOption, SocketOptionValue, SocketSpec, SocketState};
+
+pub trait SocketFactory: Send + Sync + std::fmt::Debug {
+    /// Binds `count` listening sockets for `spec` (all on the same port: when `spec.address` has port 0, the first
+    /// socket's port is used for the rest). Sockets are non-blocking.
+    fn bind(&self, spec: &SocketSpec, count: usize) -> io::Result<Vec<TcpListener>>;
+}
+
+#[derive(Debug, Default)]
+pub struct SystemSockets;
+
+impl SocketFactory for SystemSockets {
+    fn bind(&self, spec: &SocketSpec, count: usize) -> io::Result<Vec<TcpListener>> {
+        let count = if spec.reuse_port { count.max(1) } else { 1 };
+        let mut out = Vec::with_capacity(count);
+        let mut addr = spec.address;
+        for _ in 0..count {
+            let l = bind_one(spec, addr)?;
+            addr = l.local_addr()?;
+            out.push(l);
+        }
+        Ok(out)
+    }
+}
+
+fn bind_one(spec: &SocketSpec, addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if spec.reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    if addr.is_ipv6() {
+        socket.set_only_v6(!spec.ipv4_compat)?;
+    }
+    if spec.freebind {
+        if addr.is_ipv6() { socket.set_freebind_v6(true)? } else { socket.set_freebind_v4(true)? }
+    }
+    if spec.transparent {
+        if addr.is_ipv6() { socket.set_ip_transparent_v6(true)? } else { socket.set_ip_transparent_v4(true)? }
+    }
+    apply_options(&socket, &spec.socket_options, SocketState::Prebind)?;
+    socket.bind(&addr.into())?;
+    apply_options(&socket, &spec.socket_options, SocketState::Bound)?;
+    let backlog = i32::try_from(spec.backlog).unwrap_or(i32::MAX);
+    socket.listen(backlog)?;
+    apply_options(&socket, &spec.socket_options, SocketState::Listening)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+fn apply_options(socket: &Socket, options: &[SocketOption], state: SocketState) -> io::Result<()> {
+    for o in options.iter().filter(|o| o.state == state) {
+        let (ptr, len): (*const libc::c_void, usize) = match &o.value {
+            SocketOptionValue::Int(v) => (std::ptr::from_ref(v).cast(), std::mem::size_of::<i32>()),
+            SocketOptionValue::Bytes(b) => (b.as_ptr().cast(), b.len()),
+        };
+        let len = libc::socklen_t::try_from(len)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "socket option value too long"))?;
+        // SAFETY: `ptr`/`len` describe memory owned by `o` that outlives the call; the fd is open.
+        let rc = unsafe { libc::setsockopt(socket.as_raw_fd(), o.level, o.name, ptr, len) };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            return Err(io::Error::new(e.kind(), format!("setsockopt(level={}, name={}): {e}", o.level, o.name)));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(addr: &str, reuse_port: bool) -> SocketSpec {
+        SocketSpec {
+            address: addr.parse().unwrap_or_else(|_| unreachable!()),
+            reuse_port,
+            backlog: 128,
+            freebind: false,
+            transparent: false,
+            ipv4_compat: false,
+            socket_options: vec![],
+        }
+    }
+
+    #[test]
+    fn reuse_port_binds_one_socket_per_worker_on_one_port() -> io::Result<()> {
+        let socks = SystemSockets.bind(&spec("127.0.0.1:0", true), 3)?;
+        assert_eq!(socks.len(), 3);
+        let port = socks[0].local_addr()?.port();
+        assert_ne!(port, 0);
+        for s in &socks {
+            assert_eq!(s.local_addr()?.port(), port);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn without_reuse_port_one_socket_and_a_second_bind_fails() -> io::Result<()> {
+        let socks = SystemSockets.bind(&spec("127.0.0.1:0", false), 4)?;
+        assert_eq!(socks.len(), 1);
+        let taken = spec(&socks[0].local_addr()?.to_string(), false);
+        let err = SystemSockets.bind(&taken, 1).err().map(|e| e.kind());
+        assert_eq!(err, Some(io::ErrorKind::AddrInUse));
+        Ok(())
+    }
+
+    #[test]
+    fn raw_socket_options_are_applied() -> io::Result<()> {
+        let mut s = spec("127.0.0.1:0", true);
+        // SO_RCVBUF at pre-bind; the kernel doubles what it is given.
+        s.socket_options.push(SocketOption {
+            level: libc::SOL_SOCKET,
+            name: libc::SO_RCVBUF,
+            value: SocketOptionValue::Int(65536),
+            state: SocketState::Prebind,
+        });
+        let socks = SystemSockets.bind(&s, 1)?;
+        let sock = socket2::SockRef::from(&socks[0]);
+        assert_eq!(sock.recv_buffer_size()?, 131072);
+        Ok(())
+    }
+}

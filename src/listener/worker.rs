@@ -1,0 +1,266 @@
+//! Workers: one OS thread each with its own current-thread tokio runtime. A worker watches the published
+//! [`ListenerSet`], runs one accept loop per bound listener on that listener's socket for this worker, and serves
+//! each accepted connection in its own task on this worker.
+//!
+//! The connection path reads config only from immutable snapshots: the listener (`Arc`) its accept loop holds, and
+//! the cluster set loaded from an `ArcSwap`. It never takes a lock the control path can hold.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, error, info_span, warn};
+
+use super::filter_chain::{ConnectionInfo, NetworkFilter};
+use super::{Listener, ListenerCore};
+use crate::network::direct_response;
+use crate::stats::GaugeGuard;
+use crate::upstream::ClusterSet;
+
+/// Every listener version that is currently serving, as published by the manager.
+#[derive(Debug, Default)]
+pub struct ListenerSet {
+    pub listeners: Vec<Arc<Listener>>,
+}
+
+/// What every connection task on a worker can reach.
+#[derive(Debug)]
+pub struct WorkerContext {
+    pub index: usize,
+    pub clusters: Arc<ArcSwap<ClusterSet>>,
+}
+
+/// The worker threads and the channel the manager publishes listener sets through.
+#[derive(Debug)]
+pub struct Workers {
+    set: Arc<ArcSwap<ListenerSet>>,
+    version: watch::Sender<u64>,
+    shutdown: CancellationToken,
+    threads: Vec<JoinHandle<()>>,
+    /// Workers that have started their runtime; `listener_manager.workers_started` turns 1 at `threads.len()`.
+    started: watch::Receiver<usize>,
+}
+
+impl Workers {
+    pub fn start(count: usize, clusters: Arc<ArcSwap<ClusterSet>>) -> io::Result<Workers> {
+        let set = Arc::new(ArcSwap::from_pointee(ListenerSet::default()));
+        let (version, _) = watch::channel(0u64);
+        let (started_tx, started) = watch::channel(0usize);
+        let started_tx = Arc::new(started_tx);
+        let shutdown = CancellationToken::new();
+        let mut threads = Vec::with_capacity(count);
+        for index in 0..count {
+            let ctx = Arc::new(WorkerContext { index, clusters: clusters.clone() });
+            let set = set.clone();
+            let rx = version.subscribe();
+            let stop = shutdown.clone();
+            let started_tx = started_tx.clone();
+            let handle = std::thread::Builder::new().name(format!("worker_{index}")).spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        error!(worker = index, "cannot start worker runtime: {e}");
+                        return;
+                    }
+                };
+                started_tx.send_modify(|n| *n += 1);
+                rt.block_on(run(ctx, set, rx, stop));
+            })?;
+            threads.push(handle);
+        }
+        Ok(Workers { set, version, shutdown, threads, started })
+    }
+
+    pub fn count(&self) -> usize {
+        self.threads.len()
+    }
+
+    /// Waits until every worker thread runs its runtime.
+    pub async fn wait_started(&self) -> bool {
+        let n = self.threads.len();
+        let mut rx = self.started.clone();
+        rx.wait_for(|s| *s >= n).await.is_ok()
+    }
+
+    /// Makes `set` what every worker serves. Workers start accept loops for new listener versions before they stop
+    /// the loops of versions that are gone.
+    pub fn publish(&self, set: ListenerSet) {
+        self.set.store(Arc::new(set));
+        self.version.send_modify(|v| *v += 1);
+    }
+
+    pub fn current(&self) -> Arc<ListenerSet> {
+        self.set.load_full()
+    }
+
+    /// Stops the workers. Connections still open are dropped with their runtimes, so drain first.
+    pub fn stop(&mut self) {
+        self.shutdown.cancel();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn run(
+    ctx: Arc<WorkerContext>,
+    set: Arc<ArcSwap<ListenerSet>>,
+    mut version: watch::Receiver<u64>,
+    stop: CancellationToken,
+) {
+    let mut running: HashMap<u64, CancellationToken> = HashMap::new();
+    loop {
+        reconcile(&ctx, &set.load_full(), &mut running);
+        tokio::select! {
+            changed = version.changed() => if changed.is_err() { break },
+            _ = stop.cancelled() => break,
+        }
+    }
+    for token in running.values() {
+        token.cancel();
+    }
+}
+
+fn reconcile(ctx: &Arc<WorkerContext>, set: &ListenerSet, running: &mut HashMap<u64, CancellationToken>) {
+    for l in &set.listeners {
+        if running.contains_key(&l.id) {
+            continue;
+        }
+        let Some(sock) = l.socket_for_worker(ctx.index) else { continue };
+        // A dup of the listening socket: the kernel socket (and its accept queue) lives while any copy is open.
+        let sock = match sock.try_clone().and_then(tokio::net::TcpListener::from_std) {
+            Ok(s) => s,
+            Err(e) => {
+                error!(listener = %l.name(), worker = ctx.index, "cannot use listen socket: {e}");
+                continue;
+            }
+        };
+        let token = CancellationToken::new();
+        running.insert(l.id, token.clone());
+        let span = info_span!("listener", listener = %l.name(), worker = ctx.index);
+        tokio::spawn(accept_loop(l.clone(), sock, token, ctx.clone()).instrument(span));
+    }
+    running.retain(|id, token| {
+        let keep = set.listeners.iter().any(|l| l.id == *id);
+        if !keep {
+            token.cancel();
+        }
+        keep
+    });
+}
+
+async fn accept_loop(
+    listener: Arc<Listener>,
+    sock: tokio::net::TcpListener,
+    stop: CancellationToken,
+    ctx: Arc<WorkerContext>,
+) {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            r = sock.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff = Duration::from_millis(5);
+                // Spawned at once: nothing a client does (or does not do) can hold up accepting.
+                let span = info_span!("conn", downstream.addr = %peer);
+                tokio::spawn(serve(listener.core.clone(), stream, peer, ctx.clone()).instrument(span));
+            }
+            Err(e) => match accept_error_kind(&e) {
+                AcceptError::Connection => debug!("accept: {e}"),
+                AcceptError::Resources => {
+                    warn!("accept: {e}; backing off {backoff:?}");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                AcceptError::Fatal => {
+                    error!("accept failed, listener stops accepting on this worker: {e}");
+                    return;
+                }
+            },
+        }
+    }
+}
+
+enum AcceptError {
+    /// The connection died in the queue; the next accept is fine.
+    Connection,
+    /// Out of descriptors or memory: back off and retry.
+    Resources,
+    Fatal,
+}
+
+fn accept_error_kind(e: &io::Error) -> AcceptError {
+    match e.raw_os_error() {
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => AcceptError::Resources,
+        Some(
+            libc::ECONNABORTED
+            | libc::ECONNRESET
+            | libc::EPROTO
+            | libc::EPERM
+            | libc::EINTR
+            | libc::EAGAIN
+            | libc::ENETDOWN
+            | libc::ENOPROTOOPT
+            | libc::EHOSTDOWN
+            | libc::ENONET
+            | libc::EHOSTUNREACH
+            | libc::EOPNOTSUPP
+            | libc::ENETUNREACH,
+        ) => AcceptError::Connection,
+        _ => AcceptError::Fatal,
+    }
+}
+
+/// Serves one accepted connection: choose a chain, run its terminal filter.
+async fn serve(listener: Arc<ListenerCore>, stream: TcpStream, peer: SocketAddr, ctx: Arc<WorkerContext>) {
+    let stats = &listener.stats;
+    stats.downstream_cx_total.inc();
+    let _active = GaugeGuard::new(&stats.downstream_cx_active);
+    // Envoy sets TCP_NODELAY on accepted connections.
+    let _ = stream.set_nodelay(true);
+    let local = match stream.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            debug!("connection gone before it was served: {e}");
+            stats.downstream_cx_destroy.inc();
+            return;
+        }
+    };
+    let info = ConnectionInfo { local, peer };
+    let Some(chain) = listener.chains.select(&info).cloned() else {
+        stats.no_filter_chain_match.inc();
+        stats.downstream_cx_destroy.inc();
+        debug!("closing: no filter chain match");
+        return;
+    };
+    let drain = chain.drain.watch();
+    debug!(filter_chain = %chain.name(), "connection open");
+    match &chain.filter {
+        NetworkFilter::TcpProxy(tp) => {
+            tp.serve(stream, &info, drain, &ctx, listener.config.per_connection_buffer_limit_bytes).await
+        }
+        NetworkFilter::DirectResponse(body) => direct_response::serve(stream, body, drain).await,
+    }
+    stats.downstream_cx_destroy.inc();
+    debug!(filter_chain = %chain.name(), "connection closed");
+}

@@ -1,0 +1,156 @@
+//! The `xds-proxy` command line: Envoy's flags where Envoy has them.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use tracing::{error, info};
+use xds_proxy::config::bootstrap::{BootstrapConfig, NodeOverrides};
+use xds_proxy::config::proto;
+use xds_proxy::drain::DrainStrategy;
+use xds_proxy::server::{Options, Server};
+
+#[derive(Debug, Parser)]
+#[command(name = "xds-proxy", version, about = "An Envoy-compatible proxy driven by xDS")]
+struct Cli {
+    /// Envoy v3 bootstrap file (YAML or JSON by extension).
+    #[arg(short = 'c', long = "config-path")]
+    config_path: Option<PathBuf>,
+    /// Bootstrap YAML merged over --config-path (protobuf merge: scalars replace, lists append).
+    #[arg(long = "config-yaml")]
+    config_yaml: Option<String>,
+    /// Worker threads; defaults to the number of CPUs.
+    #[arg(long)]
+    concurrency: Option<usize>,
+    #[arg(long, value_enum, default_value = "serve")]
+    mode: Mode,
+    /// How long draining connections get before they are closed.
+    #[arg(long = "drain-time-s", default_value_t = 600)]
+    drain_time_s: u64,
+    #[arg(long = "drain-strategy", value_enum, default_value = "gradual")]
+    drain_strategy: Strategy,
+    /// trace, debug, info, warning, error, critical, off.
+    #[arg(short = 'l', long = "log-level", default_value = "info")]
+    log_level: String,
+    /// Overrides node.id.
+    #[arg(long = "service-node")]
+    service_node: Option<String>,
+    /// Overrides node.cluster.
+    #[arg(long = "service-cluster")]
+    service_cluster: Option<String>,
+    /// Envoy's hot-restart id: refused, there is no hot restart.
+    #[arg(long = "base-id")]
+    base_id: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Mode {
+    Serve,
+    Validate,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Strategy {
+    Gradual,
+    Immediate,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(msg) = init_logging(&cli.log_level) {
+        eprintln!("error: --log-level: {msg}");
+        return ExitCode::FAILURE;
+    }
+    if cli.base_id.is_some() {
+        eprintln!("error: --base-id: hot restart is not supported");
+        return ExitCode::FAILURE;
+    }
+    let source = match (&cli.config_path, &cli.config_yaml) {
+        (Some(p), _) => p.display().to_string(),
+        (None, Some(_)) => "--config-yaml".to_string(),
+        (None, None) => String::new(),
+    };
+    let bootstrap = proto::load_bootstrap(cli.config_path.as_deref(), cli.config_yaml.as_deref())
+        .map_err(|e| e.to_string())
+        .and_then(|b| {
+            let overrides =
+                NodeOverrides { service_node: cli.service_node.clone(), service_cluster: cli.service_cluster.clone() };
+            BootstrapConfig::from_proto(b, &overrides).map_err(|e| format!("{source}: {e}"))
+        });
+    let bootstrap = match bootstrap {
+        Ok(b) => b,
+        Err(msg) => {
+            eprintln!("error: {}", one_line(&msg));
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Mode::Validate = cli.mode {
+        println!("configuration '{source}' OK");
+        return ExitCode::SUCCESS;
+    }
+
+    let mut options = Options::default();
+    if let Some(n) = cli.concurrency {
+        options.concurrency = n.max(1);
+    }
+    options.drain_time = Duration::from_secs(cli.drain_time_s);
+    options.drain_strategy = match cli.drain_strategy {
+        Strategy::Gradual => DrainStrategy::Gradual,
+        Strategy::Immediate => DrainStrategy::Immediate,
+    };
+
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().thread_name("main").build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the main runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let server = match Server::start(bootstrap, &options).await {
+            Ok(s) => s,
+            Err(e) => {
+                error!("{e}");
+                eprintln!("error: {}", one_line(&format!("{source}: {e}")));
+                return ExitCode::FAILURE;
+            }
+        };
+        for l in server.listener_manager().listeners() {
+            info!(listener = %l.name, address = %l.address, "listening");
+        }
+        wait_for_signal().await;
+        server.shutdown().await;
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        error!("cannot install signal handlers; running until killed");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => info!("caught SIGTERM"),
+        _ = int.recv() => info!("caught SIGINT"),
+    }
+}
+
+fn init_logging(level: &str) -> Result<(), String> {
+    let level = match level {
+        "trace" | "debug" | "info" | "error" | "off" => level,
+        "warning" | "warn" => "warn",
+        "critical" => "error",
+        other => return Err(format!("unknown level '{other}'")),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    Ok(())
+}
+
+/// Start-up errors are one line, whatever the underlying error text holds.
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}

@@ -1,0 +1,4 @@
+//! Network filters: what a filter chain does with a connection once it is chosen.
+
+pub mod direct_response;
+pub mod tcp_proxy;

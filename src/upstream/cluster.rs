@@ -1,0 +1,229 @@
+//! A cluster at runtime: its current hosts (swapped whole on DNS/EDS updates), its load balancer, its circuit
+//! breaker and its stats; and connecting to one of its hosts.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpStream;
+
+use super::lb::{Weights, least_of_two};
+use crate::config::cluster::{ClusterConfig, ClusterKind, EndpointConfig, LbPolicy};
+use crate::stats::{Counter, Gauge, GaugeGuard, Store};
+
+#[derive(Debug)]
+pub struct Host {
+    pub address: SocketAddr,
+    pub weight: u32,
+    pub hostname: String,
+    /// Connections (for tcp_proxy) or requests in flight: least request's measure.
+    active: AtomicU32,
+}
+
+impl Host {
+    pub fn new(address: SocketAddr, weight: u32, hostname: String) -> Self {
+        Host { address, weight, hostname, active: AtomicU32::new(0) }
+    }
+
+    pub fn active(&self) -> u32 {
+        self.active.load(Ordering::Relaxed)
+    }
+}
+
+/// The hosts traffic may go to: the healthy hosts of the lowest priority that has any (no health checking yet, so
+/// priority failover only happens when a priority has no healthy host at all).
+#[derive(Debug, Default)]
+pub struct HostSet {
+    pub hosts: Vec<Arc<Host>>,
+    weights: Weights,
+    /// Every host of every priority, for `membership_total`.
+    pub total: usize,
+}
+
+impl HostSet {
+    pub fn new(all: Vec<(Arc<Host>, u32, bool)>) -> Self {
+        let total = all.len();
+        let priority = all.iter().filter(|(_, _, healthy)| *healthy).map(|(_, p, _)| *p).min();
+        let hosts: Vec<Arc<Host>> =
+            all.into_iter().filter(|(_, p, healthy)| *healthy && Some(*p) == priority).map(|(h, _, _)| h).collect();
+        let weights = Weights::new(hosts.iter().map(|h| h.weight));
+        HostSet { hosts, weights, total }
+    }
+
+    /// Hosts of endpoints that already carry IPs (STATIC and EDS clusters).
+    pub fn from_endpoints(eps: &[EndpointConfig]) -> Self {
+        use crate::config::cluster::EndpointAddress;
+        Self::new(
+            eps.iter()
+                .filter_map(|e| match &e.address {
+                    EndpointAddress::Ip(a) => {
+                        Some((Arc::new(Host::new(*a, e.weight, e.hostname.clone())), e.priority, e.healthy))
+                    }
+                    EndpointAddress::Dns { .. } => None,
+                })
+                .collect(),
+        )
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ClusterStats {
+    pub upstream_cx_total: Counter,
+    pub upstream_cx_active: Gauge,
+    pub upstream_cx_connect_fail: Counter,
+    pub upstream_cx_connect_timeout: Counter,
+    pub upstream_cx_overflow: Counter,
+    pub upstream_cx_none_healthy: Counter,
+    pub membership_total: Gauge,
+    pub membership_healthy: Gauge,
+}
+
+impl ClusterStats {
+    pub fn new(store: &Store, stat_name: &str) -> Self {
+        let c = |s: &str| store.counter(&format!("cluster.{stat_name}.{s}"));
+        let g = |s: &str| store.gauge(&format!("cluster.{stat_name}.{s}"));
+        ClusterStats {
+            upstream_cx_total: c("upstream_cx_total"),
+            upstream_cx_active: g("upstream_cx_active"),
+            upstream_cx_connect_fail: c("upstream_cx_connect_fail"),
+            upstream_cx_connect_timeout: c("upstream_cx_connect_timeout"),
+            upstream_cx_overflow: c("upstream_cx_overflow"),
+            upstream_cx_none_healthy: c("upstream_cx_none_healthy"),
+            membership_total: g("membership_total"),
+            membership_healthy: g("membership_healthy"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("cluster '{0}' has no healthy upstream")]
+    NoHealthyUpstream(String),
+    #[error("cluster '{0}': circuit breaker max_connections reached")]
+    Overflow(String),
+    #[error("upstream {0}: connect timed out")]
+    Timeout(SocketAddr),
+    #[error("upstream {0}: {1}")]
+    Io(SocketAddr, io::Error),
+}
+
+#[derive(Debug)]
+pub struct Cluster {
+    pub config: Arc<ClusterConfig>,
+    hosts: ArcSwap<HostSet>,
+    rr: AtomicU64,
+    /// Open upstream connections, for the circuit breaker.
+    connections: Arc<AtomicU32>,
+    pub stats: ClusterStats,
+}
+
+/// An open upstream connection; dropping it releases the circuit-breaker slot and the host's active count.
+#[derive(Debug)]
+pub struct Upstream {
+    pub stream: TcpStream,
+    pub host: Arc<Host>,
+    _slot: ConnectionSlot,
+}
+
+#[derive(Debug)]
+struct ConnectionSlot {
+    cluster_connections: Arc<AtomicU32>,
+    host: Arc<Host>,
+    _active: GaugeGuard,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.cluster_connections.fetch_sub(1, Ordering::Relaxed);
+        self.host.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Cluster {
+    pub fn new(config: Arc<ClusterConfig>, hosts: HostSet, store: &Store) -> Self {
+        let stats = ClusterStats::new(store, &config.stat_name);
+        let cluster = Cluster {
+            config,
+            hosts: ArcSwap::from_pointee(HostSet::default()),
+            rr: AtomicU64::new(0),
+            connections: Arc::new(AtomicU32::new(0)),
+            stats,
+        };
+        cluster.set_hosts(hosts);
+        cluster
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    pub fn hosts(&self) -> Arc<HostSet> {
+        self.hosts.load_full()
+    }
+
+    pub fn set_hosts(&self, hosts: HostSet) {
+        self.stats.membership_total.set(hosts.total as i64);
+        self.stats.membership_healthy.set(hosts.hosts.len() as i64);
+        self.hosts.store(Arc::new(hosts));
+    }
+
+    /// Chooses a host. `original_dst` is the downstream connection's (restored) local address, which is the host
+    /// of an ORIGINAL_DST cluster.
+    pub fn choose(&self, original_dst: SocketAddr) -> Option<Arc<Host>> {
+        if self.config.kind == ClusterKind::OriginalDst {
+            return Some(Arc::new(Host::new(original_dst, 1, String::new())));
+        }
+        let set = self.hosts.load();
+        let idx = match self.config.lb_policy {
+            LbPolicy::RoundRobin | LbPolicy::ClusterProvided => {
+                set.weights.pick(self.rr.fetch_add(1, Ordering::Relaxed))
+            }
+            LbPolicy::Random => set.weights.pick(rand::random()),
+            LbPolicy::LeastRequest => {
+                let a = set.weights.pick(rand::random());
+                let b = set.weights.pick(rand::random());
+                a.zip(b).map(|(a, b)| least_of_two(a, b, |i| set.hosts[i].active()))
+            }
+        }?;
+        set.hosts.get(idx).cloned()
+    }
+
+    /// Picks a host and connects to it within `connect_timeout`, counting the outcome in the cluster's stats.
+    pub async fn connect(&self, original_dst: SocketAddr) -> Result<Upstream, ConnectError> {
+        let Some(host) = self.choose(original_dst) else {
+            self.stats.upstream_cx_none_healthy.inc();
+            return Err(ConnectError::NoHealthyUpstream(self.config.name.clone()));
+        };
+        let prior = self.connections.fetch_add(1, Ordering::Relaxed);
+        host.active.fetch_add(1, Ordering::Relaxed);
+        let slot = ConnectionSlot {
+            cluster_connections: self.connections.clone(),
+            host: host.clone(),
+            _active: GaugeGuard::new(&self.stats.upstream_cx_active),
+        };
+        if prior >= self.config.max_connections {
+            self.stats.upstream_cx_overflow.inc();
+            return Err(ConnectError::Overflow(self.config.name.clone()));
+        }
+        self.stats.upstream_cx_total.inc();
+        let addr = host.address;
+        match tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => {
+                // Envoy sets TCP_NODELAY on every upstream connection.
+                let _ = stream.set_nodelay(true);
+                Ok(Upstream { stream, host, _slot: slot })
+            }
+            Ok(Err(e)) => {
+                self.stats.upstream_cx_connect_fail.inc();
+                Err(ConnectError::Io(addr, e))
+            }
+            Err(_) => {
+                self.stats.upstream_cx_connect_fail.inc();
+                self.stats.upstream_cx_connect_timeout.inc();
+                Err(ConnectError::Timeout(addr))
+            }
+        }
+    }
+}

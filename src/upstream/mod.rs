@@ -1,0 +1,207 @@
+//! Upstreams: the cluster manager (owned by the main thread) and the immutable cluster set it publishes to
+//! workers through an `ArcSwap`, so the connection path finds a cluster without taking a lock.
+
+pub mod cluster;
+pub mod dns;
+pub mod lb;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::ConfigError;
+use crate::config::cluster::{ClusterConfig, ClusterKind};
+use crate::stats::Store;
+use cluster::{Cluster, HostSet};
+
+/// What workers see: every cluster by name.
+#[derive(Debug, Default)]
+pub struct ClusterSet {
+    clusters: HashMap<String, Arc<Cluster>>,
+}
+
+impl ClusterSet {
+    pub fn get(&self, name: &str) -> Option<&Arc<Cluster>> {
+        self.clusters.get(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.clusters.keys().map(String::as_str)
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    cluster: Arc<Cluster>,
+    /// Stops the DNS refresh loop of a replaced or removed cluster.
+    refresh: Option<CancellationToken>,
+    /// Becomes true once the first resolution finished (always true for non-DNS clusters).
+    ready: watch::Receiver<bool>,
+}
+
+/// Owns clusters. Each change builds the set anew and publishes it; a cluster removed or replaced stays alive for
+/// the connections that still hold it.
+#[derive(Debug)]
+pub struct ClusterManager {
+    entries: HashMap<String, Entry>,
+    published: Arc<ArcSwap<ClusterSet>>,
+    stats: Store,
+}
+
+impl ClusterManager {
+    pub fn new(stats: Store) -> Self {
+        ClusterManager {
+            entries: HashMap::new(),
+            published: Arc::new(ArcSwap::from_pointee(ClusterSet::default())),
+            stats,
+        }
+    }
+
+    /// The handle workers read clusters through.
+    pub fn published(&self) -> Arc<ArcSwap<ClusterSet>> {
+        self.published.clone()
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Cluster>> {
+        self.entries.get(name).map(|e| e.cluster.clone())
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.entries.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Adds or replaces a cluster; an identical config is a no-op (returns false). Must run inside a tokio
+    /// runtime: DNS clusters start their refresh loop there.
+    pub fn add_or_update(&mut self, config: ClusterConfig) -> bool {
+        if let Some(old) = self.entries.get(&config.name) {
+            if old.cluster.config.proto == config.proto {
+                return false;
+            }
+        }
+        let name = config.name.clone();
+        let config = Arc::new(config);
+        let old = self.entries.remove(&name);
+        let hosts = match (&config.kind, &old) {
+            // An EDS cluster keeps its endpoints across a cluster update until EDS says otherwise, as in Envoy.
+            (ClusterKind::Eds { service_name }, Some(old)) if matches!(&old.cluster.config.kind, ClusterKind::Eds { service_name: s } if s == service_name) =>
+            {
+                let current = old.cluster.hosts();
+                HostSet::new(current.hosts.iter().map(|h| (h.clone(), 0, true)).collect())
+            }
+            _ => HostSet::from_endpoints(&config.endpoints),
+        };
+        if let Some(token) = old.as_ref().and_then(|o| o.refresh.as_ref()) {
+            token.cancel();
+        }
+        let cluster = Arc::new(Cluster::new(config.clone(), hosts, &self.stats));
+        let (refresh, ready) = match config.kind {
+            ClusterKind::StrictDns | ClusterKind::LogicalDns => {
+                let token = CancellationToken::new();
+                let (tx, rx) = watch::channel(false);
+                tokio::spawn(dns_refresh(Arc::downgrade(&cluster), token.clone(), tx));
+                (Some(token), rx)
+            }
+            _ => (None, watch::channel(true).1),
+        };
+        info!(cluster = %name, "cluster {}", if old.is_some() { "updated" } else { "added" });
+        self.entries.insert(name, Entry { cluster, refresh, ready });
+        self.publish();
+        true
+    }
+
+    pub fn remove(&mut self, name: &str) -> bool {
+        let Some(old) = self.entries.remove(name) else { return false };
+        if let Some(token) = old.refresh {
+            token.cancel();
+        }
+        info!(cluster = %name, "cluster removed");
+        self.publish();
+        true
+    }
+
+    /// Replaces the endpoints of the EDS cluster(s) whose service name is `la.cluster_name`.
+    pub fn set_load_assignment(
+        &mut self,
+        la: &envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment,
+    ) -> Result<usize, ConfigError> {
+        let endpoints = crate::config::cluster::endpoints(la, false, "")?;
+        let mut updated = 0;
+        for e in self.entries.values() {
+            if matches!(&e.cluster.config.kind, ClusterKind::Eds { service_name } if *service_name == la.cluster_name) {
+                e.cluster.set_hosts(HostSet::from_endpoints(&endpoints));
+                updated += 1;
+            }
+        }
+        Ok(updated)
+    }
+
+    /// Waits until every DNS cluster finished its first resolution (or `timeout` passes), so static listeners do
+    /// not start before their upstreams can be found.
+    pub async fn wait_ready(&self, timeout: std::time::Duration) {
+        let waits = self.entries.values().map(|e| {
+            let mut rx = e.ready.clone();
+            async move {
+                let _ = rx.wait_for(|r| *r).await;
+            }
+        });
+        let all = futures_join_all(waits);
+        let _ = tokio::time::timeout(timeout, all).await;
+    }
+
+    fn publish(&self) {
+        let clusters = self.entries.iter().map(|(k, e)| (k.clone(), e.cluster.clone())).collect();
+        self.published.store(Arc::new(ClusterSet { clusters }));
+    }
+}
+
+impl Drop for ClusterManager {
+    fn drop(&mut self) {
+        for e in self.entries.values() {
+            if let Some(t) = &e.refresh {
+                t.cancel();
+            }
+        }
+    }
+}
+
+async fn futures_join_all<F: std::future::Future<Output = ()>>(futs: impl Iterator<Item = F>) {
+    let mut set = Vec::new();
+    for f in futs {
+        set.push(Box::pin(f));
+    }
+    for f in set {
+        f.await;
+    }
+}
+
+async fn dns_refresh(cluster: std::sync::Weak<Cluster>, stop: CancellationToken, ready: watch::Sender<bool>) {
+    loop {
+        let Some(c) = cluster.upgrade() else { return };
+        let config = c.config.clone();
+        drop(c);
+        let (hosts, errors) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = dns::resolve(&config) => r,
+        };
+        for e in &errors {
+            warn!(cluster = %config.name, "dns resolution failed: {e}");
+        }
+        let Some(c) = cluster.upgrade() else { return };
+        // A failed refresh keeps the last good answer, as Envoy does.
+        if !hosts.hosts.is_empty() || errors.is_empty() {
+            c.set_hosts(hosts);
+        }
+        drop(c);
+        let _ = ready.send(true);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(config.dns_refresh_rate) => {}
+        }
+    }
+}

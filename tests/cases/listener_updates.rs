@@ -1,0 +1,271 @@
+//! Listeners added, changed and removed at runtime through the ListenerManager while connections are open.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use xds_proxy::listener::manager::{ListenerError, Outcome};
+
+use crate::common::*;
+
+fn clusters_only(up: std::net::SocketAddr) -> String {
+    format!("static_resources:\n  clusters:{}\n", static_cluster("echo", &[up]))
+}
+
+fn echo_listener(name: &str, port: u16, extra: &str) -> String {
+    format!(
+        r#"
+name: {name}
+address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
+{extra}
+filter_chains:
+- filters:
+  - name: envoy.filters.network.tcp_proxy
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+      stat_prefix: {name}
+      cluster: echo"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changed_and_removed_listeners_drain_their_connections() {
+    let up = echo_server().await;
+    let server = start(&clusters_only(up), Duration::from_millis(800)).await;
+    let port = free_port();
+    let added = server.listener_manager().add_or_update(listener(&echo_listener("l", port, "")), false);
+    assert_eq!(added, Ok(Outcome::Added));
+    let addr = listener_addr(&server, "l");
+    let mut old = TcpStream::connect(addr).await.unwrap();
+    assert!(echo_ok(&mut old, b"v1").await);
+
+    // A change outside the filter chains: a full update; the old connection drains.
+    let v2 = direct_listener("l", port, "v2", "per_connection_buffer_limit_bytes: 65536");
+    assert_eq!(server.listener_manager().add_or_update(listener(&v2), false), Ok(Outcome::Updated));
+    assert_eq!(listener_addr(&server, "l"), addr, "same address, same socket");
+    assert_eq!(fetch(addr).await.unwrap(), b"v2", "a new connection gets the new config");
+    assert!(echo_ok(&mut old, b"still served while draining").await);
+    let t = Instant::now();
+    let rest = tokio::time::timeout(Duration::from_secs(5), read_to_end(&mut old)).await.unwrap();
+    assert!(rest.is_empty());
+    assert!(t.elapsed() >= Duration::from_millis(400), "closed before the drain deadline: {:?}", t.elapsed());
+    assert_eq!(gauge(&server, "listener_manager.total_listeners_active"), 1);
+
+    // Removal: no new connections; the open one drains.
+    let accepted = counter(&server, &format!("listener.127.0.0.1_{port}.downstream_cx_total"));
+    let mut open = TcpStream::connect(addr).await.unwrap();
+    // Only a connection a worker has accepted belongs to a chain; one still in the kernel queue is reset with the
+    // socket, as in Envoy.
+    eventually("connection accepted", Duration::from_secs(5), async || {
+        counter(&server, &format!("listener.127.0.0.1_{port}.downstream_cx_total")) > accepted
+    })
+    .await;
+    assert!(server.listener_manager().remove("l").unwrap());
+    eventually("listener socket closed", Duration::from_secs(5), async || TcpStream::connect(addr).await.is_err())
+        .await;
+    let rest = tokio::time::timeout(Duration::from_secs(5), read_to_end(&mut open)).await.unwrap();
+    assert_eq!(rest, b"v2", "an accepted connection is still served by its chain");
+    assert_eq!(counter(&server, "listener_manager.listener_removed"), 1);
+    assert_eq!(counter(&server, "listener_manager.listener_modified"), 1);
+    eventually("drains finished", Duration::from_secs(5), async || {
+        gauge(&server, "listener_manager.total_listeners_draining") == 0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_connection_is_refused_across_100_updates() {
+    let server = start("static_resources: {}", Duration::from_millis(200)).await;
+    let port = free_port();
+    let v = |i: usize| {
+        // Alternate a listener-level field so every update is a full update on the same sockets.
+        listener(&direct_listener(
+            "l",
+            port,
+            &format!("v{i}"),
+            &format!("tcp_backlog_size: 128\nstat_prefix: s{}", i % 2),
+        ))
+    };
+    assert_eq!(server.listener_manager().add_or_update(v(0), false), Ok(Outcome::Added));
+    let addr = listener_addr(&server, "l");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (stop, failures) = (stop.clone(), failures.clone());
+        clients.push(tokio::spawn(async move {
+            let mut seen = HashSet::new();
+            let mut ok = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                match fetch(addr).await {
+                    Ok(body) if !body.is_empty() => {
+                        ok += 1;
+                        seen.insert(body);
+                    }
+                    _ => {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            (ok, seen)
+        }));
+    }
+    for i in 1..=100 {
+        assert_eq!(server.listener_manager().add_or_update(v(i), false), Ok(Outcome::Updated));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    let mut versions = HashSet::new();
+    for c in clients {
+        let (ok, seen) = c.await.unwrap();
+        total += ok;
+        versions.extend(seen);
+    }
+    assert_eq!(failures.load(Ordering::Relaxed), 0, "failed connections out of {total}");
+    assert!(total > 100, "only {total} connections made");
+    assert!(versions.len() > 10, "only {} versions seen", versions.len());
+}
+
+#[tokio::test]
+async fn bind_conflict_fails_that_listener_only() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_port = taken.local_addr().unwrap().port();
+    let server = start("static_resources: {}", Duration::from_secs(1)).await;
+    let good_port = free_port();
+    let results = server.listener_manager().apply_sotw(
+        vec![
+            listener(&direct_listener("good", good_port, "ok", "")),
+            listener(&direct_listener("bad", taken_port, "never", "")),
+        ],
+        &HashSet::new(),
+    );
+    assert_eq!(results[0], ("good".to_string(), Ok(Outcome::Added)));
+    let (name, bad) = &results[1];
+    assert_eq!(name, "bad");
+    let msg = bad.as_ref().err().map(ToString::to_string).unwrap_or_default();
+    assert_eq!(msg, format!("cannot bind '127.0.0.1:{taken_port}': Address already in use (os error 98)"));
+    assert_eq!(fetch(listener_addr(&server, "good")).await.unwrap(), b"ok");
+    assert_eq!(counter(&server, "listener_manager.listener_create_failure"), 1);
+    drop(taken);
+}
+
+#[tokio::test]
+async fn in_place_filter_chain_update_drains_only_changed_chains() {
+    let up = echo_server().await;
+    let server = start(&clusters_only(up), Duration::from_millis(500)).await;
+    let port = free_port();
+    let chain = |name: &str, prefix: &str| {
+        format!(
+            r#"{{ name: {name}, filters: [ {{ name: envoy.filters.network.tcp_proxy, typed_config: {{ "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", stat_prefix: {prefix}, cluster: echo }} }} ] }}"#
+        )
+    };
+    let with = |chains: &str| {
+        format!(
+            "name: l\naddress: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}\n\
+             default_filter_chain: {}\nfilter_chains: [{chains}]\n",
+            chain("default", "d")
+        )
+    };
+    // Only the default chain: the first connection lands there.
+    let lm = |s: &xds_proxy::server::Server, yaml: String| s.listener_manager().add_or_update(listener(&yaml), false);
+    assert_eq!(lm(&server, with("")), Ok(Outcome::Added));
+    let addr = listener_addr(&server, "l");
+    let mut on_default = TcpStream::connect(addr).await.unwrap();
+    assert!(echo_ok(&mut on_default, b"d").await);
+
+    // Add chain A: in place, the default chain's connection stays; new connections go to A.
+    let a = chain("a", "a1");
+    assert_eq!(lm(&server, with(&a)), Ok(Outcome::InPlaceUpdated));
+    let mut on_a = TcpStream::connect(addr).await.unwrap();
+    assert!(echo_ok(&mut on_a, b"a").await);
+    assert_eq!(counter(&server, "tcp.a1.downstream_cx_total"), 1);
+
+    // Change chain A: its connection drains; the default chain's connection is untouched.
+    let a2 = a.replace("stat_prefix: a1", "stat_prefix: a2");
+    assert_eq!(lm(&server, with(&a2)), Ok(Outcome::InPlaceUpdated));
+    let rest = tokio::time::timeout(Duration::from_secs(5), read_to_end(&mut on_a)).await.unwrap();
+    assert!(rest.is_empty(), "the changed chain's connection is closed at the drain deadline");
+    assert!(echo_ok(&mut on_default, b"default chain kept").await);
+    assert_eq!(counter(&server, "listener_manager.listener_in_place_updated"), 2);
+    let mut on_a2 = TcpStream::connect(addr).await.unwrap();
+    assert!(echo_ok(&mut on_a2, b"a2").await);
+    assert_eq!(counter(&server, "tcp.a2.downstream_cx_total"), 1);
+}
+
+#[tokio::test]
+async fn duplicate_name_duplicate_address_and_reuse_port_change_are_rejected() {
+    let server = start("static_resources: {}", Duration::from_secs(1)).await;
+    let port = free_port();
+    let results = server.listener_manager().apply_sotw(
+        vec![
+            listener(&direct_listener("a", port, "a", "")),
+            listener(&direct_listener("a", port, "again", "")),
+            listener(&direct_listener("b", port, "b", "")),
+        ],
+        &HashSet::new(),
+    );
+    assert_eq!(results[0].1, Ok(Outcome::Added));
+    assert_eq!(results[1].1, Err(ListenerError::DuplicateName("a".into())));
+    let dup = results[2].1.clone().err().map(|e| e.to_string()).unwrap_or_default();
+    assert_eq!(
+        dup,
+        format!("error adding listener 'b': has duplicate address '127.0.0.1:{port}' as existing listener 'a'")
+    );
+    let changed = listener(&direct_listener("a", port, "a", "enable_reuse_port: false"));
+    assert_eq!(
+        server.listener_manager().add_or_update(changed, false),
+        Err(ListenerError::ReusePortChanged("a".into()))
+    );
+    assert_eq!(fetch(listener_addr(&server, "a")).await.unwrap(), b"a", "the rejected updates left 'a' serving");
+}
+
+#[tokio::test]
+async fn an_address_can_move_between_listeners_in_one_update() {
+    let server = start("static_resources: {}", Duration::from_millis(100)).await;
+    let port = free_port();
+    let first =
+        server.listener_manager().apply_sotw(vec![listener(&direct_listener("old", port, "old", ""))], &HashSet::new());
+    assert_eq!(first[0].1, Ok(Outcome::Added));
+    let moved =
+        server.listener_manager().apply_sotw(vec![listener(&direct_listener("new", port, "new", ""))], &HashSet::new());
+    assert_eq!(moved, vec![("new".to_string(), Ok(Outcome::Added))]);
+    let names: Vec<String> = server.listener_manager().listeners().into_iter().map(|l| l.name).collect();
+    assert_eq!(names, vec!["new".to_string()]);
+    assert_eq!(fetch(listener_addr(&server, "new")).await.unwrap(), b"new");
+}
+
+#[tokio::test]
+async fn static_listeners_cannot_be_removed_or_changed_by_lds() {
+    let port = free_port();
+    let bootstrap = format!(
+        r#"
+static_resources:
+  listeners:
+  - name: s
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.direct_response
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.direct_response.v3.Config
+          response: {{ inline_string: static }}
+"#
+    );
+    let server = start(&bootstrap, Duration::from_secs(1)).await;
+    let results = server.listener_manager().apply_sotw(vec![], &HashSet::new());
+    assert!(results.is_empty());
+    assert_eq!(server.listener_manager().listeners().len(), 1, "a SotW update leaves static listeners alone");
+    let change = listener(&direct_listener("s", port, "changed", ""));
+    assert_eq!(server.listener_manager().add_or_update(change, false), Err(ListenerError::Static("s".into())));
+    assert_eq!(server.listener_manager().remove("s"), Err(ListenerError::Static("s".into())));
+    let mut s = TcpStream::connect(listener_addr(&server, "s")).await.unwrap();
+    let mut body = Vec::new();
+    s.read_to_end(&mut body).await.unwrap();
+    assert_eq!(body, b"static");
+}

@@ -1,0 +1,3 @@
+mod listener_updates;
+mod process;
+mod tcp_proxy;

@@ -1,0 +1,243 @@
+//! tcp_proxy end to end: bytes both ways, large transfers, half-close, resets, connect failures, idle timeout,
+//! load balancing and the circuit breaker.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::common::*;
+
+fn yaml(listeners: &str, clusters: &str) -> String {
+    format!("static_resources:\n  listeners:{listeners}\n  clusters:{clusters}\n")
+}
+
+#[tokio::test]
+async fn bytes_flow_both_ways() {
+    let up = echo_server().await;
+    let server =
+        start(&yaml(&tcp_listener("l", 0, "echo"), &static_cluster("echo", &[up])), Duration::from_secs(1)).await;
+    let mut s = TcpStream::connect(listener_addr(&server, "l")).await.unwrap();
+    assert!(echo_ok(&mut s, b"hello through the proxy").await);
+    assert!(echo_ok(&mut s, b"and again").await);
+    drop(s);
+    eventually("connection counted", Duration::from_secs(5), async || {
+        counter(&server, "listener.127.0.0.1_0.downstream_cx_destroy") == 1
+    })
+    .await;
+    assert_eq!(counter(&server, "tcp.l.downstream_cx_total"), 1);
+    assert_eq!(counter(&server, "cluster.echo.upstream_cx_total"), 1);
+}
+
+/// A deterministic byte stream without short periods, so reordered, lost or duplicated chunks are caught.
+fn pattern(offset: u64, buf: &mut [u8]) {
+    for (i, b) in buf.iter_mut().enumerate() {
+        let x = (offset + i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        *b = (x >> 56) as u8;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_transfer_is_byte_exact_both_ways() {
+    const TOTAL: u64 = 256 * 1024 * 1024;
+    let up = echo_server().await;
+    let server =
+        start(&yaml(&tcp_listener("l", 0, "echo"), &static_cluster("echo", &[up])), Duration::from_secs(1)).await;
+    let s = TcpStream::connect(listener_addr(&server, "l")).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let writer = tokio::spawn(async move {
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut off = 0u64;
+        while off < TOTAL {
+            pattern(off, &mut buf);
+            w.write_all(&buf).await.unwrap();
+            off += buf.len() as u64;
+        }
+        w.shutdown().await.unwrap();
+    });
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut expect = vec![0u8; 256 * 1024];
+    let mut off = 0u64;
+    loop {
+        let n = r.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        pattern(off, &mut expect[..n]);
+        assert!(buf[..n] == expect[..n], "mismatch in the {n} bytes at offset {off}");
+        off += n as u64;
+    }
+    writer.await.unwrap();
+    assert_eq!(off, TOTAL, "echoed byte count");
+}
+
+#[tokio::test]
+async fn half_close_from_downstream_keeps_the_upstream_direction_open() {
+    // The upstream reads until EOF, then answers with the byte count and closes.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut all = Vec::new();
+        s.read_to_end(&mut all).await.unwrap();
+        s.write_all(format!("got {}", all.len()).as_bytes()).await.unwrap();
+    });
+    let server = start(&yaml(&tcp_listener("l", 0, "up"), &static_cluster("up", &[up])), Duration::from_secs(1)).await;
+    let mut s = TcpStream::connect(listener_addr(&server, "l")).await.unwrap();
+    s.write_all(&[7u8; 1000]).await.unwrap();
+    s.shutdown().await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), read_to_end(&mut s)).await.unwrap();
+    assert_eq!(got, b"got 1000");
+}
+
+#[tokio::test]
+async fn half_close_from_upstream_keeps_the_downstream_direction_open() {
+    // The upstream says hello, half-closes, then still reads what the client sends.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        s.write_all(b"hello").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut all = Vec::new();
+        s.read_to_end(&mut all).await.unwrap();
+        let _ = tx.send(all);
+    });
+    let server = start(&yaml(&tcp_listener("l", 0, "up"), &static_cluster("up", &[up])), Duration::from_secs(1)).await;
+    let mut s = TcpStream::connect(listener_addr(&server, "l")).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), read_to_end(&mut s)).await.unwrap();
+    assert_eq!(got, b"hello", "greeting, then EOF");
+    s.write_all(b"after your FIN").await.unwrap();
+    s.shutdown().await.unwrap();
+    let received = tokio::time::timeout(Duration::from_secs(5), rx).await.unwrap().unwrap();
+    assert_eq!(received, b"after your FIN");
+}
+
+#[tokio::test]
+async fn upstream_reset_reaches_the_client_as_a_reset() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut b = [0u8; 4];
+        s.read_exact(&mut b).await.unwrap();
+        socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
+        drop(s);
+    });
+    let server = start(&yaml(&tcp_listener("l", 0, "up"), &static_cluster("up", &[up])), Duration::from_secs(1)).await;
+    let mut s = TcpStream::connect(listener_addr(&server, "l")).await.unwrap();
+    s.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 16];
+    let r = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap();
+    assert_eq!(r.map_err(|e| e.kind()).err(), Some(std::io::ErrorKind::ConnectionReset));
+}
+
+#[tokio::test]
+async fn upstream_refused_closes_the_downstream_promptly() {
+    let dead = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let server =
+        start(&yaml(&tcp_listener("l", 0, "dead"), &static_cluster("dead", &[dead])), Duration::from_secs(1)).await;
+    let start_at = Instant::now();
+    let mut s = TcpStream::connect(listener_addr(&server, "l")).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(3), read_to_end(&mut s)).await.unwrap();
+    assert!(got.is_empty());
+    assert!(start_at.elapsed() < Duration::from_secs(2), "closed after {:?}", start_at.elapsed());
+    assert_eq!(counter(&server, "cluster.dead.upstream_cx_connect_fail"), 1);
+}
+
+#[tokio::test]
+async fn idle_timeout_closes_a_quiet_connection() {
+    let up = echo_server().await;
+    let listeners =
+        tcp_listener("l", 0, "echo").replace("cluster: echo", "cluster: echo\n          idle_timeout: 0.3s");
+    let server = start(&yaml(&listeners, &static_cluster("echo", &[up])), Duration::from_secs(1)).await;
+    let mut s = TcpStream::connect(listener_addr(&server, "l")).await.unwrap();
+    assert!(echo_ok(&mut s, b"x").await);
+    let t = Instant::now();
+    let got = tokio::time::timeout(Duration::from_secs(5), read_to_end(&mut s)).await.unwrap();
+    assert!(got.is_empty());
+    assert!(t.elapsed() >= Duration::from_millis(250), "closed too early: {:?}", t.elapsed());
+    assert_eq!(counter(&server, "tcp.l.idle_timeout"), 1);
+}
+
+#[tokio::test]
+async fn round_robin_alternates_between_hosts() {
+    let a = tagged_server(b"A").await;
+    let b = tagged_server(b"B").await;
+    let server =
+        start(&yaml(&tcp_listener("l", 0, "ab"), &static_cluster("ab", &[a, b])), Duration::from_secs(1)).await;
+    let addr = listener_addr(&server, "l");
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let mut tag = [0u8; 1];
+        s.read_exact(&mut tag).await.unwrap();
+        seen.push(tag[0]);
+    }
+    assert_eq!(seen, b"ABAB");
+}
+
+#[tokio::test]
+async fn weighted_clusters_follow_weights() {
+    let a = tagged_server(b"A").await;
+    let b = tagged_server(b"B").await;
+    let listeners = r#"
+  - name: l
+    address: { socket_address: { address: 127.0.0.1, port_value: 0 } }
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: w
+          weighted_clusters:
+            clusters:
+            - { name: a, weight: 0 }
+            - { name: b, weight: 5 }"#;
+    let clusters = format!("{}{}", static_cluster("a", &[a]), static_cluster("b", &[b]));
+    let server = start(&yaml(listeners, &clusters), Duration::from_secs(1)).await;
+    let addr = listener_addr(&server, "l");
+    for _ in 0..5 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let mut tag = [0u8; 1];
+        s.read_exact(&mut tag).await.unwrap();
+        assert_eq!(&tag, b"B");
+    }
+}
+
+#[tokio::test]
+async fn strict_dns_cluster_resolves_localhost() {
+    let up = echo_server().await;
+    let clusters = format!(
+        r#"
+  - name: dns
+    type: STRICT_DNS
+    dns_lookup_family: V4_ONLY
+    load_assignment:
+      cluster_name: dns
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: localhost, port_value: {} }} }} }}"#,
+        up.port()
+    );
+    let server = start(&yaml(&tcp_listener("l", 0, "dns"), &clusters), Duration::from_secs(1)).await;
+    let mut s = TcpStream::connect(listener_addr(&server, "l")).await.unwrap();
+    assert!(echo_ok(&mut s, b"resolved").await);
+}
+
+#[tokio::test]
+async fn circuit_breaker_max_connections_refuses_the_excess() {
+    let up = echo_server().await;
+    let clusters = static_cluster("echo", &[up]) + "\n    circuit_breakers: { thresholds: [ { max_connections: 1 } ] }";
+    let server = start(&yaml(&tcp_listener("l", 0, "echo"), &clusters), Duration::from_secs(1)).await;
+    let addr = listener_addr(&server, "l");
+    let mut first = TcpStream::connect(addr).await.unwrap();
+    assert!(echo_ok(&mut first, b"1").await);
+    let mut second = TcpStream::connect(addr).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(3), read_to_end(&mut second)).await.unwrap();
+    assert!(got.is_empty());
+    assert_eq!(counter(&server, "cluster.echo.upstream_cx_overflow"), 1);
+    assert!(echo_ok(&mut first, b"still fine").await);
+}

@@ -1,0 +1,252 @@
+//! Test helpers: upstream servers, config from YAML, an in-process server, and the proxy as a child process.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use xds_proxy::config::bootstrap::{BootstrapConfig, NodeOverrides};
+use xds_proxy::config::listener::ListenerConfig;
+use xds_proxy::config::proto::{self, Format};
+use xds_proxy::drain::DrainStrategy;
+use xds_proxy::server::{Options, Server};
+
+/// An echo server on loopback; returns its address.
+pub async fn echo_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// A server that greets every connection with `tag` and then echoes.
+pub async fn tagged_server(tag: &'static [u8]) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                if s.write_all(tag).await.is_err() {
+                    return;
+                }
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn bootstrap(yaml: &str) -> BootstrapConfig {
+    let b = proto::load_bootstrap(None, Some(yaml)).unwrap_or_else(|e| panic!("bootstrap: {e}"));
+    BootstrapConfig::from_proto(b, &NodeOverrides::default()).unwrap_or_else(|e| panic!("bootstrap: {e}"))
+}
+
+pub fn listener(yaml: &str) -> ListenerConfig {
+    let msg = proto::parse_dynamic(yaml, Format::Yaml, "envoy.config.listener.v3.Listener")
+        .unwrap_or_else(|e| panic!("listener: {e}"));
+    let l: envoy_types::pb::envoy::config::listener::v3::Listener = proto::decode(&msg).unwrap();
+    ListenerConfig::try_from(l).unwrap_or_else(|e| panic!("listener: {e}"))
+}
+
+/// A static cluster named `name` with the given endpoints.
+pub fn static_cluster(name: &str, endpoints: &[SocketAddr]) -> String {
+    let mut eps = String::new();
+    for e in endpoints {
+        eps.push_str(&format!(
+            "\n        - endpoint: {{ address: {{ socket_address: {{ address: {}, port_value: {} }} }} }}",
+            e.ip(),
+            e.port()
+        ));
+    }
+    format!(
+        r#"
+  - name: {name}
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: {name}
+      endpoints:
+      - lb_endpoints:{eps}"#
+    )
+}
+
+/// A listener YAML (as a list item) with a tcp_proxy to `cluster`.
+pub fn tcp_listener(name: &str, port: u16, cluster: &str) -> String {
+    format!(
+        r#"
+  - name: {name}
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: {name}
+          cluster: {cluster}"#
+    )
+}
+
+/// A single listener (not a list item) answering with `body` then closing.
+pub fn direct_listener(name: &str, port: u16, body: &str, extra: &str) -> String {
+    format!(
+        r#"
+name: {name}
+address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
+{extra}
+filter_chains:
+- name: chain-{body}
+  filters:
+  - name: envoy.filters.network.direct_response
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.filters.network.direct_response.v3.Config
+      response: {{ inline_string: "{body}" }}"#
+    )
+}
+
+pub fn options(drain: Duration) -> Options {
+    Options { concurrency: 2, drain_time: drain, drain_strategy: DrainStrategy::Immediate }
+}
+
+pub async fn start(yaml: &str, drain: Duration) -> Server {
+    Server::start(bootstrap(yaml), &options(drain)).await.unwrap_or_else(|e| panic!("start: {e}"))
+}
+
+pub fn listener_addr(server: &Server, name: &str) -> SocketAddr {
+    server.listener_manager().listeners().into_iter().find(|l| l.name == name).unwrap().address
+}
+
+/// Reads until EOF (or error) and returns what arrived.
+pub async fn read_to_end(s: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    out
+}
+
+/// Connects and reads a direct_response body.
+pub async fn fetch(addr: SocketAddr) -> std::io::Result<Vec<u8>> {
+    let mut s = TcpStream::connect(addr).await?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await?;
+    Ok(out)
+}
+
+/// Echo round trip on an open connection; false once the connection is gone.
+pub async fn echo_ok(s: &mut TcpStream, msg: &[u8]) -> bool {
+    if s.write_all(msg).await.is_err() {
+        return false;
+    }
+    let mut buf = vec![0u8; msg.len()];
+    matches!(tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf)).await, Ok(Ok(_))) && buf == msg
+}
+
+/// Waits until `cond` holds or panics after `timeout`, naming what it waited for.
+pub async fn eventually(what: &str, timeout: Duration, mut cond: impl AsyncFnMut() -> bool) {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if cond().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out after {timeout:?} waiting for: {what}");
+}
+
+pub fn counter(server: &Server, name: &str) -> u64 {
+    match server.stats.get(name) {
+        Some(xds_proxy::stats::Value::Counter(v)) => v,
+        other => panic!("{name}: {other:?}"),
+    }
+}
+
+pub fn gauge(server: &Server, name: &str) -> i64 {
+    match server.stats.get(name) {
+        Some(xds_proxy::stats::Value::Gauge(v)) => v,
+        other => panic!("{name}: {other:?}"),
+    }
+}
+
+/// The proxy binary as a child process.
+pub struct Proxy {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+}
+
+impl Proxy {
+    pub fn spawn(bootstrap_yaml: &str, args: &[&str]) -> Proxy {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bootstrap.yaml");
+        std::fs::write(&path, bootstrap_yaml).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_xds-proxy"))
+            .arg("--config-path")
+            .arg(&path)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        Proxy { child, dir }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        let pid = i32::try_from(self.child.id()).unwrap();
+        // SAFETY: sending a signal to our own child.
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+    }
+
+    /// Waits for exit up to `timeout`; kills and panics past it.
+    pub fn wait_exit(&mut self, timeout: Duration) -> (std::process::ExitStatus, String) {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                let mut err = String::new();
+                use std::io::Read;
+                self.child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+                return (status, err);
+            }
+            if start.elapsed() > timeout {
+                let _ = self.child.kill();
+                panic!("proxy did not exit within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the proxy binary to completion with a bootstrap file of the given name and content.
+pub fn run_proxy(file_name: &str, content: &str, args: &[&str]) -> (std::process::ExitStatus, String, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(file_name);
+    std::fs::write(&path, content).unwrap();
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_xds-proxy")).arg("--config-path").arg(&path).args(args).output().unwrap();
+    (out.status, String::from_utf8_lossy(&out.stderr).into_owned(), path)
+}
+
+/// Waits until a TCP connect to `addr` succeeds.
+pub async fn wait_accepting(addr: SocketAddr, timeout: Duration) {
+    eventually(&format!("{addr} accepting"), timeout, async || TcpStream::connect(addr).await.is_ok()).await;
+}
