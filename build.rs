@@ -8,9 +8,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use prost::Message;
-use protox::file::{
-    ChainFileResolver, File, FileResolver, GoogleFileResolver, IncludeFileResolver,
-};
+use protox::file::{ChainFileResolver, File, FileResolver, GoogleFileResolver, IncludeFileResolver};
 use protox::prost_reflect::prost_types::{DescriptorProto, FileDescriptorSet};
 
 /// Include roots inside envoy-types' `proto/` folder; imports in Envoy's files resolve against these.
@@ -42,10 +40,7 @@ fn main() -> Result<()> {
     }
 
     let envoy_proto_dir = envoy_types_proto_dir(&manifest_dir)?;
-    let mut includes: Vec<PathBuf> = ENVOY_INCLUDE_DIRS
-        .iter()
-        .map(|dir| envoy_proto_dir.join(dir))
-        .collect();
+    let mut includes: Vec<PathBuf> = ENVOY_INCLUDE_DIRS.iter().map(|dir| envoy_proto_dir.join(dir)).collect();
     let mut files = Vec::new();
     // Every Envoy proto, not only those envoy-types generated Rust for, so that any `@type` a user
     // writes in a `typed_config` resolves and can be rejected by name rather than as unknown.
@@ -60,10 +55,7 @@ fn main() -> Result<()> {
 
     let (set, skipped) = compile(&includes, &files)?;
     if skipped.len() == files.len() {
-        bail!(
-            "no proto file compiled (looked in {})",
-            envoy_proto_dir.display()
-        );
+        bail!("no proto file compiled (looked in {})", envoy_proto_dir.display());
     }
     for (file, err) in &skipped {
         println!("cargo:warning=skipping {file}: {err}");
@@ -94,10 +86,7 @@ fn main() -> Result<()> {
 /// whose pools hold fewer packages; the last resort rewrites each mis-bound reference to the
 /// fully-qualified name protoc would have picked. Compiled descriptors hold only fully-qualified
 /// names, so sets from different compilers merge by file name.
-fn compile(
-    includes: &[PathBuf],
-    files: &[String],
-) -> Result<(FileDescriptorSet, Vec<(String, String)>)> {
+fn compile(includes: &[PathBuf], files: &[String]) -> Result<(FileDescriptorSet, Vec<(String, String)>)> {
     let mut merged = MergedSet::default();
     let mut pending = files.to_vec();
     let mut failed = Vec::new();
@@ -129,11 +118,7 @@ fn compile(
 
 /// Compiles one file alone, rewriting references that protox binds to the wrong package (see
 /// [`compile`]) to the innermost enclosing scope that does define them, as protoc does.
-fn compile_patched(
-    includes: &[PathBuf],
-    file: &str,
-    merged: &MergedSet,
-) -> Result<FileDescriptorSet, String> {
+fn compile_patched(includes: &[PathBuf], file: &str, merged: &MergedSet) -> Result<FileDescriptorSet, String> {
     let mut patched: Option<String> = None;
     for _ in 0..=MAX_PATCHES_PER_FILE {
         let override_source = patched.clone().map(|source| (file.to_owned(), source));
@@ -152,15 +137,9 @@ fn compile_patched(
             Some(source) => source,
             None => read_source(includes, file).ok_or_else(|| err.clone())?,
         };
-        patched = Some(replace_type_reference(
-            &source,
-            relative,
-            &format!(".{right}"),
-        ));
+        patched = Some(replace_type_reference(&source, relative, &format!(".{right}")));
     }
-    Err(format!(
-        "more than {MAX_PATCHES_PER_FILE} mis-resolved references"
-    ))
+    Err(format!("more than {MAX_PATCHES_PER_FILE} mis-resolved references"))
 }
 
 /// Parses protox's "'a.B' resolves to 'x.y.a.B', which is not defined" into (`a.B`, `x.y.a.B`).
@@ -172,9 +151,7 @@ fn parse_misresolution(err: &str) -> Option<(&str, &str)> {
 }
 
 fn read_source(includes: &[PathBuf], file: &str) -> Option<String> {
-    includes
-        .iter()
-        .find_map(|dir| std::fs::read_to_string(dir.join(file)).ok())
+    includes.iter().find_map(|dir| std::fs::read_to_string(dir.join(file)).ok())
 }
 
 /// Replaces `relative` where it stands as a whole type reference (not part of a longer name).
@@ -220,11 +197,7 @@ struct InMemoryFile {
 
 impl FileResolver for InMemoryFile {
     fn open_file(&self, name: &str) -> Result<File, protox::Error> {
-        if name == self.name {
-            File::from_source(name, &self.source)
-        } else {
-            Err(protox::Error::file_not_found(name))
-        }
+        if name == self.name { File::from_source(name, &self.source) } else { Err(protox::Error::file_not_found(name)) }
     }
 }
 
@@ -249,8 +222,7 @@ impl MergedSet {
                 collect_type_names(package, message, &mut self.type_names);
             }
             for enumeration in &file.enum_type {
-                self.type_names
-                    .insert(format!("{package}.{}", enumeration.name()));
+                self.type_names.insert(format!("{package}.{}", enumeration.name()));
             }
             self.set.file.push(file);
         }
@@ -266,9 +238,7 @@ impl MergedSet {
             }
             scope = outer;
         }
-        self.type_names
-            .contains(relative)
-            .then(|| relative.to_owned())
+        self.type_names.contains(relative).then(|| relative.to_owned())
     }
 }
 
@@ -292,10 +262,7 @@ fn envoy_types_proto_dir(manifest_dir: &Path) -> Result<PathBuf> {
         .output()
         .context("running cargo metadata")?;
     if !output.status.success() {
-        bail!(
-            "cargo metadata failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        bail!("cargo metadata failed: {}", String::from_utf8_lossy(&output.stderr));
     }
     let metadata: serde_json::Value =
         serde_json::from_slice(&output.stdout).context("parsing cargo metadata output")?;
@@ -306,10 +273,7 @@ fn envoy_types_proto_dir(manifest_dir: &Path) -> Result<PathBuf> {
         .find(|package| package["name"] == "envoy-types")
         .and_then(|package| package["manifest_path"].as_str())
         .context("envoy-types is not in cargo metadata")?;
-    let proto_dir = Path::new(manifest_path)
-        .parent()
-        .context("envoy-types manifest path has no parent")?
-        .join("proto");
+    let proto_dir = Path::new(manifest_path).parent().context("envoy-types manifest path has no parent")?.join("proto");
     if !proto_dir.is_dir() {
         bail!("{} is not a directory", proto_dir.display());
     }
@@ -325,9 +289,7 @@ fn collect_protos(root: &Path, dir: &Path, files: &mut Vec<String>) -> Result<()
             collect_protos(root, &path, files)?;
         } else if path.extension().is_some_and(|ext| ext == "proto") {
             let relative = path.strip_prefix(root)?;
-            let name = relative
-                .to_str()
-                .with_context(|| format!("non-UTF-8 path {}", path.display()))?;
+            let name = relative.to_str().with_context(|| format!("non-UTF-8 path {}", path.display()))?;
             files.push(name.replace(std::path::MAIN_SEPARATOR, "/"));
         }
     }

@@ -296,7 +296,7 @@ fn audit_any(any: &DynamicMessage, path: &mut String, context: Option<Policy>, f
 #[allow(clippy::expect_used, clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::config::proto::{Format, decode, parse_dynamic};
+    use proto::{Format, decode, parse_dynamic};
     use envoy_types::pb::envoy::config::bootstrap::v3::Bootstrap;
     use envoy_types::pb::envoy::config::cluster::v3::Cluster;
     use envoy_types::pb::envoy::config::listener::v3::{Listener, ListenerFilter};
@@ -394,29 +394,27 @@ load_assignment:
 
     #[test]
     fn bootstrap_passes_and_leaves_listeners_and_clusters_to_their_own_audit() {
-        let text = format!(
-            r#"
-node: {{ id: n, cluster: c, metadata: {{ k: v }} }}
+        let text = r#"
+node: { id: n, cluster: c, metadata: { k: v } }
 admin:
   access_log_path: /dev/null
-  address: {{ socket_address: {{ address: 127.0.0.1, port_value: 9901 }} }}
+  address: { socket_address: { address: 127.0.0.1, port_value: 9901 } }
 static_resources:
   listeners:
   - listener_filters:
     - name: envoy.filters.listener.tls_inspector
   clusters:
   - name: xds
-    health_checks: [{{ timeout: 1s }}]
+    health_checks: [{ timeout: 1s }]
 dynamic_resources:
   ads_config:
     api_type: GRPC
     transport_api_version: V3
-    grpc_services: [{{ envoy_grpc: {{ cluster_name: xds }} }}]
-  lds_config: {{ ads: {{}}, resource_api_version: V3 }}
-  cds_config: {{ ads: {{}}, resource_api_version: V3 }}
-"#
-        );
-        let bootstrap: Bootstrap = parse(&text, BOOTSTRAP);
+    grpc_services: [{ envoy_grpc: { cluster_name: xds } }]
+  lds_config: { ads: {}, resource_api_version: V3 }
+  cds_config: { ads: {}, resource_api_version: V3 }
+"#;
+        let bootstrap: Bootstrap = parse(text, BOOTSTRAP);
         assert_eq!(audit_errors(&bootstrap, BOOTSTRAP), Vec::<String>::new());
     }
 

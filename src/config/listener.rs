@@ -125,7 +125,7 @@ impl TryFrom<lpb::Listener> for ListenerConfig {
                 "ipv4_compat only applies to IPv6 addresses",
             ));
         }
-        let reuse_port = l.enable_reuse_port.as_ref().map_or(true, |v| v.value);
+        let reuse_port = l.enable_reuse_port.as_ref().is_none_or(|v| v.value);
         let socket_options = l
             .socket_options
             .iter()
@@ -173,7 +173,7 @@ impl TryFrom<lpb::Listener> for ListenerConfig {
         Ok(ListenerConfig {
             name: l.name.clone(),
             socket,
-            bind_to_port: l.bind_to_port.as_ref().map_or(true, |v| v.value),
+            bind_to_port: l.bind_to_port.as_ref().is_none_or(|v| v.value),
             use_original_dst: l.use_original_dst.as_ref().is_some_and(|v| v.value),
             filter_chains,
             default_filter_chain,
@@ -238,13 +238,13 @@ pub struct FilterChainConfig {
 
 impl FilterChainConfig {
     fn convert(fc: &lpb::FilterChain, path: &str) -> Result<Self, ConfigError> {
-        if let Some(m) = &fc.filter_chain_match {
-            if *m != lpb::FilterChainMatch::default() {
-                return Err(ConfigError::new(
-                    join(path, "filter_chain_match"),
-                    "filter chain match criteria are not supported yet (only an empty match)",
-                ));
-            }
+        if let Some(m) = &fc.filter_chain_match
+            && *m != lpb::FilterChainMatch::default()
+        {
+            return Err(ConfigError::new(
+                join(path, "filter_chain_match"),
+                "filter chain match criteria are not supported yet (only an empty match)",
+            ));
         }
         if let Some(ts) = &fc.transport_socket {
             let type_url = match &ts.config_type {

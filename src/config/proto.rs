@@ -287,7 +287,7 @@ fn render_path<'t>(
                 };
             }
             Step::Key(key) => {
-                cursor_step_key(&mut out, &mut position, &mut kind, cursor, key);
+                step_into_key(&mut out, &mut position, &mut kind, cursor, key);
                 cursor = cursor.and_then(|v| v.get(key));
             }
             Step::Unknown => {
@@ -302,7 +302,7 @@ fn render_path<'t>(
 
 /// Appends one object key to the rendered path and moves `position` into it. `cursor` is the JSON
 /// object holding the key (needed to find the `@type` of an Any).
-fn cursor_step_key(
+fn step_into_key(
     out: &mut String,
     position: &mut Position,
     kind: &mut Option<Kind>,
@@ -318,18 +318,17 @@ fn cursor_step_key(
     let bracketed = |out: &mut String| out.push_str(&format!("[\"{key}\"]"));
 
     // An Any's fields are those of the message its `@type` names.
-    if let Position::Message(desc) = &*position {
-        if desc.full_name() == ANY && key != "@type" {
-            let inner = cursor
-                .and_then(|v| v.get("@type"))
-                .and_then(Json::as_str)
-                .and_then(|url| url.rsplit_once('/'))
-                .and_then(|(_, name)| pool().get_message_by_name(name));
-            *position = match inner {
-                Some(inner) => Position::Message(inner),
-                None => Position::Opaque,
-            };
-        }
+    let in_any = matches!(&*position, Position::Message(desc) if desc.full_name() == ANY);
+    if in_any && key != "@type" {
+        let inner = cursor
+            .and_then(|v| v.get("@type"))
+            .and_then(Json::as_str)
+            .and_then(|url| url.rsplit_once('/'))
+            .and_then(|(_, name)| pool().get_message_by_name(name));
+        *position = match inner {
+            Some(inner) => Position::Message(inner),
+            None => Position::Opaque,
+        };
     }
 
     match std::mem::replace(position, Position::Opaque) {

@@ -248,11 +248,10 @@ impl ListenerManager {
             }
         }
         let address = config.socket.address;
-        if address.port() != 0 {
-            if let Some(other) = self.active.values().find(|l| l.name() != name && l.config().socket.address == address)
-            {
-                return Err(ListenerError::DuplicateAddress { name, address, existing: other.name().to_string() });
-            }
+        if address.port() != 0
+            && let Some(other) = self.active.values().find(|l| l.name() != name && l.config().socket.address == address)
+        {
+            return Err(ListenerError::DuplicateAddress { name, address, existing: other.name().to_string() });
         }
 
         let in_place = old.as_ref().is_some_and(|o| o.config().only_filter_chains_differ(&config));
@@ -374,16 +373,14 @@ impl ListenerManager {
 /// How long forced-closed connections get to actually go away before a drain stops waiting for them.
 const FORCE_GRACE: Duration = Duration::from_secs(5);
 
-fn drain_chains(chains: Vec<Arc<FilterChain>>, settings: DrainSettings) -> impl Future<Output = ()> + use<> {
-    async move {
-        let mut tasks = tokio::task::JoinSet::new();
-        for chain in chains {
-            tasks.spawn(async move {
-                chain.drain.drain(settings.drain_time, settings.strategy, FORCE_GRACE).await;
-            });
-        }
-        while tasks.join_next().await.is_some() {}
+async fn drain_chains(chains: Vec<Arc<FilterChain>>, settings: DrainSettings) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for chain in chains {
+        tasks.spawn(async move {
+            chain.drain.drain(settings.drain_time, settings.strategy, FORCE_GRACE).await;
+        });
     }
+    while tasks.join_next().await.is_some() {}
 }
 
 impl ListenerManager {

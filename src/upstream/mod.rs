@@ -79,10 +79,10 @@ impl ClusterManager {
     /// Adds or replaces a cluster; an identical config is a no-op (returns false). Must run inside a tokio
     /// runtime: DNS clusters start their refresh loop there.
     pub fn add_or_update(&mut self, config: ClusterConfig) -> bool {
-        if let Some(old) = self.entries.get(&config.name) {
-            if old.cluster.config.proto == config.proto {
-                return false;
-            }
+        if let Some(old) = self.entries.get(&config.name)
+            && old.cluster.config.proto == config.proto
+        {
+            return false;
         }
         let name = config.name.clone();
         let config = Arc::new(config);
@@ -150,7 +150,7 @@ impl ClusterManager {
                 let _ = rx.wait_for(|r| *r).await;
             }
         });
-        let all = futures_join_all(waits);
+        let all = join_all(waits);
         let _ = tokio::time::timeout(timeout, all).await;
     }
 
@@ -170,12 +170,9 @@ impl Drop for ClusterManager {
     }
 }
 
-async fn futures_join_all<F: std::future::Future<Output = ()>>(futs: impl Iterator<Item = F>) {
-    let mut set = Vec::new();
+/// Awaits every future; they are all timers or watches, so awaiting them one after another costs nothing extra.
+async fn join_all<F: std::future::Future<Output = ()>>(futs: impl Iterator<Item = F>) {
     for f in futs {
-        set.push(Box::pin(f));
-    }
-    for f in set {
         f.await;
     }
 }
