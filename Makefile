@@ -31,8 +31,9 @@ fmt:
 fmt-check:
 	$(CARGO) fmt --all -- --check
 
-bench:
-	@echo "make bench: the peer benchmarks (haproxy, nginx, iperf3) are not written yet; see BENCHMARKS.md" >&2
-	@exit 2
+## bench: tcp_proxy vs direct, haproxy and nginx on loopback (not part of `make test`; results in BENCHMARKS.md).
+bench: build
+	@./.ci/deps.sh bench
+	python3 bench/run.py $(BENCH_ARGS)
 
 presubmit: fmt-check lint test

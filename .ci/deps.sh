@@ -1,8 +1,17 @@
 #!/usr/bin/env bash
-# Installs the system packages the test suite needs, only when missing. Root on Debian (CI and dev machines).
+# Installs the system packages the tests (or, with the argument `bench`, the benchmarks) need, only when missing.
+# Runs as root on Debian (CI and dev machines).
 set -euo pipefail
 need=()
-command -v ip >/dev/null 2>&1 || need+=(iproute2)
+have() { command -v "$1" >/dev/null 2>&1; }
+have ip || need+=(iproute2)
+if [ "${1:-}" = bench ]; then
+  have haproxy || need+=(haproxy)
+  have nginx || need+=(nginx)
+  [ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || need+=(libnginx-mod-stream)
+  have iperf3 || need+=(iperf3)
+  have wrk || need+=(wrk)
+fi
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "missing packages: ${need[*]} (run as root or install them)" >&2

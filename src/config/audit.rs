@@ -6,9 +6,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::OnceLock;
 
-use prost_reflect::{DynamicMessage, MapKey, Value};
-
-use prost_reflect::ReflectMessage;
+use prost_reflect::{DynamicMessage, MapKey, ReflectMessage, Value};
 
 use super::proto;
 
@@ -202,23 +200,20 @@ fn audit_message(msg: &DynamicMessage, path: &mut String, context: Option<Policy
         found.push(Unsupported { path: path.clone(), reason: format!("{} is not supported", desc.full_name()) });
         return;
     };
-    let allowed = |name: &str| -> Option<Option<Policy>> {
-        match policy {
-            Policy::All | Policy::Skip => None,
-            Policy::Only(names) => names.contains(&name).then_some(None),
-            Policy::Fields(fields) => fields.iter().find(|(field, _)| *field == name).map(|(_, policy)| Some(*policy)),
-        }
-    };
-    if matches!(policy, Policy::All | Policy::Skip) {
-        return;
-    }
     for (field, value) in msg.fields() {
+        // Some(context) when the field is honoured; context overrides the field type's policy.
+        let honoured = match policy {
+            // Nothing below is read field by field here.
+            Policy::All | Policy::Skip => return,
+            Policy::Only(names) => names.contains(&field.name()).then_some(None),
+            Policy::Fields(fields) => fields.iter().find(|(name, _)| *name == field.name()).map(|(_, p)| Some(*p)),
+        };
         let len = path.len();
         if !path.is_empty() {
             path.push('.');
         }
         path.push_str(field.name());
-        match allowed(field.name()) {
+        match honoured {
             None => found.push(Unsupported { path: path.clone(), reason: "not supported".to_owned() }),
             Some(context) => audit_value(value, path, context, found),
         }
@@ -244,10 +239,7 @@ fn audit_value(value: &Value, path: &mut String, context: Option<Policy>, found:
             entries.sort_by(|a, b| a.0.cmp(b.0));
             for (key, item) in entries {
                 let len = path.len();
-                match key {
-                    MapKey::String(key) => path.push_str(&format!("[{key:?}]")),
-                    other => path.push_str(&format!("[{}]", map_key_text(other))),
-                }
+                path.push_str(&format!("[{}]", map_key_text(key)));
                 audit_value(item, path, context, found);
                 path.truncate(len);
             }
@@ -257,6 +249,7 @@ fn audit_value(value: &Value, path: &mut String, context: Option<Policy>, found:
     }
 }
 
+/// String keys quoted (they may contain dots), others bare.
 fn map_key_text(key: &MapKey) -> String {
     match key {
         MapKey::Bool(v) => v.to_string(),
@@ -296,12 +289,12 @@ fn audit_any(any: &DynamicMessage, path: &mut String, context: Option<Policy>, f
 #[allow(clippy::expect_used, clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use proto::{Format, decode, parse_dynamic};
     use envoy_types::pb::envoy::config::bootstrap::v3::Bootstrap;
     use envoy_types::pb::envoy::config::cluster::v3::Cluster;
     use envoy_types::pb::envoy::config::listener::v3::{Listener, ListenerFilter};
     use envoy_types::pb::google::protobuf::Any;
     use prost_reflect::ReflectMessage;
+    use proto::{Format, decode, parse_dynamic};
 
     const LISTENER: &str = "envoy.config.listener.v3.Listener";
     const CLUSTER: &str = "envoy.config.cluster.v3.Cluster";

@@ -302,13 +302,7 @@ fn render_path<'t>(
 
 /// Appends one object key to the rendered path and moves `position` into it. `cursor` is the JSON
 /// object holding the key (needed to find the `@type` of an Any).
-fn step_into_key(
-    out: &mut String,
-    position: &mut Position,
-    kind: &mut Option<Kind>,
-    cursor: Option<&Json>,
-    key: &str,
-) {
+fn step_into_key(out: &mut String, position: &mut Position, kind: &mut Option<Kind>, cursor: Option<&Json>, key: &str) {
     let dotted = |out: &mut String| {
         if !out.is_empty() {
             out.push('.');

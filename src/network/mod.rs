@@ -1,4 +1,5 @@
 //! Network filters: what a filter chain does with a connection once it is chosen.
 
 pub mod direct_response;
+pub mod splice;
 pub mod tcp_proxy;

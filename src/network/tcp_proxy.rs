@@ -1,28 +1,27 @@
 //! `envoy.filters.network.tcp_proxy`: connect to a host of the configured cluster (or weighted clusters) and copy
 //! bytes both ways with half-close, reset propagation, the idle timeout, and the drain's forced close.
 //!
-//! Each direction owns one buffer of at most `per_connection_buffer_limit_bytes` (capped at [`MAX_CHUNK`]),
-//! allocated when its first byte arrives, so an idle connection costs no buffer and a busy one no allocation per
-//! read; a direction reads again only after the previous chunk is fully written, which is the back-pressure.
+//! Bytes move with splice(2) through a pipe borrowed from the worker's pool (see [`super::splice`]): no user-space
+//! copy, no buffer held by an idle connection. At most `per_connection_buffer_limit_bytes` (capped at
+//! [`MAX_CHUNK`], one pipe's capacity) are in flight per direction: a direction reads again only after the previous
+//! chunk is fully written, which is the back-pressure.
 
-use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::time::Instant;
 use tracing::debug;
 
 use crate::config::listener::TcpProxyConfig;
+use super::splice;
 use crate::drain::DrainWatch;
 use crate::listener::filter_chain::ConnectionInfo;
 use crate::listener::worker::WorkerContext;
 use crate::stats::{Counter, Store};
 use crate::upstream::lb::Weights;
 
-/// Largest read per syscall: beyond this, bigger buffers stop paying for themselves on loopback and LAN.
+/// Largest chunk per splice: the default pipe capacity, so a chunk always fits the pipe.
 pub const MAX_CHUNK: usize = 64 * 1024;
 
 #[derive(Debug, Clone)]
@@ -75,7 +74,7 @@ impl TcpProxy {
 
     pub async fn serve(
         &self,
-        mut downstream: TcpStream,
+        downstream: TcpStream,
         info: &ConnectionInfo,
         mut drain: DrainWatch,
         ctx: &WorkerContext,
@@ -102,7 +101,7 @@ impl TcpProxy {
             }
             Err(last)
         };
-        let mut upstream = tokio::select! {
+        let upstream = tokio::select! {
             r = connect => match r {
                 Ok(up) => up,
                 Err(_) => {
@@ -118,12 +117,15 @@ impl TcpProxy {
         let activity = Activity::new();
         let (rx, tx) = (AtomicU64::new(0), AtomicU64::new(0));
         let end = {
-            let (mut dr, mut dw) = downstream.split();
-            let (mut ur, mut uw) = upstream.stream.split();
+            let (down, up) = (&downstream, &upstream.stream);
+            let count = |counter: &AtomicU64, n: usize| {
+                activity.touch();
+                counter.fetch_add(n as u64, Ordering::Relaxed);
+            };
             let both = async {
                 tokio::try_join!(
-                    copy_half(&mut dr, &mut uw, chunk, &activity, &rx),
-                    copy_half(&mut ur, &mut dw, chunk, &activity, &tx),
+                    splice::forward(down, up, chunk, |n| count(&rx, n)),
+                    splice::forward(up, down, chunk, |n| count(&tx, n)),
                 )
             };
             tokio::select! {
@@ -149,32 +151,6 @@ impl TcpProxy {
 /// Closing with SO_LINGER 0 sends RST instead of FIN.
 fn reset(s: &TcpStream) {
     let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
-}
-
-async fn copy_half(
-    r: &mut ReadHalf<'_>,
-    w: &mut WriteHalf<'_>,
-    chunk: usize,
-    activity: &Activity,
-    bytes: &AtomicU64,
-) -> io::Result<()> {
-    let mut buf = Vec::new();
-    loop {
-        if buf.is_empty() {
-            r.readable().await?;
-            buf = vec![0u8; chunk];
-        }
-        let n = r.read(&mut buf).await?;
-        if n == 0 {
-            // Half-close: pass the FIN on and keep the other direction open.
-            w.shutdown().await?;
-            return Ok(());
-        }
-        activity.touch();
-        w.write_all(&buf[..n]).await?;
-        bytes.fetch_add(n as u64, Ordering::Relaxed);
-        activity.touch();
-    }
 }
 
 /// Last time either direction moved bytes, for the idle timeout, cheap enough to touch on every read.
