@@ -32,7 +32,10 @@ fn main() -> Result<()> {
     let own_proto_dir = manifest_dir.join("proto");
 
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-changed={}", own_proto_dir.display());
+    // A missing path would make cargo rerun this script on every build (git keeps no empty proto/).
+    if own_proto_dir.exists() {
+        println!("cargo:rerun-if-changed={}", own_proto_dir.display());
+    }
     // The Envoy protos live in the registry copy of envoy-types; a version bump shows up only here.
     let lock_file = manifest_dir.join("Cargo.lock");
     if lock_file.exists() {
@@ -256,11 +259,13 @@ fn collect_type_names(scope: &str, message: &DescriptorProto, names: &mut HashSe
 /// Asks cargo where envoy-types was unpacked, which works for registry, vendored and path copies alike.
 fn envoy_types_proto_dir(manifest_dir: &Path) -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let output = Command::new(cargo)
-        .args(["metadata", "--format-version", "1"])
-        .current_dir(manifest_dir)
-        .output()
-        .context("running cargo metadata")?;
+    let mut command = Command::new(cargo);
+    command.args(["metadata", "--format-version", "1"]).current_dir(manifest_dir);
+    // Only this target's packages, so metadata never downloads crates for other platforms.
+    if let Ok(target) = std::env::var("TARGET") {
+        command.args(["--filter-platform", &target]);
+    }
+    let output = command.output().context("running cargo metadata")?;
     if !output.status.success() {
         bail!("cargo metadata failed: {}", String::from_utf8_lossy(&output.stderr));
     }

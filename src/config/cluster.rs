@@ -258,3 +258,102 @@ pub fn endpoints(la: &epb::ClusterLoadAssignment, dns: bool, path: &str) -> Resu
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::proto::{self, Format};
+
+    fn convert(yaml: &str) -> Result<ClusterConfig, String> {
+        let msg = proto::parse_dynamic(yaml, Format::Yaml, "envoy.config.cluster.v3.Cluster")
+            .map_err(|e| format!("parse: {e}"))?;
+        let c: cpb::Cluster = proto::decode(&msg).map_err(|e| format!("decode: {e}"))?;
+        ClusterConfig::try_from(c).map_err(|e| e.to_string())
+    }
+
+    fn with_endpoints(head: &str, hosts: &[&str]) -> String {
+        let eps: Vec<String> = hosts
+            .iter()
+            .map(|h| format!("{{ endpoint: {{ address: {{ socket_address: {{ address: {h}, port_value: 80 }} }} }} }}"))
+            .collect();
+        format!(
+            "name: c\n{head}\nload_assignment: {{ cluster_name: c, endpoints: [ {{ lb_endpoints: [ {} ] }} ] }}\n",
+            eps.join(", ")
+        )
+    }
+
+    #[test]
+    fn static_cluster_defaults() {
+        let c = convert(&with_endpoints("", &["127.0.0.1"])).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.kind, ClusterKind::Static);
+        assert_eq!(c.lb_policy, LbPolicy::RoundRobin);
+        assert_eq!(c.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+        assert_eq!(c.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(c.endpoints.len(), 1);
+        assert_eq!(c.endpoints[0].weight, 1);
+    }
+
+    #[test]
+    fn eds_service_name_defaults_to_the_cluster_name() {
+        let c = convert("name: c\ntype: EDS\neds_cluster_config: { eds_config: { ads: {} } }")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.kind, ClusterKind::Eds { service_name: "c".into() });
+        let c = convert("name: c\ntype: EDS\neds_cluster_config: { service_name: s, eds_config: { ads: {} } }")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.kind, ClusterKind::Eds { service_name: "s".into() });
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (
+                with_endpoints("type: STATIC", &["example.com"]),
+                "load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address.address: malformed IP address: example.com",
+            ),
+            (
+                with_endpoints("type: LOGICAL_DNS", &["a.example", "b.example"]),
+                "load_assignment: LOGICAL_DNS clusters must have a single locality_lb_endpoint and a single lb_endpoint",
+            ),
+            (
+                "name: c\ntype: ORIGINAL_DST".to_string(),
+                "lb_policy: LB policy RoundRobin is not valid for cluster type ORIGINAL_DST",
+            ),
+            (
+                with_endpoints("lb_policy: CLUSTER_PROVIDED", &["127.0.0.1"]),
+                "lb_policy: CLUSTER_PROVIDED is only valid for cluster type ORIGINAL_DST",
+            ),
+            (with_endpoints("lb_policy: MAGLEV", &["127.0.0.1"]), "lb_policy: MAGLEV is not supported"),
+            ("name: c\ntype: EDS".to_string(), "eds_cluster_config: EDS clusters need eds_cluster_config"),
+        ];
+        for (yaml, expect) in cases {
+            let err = convert(&yaml).err().unwrap_or_default();
+            assert!(err.contains(expect), "expected '{expect}', got '{err}'");
+        }
+    }
+
+    #[test]
+    fn original_dst_with_cluster_provided_is_valid() {
+        let c = convert("name: passthrough\ntype: ORIGINAL_DST\nlb_policy: CLUSTER_PROVIDED")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.kind, ClusterKind::OriginalDst);
+    }
+
+    #[test]
+    fn unhealthy_endpoints_and_priorities_are_kept_with_their_state() {
+        let yaml = r#"
+name: c
+load_assignment:
+  cluster_name: c
+  endpoints:
+  - lb_endpoints:
+    - { endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: 1 } } }, health_status: UNHEALTHY }
+    - { endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: 2 } } }, load_balancing_weight: 3 }
+  - priority: 1
+    lb_endpoints:
+    - { endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: 3 } } } }
+"#;
+        let c = convert(yaml).unwrap_or_else(|e| panic!("{e}"));
+        let summary: Vec<(bool, u32, u32)> = c.endpoints.iter().map(|e| (e.healthy, e.weight, e.priority)).collect();
+        assert_eq!(summary, vec![(false, 1, 0), (true, 3, 0), (true, 1, 1)]);
+    }
+}

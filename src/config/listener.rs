@@ -396,3 +396,127 @@ pub(crate) fn data_source(ds: Option<&core::DataSource>, path: &str) -> Result<V
         None => Ok(Vec::new()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::proto::{self, Format};
+
+    fn convert(yaml: &str) -> Result<ListenerConfig, String> {
+        let msg = proto::parse_dynamic(yaml, Format::Yaml, "envoy.config.listener.v3.Listener")
+            .map_err(|e| format!("parse: {e}"))?;
+        let l: lpb::Listener = proto::decode(&msg).map_err(|e| format!("decode: {e}"))?;
+        ListenerConfig::try_from(l).map_err(|e| e.to_string())
+    }
+
+    const TCP: &str = r#"{ name: envoy.filters.network.tcp_proxy, typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: s, cluster: c } }"#;
+
+    fn listener(extra: &str, chains: &str) -> String {
+        format!(
+            "name: l\naddress: {{ socket_address: {{ address: 127.0.0.1, port_value: 80 }} }}\n{extra}\nfilter_chains: {chains}\n"
+        )
+    }
+
+    #[test]
+    fn defaults_are_envoys() {
+        let l = convert(&listener("", &format!("[ {{ filters: [ {TCP} ] }} ]"))).unwrap_or_else(|e| panic!("{e}"));
+        assert!(l.socket.reuse_port && l.bind_to_port && !l.use_original_dst);
+        assert_eq!(l.socket.backlog, DEFAULT_BACKLOG);
+        assert_eq!(l.per_connection_buffer_limit_bytes, DEFAULT_BUFFER_LIMIT);
+        assert_eq!(l.listener_filters_timeout, Some(DEFAULT_LISTENER_FILTERS_TIMEOUT));
+        assert_eq!(l.stat_prefix, "127.0.0.1_80");
+        let NetworkFilterConfig::TcpProxy(tp) = l.filter_chains[0].terminal() else { panic!("not tcp_proxy") };
+        assert_eq!(tp.idle_timeout, Some(DEFAULT_TCP_IDLE_TIMEOUT));
+        assert_eq!(tp.max_connect_attempts, 1);
+    }
+
+    #[test]
+    fn zero_timeouts_disable() {
+        let chains = format!("[ {{ filters: [ {} ] }} ]", TCP.replace("cluster: c", "cluster: c, idle_timeout: 0s"));
+        let l = convert(&listener("listener_filters_timeout: 0s", &chains)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(l.listener_filters_timeout, None);
+        let NetworkFilterConfig::TcpProxy(tp) = l.filter_chains[0].terminal() else { panic!("not tcp_proxy") };
+        assert_eq!(tp.idle_timeout, None);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (listener("", "[]"), "filter_chains: no filter chains specified (and no default_filter_chain)"),
+            (
+                listener("", &format!("[ {{ filter_chain_match: {{ destination_port: 80 }}, filters: [ {TCP} ] }} ]")),
+                "filter_chains[0].filter_chain_match: filter chain match criteria are not supported yet",
+            ),
+            (
+                listener("", &format!("[ {{ name: a, filters: [ {TCP} ] }}, {{ name: b, filters: [ {TCP} ] }} ]")),
+                "filter_chains[1]: filter chain 'b' has the same matching rules defined as 'a'",
+            ),
+            (
+                listener(
+                    "",
+                    r#"[ { filters: [ { name: x, typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.network.echo.v3.Echo } } ] } ]"#,
+                ),
+                "filter_chains[0].filters[0].typed_config: envoy.extensions.filters.network.echo.v3.Echo is not supported",
+            ),
+            (
+                listener("", &format!("[ {{ filters: [ {} ] }} ]", TCP.replace(", cluster: c", ""))),
+                "filter_chains[0].filters[0].typed_config.cluster: tcp_proxy needs cluster or weighted_clusters",
+            ),
+            (
+                listener(
+                    "",
+                    &format!(
+                        "[ {{ filters: [ {} ] }} ]",
+                        TCP.replace("cluster: c", "weighted_clusters: { clusters: [ { name: a, weight: 0 } ] }")
+                    ),
+                ),
+                "weighted_clusters: weighted clusters need at least one cluster with a positive weight",
+            ),
+            (
+                listener(
+                    "",
+                    &format!(
+                        r#"[ {{ filters: [ {TCP} ], transport_socket: {{ name: tls, typed_config: {{ "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext }} }} }} ]"#
+                    ),
+                ),
+                "filter_chains[0].transport_socket",
+            ),
+            (
+                listener("", &format!("[ {{ filters: [ {TCP}, {TCP} ] }} ]")),
+                "filter_chains[0].filters[0]: only a single terminal network filter per chain is supported yet",
+            ),
+            (
+                listener("socket_options: [ { level: 1, name: 2 } ]", &format!("[ {{ filters: [ {TCP} ] }} ]")),
+                "socket_options[0]: a socket option needs int_value or buf_value",
+            ),
+        ];
+        for (yaml, expect) in cases {
+            let err = convert(&yaml).err().unwrap_or_default();
+            assert!(err.contains(expect), "expected '{expect}', got '{err}'");
+        }
+    }
+
+    #[test]
+    fn ipv4_compat_needs_ipv6() {
+        let chains = format!("[ {{ filters: [ {TCP} ] }} ]");
+        let v6 = "name: l\naddress: { socket_address: { address: '::', port_value: 80, ipv4_compat: true } }\n";
+        let l = convert(&format!("{v6}filter_chains: {chains}")).unwrap_or_else(|e| panic!("{e}"));
+        assert!(l.socket.ipv4_compat);
+        let v4 = v6.replace("'::'", "0.0.0.0");
+        let err = convert(&format!("{v4}filter_chains: {chains}")).err().unwrap_or_default();
+        assert_eq!(err, "address.socket_address.ipv4_compat: ipv4_compat only applies to IPv6 addresses");
+    }
+
+    #[test]
+    fn only_chain_changes_allow_an_in_place_update() {
+        let a =
+            convert(&listener("", &format!("[ {{ name: a, filters: [ {TCP} ] }} ]"))).unwrap_or_else(|e| panic!("{e}"));
+        let b =
+            convert(&listener("", &format!("[ {{ name: b, filters: [ {TCP} ] }} ]"))).unwrap_or_else(|e| panic!("{e}"));
+        let c = convert(&listener("tcp_backlog_size: 5", &format!("[ {{ name: b, filters: [ {TCP} ] }} ]")))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(a.only_filter_chains_differ(&b));
+        assert!(!a.only_filter_chains_differ(&a), "nothing changed");
+        assert!(!a.only_filter_chains_differ(&c), "a listener field changed too");
+    }
+}

@@ -13,8 +13,8 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::debug;
 
-use crate::config::listener::TcpProxyConfig;
 use super::splice;
+use crate::config::listener::TcpProxyConfig;
 use crate::drain::DrainWatch;
 use crate::listener::filter_chain::ConnectionInfo;
 use crate::listener::worker::WorkerContext;
