@@ -117,6 +117,19 @@ mod tests {
     }
 
     #[test]
+    fn freebind_and_transparent_are_set() -> io::Result<()> {
+        let mut s = spec("127.0.0.1:0", true);
+        s.freebind = true;
+        // IP_TRANSPARENT needs CAP_NET_ADMIN; the tests run as root (CI too).
+        s.transparent = true;
+        let socks = SystemSockets.bind(&s, 1)?;
+        let sock = socket2::SockRef::from(&socks[0]);
+        assert!(sock.freebind_v4()?);
+        assert!(sock.ip_transparent_v4()?);
+        Ok(())
+    }
+
+    #[test]
     fn raw_socket_options_are_applied() -> io::Result<()> {
         let mut s = spec("127.0.0.1:0", true);
         // SO_RCVBUF at pre-bind; the kernel doubles what it is given.

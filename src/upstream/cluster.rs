@@ -227,3 +227,69 @@ impl Cluster {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::cluster::{DnsFamily, EndpointAddress};
+
+    fn config(kind: ClusterKind, lb_policy: LbPolicy, endpoints: Vec<EndpointConfig>) -> Arc<ClusterConfig> {
+        Arc::new(ClusterConfig {
+            name: "c".into(),
+            kind,
+            connect_timeout: std::time::Duration::from_secs(1),
+            lb_policy,
+            endpoints,
+            dns_refresh_rate: std::time::Duration::from_secs(5),
+            dns_family: DnsFamily::Auto,
+            max_connections: 10,
+            per_connection_buffer_limit_bytes: 1024,
+            stat_name: "c".into(),
+            proto: Arc::default(),
+        })
+    }
+
+    fn ep(port: u16, priority: u32, healthy: bool) -> EndpointConfig {
+        EndpointConfig {
+            address: EndpointAddress::Ip(SocketAddr::from(([127, 0, 0, 1], port))),
+            weight: 1,
+            priority,
+            healthy,
+            hostname: String::new(),
+        }
+    }
+
+    #[test]
+    fn original_dst_connects_to_the_connections_destination() {
+        let c = Cluster::new(
+            config(ClusterKind::OriginalDst, LbPolicy::ClusterProvided, vec![]),
+            HostSet::default(),
+            &Store::default(),
+        );
+        let dst = SocketAddr::from(([10, 1, 2, 3], 8080));
+        assert_eq!(c.choose(dst).map(|h| h.address), Some(dst));
+    }
+
+    #[test]
+    fn traffic_goes_to_the_best_priority_with_healthy_hosts() {
+        let eps = vec![ep(1, 0, false), ep(2, 1, true), ep(3, 1, true), ep(4, 2, true)];
+        let hosts = HostSet::from_endpoints(&eps);
+        assert_eq!(hosts.total, 4);
+        let c = Cluster::new(config(ClusterKind::Static, LbPolicy::RoundRobin, eps), hosts, &Store::default());
+        let any = SocketAddr::from(([127, 0, 0, 1], 1));
+        let ports: Vec<u16> = (0..4).filter_map(|_| c.choose(any)).map(|h| h.address.port()).collect();
+        assert_eq!(ports, vec![2, 3, 2, 3]);
+    }
+
+    #[test]
+    fn least_request_avoids_the_busy_host() {
+        let eps = vec![ep(1, 0, true), ep(2, 0, true)];
+        let hosts = HostSet::from_endpoints(&eps);
+        hosts.hosts[0].active.store(100, Ordering::Relaxed);
+        let c = Cluster::new(config(ClusterKind::Static, LbPolicy::LeastRequest, eps), hosts, &Store::default());
+        let any = SocketAddr::from(([127, 0, 0, 1], 1));
+        // Two random choices per pick: the busy host only wins when both choices land on it.
+        let busy = (0..400).filter_map(|_| c.choose(any)).filter(|h| h.address.port() == 1).count();
+        assert!(busy < 200, "busy host picked {busy} of 400 times");
+    }
+}

@@ -241,3 +241,109 @@ async fn circuit_breaker_max_connections_refuses_the_excess() {
     assert_eq!(counter(&server, "cluster.echo.upstream_cx_overflow"), 1);
     assert!(echo_ok(&mut first, b"still fine").await);
 }
+
+#[tokio::test]
+async fn ipv6_and_ipv4_compat_listeners() {
+    let up = echo_server().await;
+    let listeners = r#"
+  - name: v6
+    address: { socket_address: { address: "::1", port_value: 0 } }
+    filter_chains: [ { filters: [ { name: t, typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: v6, cluster: echo } } ] } ]
+  - name: dual
+    address: { socket_address: { address: "::", port_value: 0, ipv4_compat: true } }
+    filter_chains: [ { filters: [ { name: t, typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: dual, cluster: echo } } ] } ]"#;
+    let server = start(&yaml(listeners, &static_cluster("echo", &[up])), Duration::from_secs(1)).await;
+    let v6 = listener_addr(&server, "v6");
+    assert!(v6.is_ipv6() && v6.port() != 0);
+    let mut s = TcpStream::connect(v6).await.unwrap();
+    assert!(echo_ok(&mut s, b"over ipv6").await);
+    // ipv4_compat: the [::] listener also takes IPv4 connections (IPV6_V6ONLY off).
+    let port = listener_addr(&server, "dual").port();
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    assert!(echo_ok(&mut s, b"ipv4 into a v6 socket").await);
+}
+
+#[tokio::test]
+async fn eds_cluster_serves_once_endpoints_arrive_and_cluster_updates_apply_to_new_connections() {
+    let a = tagged_server(b"A").await;
+    let b = tagged_server(b"B").await;
+    let clusters = "\n  - name: eds\n    type: EDS\n    eds_cluster_config: { eds_config: { ads: {} } }";
+    let bootstrap = format!(
+        "static_resources:\n  listeners:{}\n  clusters:{clusters}\ndynamic_resources: {{ cds_config: {{ ads: {{}} }} }}\n",
+        tcp_listener("l", 0, "eds")
+    );
+    let server = start(&bootstrap, Duration::from_secs(1)).await;
+    let addr = listener_addr(&server, "l");
+
+    // No endpoints yet: closed at once, counted as no healthy upstream.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    assert!(tokio::time::timeout(Duration::from_secs(3), read_to_end(&mut s)).await.unwrap().is_empty());
+    assert_eq!(counter(&server, "cluster.eds.upstream_cx_none_healthy"), 1);
+
+    let la = |port: u16| {
+        let yaml = format!(
+            "cluster_name: eds\nendpoints: [ {{ lb_endpoints: [ {{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }} }} }} ] }} ]"
+        );
+        let msg = xds_proxy::config::proto::parse_dynamic(
+            &yaml,
+            xds_proxy::config::proto::Format::Yaml,
+            "envoy.config.endpoint.v3.ClusterLoadAssignment",
+        )
+        .unwrap();
+        xds_proxy::config::proto::decode::<envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment>(&msg)
+            .unwrap()
+    };
+    assert_eq!(server.cluster_manager().set_load_assignment(&la(a.port())), Ok(1));
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut tag = [0u8; 1];
+    s.read_exact(&mut tag).await.unwrap();
+    assert_eq!(&tag, b"A");
+
+    // New endpoints: new connections go there; the open one stays with its host.
+    assert_eq!(server.cluster_manager().set_load_assignment(&la(b.port())), Ok(1));
+    let mut s2 = TcpStream::connect(addr).await.unwrap();
+    s2.read_exact(&mut tag).await.unwrap();
+    assert_eq!(&tag, b"B");
+    assert!(echo_ok(&mut s, b"old connection still on A").await);
+
+    // A cluster replaced by a STATIC one pointing at A: published to workers for new connections.
+    let cfg = xds_proxy::config::cluster::ClusterConfig::try_from({
+        let yaml = format!(
+            "name: eds\nload_assignment: {{ cluster_name: eds, endpoints: [ {{ lb_endpoints: [ {{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {} }} }} }} }} ] }} ] }}",
+            a.port()
+        );
+        let msg = xds_proxy::config::proto::parse_dynamic(
+            &yaml,
+            xds_proxy::config::proto::Format::Yaml,
+            "envoy.config.cluster.v3.Cluster",
+        )
+        .unwrap();
+        xds_proxy::config::proto::decode::<envoy_types::pb::envoy::config::cluster::v3::Cluster>(&msg).unwrap()
+    })
+    .unwrap();
+    assert!(server.cluster_manager().add_or_update(cfg));
+    let mut s3 = TcpStream::connect(addr).await.unwrap();
+    s3.read_exact(&mut tag).await.unwrap();
+    assert_eq!(&tag, b"A");
+}
+
+#[tokio::test]
+async fn logical_dns_cluster_connects_to_the_first_answer() {
+    let up = echo_server().await;
+    let clusters = format!(
+        r#"
+  - name: logical
+    type: LOGICAL_DNS
+    dns_lookup_family: V4_ONLY
+    load_assignment:
+      cluster_name: logical
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: localhost, port_value: {} }} }} }}"#,
+        up.port()
+    );
+    let server = start(&yaml(&tcp_listener("l", 0, "logical"), &clusters), Duration::from_secs(1)).await;
+    let mut s = TcpStream::connect(listener_addr(&server, "l")).await.unwrap();
+    assert!(echo_ok(&mut s, b"logical dns").await);
+    assert_eq!(gauge(&server, "cluster.logical.membership_total"), 1);
+}
