@@ -5,6 +5,7 @@ set -euo pipefail
 need=()
 have() { command -v "$1" >/dev/null 2>&1; }
 have ip || need+=(iproute2)
+have iptables || need+=(iptables)
 if [ "${1:-}" = bench ]; then
   have haproxy || need+=(haproxy)
   have nginx || need+=(nginx)

@@ -72,7 +72,8 @@ impl Server {
         }
         clusters.wait_ready(DNS_WARM_TIMEOUT).await;
 
-        let workers = Workers::start(options.concurrency.max(1), clusters.published()).map_err(StartError::Workers)?;
+        let workers =
+            Workers::start(options.concurrency.max(1), clusters.published(), &stats).map_err(StartError::Workers)?;
         let drain = DrainSettings { drain_time: options.drain_time, strategy: options.drain_strategy };
         let mut listeners = ListenerManager::new(workers, sockets, drain, stats.clone());
         for l in &bootstrap.listeners {

@@ -98,8 +98,33 @@ const POLICIES: &[(&str, Policy)] = {
                 "continue_on_listener_filters_timeout",
                 "traffic_direction",
                 "ignore_global_conn_limit",
+                "listener_filters",
             ]),
         ),
+        // Listener filters; the conversion judges values (e.g. JA3 fingerprinting is refused when true).
+        ("envoy.config.listener.v3.ListenerFilter", Only(&["name", "typed_config", "filter_disabled"])),
+        ("envoy.config.listener.v3.ListenerFilterChainMatchPredicate", All),
+        ("envoy.extensions.filters.listener.original_dst.v3.OriginalDst", All),
+        ("envoy.extensions.filters.listener.http_inspector.v3.HttpInspector", All),
+        (
+            "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector",
+            Only(&[
+                "enable_ja3_fingerprinting",
+                "enable_ja4_fingerprinting",
+                "initial_read_buffer_size",
+                "max_client_hello_size",
+                "close_connection_on_client_hello_parsing_errors",
+            ]),
+        ),
+        (
+            "envoy.extensions.filters.listener.proxy_protocol.v3.ProxyProtocol",
+            Only(&["allow_requests_without_proxy_protocol", "disallowed_versions", "stat_prefix"]),
+        ),
+        // Istio's telemetry filters: the filter-chain conversion decides whether one is skipped or refused.
+        ("envoy.tcp.metadataexchange.config.MetadataExchange", All),
+        ("udpa.type.v1.TypedStruct", All),
+        ("xds.type.v3.TypedStruct", All),
+        ("envoy.extensions.filters.network.wasm.v3.Wasm", All),
         (
             "envoy.config.listener.v3.FilterChain",
             Only(&["name", "filter_chain_match", "filters", "transport_socket", "metadata"]),
@@ -140,7 +165,6 @@ const POLICIES: &[(&str, Policy)] = {
                 "per_connection_buffer_limit_bytes",
                 "metadata",
                 "alt_stat_name",
-                "respect_dns_ttl",
             ]),
         ),
         ("envoy.config.cluster.v3.Cluster.EdsClusterConfig", All),
@@ -291,7 +315,7 @@ mod tests {
     use super::*;
     use envoy_types::pb::envoy::config::bootstrap::v3::Bootstrap;
     use envoy_types::pb::envoy::config::cluster::v3::Cluster;
-    use envoy_types::pb::envoy::config::listener::v3::{Listener, ListenerFilter};
+    use envoy_types::pb::envoy::config::listener::v3::{ApiListener, Listener};
     use envoy_types::pb::google::protobuf::Any;
     use prost_reflect::ReflectMessage;
     use proto::{Format, decode, parse_dynamic};
@@ -434,9 +458,9 @@ stats_flush_interval: 5s
 
     #[test]
     fn set_unsupported_listener_field_is_rejected() {
-        let text = format!("{TCP_LISTENER}listener_filters:\n- name: envoy.filters.listener.tls_inspector\n");
+        let text = format!("{TCP_LISTENER}tcp_fast_open_queue_length: 10\n");
         let listener: Listener = parse(&text, LISTENER);
-        assert_eq!(audit_errors(&listener, LISTENER), ["listener_filters: not supported"]);
+        assert_eq!(audit_errors(&listener, LISTENER), ["tcp_fast_open_queue_length: not supported"]);
     }
 
     #[test]
@@ -542,11 +566,9 @@ freebind: true
 
     #[test]
     fn root_type_without_policy_is_reported_without_a_path() {
-        const LISTENER_FILTER: &str = "envoy.config.listener.v3.ListenerFilter";
-        let filter: ListenerFilter = parse("name: envoy.filters.listener.tls_inspector", LISTENER_FILTER);
-        assert_eq!(
-            audit_errors(&filter, LISTENER_FILTER),
-            ["envoy.config.listener.v3.ListenerFilter is not supported"]
-        );
+        const API_LISTENER: &str = "envoy.config.listener.v3.ApiListener";
+        let api: ApiListener =
+            parse("api_listener: { \"@type\": type.googleapis.com/google.protobuf.Empty, value: {} }", API_LISTENER);
+        assert_eq!(audit_errors(&api, API_LISTENER), ["envoy.config.listener.v3.ApiListener is not supported"]);
     }
 }

@@ -13,6 +13,7 @@ use envoy_types::pb::google::protobuf::Any;
 use prost::Message;
 
 use super::{ConfigError, audit_resource, ip_socket_address, join, opt_duration};
+use crate::listener::chain_match::{ChainIndex, ChainMatch};
 
 /// Envoy's default for `per_connection_buffer_limit_bytes`.
 pub const DEFAULT_BUFFER_LIMIT: u32 = 1024 * 1024;
@@ -78,7 +79,11 @@ pub struct ListenerConfig {
     /// `use_original_dst` listener.
     pub bind_to_port: bool,
     pub use_original_dst: bool,
+    /// In order; `use_original_dst` puts an original_dst filter first when none is configured (Envoy's rule).
+    pub listener_filters: Vec<ListenerFilterConfig>,
     pub filter_chains: Vec<FilterChainConfig>,
+    /// Selection over `filter_chains` by their matches, built once per config.
+    pub chain_index: Arc<ChainIndex>,
     pub default_filter_chain: Option<FilterChainConfig>,
     pub per_connection_buffer_limit_bytes: u32,
     pub drain_type: DrainType,
@@ -125,6 +130,23 @@ impl TryFrom<lpb::Listener> for ListenerConfig {
                 "ipv4_compat only applies to IPv6 addresses",
             ));
         }
+        let use_original_dst = l.use_original_dst.as_ref().is_some_and(|v| v.value);
+        let mut listener_filters = l
+            .listener_filters
+            .iter()
+            .enumerate()
+            .map(|(i, f)| ListenerFilterConfig::convert(f, &format!("listener_filters[{i}]")))
+            .collect::<Result<Vec<_>, _>>()?;
+        if use_original_dst && !listener_filters.iter().any(|f| f.kind == ListenerFilterKind::OriginalDst) {
+            listener_filters.insert(
+                0,
+                ListenerFilterConfig {
+                    name: "envoy.filters.listener.original_dst".into(),
+                    kind: ListenerFilterKind::OriginalDst,
+                    disabled: None,
+                },
+            );
+        }
         let reuse_port = l.enable_reuse_port.as_ref().is_none_or(|v| v.value);
         let socket_options = l
             .socket_options
@@ -156,7 +178,9 @@ impl TryFrom<lpb::Listener> for ListenerConfig {
         if filter_chains.is_empty() && default_filter_chain.is_none() {
             return Err(ConfigError::new("filter_chains", "no filter chains specified (and no default_filter_chain)"));
         }
-        check_match_uniqueness(&filter_chains)?;
+        let matches: Vec<ChainMatch> = filter_chains.iter().map(|c| c.chain_match.clone()).collect();
+        let chain_index = ChainIndex::build(&matches)
+            .map_err(|e| ConfigError::new(format!("filter_chains[{}]", e.chain()), e.to_string()))?;
 
         let listener_filters_timeout = opt_duration(
             l.listener_filters_timeout.as_ref(),
@@ -174,8 +198,10 @@ impl TryFrom<lpb::Listener> for ListenerConfig {
             name: l.name.clone(),
             socket,
             bind_to_port: l.bind_to_port.as_ref().is_none_or(|v| v.value),
-            use_original_dst: l.use_original_dst.as_ref().is_some_and(|v| v.value),
+            use_original_dst,
+            listener_filters,
             filter_chains,
+            chain_index: Arc::new(chain_index),
             default_filter_chain,
             per_connection_buffer_limit_bytes: l
                 .per_connection_buffer_limit_bytes
@@ -209,43 +235,166 @@ fn socket_option(o: &core::SocketOption, path: &str) -> Result<SocketOption, Con
     Ok(SocketOption { level: narrow(o.level, "level")?, name: narrow(o.name, "name")?, value, state })
 }
 
-/// Filter chain matching beyond "match everything" arrives with the listener-filters issue; until then a chain
-/// with match criteria is refused rather than matched wrongly.
-fn check_match_uniqueness(chains: &[FilterChainConfig]) -> Result<(), ConfigError> {
-    let mut seen: Option<(usize, &FilterChainConfig)> = None;
-    for (i, fc) in chains.iter().enumerate() {
-        if let Some((j, first)) = seen {
-            return Err(ConfigError::new(
-                format!("filter_chains[{i}]"),
-                format!(
-                    "filter chain '{}' has the same matching rules defined as '{}' (filter_chains[{j}])",
-                    fc.name, first.name
-                ),
-            ));
-        }
-        seen = Some((i, fc));
-    }
-    Ok(())
+const TYPE_ORIGINAL_DST: &str = "envoy.extensions.filters.listener.original_dst.v3.OriginalDst";
+const TYPE_TLS_INSPECTOR: &str = "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector";
+const TYPE_HTTP_INSPECTOR: &str = "envoy.extensions.filters.listener.http_inspector.v3.HttpInspector";
+const TYPE_PROXY_PROTOCOL: &str = "envoy.extensions.filters.listener.proxy_protocol.v3.ProxyProtocol";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenerFilterKind {
+    /// Restores the original destination (SO_ORIGINAL_DST) as the connection's local address.
+    OriginalDst,
+    /// Detects TLS from the ClientHello: transport `tls`, SNI, ALPN.
+    TlsInspector { max_client_hello: usize, close_on_parse_error: bool },
+    /// Detects HTTP/1.0, HTTP/1.1 and h2c prior knowledge as ALPN values.
+    HttpInspector,
+    /// Consumes a PROXY protocol v1/v2 header and takes its addresses.
+    ProxyProtocol { allow_without: bool, allow_v1: bool, allow_v2: bool },
 }
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerFilterConfig {
+    pub name: String,
+    pub kind: ListenerFilterKind,
+    /// `filter_disabled`: the filter is skipped for connections this matches.
+    pub disabled: Option<FilterPredicate>,
+}
+
+/// Envoy's `ListenerFilterChainMatchPredicate`, evaluated on the connection's (possibly restored) destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FilterPredicate {
+    Any,
+    Or(Vec<FilterPredicate>),
+    And(Vec<FilterPredicate>),
+    Not(Box<FilterPredicate>),
+    /// Half-open `[start, end)`, as Envoy's Int32Range.
+    DestinationPortRange {
+        start: i32,
+        end: i32,
+    },
+}
+
+impl FilterPredicate {
+    pub fn matches(&self, destination_port: u16) -> bool {
+        match self {
+            FilterPredicate::Any => true,
+            FilterPredicate::Or(v) => v.iter().any(|p| p.matches(destination_port)),
+            FilterPredicate::And(v) => v.iter().all(|p| p.matches(destination_port)),
+            FilterPredicate::Not(p) => !p.matches(destination_port),
+            FilterPredicate::DestinationPortRange { start, end } => {
+                (*start..*end).contains(&i32::from(destination_port))
+            }
+        }
+    }
+
+    fn convert(p: &lpb::ListenerFilterChainMatchPredicate, path: &str) -> Result<Self, ConfigError> {
+        use lpb::listener_filter_chain_match_predicate::Rule;
+        let set = |rules: &[lpb::ListenerFilterChainMatchPredicate], field: &str| {
+            rules
+                .iter()
+                .enumerate()
+                .map(|(i, r)| FilterPredicate::convert(r, &join(path, &format!("{field}.rules[{i}]"))))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        match &p.rule {
+            Some(Rule::AnyMatch(true)) => Ok(FilterPredicate::Any),
+            Some(Rule::OrMatch(m)) => Ok(FilterPredicate::Or(set(&m.rules, "or_match")?)),
+            Some(Rule::AndMatch(m)) => Ok(FilterPredicate::And(set(&m.rules, "and_match")?)),
+            Some(Rule::NotMatch(inner)) => {
+                Ok(FilterPredicate::Not(Box::new(FilterPredicate::convert(inner, &join(path, "not_match"))?)))
+            }
+            Some(Rule::DestinationPortRange(r)) => {
+                if r.start > r.end {
+                    return Err(ConfigError::new(join(path, "destination_port_range"), "start must not exceed end"));
+                }
+                Ok(FilterPredicate::DestinationPortRange { start: r.start, end: r.end })
+            }
+            Some(Rule::AnyMatch(false)) | None => Err(ConfigError::new(path, "a predicate needs a rule")),
+            #[allow(unreachable_patterns)]
+            Some(_) => Err(ConfigError::new(path, "this predicate rule is not supported")),
+        }
+    }
+}
+
+impl ListenerFilterConfig {
+    fn convert(f: &lpb::ListenerFilter, path: &str) -> Result<Self, ConfigError> {
+        use envoy_types::pb::envoy::extensions::filters::listener::{proxy_protocol, tls_inspector};
+        let any = match &f.config_type {
+            Some(lpb::listener_filter::ConfigType::TypedConfig(any)) => any,
+            Some(lpb::listener_filter::ConfigType::ConfigDiscovery(_)) => {
+                return Err(ConfigError::new(
+                    join(path, "config_discovery"),
+                    "filter config discovery is not supported",
+                ));
+            }
+            None => {
+                return Err(ConfigError::new(
+                    join(path, "typed_config"),
+                    format!("listener filter '{}' needs a typed_config", f.name),
+                ));
+            }
+        };
+        let tpath = join(path, "typed_config");
+        let kind = match type_name(&any.type_url) {
+            TYPE_ORIGINAL_DST => ListenerFilterKind::OriginalDst,
+            TYPE_HTTP_INSPECTOR => ListenerFilterKind::HttpInspector,
+            TYPE_TLS_INSPECTOR => {
+                let c: tls_inspector::v3::TlsInspector = decode_any(any, &tpath)?;
+                for (set, field) in [
+                    (c.enable_ja3_fingerprinting.as_ref().is_some_and(|v| v.value), "enable_ja3_fingerprinting"),
+                    (c.enable_ja4_fingerprinting.as_ref().is_some_and(|v| v.value), "enable_ja4_fingerprinting"),
+                ] {
+                    if set {
+                        return Err(ConfigError::new(join(&tpath, field), "not supported"));
+                    }
+                }
+                let max = c.max_client_hello_size.as_ref().map_or(DEFAULT_MAX_CLIENT_HELLO, |v| v.value as usize);
+                ListenerFilterKind::TlsInspector {
+                    max_client_hello: max.min(DEFAULT_MAX_CLIENT_HELLO),
+                    close_on_parse_error: c.close_connection_on_client_hello_parsing_errors,
+                }
+            }
+            TYPE_PROXY_PROTOCOL => {
+                let c: proxy_protocol::v3::ProxyProtocol = decode_any(any, &tpath)?;
+                let disallowed = |v: core::proxy_protocol_config::Version| c.disallowed_versions.contains(&(v as i32));
+                ListenerFilterKind::ProxyProtocol {
+                    allow_without: c.allow_requests_without_proxy_protocol,
+                    allow_v1: !disallowed(core::proxy_protocol_config::Version::V1),
+                    allow_v2: !disallowed(core::proxy_protocol_config::Version::V2),
+                }
+            }
+            other => return Err(ConfigError::new(tpath, format!("listener filter '{other}' is not supported"))),
+        };
+        let disabled = f
+            .filter_disabled
+            .as_ref()
+            .map(|p| FilterPredicate::convert(p, &join(path, "filter_disabled")))
+            .transpose()?;
+        Ok(ListenerFilterConfig { name: f.name.clone(), kind, disabled })
+    }
+}
+
+/// Envoy's default (and our ceiling) for `max_client_hello_size`.
+pub const DEFAULT_MAX_CLIENT_HELLO: usize = 64 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct FilterChainConfig {
     pub name: String,
+    pub chain_match: ChainMatch,
     /// The network filters in order; the last one is terminal.
     pub filters: Vec<NetworkFilterConfig>,
+    /// Names of Istio telemetry filters that were skipped (see [`skippable_filter`]).
+    pub skipped: Vec<String>,
     pub proto: Arc<lpb::FilterChain>,
 }
 
 impl FilterChainConfig {
     fn convert(fc: &lpb::FilterChain, path: &str) -> Result<Self, ConfigError> {
-        if let Some(m) = &fc.filter_chain_match
-            && *m != lpb::FilterChainMatch::default()
-        {
-            return Err(ConfigError::new(
-                join(path, "filter_chain_match"),
-                "filter chain match criteria are not supported yet (only an empty match)",
-            ));
-        }
+        let chain_match = match &fc.filter_chain_match {
+            Some(m) => ChainMatch::from_proto(m)
+                .map_err(|e| ConfigError::new(join(&join(path, "filter_chain_match"), &e.path), e.message))?,
+            None => ChainMatch::default(),
+        };
         if let Some(ts) = &fc.transport_socket {
             let type_url = match &ts.config_type {
                 Some(core::transport_socket::ConfigType::TypedConfig(any)) => any.type_url.as_str(),
@@ -261,26 +410,67 @@ impl FilterChainConfig {
         if fc.filters.is_empty() {
             return Err(ConfigError::new(join(path, "filters"), "a filter chain needs a terminal network filter"));
         }
-        let filters = fc
-            .filters
-            .iter()
-            .enumerate()
-            .map(|(i, f)| NetworkFilterConfig::convert(f, &join(path, &format!("filters[{i}]"))))
-            .collect::<Result<Vec<_>, _>>()?;
-        let last = filters.len() - 1;
-        if filters.len() > 1 {
-            return Err(ConfigError::new(
-                join(path, &format!("filters[{}]", last - 1)),
-                "only a single terminal network filter per chain is supported yet",
-            ));
+        let mut filters = Vec::with_capacity(1);
+        let mut skipped = Vec::new();
+        let last = fc.filters.len() - 1;
+        for (i, f) in fc.filters.iter().enumerate() {
+            let fpath = join(path, &format!("filters[{i}]"));
+            if i < last && skippable_filter(f) {
+                skipped.push(f.name.clone());
+                continue;
+            }
+            if i < last {
+                return Err(ConfigError::new(
+                    fpath,
+                    format!(
+                        "network filter '{}' is not supported before the terminal filter (only Istio telemetry \
+                         filters are skipped)",
+                        f.name
+                    ),
+                ));
+            }
+            filters.push(NetworkFilterConfig::convert(f, &fpath)?);
         }
-        Ok(FilterChainConfig { name: fc.name.clone(), filters, proto: Arc::new(fc.clone()) })
+        Ok(FilterChainConfig { name: fc.name.clone(), chain_match, filters, skipped, proto: Arc::new(fc.clone()) })
     }
 
     pub fn terminal(&self) -> &NetworkFilterConfig {
         // `convert` guarantees at least one filter.
         &self.filters[self.filters.len() - 1]
     }
+}
+
+/// Istio's telemetry and peer-metadata network filters change no bytes on the wire that the proxied peers depend
+/// on: metadata exchange only adds its own prelude when both sides run it, and the stats plugin only counts. They
+/// are skipped (logged and counted) so Istio listeners load and carry traffic; any other non-terminal filter is
+/// refused, because skipping it could change what the connection does.
+pub fn skippable_filter(f: &lpb::Filter) -> bool {
+    let Some(lpb::filter::ConfigType::TypedConfig(any)) = &f.config_type else { return false };
+    match type_name(&any.type_url) {
+        "envoy.tcp.metadataexchange.config.MetadataExchange" => true,
+        "udpa.type.v1.TypedStruct" | "xds.type.v3.TypedStruct" | "envoy.extensions.filters.network.wasm.v3.Wasm" => {
+            istio_null_vm_plugin(any)
+        }
+        _ => false,
+    }
+}
+
+/// A Wasm filter running one of Istio's built-in (null VM) telemetry plugins.
+fn istio_null_vm_plugin(any: &Any) -> bool {
+    let Ok(json) = super::proto::to_json_value(any, "google.protobuf.Any") else { return false };
+    // A TypedStruct carries the Wasm config under `value` with the user's spelling; a Wasm Any has it at the top.
+    let wasm = json.get("value").unwrap_or(&json);
+    let field = |v: &serde_json::Value, snake: &str, camel: &str| v.get(snake).or_else(|| v.get(camel)).cloned();
+    let vm = wasm.get("config").and_then(|c| field(c, "vm_config", "vmConfig"));
+    let Some(vm) = vm else { return false };
+    let runtime = vm.get("runtime").and_then(|r| r.as_str().map(str::to_owned));
+    let code = vm
+        .get("code")
+        .and_then(|c| c.get("local"))
+        .and_then(|l| field(l, "inline_string", "inlineString"))
+        .and_then(|s| s.as_str().map(str::to_owned));
+    runtime.as_deref() == Some("envoy.wasm.runtime.null")
+        && matches!(code.as_deref(), Some("envoy.wasm.stats" | "envoy.wasm.metadata_exchange"))
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -444,12 +634,15 @@ mod tests {
         let cases = [
             (listener("", "[]"), "filter_chains: no filter chains specified (and no default_filter_chain)"),
             (
-                listener("", &format!("[ {{ filter_chain_match: {{ destination_port: 80 }}, filters: [ {TCP} ] }} ]")),
-                "filter_chains[0].filter_chain_match: filter chain match criteria are not supported yet",
+                listener(
+                    "",
+                    &format!("[ {{ filter_chain_match: {{ server_names: [\"a.*.com\"] }}, filters: [ {TCP} ] }} ]"),
+                ),
+                "filter_chains[0].filter_chain_match.server_names[0]: partial wildcards are not supported",
             ),
             (
                 listener("", &format!("[ {{ name: a, filters: [ {TCP} ] }}, {{ name: b, filters: [ {TCP} ] }} ]")),
-                "filter_chains[1]: filter chain 'b' has the same matching rules defined as 'a'",
+                "filter_chains[1]: multiple filter chains with the same matching rules are defined",
             ),
             (
                 listener(
@@ -483,7 +676,7 @@ mod tests {
             ),
             (
                 listener("", &format!("[ {{ filters: [ {TCP}, {TCP} ] }} ]")),
-                "filter_chains[0].filters[0]: only a single terminal network filter per chain is supported yet",
+                "filter_chains[0].filters[0]: network filter 'envoy.filters.network.tcp_proxy' is not supported before the terminal filter",
             ),
             (
                 listener("socket_options: [ { level: 1, name: 2 } ]", &format!("[ {{ filters: [ {TCP} ] }} ]")),

@@ -2,24 +2,16 @@
 //!
 //! A chain is immutable and shared (`Arc`) by every worker and by every listener version that keeps it: an
 //! in-place filter chain update hands the same `Arc` (with the same drain) to the new listener, so its
-//! connections live on. Matching on `filter_chain_match` criteria arrives with the listener-filters issue; today
-//! configs with criteria are refused at conversion, so "the chain, else the default chain" is exact.
+//! connections live on.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
+use super::chain_match::{ChainIndex, ConnAttrs};
+use super::filters::Detected;
 use crate::config::listener::{FilterChainConfig, NetworkFilterConfig};
 use crate::drain::DrainTrigger;
 use crate::network::tcp_proxy::TcpProxy;
 use crate::stats::Store;
-
-/// What is known about a connection when its chain is chosen.
-#[derive(Debug, Clone, Copy)]
-pub struct ConnectionInfo {
-    /// The local address, or the original destination once restored.
-    pub local: SocketAddr,
-    pub peer: SocketAddr,
-}
 
 #[derive(Debug)]
 pub enum NetworkFilter {
@@ -49,11 +41,12 @@ impl FilterChain {
     }
 }
 
-/// A listener's chains.
+/// A listener's chains and the index that selects among them.
 #[derive(Debug, Clone, Default)]
 pub struct ChainSet {
     pub chains: Vec<Arc<FilterChain>>,
     pub default: Option<Arc<FilterChain>>,
+    index: Arc<ChainIndex>,
 }
 
 impl ChainSet {
@@ -62,6 +55,7 @@ impl ChainSet {
     pub fn build(
         configs: &[FilterChainConfig],
         default: Option<&FilterChainConfig>,
+        index: Arc<ChainIndex>,
         previous: Option<&ChainSet>,
         stats: &Store,
     ) -> ChainSet {
@@ -71,16 +65,25 @@ impl ChainSet {
                 .cloned()
                 .unwrap_or_else(|| Arc::new(FilterChain::new(c.clone(), stats)))
         };
-        ChainSet { chains: configs.iter().map(reuse_or_build).collect(), default: default.map(reuse_or_build) }
+        ChainSet { chains: configs.iter().map(reuse_or_build).collect(), default: default.map(reuse_or_build), index }
     }
 
     pub fn all(&self) -> impl Iterator<Item = &Arc<FilterChain>> {
         self.chains.iter().chain(self.default.iter())
     }
 
-    /// The chain for a connection; `None` means close it and count `no_filter_chain_match`.
-    pub fn select(&self, _conn: &ConnectionInfo) -> Option<&Arc<FilterChain>> {
-        self.chains.first().or(self.default.as_ref())
+    /// The chain for a connection (Envoy's matching, see [`super::chain_match`]), else the default chain; `None`
+    /// means close it and count `no_filter_chain_match`.
+    pub fn select(&self, det: &Detected) -> Option<&Arc<FilterChain>> {
+        let attrs = ConnAttrs {
+            destination: det.local,
+            source: det.peer,
+            direct_source: det.direct_peer.ip(),
+            server_name: det.server_name.as_deref(),
+            transport_protocol: det.transport,
+            application_protocols: &det.alpn,
+        };
+        self.index.select(&attrs).and_then(|i| self.chains.get(i)).or(self.default.as_ref())
     }
 
     /// Chains of `self` that `next` does not keep: the ones to drain after an update.

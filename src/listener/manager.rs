@@ -259,6 +259,7 @@ impl ListenerManager {
         let chains = ChainSet::build(
             &config.filter_chains,
             config.default_filter_chain.as_ref(),
+            config.chain_index.clone(),
             if in_place { old.as_ref().map(|o| o.chains()) } else { None },
             &self.store,
         );
@@ -366,7 +367,7 @@ impl ListenerManager {
     }
 
     fn publish(&self) {
-        self.workers.publish(ListenerSet { listeners: self.active.values().cloned().collect() });
+        self.workers.publish(ListenerSet::new(self.active.values().cloned().collect()));
     }
 }
 

@@ -1,7 +1,9 @@
 //! Listeners: the manager that applies listener configs on the main thread, the sockets it binds, the filter
 //! chains it builds, and the workers that accept and serve connections from immutable snapshots.
 
+pub mod chain_match;
 pub mod filter_chain;
+pub mod filters;
 pub mod manager;
 pub mod socket;
 pub mod worker;
@@ -19,6 +21,9 @@ pub struct ListenerStats {
     pub downstream_cx_active: Gauge,
     pub downstream_cx_destroy: Counter,
     pub no_filter_chain_match: Counter,
+    /// Connections still in their listener filters.
+    pub downstream_pre_cx_active: Gauge,
+    pub downstream_pre_cx_timeout: Counter,
 }
 
 impl ListenerStats {
@@ -29,6 +34,8 @@ impl ListenerStats {
             downstream_cx_active: store.gauge(&format!("listener.{prefix}.downstream_cx_active")),
             downstream_cx_destroy: c("downstream_cx_destroy"),
             no_filter_chain_match: c("no_filter_chain_match"),
+            downstream_pre_cx_active: store.gauge(&format!("listener.{prefix}.downstream_pre_cx_active")),
+            downstream_pre_cx_timeout: c("downstream_pre_cx_timeout"),
         }
     }
 }

@@ -18,16 +18,44 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info_span, warn};
 
-use super::filter_chain::{ConnectionInfo, NetworkFilter};
+use super::filter_chain::NetworkFilter;
+use super::filters::{self, Detected, FilterStats};
 use super::{Listener, ListenerCore};
 use crate::network::direct_response;
-use crate::stats::GaugeGuard;
+use crate::stats::{GaugeGuard, Store};
 use crate::upstream::ClusterSet;
 
 /// Every listener version that is currently serving, as published by the manager.
 #[derive(Debug, Default)]
 pub struct ListenerSet {
     pub listeners: Vec<Arc<Listener>>,
+    /// Every listener, bound or not, by address: the original-destination hand-off looks targets up here.
+    by_address: HashMap<SocketAddr, Arc<ListenerCore>>,
+}
+
+impl ListenerSet {
+    pub fn new(listeners: Vec<Arc<Listener>>) -> Self {
+        let by_address = listeners.iter().map(|l| (l.local_address, l.core.clone())).collect();
+        ListenerSet { listeners, by_address }
+    }
+
+    /// Envoy's hand-off lookup (connection_handler_impl.cc, getBalancedHandlerByAddress): the listener on exactly
+    /// `dst`, else the wildcard listener of that port and family; an IPv4 destination also finds a `[::]` listener
+    /// with ipv4_compat.
+    pub fn handoff_target(&self, dst: SocketAddr) -> Option<&Arc<ListenerCore>> {
+        if let Some(l) = self.by_address.get(&dst) {
+            return Some(l);
+        }
+        let port = dst.port();
+        let v6_any = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port));
+        match dst {
+            SocketAddr::V4(_) => self
+                .by_address
+                .get(&SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port)))
+                .or_else(|| self.by_address.get(&v6_any).filter(|l| l.config.socket.ipv4_compat)),
+            SocketAddr::V6(_) => self.by_address.get(&v6_any),
+        }
+    }
 }
 
 /// What every connection task on a worker can reach.
@@ -35,6 +63,9 @@ pub struct ListenerSet {
 pub struct WorkerContext {
     pub index: usize,
     pub clusters: Arc<ArcSwap<ClusterSet>>,
+    /// The published listener set, for the hand-off by original destination.
+    pub listeners: Arc<ArcSwap<ListenerSet>>,
+    pub filter_stats: FilterStats,
 }
 
 /// The worker threads and the channel the manager publishes listener sets through.
@@ -49,7 +80,7 @@ pub struct Workers {
 }
 
 impl Workers {
-    pub fn start(count: usize, clusters: Arc<ArcSwap<ClusterSet>>) -> io::Result<Workers> {
+    pub fn start(count: usize, clusters: Arc<ArcSwap<ClusterSet>>, store: &Store) -> io::Result<Workers> {
         let set = Arc::new(ArcSwap::from_pointee(ListenerSet::default()));
         let (version, _) = watch::channel(0u64);
         let (started_tx, started) = watch::channel(0usize);
@@ -57,7 +88,12 @@ impl Workers {
         let shutdown = CancellationToken::new();
         let mut threads = Vec::with_capacity(count);
         for index in 0..count {
-            let ctx = Arc::new(WorkerContext { index, clusters: clusters.clone() });
+            let ctx = Arc::new(WorkerContext {
+                index,
+                clusters: clusters.clone(),
+                listeners: set.clone(),
+                filter_stats: FilterStats::new(store),
+            });
             let set = set.clone();
             let rx = version.subscribe();
             let stop = shutdown.clone();
@@ -231,33 +267,90 @@ fn accept_error_kind(e: &io::Error) -> AcceptError {
     }
 }
 
-/// Serves one accepted connection: choose a chain, run its terminal filter.
-async fn serve(listener: Arc<ListenerCore>, stream: TcpStream, peer: SocketAddr, ctx: Arc<WorkerContext>) {
-    let stats = &listener.stats;
-    stats.downstream_cx_total.inc();
-    let _active = GaugeGuard::new(&stats.downstream_cx_active);
+/// Serves one accepted connection: listener filters, the hand-off by original destination, chain selection, the
+/// chain's terminal filter.
+async fn serve(accepting: Arc<ListenerCore>, mut stream: TcpStream, peer: SocketAddr, ctx: Arc<WorkerContext>) {
     // Envoy sets TCP_NODELAY on accepted connections.
     let _ = stream.set_nodelay(true);
     let local = match stream.local_addr() {
         Ok(a) => a,
         Err(e) => {
             debug!("connection gone before it was served: {e}");
-            stats.downstream_cx_destroy.inc();
             return;
         }
     };
-    let info = ConnectionInfo { local, peer };
-    let Some(chain) = listener.chains.select(&info).cloned() else {
+    let mut det = Detected::new(local, peer);
+    let pre = GaugeGuard::new(&accepting.stats.downstream_pre_cx_active);
+    if !listener_filters(&mut stream, &accepting, &mut det, &ctx).await {
+        return;
+    }
+    let mut listener = accepting;
+    if listener.config.use_original_dst && det.local_restored {
+        let target = ctx.listeners.load().handoff_target(det.local).filter(|t| !Arc::ptr_eq(t, &listener)).cloned();
+        // Handed off once: the target's own filters run, but its use_original_dst is not consulted again.
+        if let Some(target) = target {
+            debug!(listener = %target.config.name, original_dst = %det.local, "handing off by original destination");
+            listener = target;
+            if !listener_filters(&mut stream, &listener, &mut det, &ctx).await {
+                return;
+            }
+        }
+    }
+    drop(pre);
+    serve_on(&listener, stream, &det, &ctx).await;
+}
+
+/// Runs a listener's filters under its `listener_filters_timeout`; false means the connection is closed.
+async fn listener_filters(
+    stream: &mut TcpStream,
+    listener: &ListenerCore,
+    det: &mut Detected,
+    ctx: &WorkerContext,
+) -> bool {
+    if listener.config.listener_filters.is_empty() {
+        return true;
+    }
+    let run = filters::run(stream, &listener.config, det, &ctx.filter_stats);
+    let result = match listener.config.listener_filters_timeout {
+        Some(limit) => match tokio::time::timeout(limit, run).await {
+            Ok(r) => r,
+            Err(_) => {
+                listener.stats.downstream_pre_cx_timeout.inc();
+                if listener.config.continue_on_listener_filters_timeout {
+                    // Envoy goes on to chain matching with whatever the filters found so far.
+                    return true;
+                }
+                debug!("closing: listener filters timed out");
+                return false;
+            }
+        },
+        None => run.await,
+    };
+    match result {
+        Ok(()) => true,
+        Err(e) => {
+            debug!("closing during listener filters: {e}");
+            false
+        }
+    }
+}
+
+/// The connection's life on its final listener, whose stats it counts in.
+async fn serve_on(listener: &ListenerCore, stream: TcpStream, det: &Detected, ctx: &WorkerContext) {
+    let stats = &listener.stats;
+    stats.downstream_cx_total.inc();
+    let _active = GaugeGuard::new(&stats.downstream_cx_active);
+    let Some(chain) = listener.chains.select(det).cloned() else {
         stats.no_filter_chain_match.inc();
         stats.downstream_cx_destroy.inc();
         debug!("closing: no filter chain match");
         return;
     };
     let drain = chain.drain.watch();
-    debug!(filter_chain = %chain.name(), "connection open");
+    debug!(filter_chain = %chain.name(), transport = det.transport, "connection open");
     match &chain.filter {
         NetworkFilter::TcpProxy(tp) => {
-            tp.serve(stream, &info, drain, &ctx, listener.config.per_connection_buffer_limit_bytes).await
+            tp.serve(stream, det, drain, ctx, listener.config.per_connection_buffer_limit_bytes).await
         }
         NetworkFilter::DirectResponse(body) => direct_response::serve(stream, body, drain).await,
     }

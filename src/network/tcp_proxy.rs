@@ -16,7 +16,7 @@ use tracing::debug;
 use super::splice;
 use crate::config::listener::TcpProxyConfig;
 use crate::drain::DrainWatch;
-use crate::listener::filter_chain::ConnectionInfo;
+use crate::listener::filters::Detected;
 use crate::listener::worker::WorkerContext;
 use crate::stats::{Counter, Store};
 use crate::upstream::lb::Weights;
@@ -75,7 +75,7 @@ impl TcpProxy {
     pub async fn serve(
         &self,
         downstream: TcpStream,
-        info: &ConnectionInfo,
+        info: &Detected,
         mut drain: DrainWatch,
         ctx: &WorkerContext,
         buffer_limit: u32,
@@ -113,7 +113,9 @@ impl TcpProxy {
         };
         debug!(upstream.addr = %upstream.host.address, "upstream connected");
 
-        let chunk = (buffer_limit as usize).clamp(1024, MAX_CHUNK);
+        // Envoy bounds each side by its own limit: the listener's downstream, the cluster's upstream.
+        let limit = buffer_limit.min(cluster.config.per_connection_buffer_limit_bytes);
+        let chunk = (limit as usize).clamp(1024, MAX_CHUNK);
         let activity = Activity::new();
         let (rx, tx) = (AtomicU64::new(0), AtomicU64::new(0));
         let end = {

@@ -1,3 +1,5 @@
+mod istio_fixture;
 mod listener_updates;
 mod process;
+mod sidecar;
 mod tcp_proxy;
