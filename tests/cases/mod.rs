@@ -1,4 +1,5 @@
 mod istio_fixture;
+mod listener_filters;
 mod listener_updates;
 mod process;
 mod sidecar;
