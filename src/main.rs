@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use tracing::{error, info};
 use xds_proxy::config::bootstrap::{BootstrapConfig, NodeOverrides};
 use xds_proxy::config::proto;
@@ -14,11 +14,13 @@ use xds_proxy::server::{Options, Server};
 #[derive(Debug, Parser)]
 #[command(name = "xds-proxy", version, about = "An Envoy-compatible proxy driven by xDS")]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Envoy v3 bootstrap file (YAML or JSON by extension).
-    #[arg(short = 'c', long = "config-path")]
+    #[arg(short = 'c', long = "config-path", global = true)]
     config_path: Option<PathBuf>,
     /// Bootstrap YAML merged over --config-path (protobuf merge: scalars replace, lists append).
-    #[arg(long = "config-yaml")]
+    #[arg(long = "config-yaml", global = true)]
     config_yaml: Option<String>,
     /// Worker threads; defaults to the number of CPUs.
     #[arg(long)]
@@ -42,6 +44,33 @@ struct Cli {
     /// Envoy's hot-restart id: refused, there is no hot restart.
     #[arg(long = "base-id")]
     base_id: Option<u32>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Which filter chain would a connection take, and why (from the bootstrap's listeners; no sockets).
+    Explain(ExplainArgs),
+}
+
+#[derive(Debug, Args)]
+struct ExplainArgs {
+    /// The listener that accepts the connection, e.g. virtualOutbound.
+    #[arg(long)]
+    listener: String,
+    /// Where the client connected to (the original destination), ip:port.
+    #[arg(long)]
+    destination: std::net::SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:40000")]
+    source: std::net::SocketAddr,
+    /// Server name from the TLS ClientHello.
+    #[arg(long)]
+    sni: Option<String>,
+    /// tls or raw_buffer.
+    #[arg(long, default_value = "raw_buffer")]
+    transport: String,
+    /// ALPN values in the client's order, comma separated (http/1.1 or h2c for plaintext HTTP).
+    #[arg(long, value_delimiter = ',')]
+    alpn: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -85,6 +114,26 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(Command::Explain(a)) = &cli.command {
+        let query = xds_proxy::listener::explain::Query {
+            listener: a.listener.clone(),
+            destination: a.destination,
+            source: a.source,
+            server_name: a.sni.clone(),
+            transport: a.transport.clone(),
+            alpn: a.alpn.clone(),
+        };
+        return match xds_proxy::listener::explain::explain(&bootstrap.listeners, &query) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Mode::Validate = cli.mode {
         println!("configuration '{source}' OK");
         return ExitCode::SUCCESS;

@@ -2,6 +2,7 @@
 //! chains it builds, and the workers that accept and serve connections from immutable snapshots.
 
 pub mod chain_match;
+pub mod explain;
 pub mod filter_chain;
 pub mod filters;
 pub mod manager;
@@ -37,6 +38,26 @@ impl ListenerStats {
             downstream_pre_cx_active: store.gauge(&format!("listener.{prefix}.downstream_pre_cx_active")),
             downstream_pre_cx_timeout: c("downstream_pre_cx_timeout"),
         }
+    }
+}
+
+/// Envoy's hand-off lookup (connection_handler_impl.cc, getBalancedHandlerByAddress): the listener on exactly
+/// `dst`, else the wildcard listener of that port and family; an IPv4 destination also finds a `[::]` listener
+/// with `ipv4_compat`.
+pub fn handoff_lookup<'a, T: ?Sized>(
+    dst: SocketAddr,
+    get: impl Fn(&SocketAddr) -> Option<&'a T>,
+    ipv4_compat: impl Fn(&T) -> bool,
+) -> Option<&'a T> {
+    if let Some(l) = get(&dst) {
+        return Some(l);
+    }
+    let port = dst.port();
+    let v6_any = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port));
+    match dst {
+        SocketAddr::V4(_) => get(&SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port)))
+            .or_else(|| get(&v6_any).filter(|l| ipv4_compat(l))),
+        SocketAddr::V6(_) => get(&v6_any),
     }
 }
 

@@ -39,22 +39,9 @@ impl ListenerSet {
         ListenerSet { listeners, by_address }
     }
 
-    /// Envoy's hand-off lookup (connection_handler_impl.cc, getBalancedHandlerByAddress): the listener on exactly
-    /// `dst`, else the wildcard listener of that port and family; an IPv4 destination also finds a `[::]` listener
-    /// with ipv4_compat.
+    /// The listener a `use_original_dst` connection to `dst` is handed to (see [`super::handoff_lookup`]).
     pub fn handoff_target(&self, dst: SocketAddr) -> Option<&Arc<ListenerCore>> {
-        if let Some(l) = self.by_address.get(&dst) {
-            return Some(l);
-        }
-        let port = dst.port();
-        let v6_any = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port));
-        match dst {
-            SocketAddr::V4(_) => self
-                .by_address
-                .get(&SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port)))
-                .or_else(|| self.by_address.get(&v6_any).filter(|l| l.config.socket.ipv4_compat)),
-            SocketAddr::V6(_) => self.by_address.get(&v6_any),
-        }
+        super::handoff_lookup(dst, |a| self.by_address.get(a), |l| l.config.socket.ipv4_compat)
     }
 }
 

@@ -135,3 +135,35 @@ async fn sigterm_drains_open_connections_then_exits_0() {
     let took = t.elapsed();
     assert!(took >= Duration::from_millis(1500) && took < Duration::from_secs(8), "exit after {took:?}");
 }
+
+#[test]
+fn explain_names_the_hand_off_and_the_chain() {
+    let bootstrap = r#"
+static_resources:
+  listeners:
+  - name: virtualOutbound
+    address: { socket_address: { address: 0.0.0.0, port_value: 15001 } }
+    use_original_dst: true
+    filter_chains:
+    - { name: catchall, filters: [ { name: d, typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.network.direct_response.v3.Config } } ] }
+  - name: 0.0.0.0_8080
+    address: { socket_address: { address: 0.0.0.0, port_value: 8080 } }
+    bind_to_port: false
+    filter_chains:
+    - { name: http, filter_chain_match: { application_protocols: [http/1.1, h2c] }, filters: [ { name: d, typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.network.direct_response.v3.Config } } ] }
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("b.yaml");
+    std::fs::write(&path, bootstrap).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_xds-proxy"))
+        .args(["explain", "-c"])
+        .arg(&path)
+        .args(["--listener", "virtualOutbound", "--destination", "10.0.0.9:8080", "--alpn", "h2c"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("hand-off: use_original_dst → listener '0.0.0.0_8080'"), "{text}");
+    assert!(text.contains("application_protocols: exact h2c"), "{text}");
+    assert!(text.contains("result: filter_chains[0] 'http' (direct_response)"), "{text}");
+}
