@@ -21,3 +21,4 @@ pub mod network;
 pub mod server;
 pub mod stats;
 pub mod upstream;
+pub mod xds;

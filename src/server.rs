@@ -13,6 +13,7 @@ use crate::listener::socket::{SocketFactory, SystemSockets};
 use crate::listener::worker::Workers;
 use crate::stats::Store;
 use crate::upstream::ClusterManager;
+use crate::xds::client::AdsClient;
 
 /// How long start-up waits for DNS clusters' first answers before listeners start anyway.
 const DNS_WARM_TIMEOUT: Duration = Duration::from_secs(5);
@@ -68,7 +69,7 @@ impl Server {
         stats.gauge("server.concurrency").set(options.concurrency as i64);
         let mut clusters = ClusterManager::new(stats.clone());
         for c in &bootstrap.clusters {
-            clusters.add_or_update(c.clone());
+            clusters.add_static(c.clone());
         }
         clusters.wait_ready(DNS_WARM_TIMEOUT).await;
 
@@ -80,14 +81,25 @@ impl Server {
             listeners.add_static(l.clone()).map_err(|error| StartError::Listener { name: l.name.clone(), error })?;
         }
         listeners.start_workers().await;
-        stats.gauge("server.state").set(ServerState::Live as i64);
-        info!(workers = options.concurrency, listeners = bootstrap.listeners.len(), "server live");
-        Ok(Server {
+        let server = Server {
             listeners: Arc::new(Mutex::new(listeners)),
             clusters: Arc::new(Mutex::new(clusters)),
-            stats,
+            stats: stats.clone(),
             bootstrap: Arc::new(bootstrap),
-        })
+        };
+        if let Some(cluster) = &server.bootstrap.ads_cluster {
+            let ads = AdsClient {
+                cluster: cluster.clone(),
+                node: server.bootstrap.node.clone(),
+                listeners: server.listeners.clone(),
+                clusters: server.clusters.clone(),
+                stats: stats.clone(),
+            };
+            tokio::spawn(ads.run());
+        }
+        stats.gauge("server.state").set(ServerState::Live as i64);
+        info!(workers = options.concurrency, listeners = server.bootstrap.listeners.len(), "server live");
+        Ok(server)
     }
 
     pub fn listener_manager(&self) -> MutexGuard<'_, ListenerManager> {

@@ -165,9 +165,13 @@ const POLICIES: &[(&str, Policy)] = {
                 "per_connection_buffer_limit_bytes",
                 "metadata",
                 "alt_stat_name",
+                // HTTP protocol options: the ADS stream is HTTP/2 whatever they say, and tcp_proxy does not use them
+                // (in Envoy either); the HTTP issue honours them for HTTP upstreams.
+                "typed_extension_protocol_options",
             ]),
         ),
         ("envoy.config.cluster.v3.Cluster.EdsClusterConfig", All),
+        ("envoy.extensions.upstreams.http.v3.HttpProtocolOptions", All),
         ("envoy.config.cluster.v3.CircuitBreakers", Only(&["thresholds"])),
         // max_pending_requests, max_requests and max_retries are honoured by the HTTP path.
         (

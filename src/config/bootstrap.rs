@@ -20,6 +20,8 @@ pub struct BootstrapConfig {
     pub clusters: Vec<ClusterConfig>,
     /// LDS/CDS/ADS sources, consumed by the xDS client.
     pub dynamic_resources: Option<bpb::bootstrap::DynamicResources>,
+    /// The static cluster the ADS stream goes through, when `ads_config` is set.
+    pub ads_cluster: Option<String>,
     pub proto: Arc<bpb::Bootstrap>,
 }
 
@@ -77,8 +79,21 @@ impl BootstrapConfig {
             listeners.push(l);
         }
 
+        let ads_cluster = match &b.dynamic_resources {
+            Some(d) => crate::xds::client::ads_cluster(d)?,
+            None => None,
+        };
+        if let Some(name) = &ads_cluster
+            && !cluster_names.contains(name)
+        {
+            return Err(ConfigError::new(
+                "dynamic_resources.ads_config.grpc_services[0].envoy_grpc.cluster_name",
+                format!("unknown cluster '{name}' (the ADS cluster must be a static cluster)"),
+            ));
+        }
         Ok(BootstrapConfig {
             node,
+            ads_cluster,
             admin_address,
             listeners,
             clusters,

@@ -48,6 +48,8 @@ struct Entry {
 #[derive(Debug)]
 pub struct ClusterManager {
     entries: HashMap<String, Entry>,
+    /// Bootstrap clusters: CDS never removes or replaces them.
+    static_names: std::collections::HashSet<String>,
     published: Arc<ArcSwap<ClusterSet>>,
     stats: Store,
 }
@@ -56,6 +58,7 @@ impl ClusterManager {
     pub fn new(stats: Store) -> Self {
         ClusterManager {
             entries: HashMap::new(),
+            static_names: Default::default(),
             published: Arc::new(ArcSwap::from_pointee(ClusterSet::default())),
             stats,
         }
@@ -113,6 +116,50 @@ impl ClusterManager {
         self.entries.insert(name, Entry { cluster, refresh, ready });
         self.publish();
         true
+    }
+
+    /// Adds a bootstrap cluster, which CDS cannot change or remove.
+    pub fn add_static(&mut self, config: ClusterConfig) {
+        self.static_names.insert(config.name.clone());
+        self.add_or_update(config);
+    }
+
+    /// A CDS state-of-the-world update: clusters not named (and not in `keep`, the names of rejected resources) are
+    /// removed, the rest added or updated. Returns one error line per resource it refused.
+    pub fn apply_sotw(&mut self, configs: Vec<ClusterConfig>, keep: &std::collections::HashSet<String>) -> Vec<String> {
+        let named: std::collections::HashSet<String> = configs.iter().map(|c| c.name.clone()).collect();
+        let stale: Vec<String> = self
+            .entries
+            .keys()
+            .filter(|n| !named.contains(*n) && !keep.contains(*n) && !self.static_names.contains(*n))
+            .cloned()
+            .collect();
+        for name in stale {
+            self.remove(&name);
+        }
+        let mut errors = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for c in configs {
+            if !seen.insert(c.name.clone()) {
+                errors.push(format!("{}: duplicate cluster {} found", c.name, c.name));
+            } else if self.static_names.contains(&c.name) {
+                errors.push(format!("{}: a static cluster cannot be changed by CDS", c.name));
+            } else {
+                self.add_or_update(c);
+            }
+        }
+        errors
+    }
+
+    /// Service names of EDS clusters: the EDS subscription.
+    pub fn eds_service_names(&self) -> std::collections::BTreeSet<String> {
+        self.entries
+            .values()
+            .filter_map(|e| match &e.cluster.config.kind {
+                ClusterKind::Eds { service_name } => Some(service_name.clone()),
+                _ => None,
+            })
+            .collect()
     }
 
     pub fn remove(&mut self, name: &str) -> bool {

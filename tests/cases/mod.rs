@@ -1,3 +1,4 @@
+mod ads;
 mod istio_fixture;
 mod listener_filters;
 mod listener_updates;

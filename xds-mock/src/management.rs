@@ -74,9 +74,8 @@ impl Management for ManagementService {
         let type_url = if request.r#type.is_empty() { None } else { Some(resolve(&request.r#type)?) };
         let value: serde_json::Value = serde_json::from_str(&request.resource_json)
             .map_err(|err| Status::invalid_argument(format!("resource_json: {err}")))?;
-        let any = parse_resource(type_url.as_deref(), &value).map_err(|err: ResourceError| {
-            Status::invalid_argument(format!("resource_json: {err}"))
-        })?;
+        let any = parse_resource(type_url.as_deref(), &value)
+            .map_err(|err: ResourceError| Status::invalid_argument(format!("resource_json: {err}")))?;
         let type_url = any.type_url.clone();
         let (name, version) = self.store.upsert(&type_url, any).map_err(store_status)?;
         tracing::info!(type_url, name, version, "resource set through the management API");

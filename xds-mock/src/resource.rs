@@ -14,17 +14,13 @@ const ANY: &str = "google.protobuf.Any";
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ResourceError {
     #[error("{0}")]
-    Parse(String),
+    Parse(#[from] ParseError),
+    #[error("{0}")]
+    Convert(String),
     #[error("\"@type\" is {found} but the resource was given as {expected}")]
     TypeMismatch { expected: String, found: String },
     #[error("no type given and no \"@type\" in the resource")]
     NoType,
-}
-
-impl From<ParseError> for ResourceError {
-    fn from(err: ParseError) -> Self {
-        ResourceError::Parse(err.to_string())
-    }
 }
 
 /// Parses one resource given as a JSON/YAML value. With `@type` it is read as a `google.protobuf.Any` (and must
@@ -32,8 +28,8 @@ impl From<ParseError> for ResourceError {
 pub fn parse_resource(type_url: Option<&str>, value: &serde_json::Value) -> Result<Any, ResourceError> {
     let text = value.to_string();
     if value.get("@type").is_some() {
-        let any: Any = decode(&parse_dynamic(&text, Format::Json, ANY)?)
-            .map_err(|err| ResourceError::Parse(err.to_string()))?;
+        let any: Any =
+            decode(&parse_dynamic(&text, Format::Json, ANY)?).map_err(|err| ResourceError::Convert(err.to_string()))?;
         if let Some(expected) = type_url.filter(|t| *t != any.type_url) {
             return Err(ResourceError::TypeMismatch { expected: expected.to_owned(), found: any.type_url });
         }

@@ -201,7 +201,8 @@ fn make_resource(type_url: &str, any: Any) -> Result<Resource, StoreError> {
     if any.type_url != type_url {
         return Err(StoreError::TypeMismatch { expected: type_url.to_owned(), found: any.type_url });
     }
-    let name = resource_name(type_url, &any.value).ok_or_else(|| StoreError::NoName { type_url: type_url.to_owned() })?;
+    let name =
+        resource_name(type_url, &any.value).ok_or_else(|| StoreError::NoName { type_url: type_url.to_owned() })?;
     Ok(Resource { name, version: content_version(&any.value), any })
 }
 

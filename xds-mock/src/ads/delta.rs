@@ -16,8 +16,16 @@ const MAX_PENDING: usize = 16;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RequestKind {
     Initial,
-    Ack { version: String, nonce: String },
-    Nack { version: String, nonce: String, message: String, code: i32 },
+    Ack {
+        version: String,
+        nonce: String,
+    },
+    Nack {
+        version: String,
+        nonce: String,
+        message: String,
+        code: i32,
+    },
     /// No nonce: a pure subscription change.
     Update,
     /// A nonce we did not send, or one already answered.
@@ -181,10 +189,10 @@ mod tests {
         assert_eq!(state.on_request(&request(CLUSTER, &[], &[], "")), RequestKind::Initial);
         let first = state.response(CLUSTER, Some(&snapshot(1, &[("a", "1"), ("b", "1")])), "n1".into()).unwrap();
         assert_eq!(names(&first), ["a", "b"]);
-        assert_eq!(state.on_request(&request(CLUSTER, &[], &[], "n1")), RequestKind::Ack {
-            version: "1".into(),
-            nonce: "n1".into()
-        });
+        assert_eq!(
+            state.on_request(&request(CLUSTER, &[], &[], "n1")),
+            RequestKind::Ack { version: "1".into(), nonce: "n1".into() }
+        );
         let second = state.response(CLUSTER, Some(&snapshot(2, &[("a", "2")])), "n2".into()).unwrap();
         assert_eq!((names(&second), second.removed_resources.clone()), (vec!["a"], vec!["b".to_owned()]));
         assert!(state.response(CLUSTER, Some(&snapshot(3, &[("a", "2")])), "n3".into()).is_none());
@@ -198,7 +206,7 @@ mod tests {
         initial.initial_resource_versions = HashMap::from([("a".into(), "1".into()), ("gone".into(), "1".into())]);
         state.on_request(&initial);
         let response = state.response(CLUSTER, Some(&snapshot(5, &[("a", "1"), ("b", "1")])), "n1".into()).unwrap();
-        assert_eq!((names(&response), response.removed_resources), (vec!["b"], vec!["gone".to_owned()]));
+        assert_eq!((names(&response), response.removed_resources.clone()), (vec!["b"], vec!["gone".to_owned()]));
 
         let mut unchanged = DeltaState::default();
         let mut initial = request(CLUSTER, &[], &[], "");

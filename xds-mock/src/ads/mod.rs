@@ -188,7 +188,11 @@ impl StreamTask<DiscoveryResponse> {
                             self.record_nack(&request.type_url, version, nonce, message, code);
                         }
                         sotw::RequestKind::Stale => {
-                            debug!(nonce = request.response_nonce, type_url = request.type_url, "stale request ignored");
+                            debug!(
+                                nonce = request.response_nonce,
+                                type_url = request.type_url,
+                                "stale request ignored"
+                            );
                         }
                         sotw::RequestKind::Initial | sotw::RequestKind::Update => {}
                     }

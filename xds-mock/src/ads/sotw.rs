@@ -77,7 +77,12 @@ impl SotwState {
 
     /// The response due now, if any: after the first request, a subscription change or a new type version. It
     /// carries the full set (wildcard) or every subscribed resource that exists.
-    pub fn response(&mut self, type_url: &str, snapshot: Option<&TypeSnapshot>, nonce: String) -> Option<DiscoveryResponse> {
+    pub fn response(
+        &mut self,
+        type_url: &str,
+        snapshot: Option<&TypeSnapshot>,
+        nonce: String,
+    ) -> Option<DiscoveryResponse> {
         let snapshot = snapshot?;
         if !self.must_send && self.sent_version == Some(snapshot.version) {
             return None;
@@ -154,7 +159,9 @@ mod tests {
         assert_eq!(state.response(LISTENER, Some(&snap2), "n3".into()).unwrap().resources.len(), 1);
         assert_eq!(state.on_request(&request(LISTENER, &[], "n1", None)), RequestKind::Stale);
         let nack = state.on_request(&request(LISTENER, &[], "n3", Some("bad")));
-        assert!(matches!(nack, RequestKind::Nack { ref version, ref message, .. } if version == "2" && message == "bad"));
+        assert!(
+            matches!(nack, RequestKind::Nack { ref version, ref message, .. } if version == "2" && message == "bad")
+        );
         assert!(state.response(LISTENER, Some(&snap2), "n4".into()).is_none());
     }
 

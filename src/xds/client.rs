@@ -1,0 +1,326 @@
+//! The ADS client: one gRPC stream (StreamAggregatedResources, state of the world) to the cluster named in
+//! `ads_config`, kept up with jittered exponential backoff (Envoy's defaults, 500 ms to 30 s) while the proxy goes
+//! on serving its last good config. Each response is applied through the listener and cluster managers and answered
+//! with exactly one ACK or NACK; a NACK's `error_detail` names every rejected resource, and the good resources of
+//! the same response still apply (Envoy's partial-apply rule).
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::config::listener::v3::Listener;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::google::protobuf::Any;
+use prost::Message;
+use tokio::sync::mpsc;
+use tracing::{Instrument, info, info_span, warn};
+
+use super::state::SotwState;
+use super::{CLUSTER, ENDPOINT, LISTENER};
+use crate::config::cluster::ClusterConfig;
+use crate::config::listener::ListenerConfig;
+use crate::listener::manager::ListenerManager;
+use crate::stats::{Counter, Gauge, Store};
+use crate::upstream::ClusterManager;
+
+const BACKOFF_BASE: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Where the ADS stream goes and who it updates.
+#[derive(Debug, Clone)]
+pub struct AdsClient {
+    /// The static cluster named by `ads_config.grpc_services[0].envoy_grpc.cluster_name`.
+    pub cluster: String,
+    pub node: envoy_types::pb::envoy::config::core::v3::Node,
+    pub listeners: Arc<Mutex<ListenerManager>>,
+    pub clusters: Arc<Mutex<ClusterManager>>,
+    pub stats: Store,
+}
+
+/// Envoy's per-subscription stats (`listener_manager.lds.*`, `cluster_manager.cds.*`).
+#[derive(Debug, Clone)]
+struct SubscriptionStats {
+    update_attempt: Counter,
+    update_success: Counter,
+    update_rejected: Counter,
+    version: Gauge,
+}
+
+impl SubscriptionStats {
+    fn new(store: &Store, prefix: &str) -> Self {
+        let c = |s: &str| store.counter(&format!("{prefix}.{s}"));
+        SubscriptionStats {
+            update_attempt: c("update_attempt"),
+            update_success: c("update_success"),
+            update_rejected: c("update_rejected"),
+            version: store.gauge(&format!("{prefix}.version")),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    #[error("ADS cluster '{0}' has no endpoint")]
+    NoEndpoint(String),
+    #[error("cannot connect to {0}: {1}")]
+    Connect(String, tonic::transport::Error),
+    #[error("stream failed: {0}")]
+    Grpc(#[from] tonic::Status),
+    #[error("stream closed by the control plane")]
+    Closed,
+}
+
+impl AdsClient {
+    /// Runs forever: connect, subscribe, apply; on any failure keep the config and reconnect after a backoff.
+    pub async fn run(self) {
+        let mut state = SotwState::new(self.node.clone());
+        let _ = state.subscribe(CLUSTER, BTreeSet::new());
+        let _ = state.subscribe(LISTENER, BTreeSet::new());
+        let connected = self.stats.gauge("control_plane.connected_state");
+        let mut attempt = 0u32;
+        loop {
+            let span = info_span!("ads", cluster = %self.cluster);
+            let result = self.stream(&mut state, &connected, &mut attempt).instrument(span).await;
+            connected.set(0);
+            if result.is_err() {
+                for prefix in ["cluster_manager.cds", "listener_manager.lds"] {
+                    self.stats.counter(&format!("{prefix}.update_failure")).inc();
+                }
+            }
+            let delay = backoff(attempt);
+            attempt = attempt.saturating_add(1);
+            match result {
+                Ok(()) | Err(StreamError::Closed) => info!("ADS stream closed; reconnecting in {delay:?}"),
+                Err(e) => warn!("ADS stream: {e}; reconnecting in {delay:?}"),
+            }
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    async fn stream(&self, state: &mut SotwState, connected: &Gauge, attempt: &mut u32) -> Result<(), StreamError> {
+        let (addr, timeout) = {
+            let cm = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
+            let cluster = cm.get(&self.cluster).ok_or_else(|| StreamError::NoEndpoint(self.cluster.clone()))?;
+            let host = cluster.hosts().hosts.first().cloned();
+            let host = host.ok_or_else(|| StreamError::NoEndpoint(self.cluster.clone()))?;
+            (host.address, cluster.config.connect_timeout)
+        };
+        let uri = format!("http://{addr}");
+        let endpoint = tonic::transport::Endpoint::from_shared(uri.clone())
+            .map_err(|e| StreamError::Connect(uri.clone(), e))?
+            .connect_timeout(timeout)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10));
+        let channel = endpoint.connect().await.map_err(|e| StreamError::Connect(uri.clone(), e))?;
+        let mut client = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(usize::MAX);
+
+        let (tx, rx) = mpsc::unbounded_channel::<DiscoveryRequest>();
+        for req in state.restart() {
+            let _ = tx.send(req);
+        }
+        let requests = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
+        let mut responses = client.stream_aggregated_resources(requests).await?.into_inner();
+        connected.set(1);
+        info!(control_plane = %addr, "ADS stream up");
+        while let Some(resp) = responses.message().await? {
+            // A stream that delivers is healthy: the next failure starts the backoff afresh.
+            *attempt = 0;
+            state.received(&resp);
+            let (reply, follow_up) = self.apply(state, &resp);
+            let _ = tx.send(reply);
+            if let Some(req) = follow_up {
+                let _ = tx.send(req);
+            }
+        }
+        Err(StreamError::Closed)
+    }
+
+    /// Applies one response; returns its ACK or NACK and, after CDS, a changed EDS subscription.
+    fn apply(&self, state: &mut SotwState, resp: &DiscoveryResponse) -> (DiscoveryRequest, Option<DiscoveryRequest>) {
+        let (stats, outcome, follow_up) = match resp.type_url.as_str() {
+            CLUSTER => {
+                let outcome = self.apply_clusters(&resp.resources);
+                let names = self.clusters.lock().unwrap_or_else(|p| p.into_inner()).eds_service_names();
+                (
+                    Some(SubscriptionStats::new(&self.stats, "cluster_manager.cds")),
+                    outcome,
+                    state.subscribe(ENDPOINT, names),
+                )
+            }
+            LISTENER => (
+                Some(SubscriptionStats::new(&self.stats, "listener_manager.lds")),
+                self.apply_listeners(&resp.resources),
+                None,
+            ),
+            ENDPOINT => (None, self.apply_endpoints(&resp.resources), None),
+            other => (None, Err(vec![format!("type {other} is not supported")]), None),
+        };
+        if let Some(s) = &stats {
+            s.update_attempt.inc();
+        }
+        let reply = match outcome {
+            Ok(()) => {
+                if let Some(s) = &stats {
+                    s.update_success.inc();
+                    s.version.set(version_hash(&resp.version_info));
+                }
+                info!(type_url = %resp.type_url, version = %resp.version_info, resources = resp.resources.len(), "ACK");
+                state.ack(resp)
+            }
+            Err(errors) => {
+                if let Some(s) = &stats {
+                    s.update_rejected.inc();
+                }
+                let message = errors.join("\n");
+                warn!(type_url = %resp.type_url, version = %resp.version_info, "NACK: {}", message.replace('\n', "; "));
+                state.nack(resp, message)
+            }
+        };
+        (reply, follow_up)
+    }
+
+    fn apply_listeners(&self, resources: &[Any]) -> Result<(), Vec<String>> {
+        let mut errors = Vec::new();
+        let mut configs = Vec::new();
+        let mut rejected = HashSet::new();
+        for (i, any) in resources.iter().enumerate() {
+            let l = match decode::<Listener>(any, LISTENER) {
+                Ok(l) => l,
+                Err(e) => {
+                    errors.push(format!("resources[{i}]: {e}"));
+                    continue;
+                }
+            };
+            let name = l.name.clone();
+            match ListenerConfig::try_from(l) {
+                Ok(c) => configs.push(c),
+                Err(e) => {
+                    errors.push(format!("{name}: {e}"));
+                    rejected.insert(name);
+                }
+            }
+        }
+        let mut lm = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+        for (name, result) in lm.apply_sotw(configs, &rejected) {
+            if let Err(e) = result {
+                errors.push(format!("{name}: {e}"));
+            }
+        }
+        if errors.is_empty() { Ok(()) } else { Err(errors) }
+    }
+
+    fn apply_clusters(&self, resources: &[Any]) -> Result<(), Vec<String>> {
+        let mut errors = Vec::new();
+        let mut configs = Vec::new();
+        let mut rejected = HashSet::new();
+        for (i, any) in resources.iter().enumerate() {
+            let c = match decode::<Cluster>(any, CLUSTER) {
+                Ok(c) => c,
+                Err(e) => {
+                    errors.push(format!("resources[{i}]: {e}"));
+                    continue;
+                }
+            };
+            let name = c.name.clone();
+            match ClusterConfig::try_from(c) {
+                Ok(c) => configs.push(c),
+                Err(e) => {
+                    errors.push(format!("{name}: {e}"));
+                    rejected.insert(name);
+                }
+            }
+        }
+        let mut cm = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
+        errors.extend(cm.apply_sotw(configs, &rejected));
+        if errors.is_empty() { Ok(()) } else { Err(errors) }
+    }
+
+    fn apply_endpoints(&self, resources: &[Any]) -> Result<(), Vec<String>> {
+        let mut errors = Vec::new();
+        let mut cm = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
+        for (i, any) in resources.iter().enumerate() {
+            match decode::<ClusterLoadAssignment>(any, ENDPOINT) {
+                Ok(la) => {
+                    if let Err(e) = cm.set_load_assignment(&la) {
+                        errors.push(format!("{}: {e}", la.cluster_name));
+                    }
+                }
+                Err(e) => errors.push(format!("resources[{i}]: {e}")),
+            }
+        }
+        if errors.is_empty() { Ok(()) } else { Err(errors) }
+    }
+}
+
+fn decode<T: Message + Default>(any: &Any, type_url: &str) -> Result<T, String> {
+    if any.type_url != type_url {
+        return Err(format!("expected {type_url}, got {}", any.type_url));
+    }
+    T::decode(any.value.as_slice()).map_err(|e| format!("cannot decode: {e}"))
+}
+
+/// Full jitter: a random delay up to the exponential bound, so a fleet that lost its control plane does not
+/// reconnect in lockstep.
+fn backoff(attempt: u32) -> Duration {
+    let bound = BACKOFF_BASE.saturating_mul(1u32 << attempt.min(16)).min(BACKOFF_MAX);
+    bound.mul_f64(rand::random::<f64>()).max(Duration::from_millis(50))
+}
+
+/// Envoy reports `<prefix>.version` as a hash of the version string.
+fn version_hash(version: &str) -> i64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    version.hash(&mut h);
+    (h.finish() >> 1) as i64
+}
+
+/// The cluster the ADS stream connects through, from `dynamic_resources.ads_config`, if ADS is configured.
+pub fn ads_cluster(
+    dynamic: &envoy_types::pb::envoy::config::bootstrap::v3::bootstrap::DynamicResources,
+) -> Result<Option<String>, crate::config::ConfigError> {
+    use crate::config::ConfigError;
+    use envoy_types::pb::envoy::config::core::v3::api_config_source::ApiType;
+    use envoy_types::pb::envoy::config::core::v3::grpc_service::TargetSpecifier;
+    let Some(ads) = &dynamic.ads_config else { return Ok(None) };
+    match ApiType::try_from(ads.api_type) {
+        Ok(ApiType::Grpc) => {}
+        Ok(ApiType::DeltaGrpc) => {
+            return Err(ConfigError::new(
+                "dynamic_resources.ads_config.api_type",
+                "DELTA_GRPC is not supported yet (use GRPC, state of the world)",
+            ));
+        }
+        _ => {
+            return Err(ConfigError::new("dynamic_resources.ads_config.api_type", "ADS needs GRPC"));
+        }
+    }
+    match ads.grpc_services.first().and_then(|g| g.target_specifier.as_ref()) {
+        Some(TargetSpecifier::EnvoyGrpc(e)) if !e.cluster_name.is_empty() => Ok(Some(e.cluster_name.clone())),
+        Some(TargetSpecifier::GoogleGrpc(_)) => Err(ConfigError::new(
+            "dynamic_resources.ads_config.grpc_services[0].google_grpc",
+            "google_grpc is not supported; use envoy_grpc with a static cluster",
+        )),
+        _ => Err(ConfigError::new(
+            "dynamic_resources.ads_config.grpc_services[0].envoy_grpc.cluster_name",
+            "ADS needs a cluster",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_bounded_and_grows() {
+        for attempt in 0..40 {
+            let d = backoff(attempt);
+            assert!(d <= BACKOFF_MAX, "{attempt}: {d:?}");
+        }
+        let early: Duration = (0..200).map(|_| backoff(0)).max().unwrap_or_default();
+        assert!(early <= BACKOFF_BASE);
+    }
+}

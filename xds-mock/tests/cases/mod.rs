@@ -1,0 +1,7 @@
+//! One module per area of the mock.
+
+mod delta;
+mod file;
+mod management;
+mod reflection;
+mod sotw;
