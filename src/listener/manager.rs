@@ -98,6 +98,8 @@ pub struct ListenerManager {
     workers: Workers,
     sockets: Box<dyn SocketFactory>,
     active: BTreeMap<String, Arc<Listener>>,
+    /// Which active listener holds each address, for the duplicate-address check without a scan.
+    addresses: std::collections::HashMap<SocketAddr, String>,
     static_names: HashSet<String>,
     /// Sockets of listeners removed earlier in the same state-of-the-world update, for a listener that takes over
     /// the same address with the same spec in that update.
@@ -118,6 +120,7 @@ impl ListenerManager {
             workers,
             sockets,
             active: BTreeMap::new(),
+            addresses: Default::default(),
             static_names: HashSet::new(),
             released: Vec::new(),
             drain,
@@ -151,6 +154,9 @@ impl ListenerManager {
     pub fn add_or_update(&mut self, config: ListenerConfig, allow_static: bool) -> Result<Outcome, ListenerError> {
         let result = self.apply_one(config, allow_static);
         self.released.clear();
+        if matches!(result, Ok(Outcome::Added | Outcome::Updated | Outcome::InPlaceUpdated)) {
+            self.publish();
+        }
         result
     }
 
@@ -219,6 +225,7 @@ impl ListenerManager {
     /// gone, or shortly after the drain deadline forced them closed.
     pub fn shutdown(&mut self) -> impl Future<Output = ()> + use<> {
         let listeners: Vec<Arc<Listener>> = std::mem::take(&mut self.active).into_values().collect();
+        self.addresses.clear();
         self.static_names.clear();
         self.publish();
         let chains: Vec<Arc<FilterChain>> = listeners.iter().flat_map(|l| l.chains().all().cloned()).collect();
@@ -249,9 +256,9 @@ impl ListenerManager {
         }
         let address = config.socket.address;
         if address.port() != 0
-            && let Some(other) = self.active.values().find(|l| l.name() != name && l.config().socket.address == address)
+            && let Some(other) = self.addresses.get(&address).filter(|other| **other != name)
         {
-            return Err(ListenerError::DuplicateAddress { name, address, existing: other.name().to_string() });
+            return Err(ListenerError::DuplicateAddress { name, address, existing: other.clone() });
         }
 
         let in_place = old.as_ref().is_some_and(|o| o.config().only_filter_chains_differ(&config));
@@ -274,8 +281,13 @@ impl ListenerManager {
             }),
         });
         self.next_id += 1;
+        // Published by the caller: once per single change, once per whole state-of-the-world update (so workers
+        // see it atomically and a 10,000-listener update does not build 10,000 listener sets).
+        if let Some(old) = &old {
+            self.addresses.remove(&old.config().socket.address);
+        }
+        self.addresses.insert(listener.config().socket.address, name.clone());
         self.active.insert(name.clone(), listener.clone());
-        self.publish();
 
         let outcome = match old {
             None => {
@@ -341,6 +353,7 @@ impl ListenerManager {
             return Err(ListenerError::Static(name.to_string()));
         }
         let Some(old) = self.active.remove(name) else { return Ok(false) };
+        self.addresses.remove(&old.config().socket.address);
         if old.config().bind_to_port && !old.sockets.is_empty() {
             self.released.push((old.config().socket.clone(), old.sockets.clone()));
         }

@@ -101,6 +101,8 @@ impl AdsClient {
     }
 
     async fn stream(&self, state: &mut SotwState, connected: &Gauge, attempt: &mut u32) -> Result<(), StreamError> {
+        // Per stream: after a reconnect every resource is looked at once more (cheap: unchanged ones are no-ops).
+        let mut seen = Seen::default();
         let (addr, timeout) = {
             let cm = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
             let cluster = cm.get(&self.cluster).ok_or_else(|| StreamError::NoEndpoint(self.cluster.clone()))?;
@@ -129,7 +131,7 @@ impl AdsClient {
             // A stream that delivers is healthy: the next failure starts the backoff afresh.
             *attempt = 0;
             state.received(&resp);
-            let (reply, follow_up) = self.apply(state, &resp);
+            let (reply, follow_up) = self.apply(state, &resp, &mut seen);
             let _ = tx.send(reply);
             if let Some(req) = follow_up {
                 let _ = tx.send(req);
@@ -139,10 +141,15 @@ impl AdsClient {
     }
 
     /// Applies one response; returns its ACK or NACK and, after CDS, a changed EDS subscription.
-    fn apply(&self, state: &mut SotwState, resp: &DiscoveryResponse) -> (DiscoveryRequest, Option<DiscoveryRequest>) {
+    fn apply(
+        &self,
+        state: &mut SotwState,
+        resp: &DiscoveryResponse,
+        seen: &mut Seen,
+    ) -> (DiscoveryRequest, Option<DiscoveryRequest>) {
         let (stats, outcome, follow_up) = match resp.type_url.as_str() {
             CLUSTER => {
-                let outcome = self.apply_clusters(&resp.resources);
+                let outcome = self.apply_clusters(&resp.resources, &mut seen.clusters);
                 let names = self.clusters.lock().unwrap_or_else(|p| p.into_inner()).eds_service_names();
                 (
                     Some(SubscriptionStats::new(&self.stats, "cluster_manager.cds")),
@@ -150,11 +157,10 @@ impl AdsClient {
                     state.subscribe(ENDPOINT, names),
                 )
             }
-            LISTENER => (
-                Some(SubscriptionStats::new(&self.stats, "listener_manager.lds")),
-                self.apply_listeners(&resp.resources),
-                None,
-            ),
+            LISTENER => {
+                let outcome = self.apply_listeners(&resp.resources, &mut seen.listeners);
+                (Some(SubscriptionStats::new(&self.stats, "listener_manager.lds")), outcome, None)
+            }
             ENDPOINT => (None, self.apply_endpoints(&resp.resources), None),
             other => (None, Err(vec![format!("type {other} is not supported")]), None),
         };
@@ -182,59 +188,44 @@ impl AdsClient {
         (reply, follow_up)
     }
 
-    fn apply_listeners(&self, resources: &[Any]) -> Result<(), Vec<String>> {
+    fn apply_listeners(&self, resources: &[Any], seen: &mut Unchanged) -> Result<(), Vec<String>> {
         let mut errors = Vec::new();
-        let mut configs = Vec::new();
-        let mut rejected = HashSet::new();
-        for (i, any) in resources.iter().enumerate() {
-            let l = match decode::<Listener>(any, LISTENER) {
-                Ok(l) => l,
-                Err(e) => {
-                    errors.push(format!("resources[{i}]: {e}"));
-                    continue;
-                }
-            };
+        let (configs, mut keep, hashes) = convert_all(resources, seen, &mut errors, |any| {
+            let l = decode::<Listener>(any, LISTENER).map_err(|e| (None, e))?;
             let name = l.name.clone();
-            match ListenerConfig::try_from(l) {
-                Ok(c) => configs.push(c),
-                Err(e) => {
-                    errors.push(format!("{name}: {e}"));
-                    rejected.insert(name);
-                }
-            }
-        }
+            ListenerConfig::try_from(l).map(|c| (name.clone(), c)).map_err(|e| (Some(name), e.to_string()))
+        });
         let mut lm = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
-        for (name, result) in lm.apply_sotw(configs, &rejected) {
-            if let Err(e) = result {
+        for name in lm.apply_sotw(configs, &keep).into_iter().filter_map(|(name, result)| match result {
+            Ok(_) => Some(name),
+            Err(e) => {
                 errors.push(format!("{name}: {e}"));
+                None
             }
+        }) {
+            keep.insert(name);
         }
+        seen.remember(hashes, &keep);
         if errors.is_empty() { Ok(()) } else { Err(errors) }
     }
 
-    fn apply_clusters(&self, resources: &[Any]) -> Result<(), Vec<String>> {
+    fn apply_clusters(&self, resources: &[Any], seen: &mut Unchanged) -> Result<(), Vec<String>> {
         let mut errors = Vec::new();
-        let mut configs = Vec::new();
-        let mut rejected = HashSet::new();
-        for (i, any) in resources.iter().enumerate() {
-            let c = match decode::<Cluster>(any, CLUSTER) {
-                Ok(c) => c,
-                Err(e) => {
-                    errors.push(format!("resources[{i}]: {e}"));
-                    continue;
-                }
-            };
+        let (configs, mut keep, hashes) = convert_all(resources, seen, &mut errors, |any| {
+            let c = decode::<Cluster>(any, CLUSTER).map_err(|e| (None, e))?;
             let name = c.name.clone();
-            match ClusterConfig::try_from(c) {
-                Ok(c) => configs.push(c),
-                Err(e) => {
-                    errors.push(format!("{name}: {e}"));
-                    rejected.insert(name);
-                }
+            ClusterConfig::try_from(c).map(|c| (name.clone(), c)).map_err(|e| (Some(name), e.to_string()))
+        });
+        let applied: Vec<String> = configs.iter().map(|c| c.name.clone()).collect();
+        let mut cm = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
+        let refused = cm.apply_sotw(configs, &keep);
+        for name in applied {
+            if !refused.iter().any(|e| e.starts_with(&format!("{name}: "))) {
+                keep.insert(name);
             }
         }
-        let mut cm = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
-        errors.extend(cm.apply_sotw(configs, &rejected));
+        errors.extend(refused);
+        seen.remember(hashes, &keep);
         if errors.is_empty() { Ok(()) } else { Err(errors) }
     }
 
@@ -253,6 +244,67 @@ impl AdsClient {
         }
         if errors.is_empty() { Ok(()) } else { Err(errors) }
     }
+}
+
+/// Resources applied from the previous response of a type, by a hash of their bytes: a state-of-the-world
+/// response repeats every resource, and one whose bytes did not change needs no decoding, validation or diffing.
+#[derive(Debug, Default)]
+struct Unchanged {
+    by_hash: std::collections::HashMap<u64, String>,
+}
+
+impl Unchanged {
+    /// Keeps the hashes of the resources that are now in effect (`in_effect` names), forgetting the rest.
+    fn remember(&mut self, hashes: Vec<(u64, String)>, in_effect: &HashSet<String>) {
+        self.by_hash = hashes.into_iter().filter(|(_, name)| in_effect.contains(name)).collect();
+    }
+}
+
+#[derive(Debug, Default)]
+struct Seen {
+    listeners: Unchanged,
+    clusters: Unchanged,
+}
+
+/// Converts the resources that changed since the last response; returns the configs to apply, the names to keep
+/// as they are (unchanged, or rejected here: a rejected resource leaves the current one in place, as in Envoy),
+/// and each resource's hash and name.
+fn convert_all<C>(
+    resources: &[Any],
+    seen: &Unchanged,
+    errors: &mut Vec<String>,
+    convert: impl Fn(&Any) -> Result<(String, C), (Option<String>, String)>,
+) -> (Vec<C>, HashSet<String>, Vec<(u64, String)>) {
+    let mut configs = Vec::new();
+    let mut keep = HashSet::new();
+    let mut hashes = Vec::with_capacity(resources.len());
+    for (i, any) in resources.iter().enumerate() {
+        let hash = bytes_hash(&any.value);
+        if let Some(name) = seen.by_hash.get(&hash) {
+            keep.insert(name.clone());
+            hashes.push((hash, name.clone()));
+            continue;
+        }
+        match convert(any) {
+            Ok((name, config)) => {
+                hashes.push((hash, name));
+                configs.push(config);
+            }
+            Err((Some(name), e)) => {
+                errors.push(format!("{name}: {e}"));
+                keep.insert(name);
+            }
+            Err((None, e)) => errors.push(format!("resources[{i}]: {e}")),
+        }
+    }
+    (configs, keep, hashes)
+}
+
+fn bytes_hash(bytes: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    h.finish()
 }
 
 fn decode<T: Message + Default>(any: &Any, type_url: &str) -> Result<T, String> {
