@@ -87,9 +87,10 @@ impl Server {
             stats: stats.clone(),
             bootstrap: Arc::new(bootstrap),
         };
-        if let Some(cluster) = &server.bootstrap.ads_cluster {
+        if let Some((cluster, protocol)) = &server.bootstrap.ads_cluster {
             let ads = AdsClient {
                 cluster: cluster.clone(),
+                protocol: *protocol,
                 node: server.bootstrap.node.clone(),
                 listeners: server.listeners.clone(),
                 clusters: server.clusters.clone(),

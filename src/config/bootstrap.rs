@@ -20,8 +20,8 @@ pub struct BootstrapConfig {
     pub clusters: Vec<ClusterConfig>,
     /// LDS/CDS/ADS sources, consumed by the xDS client.
     pub dynamic_resources: Option<bpb::bootstrap::DynamicResources>,
-    /// The static cluster the ADS stream goes through, when `ads_config` is set.
-    pub ads_cluster: Option<String>,
+    /// The static cluster the ADS stream goes through and its protocol, when `ads_config` is set.
+    pub ads_cluster: Option<(String, crate::xds::Protocol)>,
     pub proto: Arc<bpb::Bootstrap>,
 }
 
@@ -83,7 +83,7 @@ impl BootstrapConfig {
             Some(d) => crate::xds::client::ads_cluster(d)?,
             None => None,
         };
-        if let Some(name) = &ads_cluster
+        if let Some((name, _)) = &ads_cluster
             && !cluster_names.contains(name)
         {
             return Err(ConfigError::new(

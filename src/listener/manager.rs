@@ -206,6 +206,28 @@ impl ListenerManager {
         results
     }
 
+    /// An incremental update (delta LDS): `removed` go first, then each config is added or updated; workers see the
+    /// result once, at the end. One outcome per removed name that failed and per config.
+    pub fn apply_delta(
+        &mut self,
+        configs: Vec<ListenerConfig>,
+        removed: &[String],
+    ) -> Vec<(String, Result<Outcome, ListenerError>)> {
+        let mut results = Vec::new();
+        for name in removed {
+            if let Err(e) = self.remove_one(name) {
+                results.push((name.clone(), Err(e)));
+            }
+        }
+        for c in configs {
+            let name = c.name.clone();
+            results.push((name, self.apply_one(c, false)));
+        }
+        self.released.clear();
+        self.publish();
+        results
+    }
+
     pub fn listeners(&self) -> Vec<ListenerInfo> {
         self.active
             .values()

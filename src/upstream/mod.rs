@@ -151,6 +151,24 @@ impl ClusterManager {
         errors
     }
 
+    /// Adds or updates a cluster from delta CDS; static clusters are refused.
+    pub fn add_dynamic(&mut self, config: ClusterConfig) -> Result<(), String> {
+        if self.static_names.contains(&config.name) {
+            return Err("a static cluster cannot be changed by CDS".to_string());
+        }
+        self.add_or_update(config);
+        Ok(())
+    }
+
+    /// Removes a cluster named by delta CDS; false if it is static (absent ones are fine).
+    pub fn remove_dynamic(&mut self, name: &str) -> bool {
+        if self.static_names.contains(name) {
+            return false;
+        }
+        self.remove(name);
+        true
+    }
+
     /// Service names of EDS clusters: the EDS subscription.
     pub fn eds_service_names(&self) -> std::collections::BTreeSet<String> {
         self.entries

@@ -12,14 +12,17 @@ use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
 use envoy_types::pb::google::protobuf::Any;
 use prost::Message;
 use tokio::sync::mpsc;
 use tracing::{Instrument, info, info_span, warn};
 
+use super::delta::DeltaState;
 use super::state::SotwState;
-use super::{CLUSTER, ENDPOINT, LISTENER};
+use super::{CLUSTER, ENDPOINT, LISTENER, Protocol};
 use crate::config::cluster::ClusterConfig;
 use crate::config::listener::ListenerConfig;
 use crate::listener::manager::ListenerManager;
@@ -34,6 +37,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 pub struct AdsClient {
     /// The static cluster named by `ads_config.grpc_services[0].envoy_grpc.cluster_name`.
     pub cluster: String,
+    pub protocol: Protocol,
     pub node: envoy_types::pb::envoy::config::core::v3::Node,
     pub listeners: Arc<Mutex<ListenerManager>>,
     pub clusters: Arc<Mutex<ClusterManager>>,
@@ -76,14 +80,21 @@ enum StreamError {
 impl AdsClient {
     /// Runs forever: connect, subscribe, apply; on any failure keep the config and reconnect after a backoff.
     pub async fn run(self) {
-        let mut state = SotwState::new(self.node.clone());
-        let _ = state.subscribe(CLUSTER, BTreeSet::new());
-        let _ = state.subscribe(LISTENER, BTreeSet::new());
+        let mut sotw = SotwState::new(self.node.clone());
+        let mut delta = DeltaState::new(self.node.clone());
+        // CDS before LDS, as Envoy orders them, so listeners find their clusters.
+        for t in [CLUSTER, LISTENER] {
+            let _ = sotw.subscribe(t, BTreeSet::new());
+            let _ = delta.subscribe(t, BTreeSet::new());
+        }
         let connected = self.stats.gauge("control_plane.connected_state");
         let mut attempt = 0u32;
         loop {
-            let span = info_span!("ads", cluster = %self.cluster);
-            let result = self.stream(&mut state, &connected, &mut attempt).instrument(span).await;
+            let span = info_span!("ads", cluster = %self.cluster, protocol = ?self.protocol);
+            let result = match self.protocol {
+                Protocol::StateOfTheWorld => self.stream(&mut sotw, &connected, &mut attempt).instrument(span).await,
+                Protocol::Delta => self.delta_stream(&mut delta, &connected, &mut attempt).instrument(span).await,
+            };
             connected.set(0);
             if result.is_err() {
                 for prefix in ["cluster_manager.cds", "listener_manager.lds"] {
@@ -100,9 +111,7 @@ impl AdsClient {
         }
     }
 
-    async fn stream(&self, state: &mut SotwState, connected: &Gauge, attempt: &mut u32) -> Result<(), StreamError> {
-        // Per stream: after a reconnect every resource is looked at once more (cheap: unchanged ones are no-ops).
-        let mut seen = Seen::default();
+    async fn connect(&self) -> Result<AggregatedDiscoveryServiceClient<tonic::transport::Channel>, StreamError> {
         let (addr, timeout) = {
             let cm = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
             let cluster = cm.get(&self.cluster).ok_or_else(|| StreamError::NoEndpoint(self.cluster.clone()))?;
@@ -117,8 +126,14 @@ impl AdsClient {
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10));
         let channel = endpoint.connect().await.map_err(|e| StreamError::Connect(uri.clone(), e))?;
-        let mut client = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(usize::MAX);
+        info!(control_plane = %addr, "connected");
+        Ok(AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(usize::MAX))
+    }
 
+    async fn stream(&self, state: &mut SotwState, connected: &Gauge, attempt: &mut u32) -> Result<(), StreamError> {
+        // Per stream: after a reconnect every resource is looked at once more (cheap: unchanged ones are no-ops).
+        let mut seen = Seen::default();
+        let mut client = self.connect().await?;
         let (tx, rx) = mpsc::unbounded_channel::<DiscoveryRequest>();
         for req in state.restart() {
             let _ = tx.send(req);
@@ -126,7 +141,7 @@ impl AdsClient {
         let requests = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
         let mut responses = client.stream_aggregated_resources(requests).await?.into_inner();
         connected.set(1);
-        info!(control_plane = %addr, "ADS stream up");
+        info!("ADS stream up (state of the world)");
         while let Some(resp) = responses.message().await? {
             // A stream that delivers is healthy: the next failure starts the backoff afresh.
             *attempt = 0;
@@ -138,6 +153,128 @@ impl AdsClient {
             }
         }
         Err(StreamError::Closed)
+    }
+
+    async fn delta_stream(
+        &self,
+        state: &mut DeltaState,
+        connected: &Gauge,
+        attempt: &mut u32,
+    ) -> Result<(), StreamError> {
+        let mut client = self.connect().await?;
+        let (tx, rx) = mpsc::unbounded_channel::<DeltaDiscoveryRequest>();
+        for req in state.restart() {
+            let _ = tx.send(req);
+        }
+        let requests = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
+        let mut responses = client.delta_aggregated_resources(requests).await?.into_inner();
+        connected.set(1);
+        info!("ADS stream up (delta)");
+        while let Some(resp) = responses.message().await? {
+            *attempt = 0;
+            let (reply, follow_up) = self.apply_delta(state, &resp);
+            let _ = tx.send(reply);
+            if let Some(req) = follow_up {
+                let _ = tx.send(req);
+            }
+        }
+        Err(StreamError::Closed)
+    }
+
+    /// Applies one delta response: what it carries is added or updated, what it names in `removed_resources` goes.
+    fn apply_delta(
+        &self,
+        state: &mut DeltaState,
+        resp: &DeltaDiscoveryResponse,
+    ) -> (DeltaDiscoveryRequest, Option<DeltaDiscoveryRequest>) {
+        let mut errors = Vec::new();
+        let mut applied = Vec::new();
+        let mut follow_up = None;
+        let stats_prefix = match resp.type_url.as_str() {
+            LISTENER => Some("listener_manager.lds"),
+            CLUSTER => Some("cluster_manager.cds"),
+            _ => None,
+        };
+        let resources = resp.resources.iter().filter_map(|r| r.resource.as_ref().map(|any| (r, any)));
+        match resp.type_url.as_str() {
+            LISTENER => {
+                let mut configs = Vec::new();
+                let mut versions = std::collections::HashMap::new();
+                for (r, any) in resources {
+                    match decode::<Listener>(any, LISTENER)
+                        .and_then(|l| ListenerConfig::try_from(l).map_err(|e| e.to_string()))
+                    {
+                        Ok(c) => {
+                            versions.insert(c.name.clone(), r.version.clone());
+                            configs.push(c);
+                        }
+                        Err(e) => errors.push(format!("{}: {e}", r.name)),
+                    }
+                }
+                let mut lm = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+                for (name, result) in lm.apply_delta(configs, &resp.removed_resources) {
+                    match result {
+                        Ok(_) => applied.push((name.clone(), versions.remove(&name).unwrap_or_default())),
+                        Err(e) => errors.push(format!("{name}: {e}")),
+                    }
+                }
+            }
+            CLUSTER => {
+                let mut cm = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
+                for name in &resp.removed_resources {
+                    if !cm.remove_dynamic(name) {
+                        errors.push(format!("{name}: a static cluster cannot be removed by CDS"));
+                    }
+                }
+                for (r, any) in resources {
+                    match decode::<Cluster>(any, CLUSTER)
+                        .and_then(|c| ClusterConfig::try_from(c).map_err(|e| e.to_string()))
+                        .and_then(|c| cm.add_dynamic(c))
+                    {
+                        Ok(()) => applied.push((r.name.clone(), r.version.clone())),
+                        Err(e) => errors.push(format!("{}: {e}", r.name)),
+                    }
+                }
+                follow_up = state.subscribe(ENDPOINT, cm.eds_service_names());
+            }
+            ENDPOINT => {
+                let mut cm = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
+                for (r, any) in resources {
+                    match decode::<ClusterLoadAssignment>(any, ENDPOINT)
+                        .and_then(|la| cm.set_load_assignment(&la).map_err(|e| e.to_string()))
+                    {
+                        Ok(_) => applied.push((r.name.clone(), r.version.clone())),
+                        Err(e) => errors.push(format!("{}: {e}", r.name)),
+                    }
+                }
+                // A removed assignment leaves its cluster without endpoints.
+                for name in &resp.removed_resources {
+                    let empty = ClusterLoadAssignment { cluster_name: name.clone(), ..Default::default() };
+                    let _ = cm.set_load_assignment(&empty);
+                }
+            }
+            other => errors.push(format!("type {other} is not supported")),
+        }
+        let stats = stats_prefix.map(|p| SubscriptionStats::new(&self.stats, p));
+        if let Some(s) = &stats {
+            s.update_attempt.inc();
+        }
+        let reply = if errors.is_empty() {
+            if let Some(s) = &stats {
+                s.update_success.inc();
+                s.version.set(version_hash(&resp.system_version_info));
+            }
+            info!(type_url = %resp.type_url, resources = resp.resources.len(), removed = resp.removed_resources.len(), "ACK");
+            state.ack(resp, &applied, &resp.removed_resources)
+        } else {
+            if let Some(s) = &stats {
+                s.update_rejected.inc();
+            }
+            let message = errors.join("\n");
+            warn!(type_url = %resp.type_url, "NACK: {}", message.replace('\n', "; "));
+            state.nack(resp, &applied, &resp.removed_resources, message)
+        };
+        (reply, follow_up)
     }
 
     /// Applies one response; returns its ACK or NACK and, after CDS, a changed EDS subscription.
@@ -332,25 +469,22 @@ fn version_hash(version: &str) -> i64 {
 /// The cluster the ADS stream connects through, from `dynamic_resources.ads_config`, if ADS is configured.
 pub fn ads_cluster(
     dynamic: &envoy_types::pb::envoy::config::bootstrap::v3::bootstrap::DynamicResources,
-) -> Result<Option<String>, crate::config::ConfigError> {
+) -> Result<Option<(String, Protocol)>, crate::config::ConfigError> {
     use crate::config::ConfigError;
     use envoy_types::pb::envoy::config::core::v3::api_config_source::ApiType;
     use envoy_types::pb::envoy::config::core::v3::grpc_service::TargetSpecifier;
     let Some(ads) = &dynamic.ads_config else { return Ok(None) };
-    match ApiType::try_from(ads.api_type) {
-        Ok(ApiType::Grpc) => {}
-        Ok(ApiType::DeltaGrpc) => {
-            return Err(ConfigError::new(
-                "dynamic_resources.ads_config.api_type",
-                "DELTA_GRPC is not supported yet (use GRPC, state of the world)",
-            ));
-        }
+    let protocol = match ApiType::try_from(ads.api_type) {
+        Ok(ApiType::Grpc) => Protocol::StateOfTheWorld,
+        Ok(ApiType::DeltaGrpc) => Protocol::Delta,
         _ => {
-            return Err(ConfigError::new("dynamic_resources.ads_config.api_type", "ADS needs GRPC"));
+            return Err(ConfigError::new("dynamic_resources.ads_config.api_type", "ADS needs GRPC or DELTA_GRPC"));
         }
-    }
+    };
     match ads.grpc_services.first().and_then(|g| g.target_specifier.as_ref()) {
-        Some(TargetSpecifier::EnvoyGrpc(e)) if !e.cluster_name.is_empty() => Ok(Some(e.cluster_name.clone())),
+        Some(TargetSpecifier::EnvoyGrpc(e)) if !e.cluster_name.is_empty() => {
+            Ok(Some((e.cluster_name.clone(), protocol)))
+        }
         Some(TargetSpecifier::GoogleGrpc(_)) => Err(ConfigError::new(
             "dynamic_resources.ads_config.grpc_services[0].google_grpc",
             "google_grpc is not supported; use envoy_grpc with a static cluster",

@@ -28,12 +28,12 @@ fn listener_any(name: &str, port: u16, body: &str) -> Any {
     any(&direct_listener(name, port, body, ""), "envoy.config.listener.v3.Listener", LISTENER)
 }
 
-fn bootstrap(mock: SocketAddr) -> String {
+fn bootstrap(mock: SocketAddr, api: &str) -> String {
     format!(
         r#"
 node: {{ id: "{NODE}", cluster: test }}
 dynamic_resources:
-  ads_config: {{ api_type: GRPC, grpc_services: [ {{ envoy_grpc: {{ cluster_name: xds-grpc }} }} ] }}
+  ads_config: {{ api_type: {api}, grpc_services: [ {{ envoy_grpc: {{ cluster_name: xds-grpc }} }} ] }}
   lds_config: {{ ads: {{}} }}
   cds_config: {{ ads: {{}} }}
 static_resources:
@@ -57,10 +57,9 @@ async fn acked(mock: &MockHandle, type_url: &str, version: &str) {
     mock.wait_for(NODE, type_url, version, WAIT).await.unwrap_or_else(|e| panic!("{type_url} v{version}: {e:?}"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn listeners_added_updated_and_removed_through_ads() {
+async fn listeners_added_updated_and_removed_through_ads(api: &str) {
     let mock = mock().await;
-    let server = start(&bootstrap(mock.addr()), Duration::from_millis(300)).await;
+    let server = start(&bootstrap(mock.addr(), api), Duration::from_millis(300)).await;
     let port = free_port();
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
 
@@ -85,10 +84,9 @@ async fn listeners_added_updated_and_removed_through_ads() {
     assert_eq!(gauge(&server, "control_plane.connected_state"), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_listeners_are_nacked_by_name_and_the_good_ones_still_apply() {
+async fn bad_listeners_are_nacked_by_name_and_the_good_ones_still_apply(api: &str) {
     let mock = mock().await;
-    let server = start(&bootstrap(mock.addr()), Duration::from_millis(300)).await;
+    let server = start(&bootstrap(mock.addr(), api), Duration::from_millis(300)).await;
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let taken_port = taken.local_addr().unwrap().port();
     let (good, dup) = (free_port(), free_port());
@@ -141,10 +139,9 @@ async fn bad_listeners_are_nacked_by_name_and_the_good_ones_still_apply() {
     drop(taken);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn eds_cluster_from_cds_carries_traffic() {
+async fn eds_cluster_from_cds_carries_traffic(api: &str) {
     let mock = mock().await;
-    let server = start(&bootstrap(mock.addr()), Duration::from_millis(300)).await;
+    let server = start(&bootstrap(mock.addr(), api), Duration::from_millis(300)).await;
     let up = echo_server().await;
     let port = free_port();
     let cluster = any(
@@ -180,11 +177,10 @@ filter_chains: [ {{ filters: [ {{ name: t, typed_config: {{ "@type": type.google
     assert_eq!(counter(&server, "cluster_manager.cds.update_success"), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn losing_the_control_plane_keeps_traffic_and_a_restart_reapplies_nothing() {
+async fn losing_the_control_plane_keeps_traffic_and_a_restart_reapplies_nothing(api: &str) {
     let first = mock().await;
     let mock_addr = first.addr();
-    let server = start(&bootstrap(mock_addr), Duration::from_millis(300)).await;
+    let server = start(&bootstrap(mock_addr, api), Duration::from_millis(300)).await;
     let port = free_port();
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let v = first.set(LISTENER, vec![listener_any("l", port, "kept")]).unwrap();
@@ -199,11 +195,39 @@ async fn losing_the_control_plane_keeps_traffic_and_a_restart_reapplies_nothing(
     eventually("disconnect noticed", WAIT, async || gauge(&server, "control_plane.connected_state") == 0).await;
     assert_eq!(fetch(addr).await.unwrap(), b"kept", "serving the last good config without a control plane");
 
-    // A new control plane on the same address with the same resources: reconnect, resync, nothing re-applied.
+    // A new control plane on the same address with the same listener plus a new one: reconnect, resync, the
+    // unchanged listener is not re-applied (delta: not even resent, thanks to initial_resource_versions).
     let second = MockServer::start(mock_addr).await.unwrap();
-    let v = second.set(LISTENER, vec![listener_any("l", port, "kept")]).unwrap();
+    let port2 = free_port();
+    let v = second.set(LISTENER, vec![listener_any("l", port, "kept"), listener_any("l2", port2, "new")]).unwrap();
     acked(&second, LISTENER, &v).await;
+    assert_eq!(fetch(([127, 0, 0, 1], port2).into()).await.unwrap(), b"new");
     assert_eq!(counter(&server, "listener_manager.listener_modified"), 0, "an unchanged listener is not replaced");
     assert_eq!(read_to_end(&mut open).await, b"kept", "the connection opened before the outage was never drained");
     assert_eq!(gauge(&server, "control_plane.connected_state"), 1);
 }
+
+/// Every scenario runs over both ADS flavours.
+macro_rules! both_protocols {
+    ($($scenario:ident),*) => {
+        mod sotw {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $scenario() {
+                super::$scenario("GRPC").await
+            })*
+        }
+        mod delta {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $scenario() {
+                super::$scenario("DELTA_GRPC").await
+            })*
+        }
+    };
+}
+
+both_protocols!(
+    listeners_added_updated_and_removed_through_ads,
+    bad_listeners_are_nacked_by_name_and_the_good_ones_still_apply,
+    eds_cluster_from_cds_carries_traffic,
+    losing_the_control_plane_keeps_traffic_and_a_restart_reapplies_nothing
+);

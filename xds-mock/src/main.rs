@@ -1,8 +1,113 @@
-//! The `xds-mock` command: not built yet; it says so instead of pretending to serve.
+//! The `xds-mock` command: serves a resource file (or an Envoy config dump) over ADS with the management API,
+//! reflection and health on one port, until Ctrl-C or SIGTERM.
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+use xds_mock::source::{load_into, watch_file};
+use xds_mock::{Clients, Store, serve};
+
+/// How often `--watch` looks at the file's modification time.
+const WATCH_INTERVAL: Duration = Duration::from_millis(300);
+
+/// A mock xDS control plane (ADS, SotW and delta) with a gRPC management API.
+#[derive(Debug, Parser)]
+#[command(name = "xds-mock", version)]
+struct Cli {
+    /// Address to serve ADS, the management API, reflection and health on.
+    #[arg(long, default_value = "127.0.0.1:18000")]
+    listen: SocketAddr,
+    /// Resource file or Envoy config dump, YAML or JSON (`.json`); without it the mock starts empty.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Reload the file when it changes and push the new version; a bad edit is logged and not served.
+    #[arg(long, requires = "config")]
+    watch: bool,
+    /// Log filter (`info`, `debug`, `xds_mock=debug,warn`, ...).
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
 
 fn main() -> ExitCode {
-    eprintln!("xds-mock: the control plane server is not implemented yet (tracked by the xDS issue)");
-    ExitCode::from(2)
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) if !err.use_stderr() => {
+            // --help and --version: not errors.
+            let _ = err.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(err) => {
+            let first_line = err.to_string().lines().next().unwrap_or_default().trim_start_matches("error: ").to_owned();
+            eprintln!("xds-mock: {first_line} (see --help)");
+            return ExitCode::from(1);
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xds-mock: {err:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+#[tokio::main]
+async fn run(cli: Cli) -> Result<()> {
+    let filter = EnvFilter::try_new(&cli.log_level).with_context(|| format!("--log-level {:?}", cli.log_level))?;
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+
+    let store = Store::new();
+    if let Some(file) = &cli.config {
+        let changed = load_into(file, &store)?;
+        for (type_url, version) in changed {
+            let count = store.snapshot().get(&type_url).map_or(0, |t| t.resources.len());
+            tracing::info!(type_url, version, count, "loaded from {}", file.display());
+        }
+    }
+    let listener = match TcpListener::bind(cli.listen).await {
+        Ok(listener) => listener,
+        Err(err) => bail!("--listen {}: {err}", cli.listen),
+    };
+    tracing::info!(addr = %listener.local_addr()?, "serving ADS, xds_mock.v1.Management, reflection and health");
+
+    let shutdown = CancellationToken::new();
+    if let (true, Some(file)) = (cli.watch, &cli.config) {
+        tokio::spawn(watch_file(file.clone(), store.clone(), WATCH_INTERVAL, shutdown.clone()));
+    }
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    serve(listener, store, Clients::new(), shutdown).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Cancels `shutdown` on Ctrl-C or SIGTERM.
+async fn stop_on_signal(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(term) => term,
+            Err(err) => {
+                tracing::warn!("cannot listen for SIGTERM: {err}");
+                let _ = ctrl_c.await;
+                shutdown.cancel();
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("signal received, stopping");
+    shutdown.cancel();
 }

@@ -17,7 +17,7 @@ use serde_json::Value as Json;
 use tokio_util::sync::CancellationToken;
 use xds_proxy::config::proto::{Format, decode, parse_dynamic};
 
-use crate::resource::{ResourceError, parse_resource};
+use crate::resource::{ResourceError, canonical_any, parse_resource};
 use crate::store::{Store, StoreError};
 use crate::types::{CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, TYPE_URL_PREFIX};
 
@@ -106,8 +106,8 @@ pub fn parse_text(text: &str, format: Format, file: &Path) -> Result<Resources, 
     Ok(resources)
 }
 
-/// The dynamic resources of an Envoy `/config_dump`. Each resource is the dump's own `Any`, so types the proxy
-/// knows only by descriptor (Istio's) are served exactly as encoded from the dump.
+/// The dynamic resources of an Envoy `/config_dump`. Each resource is the dump's own `Any` (canonically encoded),
+/// so types the proxy knows only by descriptor (Istio's) are served exactly as the pool encodes them.
 fn parse_config_dump(text: &str, format: Format, file: &Path) -> Result<Resources, SourceError> {
     let message =
         parse_dynamic(text, format, "envoy.admin.v3.ConfigDump").map_err(|err| invalid(file, err.to_string()))?;
@@ -119,7 +119,7 @@ fn parse_config_dump(text: &str, format: Format, file: &Path) -> Result<Resource
     }
     let mut add = |any: Option<Any>| {
         if let Some(any) = any {
-            resources.entry(any.type_url.clone()).or_default().push(any);
+            resources.entry(any.type_url.clone()).or_default().push(canonical_any(any));
         }
     };
     for (index, config) in dump.configs.iter().enumerate() {

@@ -1,12 +1,16 @@
 //! State-of-the-world subscription state of one type on one stream, as plain data: what the client asked for, what
 //! was last sent, and whether a request is an ACK, a NACK or stale. No IO, so the protocol rules are unit-tested.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 
 use crate::store::TypeSnapshot;
 use crate::types::is_wildcard_type;
+
+/// Responses remembered per type, so that the answer to an older response (which crossed a newer push on the
+/// wire) is still recorded as that version's ACK or NACK.
+const RECENT_RESPONSES: usize = 16;
 
 /// What a request meant.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,8 +23,7 @@ pub enum RequestKind {
     Nack { version: String, nonce: String, message: String, code: i32 },
     /// A request before any response was sent (a subscription change while the type was not served yet).
     Update,
-    /// Answers an older response than the last sent; the protocol says to ignore it, the client will answer
-    /// the newest response with its current subscription.
+    /// A nonce we do not know (or no longer remember): ignored, as the protocol says.
     Stale,
 }
 
@@ -30,6 +33,8 @@ pub struct SotwState {
     names: BTreeSet<String>,
     sent_version: Option<u64>,
     sent_nonce: Option<String>,
+    /// `(nonce, version)` of recent responses, newest last.
+    recent: VecDeque<(String, u64)>,
     /// Set by a subscription change or the first request; cleared by the next response.
     must_send: bool,
     seen_request: bool,
@@ -44,11 +49,9 @@ impl SotwState {
             self.must_send = true;
             return RequestKind::Initial;
         }
-        if request.response_nonce != self.sent_nonce.as_deref().unwrap_or_default() {
-            return RequestKind::Stale;
-        }
-        let kind = match (&self.sent_nonce, self.sent_version) {
-            (Some(nonce), Some(version)) => match &request.error_detail {
+        let answered = self.recent.iter().find(|(nonce, _)| *nonce == request.response_nonce);
+        let kind = match answered {
+            Some((nonce, version)) => match &request.error_detail {
                 Some(status) => RequestKind::Nack {
                     version: version.to_string(),
                     nonce: nonce.clone(),
@@ -57,9 +60,14 @@ impl SotwState {
                 },
                 None => RequestKind::Ack { version: version.to_string(), nonce: nonce.clone() },
             },
-            _ => RequestKind::Update,
+            None if request.response_nonce.is_empty() && self.sent_nonce.is_none() => RequestKind::Update,
+            None => RequestKind::Stale,
         };
-        self.set_subscription(request, false);
+        // Only an answer to the newest response states the current subscription; an older one was sent before the
+        // client saw the newest, and it will answer that one with its subscription as it is now.
+        if request.response_nonce == self.sent_nonce.as_deref().unwrap_or_default() {
+            self.set_subscription(request, false);
+        }
         kind
     }
 
@@ -100,6 +108,10 @@ impl SotwState {
             .collect();
         self.sent_version = Some(snapshot.version);
         self.sent_nonce = Some(nonce.clone());
+        if self.recent.len() == RECENT_RESPONSES {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((nonce.clone(), snapshot.version));
         Some(DiscoveryResponse {
             version_info: snapshot.version.to_string(),
             resources,
@@ -157,7 +169,10 @@ mod tests {
 
         let snap2 = snapshot(2, &["a"]);
         assert_eq!(state.response(LISTENER, Some(&snap2), "n3".into()).unwrap().resources.len(), 1);
-        assert_eq!(state.on_request(&request(LISTENER, &[], "n1", None)), RequestKind::Stale);
+        // The late ACK of the first response still counts for its version.
+        let late = state.on_request(&request(LISTENER, &[], "n1", None));
+        assert_eq!(late, RequestKind::Ack { version: "1".into(), nonce: "n1".into() });
+        assert_eq!(state.on_request(&request(LISTENER, &[], "n0", None)), RequestKind::Stale);
         let nack = state.on_request(&request(LISTENER, &[], "n3", Some("bad")));
         assert!(
             matches!(nack, RequestKind::Nack { ref version, ref message, .. } if version == "2" && message == "bad")

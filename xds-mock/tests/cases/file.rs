@@ -103,6 +103,8 @@ async fn istio_config_dump_is_served_byte_exact() {
     let count = |type_url: &str| snapshot.get(type_url).map_or(0, |t| t.resources.len());
     assert_eq!(count(LISTENER), 35, "dynamic active listeners");
     assert!(count(CLUSTER) > 0 && count(ROUTE) > 0 && count(ENDPOINT) > 0);
+    // Encoding is canonical (maps sorted), so reading the same dump again changes nothing.
+    assert!(load_into(&fixture, &store).unwrap().is_empty(), "a reload of the same file is not a new version");
 
     let mock = MockServer::start_with_store("127.0.0.1:0".parse().unwrap(), store.clone()).await.unwrap();
     let mut client = SotwClient::connect(&mock, "istio").await;
