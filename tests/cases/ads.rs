@@ -207,6 +207,47 @@ async fn losing_the_control_plane_keeps_traffic_and_a_restart_reapplies_nothing(
     assert_eq!(gauge(&server, "control_plane.connected_state"), 1);
 }
 
+async fn churn_of_1000_pushes_never_disturbs_an_unchanged_listener(api: &str) {
+    let mock = mock().await;
+    let server = start(&bootstrap(mock.addr(), api), Duration::from_millis(100)).await;
+    let (stable, churn) = (free_port(), free_port());
+    let stable_addr: SocketAddr = ([127, 0, 0, 1], stable).into();
+    let v = mock.set(LISTENER, vec![listener_any("stable", stable, "stable"), listener_any("churn", churn, "0")]).unwrap();
+    acked(&mock, LISTENER, &v).await;
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0usize, 0usize);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match fetch(stable_addr).await {
+                    Ok(body) if body == b"stable" => ok += 1,
+                    _ => failed += 1,
+                }
+            }
+            (ok, failed)
+        })
+    };
+    let mut last = String::new();
+    for i in 1..=1000 {
+        last = mock
+            .set(LISTENER, vec![listener_any("stable", stable, "stable"), listener_any("churn", churn, &i.to_string())])
+            .unwrap();
+    }
+    acked(&mock, LISTENER, &last).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = client.await.unwrap();
+    assert_eq!(failed, 0, "failed connections to the unchanged listener ({ok} succeeded)");
+    assert!(ok > 0);
+    assert_eq!(fetch(([127, 0, 0, 1], churn).into()).await.unwrap(), b"1000", "the last push is in effect");
+    assert_eq!(
+        counter(&server, &format!("listener.127.0.0.1_{stable}.downstream_cx_total")) as usize,
+        ok,
+        "every connection reached the unchanged listener, which was never replaced"
+    );
+}
+
 /// Every scenario runs over both ADS flavours.
 macro_rules! both_protocols {
     ($($scenario:ident),*) => {
@@ -225,7 +266,7 @@ macro_rules! both_protocols {
     };
 }
 
-both_protocols!(
+both_protocols!(churn_of_1000_pushes_never_disturbs_an_unchanged_listener, 
     listeners_added_updated_and_removed_through_ads,
     bad_listeners_are_nacked_by_name_and_the_good_ones_still_apply,
     eds_cluster_from_cds_carries_traffic,
