@@ -76,7 +76,7 @@ impl Server {
         let workers =
             Workers::start(options.concurrency.max(1), clusters.published(), &stats).map_err(StartError::Workers)?;
         let drain = DrainSettings { drain_time: options.drain_time, strategy: options.drain_strategy };
-        let mut listeners = ListenerManager::new(workers, sockets, drain, stats.clone());
+        let mut listeners = ListenerManager::new(workers, sockets, drain, stats.clone(), clusters.published());
         for l in &bootstrap.listeners {
             listeners.add_static(l.clone()).map_err(|error| StartError::Listener { name: l.name.clone(), error })?;
         }
@@ -87,6 +87,16 @@ impl Server {
             stats: stats.clone(),
             bootstrap: Arc::new(bootstrap),
         };
+        // Warming listeners time out even when no cluster update comes to wake them.
+        let warming = Arc::downgrade(&server.listeners);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tick.tick().await;
+                let Some(lm) = warming.upgrade() else { return };
+                lm.lock().unwrap_or_else(|p| p.into_inner()).promote_warming();
+            }
+        });
         if let Some((cluster, protocol)) = &server.bootstrap.ads_cluster {
             let ads = AdsClient {
                 cluster: cluster.clone(),

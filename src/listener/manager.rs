@@ -23,6 +23,7 @@ use super::{Listener, ListenerCore, ListenerStats};
 use crate::config::listener::{ListenerConfig, SocketSpec};
 use crate::drain::DrainStrategy;
 use crate::stats::{Counter, Gauge, Store};
+use crate::upstream::ClusterSet;
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum ListenerError {
@@ -45,6 +46,8 @@ pub enum ListenerError {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
+    /// Bound and built, waiting for the clusters its tcp_proxy names; the version it replaces keeps serving.
+    Warming,
     Added,
     Updated,
     /// Only filter chains changed; the listener kept its sockets and unchanged chains kept their connections.
@@ -69,6 +72,7 @@ struct ManagerStats {
     listener_in_place_updated: Counter,
     total_listeners_active: Gauge,
     total_listeners_draining: Gauge,
+    total_listeners_warming: Gauge,
 }
 
 impl ManagerStats {
@@ -83,8 +87,19 @@ impl ManagerStats {
             listener_in_place_updated: c("listener_in_place_updated"),
             total_listeners_active: g("total_listeners_active"),
             total_listeners_draining: g("total_listeners_draining"),
+            total_listeners_warming: g("total_listeners_warming"),
         }
     }
+}
+
+/// How long a listener may warm before it is activated anyway (Envoy's default `initial_fetch_timeout`).
+pub const WARMING_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug)]
+struct Warming {
+    listener: Arc<Listener>,
+    in_place: bool,
+    since: std::time::Instant,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -98,6 +113,10 @@ pub struct ListenerManager {
     workers: Workers,
     sockets: Box<dyn SocketFactory>,
     active: BTreeMap<String, Arc<Listener>>,
+    /// Listeners from xDS waiting for their clusters (Envoy's warming), by name.
+    warming: BTreeMap<String, Warming>,
+    /// The published clusters, to tell whether a warming listener's dependencies exist.
+    clusters: Arc<arc_swap::ArcSwap<ClusterSet>>,
     /// Which active listener holds each address, for the duplicate-address check without a scan.
     addresses: std::collections::HashMap<SocketAddr, String>,
     static_names: HashSet<String>,
@@ -113,13 +132,21 @@ pub struct ListenerManager {
 
 impl ListenerManager {
     /// Must be called inside the main tokio runtime: drains run there.
-    pub fn new(workers: Workers, sockets: Box<dyn SocketFactory>, drain: DrainSettings, store: Store) -> Self {
+    pub fn new(
+        workers: Workers,
+        sockets: Box<dyn SocketFactory>,
+        drain: DrainSettings,
+        store: Store,
+        clusters: Arc<arc_swap::ArcSwap<ClusterSet>>,
+    ) -> Self {
         let stats = ManagerStats::new(&store);
         store.gauge("listener_manager.workers_started").set(0);
         ListenerManager {
             workers,
             sockets,
             active: BTreeMap::new(),
+            warming: BTreeMap::new(),
+            clusters,
             addresses: Default::default(),
             static_names: HashSet::new(),
             released: Vec::new(),
@@ -184,8 +211,11 @@ impl ListenerManager {
         let stale: Vec<String> = self
             .active
             .keys()
+            .chain(self.warming.keys())
             .filter(|n| !seen.contains(*n) && !keep.contains(*n) && !self.static_names.contains(*n))
             .cloned()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
             .collect();
         for name in stale {
             let _ = self.remove_one(&name);
@@ -247,6 +277,7 @@ impl ListenerManager {
     /// gone, or shortly after the drain deadline forced them closed.
     pub fn shutdown(&mut self) -> impl Future<Output = ()> + use<> {
         let listeners: Vec<Arc<Listener>> = std::mem::take(&mut self.active).into_values().collect();
+        self.warming.clear();
         self.addresses.clear();
         self.static_names.clear();
         self.publish();
@@ -264,9 +295,14 @@ impl ListenerManager {
 
     fn try_apply(&mut self, config: ListenerConfig, allow_static: bool) -> Result<Outcome, ListenerError> {
         let name = config.name.clone();
+        if self.warming.get(&name).is_some_and(|w| w.listener.config().proto == config.proto) {
+            return Ok(Outcome::Warming);
+        }
         let old = self.active.get(&name).cloned();
         if let Some(old) = &old {
             if old.config().proto == config.proto {
+                // The serving version wins over a newer one that was still warming.
+                self.drop_warming(&name);
                 return Ok(Outcome::Unchanged);
             }
             if !allow_static && self.static_names.contains(&name) {
@@ -303,8 +339,30 @@ impl ListenerManager {
             }),
         });
         self.next_id += 1;
-        // Published by the caller: once per single change, once per whole state-of-the-world update (so workers
-        // see it atomically and a 10,000-listener update does not build 10,000 listener sets).
+        let missing =
+            if allow_static { Vec::new() } else { missing_clusters(listener.config(), &self.clusters.load()) };
+        if !missing.is_empty() {
+            info!(listener = %name, missing = ?missing, "listener warming: waiting for clusters");
+            self.addresses.insert(listener.config().socket.address, name.clone());
+            self.warming.insert(name, Warming { listener, in_place, since: std::time::Instant::now() });
+            self.stats.total_listeners_warming.set(self.warming.len() as i64);
+            return Ok(Outcome::Warming);
+        }
+        self.drop_warming(&name);
+        Ok(self.activate(name, listener, old, in_place))
+    }
+
+    /// Makes `listener` the serving version of `name`; the previous version's dropped chains drain. Published by
+    /// the caller: once per single change, once per whole state-of-the-world update (so workers see it atomically
+    /// and a 10,000-listener update does not build 10,000 listener sets).
+    fn activate(
+        &mut self,
+        name: String,
+        listener: Arc<Listener>,
+        old: Option<Arc<Listener>>,
+        in_place: bool,
+    ) -> Outcome {
+        let local_address = listener.local_address;
         if let Some(old) = &old {
             self.addresses.remove(&old.config().socket.address);
         }
@@ -332,7 +390,48 @@ impl ListenerManager {
             }
         };
         self.stats.total_listeners_active.set(self.active.len() as i64);
-        Ok(outcome)
+        outcome
+    }
+
+    /// Activates warming listeners whose clusters now exist, or that waited [`WARMING_TIMEOUT`]; call after cluster
+    /// updates and periodically. Returns how many became active.
+    pub fn promote_warming(&mut self) -> usize {
+        let clusters = self.clusters.load_full();
+        let ready: Vec<String> = self
+            .warming
+            .iter()
+            .filter(|(_, w)| {
+                w.since.elapsed() >= WARMING_TIMEOUT || missing_clusters(w.listener.config(), &clusters).is_empty()
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in &ready {
+            if let Some(w) = self.warming.remove(name) {
+                let old = self.active.get(name).cloned();
+                // A version warming on top of an in-place-eligible one keeps the old chains it shares.
+                let in_place = w.in_place && old.is_some();
+                self.activate(name.clone(), w.listener, old, in_place);
+            }
+        }
+        self.stats.total_listeners_warming.set(self.warming.len() as i64);
+        if !ready.is_empty() {
+            self.publish();
+        }
+        ready.len()
+    }
+
+    /// Names of listeners still warming.
+    pub fn warming_names(&self) -> Vec<String> {
+        self.warming.keys().cloned().collect()
+    }
+
+    fn drop_warming(&mut self, name: &str) {
+        if let Some(w) = self.warming.remove(name) {
+            if !self.active.contains_key(name) {
+                self.addresses.remove(&w.listener.config().socket.address);
+            }
+            self.stats.total_listeners_warming.set(self.warming.len() as i64);
+        }
     }
 
     /// The sockets for a new listener version: the old version's when the spec is unchanged, sockets released in
@@ -374,7 +473,9 @@ impl ListenerManager {
         if self.static_names.contains(name) {
             return Err(ListenerError::Static(name.to_string()));
         }
-        let Some(old) = self.active.remove(name) else { return Ok(false) };
+        let was_warming = self.warming.contains_key(name);
+        self.drop_warming(name);
+        let Some(old) = self.active.remove(name) else { return Ok(was_warming) };
         self.addresses.remove(&old.config().socket.address);
         if old.config().bind_to_port && !old.sockets.is_empty() {
             self.released.push((old.config().socket.clone(), old.sockets.clone()));
@@ -424,4 +525,20 @@ impl ListenerManager {
     pub fn stop_workers(&mut self) {
         self.workers.stop();
     }
+}
+
+/// Clusters a listener's tcp_proxy filters name that do not exist (yet).
+fn missing_clusters(config: &ListenerConfig, clusters: &ClusterSet) -> Vec<String> {
+    use crate::config::listener::NetworkFilterConfig;
+    let mut missing = Vec::new();
+    for chain in config.filter_chains.iter().chain(config.default_filter_chain.iter()) {
+        if let NetworkFilterConfig::TcpProxy(tp) = chain.terminal() {
+            for (name, _) in &tp.clusters {
+                if clusters.get(name).is_none() && !missing.contains(name) {
+                    missing.push(name.clone());
+                }
+            }
+        }
+    }
+    missing
 }

@@ -236,6 +236,8 @@ impl AdsClient {
                     }
                 }
                 follow_up = state.subscribe(ENDPOINT, cm.eds_service_names());
+                drop(cm);
+                self.listeners.lock().unwrap_or_else(|p| p.into_inner()).promote_warming();
             }
             ENDPOINT => {
                 let mut cm = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
@@ -363,6 +365,8 @@ impl AdsClient {
         }
         errors.extend(refused);
         seen.remember(hashes, &keep);
+        drop(cm);
+        self.listeners.lock().unwrap_or_else(|p| p.into_inner()).promote_warming();
         if errors.is_empty() { Ok(()) } else { Err(errors) }
     }
 

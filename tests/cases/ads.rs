@@ -212,7 +212,8 @@ async fn churn_of_1000_pushes_never_disturbs_an_unchanged_listener(api: &str) {
     let server = start(&bootstrap(mock.addr(), api), Duration::from_millis(100)).await;
     let (stable, churn) = (free_port(), free_port());
     let stable_addr: SocketAddr = ([127, 0, 0, 1], stable).into();
-    let v = mock.set(LISTENER, vec![listener_any("stable", stable, "stable"), listener_any("churn", churn, "0")]).unwrap();
+    let v =
+        mock.set(LISTENER, vec![listener_any("stable", stable, "stable"), listener_any("churn", churn, "0")]).unwrap();
     acked(&mock, LISTENER, &v).await;
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -248,6 +249,65 @@ async fn churn_of_1000_pushes_never_disturbs_an_unchanged_listener(api: &str) {
     );
 }
 
+fn tcp_listener_any(name: &str, port: u16, cluster: &str) -> Any {
+    any(
+        &format!(
+            r#"name: {name}
+address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
+filter_chains: [ {{ filters: [ {{ name: t, typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: {name}, cluster: {cluster} }} }} ] }} ]"#
+        ),
+        "envoy.config.listener.v3.Listener",
+        LISTENER,
+    )
+}
+
+fn static_cluster_any(name: &str, up: SocketAddr) -> Any {
+    any(
+        &format!(
+            "name: {name}\nload_assignment: {{ cluster_name: {name}, endpoints: [ {{ lb_endpoints: [ {{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {} }} }} }} }} ] }} ] }}",
+            up.port()
+        ),
+        "envoy.config.cluster.v3.Cluster",
+        CLUSTER,
+    )
+}
+
+async fn listeners_warm_until_their_clusters_arrive(api: &str) {
+    let mock = mock().await;
+    let server = start(&bootstrap(mock.addr(), api), Duration::from_millis(200)).await;
+    let a = tagged_server(b"A").await;
+    let b = tagged_server(b"B").await;
+    let port = free_port();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+
+    // A new listener whose cluster does not exist yet: bound (so a bind error would still NACK) but warming.
+    let v = mock.set(LISTENER, vec![tcp_listener_any("w", port, "cluster-a")]).unwrap();
+    acked(&mock, LISTENER, &v).await;
+    assert_eq!(gauge(&server, "listener_manager.total_listeners_warming"), 1);
+    assert_eq!(gauge(&server, "listener_manager.total_listeners_active"), 0);
+    // A connection made while warming waits in the accept queue and is served once the listener is active.
+    let mut early = TcpStream::connect(addr).await.unwrap();
+    let v = mock.set(CLUSTER, vec![static_cluster_any("cluster-a", a)]).unwrap();
+    acked(&mock, CLUSTER, &v).await;
+    let mut tag = [0u8; 1];
+    tokio::time::timeout(WAIT, tokio::io::AsyncReadExt::read_exact(&mut early, &mut tag)).await.unwrap().unwrap();
+    assert_eq!(&tag, b"A");
+    assert_eq!(gauge(&server, "listener_manager.total_listeners_warming"), 0);
+
+    // An update that needs a missing cluster warms while the current version keeps serving.
+    let v = mock.set(LISTENER, vec![tcp_listener_any("w", port, "cluster-b")]).unwrap();
+    acked(&mock, LISTENER, &v).await;
+    assert_eq!(gauge(&server, "listener_manager.total_listeners_warming"), 1);
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    tokio::io::AsyncReadExt::read_exact(&mut s, &mut tag).await.unwrap();
+    assert_eq!(&tag, b"A", "the serving version stays while the update warms");
+    let v = mock.set(CLUSTER, vec![static_cluster_any("cluster-a", a), static_cluster_any("cluster-b", b)]).unwrap();
+    acked(&mock, CLUSTER, &v).await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    tokio::io::AsyncReadExt::read_exact(&mut s, &mut tag).await.unwrap();
+    assert_eq!(&tag, b"B", "the warmed version took over");
+}
+
 /// Every scenario runs over both ADS flavours.
 macro_rules! both_protocols {
     ($($scenario:ident),*) => {
@@ -266,7 +326,9 @@ macro_rules! both_protocols {
     };
 }
 
-both_protocols!(churn_of_1000_pushes_never_disturbs_an_unchanged_listener, 
+both_protocols!(
+    listeners_warm_until_their_clusters_arrive,
+    churn_of_1000_pushes_never_disturbs_an_unchanged_listener,
     listeners_added_updated_and_removed_through_ads,
     bad_listeners_are_nacked_by_name_and_the_good_ones_still_apply,
     eds_cluster_from_cds_carries_traffic,

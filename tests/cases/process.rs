@@ -167,3 +167,24 @@ static_resources:
     assert!(text.contains("application_protocols: exact h2c"), "{text}");
     assert!(text.contains("result: filter_chains[0] 'http' (direct_response)"), "{text}");
 }
+
+#[test]
+fn every_shipped_example_bootstrap_validates() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if !name.starts_with("bootstrap") {
+            continue;
+        }
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_xds-proxy"))
+            .args(["--mode", "validate", "--config-path"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        checked += 1;
+    }
+    assert!(checked >= 2, "examples found: {checked}");
+}

@@ -80,7 +80,7 @@ pub struct ClientStatus {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WaitError {
     #[error("node {node_id:?} NACKed {} version {}: {}", .0.type_url, .0.version, .0.message, node_id = .0.node_id)]
-    Nack(Nack),
+    Nack(Box<Nack>),
     #[error("node {node_id:?} neither ACKed nor NACKed {type_url} version {version} within {timeout:?}")]
     Timeout { node_id: String, type_url: String, version: String, timeout: Duration },
 }
@@ -129,7 +129,7 @@ impl Clients {
             loop {
                 changed.borrow_and_update();
                 if let Some(outcome) = self.outcome(node_id, type_url, version) {
-                    return outcome.map_err(WaitError::Nack);
+                    return outcome.map_err(|nack| WaitError::Nack(Box::new(nack)));
                 }
                 if changed.changed().await.is_err() {
                     // The registry is gone with the server: nothing will ever arrive.

@@ -1,6 +1,7 @@
 //! The `xds-mock` command: serves a resource file (or an Envoy config dump) over ADS with the management API,
 //! reflection and health on one port, until Ctrl-C or SIGTERM.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -44,7 +45,8 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(err) => {
-            let first_line = err.to_string().lines().next().unwrap_or_default().trim_start_matches("error: ").to_owned();
+            let first_line =
+                err.to_string().lines().next().unwrap_or_default().trim_start_matches("error: ").to_owned();
             eprintln!("xds-mock: {first_line} (see --help)");
             return ExitCode::from(1);
         }
@@ -61,7 +63,9 @@ fn main() -> ExitCode {
 #[tokio::main]
 async fn run(cli: Cli) -> Result<()> {
     let filter = EnvFilter::try_new(&cli.log_level).with_context(|| format!("--log-level {:?}", cli.log_level))?;
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // Plain text when piped (tests and scripts read the `addr=` of the listening line).
+    let ansi = std::io::stderr().is_terminal();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
 
     let store = Store::new();
     if let Some(file) = &cli.config {

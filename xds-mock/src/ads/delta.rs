@@ -62,7 +62,7 @@ impl DeltaState {
                 None => RequestKind::Stale,
                 Some(index) => {
                     // Answering a response implicitly settles every older one.
-                    let (nonce, version) = self.pending.drain(..=index).last().unwrap_or_default();
+                    let (nonce, version) = self.pending.drain(..=index).next_back().unwrap_or_default();
                     match &request.error_detail {
                         Some(status) => RequestKind::Nack {
                             version: version.to_string(),

@@ -76,7 +76,11 @@ fn json_resource_file_and_one_line_errors_with_field_paths() {
 
     let cases = [
         ("typo.yaml", "listeners:\n  - name: x\n    adress: {}\n", "listeners[0].adress"),
-        ("port.yaml", "clusters:\n  - name: a\n  - name: b\n    connect_timeout: soon\n", "clusters[1].connect_timeout"),
+        (
+            "port.yaml",
+            "clusters:\n  - name: a\n  - name: b\n    connect_timeout: soon\n",
+            "clusters[1].connect_timeout",
+        ),
         ("type.yaml", "resources:\n  - \"@type\": type.googleapis.com/nope.Nope\n", "resources[0]"),
         ("key.yaml", "listners: []\n", "listners: unknown key"),
         ("dup.yaml", "clusters: [{name: a}, {name: a}]\n", "duplicate"),
@@ -135,28 +139,15 @@ async fn istio_config_dump_is_served_byte_exact() {
         // And they still read back as the same JSON (nothing lost for types envoy-types has no struct for).
         assert_eq!(xds_mock::resource::to_json(served).unwrap()["name"], any_json["name"]);
         let listener = Listener::decode(served.value.as_slice()).unwrap();
-        for chain in &listener.filter_chains {
-            for filter in &chain.filters {
-                if let Some(envoy_types::pb::envoy::config::listener::v3::filter::ConfigType::TypedConfig(any)) =
-                    &filter.config_type
-                {
-                    if any.type_url.contains("metadataexchange") {
-                        istio_types.insert(any.type_url.clone());
-                        let json = xds_mock::resource::to_json(any).unwrap();
-                        assert_eq!(json["protocol"], "istio-peer-exchange", "{json}");
-                    }
-                    if any.type_url.ends_with("HttpConnectionManager") {
-                        let hcm = hcm::HttpConnectionManager::decode(any.value.as_slice()).unwrap();
-                        for http_filter in hcm.http_filters {
-                            if let Some(hcm::http_filter::ConfigType::TypedConfig(any)) = http_filter.config_type {
-                                if any.type_url.contains("istio") || any.type_url.contains("TypedStruct") {
-                                    istio_types.insert(any.type_url.clone());
-                                    assert!(xds_mock::resource::to_json(&any).is_some(), "{}", any.type_url);
-                                }
-                            }
-                        }
-                    }
-                }
+        for any in typed_configs(&listener) {
+            if any.type_url.contains("metadataexchange") {
+                let json = xds_mock::resource::to_json(&any).unwrap();
+                assert_eq!(json["protocol"], "istio-peer-exchange", "{json}");
+            }
+            let istio_only = ["istio", "TypedStruct", "metadataexchange"];
+            if istio_only.iter().any(|part| any.type_url.contains(part)) {
+                assert!(xds_mock::resource::to_json(&any).is_some(), "{}", any.type_url);
+                istio_types.insert(any.type_url);
             }
         }
     }
@@ -168,6 +159,28 @@ async fn istio_config_dump_is_served_byte_exact() {
             "type.googleapis.com/udpa.type.v1.TypedStruct",
         ]
     );
+}
+
+/// The typed configs of a listener's network filters and of its HTTP connection managers' HTTP filters.
+fn typed_configs(listener: &Listener) -> Vec<envoy_types::pb::google::protobuf::Any> {
+    use envoy_types::pb::envoy::config::listener::v3::filter::ConfigType;
+    let network =
+        listener.filter_chains.iter().flat_map(|chain| &chain.filters).filter_map(|filter| match &filter.config_type {
+            Some(ConfigType::TypedConfig(any)) => Some(any.clone()),
+            _ => None,
+        });
+    let mut all: Vec<_> = network.collect();
+    let http: Vec<_> = all
+        .iter()
+        .filter(|any| any.type_url.ends_with("HttpConnectionManager"))
+        .flat_map(|any| hcm::HttpConnectionManager::decode(any.value.as_slice()).unwrap().http_filters)
+        .filter_map(|filter| match filter.config_type {
+            Some(hcm::http_filter::ConfigType::TypedConfig(any)) => Some(any),
+            _ => None,
+        })
+        .collect();
+    all.extend(http);
+    all
 }
 
 #[tokio::test]

@@ -7,7 +7,8 @@ use xds_mock::types::{CLUSTER, LISTENER};
 
 use crate::common::*;
 
-const LISTENER_JSON: &str = r#"{"name": "added", "address": {"socket_address": {"address": "127.0.0.1", "port_value": 10000}}}"#;
+const LISTENER_JSON: &str =
+    r#"{"name": "added", "address": {"socket_address": {"address": "127.0.0.1", "port_value": 10000}}}"#;
 
 #[tokio::test]
 async fn set_list_and_remove_resources() {
@@ -30,13 +31,16 @@ async fn set_list_and_remove_resources() {
     assert_eq!((pushed.version_info.as_str(), names(&pushed)), ("2", vec!["added".to_owned()]));
 
     // "@type" works without a type, camelCase too; a type that disagrees is refused.
-    let cluster = r#"{"@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster", "name": "c", "connectTimeout": "2s"}"#;
-    let set = api.set_resource(SetResourceRequest { r#type: String::new(), resource_json: cluster.into() }).await.unwrap();
+    let cluster =
+        r#"{"@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster", "name": "c", "connectTimeout": "2s"}"#;
+    let set =
+        api.set_resource(SetResourceRequest { r#type: String::new(), resource_json: cluster.into() }).await.unwrap();
     assert_eq!(set.into_inner().type_url, CLUSTER);
     let wrong = api.set_resource(SetResourceRequest { r#type: "listener".into(), resource_json: cluster.into() }).await;
     assert_eq!(wrong.unwrap_err().code(), Code::InvalidArgument);
     let typo = r#"{"name": "x", "adress": {}}"#;
-    let err = api.set_resource(SetResourceRequest { r#type: "lds".into(), resource_json: typo.into() }).await.unwrap_err();
+    let err =
+        api.set_resource(SetResourceRequest { r#type: "lds".into(), resource_json: typo.into() }).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("adress"), "{}", err.message());
 

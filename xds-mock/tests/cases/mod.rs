@@ -1,5 +1,6 @@
 //! One module per area of the mock.
 
+mod binary;
 mod delta;
 mod file;
 mod management;

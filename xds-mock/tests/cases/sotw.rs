@@ -76,7 +76,10 @@ async fn nack_is_recorded_with_its_message_and_not_resent() {
     client.nack(&second, &good, "b: duplicate address 127.0.0.1:1001").await;
     let err = mock.wait_for("node-nack", LISTENER, &bad, TIMEOUT).await.unwrap_err();
     let WaitError::Nack(nack) = err else { panic!("expected a NACK, got {err}") };
-    assert_eq!((nack.message.as_str(), nack.code, nack.nonce.as_str()), ("b: duplicate address 127.0.0.1:1001", 3, second.nonce.as_str()));
+    assert_eq!(
+        (nack.message.as_str(), nack.code, nack.nonce.as_str()),
+        ("b: duplicate address 127.0.0.1:1001", 3, second.nonce.as_str())
+    );
     client.expect_quiet().await;
 
     let status = mock.clients().into_iter().find(|c| c.node_id == "node-nack").unwrap();
