@@ -1,18 +1,21 @@
 # The single entry point for building, running and testing xds-proxy (CI calls `make test` through .ci/run).
 CARGO ?= cargo
-CONFIG ?= examples/bootstrap-static.yaml
 ARGS ?=
 
-.PHONY: all build run test lint fmt fmt-check bench presubmit deps
+.PHONY: all build run run-static test lint fmt fmt-check bench presubmit deps
 
 all: build
 
 build:
-	$(CARGO) build --release
+	$(CARGO) build --release --workspace
 
-## run: the proxy with the example bootstrap (see README).
+## run: xds-mock serving examples/xds-mock-resources.yaml and the proxy bootstrapped to it; Ctrl-C stops both.
 run: build
-	./target/release/xds-proxy --config-path $(CONFIG) --concurrency 2 $(ARGS)
+	./examples/run.sh $(ARGS)
+
+## run-static: the proxy alone with a static bootstrap (CONFIG=...).
+run-static: build
+	./target/release/xds-proxy --config-path $(or $(CONFIG),examples/bootstrap-static.yaml) --concurrency 2 $(ARGS)
 
 ## deps: system packages the tests need (installed when missing).
 deps:
@@ -35,5 +38,6 @@ fmt-check:
 bench: build
 	@./.ci/deps.sh bench
 	python3 bench/run.py $(BENCH_ARGS)
+	$(CARGO) bench --bench chain_match --bench handoff --bench xds_scale
 
 presubmit: fmt-check lint test

@@ -176,8 +176,9 @@ fn reconcile(ctx: &Arc<WorkerContext>, set: &ListenerSet, running: &mut HashMap<
         let span = info_span!("listener", listener = %l.name(), worker = ctx.index);
         tokio::spawn(accept_loop(l.clone(), sock, token, ctx.clone()).instrument(span));
     }
+    let ids: std::collections::HashSet<u64> = set.listeners.iter().map(|l| l.id).collect();
     running.retain(|id, token| {
-        let keep = set.listeners.iter().any(|l| l.id == *id);
+        let keep = ids.contains(id);
         if !keep {
             token.cancel();
         }

@@ -45,8 +45,10 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(err) => {
-            let first_line =
-                err.to_string().lines().next().unwrap_or_default().trim_start_matches("error: ").to_owned();
+            // clap's message is several lines (details, tips, usage); the first paragraph, on one line, is the error.
+            let text = err.to_string();
+            let first = text.split("\n\n").next().unwrap_or_default().trim_start_matches("error: ");
+            let first_line = first.split_whitespace().collect::<Vec<_>>().join(" ");
             eprintln!("xds-mock: {first_line} (see --help)");
             return ExitCode::from(1);
         }

@@ -164,3 +164,22 @@ async fn stream_close_is_seen_and_wait_times_out() {
     }
     panic!("stream still counted as open");
 }
+
+#[tokio::test]
+async fn shutdown_ends_open_streams_and_the_port_can_be_reused() {
+    let mock = start().await;
+    let addr = mock.addr();
+    mock.set(LISTENER, vec![listener("a", 1001)]).unwrap();
+    let mut client = SotwClient::connect(&mock, "node-restart").await;
+    client.subscribe(LISTENER, &[]).await;
+    client.recv().await;
+    // The client keeps its side of the stream open: shutdown must not wait for it.
+    tokio::time::timeout(TIMEOUT, mock.shutdown()).await.expect("shutdown in time").unwrap();
+    assert!(client.next().await.is_none(), "the stream ends with the server");
+
+    let again = xds_mock::MockServer::start(addr).await.expect("same port again");
+    let version = again.set(LISTENER, vec![listener("a", 1001)]).unwrap();
+    let mut client = SotwClient::connect(&again, "node-restart").await;
+    client.subscribe(LISTENER, &[]).await;
+    assert_eq!(client.recv().await.version_info, version);
+}

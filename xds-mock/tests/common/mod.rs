@@ -117,6 +117,11 @@ impl SotwClient {
             .expect("stream open")
     }
 
+    /// The next response, or `None` when the server ended the stream (an error status counts as ended).
+    pub async fn next(&mut self) -> Option<DiscoveryResponse> {
+        tokio::time::timeout(TIMEOUT, self.rx.message()).await.expect("an answer in time").ok().flatten()
+    }
+
     /// Asserts nothing arrives for [`QUIET`].
     pub async fn expect_quiet(&mut self) {
         if let Ok(message) = tokio::time::timeout(QUIET, self.rx.message()).await {
