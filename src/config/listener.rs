@@ -319,21 +319,13 @@ impl FilterPredicate {
 impl ListenerFilterConfig {
     fn convert(f: &lpb::ListenerFilter, path: &str) -> Result<Self, ConfigError> {
         use envoy_types::pb::envoy::extensions::filters::listener::{proxy_protocol, tls_inspector};
-        let any = match &f.config_type {
-            Some(lpb::listener_filter::ConfigType::TypedConfig(any)) => any,
-            Some(lpb::listener_filter::ConfigType::ConfigDiscovery(_)) => {
-                return Err(ConfigError::new(
-                    join(path, "config_discovery"),
-                    "filter config discovery is not supported",
-                ));
-            }
-            None => {
-                return Err(ConfigError::new(
-                    join(path, "typed_config"),
-                    format!("listener filter '{}' needs a typed_config", f.name),
-                ));
-            }
+        use lpb::listener_filter::ConfigType;
+        let (typed, discovery) = match &f.config_type {
+            Some(ConfigType::TypedConfig(any)) => (Some(any), false),
+            Some(ConfigType::ConfigDiscovery(_)) => (None, true),
+            None => (None, false),
         };
+        let any = typed_config(typed, discovery, &format!("listener filter '{}'", f.name), path)?;
         let tpath = join(path, "typed_config");
         let kind = match type_name(&any.type_url) {
             TYPE_ORIGINAL_DST => ListenerFilterKind::OriginalDst,
@@ -482,21 +474,13 @@ pub enum NetworkFilterConfig {
 
 impl NetworkFilterConfig {
     fn convert(f: &lpb::Filter, path: &str) -> Result<Self, ConfigError> {
-        let any = match &f.config_type {
-            Some(lpb::filter::ConfigType::TypedConfig(any)) => any,
-            Some(lpb::filter::ConfigType::ConfigDiscovery(_)) => {
-                return Err(ConfigError::new(
-                    join(path, "config_discovery"),
-                    "filter config discovery is not supported",
-                ));
-            }
-            None => {
-                return Err(ConfigError::new(
-                    join(path, "typed_config"),
-                    format!("filter '{}' needs a typed_config", f.name),
-                ));
-            }
+        use lpb::filter::ConfigType;
+        let (typed, discovery) = match &f.config_type {
+            Some(ConfigType::TypedConfig(any)) => (Some(any), false),
+            Some(ConfigType::ConfigDiscovery(_)) => (None, true),
+            None => (None, false),
         };
+        let any = typed_config(typed, discovery, &format!("filter '{}'", f.name), path)?;
         let path = join(path, "typed_config");
         match type_name(&any.type_url) {
             TYPE_TCP_PROXY => {
@@ -560,6 +544,17 @@ impl TcpProxyConfig {
             idle_timeout: (!idle.is_zero()).then_some(idle),
             max_connect_attempts: attempts,
         })
+    }
+}
+
+/// A filter's `typed_config`; filter config discovery (ECDS) is refused rather than ignored.
+fn typed_config<'a>(typed: Option<&'a Any>, discovery: bool, what: &str, path: &str) -> Result<&'a Any, ConfigError> {
+    match typed {
+        Some(any) => Ok(any),
+        None if discovery => {
+            Err(ConfigError::new(join(path, "config_discovery"), "filter config discovery is not supported"))
+        }
+        None => Err(ConfigError::new(join(path, "typed_config"), format!("{what} needs a typed_config"))),
     }
 }
 

@@ -1,7 +1,6 @@
 //! Listener filters and filter chain matching over loopback: timeouts, PROXY protocol, SNI and the hand-off.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -33,21 +32,6 @@ fn listener_yaml(name: &str, port: u16, extra: &str, chains: &[(&str, &str)], de
 
 async fn start_with(listeners: &str) -> xds_proxy::server::Server {
     start(&format!("static_resources:\n  listeners:\n{listeners}"), Duration::from_secs(1)).await
-}
-
-fn client_hello(sni: &str, alpn: &[&str]) -> Vec<u8> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
-    let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
-    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
-    let mut out = Vec::new();
-    conn.write_tls(&mut out).unwrap();
-    out
 }
 
 async fn send_and_read(addr: std::net::SocketAddr, payload: &[u8]) -> Vec<u8> {

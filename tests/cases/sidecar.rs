@@ -10,10 +10,11 @@ use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::common::client_hello;
 
 const PROXY_UID: u32 = 1337;
 
@@ -115,21 +116,6 @@ impl Drop for ProxyInNs {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn client_hello(alpn: &[&str], sni: &str) -> Vec<u8> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
-    let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
-    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
-    let mut out = Vec::new();
-    conn.write_tls(&mut out).unwrap();
-    out
 }
 
 fn bootstrap() -> String {
@@ -299,14 +285,14 @@ async fn istio_style_sidecar_redirects_hand_off_and_chain_selection() {
             "inbound mTLS TCP (ALPN istio-peer-exchange)",
             &client,
             "10.45.0.1:8080",
-            client_hello(&["istio-peer-exchange", "istio"], "outbound_.8080_._.svc.ns.svc.cluster.local"),
+            client_hello("outbound_.8080_._.svc.ns.svc.cluster.local", &["istio-peer-exchange", "istio"]),
             b"mtls-tcp",
         ),
         (
             "inbound mTLS HTTP (ALPN istio-http/1.1)",
             &client,
             "10.45.0.1:8080",
-            client_hello(&["istio-http/1.1", "istio", "http/1.1"], "svc.ns.svc.cluster.local"),
+            client_hello("svc.ns.svc.cluster.local", &["istio-http/1.1", "istio", "http/1.1"]),
             b"mtls-http",
         ),
         (

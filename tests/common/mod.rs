@@ -250,3 +250,19 @@ pub fn run_proxy(file_name: &str, content: &str, args: &[&str]) -> (std::process
 pub async fn wait_accepting(addr: SocketAddr, timeout: Duration) {
     eventually(&format!("{addr} accepting"), timeout, async || TcpStream::connect(addr).await.is_ok()).await;
 }
+
+/// A real TLS ClientHello (rustls) offering `alpn` for `sni`.
+pub fn client_hello(sni: &str, alpn: &[&str]) -> Vec<u8> {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
+    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let mut out = Vec::new();
+    conn.write_tls(&mut out).unwrap();
+    out
+}
