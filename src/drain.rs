@@ -18,6 +18,15 @@ pub enum DrainStrategy {
     Immediate,
 }
 
+/// When a drain may end before its deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Until {
+    /// As soon as every holder is gone.
+    Empty,
+    /// Not before the deadline, so that late arrivals are drained too.
+    Deadline,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
     Serving,
@@ -65,9 +74,11 @@ impl DrainTrigger {
     /// Starts the graceful phase without waiting (a later [`DrainTrigger::drain`] keeps the first deadline).
     pub fn start(&self, drain_time: Duration, strategy: DrainStrategy) {
         let now = Instant::now();
+        // A huge --drain-time-s means "wait a very long time", not an overflow.
+        let deadline = now.checked_add(drain_time).unwrap_or(now + Duration::from_secs(100 * 365 * 86_400));
         self.tx.send_if_modified(|p| {
             if *p == Phase::Serving {
-                *p = Phase::Draining { started: now, deadline: now + drain_time, strategy };
+                *p = Phase::Draining { started: now, deadline, strategy };
                 true
             } else {
                 false
@@ -84,17 +95,30 @@ impl DrainTrigger {
         });
     }
 
-    /// Drains: graceful until `drain_time` has passed (or every holder left), then forced. Returns once every
-    /// holder is gone or `force_grace` after the forced close, whichever is first; the result says whether all
-    /// holders left.
-    pub async fn drain(&self, drain_time: Duration, strategy: DrainStrategy, force_grace: Duration) -> bool {
+    /// Drains: graceful until `drain_time` has passed, then forced. With `Until::Empty` it ends as soon as every
+    /// holder left (process shutdown); with `Until::Deadline` it stays graceful until the deadline even when empty,
+    /// because a connection accepted by an old accept loop an instant before the update may still pick this chain
+    /// (Envoy also keeps a drained listener for the whole drain time). Returns once every holder is gone or
+    /// `force_grace` after the forced close, whichever is first; the result says whether all holders left.
+    pub async fn drain(
+        &self,
+        drain_time: Duration,
+        strategy: DrainStrategy,
+        force_grace: Duration,
+        until: Until,
+    ) -> bool {
         self.start(drain_time, strategy);
         let deadline = match self.phase() {
             Phase::Draining { deadline, .. } => deadline,
             Phase::Serving | Phase::Closed => Instant::now(),
         };
         if tokio::time::timeout_at(deadline, self.tx.closed()).await.is_ok() {
-            return true;
+            if until == Until::Empty {
+                // Nobody will arrive later (the process is going): anyone who does closes at once.
+                self.close();
+                return true;
+            }
+            tokio::time::sleep_until(deadline).await;
         }
         self.close();
         tokio::time::timeout(force_grace, self.tx.closed()).await.is_ok()
@@ -149,10 +173,23 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(3)).await;
         });
         let start = Instant::now();
-        assert!(t.drain(Duration::from_secs(600), DrainStrategy::Immediate, Duration::from_secs(1)).await);
+        assert!(
+            t.drain(Duration::from_secs(600), DrainStrategy::Immediate, Duration::from_secs(1), Until::Empty).await
+        );
         assert_eq!(start.elapsed(), Duration::from_secs(3));
         assert!(holder.await.is_ok());
-        assert!(matches!(t.phase(), Phase::Draining { .. }));
+        assert_eq!(t.phase(), Phase::Closed, "a late arrival closes at once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_listener_drain_lasts_until_its_deadline_and_then_closes_late_arrivals() {
+        let t = DrainTrigger::new();
+        let start = Instant::now();
+        assert!(
+            t.drain(Duration::from_secs(5), DrainStrategy::Immediate, Duration::from_secs(1), Until::Deadline).await
+        );
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
+        assert_eq!(t.phase(), Phase::Closed);
     }
 
     #[tokio::test(start_paused = true)]
@@ -164,7 +201,7 @@ mod tests {
             Instant::now()
         });
         let start = Instant::now();
-        assert!(t.drain(Duration::from_secs(10), DrainStrategy::Gradual, Duration::from_secs(1)).await);
+        assert!(t.drain(Duration::from_secs(10), DrainStrategy::Gradual, Duration::from_secs(1), Until::Empty).await);
         let closed_at = holder.await.ok();
         assert_eq!(closed_at.map(|c| c - start), Some(Duration::from_secs(10)));
         assert_eq!(t.phase(), Phase::Closed);
@@ -174,7 +211,7 @@ mod tests {
     async fn a_holder_that_ignores_the_close_is_reported() {
         let t = DrainTrigger::new();
         let _stuck = t.watch();
-        assert!(!t.drain(Duration::from_secs(1), DrainStrategy::Immediate, Duration::from_secs(1)).await);
+        assert!(!t.drain(Duration::from_secs(1), DrainStrategy::Immediate, Duration::from_secs(1), Until::Empty).await);
     }
 
     #[tokio::test(start_paused = true)]

@@ -51,6 +51,8 @@ pub struct Server {
     pub clusters: Arc<Mutex<ClusterManager>>,
     pub stats: Store,
     pub bootstrap: Arc<BootstrapConfig>,
+    /// Stops the background tasks (ADS, warming timeouts) at shutdown.
+    background: tokio_util::sync::CancellationToken,
 }
 
 impl Server {
@@ -86,13 +88,18 @@ impl Server {
             clusters: Arc::new(Mutex::new(clusters)),
             stats: stats.clone(),
             bootstrap: Arc::new(bootstrap),
+            background: tokio_util::sync::CancellationToken::new(),
         };
         // Warming listeners time out even when no cluster update comes to wake them.
         let warming = Arc::downgrade(&server.listeners);
+        let stop = server.background.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(500));
             loop {
-                tick.tick().await;
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.cancelled() => return,
+                }
                 let Some(lm) = warming.upgrade() else { return };
                 lm.lock().unwrap_or_else(|p| p.into_inner()).promote_warming();
             }
@@ -105,6 +112,7 @@ impl Server {
                 listeners: server.listeners.clone(),
                 clusters: server.clusters.clone(),
                 stats: stats.clone(),
+                stop: server.background.clone(),
             };
             tokio::spawn(ads.run());
         }
@@ -126,6 +134,7 @@ impl Server {
     pub async fn shutdown(self) {
         self.stats.gauge("server.state").set(ServerState::Draining as i64);
         info!("shutting down: draining listeners");
+        self.background.cancel();
         let drained = self.listener_manager().shutdown();
         drained.await;
         let mut lm = self.listener_manager();

@@ -81,10 +81,11 @@ pub struct ListenerConfig {
     pub use_original_dst: bool,
     /// In order; `use_original_dst` puts an original_dst filter first when none is configured (Envoy's rule).
     pub listener_filters: Vec<ListenerFilterConfig>,
-    pub filter_chains: Vec<FilterChainConfig>,
+    /// Shared with the runtime chains built from them.
+    pub filter_chains: Vec<Arc<FilterChainConfig>>,
     /// Selection over `filter_chains` by their matches, built once per config.
     pub chain_index: Arc<ChainIndex>,
-    pub default_filter_chain: Option<FilterChainConfig>,
+    pub default_filter_chain: Option<Arc<FilterChainConfig>>,
     pub per_connection_buffer_limit_bytes: u32,
     pub drain_type: DrainType,
     /// Prefix of the `listener.<prefix>.*` stats: `stat_prefix`, else the address in Envoy's stat form.
@@ -116,6 +117,9 @@ impl TryFrom<lpb::Listener> for ListenerConfig {
 
     fn try_from(l: lpb::Listener) -> Result<Self, ConfigError> {
         audit_resource(&l, "envoy.config.listener.v3.Listener")?;
+        // Shared from the start: filter chain configs point into it instead of copying their protos.
+        let proto = Arc::new(l);
+        let l = &*proto;
         if l.name.is_empty() {
             return Err(ConfigError::new("name", "a listener needs a name"));
         }
@@ -168,12 +172,14 @@ impl TryFrom<lpb::Listener> for ListenerConfig {
             .filter_chains
             .iter()
             .enumerate()
-            .map(|(i, fc)| FilterChainConfig::convert(fc, &format!("filter_chains[{i}]")))
+            .map(|(i, _)| {
+                FilterChainConfig::convert(&proto, ChainSlot::Chain(i), &format!("filter_chains[{i}]")).map(Arc::new)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let default_filter_chain = l
             .default_filter_chain
             .as_ref()
-            .map(|fc| FilterChainConfig::convert(fc, "default_filter_chain"))
+            .map(|_| FilterChainConfig::convert(&proto, ChainSlot::Default, "default_filter_chain").map(Arc::new))
             .transpose()?;
         if filter_chains.is_empty() && default_filter_chain.is_none() {
             return Err(ConfigError::new("filter_chains", "no filter chains specified (and no default_filter_chain)"));
@@ -211,7 +217,7 @@ impl TryFrom<lpb::Listener> for ListenerConfig {
             stat_prefix,
             listener_filters_timeout: (!listener_filters_timeout.is_zero()).then_some(listener_filters_timeout),
             continue_on_listener_filters_timeout: l.continue_on_listener_filters_timeout,
-            proto: Arc::new(l),
+            proto,
         })
     }
 }
@@ -377,11 +383,36 @@ pub struct FilterChainConfig {
     pub filters: Vec<NetworkFilterConfig>,
     /// Names of Istio telemetry filters that were skipped (see [`skippable_filter`]).
     pub skipped: Vec<String>,
-    pub proto: Arc<lpb::FilterChain>,
+    /// The listener resource this chain is part of, and where in it: the chain's proto without a copy.
+    listener: Arc<lpb::Listener>,
+    slot: ChainSlot,
+}
+
+/// Where a chain sits in its listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChainSlot {
+    Chain(usize),
+    Default,
 }
 
 impl FilterChainConfig {
-    fn convert(fc: &lpb::FilterChain, path: &str) -> Result<Self, ConfigError> {
+    /// The chain as received, for equality on update (in-place updates keep equal chains) and for dumps.
+    pub fn proto(&self) -> &lpb::FilterChain {
+        static EMPTY: std::sync::OnceLock<lpb::FilterChain> = std::sync::OnceLock::new();
+        let found = match self.slot {
+            ChainSlot::Chain(i) => self.listener.filter_chains.get(i),
+            ChainSlot::Default => self.listener.default_filter_chain.as_ref(),
+        };
+        // `convert` only makes configs for slots that exist, so the fallback is never used.
+        found.unwrap_or_else(|| EMPTY.get_or_init(lpb::FilterChain::default))
+    }
+
+    fn convert(listener: &Arc<lpb::Listener>, slot: ChainSlot, path: &str) -> Result<Self, ConfigError> {
+        let fc = match slot {
+            ChainSlot::Chain(i) => listener.filter_chains.get(i),
+            ChainSlot::Default => listener.default_filter_chain.as_ref(),
+        }
+        .ok_or_else(|| ConfigError::new(path, "no such filter chain"))?;
         let chain_match = match &fc.filter_chain_match {
             Some(m) => ChainMatch::from_proto(m)
                 .map_err(|e| ConfigError::new(join(&join(path, "filter_chain_match"), &e.path), e.message))?,
@@ -423,7 +454,7 @@ impl FilterChainConfig {
             }
             filters.push(NetworkFilterConfig::convert(f, &fpath)?);
         }
-        Ok(FilterChainConfig { name: fc.name.clone(), chain_match, filters, skipped, proto: Arc::new(fc.clone()) })
+        Ok(FilterChainConfig { name: fc.name.clone(), chain_match, filters, skipped, listener: listener.clone(), slot })
     }
 
     pub fn terminal(&self) -> &NetworkFilterConfig {

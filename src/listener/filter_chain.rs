@@ -21,14 +21,14 @@ pub enum NetworkFilter {
 
 #[derive(Debug)]
 pub struct FilterChain {
-    pub config: FilterChainConfig,
+    pub config: Arc<FilterChainConfig>,
     pub filter: NetworkFilter,
     /// Drains this chain's connections when the chain is removed or changed.
     pub drain: DrainTrigger,
 }
 
 impl FilterChain {
-    pub fn new(config: FilterChainConfig, stats: &Store) -> Self {
+    pub fn new(config: Arc<FilterChainConfig>, stats: &Store) -> Self {
         let filter = match config.terminal() {
             NetworkFilterConfig::TcpProxy(tp) => NetworkFilter::TcpProxy(TcpProxy::new(tp.clone(), stats)),
             NetworkFilterConfig::DirectResponse(bytes) => NetworkFilter::DirectResponse(bytes.clone().into()),
@@ -53,15 +53,15 @@ impl ChainSet {
     /// Builds the chains for a listener, reusing chains from `previous` whose proto is unchanged (Envoy's in-place
     /// filter chain update keeps those chains' connections).
     pub fn build(
-        configs: &[FilterChainConfig],
-        default: Option<&FilterChainConfig>,
+        configs: &[Arc<FilterChainConfig>],
+        default: Option<&Arc<FilterChainConfig>>,
         index: Arc<ChainIndex>,
         previous: Option<&ChainSet>,
         stats: &Store,
     ) -> ChainSet {
-        let reuse_or_build = |c: &FilterChainConfig| {
+        let reuse_or_build = |c: &Arc<FilterChainConfig>| {
             previous
-                .and_then(|p| p.all().find(|old| old.config.proto == c.proto))
+                .and_then(|p| p.all().find(|old| old.config.proto() == c.proto()))
                 .cloned()
                 .unwrap_or_else(|| Arc::new(FilterChain::new(c.clone(), stats)))
         };

@@ -21,7 +21,7 @@ use super::socket::SocketFactory;
 use super::worker::{ListenerSet, Workers};
 use super::{Listener, ListenerCore, ListenerStats};
 use crate::config::listener::{ListenerConfig, SocketSpec};
-use crate::drain::DrainStrategy;
+use crate::drain::{DrainStrategy, Until};
 use crate::stats::{Counter, Gauge, Store};
 use crate::upstream::ClusterSet;
 
@@ -42,6 +42,8 @@ pub enum ListenerError {
     SocketOptionsChanged(String),
     #[error("listener '{0}' is static (from the bootstrap) and cannot be changed or removed")]
     Static(String),
+    #[error("listener '{0}': the server is shutting down")]
+    ShuttingDown(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,6 +130,8 @@ pub struct ListenerManager {
     stats: ManagerStats,
     next_id: u64,
     runtime: tokio::runtime::Handle,
+    /// Set by `shutdown`: no listener is added or changed afterwards.
+    stopped: bool,
 }
 
 impl ListenerManager {
@@ -155,6 +159,7 @@ impl ListenerManager {
             stats,
             next_id: 1,
             runtime: tokio::runtime::Handle::current(),
+            stopped: false,
         }
     }
 
@@ -276,13 +281,14 @@ impl ListenerManager {
     /// Stops every listener and drains every connection (process shutdown). Resolves when all connections are
     /// gone, or shortly after the drain deadline forced them closed.
     pub fn shutdown(&mut self) -> impl Future<Output = ()> + use<> {
+        self.stopped = true;
         let listeners: Vec<Arc<Listener>> = std::mem::take(&mut self.active).into_values().collect();
         self.warming.clear();
         self.addresses.clear();
         self.static_names.clear();
         self.publish();
         let chains: Vec<Arc<FilterChain>> = listeners.iter().flat_map(|l| l.chains().all().cloned()).collect();
-        drain_chains(chains, self.drain)
+        drain_chains(chains, self.drain, Until::Empty)
     }
 
     fn apply_one(&mut self, config: ListenerConfig, allow_static: bool) -> Result<Outcome, ListenerError> {
@@ -295,6 +301,9 @@ impl ListenerManager {
 
     fn try_apply(&mut self, config: ListenerConfig, allow_static: bool) -> Result<Outcome, ListenerError> {
         let name = config.name.clone();
+        if self.stopped {
+            return Err(ListenerError::ShuttingDown(name));
+        }
         if self.warming.get(&name).is_some_and(|w| w.listener.config().proto == config.proto) {
             return Ok(Outcome::Warming);
         }
@@ -320,7 +329,8 @@ impl ListenerManager {
         }
 
         let in_place = old.as_ref().is_some_and(|o| o.config().only_filter_chains_differ(&config));
-        let (sockets, local_address) = self.sockets_for(&config, old.as_deref())?;
+        let warming = self.warming.get(&name).map(|w| w.listener.clone());
+        let (sockets, local_address) = self.sockets_for(&config, old.as_deref(), warming.as_deref())?;
         let chains = ChainSet::build(
             &config.filter_chains,
             config.default_filter_chain.as_ref(),
@@ -343,6 +353,7 @@ impl ListenerManager {
             if allow_static { Vec::new() } else { missing_clusters(listener.config(), &self.clusters.load()) };
         if !missing.is_empty() {
             info!(listener = %name, missing = ?missing, "listener warming: waiting for clusters");
+            self.drop_warming(&name);
             self.addresses.insert(listener.config().socket.address, name.clone());
             self.warming.insert(name, Warming { listener, in_place, since: std::time::Instant::now() });
             self.stats.total_listeners_warming.set(self.warming.len() as i64);
@@ -427,8 +438,10 @@ impl ListenerManager {
 
     fn drop_warming(&mut self, name: &str) {
         if let Some(w) = self.warming.remove(name) {
-            if !self.active.contains_key(name) {
-                self.addresses.remove(&w.listener.config().socket.address);
+            let address = w.listener.config().socket.address;
+            let active_address = self.active.get(name).map(|a| a.config().socket.address);
+            if active_address != Some(address) && self.addresses.get(&address).is_some_and(|n| n == name) {
+                self.addresses.remove(&address);
             }
             self.stats.total_listeners_warming.set(self.warming.len() as i64);
         }
@@ -440,13 +453,22 @@ impl ListenerManager {
         &mut self,
         config: &ListenerConfig,
         old: Option<&Listener>,
+        warming: Option<&Listener>,
     ) -> Result<(Arc<Vec<TcpListener>>, SocketAddr), ListenerError> {
         if !config.bind_to_port {
             return Ok((Arc::new(Vec::new()), config.socket.address));
         }
+        // A version still warming already holds sockets for this spec: a newer version takes them over.
+        if let Some(w) = warming
+            && w.config().bind_to_port
+            && w.config().socket == config.socket
+            && !w.sockets.is_empty()
+        {
+            return Ok((w.sockets.clone(), w.local_address));
+        }
         if let Some(old) = old {
             let old_config = old.config();
-            if old_config.bind_to_port && old_config.socket == config.socket {
+            if old_config.bind_to_port && old_config.socket == config.socket && !old.sockets.is_empty() {
                 return Ok((old.sockets.clone(), old.local_address));
             }
             if old_config.bind_to_port
@@ -494,7 +516,7 @@ impl ListenerManager {
         let draining = self.stats.total_listeners_draining.clone();
         draining.inc();
         let name = name.to_string();
-        let done = drain_chains(chains, self.drain);
+        let done = drain_chains(chains, self.drain, Until::Deadline);
         self.runtime.spawn(async move {
             done.await;
             draining.dec();
@@ -510,11 +532,11 @@ impl ListenerManager {
 /// How long forced-closed connections get to actually go away before a drain stops waiting for them.
 const FORCE_GRACE: Duration = Duration::from_secs(5);
 
-async fn drain_chains(chains: Vec<Arc<FilterChain>>, settings: DrainSettings) {
+async fn drain_chains(chains: Vec<Arc<FilterChain>>, settings: DrainSettings, until: Until) {
     let mut tasks = tokio::task::JoinSet::new();
     for chain in chains {
         tasks.spawn(async move {
-            chain.drain.drain(settings.drain_time, settings.strategy, FORCE_GRACE).await;
+            chain.drain.drain(settings.drain_time, settings.strategy, FORCE_GRACE, until).await;
         });
     }
     while tasks.join_next().await.is_some() {}

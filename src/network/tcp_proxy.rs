@@ -91,7 +91,7 @@ impl TcpProxy {
         let connect = async {
             let mut last = None;
             for _ in 0..self.config.max_connect_attempts {
-                match cluster.connect(info.local).await {
+                match cluster.connect(info.local_restored.then_some(info.local)).await {
                     Ok(up) => return Ok(up),
                     Err(e) => {
                         debug!("upstream connect failed: {e}");
@@ -117,17 +117,18 @@ impl TcpProxy {
         let limit = buffer_limit.min(cluster.config.per_connection_buffer_limit_bytes);
         let chunk = (limit as usize).clamp(1024, MAX_CHUNK);
         let activity = Activity::new();
-        let (rx, tx) = (AtomicU64::new(0), AtomicU64::new(0));
         let end = {
             let (down, up) = (&downstream, &upstream.stream);
-            let count = |counter: &AtomicU64, n: usize| {
+            // Counted as bytes move, as Envoy does, so long-lived connections show in the stats while they live.
+            let count = |counter: &Counter, n: usize| {
                 activity.touch();
-                counter.fetch_add(n as u64, Ordering::Relaxed);
+                counter.add(n as u64);
             };
+            let (rx, tx) = (&self.stats.downstream_cx_rx_bytes_total, &self.stats.downstream_cx_tx_bytes_total);
             let both = async {
                 tokio::try_join!(
-                    splice::forward(down, up, chunk, |n| count(&rx, n)),
-                    splice::forward(up, down, chunk, |n| count(&tx, n)),
+                    splice::forward(down, up, chunk, |n| count(rx, n)),
+                    splice::forward(up, down, chunk, |n| count(tx, n)),
                 )
             };
             tokio::select! {
@@ -136,8 +137,6 @@ impl TcpProxy {
                 _ = drain.closed() => End::Drained,
             }
         };
-        self.stats.downstream_cx_rx_bytes_total.add(rx.load(Ordering::Relaxed));
-        self.stats.downstream_cx_tx_bytes_total.add(tx.load(Ordering::Relaxed));
         match end {
             End::Reset => {
                 reset(&downstream);

@@ -169,11 +169,12 @@ impl Cluster {
         self.hosts.store(Arc::new(hosts));
     }
 
-    /// Chooses a host. `original_dst` is the downstream connection's (restored) local address, which is the host
-    /// of an ORIGINAL_DST cluster.
-    pub fn choose(&self, original_dst: SocketAddr) -> Option<Arc<Host>> {
+    /// Chooses a host. `original_dst` is the downstream connection's restored destination (None when no listener
+    /// filter restored one): the host of an ORIGINAL_DST cluster, which, as in Envoy, has no host without it rather
+    /// than connecting to the proxy's own listener.
+    pub fn choose(&self, original_dst: Option<SocketAddr>) -> Option<Arc<Host>> {
         if self.config.kind == ClusterKind::OriginalDst {
-            return Some(Arc::new(Host::new(original_dst, 1, String::new())));
+            return original_dst.map(|dst| Arc::new(Host::new(dst, 1, String::new())));
         }
         let set = self.hosts.load();
         let idx = match self.config.lb_policy {
@@ -191,7 +192,7 @@ impl Cluster {
     }
 
     /// Picks a host and connects to it within `connect_timeout`, counting the outcome in the cluster's stats.
-    pub async fn connect(&self, original_dst: SocketAddr) -> Result<Upstream, ConnectError> {
+    pub async fn connect(&self, original_dst: Option<SocketAddr>) -> Result<Upstream, ConnectError> {
         let Some(host) = self.choose(original_dst) else {
             self.stats.upstream_cx_none_healthy.inc();
             return Err(ConnectError::NoHealthyUpstream(self.config.name.clone()));
@@ -267,7 +268,8 @@ mod tests {
             &Store::default(),
         );
         let dst = SocketAddr::from(([10, 1, 2, 3], 8080));
-        assert_eq!(c.choose(dst).map(|h| h.address), Some(dst));
+        assert_eq!(c.choose(Some(dst)).map(|h| h.address), Some(dst));
+        assert!(c.choose(None).is_none(), "no restored destination, no host");
     }
 
     #[test]
@@ -276,8 +278,7 @@ mod tests {
         let hosts = HostSet::from_endpoints(&eps);
         assert_eq!(hosts.total, 4);
         let c = Cluster::new(config(ClusterKind::Static, LbPolicy::RoundRobin, eps), hosts, &Store::default());
-        let any = SocketAddr::from(([127, 0, 0, 1], 1));
-        let ports: Vec<u16> = (0..4).filter_map(|_| c.choose(any)).map(|h| h.address.port()).collect();
+        let ports: Vec<u16> = (0..4).filter_map(|_| c.choose(None)).map(|h| h.address.port()).collect();
         assert_eq!(ports, vec![2, 3, 2, 3]);
     }
 
@@ -287,9 +288,8 @@ mod tests {
         let hosts = HostSet::from_endpoints(&eps);
         hosts.hosts[0].active.store(100, Ordering::Relaxed);
         let c = Cluster::new(config(ClusterKind::Static, LbPolicy::LeastRequest, eps), hosts, &Store::default());
-        let any = SocketAddr::from(([127, 0, 0, 1], 1));
         // Two random choices per pick: the busy host only wins when both choices land on it.
-        let busy = (0..400).filter_map(|_| c.choose(any)).filter(|h| h.address.port() == 1).count();
+        let busy = (0..400).filter_map(|_| c.choose(None)).filter(|h| h.address.port() == 1).count();
         assert!(busy < 200, "busy host picked {busy} of 400 times");
     }
 }

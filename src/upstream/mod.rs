@@ -82,6 +82,15 @@ impl ClusterManager {
     /// Adds or replaces a cluster; an identical config is a no-op (returns false). Must run inside a tokio
     /// runtime: DNS clusters start their refresh loop there.
     pub fn add_or_update(&mut self, config: ClusterConfig) -> bool {
+        let changed = self.upsert(config);
+        if changed {
+            self.publish();
+        }
+        changed
+    }
+
+    /// `add_or_update` without publishing, for batches.
+    fn upsert(&mut self, config: ClusterConfig) -> bool {
         if let Some(old) = self.entries.get(&config.name)
             && old.cluster.config.proto == config.proto
         {
@@ -114,7 +123,6 @@ impl ClusterManager {
         };
         info!(cluster = %name, "cluster {}", if old.is_some() { "updated" } else { "added" });
         self.entries.insert(name, Entry { cluster, refresh, ready });
-        self.publish();
         true
     }
 
@@ -135,7 +143,7 @@ impl ClusterManager {
             .cloned()
             .collect();
         for name in stale {
-            self.remove(&name);
+            self.take(&name);
         }
         let mut errors = Vec::new();
         let mut seen = std::collections::HashSet::new();
@@ -145,9 +153,10 @@ impl ClusterManager {
             } else if self.static_names.contains(&c.name) {
                 errors.push(format!("{}: a static cluster cannot be changed by CDS", c.name));
             } else {
-                self.add_or_update(c);
+                self.upsert(c);
             }
         }
+        self.publish();
         errors
     }
 
@@ -181,12 +190,20 @@ impl ClusterManager {
     }
 
     pub fn remove(&mut self, name: &str) -> bool {
+        let removed = self.take(name);
+        if removed {
+            self.publish();
+        }
+        removed
+    }
+
+    /// `remove` without publishing, for batches.
+    fn take(&mut self, name: &str) -> bool {
         let Some(old) = self.entries.remove(name) else { return false };
         if let Some(token) = old.refresh {
             token.cancel();
         }
         info!(cluster = %name, "cluster removed");
-        self.publish();
         true
     }
 

@@ -42,6 +42,8 @@ pub struct AdsClient {
     pub listeners: Arc<Mutex<ListenerManager>>,
     pub clusters: Arc<Mutex<ClusterManager>>,
     pub stats: Store,
+    /// Cancelled at shutdown: a draining proxy applies no more config.
+    pub stop: tokio_util::sync::CancellationToken,
 }
 
 /// Envoy's per-subscription stats (`listener_manager.lds.*`, `cluster_manager.cds.*`).
@@ -91,9 +93,19 @@ impl AdsClient {
         let mut attempt = 0u32;
         loop {
             let span = info_span!("ads", cluster = %self.cluster, protocol = ?self.protocol);
-            let result = match self.protocol {
-                Protocol::StateOfTheWorld => self.stream(&mut sotw, &connected, &mut attempt).instrument(span).await,
-                Protocol::Delta => self.delta_stream(&mut delta, &connected, &mut attempt).instrument(span).await,
+            let stream = async {
+                match self.protocol {
+                    Protocol::StateOfTheWorld => self.stream(&mut sotw, &connected, &mut attempt).await,
+                    Protocol::Delta => self.delta_stream(&mut delta, &connected, &mut attempt).await,
+                }
+            };
+            let result = tokio::select! {
+                r = stream.instrument(span) => r,
+                _ = self.stop.cancelled() => {
+                    connected.set(0);
+                    info!("ADS stopped for shutdown");
+                    return;
+                }
             };
             connected.set(0);
             if result.is_err() {
@@ -107,7 +119,10 @@ impl AdsClient {
                 Ok(()) | Err(StreamError::Closed) => info!("ADS stream closed; reconnecting in {delay:?}"),
                 Err(e) => warn!("ADS stream: {e}; reconnecting in {delay:?}"),
             }
-            tokio::time::sleep(delay).await;
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.stop.cancelled() => return,
+            }
         }
     }
 
@@ -146,7 +161,12 @@ impl AdsClient {
             // A stream that delivers is healthy: the next failure starts the backoff afresh.
             *attempt = 0;
             state.received(&resp);
+            let large = is_large(&resp.resources);
             let (reply, follow_up) = self.apply(state, &resp, &mut seen);
+            drop(resp);
+            if large {
+                release_heap();
+            }
             let _ = tx.send(reply);
             if let Some(req) = follow_up {
                 let _ = tx.send(req);
@@ -172,7 +192,12 @@ impl AdsClient {
         info!("ADS stream up (delta)");
         while let Some(resp) = responses.message().await? {
             *attempt = 0;
+            let large = is_large(resp.resources.iter().filter_map(|r| r.resource.as_ref()));
             let (reply, follow_up) = self.apply_delta(state, &resp);
+            drop(resp);
+            if large {
+                release_heap();
+            }
             let _ = tx.send(reply);
             if let Some(req) = follow_up {
                 let _ = tx.send(req);
@@ -335,6 +360,11 @@ impl AdsClient {
             ListenerConfig::try_from(l).map(|c| (name.clone(), c)).map_err(|e| (Some(name), e.to_string()))
         });
         let mut lm = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+        if unnamed_failure(&errors) {
+            // A resource we could not even name might be any listener: remove nothing this time.
+            keep.extend(lm.listeners().into_iter().map(|l| l.name));
+            keep.extend(lm.warming_names());
+        }
         for name in lm.apply_sotw(configs, &keep).into_iter().filter_map(|(name, result)| match result {
             Ok(_) => Some(name),
             Err(e) => {
@@ -357,6 +387,9 @@ impl AdsClient {
         });
         let applied: Vec<String> = configs.iter().map(|c| c.name.clone()).collect();
         let mut cm = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
+        if unnamed_failure(&errors) {
+            keep.extend(cm.names());
+        }
         let refused = cm.apply_sotw(configs, &keep);
         for name in applied {
             if !refused.iter().any(|e| e.starts_with(&format!("{name}: "))) {
@@ -439,6 +472,26 @@ fn convert_all<C>(
         }
     }
     (configs, keep, hashes)
+}
+
+/// Whether some resource failed before its name was known (`resources[i]: ...`).
+fn unnamed_failure(errors: &[String]) -> bool {
+    errors.iter().any(|e| e.starts_with("resources["))
+}
+
+/// A response big enough that its decoding buffers are worth handing back to the OS afterwards.
+fn is_large<'a>(resources: impl IntoIterator<Item = &'a Any>) -> bool {
+    resources.into_iter().map(|a| a.value.len()).sum::<usize>() >= 1 << 20
+}
+
+/// After a large response the decoding buffers are free but still held by the allocator; hand them back so the
+/// proxy's RSS reflects the config it holds, not the biggest response it ever parsed.
+fn release_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free heap pages to the OS; it is safe to call at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 fn bytes_hash(bytes: &[u8]) -> u64 {

@@ -302,7 +302,7 @@ impl Peeker {
 
     /// Waits until more bytes than already seen are available (or `limit` is reached), then peeks them.
     async fn more(&mut self, stream: &TcpStream, limit: usize) -> Result<(), Rejected> {
-        let want = (self.len * 2).clamp(1024, limit.max(1));
+        let want = (self.len * 2).max(1024).min(limit.max(1));
         if self.buf.len() < want {
             self.buf.resize(want, 0);
         }
