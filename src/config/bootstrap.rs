@@ -111,7 +111,9 @@ fn check_clusters(l: &ListenerConfig, known: &HashSet<String>) -> Result<(), Con
         .map(|(i, c)| (format!("filter_chains[{i}]"), c))
         .chain(l.default_filter_chain.iter().map(|c| ("default_filter_chain".to_string(), c)));
     for (path, chain) in chains {
-        for (j, f) in chain.filters.iter().enumerate() {
+        // Skipped Istio filters are not in `filters`: the terminal filter is the proto's last one.
+        let j = chain.proto().filters.len().saturating_sub(1);
+        for f in &chain.filters {
             if let NetworkFilterConfig::TcpProxy(tp) = f {
                 for (name, _) in &tp.clusters {
                     if !known.contains(name) {

@@ -143,6 +143,11 @@ impl Drop for ConnectionSlot {
 
 impl Cluster {
     pub fn new(config: Arc<ClusterConfig>, hosts: HostSet, store: &Store) -> Self {
+        Self::with_hosts(config, Arc::new(hosts), store)
+    }
+
+    /// A cluster starting with an existing host set (an updated cluster keeps its predecessor's hosts).
+    pub fn with_hosts(config: Arc<ClusterConfig>, hosts: Arc<HostSet>, store: &Store) -> Self {
         let stats = ClusterStats::new(store, &config.stat_name);
         let cluster = Cluster {
             config,
@@ -151,7 +156,9 @@ impl Cluster {
             connections: Arc::new(AtomicU32::new(0)),
             stats,
         };
-        cluster.set_hosts(hosts);
+        cluster.stats.membership_total.set(hosts.total as i64);
+        cluster.stats.membership_healthy.set(hosts.hosts.len() as i64);
+        cluster.hosts.store(hosts);
         cluster
     }
 

@@ -50,6 +50,8 @@ pub struct ClusterManager {
     entries: HashMap<String, Entry>,
     /// Bootstrap clusters: CDS never removes or replaces them.
     static_names: std::collections::HashSet<String>,
+    /// EDS service name → the clusters fed by it.
+    eds_index: HashMap<String, Vec<String>>,
     published: Arc<ArcSwap<ClusterSet>>,
     stats: Store,
 }
@@ -59,6 +61,7 @@ impl ClusterManager {
         ClusterManager {
             entries: HashMap::new(),
             static_names: Default::default(),
+            eds_index: HashMap::new(),
             published: Arc::new(ArcSwap::from_pointee(ClusterSet::default())),
             stats,
         }
@@ -99,19 +102,24 @@ impl ClusterManager {
         let name = config.name.clone();
         let config = Arc::new(config);
         let old = self.entries.remove(&name);
-        let hosts = match (&config.kind, &old) {
-            // An EDS cluster keeps its endpoints across a cluster update until EDS says otherwise, as in Envoy.
-            (ClusterKind::Eds { service_name }, Some(old)) if matches!(&old.cluster.config.kind, ClusterKind::Eds { service_name: s } if s == service_name) =>
-            {
-                let current = old.cluster.hosts();
-                HostSet::new(current.hosts.iter().map(|h| (h.clone(), 0, true)).collect())
+        // An updated cluster keeps serving its current hosts until its own discovery says otherwise (Envoy warms the
+        // new cluster instead): EDS with the same service until the next assignment, DNS with the same names until
+        // the next resolution.
+        let inherited = old.as_ref().map(|o| &o.cluster).filter(|o| match (&config.kind, &o.config.kind) {
+            (ClusterKind::Eds { service_name: a }, ClusterKind::Eds { service_name: b }) => a == b,
+            (ClusterKind::StrictDns, ClusterKind::StrictDns) | (ClusterKind::LogicalDns, ClusterKind::LogicalDns) => {
+                o.config.endpoints == config.endpoints
             }
-            _ => HostSet::from_endpoints(&config.endpoints),
+            _ => false,
+        });
+        let hosts = match inherited {
+            Some(o) => o.hosts(),
+            None => Arc::new(HostSet::from_endpoints(&config.endpoints)),
         };
         if let Some(token) = old.as_ref().and_then(|o| o.refresh.as_ref()) {
             token.cancel();
         }
-        let cluster = Arc::new(Cluster::new(config.clone(), hosts, &self.stats));
+        let cluster = Arc::new(Cluster::with_hosts(config.clone(), hosts, &self.stats));
         let (refresh, ready) = match config.kind {
             ClusterKind::StrictDns | ClusterKind::LogicalDns => {
                 let token = CancellationToken::new();
@@ -133,8 +141,12 @@ impl ClusterManager {
     }
 
     /// A CDS state-of-the-world update: clusters not named (and not in `keep`, the names of rejected resources) are
-    /// removed, the rest added or updated. Returns one error line per resource it refused.
-    pub fn apply_sotw(&mut self, configs: Vec<ClusterConfig>, keep: &std::collections::HashSet<String>) -> Vec<String> {
+    /// removed, the rest added or updated. Returns (name, reason) for each resource it refused.
+    pub fn apply_sotw(
+        &mut self,
+        configs: Vec<ClusterConfig>,
+        keep: &std::collections::HashSet<String>,
+    ) -> Vec<(String, String)> {
         let named: std::collections::HashSet<String> = configs.iter().map(|c| c.name.clone()).collect();
         let stale: Vec<String> = self
             .entries
@@ -149,9 +161,9 @@ impl ClusterManager {
         let mut seen = std::collections::HashSet::new();
         for c in configs {
             if !seen.insert(c.name.clone()) {
-                errors.push(format!("{}: duplicate cluster {} found", c.name, c.name));
+                errors.push((c.name.clone(), format!("duplicate cluster {} found", c.name)));
             } else if self.static_names.contains(&c.name) {
-                errors.push(format!("{}: a static cluster cannot be changed by CDS", c.name));
+                errors.push((c.name.clone(), "a static cluster cannot be changed by CDS".to_string()));
             } else {
                 self.upsert(c);
             }
@@ -213,14 +225,13 @@ impl ClusterManager {
         la: &envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment,
     ) -> Result<usize, ConfigError> {
         let endpoints = crate::config::cluster::endpoints(la, false, "")?;
-        let mut updated = 0;
-        for e in self.entries.values() {
-            if matches!(&e.cluster.config.kind, ClusterKind::Eds { service_name } if *service_name == la.cluster_name) {
+        let clusters = self.eds_index.get(&la.cluster_name).map(Vec::as_slice).unwrap_or_default();
+        for name in clusters {
+            if let Some(e) = self.entries.get(name) {
                 e.cluster.set_hosts(HostSet::from_endpoints(&endpoints));
-                updated += 1;
             }
         }
-        Ok(updated)
+        Ok(clusters.len())
     }
 
     /// Waits until every DNS cluster finished its first resolution (or `timeout` passes), so static listeners do
@@ -236,7 +247,14 @@ impl ClusterManager {
         let _ = tokio::time::timeout(timeout, all).await;
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
+        // Rebuilt here because publish runs once per change or batch: EDS then finds its clusters without a scan.
+        self.eds_index.clear();
+        for (name, e) in &self.entries {
+            if let ClusterKind::Eds { service_name } = &e.cluster.config.kind {
+                self.eds_index.entry(service_name.clone()).or_default().push(name.clone());
+            }
+        }
         let clusters = self.entries.iter().map(|(k, e)| (k.clone(), e.cluster.clone())).collect();
         self.published.store(Arc::new(ClusterSet { clusters }));
     }

@@ -126,11 +126,16 @@ impl AdsClient {
         }
     }
 
-    async fn connect(&self) -> Result<AggregatedDiscoveryServiceClient<tonic::transport::Channel>, StreamError> {
+    async fn connect(
+        &self,
+        attempt: u32,
+    ) -> Result<AggregatedDiscoveryServiceClient<tonic::transport::Channel>, StreamError> {
         let (addr, timeout) = {
             let cm = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
             let cluster = cm.get(&self.cluster).ok_or_else(|| StreamError::NoEndpoint(self.cluster.clone()))?;
-            let host = cluster.hosts().hosts.first().cloned();
+            // Rotate through the ADS cluster's hosts across reconnects, so one dead control plane is not retried forever.
+            let hosts = cluster.hosts();
+            let host = hosts.hosts.get(attempt as usize % hosts.hosts.len().max(1)).cloned();
             let host = host.ok_or_else(|| StreamError::NoEndpoint(self.cluster.clone()))?;
             (host.address, cluster.config.connect_timeout)
         };
@@ -148,7 +153,7 @@ impl AdsClient {
     async fn stream(&self, state: &mut SotwState, connected: &Gauge, attempt: &mut u32) -> Result<(), StreamError> {
         // Per stream: after a reconnect every resource is looked at once more (cheap: unchanged ones are no-ops).
         let mut seen = Seen::default();
-        let mut client = self.connect().await?;
+        let mut client = self.connect(*attempt).await?;
         let (tx, rx) = mpsc::unbounded_channel::<DiscoveryRequest>();
         for req in state.restart() {
             let _ = tx.send(req);
@@ -181,7 +186,7 @@ impl AdsClient {
         connected: &Gauge,
         attempt: &mut u32,
     ) -> Result<(), StreamError> {
-        let mut client = self.connect().await?;
+        let mut client = self.connect(*attempt).await?;
         let (tx, rx) = mpsc::unbounded_channel::<DeltaDiscoveryRequest>();
         for req in state.restart() {
             let _ = tx.send(req);
@@ -260,7 +265,7 @@ impl AdsClient {
                         Err(e) => errors.push(format!("{}: {e}", r.name)),
                     }
                 }
-                follow_up = state.subscribe(ENDPOINT, cm.eds_service_names());
+                follow_up = state.subscribe_named(ENDPOINT, cm.eds_service_names());
                 drop(cm);
                 self.listeners.lock().unwrap_or_else(|p| p.into_inner()).promote_warming();
             }
@@ -318,7 +323,7 @@ impl AdsClient {
                 (
                     Some(SubscriptionStats::new(&self.stats, "cluster_manager.cds")),
                     outcome,
-                    state.subscribe(ENDPOINT, names),
+                    state.subscribe_named(ENDPOINT, names),
                 )
             }
             LISTENER => {
@@ -392,11 +397,11 @@ impl AdsClient {
         }
         let refused = cm.apply_sotw(configs, &keep);
         for name in applied {
-            if !refused.iter().any(|e| e.starts_with(&format!("{name}: "))) {
+            if !refused.iter().any(|(n, _)| *n == name) {
                 keep.insert(name);
             }
         }
-        errors.extend(refused);
+        errors.extend(refused.into_iter().map(|(name, e)| format!("{name}: {e}")));
         seen.remember(hashes, &keep);
         drop(cm);
         self.listeners.lock().unwrap_or_else(|p| p.into_inner()).promote_warming();

@@ -39,6 +39,19 @@ impl DeltaState {
     /// Subscribes to `names` of a type (wildcard when empty). Returns the request to send now: the first for the
     /// type on this stream, or one carrying only the names added and removed.
     pub fn subscribe(&mut self, type_url: &str, names: BTreeSet<String>) -> Option<DeltaDiscoveryRequest> {
+        self.subscribe_inner(type_url, names)
+    }
+
+    /// Subscribes to a named type (EDS, RDS): nothing goes out while there are no names, because an empty first
+    /// subscription is the legacy wildcard and would ask for every resource of the type.
+    pub fn subscribe_named(&mut self, type_url: &str, names: BTreeSet<String>) -> Option<DeltaDiscoveryRequest> {
+        if names.is_empty() && !self.order.iter().any(|t| t == type_url) {
+            return None;
+        }
+        self.subscribe_inner(type_url, names)
+    }
+
+    fn subscribe_inner(&mut self, type_url: &str, names: BTreeSet<String>) -> Option<DeltaDiscoveryRequest> {
         if !self.order.iter().any(|t| t == type_url) {
             self.order.push(type_url.to_string());
         }

@@ -42,6 +42,19 @@ impl SotwState {
     /// Adds a type to the subscriptions (wildcard when `names` is empty). Returns the request to send now if the
     /// subscription is new or its names changed.
     pub fn subscribe(&mut self, type_url: &str, names: BTreeSet<String>) -> Option<DiscoveryRequest> {
+        self.subscribe_as(type_url, names)
+    }
+
+    /// Subscribes to a named type (EDS, RDS): nothing goes out while there are no names, because an empty first
+    /// request is the legacy wildcard and would ask for every resource of the type.
+    pub fn subscribe_named(&mut self, type_url: &str, names: BTreeSet<String>) -> Option<DiscoveryRequest> {
+        if names.is_empty() && !self.order.iter().any(|t| t == type_url) {
+            return None;
+        }
+        self.subscribe_as(type_url, names)
+    }
+
+    fn subscribe_as(&mut self, type_url: &str, names: BTreeSet<String>) -> Option<DiscoveryRequest> {
         if !self.order.iter().any(|t| t == type_url) {
             self.order.push(type_url.to_string());
         }
@@ -167,6 +180,15 @@ mod tests {
         let again = s.restart();
         assert_eq!(again[0].version_info, "7");
         assert_eq!(again[0].response_nonce, "");
+    }
+
+    #[test]
+    fn a_named_type_sends_nothing_until_it_has_names() {
+        let mut s = SotwState::new(node());
+        assert!(s.subscribe_named("eds", BTreeSet::new()).is_none(), "an empty first request would be a wildcard");
+        assert_eq!(s.restart().len(), 0);
+        let first = s.subscribe_named("eds", ["a".to_string()].into());
+        assert_eq!(first.map(|r| r.resource_names), Some(vec!["a".to_string()]));
     }
 
     #[test]
