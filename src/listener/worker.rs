@@ -204,7 +204,9 @@ async fn accept_loop(
                 backoff = Duration::from_millis(5);
                 // Spawned at once: nothing a client does (or does not do) can hold up accepting.
                 let span = info_span!("conn", downstream.addr = %peer);
-                tokio::spawn(serve(listener.core.clone(), stream, peer, ctx.clone()).instrument(span));
+                // A listener bound to one IP and port knows every connection's local address: no getsockname.
+                let local = (!listener.local_address.ip().is_unspecified()).then_some(listener.local_address);
+                tokio::spawn(serve(listener.core.clone(), stream, peer, local, ctx.clone()).instrument(span));
             }
             Err(e) => match accept_error_kind(&e) {
                 AcceptError::Connection => debug!("accept: {e}"),
@@ -257,10 +259,16 @@ fn accept_error_kind(e: &io::Error) -> AcceptError {
 
 /// Serves one accepted connection: listener filters, the hand-off by original destination, chain selection, the
 /// chain's terminal filter.
-async fn serve(accepting: Arc<ListenerCore>, mut stream: TcpStream, peer: SocketAddr, ctx: Arc<WorkerContext>) {
+async fn serve(
+    accepting: Arc<ListenerCore>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+    ctx: Arc<WorkerContext>,
+) {
     // Envoy sets TCP_NODELAY on accepted connections.
     let _ = stream.set_nodelay(true);
-    let local = match stream.local_addr() {
+    let local = match local.map_or_else(|| stream.local_addr(), Ok) {
         Ok(a) => a,
         Err(e) => {
             debug!("connection gone before it was served: {e}");

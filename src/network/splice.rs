@@ -78,9 +78,19 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
 /// Forwards `src` to `dst` until EOF (then half-closes `dst`) or an error. `chunk` bounds the bytes in flight,
 /// which is the back-pressure: nothing more is read until the pipe is drained into `dst`. `on_bytes` sees every
 /// forwarded chunk (activity and byte counters).
-pub async fn forward(src: &TcpStream, dst: &TcpStream, chunk: usize, on_bytes: impl Fn(usize)) -> io::Result<()> {
+///
+/// `done` is shared by the two directions of a connection: the direction that reaches EOF second skips the
+/// half-close, because both sockets are closed right after and the close sends the FIN (its read side is already
+/// drained, so the close cannot turn into a reset).
+pub async fn forward(
+    src: &TcpStream,
+    dst: &TcpStream,
+    chunk: usize,
+    done: &std::sync::atomic::AtomicBool,
+    on_bytes: impl Fn(usize),
+) -> io::Result<()> {
     let mut pipe: Option<Pipe> = None;
-    let result = forward_with(src, dst, chunk, &mut pipe, &on_bytes).await;
+    let result = forward_with(src, dst, chunk, &mut pipe, done, &on_bytes).await;
     if let Some(p) = pipe {
         p.give_back();
     }
@@ -92,6 +102,7 @@ async fn forward_with(
     dst: &TcpStream,
     chunk: usize,
     slot: &mut Option<Pipe>,
+    done: &std::sync::atomic::AtomicBool,
     on_bytes: &impl Fn(usize),
 ) -> io::Result<()> {
     loop {
@@ -103,8 +114,10 @@ async fn forward_with(
         };
         let n = match src.try_io(Interest::READABLE, || splice(src.as_raw_fd(), pipe.write.as_raw_fd(), chunk)) {
             Ok(0) => {
-                // EOF: pass the half-close on; the other direction stays open.
-                socket2::SockRef::from(dst).shutdown(Shutdown::Write)?;
+                // EOF: pass the half-close on; the other direction stays open. Second to finish: the close does it.
+                if !done.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                    socket2::SockRef::from(dst).shutdown(Shutdown::Write)?;
+                }
                 return Ok(());
             }
             Ok(n) => n,

@@ -6,7 +6,7 @@
 //! [`MAX_CHUNK`], one pipe's capacity) are in flight per direction: a direction reads again only after the previous
 //! chunk is fully written, which is the back-pressure.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -125,10 +125,11 @@ impl TcpProxy {
                 counter.add(n as u64);
             };
             let (rx, tx) = (&self.stats.downstream_cx_rx_bytes_total, &self.stats.downstream_cx_tx_bytes_total);
+            let one_done = AtomicBool::new(false);
             let both = async {
                 tokio::try_join!(
-                    splice::forward(down, up, chunk, |n| count(rx, n)),
-                    splice::forward(up, down, chunk, |n| count(tx, n)),
+                    splice::forward(down, up, chunk, &one_done, |n| count(rx, n)),
+                    splice::forward(up, down, chunk, &one_done, |n| count(tx, n)),
                 )
             };
             tokio::select! {
