@@ -61,12 +61,6 @@ impl DrainTrigger {
     pub fn watch(&self) -> DrainWatch {
         DrainWatch { rx: self.tx.subscribe() }
     }
-
-    /// Live watches (connections, accept loops) still holding this drain.
-    pub fn holders(&self) -> usize {
-        self.tx.receiver_count()
-    }
-
     pub fn phase(&self) -> Phase {
         *self.tx.borrow()
     }

@@ -212,6 +212,7 @@ pub fn audit<T: prost::Message>(msg: &T, full_name: &str) -> Result<(), Vec<Unsu
 /// Whether a field counts as set, with protobuf presence: proto3 scalars when non-default,
 /// messages when present, repeated and map fields when non-empty. This is exactly the set of
 /// fields `DynamicMessage::fields()` yields, which the walk relies on.
+#[cfg(test)]
 pub fn is_set(msg: &DynamicMessage, field_name: &str) -> bool {
     msg.descriptor().get_field_by_name(field_name).is_some_and(|field| msg.has_field(&field))
 }

@@ -162,11 +162,6 @@ impl ListenerManager {
             stopped: false,
         }
     }
-
-    pub fn workers(&self) -> &Workers {
-        &self.workers
-    }
-
     /// Marks workers started in the stats (Istio's readiness probe reads `listener_manager.workers_started`).
     pub async fn start_workers(&self) {
         if self.workers.wait_started().await {

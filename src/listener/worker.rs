@@ -118,11 +118,6 @@ impl Workers {
         self.set.store(Arc::new(set));
         self.version.send_modify(|v| *v += 1);
     }
-
-    pub fn current(&self) -> Arc<ListenerSet> {
-        self.set.load_full()
-    }
-
     /// Stops the workers. Connections still open are dropped with their runtimes, so drain first.
     pub fn stop(&mut self) {
         self.shutdown.cancel();

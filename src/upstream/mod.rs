@@ -28,10 +28,6 @@ impl ClusterSet {
     pub fn get(&self, name: &str) -> Option<&Arc<Cluster>> {
         self.clusters.get(name)
     }
-
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.clusters.keys().map(String::as_str)
-    }
 }
 
 #[derive(Debug)]

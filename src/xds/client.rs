@@ -167,15 +167,9 @@ impl AdsClient {
             *attempt = 0;
             state.received(&resp);
             let large = is_large(&resp.resources);
-            let (reply, follow_up) = self.apply(state, &resp, &mut seen);
+            let answer = self.apply(state, &resp, &mut seen);
             drop(resp);
-            if large {
-                release_heap();
-            }
-            let _ = tx.send(reply);
-            if let Some(req) = follow_up {
-                let _ = tx.send(req);
-            }
+            answer_response(&tx, answer, large);
         }
         Err(StreamError::Closed)
     }
@@ -198,15 +192,9 @@ impl AdsClient {
         while let Some(resp) = responses.message().await? {
             *attempt = 0;
             let large = is_large(resp.resources.iter().filter_map(|r| r.resource.as_ref()));
-            let (reply, follow_up) = self.apply_delta(state, &resp);
+            let answer = self.apply_delta(state, &resp);
             drop(resp);
-            if large {
-                release_heap();
-            }
-            let _ = tx.send(reply);
-            if let Some(req) = follow_up {
-                let _ = tx.send(req);
-            }
+            answer_response(&tx, answer, large);
         }
         Err(StreamError::Closed)
     }
@@ -482,6 +470,18 @@ fn convert_all<C>(
 /// Whether some resource failed before its name was known (`resources[i]: ...`).
 fn unnamed_failure(errors: &[String]) -> bool {
     errors.iter().any(|e| e.starts_with("resources["))
+}
+
+/// Sends a response's ACK/NACK and any subscription change it caused; after a large response (already dropped by
+/// the caller) returns the freed decoding buffers to the OS.
+fn answer_response<R>(tx: &mpsc::UnboundedSender<R>, (reply, follow_up): (R, Option<R>), large: bool) {
+    if large {
+        release_heap();
+    }
+    let _ = tx.send(reply);
+    if let Some(req) = follow_up {
+        let _ = tx.send(req);
+    }
 }
 
 /// A response big enough that its decoding buffers are worth handing back to the OS afterwards.

@@ -108,6 +108,7 @@ impl DeltaState {
         req
     }
 
+    #[cfg(test)]
     pub fn versions(&self, type_url: &str) -> BTreeMap<String, String> {
         self.types.get(type_url).map(|t| t.versions.clone()).unwrap_or_default()
     }

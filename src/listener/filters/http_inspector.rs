@@ -165,6 +165,7 @@ fn is_valid_version(version: &[u8]) -> bool {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use crate::listener::filters::test_rng::Rng;
 
     use HttpInspect::{H2c, Http10, Http11, NeedMore, NotHttp};
 
@@ -287,22 +288,6 @@ mod tests {
         assert_eq!(inspect(&long), NotHttp);
         long.extend_from_slice(b" HTTP/1.1\r\n");
         assert_eq!(inspect(&long), NotHttp);
-    }
-
-    /// xorshift64*: deterministic pseudo-random bytes without a dependency.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
     }
 
     #[test]

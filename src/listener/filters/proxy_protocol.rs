@@ -299,6 +299,7 @@ fn parse_tlvs(mut bytes: &[u8]) -> Result<Vec<(u8, Vec<u8>)>, &'static str> {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use crate::listener::filters::test_rng::Rng;
 
     fn header(consumed: usize, addresses: Option<(&str, &str)>, tlvs: &[(u8, &[u8])]) -> ProxyParse {
         ProxyParse::Header(ProxyHeader {
@@ -527,22 +528,6 @@ mod tests {
         assert_eq!(parse(&bytes[..bytes.len() - 1]), ProxyParse::NeedMore);
         let ProxyParse::Header(h) = parse(&bytes) else { panic!("not a header") };
         assert_eq!((h.consumed, h.tlvs.len()), (bytes.len(), 1));
-    }
-
-    /// xorshift64*: deterministic pseudo-random bytes without a dependency.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
     }
 
     #[test]

@@ -468,6 +468,7 @@ impl<'a> Reader<'a> {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use crate::listener::filters::test_rng::Rng;
 
     // Real ClientHellos from OpenSSL 3.0, made with Python's ssl module over a memory BIO (no network). The first
     // offers TLS 1.3 (and 1.2) with SNI "Example.COM" and ALPN h2, http/1.1; the second is capped at TLS 1.2 and has
@@ -894,26 +895,6 @@ mod tests {
         assert_eq!(inspect(&bad_specs), TlsInspect::NotTls);
         assert_eq!(inspect(&[0x90, 0x01, 1, 3, 1]), TlsInspect::NotTls);
         assert_eq!(inspect(&[0x80, 0x02, 1, 3, 1]), TlsInspect::NotTls);
-    }
-
-    /// xorshift64*: deterministic pseudo-random bytes without a dependency.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-
-        fn bytes(&mut self, n: usize) -> Vec<u8> {
-            (0..n).map(|_| self.next() as u8).collect()
-        }
     }
 
     /// A verdict once given must not change when more bytes arrive.
