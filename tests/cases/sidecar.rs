@@ -241,8 +241,13 @@ async fn istio_style_sidecar_redirects_hand_off_and_chain_selection() {
     for p in [dir.path(), cfg.as_path()] {
         std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     }
+    // The proxy runs as uid 1337, which may not be able to reach the build tree (a checkout under a 0700
+    // directory): run a copy from this test's own world-readable directory.
+    let binary = dir.path().join("xds-proxy");
+    std::fs::copy(env!("CARGO_BIN_EXE_xds-proxy"), &binary).unwrap();
+    std::fs::set_permissions(&binary, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let ns = pod.file();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_xds-proxy"));
+    let mut cmd = Command::new(&binary);
     cmd.arg("--config-path").arg(&cfg).args(["--concurrency", "2", "--log-level", "debug"]);
     cmd.stdout(Stdio::null()).stderr(log);
     // SAFETY: only async-signal-safe syscalls between fork and exec: enter the pod namespace, then drop root.
