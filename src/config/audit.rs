@@ -148,6 +148,57 @@ const POLICIES: &[(&str, Policy)] = {
             Only(&["name", "weight"]),
         ),
         ("envoy.extensions.filters.network.direct_response.v3.Config", Only(&["response"])),
+        // HTTP connection manager. tracing is accepted and not acted on: Istio always sends it and no span leaves
+        // this proxy (there is no tracer), which changes nothing on the wire. request_id_extension: the UUID
+        // extension is what we do anyway. normalize_path and path_with_escaped_slashes_action: see the conversion.
+        (
+            "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            Only(&[
+                "codec_type",
+                "stat_prefix",
+                "rds",
+                "route_config",
+                "http_filters",
+                "tracing",
+                "common_http_protocol_options",
+                "http_protocol_options",
+                "http2_protocol_options",
+                "server_name",
+                "server_header_transformation",
+                "max_request_headers_kb",
+                "stream_idle_timeout",
+                "request_timeout",
+                "drain_timeout",
+                "use_remote_address",
+                "xff_num_trusted_hops",
+                "skip_xff_append",
+                "via",
+                "generate_request_id",
+                "preserve_external_request_id",
+                "always_set_request_id_in_response",
+                "upgrade_configs",
+                "normalize_path",
+                "path_with_escaped_slashes_action",
+                "request_id_extension",
+                // Only meaningful with client certificates, which need TLS (not supported yet): nothing to forward.
+                "forward_client_cert_details",
+                "set_current_client_cert_details",
+            ]),
+        ),
+        // The conversion checks the filter list (router last; skippable filters before it).
+        ("envoy.extensions.filters.network.http_connection_manager.v3.HttpFilter", Skip),
+        ("envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.Tracing", Skip),
+        ("envoy.extensions.filters.network.http_connection_manager.v3.RequestIdExtension", Skip),
+        ("envoy.extensions.filters.network.http_connection_manager.v3.Rds", All),
+        ("envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.UpgradeConfig", All),
+        (
+            "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.SetCurrentClientCertDetails",
+            All,
+        ),
+        ("envoy.config.core.v3.HttpProtocolOptions", Only(&["idle_timeout", "max_requests_per_connection"])),
+        ("envoy.config.core.v3.Http1ProtocolOptions", Only(&[])),
+        ("envoy.config.core.v3.Http2ProtocolOptions", Only(&[])),
+        ("envoy.config.route.v3.RouteConfiguration", Skip),
         ("envoy.config.core.v3.DataSource", Only(&["filename", "inline_bytes", "inline_string"])),
         // Clusters and endpoints; the conversion may still reject values (e.g. a cluster type).
         (

@@ -84,7 +84,94 @@ pub struct ClusterConfig {
     pub per_connection_buffer_limit_bytes: u32,
     /// `alt_stat_name`, else the name: the `cluster.<stat_name>.*` prefix.
     pub stat_name: String,
+    pub http: HttpUpstream,
     pub proto: Arc<cpb::Cluster>,
+}
+
+/// How HTTP requests go to this cluster's hosts: the cluster's `envoy.extensions.upstreams.http.v3.HttpProtocolOptions`
+/// and the request circuit breakers (Envoy's defaults when absent).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpUpstream {
+    pub protocol: UpstreamProtocol,
+    pub max_requests_per_connection: Option<u32>,
+    /// How long an unused pooled connection is kept (`common_http_protocol_options.idle_timeout`, default 1 h).
+    pub idle_timeout: Option<Duration>,
+    pub max_requests: u32,
+    pub max_pending_requests: u32,
+    pub max_retries: u32,
+}
+
+impl Default for HttpUpstream {
+    fn default() -> Self {
+        HttpUpstream {
+            protocol: UpstreamProtocol::Http1,
+            max_requests_per_connection: None,
+            idle_timeout: Some(Duration::from_secs(3600)),
+            max_requests: 1024,
+            max_pending_requests: 1024,
+            max_retries: 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    Http1,
+    Http2,
+    /// `use_downstream_protocol_config`: the downstream request's protocol.
+    Downstream,
+}
+
+const TYPE_HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+
+fn http_upstream(c: &cpb::Cluster) -> Result<HttpUpstream, ConfigError> {
+    use envoy_types::pb::envoy::extensions::upstreams::http::v3 as up;
+    use up::http_protocol_options::UpstreamProtocolOptions as P;
+    use up::http_protocol_options::explicit_http_config::ProtocolConfig as E;
+    let mut out = HttpUpstream::default();
+    if let Some(t) = c
+        .circuit_breakers
+        .as_ref()
+        .and_then(|cb| cb.thresholds.iter().find(|t| t.priority == core::RoutingPriority::Default as i32))
+    {
+        out.max_requests = t.max_requests.as_ref().map_or(out.max_requests, |v| v.value);
+        out.max_pending_requests = t.max_pending_requests.as_ref().map_or(out.max_pending_requests, |v| v.value);
+        out.max_retries = t.max_retries.as_ref().map_or(out.max_retries, |v| v.value);
+    }
+    for (key, any) in &c.typed_extension_protocol_options {
+        let path = format!("typed_extension_protocol_options[\"{key}\"]");
+        if crate::config::listener::type_name(&any.type_url) != TYPE_HTTP_PROTOCOL_OPTIONS {
+            return Err(ConfigError::new(path, format!("protocol options {} are not supported", any.type_url)));
+        }
+        let o: up::HttpProtocolOptions = crate::config::listener::decode_any(any, &path)?;
+        if let Some(common) = &o.common_http_protocol_options {
+            out.idle_timeout = match &common.idle_timeout {
+                Some(d) => {
+                    let d = super::duration(d, &join(&path, "common_http_protocol_options.idle_timeout"))?;
+                    (!d.is_zero()).then_some(d)
+                }
+                None => out.idle_timeout,
+            };
+            out.max_requests_per_connection =
+                common.max_requests_per_connection.as_ref().map(|v| v.value).filter(|v| *v > 0);
+        }
+        out.protocol = match &o.upstream_protocol_options {
+            Some(P::ExplicitHttpConfig(e)) => match &e.protocol_config {
+                Some(E::Http2ProtocolOptions(_)) => UpstreamProtocol::Http2,
+                Some(E::HttpProtocolOptions(_)) | None => UpstreamProtocol::Http1,
+                Some(E::Http3ProtocolOptions(_)) => {
+                    return Err(ConfigError::new(
+                        join(&path, "explicit_http_config.http3_protocol_options"),
+                        "HTTP/3 upstreams are not supported",
+                    ));
+                }
+            },
+            Some(P::UseDownstreamProtocolConfig(_)) => UpstreamProtocol::Downstream,
+            // Without TLS there is no ALPN to negotiate with: Envoy's auto_config then speaks HTTP/1.1.
+            Some(P::AutoConfig(_)) | None => UpstreamProtocol::Http1,
+        };
+    }
+    Ok(out)
 }
 
 impl TryFrom<cpb::Cluster> for ClusterConfig {
@@ -207,6 +294,7 @@ impl TryFrom<cpb::Cluster> for ClusterConfig {
                 .as_ref()
                 .map_or(DEFAULT_BUFFER_LIMIT, |v| v.value),
             stat_name: if c.alt_stat_name.is_empty() { c.name.clone() } else { c.alt_stat_name.clone() },
+            http: http_upstream(&c)?,
             proto: Arc::new(c),
         })
     }

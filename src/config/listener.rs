@@ -479,7 +479,7 @@ pub fn skippable_filter(f: &lpb::Filter) -> bool {
 }
 
 /// A Wasm filter running one of Istio's built-in (null VM) telemetry plugins.
-fn istio_null_vm_plugin(any: &Any) -> bool {
+pub(crate) fn istio_null_vm_plugin(any: &Any) -> bool {
     let Ok(json) = super::proto::to_json_value(any, "google.protobuf.Any") else { return false };
     // A TypedStruct carries the Wasm config under `value` with the user's spelling; a Wasm Any has it at the top.
     let wasm = json.get("value").unwrap_or(&json);
@@ -496,9 +496,10 @@ fn istio_null_vm_plugin(any: &Any) -> bool {
         && matches!(code.as_deref(), Some("envoy.wasm.stats" | "envoy.wasm.metadata_exchange"))
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum NetworkFilterConfig {
     TcpProxy(TcpProxyConfig),
+    HttpConnectionManager(Box<super::http::HcmConfig>),
     /// `envoy.filters.network.direct_response`: write these bytes, then close.
     DirectResponse(Vec<u8>),
 }
@@ -516,6 +517,9 @@ impl NetworkFilterConfig {
         match type_name(&any.type_url) {
             TYPE_TCP_PROXY => {
                 Ok(NetworkFilterConfig::TcpProxy(TcpProxyConfig::convert(&decode_any(any, &path)?, &path)?))
+            }
+            t if super::http::is_hcm(t) => {
+                Ok(NetworkFilterConfig::HttpConnectionManager(Box::new(super::http::HcmConfig::from_any(any, &path)?)))
             }
             TYPE_DIRECT_RESPONSE => {
                 let c: direct_response::Config = decode_any(any, &path)?;

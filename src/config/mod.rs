@@ -8,6 +8,7 @@
 pub mod audit;
 pub mod bootstrap;
 pub mod cluster;
+pub mod http;
 pub mod listener;
 pub mod proto;
 

@@ -118,6 +118,10 @@ fn describe_chain(c: &FilterChainConfig) -> String {
             let clusters: Vec<&str> = tp.clusters.iter().map(|(n, _)| n.as_str()).collect();
             format!("tcp_proxy → cluster {}", clusters.join(", "))
         }
+        NetworkFilterConfig::HttpConnectionManager(h) => match h.rds_name() {
+            Some(rds) => format!("http_connection_manager → routes from RDS '{rds}'"),
+            None => "http_connection_manager → inline routes".to_string(),
+        },
         NetworkFilterConfig::DirectResponse(_) => "direct_response".to_string(),
     };
     format!("{name}({what})")

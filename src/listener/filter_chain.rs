@@ -10,12 +10,15 @@ use super::chain_match::{ChainIndex, ConnAttrs};
 use super::filters::Detected;
 use crate::config::listener::{FilterChainConfig, NetworkFilterConfig};
 use crate::drain::DrainTrigger;
+use crate::network::http::HttpConnectionManager;
+use crate::network::http::rds::RouteRegistry;
 use crate::network::tcp_proxy::TcpProxy;
 use crate::stats::Store;
 
 #[derive(Debug)]
 pub enum NetworkFilter {
     TcpProxy(TcpProxy),
+    Http(Arc<HttpConnectionManager>),
     DirectResponse(Arc<[u8]>),
 }
 
@@ -28,9 +31,12 @@ pub struct FilterChain {
 }
 
 impl FilterChain {
-    pub fn new(config: Arc<FilterChainConfig>, stats: &Store) -> Self {
+    pub fn new(config: Arc<FilterChainConfig>, stats: &Store, routes: &RouteRegistry) -> Self {
         let filter = match config.terminal() {
             NetworkFilterConfig::TcpProxy(tp) => NetworkFilter::TcpProxy(TcpProxy::new(tp.clone(), stats)),
+            NetworkFilterConfig::HttpConnectionManager(h) => {
+                NetworkFilter::Http(Arc::new(HttpConnectionManager::new((**h).clone(), stats, routes)))
+            }
             NetworkFilterConfig::DirectResponse(bytes) => NetworkFilter::DirectResponse(bytes.clone().into()),
         };
         FilterChain { config, filter, drain: DrainTrigger::new() }
@@ -58,12 +64,13 @@ impl ChainSet {
         index: Arc<ChainIndex>,
         previous: Option<&ChainSet>,
         stats: &Store,
+        routes: &RouteRegistry,
     ) -> ChainSet {
         let reuse_or_build = |c: &Arc<FilterChainConfig>| {
             previous
                 .and_then(|p| p.all().find(|old| old.config.proto() == c.proto()))
                 .cloned()
-                .unwrap_or_else(|| Arc::new(FilterChain::new(c.clone(), stats)))
+                .unwrap_or_else(|| Arc::new(FilterChain::new(c.clone(), stats, routes)))
         };
         ChainSet { chains: configs.iter().map(reuse_or_build).collect(), default: default.map(reuse_or_build), index }
     }

@@ -16,12 +16,14 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use super::filter_chain::{ChainSet, FilterChain};
+use super::filter_chain::{ChainSet, FilterChain, NetworkFilter};
 use super::socket::SocketFactory;
 use super::worker::{ListenerSet, Workers};
 use super::{Listener, ListenerCore, ListenerStats};
+use crate::config::http::RouteSource;
 use crate::config::listener::{ListenerConfig, SocketSpec};
 use crate::drain::{DrainStrategy, Until};
+use crate::network::http::rds::RouteRegistry;
 use crate::stats::{Counter, Gauge, Store};
 use crate::upstream::ClusterSet;
 
@@ -132,6 +134,8 @@ pub struct ListenerManager {
     runtime: tokio::runtime::Handle,
     /// Set by `shutdown`: no listener is added or changed afterwards.
     stopped: bool,
+    /// Route configurations by name, shared with the ADS client that fills them (RDS).
+    routes: RouteRegistry,
 }
 
 impl ListenerManager {
@@ -160,7 +164,13 @@ impl ListenerManager {
             next_id: 1,
             runtime: tokio::runtime::Handle::current(),
             stopped: false,
+            routes: RouteRegistry::default(),
         }
+    }
+
+    /// The route configuration slots HTTP listeners read; RDS fills them.
+    pub fn routes(&self) -> RouteRegistry {
+        self.routes.clone()
     }
     /// Marks workers started in the stats (Istio's readiness probe reads `listener_manager.workers_started`).
     pub async fn start_workers(&self) {
@@ -332,6 +342,7 @@ impl ListenerManager {
             config.chain_index.clone(),
             if in_place { old.as_ref().map(|o| o.chains()) } else { None },
             &self.store,
+            &self.routes,
         );
         let listener = Arc::new(Listener {
             id: self.next_id,
@@ -344,10 +355,9 @@ impl ListenerManager {
             }),
         });
         self.next_id += 1;
-        let missing =
-            if allow_static { Vec::new() } else { missing_clusters(listener.config(), &self.clusters.load()) };
+        let missing = if allow_static { Vec::new() } else { missing_dependencies(&listener, &self.clusters.load()) };
         if !missing.is_empty() {
-            info!(listener = %name, missing = ?missing, "listener warming: waiting for clusters");
+            info!(listener = %name, missing = ?missing, "listener warming: waiting for its dependencies");
             self.drop_warming(&name);
             self.addresses.insert(listener.config().socket.address, name.clone());
             self.warming.insert(name, Warming { listener, in_place, since: std::time::Instant::now() });
@@ -407,7 +417,8 @@ impl ListenerManager {
             .warming
             .iter()
             .filter(|(_, w)| {
-                w.since.elapsed() >= WARMING_TIMEOUT || missing_clusters(w.listener.config(), &clusters).is_empty()
+                warming_limit(&w.listener).is_some_and(|limit| w.since.elapsed() >= limit)
+                    || missing_dependencies(&w.listener, &clusters).is_empty()
             })
             .map(|(n, _)| n.clone())
             .collect();
@@ -544,18 +555,49 @@ impl ListenerManager {
     }
 }
 
-/// Clusters a listener's tcp_proxy filters name that do not exist (yet).
-fn missing_clusters(config: &ListenerConfig, clusters: &ClusterSet) -> Vec<String> {
-    use crate::config::listener::NetworkFilterConfig;
+/// What a listener waits for before it serves: clusters its tcp_proxy filters name and route configurations its
+/// HTTP connection managers subscribe to through RDS (Envoy's listener warming).
+fn missing_dependencies(listener: &Listener, clusters: &ClusterSet) -> Vec<String> {
     let mut missing = Vec::new();
-    for chain in config.filter_chains.iter().chain(config.default_filter_chain.iter()) {
-        if let NetworkFilterConfig::TcpProxy(tp) = chain.terminal() {
-            for (name, _) in &tp.clusters {
-                if clusters.get(name).is_none() && !missing.contains(name) {
-                    missing.push(name.clone());
+    for chain in listener.chains().all() {
+        match &chain.filter {
+            NetworkFilter::TcpProxy(tp) => {
+                for (name, _) in &tp.config.clusters {
+                    let what = format!("cluster {name}");
+                    if clusters.get(name).is_none() && !missing.contains(&what) {
+                        missing.push(what);
+                    }
                 }
             }
+            NetworkFilter::Http(hcm) => {
+                if let Some(name) = hcm.config.rds_name()
+                    && hcm.route_table().is_none()
+                {
+                    let what = format!("route config {name}");
+                    if !missing.contains(&what) {
+                        missing.push(what);
+                    }
+                }
+            }
+            NetworkFilter::DirectResponse(_) => {}
         }
     }
     missing
+}
+
+/// How long a listener may warm: RDS subscriptions use their `initial_fetch_timeout` (0 s, as Istio sends, waits for
+/// ever), everything else [`WARMING_TIMEOUT`].
+fn warming_limit(listener: &Listener) -> Option<Duration> {
+    let mut limit = Some(WARMING_TIMEOUT);
+    for chain in listener.chains().all() {
+        if let NetworkFilter::Http(hcm) = &chain.filter
+            && let RouteSource::Rds { initial_fetch_timeout, .. } = &hcm.config.routes
+        {
+            limit = match (limit, initial_fetch_timeout) {
+                (Some(a), Some(b)) => Some(a.min(*b)),
+                _ => None,
+            };
+        }
+    }
+    limit
 }

@@ -24,6 +24,7 @@ use super::{Listener, ListenerCore};
 use crate::network::direct_response;
 use crate::stats::{GaugeGuard, Store};
 use crate::upstream::ClusterSet;
+use crate::upstream::pool::HttpPools;
 
 /// Every listener version that is currently serving, as published by the manager.
 #[derive(Debug, Default)]
@@ -53,6 +54,8 @@ pub struct WorkerContext {
     /// The published listener set, for the hand-off by original destination.
     pub listeners: Arc<ArcSwap<ListenerSet>>,
     pub filter_stats: FilterStats,
+    /// This worker's HTTP connection pools.
+    pub http_pools: HttpPools,
 }
 
 /// The worker threads and the channel the manager publishes listener sets through.
@@ -80,6 +83,7 @@ impl Workers {
                 clusters: clusters.clone(),
                 listeners: set.clone(),
                 filter_stats: FilterStats::new(store),
+                http_pools: HttpPools::default(),
             });
             let set = set.clone();
             let rx = version.subscribe();
@@ -327,7 +331,7 @@ async fn listener_filters(
 }
 
 /// The connection's life on its final listener, whose stats it counts in.
-async fn serve_on(listener: &ListenerCore, stream: TcpStream, det: &Detected, ctx: &WorkerContext) {
+async fn serve_on(listener: &ListenerCore, stream: TcpStream, det: &Detected, ctx: &Arc<WorkerContext>) {
     let stats = &listener.stats;
     stats.downstream_cx_total.inc();
     let _active = GaugeGuard::new(&stats.downstream_cx_active);
@@ -343,6 +347,7 @@ async fn serve_on(listener: &ListenerCore, stream: TcpStream, det: &Detected, ct
         NetworkFilter::TcpProxy(tp) => {
             tp.serve(stream, det, drain, ctx, listener.config.per_connection_buffer_limit_bytes).await
         }
+        NetworkFilter::Http(hcm) => hcm.clone().serve(stream, det, drain, ctx.clone()).await,
         NetworkFilter::DirectResponse(body) => direct_response::serve(stream, body, drain).await,
     }
     stats.downstream_cx_destroy.inc();

@@ -78,6 +78,21 @@ pub struct ClusterStats {
     pub upstream_cx_none_healthy: Counter,
     pub membership_total: Gauge,
     pub membership_healthy: Gauge,
+    pub upstream_rq_total: Counter,
+    pub upstream_rq_active: Gauge,
+    pub upstream_rq_completed: Counter,
+    pub upstream_rq_timeout: Counter,
+    pub upstream_rq_per_try_timeout: Counter,
+    pub upstream_rq_retry: Counter,
+    pub upstream_rq_retry_limit_exceeded: Counter,
+    pub upstream_rq_rx_reset: Counter,
+    pub upstream_rq_pending_overflow: Counter,
+    /// `upstream_rq_1xx` … `upstream_rq_5xx`.
+    pub upstream_rq_class: [Counter; 5],
+    /// `upstream_rq_<code>`, registered on first use.
+    codes: Arc<std::sync::Mutex<std::collections::HashMap<u16, Counter>>>,
+    store: Store,
+    prefix: String,
 }
 
 impl ClusterStats {
@@ -93,7 +108,48 @@ impl ClusterStats {
             upstream_cx_none_healthy: c("upstream_cx_none_healthy"),
             membership_total: g("membership_total"),
             membership_healthy: g("membership_healthy"),
+            upstream_rq_total: c("upstream_rq_total"),
+            upstream_rq_active: g("upstream_rq_active"),
+            upstream_rq_completed: c("upstream_rq_completed"),
+            upstream_rq_timeout: c("upstream_rq_timeout"),
+            upstream_rq_per_try_timeout: c("upstream_rq_per_try_timeout"),
+            upstream_rq_retry: c("upstream_rq_retry"),
+            upstream_rq_retry_limit_exceeded: c("upstream_rq_retry_limit_exceeded"),
+            upstream_rq_rx_reset: c("upstream_rq_rx_reset"),
+            upstream_rq_pending_overflow: c("upstream_rq_pending_overflow"),
+            upstream_rq_class: [1, 2, 3, 4, 5].map(|n| c(&format!("upstream_rq_{n}xx"))),
+            codes: Arc::default(),
+            store: store.clone(),
+            prefix: format!("cluster.{stat_name}"),
         }
+    }
+}
+
+impl ClusterStats {
+    /// Counts a response: `upstream_rq_<code>`, its class and `upstream_rq_completed`.
+    pub fn count_response(&self, status: u16) {
+        self.upstream_rq_completed.inc();
+        if let Some(c) = self.upstream_rq_class.get(usize::from(status / 100).wrapping_sub(1)) {
+            c.inc();
+        }
+        let mut codes = self.codes.lock().unwrap_or_else(|p| p.into_inner());
+        codes
+            .entry(status)
+            .or_insert_with(|| self.store.counter(&format!("{}.upstream_rq_{status}", self.prefix)))
+            .inc();
+    }
+}
+
+/// A request counted against the cluster's `max_requests` circuit breaker while it lives.
+#[derive(Debug)]
+pub struct RequestSlot {
+    requests: Arc<AtomicU32>,
+    _active: GaugeGuard,
+}
+
+impl Drop for RequestSlot {
+    fn drop(&mut self) {
+        self.requests.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -116,6 +172,8 @@ pub struct Cluster {
     rr: AtomicU64,
     /// Open upstream connections, for the circuit breaker.
     connections: Arc<AtomicU32>,
+    /// HTTP requests in flight, for the `max_requests` circuit breaker.
+    requests: Arc<AtomicU32>,
     pub stats: ClusterStats,
 }
 
@@ -127,11 +185,19 @@ pub struct Upstream {
     _slot: ConnectionSlot,
 }
 
+/// Holds a circuit-breaker slot and the host's active count while an upstream connection lives.
 #[derive(Debug)]
-struct ConnectionSlot {
+pub struct ConnectionSlot {
     cluster_connections: Arc<AtomicU32>,
     host: Arc<Host>,
     _active: GaugeGuard,
+}
+
+impl Upstream {
+    /// The stream and what must live as long as it (the breaker slot), for protocols that own the stream.
+    pub fn into_parts(self) -> (TcpStream, Arc<Host>, ConnectionSlot) {
+        (self.stream, self.host, self._slot)
+    }
 }
 
 impl Drop for ConnectionSlot {
@@ -154,6 +220,7 @@ impl Cluster {
             hosts: ArcSwap::from_pointee(HostSet::default()),
             rr: AtomicU64::new(0),
             connections: Arc::new(AtomicU32::new(0)),
+            requests: Arc::new(AtomicU32::new(0)),
             stats,
         };
         cluster.stats.membership_total.set(hosts.total as i64);
@@ -204,6 +271,28 @@ impl Cluster {
             self.stats.upstream_cx_none_healthy.inc();
             return Err(ConnectError::NoHealthyUpstream(self.config.name.clone()));
         };
+        self.connect_to(host).await
+    }
+
+    /// Admits one more HTTP request under `max_requests`, or counts the overflow (Envoy answers it with 503).
+    pub fn start_request(&self) -> Option<RequestSlot> {
+        let prior = self.requests.fetch_add(1, Ordering::Relaxed);
+        let slot =
+            RequestSlot { requests: self.requests.clone(), _active: GaugeGuard::new(&self.stats.upstream_rq_active) };
+        if prior >= self.config.http.max_requests {
+            self.stats.upstream_rq_pending_overflow.inc();
+            return None;
+        }
+        Some(slot)
+    }
+
+    /// Counts a response from an upstream in the cluster's stats.
+    pub fn count_response(&self, status: u16) {
+        self.stats.count_response(status);
+    }
+
+    /// Connects to a host already chosen (HTTP pools choose per request, then reuse or open a connection).
+    pub async fn connect_to(&self, host: Arc<Host>) -> Result<Upstream, ConnectError> {
         let prior = self.connections.fetch_add(1, Ordering::Relaxed);
         host.active.fetch_add(1, Ordering::Relaxed);
         let slot = ConnectionSlot {
@@ -253,6 +342,7 @@ mod tests {
             max_connections: 10,
             per_connection_buffer_limit_bytes: 1024,
             stat_name: "c".into(),
+            http: Default::default(),
             proto: Arc::default(),
         })
     }

@@ -4,6 +4,7 @@
 pub mod cluster;
 pub mod dns;
 pub mod lb;
+pub mod pool;
 
 use std::collections::HashMap;
 use std::sync::Arc;

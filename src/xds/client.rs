@@ -11,6 +11,7 @@ use std::time::Duration;
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
@@ -22,7 +23,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use super::delta::DeltaState;
 use super::state::SotwState;
-use super::{CLUSTER, ENDPOINT, LISTENER, Protocol};
+use super::{CLUSTER, ENDPOINT, LISTENER, Protocol, ROUTE};
 use crate::config::cluster::ClusterConfig;
 use crate::config::listener::ListenerConfig;
 use crate::listener::manager::ListenerManager;
@@ -236,6 +237,7 @@ impl AdsClient {
                         Err(e) => errors.push(format!("{name}: {e}")),
                     }
                 }
+                follow_up = state.subscribe_named(ROUTE, lm.routes().collect());
             }
             CLUSTER => {
                 let mut cm = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
@@ -271,6 +273,19 @@ impl AdsClient {
                 for name in &resp.removed_resources {
                     let empty = ClusterLoadAssignment { cluster_name: name.clone(), ..Default::default() };
                     let _ = cm.set_load_assignment(&empty);
+                }
+            }
+            ROUTE => {
+                let mut names = Vec::new();
+                let with_versions = resp.resources.iter().filter_map(|r| {
+                    r.resource.as_ref().map(|any| {
+                        names.push((r.name.clone(), r.version.clone()));
+                        (Some(r.version.as_str()), any)
+                    })
+                });
+                match self.apply_routes(with_versions, &resp.system_version_info, &resp.removed_resources) {
+                    Ok(()) => applied.extend(names),
+                    Err(e) => errors.extend(e),
                 }
             }
             other => errors.push(format!("type {other} is not supported")),
@@ -316,9 +331,18 @@ impl AdsClient {
             }
             LISTENER => {
                 let outcome = self.apply_listeners(&resp.resources, &mut seen.listeners);
-                (Some(SubscriptionStats::new(&self.stats, "listener_manager.lds")), outcome, None)
+                let routes = self.route_subscription();
+                (
+                    Some(SubscriptionStats::new(&self.stats, "listener_manager.lds")),
+                    outcome,
+                    state.subscribe_named(ROUTE, routes),
+                )
             }
             ENDPOINT => (None, self.apply_endpoints(&resp.resources), None),
+            ROUTE => {
+                let resources = resp.resources.iter().map(|any| (None, any));
+                (None, self.apply_routes(resources, &resp.version_info, &[]), None)
+            }
             other => (None, Err(vec![format!("type {other} is not supported")]), None),
         };
         if let Some(s) = &stats {
@@ -392,6 +416,45 @@ impl AdsClient {
         errors.extend(refused.into_iter().map(|(name, e)| format!("{name}: {e}")));
         seen.remember(hashes, &keep);
         drop(cm);
+        self.listeners.lock().unwrap_or_else(|p| p.into_inner()).promote_warming();
+        if errors.is_empty() { Ok(()) } else { Err(errors) }
+    }
+
+    /// The route configuration names listeners refer to now: the RDS subscription.
+    fn route_subscription(&self) -> BTreeSet<String> {
+        self.listeners.lock().unwrap_or_else(|p| p.into_inner()).routes().collect()
+    }
+
+    /// Installs route configurations (each resource with its delta version, if any) and removes the ones a delta
+    /// response names; listeners that waited for them start serving.
+    fn apply_routes<'a>(
+        &self,
+        resources: impl Iterator<Item = (Option<&'a str>, &'a Any)>,
+        version: &str,
+        removed: &[String],
+    ) -> Result<(), Vec<String>> {
+        let mut errors = Vec::new();
+        let registry = self.listeners.lock().unwrap_or_else(|p| p.into_inner()).routes();
+        for (i, (resource_version, any)) in resources.enumerate() {
+            let rc = match decode::<RouteConfiguration>(any, ROUTE) {
+                Ok(rc) => rc,
+                Err(e) => {
+                    errors.push(format!("resources[{i}]: {e}"));
+                    continue;
+                }
+            };
+            match crate::config::http::route_table(&rc) {
+                Ok(table) => {
+                    if !registry.set(table, resource_version.unwrap_or(version)) {
+                        info!(route_config = %rc.name, "ignoring a route configuration no listener asked for");
+                    }
+                }
+                Err(e) => errors.push(format!("{}: {e}", rc.name)),
+            }
+        }
+        for name in removed {
+            registry.clear(name);
+        }
         self.listeners.lock().unwrap_or_else(|p| p.into_inner()).promote_warming();
         if errors.is_empty() { Ok(()) } else { Err(errors) }
     }

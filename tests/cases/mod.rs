@@ -1,4 +1,5 @@
 mod ads;
+mod http;
 mod istio_fixture;
 mod listener_filters;
 mod listener_updates;

@@ -266,3 +266,130 @@ pub fn client_hello(sni: &str, alpn: &[&str]) -> Vec<u8> {
     conn.write_tls(&mut out).unwrap();
     out
 }
+
+/// An HTTP/1.1 + h2c upstream. Every response says who answered and what arrived: `tag`, method, path, Host (or
+/// :authority) and x-request-id, one per line. Paths steer it: `/status/<code>` answers with that code, `/sleep/<ms>`
+/// waits first, `/bytes/<n>` streams n bytes, `/upload` counts the request body's bytes.
+pub async fn http_upstream(tag: &'static str) -> SocketAddr {
+    use http_body_util::BodyExt;
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| async move {
+                    let path = req.uri().path().to_string();
+                    let host = req
+                        .uri()
+                        .authority()
+                        .map(|a| a.to_string())
+                        .or_else(|| req.headers().get("host").map(|h| h.to_str().unwrap().to_string()))
+                        .unwrap_or_default();
+                    let rid = req.headers().get("x-request-id").map(|v| v.to_str().unwrap().to_string());
+                    let mut text = format!(
+                        "{tag}\n{} {}\nhost={host}\nx-request-id={}\n",
+                        req.method(),
+                        req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/"),
+                        rid.unwrap_or_default()
+                    );
+                    for (k, v) in req.headers() {
+                        if k.as_str().starts_with("x-") && k != "x-request-id" {
+                            text.push_str(&format!("{k}={}\n", v.to_str().unwrap_or("")));
+                        }
+                    }
+                    let mut status = 200u16;
+                    if let Some(code) = path.strip_prefix("/status/") {
+                        status = code.parse().unwrap_or(500);
+                    }
+                    if let Some(ms) = path.strip_prefix("/sleep/") {
+                        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+                    }
+                    if path == "/upload" {
+                        let mut body = req.into_body();
+                        let mut n = 0u64;
+                        while let Some(f) = body.frame().await {
+                            if let Ok(d) = f.unwrap().into_data() {
+                                n += d.len() as u64;
+                            }
+                        }
+                        text.push_str(&format!("received={n}\n"));
+                    }
+                    let body: http_body_util::combinators::BoxBody<bytes::Bytes, std::convert::Infallible> =
+                        if let Some(n) = path.strip_prefix("/bytes/") {
+                            let n: u64 = n.parse().unwrap();
+                            let chunk = bytes::Bytes::from(vec![b'x'; 64 * 1024]);
+                            let stream = futures_util::stream::unfold(0u64, move |sent| {
+                                let chunk = chunk.clone();
+                                async move {
+                                    if sent >= n {
+                                        return None;
+                                    }
+                                    let len = (n - sent).min(chunk.len() as u64) as usize;
+                                    Some((Ok(hyper::body::Frame::data(chunk.slice(..len))), sent + len as u64))
+                                }
+                            });
+                            http_body_util::StreamBody::new(stream).boxed()
+                        } else {
+                            http_body_util::Full::new(bytes::Bytes::from(text)).boxed()
+                        };
+                    let resp = hyper::Response::builder().status(status).header("x-upstream", tag).body(body).unwrap();
+                    Ok::<_, std::convert::Infallible>(resp)
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A listener (list item) with an http_connection_manager; `routes` is the HCM's `route_config:` or `rds:` block
+/// indented for the HCM level.
+pub fn http_listener(name: &str, port: u16, routes: &str, extra: &str) -> String {
+    format!(
+        r#"
+  - name: {name}
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: {name}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}{extra}
+{routes}"#
+    )
+}
+
+/// A one-line-per-request HTTP/1.1 client over one connection: sends a request and reads one response.
+pub async fn http1_request(
+    s: &mut hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    method: &str,
+    path: &str,
+    host: &str,
+    headers: &[(&str, &str)],
+) -> (u16, hyper::HeaderMap, String) {
+    use http_body_util::BodyExt;
+    let mut req = hyper::Request::builder().method(method).uri(path).header("host", host);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = s.send_request(req.body(http_body_util::Full::new(bytes::Bytes::new())).unwrap()).await.unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, headers, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// An HTTP/1.1 client connection to `addr`.
+pub async fn http1_client(
+    addr: SocketAddr,
+) -> hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>> {
+    let s = TcpStream::connect(addr).await.unwrap();
+    let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s)).await.unwrap();
+    tokio::spawn(conn);
+    send
+}

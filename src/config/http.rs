@@ -1,0 +1,299 @@
+//! Validated `envoy.filters.network.http_connection_manager` configuration: the HCM proto turned into the settings
+//! the HTTP connection manager runs with, every error naming its field path.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
+use envoy_types::pb::google::protobuf::Any;
+
+use super::listener::{decode_any, type_name};
+use super::{ConfigError, join, opt_duration};
+use crate::network::http::route::RouteTable;
+
+/// Envoy's default `stream_idle_timeout`.
+pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Envoy's default `drain_timeout`.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Envoy's default `common_http_protocol_options.idle_timeout` for downstream connections.
+pub const DEFAULT_CONNECTION_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Envoy's default `max_request_headers_kb`.
+pub const DEFAULT_MAX_REQUEST_HEADERS_KB: u32 = 60;
+/// Envoy's default for the `server` header.
+pub const DEFAULT_SERVER_NAME: &str = "envoy";
+
+const TYPE_HCM: &str = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+const TYPE_ROUTER: &str = "envoy.extensions.filters.http.router.v3.Router";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    /// HTTP/2 prior knowledge is recognised by its preface, anything else is HTTP/1.
+    Auto,
+    Http1,
+    Http2,
+}
+
+/// Where the route table comes from.
+#[derive(Debug, Clone)]
+pub enum RouteSource {
+    Inline(Arc<RouteTable>),
+    /// Subscribed over ADS by name; the listener warms until it arrives.
+    Rds {
+        name: String,
+        initial_fetch_timeout: Option<Duration>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerHeader {
+    /// Envoy's OVERWRITE: always our `server_name`.
+    Overwrite,
+    /// APPEND_IF_ABSENT: the upstream's `server` header wins.
+    AppendIfAbsent,
+    /// PASS_THROUGH: never touched.
+    PassThrough,
+}
+
+#[derive(Debug, Clone)]
+pub struct HcmConfig {
+    pub stat_prefix: String,
+    pub codec: Codec,
+    pub routes: RouteSource,
+    pub use_remote_address: bool,
+    pub xff_num_trusted_hops: u32,
+    pub skip_xff_append: bool,
+    pub server_name: String,
+    pub server_header: ServerHeader,
+    pub via: Option<http::HeaderValue>,
+    pub generate_request_id: bool,
+    pub preserve_external_request_id: bool,
+    pub always_set_request_id_in_response: bool,
+    /// None when disabled (0 s).
+    pub stream_idle_timeout: Option<Duration>,
+    pub request_timeout: Option<Duration>,
+    pub connection_idle_timeout: Option<Duration>,
+    pub drain_timeout: Duration,
+    pub max_request_headers_kb: u32,
+    pub max_requests_per_connection: Option<u32>,
+    pub websocket: bool,
+    /// HTTP filters that run before the router and that we skip (Istio telemetry, empty fault/cors).
+    pub skipped_filters: Vec<String>,
+}
+
+impl HcmConfig {
+    pub fn from_any(any: &Any, path: &str) -> Result<Self, ConfigError> {
+        let h: hcm::HttpConnectionManager = decode_any(any, path)?;
+        HcmConfig::convert(&h, path)
+    }
+
+    pub fn rds_name(&self) -> Option<&str> {
+        match &self.routes {
+            RouteSource::Rds { name, .. } => Some(name),
+            RouteSource::Inline(_) => None,
+        }
+    }
+
+    fn convert(h: &hcm::HttpConnectionManager, path: &str) -> Result<Self, ConfigError> {
+        use hcm::http_connection_manager::{CodecType, RouteSpecifier, ServerHeaderTransformation};
+        let at = |f: &str| join(path, f);
+        if h.stat_prefix.is_empty() {
+            return Err(ConfigError::new(at("stat_prefix"), "stat_prefix is required"));
+        }
+        let codec = match CodecType::try_from(h.codec_type) {
+            Ok(CodecType::Auto) => Codec::Auto,
+            Ok(CodecType::Http1) => Codec::Http1,
+            Ok(CodecType::Http2) => Codec::Http2,
+            Ok(CodecType::Http3) => return Err(ConfigError::new(at("codec_type"), "HTTP3 is not supported")),
+            Err(_) => return Err(ConfigError::new(at("codec_type"), format!("unknown codec_type {}", h.codec_type))),
+        };
+        let routes = match &h.route_specifier {
+            Some(RouteSpecifier::RouteConfig(rc)) => Inline(Arc::new(
+                RouteTable::new(rc).map_err(|e| ConfigError::new(join(&at("route_config"), &e.path), e.message))?,
+            )),
+            Some(RouteSpecifier::Rds(rds)) => {
+                if rds.route_config_name.is_empty() {
+                    return Err(ConfigError::new(at("rds.route_config_name"), "route_config_name is required"));
+                }
+                let source = rds.config_source.as_ref();
+                if !source.is_some_and(|s| matches!(s.config_source_specifier, Some(ConfigSourceSpecifier::Ads(_)))) {
+                    return Err(ConfigError::new(
+                        at("rds.config_source"),
+                        "only ads config sources are supported for RDS",
+                    ));
+                }
+                let initial_fetch_timeout = opt_duration(
+                    source.and_then(|s| s.initial_fetch_timeout.as_ref()),
+                    Duration::from_secs(15),
+                    &at("rds.config_source.initial_fetch_timeout"),
+                )?;
+                Rds {
+                    name: rds.route_config_name.clone(),
+                    initial_fetch_timeout: (!initial_fetch_timeout.is_zero()).then_some(initial_fetch_timeout),
+                }
+            }
+            Some(RouteSpecifier::ScopedRoutes(_)) => {
+                return Err(ConfigError::new(at("scoped_routes"), "scoped routes are not supported"));
+            }
+            None => return Err(ConfigError::new(path, "either rds or route_config is required")),
+        };
+        let skipped_filters = http_filters(&h.http_filters, &at("http_filters"))?;
+
+        let server_header = match ServerHeaderTransformation::try_from(h.server_header_transformation) {
+            Ok(ServerHeaderTransformation::Overwrite) => ServerHeader::Overwrite,
+            Ok(ServerHeaderTransformation::AppendIfAbsent) => ServerHeader::AppendIfAbsent,
+            Ok(ServerHeaderTransformation::PassThrough) => ServerHeader::PassThrough,
+            Err(_) => {
+                return Err(ConfigError::new(
+                    at("server_header_transformation"),
+                    format!("unknown value {}", h.server_header_transformation),
+                ));
+            }
+        };
+        let via = if h.via.is_empty() {
+            None
+        } else {
+            Some(
+                http::HeaderValue::from_str(&h.via)
+                    .map_err(|_| ConfigError::new(at("via"), "not a valid header value"))?,
+            )
+        };
+        let common = h.common_http_protocol_options.as_ref();
+        let connection_idle = opt_duration(
+            common.and_then(|c| c.idle_timeout.as_ref()),
+            DEFAULT_CONNECTION_IDLE_TIMEOUT,
+            &at("common_http_protocol_options.idle_timeout"),
+        )?;
+        let max_requests_per_connection =
+            common.and_then(|c| c.max_requests_per_connection.as_ref()).map(|v| v.value).filter(|v| *v > 0);
+        let stream_idle =
+            opt_duration(h.stream_idle_timeout.as_ref(), DEFAULT_STREAM_IDLE_TIMEOUT, &at("stream_idle_timeout"))?;
+        let request_timeout = opt_duration(h.request_timeout.as_ref(), Duration::ZERO, &at("request_timeout"))?;
+        let max_request_headers_kb =
+            h.max_request_headers_kb.as_ref().map_or(DEFAULT_MAX_REQUEST_HEADERS_KB, |v| v.value);
+        if !(1..=8192).contains(&max_request_headers_kb) {
+            return Err(ConfigError::new(at("max_request_headers_kb"), "must be between 1 and 8192"));
+        }
+        let mut websocket = false;
+        for (i, u) in h.upgrade_configs.iter().enumerate() {
+            let upath = at(&format!("upgrade_configs[{i}]"));
+            if !u.upgrade_type.eq_ignore_ascii_case("websocket") {
+                return Err(ConfigError::new(
+                    join(&upath, "upgrade_type"),
+                    format!("upgrade type '{}' is not supported (only websocket)", u.upgrade_type),
+                ));
+            }
+            if !u.filters.is_empty() {
+                return Err(ConfigError::new(join(&upath, "filters"), "per-upgrade filters are not supported"));
+            }
+            websocket = u.enabled.as_ref().is_none_or(|v| v.value);
+        }
+        Ok(HcmConfig {
+            stat_prefix: h.stat_prefix.clone(),
+            codec,
+            routes,
+            use_remote_address: h.use_remote_address.as_ref().is_some_and(|v| v.value),
+            xff_num_trusted_hops: h.xff_num_trusted_hops,
+            skip_xff_append: h.skip_xff_append,
+            server_name: if h.server_name.is_empty() { DEFAULT_SERVER_NAME.into() } else { h.server_name.clone() },
+            server_header,
+            via,
+            generate_request_id: h.generate_request_id.as_ref().is_none_or(|v| v.value),
+            preserve_external_request_id: h.preserve_external_request_id,
+            always_set_request_id_in_response: h.always_set_request_id_in_response,
+            stream_idle_timeout: (!stream_idle.is_zero()).then_some(stream_idle),
+            request_timeout: (!request_timeout.is_zero()).then_some(request_timeout),
+            connection_idle_timeout: (!connection_idle.is_zero()).then_some(connection_idle),
+            drain_timeout: opt_duration(h.drain_timeout.as_ref(), DEFAULT_DRAIN_TIMEOUT, &at("drain_timeout"))?,
+            max_request_headers_kb,
+            max_requests_per_connection,
+            websocket,
+            skipped_filters,
+        })
+    }
+}
+
+use RouteSource::{Inline, Rds};
+use envoy_types::pb::envoy::config::core::v3::config_source::ConfigSourceSpecifier;
+
+/// Checks the HTTP filter list and returns the names of the filters that are skipped. The router must come last;
+/// before it, only filters that change nothing on this proxy's path are allowed: Istio's telemetry and peer-metadata
+/// plugins, `istio.alpn` (it only picks upstream ALPN for TLS origination), `grpc_stats` (counting only), and
+/// `fault`/`cors` with an empty config, which Envoy runs as pass-through until a route enables them.
+fn http_filters(filters: &[hcm::HttpFilter], path: &str) -> Result<Vec<String>, ConfigError> {
+    use hcm::http_filter::ConfigType;
+    let Some((last, before)) = filters.split_last() else {
+        return Err(ConfigError::new(path, "http_filters must end with envoy.filters.http.router"));
+    };
+    let any_of = |f: &hcm::HttpFilter, i: usize| -> Result<Option<Any>, ConfigError> {
+        match &f.config_type {
+            Some(ConfigType::TypedConfig(any)) => Ok(Some(any.clone())),
+            Some(ConfigType::ConfigDiscovery(_)) => Err(ConfigError::new(
+                join(path, &format!("[{i}].config_discovery")),
+                "filter config discovery is not supported",
+            )),
+            None => Ok(None),
+        }
+    };
+    let last_i = filters.len() - 1;
+    let router = any_of(last, last_i)?;
+    let is_router =
+        router.as_ref().map_or(last.name == "envoy.filters.http.router", |a| type_name(&a.type_url) == TYPE_ROUTER);
+    if !is_router {
+        return Err(ConfigError::new(
+            join(path, &format!("[{last_i}]")),
+            format!("the last HTTP filter must be envoy.filters.http.router, not '{}'", last.name),
+        ));
+    }
+    let mut skipped = Vec::new();
+    for (i, f) in before.iter().enumerate() {
+        let fpath = join(path, &format!("[{i}]"));
+        if f.disabled {
+            continue;
+        }
+        let any = any_of(f, i)?;
+        let Some(any) = any else {
+            return Err(ConfigError::new(
+                join(&fpath, "typed_config"),
+                format!("HTTP filter '{}' needs a typed_config", f.name),
+            ));
+        };
+        if skippable_http_filter(&any) {
+            skipped.push(f.name.clone());
+            continue;
+        }
+        let optional = if f.is_optional { " (is_optional only covers unknown types)" } else { "" };
+        return Err(ConfigError::new(
+            join(&fpath, "typed_config"),
+            format!("HTTP filter '{}' ({}) is not supported{optional}", f.name, type_name(&any.type_url)),
+        ));
+    }
+    Ok(skipped)
+}
+
+fn skippable_http_filter(any: &Any) -> bool {
+    match type_name(&any.type_url) {
+        "istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig" => true,
+        "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig" => true,
+        // Empty configs: no fault injected, no CORS policy until a route's per-filter config adds one (which we ignore
+        // along with all typed_per_filter_config).
+        "envoy.extensions.filters.http.fault.v3.HTTPFault" | "envoy.extensions.filters.http.cors.v3.Cors" => {
+            any.value.is_empty()
+        }
+        "envoy.extensions.filters.http.wasm.v3.Wasm" | "udpa.type.v1.TypedStruct" | "xds.type.v3.TypedStruct" => {
+            super::listener::istio_null_vm_plugin(any)
+        }
+        _ => false,
+    }
+}
+
+pub(crate) fn is_hcm(type_url: &str) -> bool {
+    type_name(type_url) == TYPE_HCM
+}
+
+/// A route configuration from RDS: audited like every resource (no set field ignored), then compiled.
+pub fn route_table(
+    rc: &envoy_types::pb::envoy::config::route::v3::RouteConfiguration,
+) -> Result<RouteTable, ConfigError> {
+    super::audit_resource(rc, "envoy.config.route.v3.RouteConfiguration")?;
+    RouteTable::new(rc)
+}

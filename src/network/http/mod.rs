@@ -1,0 +1,261 @@
+//! `envoy.filters.network.http_connection_manager`: serves one downstream connection with hyper (HTTP/1.1 or h2c,
+//! per `codec_type`), hands every request to the router, and closes gracefully when the chain drains
+//! (`Connection: close` on HTTP/1, GOAWAY on HTTP/2).
+
+pub mod body;
+pub mod rds;
+pub mod route;
+mod router;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tracing::debug;
+
+use self::body::ProxyBody;
+use self::rds::{RdsSlot, RouteRegistry};
+use self::route::RouteTable;
+use crate::config::http::{Codec, HcmConfig, RouteSource};
+use crate::drain::{DrainWatch, Phase};
+use crate::listener::filters::Detected;
+use crate::listener::worker::WorkerContext;
+use crate::stats::{Counter, Gauge, GaugeGuard, Store};
+
+/// Where an HCM finds its routes on each request.
+#[derive(Debug)]
+enum Routes {
+    Inline(Arc<RouteTable>),
+    Rds(Arc<RdsSlot>),
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpStats {
+    pub downstream_cx_total: Counter,
+    pub downstream_cx_active: Gauge,
+    pub downstream_cx_http1_total: Counter,
+    pub downstream_cx_http2_total: Counter,
+    pub downstream_cx_drain_close: Counter,
+    pub downstream_cx_idle_timeout: Counter,
+    pub downstream_rq_total: Counter,
+    pub downstream_rq_active: Gauge,
+    pub downstream_rq_http1_total: Counter,
+    pub downstream_rq_http2_total: Counter,
+    /// `downstream_rq_1xx` … `downstream_rq_5xx`.
+    pub downstream_rq_class: [Counter; 5],
+    pub downstream_rq_ws_on_non_ws_route: Counter,
+    pub no_route: Counter,
+    pub no_cluster: Counter,
+    pub rq_direct_response: Counter,
+    pub rq_redirect: Counter,
+    pub passthrough_internal_redirect: Counter,
+}
+
+impl HttpStats {
+    fn new(store: &Store, prefix: &str) -> Self {
+        let c = |s: &str| store.counter(&format!("http.{prefix}.{s}"));
+        let g = |s: &str| store.gauge(&format!("http.{prefix}.{s}"));
+        HttpStats {
+            downstream_cx_total: c("downstream_cx_total"),
+            downstream_cx_active: g("downstream_cx_active"),
+            downstream_cx_http1_total: c("downstream_cx_http1_total"),
+            downstream_cx_http2_total: c("downstream_cx_http2_total"),
+            downstream_cx_drain_close: c("downstream_cx_drain_close"),
+            downstream_cx_idle_timeout: c("downstream_cx_idle_timeout"),
+            downstream_rq_total: c("downstream_rq_total"),
+            downstream_rq_active: g("downstream_rq_active"),
+            downstream_rq_http1_total: c("downstream_rq_http1_total"),
+            downstream_rq_http2_total: c("downstream_rq_http2_total"),
+            downstream_rq_class: [1, 2, 3, 4, 5].map(|n| c(&format!("downstream_rq_{n}xx"))),
+            downstream_rq_ws_on_non_ws_route: c("downstream_rq_ws_on_non_ws_route"),
+            no_route: c("no_route"),
+            no_cluster: c("no_cluster"),
+            rq_direct_response: c("rq_direct_response"),
+            rq_redirect: c("rq_redirect"),
+            passthrough_internal_redirect: c("passthrough_internal_redirect"),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct HttpConnectionManager {
+    pub config: Arc<HcmConfig>,
+    routes: Routes,
+    pub stats: HttpStats,
+}
+
+impl HttpConnectionManager {
+    pub fn new(config: HcmConfig, store: &Store, registry: &RouteRegistry) -> Self {
+        let routes = match &config.routes {
+            RouteSource::Inline(t) => Routes::Inline(t.clone()),
+            RouteSource::Rds { name, .. } => Routes::Rds(registry.slot(name)),
+        };
+        let stats = HttpStats::new(store, &config.stat_prefix);
+        if !config.skipped_filters.is_empty() {
+            debug!(stat_prefix = %config.stat_prefix, skipped = ?config.skipped_filters, "HTTP filters skipped");
+        }
+        HttpConnectionManager { config: Arc::new(config), routes, stats }
+    }
+
+    /// The route table requests see now; None while an RDS configuration has not arrived.
+    pub fn route_table(&self) -> Option<Arc<RouteTable>> {
+        match &self.routes {
+            Routes::Inline(t) => Some(t.clone()),
+            Routes::Rds(slot) => slot.table(),
+        }
+    }
+
+    /// Serves one downstream connection until the peer closes it, it idles out, or its chain's drain closes it.
+    pub async fn serve(
+        self: Arc<Self>,
+        stream: TcpStream,
+        det: &Detected,
+        mut drain: DrainWatch,
+        ctx: Arc<WorkerContext>,
+    ) {
+        let stats = &self.stats;
+        stats.downstream_cx_total.inc();
+        let _active = GaugeGuard::new(&stats.downstream_cx_active);
+        let conn = Arc::new(Connection {
+            hcm: self.clone(),
+            ctx,
+            peer: det.peer,
+            original_dst: det.local_restored.then_some(det.local),
+            drain: drain.clone(),
+            close: Notify::new(),
+            counted: AtomicBool::new(false),
+            active: AtomicUsize::new(0),
+            born: Instant::now(),
+            last_active_ms: AtomicU64::new(0),
+        });
+        let svc_conn = conn.clone();
+        let svc = service_fn(move |req: Request<Incoming>| {
+            let c = svc_conn.clone();
+            async move { Ok::<_, Infallible>(c.handle(req).await) }
+        });
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        let max_headers = self.config.max_request_headers_kb as usize * 1024;
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(None)
+            .max_buf_size(max_headers.max(8192))
+            .preserve_header_case(false);
+        builder.http2().timer(TokioTimer::new()).max_header_list_size(max_headers as u32);
+        let builder = match self.config.codec {
+            Codec::Auto => builder,
+            Codec::Http1 => builder.http1_only(),
+            Codec::Http2 => builder.http2_only(),
+        };
+        let served = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+        tokio::pin!(served);
+        let idle = self.config.connection_idle_timeout;
+        let mut shutting_down = false;
+        let mut forced = drain.clone();
+        let mut idle_check = Box::pin(tokio::time::sleep(idle.unwrap_or(Duration::from_secs(86_400 * 365))));
+        loop {
+            tokio::select! {
+                r = served.as_mut() => {
+                    if let Err(e) = r {
+                        debug!(peer = %conn.peer, "HTTP connection ended: {e}");
+                    }
+                    break;
+                }
+                // Drained immediately, or the router decided this connection's turn has come (gradual drain).
+                _ = wait_drain_close(&mut drain), if !shutting_down => {
+                    shutting_down = true;
+                    stats.downstream_cx_drain_close.inc();
+                    served.as_mut().graceful_shutdown();
+                }
+                _ = conn.close.notified(), if !shutting_down => {
+                    shutting_down = true;
+                    stats.downstream_cx_drain_close.inc();
+                    served.as_mut().graceful_shutdown();
+                }
+                _ = forced.closed() => {
+                    debug!(peer = %conn.peer, "HTTP connection closed by the drain deadline");
+                    break;
+                }
+                _ = &mut idle_check, if idle.is_some() && !shutting_down => {
+                    let Some(limit) = idle else { continue };
+                    let last = conn.born + Duration::from_millis(conn.last_active_ms.load(Ordering::Relaxed));
+                    if conn.active.load(Ordering::Relaxed) == 0 && last.elapsed() >= limit {
+                        stats.downstream_cx_idle_timeout.inc();
+                        shutting_down = true;
+                        served.as_mut().graceful_shutdown();
+                    } else {
+                        idle_check.as_mut().reset(last.max(Instant::now()) + limit);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Resolves when an immediate drain starts: every connection of the chain closes as soon as it can. A gradual
+/// drain closes connections one response at a time instead (see [`Connection::finish`]), as Envoy's HCM does.
+async fn wait_drain_close(drain: &mut DrainWatch) {
+    drain.draining().await;
+    if drain.should_close(Instant::now(), 1.0) {
+        return;
+    }
+    // Idle connections have no response to carry the decision: they go at the deadline, like Envoy's.
+    std::future::pending::<()>().await
+}
+
+/// One downstream connection's state, shared by its requests.
+struct Connection {
+    hcm: Arc<HttpConnectionManager>,
+    ctx: Arc<WorkerContext>,
+    peer: SocketAddr,
+    original_dst: Option<SocketAddr>,
+    drain: DrainWatch,
+    close: Notify,
+    counted: AtomicBool,
+    active: AtomicUsize,
+    born: Instant,
+    last_active_ms: AtomicU64,
+}
+
+impl Connection {
+    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
+        let stats = &self.hcm.stats;
+        let h2 = req.version() == http::Version::HTTP_2;
+        if !self.counted.swap(true, Ordering::Relaxed) {
+            if h2 { &stats.downstream_cx_http2_total } else { &stats.downstream_cx_http1_total }.inc();
+        }
+        stats.downstream_rq_total.inc();
+        if h2 { &stats.downstream_rq_http2_total } else { &stats.downstream_rq_http1_total }.inc();
+        let _rq = GaugeGuard::new(&stats.downstream_rq_active);
+        self.active.fetch_add(1, Ordering::Relaxed);
+        let resp = router::route(&self, req).await;
+        self.finish(resp, h2)
+    }
+
+    fn finish(&self, mut resp: Response<ProxyBody>, h2: bool) -> Response<ProxyBody> {
+        let status = resp.status().as_u16();
+        if let Some(c) = self.hcm.stats.downstream_rq_class.get(usize::from(status / 100).wrapping_sub(1)) {
+            c.inc();
+        }
+        if self.drain.phase() != Phase::Serving && self.drain.should_close(Instant::now(), rand::random()) {
+            if !h2 {
+                resp.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+            }
+            self.close.notify_one();
+        }
+        self.active.fetch_sub(1, Ordering::Relaxed);
+        let ms = self.born.elapsed().as_millis() as u64;
+        self.last_active_ms.store(ms, Ordering::Relaxed);
+        resp
+    }
+}

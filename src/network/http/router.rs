@@ -1,0 +1,447 @@
+//! `envoy.filters.http.router`: picks the route, then the cluster and host, forwards the request over the worker's
+//! connection pool with Envoy's header handling, retries and timeouts, and turns failures into Envoy's local replies.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::Connection;
+use super::body::ProxyBody;
+use super::route::{Action, HostRewrite, Matched, RequestHead, RetryPolicy, RouteAction};
+use crate::config::cluster::UpstreamProtocol;
+use crate::config::http::ServerHeader;
+use crate::upstream::cluster::{Cluster, Host};
+use crate::upstream::pool::{PoolError, Protocol};
+
+const NO_HEALTHY_UPSTREAM: &str = "no healthy upstream";
+const CONNECT_FAILURE: &str =
+    "upstream connect error or disconnect/reset before headers. reset reason: connection failure";
+const RESET: &str = "upstream connect error or disconnect/reset before headers. reset reason: connection termination";
+const OVERFLOW: &str = "upstream connect error or disconnect/reset before headers. reset reason: overflow";
+const TIMEOUT: &str = "upstream request timeout";
+
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_UPSTREAM_SERVICE_TIME: HeaderName = HeaderName::from_static("x-envoy-upstream-service-time");
+static X_OVERLOADED: HeaderName = HeaderName::from_static("x-envoy-overloaded");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Routes one request and returns the response to send downstream: the upstream's, or a local reply.
+pub(super) async fn route(conn: &Connection, mut req: Request<Incoming>) -> Response<ProxyBody> {
+    let hcm = &conn.hcm;
+    let config = &hcm.config;
+    let authority = request_authority(&req);
+    let upgrade = is_websocket_upgrade(&req);
+    prepare_request_headers(conn, req.headers_mut());
+
+    let Some(table) = hcm.route_table() else {
+        hcm.stats.no_route.inc();
+        return local_reply(conn, StatusCode::NOT_FOUND, "");
+    };
+    let head = RequestHead { method: req.method(), uri: req.uri(), authority: &authority, headers: req.headers() };
+    let Some(matched) = table.route(&head) else {
+        hcm.stats.no_route.inc();
+        debug!(authority = %authority, path = %req.uri().path(), "no route");
+        return local_reply(conn, StatusCode::NOT_FOUND, "");
+    };
+    let action = match matched.action() {
+        Action::DirectResponse { status, body } => {
+            hcm.stats.rq_direct_response.inc();
+            let mut resp = local_reply(conn, *status, "");
+            *resp.body_mut() = ProxyBody::text(body.clone());
+            if !body.is_empty() {
+                resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            }
+            matched.apply_response_headers(resp.headers_mut());
+            return resp;
+        }
+        Action::Redirect(r) => {
+            hcm.stats.rq_redirect.inc();
+            let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+            let location = r.location("http", &authority, path);
+            let mut resp = local_reply(conn, r.status(), "");
+            if let Ok(v) = HeaderValue::from_str(&location) {
+                resp.headers_mut().insert(header::LOCATION, v);
+            }
+            matched.apply_response_headers(resp.headers_mut());
+            return resp;
+        }
+        Action::Route(a) => a,
+    };
+    if upgrade && !config.websocket {
+        hcm.stats.downstream_rq_ws_on_non_ws_route.inc();
+        return local_reply(conn, StatusCode::FORBIDDEN, "");
+    }
+    let Some(cluster_name) = matched.cluster_name(req.headers()).map(|c| c.into_owned()) else {
+        hcm.stats.no_cluster.inc();
+        // Envoy's cluster_header route with the header missing.
+        return local_reply(conn, StatusCode::NOT_FOUND, "");
+    };
+    let Some(cluster) = conn.ctx.clusters.load().get(&cluster_name).cloned() else {
+        hcm.stats.no_cluster.inc();
+        debug!(cluster = %cluster_name, "route points at an unknown cluster");
+        return local_reply(conn, StatusCode::SERVICE_UNAVAILABLE, "");
+    };
+    let mut resp = forward(conn, &matched, action, &cluster, req, &authority, upgrade).await;
+    matched.apply_response_headers(resp.headers_mut());
+    resp
+}
+
+/// The request's authority: `:authority` on HTTP/2, else the Host header.
+fn request_authority<B>(req: &Request<B>) -> String {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
+        .unwrap_or_default()
+}
+
+fn is_websocket_upgrade<B>(req: &Request<B>) -> bool {
+    let has = |name: HeaderName, token: &str| {
+        req.headers()
+            .get_all(name)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))))
+    };
+    req.version() <= Version::HTTP_11 && has(header::CONNECTION, "upgrade") && has(header::UPGRADE, "websocket")
+}
+
+/// Envoy's request header handling before routing: x-request-id, x-forwarded-for and x-forwarded-proto.
+fn prepare_request_headers(conn: &Connection, headers: &mut HeaderMap) {
+    let config = &conn.hcm.config;
+    if config.generate_request_id {
+        // Edge proxies (use_remote_address) don't trust a client's id unless told to preserve it.
+        let regenerate = config.use_remote_address && !config.preserve_external_request_id;
+        if (regenerate || !headers.contains_key(&X_REQUEST_ID))
+            && let Ok(v) = HeaderValue::from_str(&uuid_v4())
+        {
+            headers.insert(X_REQUEST_ID.clone(), v);
+        }
+    }
+    if config.use_remote_address {
+        if !config.skip_xff_append {
+            let ip = conn.peer.ip().to_canonical().to_string();
+            let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+                Some(prior) if !prior.is_empty() => format!("{prior},{ip}"),
+                _ => ip,
+            };
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                headers.insert(X_FORWARDED_FOR.clone(), v);
+            }
+        }
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    } else if !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    }
+}
+
+/// Connection-specific headers never cross the proxy (RFC 9110 §7.6.1), except the ones an upgrade needs.
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in [&KEEP_ALIVE, &PROXY_CONNECTION, &header::TRANSFER_ENCODING, &header::TE, &header::TRAILER] {
+        if name == header::TE && headers.get(name).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers")) {
+            continue;
+        }
+        headers.remove(name);
+    }
+    if !keep_upgrade {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// A random (version 4) UUID, the form of Envoy's generated x-request-id.
+fn uuid_v4() -> String {
+    let mut b: [u8; 16] = rand::random();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = |r: std::ops::Range<usize>| b[r].iter().map(|x| format!("{x:02x}")).collect::<String>();
+    format!("{}-{}-{}-{}-{}", h(0..4), h(4..6), h(6..8), h(8..10), h(10..16))
+}
+
+/// A reply made by the proxy itself, with Envoy's headers.
+fn local_reply(conn: &Connection, status: StatusCode, body: &'static str) -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::text(body));
+    *resp.status_mut() = status;
+    if !body.is_empty() {
+        resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    }
+    set_server(conn, resp.headers_mut());
+    resp
+}
+
+fn set_server(conn: &Connection, headers: &mut HeaderMap) {
+    let config = &conn.hcm.config;
+    let set = match config.server_header {
+        ServerHeader::Overwrite => true,
+        ServerHeader::AppendIfAbsent => !headers.contains_key(header::SERVER),
+        ServerHeader::PassThrough => false,
+    };
+    if set && let Ok(v) = HeaderValue::from_str(&config.server_name) {
+        headers.insert(header::SERVER, v);
+    }
+}
+
+/// Why an attempt did not produce a response to pass on.
+enum Failure {
+    Pool(PoolError),
+    PerTryTimeout,
+}
+
+/// Sends the request upstream (with retries) and returns the downstream response.
+async fn forward(
+    conn: &Connection,
+    matched: &Matched<'_>,
+    action: &RouteAction,
+    cluster: &Arc<Cluster>,
+    req: Request<Incoming>,
+    authority: &str,
+    upgrade: bool,
+) -> Response<ProxyBody> {
+    let start = Instant::now();
+    let downstream_h2 = req.version() == Version::HTTP_2;
+    let protocol = match (cluster.config.http.protocol, upgrade) {
+        (_, true) | (UpstreamProtocol::Http1, _) => Protocol::Http1,
+        (UpstreamProtocol::Http2, _) => Protocol::Http2,
+        (UpstreamProtocol::Downstream, _) if downstream_h2 => Protocol::Http2,
+        (UpstreamProtocol::Downstream, _) => Protocol::Http1,
+    };
+    let mut req = req;
+    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+
+    // Build the upstream request's head once.
+    let mut headers = std::mem::take(&mut parts.headers);
+    strip_hop_by_hop(&mut headers, upgrade);
+    matched.apply_request_headers(&mut headers);
+    if let Some(via) = &conn.hcm.config.via {
+        headers.append(header::VIA, via.clone());
+    }
+    let host = match &action.host_rewrite {
+        HostRewrite::Literal(h) => h.clone(),
+        HostRewrite::None | HostRewrite::Auto => authority.to_string(),
+    };
+    let original_path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+    let path = matched.rewritten_path(&original_path).unwrap_or(original_path);
+
+    let retry = action.retry_policy.as_ref();
+    let body_empty = http_body::Body::is_end_stream(&body);
+    // A streamed body is sent once; only requests without one can be replayed.
+    let max_attempts = match retry {
+        Some(p) if body_empty => 1 + p.num_retries.min(cluster.config.http.max_retries),
+        _ => 1,
+    };
+    let deadline = action.timeout.map(|t| start + t);
+    let mut body = Some(body);
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut attempt = 0;
+    let stats = &cluster.stats;
+    loop {
+        attempt += 1;
+        let Some(host_entry) = choose_host(conn, cluster, retry, &tried) else {
+            stats.upstream_cx_none_healthy.inc();
+            return local_reply(conn, StatusCode::SERVICE_UNAVAILABLE, NO_HEALTHY_UPSTREAM);
+        };
+        tried.push(host_entry.address);
+        let Some(_rq) = cluster.start_request() else {
+            let mut resp = local_reply(conn, StatusCode::SERVICE_UNAVAILABLE, OVERFLOW);
+            resp.headers_mut().insert(X_OVERLOADED.clone(), HeaderValue::from_static("true"));
+            return resp;
+        };
+        let mut h = headers.clone();
+        if matches!(action.host_rewrite, HostRewrite::Auto) {
+            h.insert(header::HOST, host_value(&host_entry.address, &host_entry.hostname));
+        } else if let Ok(v) = HeaderValue::from_str(&host) {
+            h.insert(header::HOST, v);
+        }
+        let upstream_body = match body.take() {
+            Some(b) if !body_empty => ProxyBody::Stream(b),
+            _ => ProxyBody::Empty,
+        };
+        let request = match build_request(&parts.method, &path, protocol, h, upstream_body) {
+            Ok(r) => r,
+            Err(e) => {
+                debug!("cannot build the upstream request: {e}");
+                return local_reply(conn, StatusCode::BAD_REQUEST, "");
+            }
+        };
+        stats.upstream_rq_total.inc();
+        let per_try = retry.and_then(|p| p.per_try_timeout);
+        let try_deadline = match (deadline, per_try) {
+            (Some(d), Some(t)) => Some(d.min(Instant::now() + t)),
+            (Some(d), None) => Some(d),
+            (None, Some(t)) => Some(Instant::now() + t),
+            (None, None) => None,
+        };
+        let send = conn.ctx.http_pools.send(cluster, &host_entry, protocol, request);
+        let outcome = match try_deadline {
+            Some(d) => match tokio::time::timeout_at(d, send).await {
+                Ok(r) => r.map_err(Failure::Pool),
+                Err(_) if deadline.is_some_and(|g| g <= Instant::now()) => {
+                    stats.upstream_rq_timeout.inc();
+                    return local_reply(conn, StatusCode::GATEWAY_TIMEOUT, TIMEOUT);
+                }
+                Err(_) => {
+                    stats.upstream_rq_per_try_timeout.inc();
+                    Err(Failure::PerTryTimeout)
+                }
+            },
+            None => send.await.map_err(Failure::Pool),
+        };
+        let can_retry = attempt < max_attempts && retry.is_some();
+        match outcome {
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                cluster.count_response(status);
+                if can_retry && retry.is_some_and(|p| p.should_retry_status(status)) {
+                    stats.upstream_rq_retry.inc();
+                    backoff(retry, attempt, deadline).await;
+                    continue;
+                }
+                return upstream_response(conn, resp, start, downstream_upgrade);
+            }
+            Err(failure) => {
+                let (retryable, reply) = match &failure {
+                    Failure::Pool(e) if e.is_connect_failure() => {
+                        debug!(cluster = %cluster.name(), "upstream connect failure: {e}");
+                        (
+                            retry.is_some_and(|p| {
+                                p.retry_on.connect_failure || p.retry_on.five_xx || p.retry_on.gateway_error
+                            }),
+                            (StatusCode::SERVICE_UNAVAILABLE, CONNECT_FAILURE),
+                        )
+                    }
+                    Failure::Pool(e) => {
+                        debug!(cluster = %cluster.name(), "upstream reset: {e}");
+                        stats.upstream_rq_rx_reset.inc();
+                        (
+                            retry.is_some_and(|p| p.retry_on.reset || p.retry_on.five_xx),
+                            (StatusCode::SERVICE_UNAVAILABLE, RESET),
+                        )
+                    }
+                    Failure::PerTryTimeout => (
+                        retry.is_some_and(|p| p.retry_on.five_xx || p.retry_on.gateway_error || p.retry_on.reset),
+                        (StatusCode::GATEWAY_TIMEOUT, TIMEOUT),
+                    ),
+                };
+                if can_retry && retryable {
+                    stats.upstream_rq_retry.inc();
+                    backoff(retry, attempt, deadline).await;
+                    continue;
+                }
+                if attempt > 1 && retryable {
+                    stats.upstream_rq_retry_limit_exceeded.inc();
+                }
+                return local_reply(conn, reply.0, reply.1);
+            }
+        }
+    }
+}
+
+/// A host for this attempt; with `previous_hosts`, one not tried yet when the cluster has another.
+fn choose_host(
+    conn: &Connection,
+    cluster: &Cluster,
+    retry: Option<&RetryPolicy>,
+    tried: &[SocketAddr],
+) -> Option<Arc<Host>> {
+    let avoid = retry.is_some_and(|p| p.avoid_previous_hosts) && !tried.is_empty();
+    let mut pick = cluster.choose(conn.original_dst)?;
+    if avoid {
+        for _ in 0..3 {
+            if !tried.contains(&pick.address) {
+                break;
+            }
+            pick = cluster.choose(conn.original_dst)?;
+        }
+    }
+    Some(pick)
+}
+
+/// Envoy's retry back-off: fully jittered exponential between `base` and `max`, never past the route's deadline.
+async fn backoff(retry: Option<&RetryPolicy>, attempt: u32, deadline: Option<Instant>) {
+    let Some(p) = retry else { return };
+    let ceiling = p.backoff_base.saturating_mul(1u32 << attempt.min(16)).min(p.backoff_max);
+    let wait = Duration::from_secs_f64(ceiling.as_secs_f64() * rand::random::<f64>());
+    let until = Instant::now() + wait;
+    tokio::time::sleep_until(deadline.map_or(until, |d| d.min(until))).await;
+}
+
+fn host_value(addr: &SocketAddr, hostname: &str) -> HeaderValue {
+    let text = if hostname.is_empty() { addr.to_string() } else { hostname.to_string() };
+    HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+fn build_request(
+    method: &http::Method,
+    path: &str,
+    protocol: Protocol,
+    mut headers: HeaderMap,
+    body: ProxyBody,
+) -> Result<Request<ProxyBody>, http::Error> {
+    let (uri, version) = match protocol {
+        Protocol::Http1 => (Uri::try_from(path)?, Version::HTTP_11),
+        Protocol::Http2 => {
+            // HTTP/2 carries the authority as :authority, built from the URI.
+            let host = headers.remove(header::HOST);
+            let authority = host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("localhost");
+            (Uri::try_from(format!("http://{authority}{path}"))?, Version::HTTP_2)
+        }
+    };
+    let mut req = Request::builder().method(method.clone()).uri(uri).version(version).body(body)?;
+    *req.headers_mut() = headers;
+    Ok(req)
+}
+
+fn upstream_response(
+    conn: &Connection,
+    mut resp: Response<Incoming>,
+    start: Instant,
+    downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> Response<ProxyBody> {
+    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    if switching && let Some(down) = downstream_upgrade {
+        let up = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            match (down.await, up.await) {
+                (Ok(d), Ok(u)) => {
+                    let mut d = hyper_util::rt::TokioIo::new(d);
+                    let mut u = hyper_util::rt::TokioIo::new(u);
+                    if let Err(e) = tokio::io::copy_bidirectional(&mut d, &mut u).await {
+                        debug!("upgraded connection ended: {e}");
+                    }
+                }
+                (d, u) => debug!(downstream = d.is_ok(), upstream = u.is_ok(), "upgrade failed"),
+            }
+        });
+    }
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers, switching);
+    let ms = start.elapsed().as_millis().to_string();
+    if let Ok(v) = HeaderValue::from_str(&ms) {
+        parts.headers.insert(X_UPSTREAM_SERVICE_TIME.clone(), v);
+    }
+    if let Some(via) = &conn.hcm.config.via {
+        parts.headers.append(header::VIA, via.clone());
+    }
+    set_server(conn, &mut parts.headers);
+    Response::from_parts(parts, ProxyBody::Stream(body))
+}
