@@ -1,14 +1,26 @@
 #!/usr/bin/env python3
-"""Benchmarks xds-proxy's tcp_proxy against direct connections, haproxy and nginx (stream) on loopback.
+"""Benchmarks xds-proxy against direct connections, haproxy and nginx on loopback.
 
-Every system proxies the same upstreams (an iperf3 server and an HTTP nginx), runs with 2 workers and no logging, and
-the systems are interleaved within each round so drift on the machine hits them alike. Prints medians and ratios.
-Run through `make bench`, which installs the tools and builds the release binary.
+Two suites, chosen by the first argument:
+
+  tcp (default)  tcp_proxy: iperf3 throughput and wrk new connections/s through each system, haproxy in mode tcp and
+                 nginx's stream module (`make bench`).
+  http           http_connection_manager: wrk (HTTP/1.1, keep-alive) and h2load (h2c, prior knowledge) through each
+                 system to a small-response nginx origin; requests/s, p50/p99 latency, the proxy's CPU per 1,000
+                 requests/s and its RSS (`make bench-http`).
+
+Every system proxies the same upstreams, runs with 2 workers and no logging, and the systems are interleaved within
+each round so drift on the machine hits them alike. Prints medians and ratios as a markdown table. The Makefile
+targets install the tools and build the release binary.
 """
 import argparse
 import json
+import math
 import os
 import re
+import resource
+import shlex
+import shutil
 import signal
 import socket
 import statistics
@@ -175,19 +187,14 @@ def hold_connections(port, n):
     return socks
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--seconds", type=int, default=5)
-    ap.add_argument("--systems", default="direct,xds-proxy,haproxy,nginx")
-    args = ap.parse_args()
+def run_tcp(args):
     systems = args.systems.split(",")
     d = tempfile.mkdtemp(prefix="xds-bench-")
     procs = []
     try:
         procs.append(start(["iperf3", "-s", "-p", str(IPERF_PORT)]))
         procs.append(start(["nginx", "-c", write(f"{d}/http.conf", nginx_http_cfg(d)), "-g", "daemon off;"]))
-        proxy = start([PROXY, "--config-path", write(f"{d}/bootstrap.yaml", proxy_bootstrap()), "--concurrency", "2",
+        proxy = start([args.proxy, "--config-path", write(f"{d}/bootstrap.yaml", proxy_bootstrap()), "--concurrency", "2",
                        "--log-level", "error"])
         procs.append(proxy)
         if "haproxy" in systems:
@@ -247,6 +254,441 @@ def main():
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
+
+# ---------------------------------------------------------------------------------------------------------------------
+# http suite
+#
+# Origin: nginx answering every request with a fixed small body, on one HTTP/1.1 port (what the proxies forward to,
+# over keep-alive connections) and one h2c port (for the direct h2c run). Every proxy listens on one HTTP/1.1 port and
+# one h2c port (xds-proxy's HCM codec AUTO serves both on one listener).
+
+HTTP_ORIGIN = (18180, 18181)  # (http/1.1, h2c)
+HTTP_PORTS = {  # system -> (http/1.1 port, h2c port)
+    "direct": HTTP_ORIGIN,
+    "xds-proxy": (19011, 19011),
+    "haproxy": (19111, 19112),
+    "nginx": (19211, 19212),
+}
+ORIGIN_BODY = "ok\n"
+ISTIO_VCPU_PER_1K, ISTIO_MB = 0.20, 60  # Istio 1.24 sidecar, per 1,000 requests/s (from the issue)
+TOOLS = {"wrk": "wrk", "h2load": "nghttp2-client", "nginx": "nginx", "haproxy": "haproxy"}
+
+
+def start_logged(cmd, log_path):
+    """Like start(), keeping stderr in log_path so a system that fails to come up can say why."""
+    with open(log_path, "w") as err:
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+
+
+def wait_up(name, proc, port, log_path):
+    end = time.time() + 20
+    while time.time() < end:
+        if proc.poll() is not None:
+            with open(log_path) as f:
+                raise SystemExit(f"{name} exited ({proc.returncode}) before accepting on port {port}:\n{f.read()[-2000:]}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"{name}: port {port} never accepted")
+
+
+def origin_cfg(d):
+    h1, h2 = HTTP_ORIGIN
+    # keepalive_requests: nginx closes a keep-alive connection after 1,000 requests by default, which would make
+    # every proxy reconnect upstream all the time.
+    return f"""worker_processes 2;
+worker_rlimit_nofile 20000;
+pid {d}/origin.pid;
+error_log /dev/null crit;
+events {{ worker_connections 9000; }}
+http {{
+  access_log off;
+  keepalive_requests 10000000;
+  keepalive_timeout 300s;
+  default_type text/plain;
+  server {{
+    listen 127.0.0.1:{h1} reuseport backlog=4096;
+    listen 127.0.0.1:{h2} http2 reuseport backlog=4096;
+    location / {{ return 200 {json.dumps(ORIGIN_BODY)}; }}
+  }}
+}}
+"""
+
+
+def http_bootstrap():
+    port = HTTP_PORTS["xds-proxy"][0]
+    return f"""static_resources:
+  listeners:
+  - name: http
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
+    tcp_backlog_size: 4096
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: bench
+          codec_type: AUTO
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
+          route_config:
+            name: bench
+            virtual_hosts:
+            - name: origin
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: "/" }}
+                route: {{ cluster: origin }}
+  clusters:
+  - name: origin
+    type: STATIC
+    connect_timeout: 5s
+    circuit_breakers:
+      thresholds: [ {{ max_connections: 1000000, max_pending_requests: 1000000, max_requests: 1000000 }} ]
+    load_assignment:
+      cluster_name: origin
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {HTTP_ORIGIN[0]} }} }} }}
+"""
+
+
+def haproxy_http_cfg():
+    h1, h2 = HTTP_PORTS["haproxy"]
+    # http-reuse always: idle upstream connections are shared between client connections, as Envoy's pools do.
+    return f"""global
+  nbthread 2
+  maxconn 9000
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 300s
+  timeout server 300s
+  timeout http-keep-alive 300s
+  http-reuse always
+frontend bench
+  bind 127.0.0.1:{h1}
+  bind 127.0.0.1:{h2} proto h2
+  default_backend origin
+backend origin
+  server origin 127.0.0.1:{HTTP_ORIGIN[0]}
+"""
+
+
+def nginx_proxy_cfg(d):
+    h1, h2 = HTTP_PORTS["nginx"]
+    # `listen ... http2` without ssl is h2c with prior knowledge only in nginx 1.22.
+    return f"""worker_processes 2;
+worker_rlimit_nofile 20000;
+pid {d}/nginx-proxy.pid;
+error_log /dev/null crit;
+events {{ worker_connections 9000; }}
+http {{
+  access_log off;
+  keepalive_requests 10000000;
+  keepalive_timeout 300s;
+  upstream origin {{
+    server 127.0.0.1:{HTTP_ORIGIN[0]};
+    keepalive 1024;
+    keepalive_requests 10000000;
+    keepalive_timeout 300s;
+  }}
+  server {{
+    listen 127.0.0.1:{h1} reuseport backlog=4096;
+    listen 127.0.0.1:{h2} http2 reuseport backlog=4096;
+    location / {{
+      proxy_pass http://origin;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }}
+  }}
+}}
+"""
+
+
+def descendants(root):
+    """root and every process below it (nginx's workers; haproxy and xds-proxy are one process with threads)."""
+    children = {}
+    for e in os.listdir("/proc"):
+        if e.isdigit():
+            try:
+                with open(f"/proc/{e}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(e))
+    out, todo = [], [root]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def cpu_seconds(pids):
+    """utime + stime of the live processes (all their threads), in seconds."""
+    ticks = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # stat fields 14 and 15
+        except (OSError, IndexError, ValueError):
+            pass
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def rss_sum_kib(pids):
+    total = 0
+    for p in pids:
+        try:
+            total += rss_kib(p)
+        except OSError:
+            pass
+    return total
+
+
+def children_cpu():
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def load_cmd(load, port, seconds, args, log_file=None):
+    url = f"http://127.0.0.1:{port}/"
+    if load == "h1":
+        return ["wrk", "-t", "2", "-c", str(args.connections), "-d", f"{seconds}s", "--latency", url]
+    cmd = ["h2load", "-t", "2", "-c", str(args.connections), "-m", str(args.streams), "-D", str(seconds)]
+    return cmd + (["--log-file", log_file] if log_file else []) + [url]
+
+
+def wrk_duration_ms(value, unit):
+    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit]
+
+
+def parse_wrk(out):
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    requests = re.search(r"(\d+) requests in", out)
+    pct = dict(re.findall(r"^\s*(50|99)(?:\.0+)?%\s+([\d.]+(?:us|ms|s|m))\s*$", out, re.M))
+    if not (rps and requests and "50" in pct and "99" in pct):
+        raise RuntimeError("unexpected wrk output:\n" + out)
+    lat = {k: wrk_duration_ms(*re.match(r"([\d.]+)(us|ms|s|m)", v).groups()) for k, v in pct.items()}
+    errors = 0
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors += int(non2xx.group(1)) if non2xx else 0
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    errors += sum(int(x) for x in sock.groups()) if sock else 0
+    return float(rps.group(1)), int(requests.group(1)), lat["50"], lat["99"], errors
+
+
+def percentile(sorted_values, q):
+    """Nearest-rank percentile."""
+    if not sorted_values:
+        return float("nan")
+    k = max(0, min(len(sorted_values) - 1, math.ceil(q / 100 * len(sorted_values)) - 1))
+    return sorted_values[k]
+
+
+def parse_h2load(out, log_file):
+    rps = re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", out)
+    req = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
+                    r"(\d+) errored, (\d+) timeout", out)
+    codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+    if not (rps and req and codes):
+        raise RuntimeError("unexpected h2load output:\n" + out)
+    times = []
+    with open(log_file) as f:  # start (µs since epoch) \t status \t µs until the end of the response
+        for line in f:
+            cols = line.split("\t")
+            if len(cols) >= 3 and cols[1] != "-1":
+                times.append(int(cols[2]))
+    times.sort()
+    errors = int(req.group(5)) + int(req.group(6)) + int(req.group(7)) + sum(int(codes.group(i)) for i in (2, 3, 4))
+    done = int(req.group(3))
+    return float(rps.group(1)), done, percentile(times, 50) / 1e3, percentile(times, 99) / 1e3, errors
+
+
+def http_check(load, port):
+    """One request through the path must answer 200 with the origin's body (h2c: one h2load request)."""
+    if load == "h1":
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
+            data = b""
+            while not data.endswith(ORIGIN_BODY.encode()) and len(data) < 65536:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+        ok = data.startswith(b"HTTP/1.1 200") and data.endswith(ORIGIN_BODY.encode())
+        head = data.split(b"\r\n", 1)[0].decode(errors="replace")
+    else:
+        out = subprocess.run(["h2load", "-n", "4", "-c", "1", f"http://127.0.0.1:{port}/"],
+                             capture_output=True, text=True, timeout=30).stdout
+        ok = "4 succeeded" in out and re.search(r"status codes: 4 2xx", out) is not None
+        head = next((l for l in out.splitlines() if l.startswith(("requests:", "status codes:"))), out[-300:])
+    if not ok:
+        raise SystemExit(f"{load} check on port {port} failed: {head}")
+
+
+def run_http(args):
+    systems = args.systems.split(",")
+    loads = args.loads.split(",")
+    missing = [f"{t} ({pkg})" for t, pkg in TOOLS.items() if not shutil.which(t)]
+    if missing:
+        raise SystemExit("missing tools: " + ", ".join(missing) + " (make bench-http installs them)")
+    if "xds-proxy" in systems and not os.path.exists(args.proxy):
+        raise SystemExit(f"{args.proxy} is missing: cargo build --release")
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None  # h2load's per-request log stays off the disk
+    d = tempfile.mkdtemp(prefix="xds-bench-http-", dir=shm)
+    procs, servers = [], {}  # servers: system -> Popen of the process under test
+    try:
+        cmds = {
+            "direct": ["nginx", "-c", write(f"{d}/origin.conf", origin_cfg(d)), "-g", "daemon off;"],
+            "xds-proxy": [args.proxy, "--config-path", write(f"{d}/bootstrap.yaml", http_bootstrap()), "--concurrency", "2",
+                          "--log-level", "error"],
+            "haproxy": ["haproxy", "-f", write(f"{d}/haproxy.cfg", haproxy_http_cfg()), "-db"],
+            "nginx": ["nginx", "-c", write(f"{d}/nginx.conf", nginx_proxy_cfg(d)), "-g", "daemon off;"],
+        }
+        origin = start_logged(cmds["direct"], f"{d}/direct.err")  # the origin is always needed
+        procs.append(origin)
+        for s in systems:
+            if s != "direct":
+                servers[s] = start_logged(cmds[s], f"{d}/{s}.err")
+                procs.append(servers[s])
+        for s in ["direct"] + [s for s in systems if s != "direct"]:
+            for port in sorted(set(HTTP_PORTS[s][0 if l == "h1" else 1] for l in loads)):
+                wait_up(s if s != "direct" else "origin nginx", origin if s == "direct" else servers[s], port,
+                        f"{d}/{s}.err")
+        time.sleep(0.5)
+        for s in systems:
+            for l in loads:
+                http_check(l, HTTP_PORTS[s][0 if l == "h1" else 1])
+
+        names = {"h1": f"wrk HTTP/1.1, {args.connections} conns",
+                 "h2c": f"h2load h2c, {args.connections} conns × {args.streams} streams"}
+        results = {}  # (load, system) -> list of dicts
+        for r in range(args.rounds):
+            for load in loads:
+                for s in systems:
+                    port = HTTP_PORTS[s][0 if load == "h1" else 1]
+                    log_file = f"{d}/h2load.log"
+                    if args.warmup > 0:
+                        subprocess.run(load_cmd(load, port, args.warmup, args), capture_output=True,
+                                       timeout=args.warmup + 60)
+                    if os.path.exists(log_file):
+                        os.remove(log_file)
+                    pids = descendants(servers[s].pid) if s in servers else []
+                    origin_pids = descendants(origin.pid)
+                    cpu0, ocpu0, ccpu0, t0 = cpu_seconds(pids), cpu_seconds(origin_pids), children_cpu(), time.time()
+                    p = subprocess.Popen(load_cmd(load, port, args.seconds, args, log_file if load == "h2c" else None),
+                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                    rss = 0
+                    while p.poll() is None:  # the last sample taken while the load still runs
+                        sample = rss_sum_kib(pids)
+                        time.sleep(0.25)
+                        if p.poll() is None:
+                            rss = sample
+                    out = p.stdout.read()
+                    p.stdout.close()
+                    wall = time.time() - t0
+                    cpu = cpu_seconds(pids) - cpu0
+                    ocpu, ccpu = cpu_seconds(origin_pids) - ocpu0, children_cpu() - ccpu0
+                    if s in servers and servers[s].poll() is not None:
+                        with open(f"{d}/{s}.err") as f:
+                            raise SystemExit(f"{s} exited ({servers[s].returncode}) during the {load} run:\n"
+                                             f"{f.read()[-2000:]}\nload generator output:\n{out}")
+                    rps, requests, p50, p99, errors = (parse_wrk(out) if load == "h1" else parse_h2load(out, log_file))
+                    if requests == 0:
+                        raise SystemExit(f"no request completed through {s} ({load}):\n{out}")
+                    v = {"rps": rps, "p50": p50, "p99": p99, "errors": errors, "rss": rss / 1024,
+                         "vcpu": cpu / wall, "vcpu_per_1k": (cpu / requests * 1000) if requests else float("nan")}
+                    results.setdefault((load, s), []).append(v)
+                    print(f"round {r + 1} {load:4} {s:10} {rps:10.0f} req/s  p50 {p50:6.2f} ms  p99 {p99:7.2f} ms  "
+                          f"errors {errors}  proxy {v['vcpu']:.2f} vCPU {v['rss']:.1f} MiB  "
+                          f"origin {ocpu / wall:.2f} vCPU  client {ccpu / wall:.2f} vCPU",
+                          file=sys.stderr, flush=True)
+                    time.sleep(0.5)
+
+        med = {k: {f: statistics.median(x[f] for x in v) for f in v[0]} for k, v in results.items()}
+        errs = {k: sum(x["errors"] for x in v) for k, v in results.items()}
+        cpu = subprocess.run(["sh", "-c", "lscpu | sed -n 's/^Model name: *//p'"], capture_output=True, text=True)
+        print(f"\ncommand: {shlex.join(['python3'] + sys.argv)}")
+        for load in loads:
+            example = load_cmd(load, "PORT", args.seconds, args, "LOG" if load == "h2c" else None)
+            print(f"load ({load}): {shlex.join(example)}" + (" (after a {}s warm-up run)".format(args.warmup)
+                                                                if args.warmup else ""))
+        print(f"machine: {os.cpu_count()} CPUs, {cpu.stdout.strip()}; {args.rounds} rounds of {args.seconds}s per "
+              f"system and load, medians. The load generator (2 threads), the origin (nginx, 2 workers) and the proxy "
+              f"(2 workers) share these CPUs.")
+        print(f"proxy CPU: utime+stime of every process of the proxy during the measured run; RSS: summed over its "
+              f"processes, last sample under load. Origin: nginx `return 200` ({len(ORIGIN_BODY)}-byte body), "
+              f"HTTP/1.1 keep-alive from every proxy.\n")
+        peers = [s for s in ("nginx", "haproxy") if s in systems]
+        cols = ["load", "system", "req/s", "p50 (ms)", "p99 (ms)", "errors", "proxy vCPU", "vCPU per 1,000 req/s",
+                "RSS (MiB)"] + [f"req/s / {p}" for p in peers]
+        print("| " + " | ".join(cols) + " |")
+        print("|---|---|" + "---:|" * (len(cols) - 2))
+        for load in loads:
+            for s in systems:
+                m = med[(load, s)]
+                proxied = s != "direct"
+                row = [names[load], s, f"{m['rps']:.0f}", f"{m['p50']:.2f}", f"{m['p99']:.2f}", str(errs[(load, s)]),
+                       f"{m['vcpu']:.2f}" if proxied else "-", f"{m['vcpu_per_1k']:.4f}" if proxied else "-",
+                       f"{m['rss']:.1f}" if proxied else "-"]
+                row += [f"{m['rps'] / med[(load, p)]['rps']:.2f}" for p in peers]
+                if s == "xds-proxy":
+                    row[1] = "**xds-proxy**"
+                print("| " + " | ".join(row) + " |")
+
+        if "xds-proxy" not in systems:
+            return
+        print()
+        for load in loads:
+            x = med[(load, "xds-proxy")]
+            verdicts = []
+            for p, want in (("nginx", 1.2), ("haproxy", 1.0)):
+                if p in peers:
+                    ratio = x["rps"] / med[(load, p)]["rps"]
+                    verdicts.append(f"req/s {ratio:.2f}× {p} (target ≥ {want}: {'met' if ratio >= want else 'NOT met'})")
+            if peers:
+                worst = min(med[(load, p)]["p99"] for p in peers)
+                verdicts.append(f"p99 {x['p99']:.2f} ms vs " + ", ".join(f"{p} {med[(load, p)]['p99']:.2f}" for p in peers)
+                                + f" (target ≤ both: {'met' if x['p99'] <= worst else 'NOT met'})")
+            verdicts.append(f"{x['vcpu_per_1k']:.4f} vCPU per 1,000 req/s = {x['vcpu_per_1k'] / ISTIO_VCPU_PER_1K:.1%} "
+                            f"of Istio 1.24's sidecar ({ISTIO_VCPU_PER_1K}); RSS {x['rss']:.1f} MiB "
+                            f"(Istio sidecar: {ISTIO_MB} MB per 1,000 req/s)")
+            print(f"- {names[load]}: " + "; ".join(verdicts))
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("suite", nargs="?", choices=("tcp", "http"), default="tcp")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=int, help="length of each measured run (default: tcp 5, http 10)")
+    ap.add_argument("--systems", default="direct,xds-proxy,haproxy,nginx")
+    ap.add_argument("--proxy", default=PROXY, help="the xds-proxy binary (default: the release build)")
+    ap.add_argument("--warmup", type=int, default=2, help="http: seconds of unmeasured load before each run")
+    ap.add_argument("--connections", type=int, default=64, help="http: client connections (wrk and h2load)")
+    ap.add_argument("--streams", type=int, default=10, help="http: concurrent streams per h2c connection (h2load -m)")
+    ap.add_argument("--loads", default="h1,h2c", help="http: h1 (wrk), h2c (h2load) or both")
+    args = ap.parse_args()
+    if args.seconds is None:
+        args.seconds = 10 if args.suite == "http" else 5
+    run_http(args) if args.suite == "http" else run_tcp(args)
 
 
 if __name__ == "__main__":

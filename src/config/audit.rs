@@ -178,6 +178,7 @@ const POLICIES: &[(&str, Policy)] = {
                 "always_set_request_id_in_response",
                 "upgrade_configs",
                 "normalize_path",
+                "merge_slashes",
                 "path_with_escaped_slashes_action",
                 "request_id_extension",
                 // Only meaningful with client certificates, which need TLS (not supported yet): nothing to forward.
@@ -188,7 +189,7 @@ const POLICIES: &[(&str, Policy)] = {
         // The conversion checks the filter list (router last; skippable filters before it).
         ("envoy.extensions.filters.network.http_connection_manager.v3.HttpFilter", Skip),
         ("envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.Tracing", Skip),
-        ("envoy.extensions.filters.network.http_connection_manager.v3.RequestIdExtension", Skip),
+        ("envoy.extensions.filters.network.http_connection_manager.v3.RequestIDExtension", Skip),
         ("envoy.extensions.filters.network.http_connection_manager.v3.Rds", All),
         ("envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.UpgradeConfig", All),
         (

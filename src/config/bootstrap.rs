@@ -9,6 +9,7 @@ use envoy_types::pb::envoy::config::bootstrap::v3 as bpb;
 use envoy_types::pb::envoy::config::core::v3 as core;
 
 use super::cluster::ClusterConfig;
+use super::http::RouteSource;
 use super::listener::{ListenerConfig, NetworkFilterConfig};
 use super::{ConfigError, audit_resource, ip_socket_address};
 
@@ -66,8 +67,12 @@ impl BootstrapConfig {
         let cds = b.dynamic_resources.as_ref().is_some_and(|d| d.cds_config.is_some());
         let mut listeners = Vec::with_capacity(statics.listeners.len());
         let mut listener_names = HashSet::new();
-        for (i, l) in statics.listeners.into_iter().enumerate() {
+        for (i, mut l) in statics.listeners.into_iter().enumerate() {
             let path = format!("static_resources.listeners[{i}]");
+            if l.name.is_empty() {
+                // Envoy gives an unnamed static listener an internal UUID; ours is stable across restarts.
+                l.name = format!("static_listener_{i}");
+            }
             let l = ListenerConfig::try_from(l).map_err(|e| e.under(&path))?;
             if !listener_names.insert(l.name.clone()) {
                 return Err(ConfigError::new(path, format!("duplicate listener {} found", l.name)));
@@ -123,6 +128,16 @@ fn check_clusters(l: &ListenerConfig, known: &HashSet<String>) -> Result<(), Con
                         ));
                     }
                 }
+            }
+            // Envoy's validate_clusters defaults to true for an inline route_config.
+            if let NetworkFilterConfig::HttpConnectionManager(h) = f
+                && let RouteSource::Inline(table) = &h.routes
+                && let Some(name) = table.cluster_names().find(|n| !known.contains(*n))
+            {
+                return Err(ConfigError::new(
+                    format!("{path}.filters[{j}].typed_config.route_config"),
+                    format!("route points at unknown cluster '{name}'"),
+                ));
             }
         }
     }

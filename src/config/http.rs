@@ -76,6 +76,9 @@ pub struct HcmConfig {
     pub max_request_headers_kb: u32,
     pub max_requests_per_connection: Option<u32>,
     pub websocket: bool,
+    /// `normalize_path`: RFC 3986 dot-segment removal before routing.
+    pub normalize_path: bool,
+    pub merge_slashes: bool,
     /// HTTP filters that run before the router and that we skip (Istio telemetry, empty fault/cors).
     pub skipped_filters: Vec<String>,
 }
@@ -173,6 +176,16 @@ impl HcmConfig {
         if !(1..=8192).contains(&max_request_headers_kb) {
             return Err(ConfigError::new(at("max_request_headers_kb"), "must be between 1 and 8192"));
         }
+        use hcm::http_connection_manager::PathWithEscapedSlashesAction as Slashes;
+        match Slashes::try_from(h.path_with_escaped_slashes_action) {
+            Ok(Slashes::ImplementationSpecificDefault | Slashes::KeepUnchanged) => {}
+            _ => {
+                return Err(ConfigError::new(
+                    at("path_with_escaped_slashes_action"),
+                    "only KEEP_UNCHANGED is supported",
+                ));
+            }
+        }
         let mut websocket = false;
         for (i, u) in h.upgrade_configs.iter().enumerate() {
             let upath = at(&format!("upgrade_configs[{i}]"));
@@ -207,6 +220,8 @@ impl HcmConfig {
             max_request_headers_kb,
             max_requests_per_connection,
             websocket,
+            normalize_path: h.normalize_path.as_ref().is_some_and(|v| v.value),
+            merge_slashes: h.merge_slashes,
             skipped_filters,
         })
     }

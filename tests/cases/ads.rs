@@ -14,10 +14,10 @@ use xds_proxy::xds::{CLUSTER, ENDPOINT, LISTENER};
 
 use crate::common::*;
 
-const NODE: &str = "sidecar~10.0.0.1~test.ns~ns.svc.cluster.local";
-const WAIT: Duration = Duration::from_secs(10);
+pub(crate) const NODE: &str = "sidecar~10.0.0.1~test.ns~ns.svc.cluster.local";
+pub(crate) const WAIT: Duration = Duration::from_secs(10);
 
-fn any(yaml: &str, full_name: &str, type_url: &str) -> Any {
+pub(crate) fn any(yaml: &str, full_name: &str, type_url: &str) -> Any {
     let msg = proto::parse_dynamic(yaml, Format::Yaml, full_name).unwrap_or_else(|e| panic!("{e}"));
     let mut value = Vec::new();
     msg.encode(&mut value).unwrap();
@@ -28,7 +28,7 @@ fn listener_any(name: &str, port: u16, body: &str) -> Any {
     any(&direct_listener(name, port, body, ""), "envoy.config.listener.v3.Listener", LISTENER)
 }
 
-fn bootstrap(mock: SocketAddr, api: &str) -> String {
+pub(crate) fn bootstrap(mock: SocketAddr, api: &str) -> String {
     format!(
         r#"
 node: {{ id: "{NODE}", cluster: test }}
@@ -49,11 +49,11 @@ static_resources:
     )
 }
 
-async fn mock() -> MockHandle {
+pub(crate) async fn mock() -> MockHandle {
     MockServer::start("127.0.0.1:0".parse().unwrap()).await.unwrap()
 }
 
-async fn acked(mock: &MockHandle, type_url: &str, version: &str) {
+pub(crate) async fn acked(mock: &MockHandle, type_url: &str, version: &str) {
     mock.wait_for(NODE, type_url, version, WAIT).await.unwrap_or_else(|e| panic!("{type_url} v{version}: {e:?}"));
 }
 
@@ -261,7 +261,7 @@ filter_chains: [ {{ filters: [ {{ name: t, typed_config: {{ "@type": type.google
     )
 }
 
-fn static_cluster_any(name: &str, up: SocketAddr) -> Any {
+pub(crate) fn static_cluster_any(name: &str, up: SocketAddr) -> Any {
     any(
         &format!(
             "name: {name}\nload_assignment: {{ cluster_name: {name}, endpoints: [ {{ lb_endpoints: [ {{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {} }} }} }} }} ] }} ] }}",

@@ -64,3 +64,351 @@ async fn routes_by_host_and_path_with_envoys_headers() {
     assert_eq!(counter(&server, "cluster.b.upstream_rq_200"), 2);
     assert_eq!(counter(&server, "cluster.a.upstream_cx_total"), 1);
 }
+
+fn routes_to(cluster: &str, route_extra: &str) -> String {
+    format!(
+        r#"          route_config:
+            name: local
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: "/" }}
+                route: {{ cluster: {cluster}{route_extra} }}"#
+    )
+}
+
+async fn h2c_client(
+    addr: std::net::SocketAddr,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>> {
+    let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(s))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_multiplexes_100_concurrent_streams_on_one_connection() {
+    use http_body_util::BodyExt;
+    let up = http_upstream("U").await;
+    let server = start(
+        &yaml(&http_listener("h", 0, &routes_to("u", ""), ""), &static_cluster("u", &[up])),
+        Duration::from_secs(1),
+    )
+    .await;
+    let send = h2c_client(listener_addr(&server, "h")).await;
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let mut send = send.clone();
+        tasks.push(tokio::spawn(async move {
+            let req = hyper::Request::builder()
+                .uri(format!("http://svc.local/sleep/50?i={i}"))
+                .body(http_body_util::Empty::new())
+                .unwrap();
+            let resp = send.send_request(req).await.unwrap();
+            assert_eq!(resp.status(), 200);
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            let text = String::from_utf8(body.to_vec()).unwrap();
+            assert!(text.contains(&format!("GET /sleep/50?i={i}\nhost=svc.local\n")), "{text}");
+        }));
+    }
+    let started = std::time::Instant::now();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // 100 requests of 50 ms each finish together only if they really were concurrent.
+    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    assert_eq!(counter(&server, "http.h.downstream_cx_http2_total"), 1);
+    assert_eq!(counter(&server, "http.h.downstream_rq_http2_total"), 100);
+    assert_eq!(counter(&server, "http.h.downstream_rq_2xx"), 100);
+}
+
+#[tokio::test]
+async fn local_replies_use_envoys_codes_and_bodies() {
+    let dead = free_port();
+    let clusters = format!(
+        "{}{}{}",
+        static_cluster("dead", &[([127, 0, 0, 1], dead).into()]),
+        static_cluster("empty", &[]),
+        static_cluster("slow", &[http_upstream("S").await])
+    );
+    let routes = r#"          route_config:
+            name: local
+            virtual_hosts:
+            - name: known
+              domains: ["known"]
+              routes:
+              - match: { prefix: "/dead" }
+                route: { cluster: dead }
+              - match: { prefix: "/empty" }
+                route: { cluster: empty }
+              - match: { prefix: "/sleep" }
+                route: { cluster: slow, timeout: 0.2s }
+              - match: { prefix: "/header" }
+                route: { cluster_header: x-cluster }"#;
+    let server = start(&yaml(&http_listener("h", 0, routes, ""), &clusters), Duration::from_secs(1)).await;
+    let mut c = http1_client(listener_addr(&server, "h")).await;
+    let (status, _, body) = http1_request(&mut c, "GET", "/", "unknown-host", &[]).await;
+    assert_eq!((status, body.as_str()), (404, ""), "no virtual host: NR");
+    let (status, _, body) = http1_request(&mut c, "GET", "/nothing", "known", &[]).await;
+    assert_eq!((status, body.as_str()), (404, ""), "no route: NR");
+    let (status, _, body) = http1_request(&mut c, "GET", "/empty", "known", &[]).await;
+    assert_eq!((status, body.as_str()), (503, "no healthy upstream"));
+    let (status, _, body) = http1_request(&mut c, "GET", "/dead", "known", &[]).await;
+    assert_eq!(status, 503);
+    assert!(body.starts_with("upstream connect error or disconnect/reset before headers"), "{body}");
+    let (status, _, body) = http1_request(&mut c, "GET", "/sleep/2000", "known", &[]).await;
+    assert_eq!((status, body.as_str()), (504, "upstream request timeout"));
+    let (status, _, body) = http1_request(&mut c, "GET", "/header", "known", &[("x-cluster", "slow")]).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _, _) = http1_request(&mut c, "GET", "/header", "known", &[("x-cluster", "nope")]).await;
+    assert_eq!(status, 503, "cluster_header naming an unknown cluster");
+    assert_eq!(counter(&server, "cluster.slow.upstream_rq_timeout"), 1);
+    assert_eq!(counter(&server, "cluster.dead.upstream_cx_connect_fail"), 1);
+    assert_eq!(counter(&server, "http.h.no_route"), 2);
+    assert_eq!(counter(&server, "http.h.downstream_rq_5xx"), 4);
+}
+
+/// An upstream that answers 503 to its first `failures` requests, then 200.
+async fn flaky_upstream(failures: usize) -> std::net::SocketAddr {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = std::sync::Arc::new(AtomicUsize::new(0));
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req: hyper::Request<hyper::body::Incoming>| {
+                    let n = seen.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        let status = if n < failures { 503 } else { 200 };
+                        Ok::<_, std::convert::Infallible>(
+                            hyper::Response::builder()
+                                .status(status)
+                                .body(http_body_util::Full::new(bytes::Bytes::from(format!("attempt {n}"))))
+                                .unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn retries_on_5xx_until_the_flaky_upstream_answers() {
+    let up = flaky_upstream(2).await;
+    let retry = ", retry_policy: { retry_on: 5xx, num_retries: 3, retry_back_off: { base_interval: 0.01s } }";
+    let server = start(
+        &yaml(&http_listener("h", 0, &routes_to("f", retry), ""), &static_cluster("f", &[up])),
+        Duration::from_secs(1),
+    )
+    .await;
+    let mut c = http1_client(listener_addr(&server, "h")).await;
+    let (status, _, body) = http1_request(&mut c, "GET", "/", "x", &[]).await;
+    assert_eq!((status, body.as_str()), (200, "attempt 2"));
+    assert_eq!(counter(&server, "cluster.f.upstream_rq_retry"), 2);
+    assert_eq!(counter(&server, "cluster.f.upstream_rq_503"), 2);
+    assert_eq!(counter(&server, "cluster.f.upstream_rq_200"), 1);
+
+    // Without a retry policy the 503 goes straight to the client.
+    let up = flaky_upstream(1).await;
+    let server = start(
+        &yaml(&http_listener("h", 0, &routes_to("f", ""), ""), &static_cluster("f", &[up])),
+        Duration::from_secs(1),
+    )
+    .await;
+    let mut c = http1_client(listener_addr(&server, "h")).await;
+    let (status, _, _) = http1_request(&mut c, "GET", "/", "x", &[]).await;
+    assert_eq!(status, 503);
+}
+
+/// A WebSocket-ish upstream: answers the upgrade with 101, then echoes raw bytes.
+async fn upgrade_echo_upstream() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read(&mut b).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(b[0]);
+                }
+                let text = String::from_utf8_lossy(&head).to_lowercase();
+                assert!(text.contains("upgrade: websocket"), "{text}");
+                s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\r\n")
+                    .await
+                    .unwrap();
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn websocket_upgrade_passes_through_when_configured() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = upgrade_echo_upstream().await;
+    let extra = "\n          upgrade_configs: [ { upgrade_type: websocket } ]";
+    let server = start(
+        &yaml(&http_listener("h", 0, &routes_to("ws", ""), extra), &static_cluster("ws", &[up])),
+        Duration::from_secs(1),
+    )
+    .await;
+    let mut s = tokio::net::TcpStream::connect(listener_addr(&server, "h")).await.unwrap();
+    s.write_all(b"GET /chat HTTP/1.1\r\nhost: x\r\nconnection: Upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut b).await.unwrap(), 1, "{}", String::from_utf8_lossy(&head));
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    for msg in [&b"frame one"[..], b"frame two"] {
+        s.write_all(msg).await.unwrap();
+        let mut got = vec![0u8; msg.len()];
+        s.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, msg);
+    }
+
+    // Without upgrade_configs the same request is refused, as Envoy does (403).
+    let server = start(
+        &yaml(&http_listener("h", 0, &routes_to("ws", ""), ""), &static_cluster("ws", &[up])),
+        Duration::from_secs(1),
+    )
+    .await;
+    let mut c = http1_client(listener_addr(&server, "h")).await;
+    let (status, _, _) =
+        http1_request(&mut c, "GET", "/chat", "x", &[("connection", "upgrade"), ("upgrade", "websocket")]).await;
+    assert_eq!(status, 403);
+    assert_eq!(counter(&server, "http.h.downstream_rq_ws_on_non_ws_route"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_closes_http1_with_connection_close_and_http2_with_goaway() {
+    use http_body_util::BodyExt;
+    let up = http_upstream("U").await;
+    let server =
+        start(&format!("static_resources:\n  clusters:{}\n", static_cluster("u", &[up])), Duration::from_secs(5)).await;
+    let config = listener(&unlisted(&http_listener("h", 0, &routes_to("u", ""), "")));
+    server.listener_manager().add_or_update(config, false).unwrap();
+    let addr = listener_addr(&server, "h");
+    let mut h1 = http1_client(addr).await;
+    let (status, headers, _) = http1_request(&mut h1, "GET", "/", "x", &[]).await;
+    assert_eq!(status, 200);
+    assert!(headers.get("connection").is_none());
+    let mut h2 = h2c_client(addr).await;
+    let slow_h2 = {
+        let mut h2 = h2.clone();
+        tokio::spawn(async move {
+            let req = hyper::Request::builder().uri("http://x/sleep/500").body(http_body_util::Empty::new()).unwrap();
+            let resp = h2.send_request(req).await.unwrap();
+            resp.into_body().collect().await.unwrap().to_bytes()
+        })
+    };
+    let slow_h1 = tokio::spawn(async move {
+        let r = http1_request(&mut h1, "GET", "/sleep/500", "x", &[]).await;
+        (r, h1)
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // Removing the listener drains its chains (immediate strategy in tests): requests in flight finish, HTTP/1
+    // answers with `Connection: close`, HTTP/2 sends GOAWAY; then both connections close.
+    server.listener_manager().remove("h").unwrap();
+    let ((status, headers, body), h1) = slow_h1.await.unwrap();
+    assert_eq!(status, 200, "the request in flight is served: {body}");
+    assert_eq!(headers["connection"], "close");
+    eventually("h1 connection closed", Duration::from_secs(5), async || h1.is_closed()).await;
+    let body = slow_h2.await.unwrap();
+    assert!(body.starts_with(b"U\n"));
+    eventually("h2 connection closed by GOAWAY", Duration::from_secs(5), async || {
+        h2.ready().await.is_err() || h2.is_closed()
+    })
+    .await;
+    assert!(counter(&server, "http.h.downstream_cx_drain_close") >= 2);
+}
+
+fn vm_hwm_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// 256 MiB each way through the proxy binary: bodies stream frame by frame, so the proxy's peak memory stays far
+/// below the transfer size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_uploads_and_downloads_stream_with_bounded_memory() {
+    use http_body_util::BodyExt;
+    const TOTAL: u64 = 256 * 1024 * 1024;
+    let up = http_upstream("U").await;
+    let port = free_port();
+    let proxy = Proxy::spawn(
+        &yaml(&http_listener("h", port, &routes_to("u", ", timeout: 0s"), ""), &static_cluster("u", &[up])),
+        &["--concurrency", "2"],
+    );
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    wait_accepting(addr, Duration::from_secs(10)).await;
+    let baseline = vm_hwm_kib(proxy.child.id());
+
+    let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake::<
+        _,
+        http_body_util::combinators::BoxBody<bytes::Bytes, std::convert::Infallible>,
+    >(hyper_util::rt::TokioIo::new(s))
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .uri(format!("/bytes/{TOTAL}"))
+        .header("host", "x")
+        .body(http_body_util::Empty::new().boxed())
+        .unwrap();
+    let mut body = send.send_request(req).await.unwrap().into_body();
+    let mut received = 0u64;
+    while let Some(frame) = body.frame().await {
+        if let Ok(d) = frame.unwrap().into_data() {
+            received += d.len() as u64;
+        }
+    }
+    assert_eq!(received, TOTAL);
+
+    let chunk = bytes::Bytes::from(vec![7u8; 256 * 1024]);
+    let stream = futures_util::stream::unfold(0u64, move |sent| {
+        let chunk = chunk.clone();
+        async move {
+            (sent < TOTAL)
+                .then(|| (Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(chunk)), sent + 256 * 1024))
+        }
+    });
+    let req = hyper::Request::builder()
+        .method("POST")
+        .uri("/upload")
+        .header("host", "x")
+        .body(http_body_util::StreamBody::new(stream).boxed())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let text = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    assert!(text.contains(&format!("received={TOTAL}\n")), "{text}");
+
+    let peak = vm_hwm_kib(proxy.child.id());
+    assert!(peak < baseline + 32 * 1024, "proxy peak RSS grew from {baseline} KiB to {peak} KiB moving 2 × 256 MiB");
+}

@@ -1,5 +1,6 @@
 mod ads;
 mod http;
+mod http_rds;
 mod istio_fixture;
 mod listener_filters;
 mod listener_updates;

@@ -393,3 +393,9 @@ pub async fn http1_client(
     tokio::spawn(conn);
     send
 }
+
+/// A listener rendered as a list item (`  - name: ...`) turned into a document of its own.
+pub fn unlisted(item: &str) -> String {
+    let item = item.trim_start_matches('\n').replacen("  - ", "    ", 1);
+    item.lines().map(|l| l.strip_prefix("    ").unwrap_or(l)).collect::<Vec<_>>().join("\n")
+}

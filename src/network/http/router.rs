@@ -41,6 +41,11 @@ pub(super) async fn route(conn: &Connection, mut req: Request<Incoming>) -> Resp
     let authority = request_authority(&req);
     let upgrade = is_websocket_upgrade(&req);
     prepare_request_headers(conn, req.headers_mut());
+    if (config.normalize_path || config.merge_slashes)
+        && let Some(uri) = normalized_uri(req.uri(), config.normalize_path, config.merge_slashes)
+    {
+        *req.uri_mut() = uri;
+    }
 
     let Some(table) = hcm.route_table() else {
         hcm.stats.no_route.inc();
@@ -166,6 +171,46 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         headers.remove(header::CONNECTION);
         headers.remove(header::UPGRADE);
     }
+}
+
+/// The URI with its path normalized the way Envoy's `normalize_path` (RFC 3986 §5.2.4 dot-segment removal) and
+/// `merge_slashes` do; None when nothing changes.
+fn normalized_uri(uri: &Uri, dots: bool, slashes: bool) -> Option<Uri> {
+    let path = uri.path();
+    let mut out: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    let last = segments.len().saturating_sub(1);
+    let mut trailing_slash = false;
+    for (i, seg) in segments.iter().enumerate() {
+        trailing_slash = false;
+        match *seg {
+            "." if dots => trailing_slash = i == last,
+            ".." if dots => {
+                out.pop();
+                trailing_slash = i == last;
+            }
+            "" if slashes && i != last => {}
+            s => out.push(s),
+        }
+    }
+    let mut normalized = String::with_capacity(path.len());
+    for s in &out {
+        normalized.push('/');
+        normalized.push_str(s);
+    }
+    if trailing_slash || normalized.is_empty() {
+        normalized.push('/');
+    }
+    if normalized == path {
+        return None;
+    }
+    let pq = match uri.query() {
+        Some(q) => format!("{normalized}?{q}"),
+        None => normalized,
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = pq.parse().ok();
+    Uri::from_parts(parts).ok()
 }
 
 /// A random (version 4) UUID, the form of Envoy's generated x-request-id.
@@ -316,7 +361,7 @@ async fn forward(
                     backoff(retry, attempt, deadline).await;
                     continue;
                 }
-                return upstream_response(conn, resp, start, downstream_upgrade);
+                return upstream_response(conn, resp, start, downstream_upgrade, parts.version);
             }
             Err(failure) => {
                 let (retryable, reply) = match &failure {
@@ -416,6 +461,7 @@ fn upstream_response(
     mut resp: Response<Incoming>,
     start: Instant,
     downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    downstream_version: Version,
 ) -> Response<ProxyBody> {
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     if switching && let Some(down) = downstream_upgrade {
@@ -434,6 +480,9 @@ fn upstream_response(
         });
     }
     let (mut parts, body) = resp.into_parts();
+    // The downstream codec speaks its own version whatever the upstream spoke (an HTTP/1.0 upstream must not turn a
+    // keep-alive HTTP/1.1 client connection into a closing one).
+    parts.version = downstream_version;
     strip_hop_by_hop(&mut parts.headers, switching);
     let ms = start.elapsed().as_millis().to_string();
     if let Ok(v) = HeaderValue::from_str(&ms) {
@@ -444,4 +493,51 @@ fn upstream_response(
     }
     set_server(conn, &mut parts.headers);
     Response::from_parts(parts, ProxyBody::Stream(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn norm(p: &str) -> String {
+        let uri: Uri = p.parse().unwrap_or_else(|e| panic!("{p}: {e}"));
+        normalized_uri(&uri, true, false).map_or_else(|| p.to_string(), |u| u.to_string())
+    }
+
+    #[test]
+    fn normalize_path_removes_dot_segments_as_rfc_3986_does() {
+        assert_eq!(norm("/a/b/c/./../../g"), "/a/g");
+        assert_eq!(norm("/mid/content=5/../6"), "/mid/6");
+        assert_eq!(norm("/a/./b/"), "/a/b/");
+        assert_eq!(norm("/a/b/.."), "/a/");
+        assert_eq!(norm("/../../x?q=/../"), "/x?q=/../");
+        assert_eq!(norm("/plain/path"), "/plain/path");
+        assert_eq!(norm("/"), "/");
+        let uri: Uri = "/a//b///c/".parse().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(normalized_uri(&uri, false, true).map(|u| u.to_string()).as_deref(), Some("/a/b/c/"));
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_stripped_and_te_trailers_kept() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-private"));
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["te", "x-kept"]);
+    }
+
+    #[test]
+    fn request_ids_are_version_4_uuids() {
+        let id = uuid_v4();
+        assert_eq!(id.len(), 36);
+        assert_eq!(&id[14..15], "4");
+        assert!(matches!(&id[19..20], "8" | "9" | "a" | "b"), "{id}");
+        assert_ne!(id, uuid_v4());
+    }
 }
