@@ -194,8 +194,8 @@ def run_tcp(args):
     try:
         procs.append(start(["iperf3", "-s", "-p", str(IPERF_PORT)]))
         procs.append(start(["nginx", "-c", write(f"{d}/http.conf", nginx_http_cfg(d)), "-g", "daemon off;"]))
-        proxy = start([args.proxy, "--config-path", write(f"{d}/bootstrap.yaml", proxy_bootstrap()), "--concurrency", "2",
-                       "--log-level", "error"])
+        proxy = start([args.proxy, "--config-path", write(f"{d}/bootstrap.yaml", proxy_bootstrap()),
+                       "--concurrency", "2", "--log-level", "error"])
         procs.append(proxy)
         if "haproxy" in systems:
             procs.append(start(["haproxy", "-f", write(f"{d}/haproxy.cfg", haproxy_cfg()), "-db"]))
@@ -285,7 +285,8 @@ def wait_up(name, proc, port, log_path):
     while time.time() < end:
         if proc.poll() is not None:
             with open(log_path) as f:
-                raise SystemExit(f"{name} exited ({proc.returncode}) before accepting on port {port}:\n{f.read()[-2000:]}")
+                raise SystemExit(f"{name} exited ({proc.returncode}) before accepting on port {port}:\n"
+                                 f"{f.read()[-2000:]}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return
@@ -532,9 +533,96 @@ def http_check(load, port):
         raise SystemExit(f"{load} check on port {port} failed: {head}")
 
 
+def measure(load, system, server, origin, args, d):
+    """One measured run of `load` against `system` after a warm-up run; `server` is the process under test (None for
+    direct). CPU is sampled from /proc just before and after the load generator runs."""
+    port = HTTP_PORTS[system][0 if load == "h1" else 1]
+    if args.warmup > 0:
+        subprocess.run(load_cmd(load, port, args.warmup, args), capture_output=True, timeout=args.warmup + 60)
+    log_file = f"{d}/h2load.log"
+    if os.path.exists(log_file):
+        os.remove(log_file)
+    pids = descendants(server.pid) if server else []
+    origin_pids = descendants(origin.pid)
+    cpu0, ocpu0, ccpu0, t0 = cpu_seconds(pids), cpu_seconds(origin_pids), children_cpu(), time.time()
+    p = subprocess.Popen(load_cmd(load, port, args.seconds, args, log_file if load == "h2c" else None),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    rss = 0
+    while p.poll() is None:  # keep the last sample taken while the load was still running
+        sample = rss_sum_kib(pids)
+        time.sleep(0.25)
+        if p.poll() is None:
+            rss = sample
+    out = p.stdout.read()
+    p.stdout.close()
+    wall = time.time() - t0
+    cpu, ocpu, ccpu = cpu_seconds(pids) - cpu0, cpu_seconds(origin_pids) - ocpu0, children_cpu() - ccpu0
+    if server and server.poll() is not None:
+        with open(f"{d}/{system}.err") as f:
+            raise SystemExit(f"{system} exited ({server.returncode}) during the {load} run:\n{f.read()[-2000:]}\n"
+                             f"load generator output:\n{out}")
+    rps, requests, p50, p99, errors = parse_wrk(out) if load == "h1" else parse_h2load(out, log_file)
+    if requests == 0:
+        raise SystemExit(f"no request completed through {system} ({load}):\n{out}")
+    return {"rps": rps, "p50": p50, "p99": p99, "errors": errors, "rss": rss / 1024, "vcpu": cpu / wall,
+            "vcpu_per_1k": cpu / requests * 1000, "origin_vcpu": ocpu / wall, "client_vcpu": ccpu / wall}
+
+
+def report(args, systems, loads, results):
+    """The markdown table for BENCHMARKS.md, then xds-proxy against the issue's targets."""
+    med = {k: {f: statistics.median(x[f] for x in v) for f in v[0]} for k, v in results.items()}
+    errs = {k: sum(x["errors"] for x in v) for k, v in results.items()}
+    names = {"h1": f"wrk HTTP/1.1, {args.connections} conns",
+             "h2c": f"h2load h2c, {args.connections} conns × {args.streams} streams"}
+    model = subprocess.run(["sh", "-c", "lscpu | sed -n 's/^Model name: *//p'"], capture_output=True, text=True)
+    warm = f" (each after a {args.warmup}s warm-up run)" if args.warmup else ""
+    print(f"\ncommand: {shlex.join(['python3'] + sys.argv)}")
+    for load in loads:
+        print(f"load {load}: {shlex.join(load_cmd(load, 'PORT', args.seconds, args, 'LOG'))}{warm}")
+    print(f"machine: {os.cpu_count()} CPUs, {model.stdout.strip()}; {args.rounds} rounds of {args.seconds}s per system "
+          f"and load, systems interleaved, medians. The load generator (2 threads), the origin (nginx, 2 workers) and "
+          f"the proxy (2 workers) share these CPUs.")
+    print(f"proxy vCPU: utime+stime of all the proxy's processes over the measured run; RSS: summed over its "
+          f"processes, last sample under load. Origin: nginx `return 200` ({len(ORIGIN_BODY)}-byte body), reached "
+          f"over HTTP/1.1 keep-alive by every proxy.\n")
+    peers = [p for p in ("nginx", "haproxy") if p in systems]
+    cols = ["load", "system", "req/s", "p50 (ms)", "p99 (ms)", "errors", "proxy vCPU", "vCPU per 1,000 req/s",
+            "RSS (MiB)"] + [f"req/s / {p}" for p in peers]
+    print("| " + " | ".join(cols) + " |")
+    print("|---|---|" + "---:|" * (len(cols) - 2))
+    for load in loads:
+        for s in systems:
+            m = med[(load, s)]
+            row = [names[load], "**xds-proxy**" if s == "xds-proxy" else s, f"{m['rps']:.0f}", f"{m['p50']:.2f}",
+                   f"{m['p99']:.2f}", str(errs[(load, s)])]
+            row += [f"{m['vcpu']:.2f}", f"{m['vcpu_per_1k']:.4f}", f"{m['rss']:.1f}"] if s != "direct" else ["-"] * 3
+            row += [f"{m['rps'] / med[(load, p)]['rps']:.2f}" for p in peers]
+            print("| " + " | ".join(row) + " |")
+    if "xds-proxy" not in systems:
+        return
+    print()
+    for load in loads:
+        x = med[(load, "xds-proxy")]
+        verdicts = []
+        for p, want in (("nginx", 1.2), ("haproxy", 1.0)):
+            if p in peers:
+                ratio = x["rps"] / med[(load, p)]["rps"]
+                verdicts.append(f"req/s {ratio:.2f}× {p} (target ≥ {want}: {'met' if ratio >= want else 'NOT met'})")
+        if peers:
+            best_p99 = min(med[(load, p)]["p99"] for p in peers)
+            verdicts.append(f"p99 {x['p99']:.2f} ms vs " + ", ".join(f"{p} {med[(load, p)]['p99']:.2f}" for p in peers)
+                            + f" (target ≤ both: {'met' if x['p99'] <= best_p99 else 'NOT met'})")
+        verdicts.append(f"{x['vcpu_per_1k']:.4f} vCPU per 1,000 req/s = {x['vcpu_per_1k'] / ISTIO_VCPU_PER_1K:.1%} of "
+                        f"Istio 1.24's sidecar ({ISTIO_VCPU_PER_1K:.2f}); RSS {x['rss']:.1f} MiB (Istio's sidecar: "
+                        f"{ISTIO_MB} MB per 1,000 req/s)")
+        print(f"- {names[load]}: " + "; ".join(verdicts))
+
+
 def run_http(args):
-    systems = args.systems.split(",")
-    loads = args.loads.split(",")
+    systems, loads = args.systems.split(","), args.loads.split(",")
+    unknown = [x for x in systems if x not in HTTP_PORTS] + [x for x in loads if x not in ("h1", "h2c")]
+    if unknown:
+        raise SystemExit(f"unknown systems or loads: {', '.join(unknown)}")
     missing = [f"{t} ({pkg})" for t, pkg in TOOLS.items() if not shutil.which(t)]
     if missing:
         raise SystemExit("missing tools: " + ", ".join(missing) + " (make bench-http installs them)")
@@ -542,124 +630,41 @@ def run_http(args):
         raise SystemExit(f"{args.proxy} is missing: cargo build --release")
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else None  # h2load's per-request log stays off the disk
     d = tempfile.mkdtemp(prefix="xds-bench-http-", dir=shm)
-    procs, servers = [], {}  # servers: system -> Popen of the process under test
+    procs, servers = [], {}  # servers: system -> the process under test
     try:
         cmds = {
-            "direct": ["nginx", "-c", write(f"{d}/origin.conf", origin_cfg(d)), "-g", "daemon off;"],
-            "xds-proxy": [args.proxy, "--config-path", write(f"{d}/bootstrap.yaml", http_bootstrap()), "--concurrency", "2",
-                          "--log-level", "error"],
+            "xds-proxy": [args.proxy, "--config-path", write(f"{d}/bootstrap.yaml", http_bootstrap()),
+                          "--concurrency", "2", "--log-level", "error"],
             "haproxy": ["haproxy", "-f", write(f"{d}/haproxy.cfg", haproxy_http_cfg()), "-db"],
             "nginx": ["nginx", "-c", write(f"{d}/nginx.conf", nginx_proxy_cfg(d)), "-g", "daemon off;"],
         }
-        origin = start_logged(cmds["direct"], f"{d}/direct.err")  # the origin is always needed
+        origin = start_logged(["nginx", "-c", write(f"{d}/origin.conf", origin_cfg(d)), "-g", "daemon off;"],
+                              f"{d}/direct.err")
         procs.append(origin)
         for s in systems:
             if s != "direct":
                 servers[s] = start_logged(cmds[s], f"{d}/{s}.err")
                 procs.append(servers[s])
         for s in ["direct"] + [s for s in systems if s != "direct"]:
-            for port in sorted(set(HTTP_PORTS[s][0 if l == "h1" else 1] for l in loads)):
-                wait_up(s if s != "direct" else "origin nginx", origin if s == "direct" else servers[s], port,
-                        f"{d}/{s}.err")
+            for port in sorted(set(HTTP_PORTS[s][0 if load == "h1" else 1] for load in loads)):
+                wait_up(s if s != "direct" else "origin nginx", servers.get(s, origin), port, f"{d}/{s}.err")
         time.sleep(0.5)
         for s in systems:
-            for l in loads:
-                http_check(l, HTTP_PORTS[s][0 if l == "h1" else 1])
+            for load in loads:
+                http_check(load, HTTP_PORTS[s][0 if load == "h1" else 1])
 
-        names = {"h1": f"wrk HTTP/1.1, {args.connections} conns",
-                 "h2c": f"h2load h2c, {args.connections} conns × {args.streams} streams"}
-        results = {}  # (load, system) -> list of dicts
+        results = {}  # (load, system) -> [measure()]
         for r in range(args.rounds):
             for load in loads:
                 for s in systems:
-                    port = HTTP_PORTS[s][0 if load == "h1" else 1]
-                    log_file = f"{d}/h2load.log"
-                    if args.warmup > 0:
-                        subprocess.run(load_cmd(load, port, args.warmup, args), capture_output=True,
-                                       timeout=args.warmup + 60)
-                    if os.path.exists(log_file):
-                        os.remove(log_file)
-                    pids = descendants(servers[s].pid) if s in servers else []
-                    origin_pids = descendants(origin.pid)
-                    cpu0, ocpu0, ccpu0, t0 = cpu_seconds(pids), cpu_seconds(origin_pids), children_cpu(), time.time()
-                    p = subprocess.Popen(load_cmd(load, port, args.seconds, args, log_file if load == "h2c" else None),
-                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                    rss = 0
-                    while p.poll() is None:  # the last sample taken while the load still runs
-                        sample = rss_sum_kib(pids)
-                        time.sleep(0.25)
-                        if p.poll() is None:
-                            rss = sample
-                    out = p.stdout.read()
-                    p.stdout.close()
-                    wall = time.time() - t0
-                    cpu = cpu_seconds(pids) - cpu0
-                    ocpu, ccpu = cpu_seconds(origin_pids) - ocpu0, children_cpu() - ccpu0
-                    if s in servers and servers[s].poll() is not None:
-                        with open(f"{d}/{s}.err") as f:
-                            raise SystemExit(f"{s} exited ({servers[s].returncode}) during the {load} run:\n"
-                                             f"{f.read()[-2000:]}\nload generator output:\n{out}")
-                    rps, requests, p50, p99, errors = (parse_wrk(out) if load == "h1" else parse_h2load(out, log_file))
-                    if requests == 0:
-                        raise SystemExit(f"no request completed through {s} ({load}):\n{out}")
-                    v = {"rps": rps, "p50": p50, "p99": p99, "errors": errors, "rss": rss / 1024,
-                         "vcpu": cpu / wall, "vcpu_per_1k": (cpu / requests * 1000) if requests else float("nan")}
+                    v = measure(load, s, servers.get(s), origin, args, d)
                     results.setdefault((load, s), []).append(v)
-                    print(f"round {r + 1} {load:4} {s:10} {rps:10.0f} req/s  p50 {p50:6.2f} ms  p99 {p99:7.2f} ms  "
-                          f"errors {errors}  proxy {v['vcpu']:.2f} vCPU {v['rss']:.1f} MiB  "
-                          f"origin {ocpu / wall:.2f} vCPU  client {ccpu / wall:.2f} vCPU",
+                    print(f"round {r + 1} {load:4} {s:10} {v['rps']:8.0f} req/s  p50 {v['p50']:6.2f} ms  "
+                          f"p99 {v['p99']:7.2f} ms  errors {v['errors']}  proxy {v['vcpu']:.2f} vCPU "
+                          f"{v['rss']:.1f} MiB  origin {v['origin_vcpu']:.2f} vCPU  client {v['client_vcpu']:.2f} vCPU",
                           file=sys.stderr, flush=True)
                     time.sleep(0.5)
-
-        med = {k: {f: statistics.median(x[f] for x in v) for f in v[0]} for k, v in results.items()}
-        errs = {k: sum(x["errors"] for x in v) for k, v in results.items()}
-        cpu = subprocess.run(["sh", "-c", "lscpu | sed -n 's/^Model name: *//p'"], capture_output=True, text=True)
-        print(f"\ncommand: {shlex.join(['python3'] + sys.argv)}")
-        for load in loads:
-            example = load_cmd(load, "PORT", args.seconds, args, "LOG" if load == "h2c" else None)
-            print(f"load ({load}): {shlex.join(example)}" + (" (after a {}s warm-up run)".format(args.warmup)
-                                                                if args.warmup else ""))
-        print(f"machine: {os.cpu_count()} CPUs, {cpu.stdout.strip()}; {args.rounds} rounds of {args.seconds}s per "
-              f"system and load, medians. The load generator (2 threads), the origin (nginx, 2 workers) and the proxy "
-              f"(2 workers) share these CPUs.")
-        print(f"proxy CPU: utime+stime of every process of the proxy during the measured run; RSS: summed over its "
-              f"processes, last sample under load. Origin: nginx `return 200` ({len(ORIGIN_BODY)}-byte body), "
-              f"HTTP/1.1 keep-alive from every proxy.\n")
-        peers = [s for s in ("nginx", "haproxy") if s in systems]
-        cols = ["load", "system", "req/s", "p50 (ms)", "p99 (ms)", "errors", "proxy vCPU", "vCPU per 1,000 req/s",
-                "RSS (MiB)"] + [f"req/s / {p}" for p in peers]
-        print("| " + " | ".join(cols) + " |")
-        print("|---|---|" + "---:|" * (len(cols) - 2))
-        for load in loads:
-            for s in systems:
-                m = med[(load, s)]
-                proxied = s != "direct"
-                row = [names[load], s, f"{m['rps']:.0f}", f"{m['p50']:.2f}", f"{m['p99']:.2f}", str(errs[(load, s)]),
-                       f"{m['vcpu']:.2f}" if proxied else "-", f"{m['vcpu_per_1k']:.4f}" if proxied else "-",
-                       f"{m['rss']:.1f}" if proxied else "-"]
-                row += [f"{m['rps'] / med[(load, p)]['rps']:.2f}" for p in peers]
-                if s == "xds-proxy":
-                    row[1] = "**xds-proxy**"
-                print("| " + " | ".join(row) + " |")
-
-        if "xds-proxy" not in systems:
-            return
-        print()
-        for load in loads:
-            x = med[(load, "xds-proxy")]
-            verdicts = []
-            for p, want in (("nginx", 1.2), ("haproxy", 1.0)):
-                if p in peers:
-                    ratio = x["rps"] / med[(load, p)]["rps"]
-                    verdicts.append(f"req/s {ratio:.2f}× {p} (target ≥ {want}: {'met' if ratio >= want else 'NOT met'})")
-            if peers:
-                worst = min(med[(load, p)]["p99"] for p in peers)
-                verdicts.append(f"p99 {x['p99']:.2f} ms vs " + ", ".join(f"{p} {med[(load, p)]['p99']:.2f}" for p in peers)
-                                + f" (target ≤ both: {'met' if x['p99'] <= worst else 'NOT met'})")
-            verdicts.append(f"{x['vcpu_per_1k']:.4f} vCPU per 1,000 req/s = {x['vcpu_per_1k'] / ISTIO_VCPU_PER_1K:.1%} "
-                            f"of Istio 1.24's sidecar ({ISTIO_VCPU_PER_1K}); RSS {x['rss']:.1f} MiB "
-                            f"(Istio sidecar: {ISTIO_MB} MB per 1,000 req/s)")
-            print(f"- {names[load]}: " + "; ".join(verdicts))
+        report(args, systems, loads, results)
     finally:
         for p in procs:
             try:

@@ -199,7 +199,97 @@ const POLICIES: &[(&str, Policy)] = {
         ("envoy.config.core.v3.HttpProtocolOptions", Only(&["idle_timeout", "max_requests_per_connection"])),
         ("envoy.config.core.v3.Http1ProtocolOptions", Only(&[])),
         ("envoy.config.core.v3.Http2ProtocolOptions", Only(&[])),
-        ("envoy.config.route.v3.RouteConfiguration", Skip),
+        // Route configurations: the route table refuses the values it reads and does not honour (a path rewrite
+        // policy, an unknown retry_on token…); these lists keep the fields it never reads from being ignored.
+        // typed_per_filter_config is refused: it would configure filters (fault, cors…) that only run pass-through.
+        (
+            "envoy.config.route.v3.RouteConfiguration",
+            Only(&[
+                "name",
+                "virtual_hosts",
+                "request_headers_to_add",
+                "request_headers_to_remove",
+                "response_headers_to_add",
+                "response_headers_to_remove",
+                "most_specific_header_mutations_wins",
+                "validate_clusters",
+                "max_direct_response_body_size_bytes",
+                "ignore_port_in_host_matching",
+                "metadata",
+                "vhds",
+                "vhost_header",
+                "ignore_path_parameters_in_path_matching",
+            ]),
+        ),
+        (
+            "envoy.config.route.v3.VirtualHost",
+            Only(&[
+                "name",
+                "domains",
+                "routes",
+                "matcher",
+                "require_tls",
+                "request_headers_to_add",
+                "request_headers_to_remove",
+                "response_headers_to_add",
+                "response_headers_to_remove",
+                "retry_policy",
+                "include_request_attempt_count",
+                "metadata",
+            ]),
+        ),
+        (
+            "envoy.config.route.v3.Route",
+            Only(&[
+                "name",
+                "match",
+                "route",
+                "redirect",
+                "direct_response",
+                "filter_action",
+                "non_forwarding_action",
+                "metadata",
+                "decorator",
+                "request_headers_to_add",
+                "request_headers_to_remove",
+                "response_headers_to_add",
+                "response_headers_to_remove",
+            ]),
+        ),
+        ("envoy.config.route.v3.RouteMatch", All),
+        (
+            "envoy.config.route.v3.RouteAction",
+            Only(&[
+                "cluster",
+                "cluster_header",
+                "weighted_clusters",
+                "cluster_specifier_plugin",
+                "inline_cluster_specifier_plugin",
+                "cluster_not_found_response_code",
+                "metadata_match",
+                "prefix_rewrite",
+                "regex_rewrite",
+                "path_rewrite_policy",
+                "host_rewrite_literal",
+                "auto_host_rewrite",
+                "host_rewrite_header",
+                "host_rewrite_path_regex",
+                "append_x_forwarded_host",
+                "timeout",
+                "idle_timeout",
+                "retry_policy",
+                "retry_policy_typed_config",
+                "max_grpc_timeout",
+                "max_stream_duration",
+            ]),
+        ),
+        ("envoy.config.route.v3.RouteAction.MaxStreamDuration", All),
+        ("envoy.config.route.v3.RetryPolicy", All),
+        ("envoy.config.route.v3.WeightedCluster", All),
+        ("envoy.config.route.v3.RedirectAction", All),
+        ("envoy.config.route.v3.DirectResponseAction", All),
+        ("envoy.config.route.v3.Decorator", All),
+        ("envoy.config.core.v3.HeaderValueOption", All),
         ("envoy.config.core.v3.DataSource", Only(&["filename", "inline_bytes", "inline_string"])),
         // Clusters and endpoints; the conversion may still reject values (e.g. a cluster type).
         (
@@ -546,9 +636,9 @@ stats_flush_interval: 5s
             .replace("      idle_timeout: 10s\n", "      idle_timeout: 10s\n      access_log: [{ name: x }]\n")
             + r#"- name: http
   filters:
-  - name: envoy.filters.network.http_connection_manager
+  - name: envoy.filters.network.rbac
     typed_config:
-      "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+      "@type": type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC
       stat_prefix: http
 "#;
         let listener: Listener = parse(&text, LISTENER);
@@ -556,8 +646,8 @@ stats_flush_interval: 5s
             audit_errors(&listener, LISTENER),
             [
                 "filter_chains[0].filters[0].typed_config.access_log: not supported",
-                "filter_chains[1].filters[0].typed_config: envoy.extensions.filters.network.\
-                 http_connection_manager.v3.HttpConnectionManager is not supported",
+                "filter_chains[1].filters[0].typed_config: envoy.extensions.filters.network.rbac.v3.RBAC is not \
+                 supported",
             ]
         );
     }
@@ -581,7 +671,7 @@ stats_flush_interval: 5s
         let yaml = r#"
 typed_filter_metadata:
   my.filter:
-    "@type": type.googleapis.com/envoy.config.core.v3.Http1ProtocolOptions
+    "@type": type.googleapis.com/envoy.config.core.v3.Http3ProtocolOptions
 "#;
         let metadata = parse_dynamic(yaml, Format::Yaml, "envoy.config.core.v3.Metadata").expect("parses");
         let mut found = Vec::new();
@@ -590,7 +680,7 @@ typed_filter_metadata:
             found,
             [Unsupported {
                 path: "typed_filter_metadata[\"my.filter\"]".into(),
-                reason: "envoy.config.core.v3.Http1ProtocolOptions is not supported".into(),
+                reason: "envoy.config.core.v3.Http3ProtocolOptions is not supported".into(),
             }]
         );
     }

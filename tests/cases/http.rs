@@ -405,6 +405,8 @@ async fn large_uploads_and_downloads_stream_with_bounded_memory() {
         .header("host", "x")
         .body(http_body_util::StreamBody::new(stream).boxed())
         .unwrap();
+    // A client connection takes its next request only once it has seen the previous exchange end.
+    send.ready().await.unwrap();
     let resp = send.send_request(req).await.unwrap();
     let text = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
     assert!(text.contains(&format!("received={TOTAL}\n")), "{text}");

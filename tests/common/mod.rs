@@ -377,6 +377,7 @@ pub async fn http1_request(
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
+    s.ready().await.unwrap();
     let resp = s.send_request(req.body(http_body_util::Full::new(bytes::Bytes::new())).unwrap()).await.unwrap();
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();

@@ -54,6 +54,7 @@ pub struct HttpStats {
     /// `downstream_rq_1xx` … `downstream_rq_5xx`.
     pub downstream_rq_class: [Counter; 5],
     pub downstream_rq_ws_on_non_ws_route: Counter,
+    pub downstream_rq_idle_timeout: Counter,
     pub no_route: Counter,
     pub no_cluster: Counter,
     pub rq_direct_response: Counter,
@@ -78,6 +79,7 @@ impl HttpStats {
             downstream_rq_http2_total: c("downstream_rq_http2_total"),
             downstream_rq_class: [1, 2, 3, 4, 5].map(|n| c(&format!("downstream_rq_{n}xx"))),
             downstream_rq_ws_on_non_ws_route: c("downstream_rq_ws_on_non_ws_route"),
+            downstream_rq_idle_timeout: c("downstream_rq_idle_timeout"),
             no_route: c("no_route"),
             no_cluster: c("no_cluster"),
             rq_direct_response: c("rq_direct_response"),

@@ -13,7 +13,7 @@ use tracing::debug;
 
 use super::Connection;
 use super::body::ProxyBody;
-use super::route::{Action, HostRewrite, Matched, RequestHead, RetryPolicy, RouteAction};
+use super::route::{Action, HostRewrite, Matched, RequestHead, RetryPolicy, RouteAction, UpstreamFailure};
 use crate::config::cluster::UpstreamProtocol;
 use crate::config::http::ServerHeader;
 use crate::upstream::cluster::{Cluster, Host};
@@ -25,6 +25,7 @@ const CONNECT_FAILURE: &str =
 const RESET: &str = "upstream connect error or disconnect/reset before headers. reset reason: connection termination";
 const OVERFLOW: &str = "upstream connect error or disconnect/reset before headers. reset reason: overflow";
 const TIMEOUT: &str = "upstream request timeout";
+const STREAM_TIMEOUT: &str = "stream timeout";
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -71,7 +72,14 @@ pub(super) async fn route(conn: &Connection, mut req: Request<Incoming>) -> Resp
         Action::Redirect(r) => {
             hcm.stats.rq_redirect.inc();
             let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-            let location = r.location("http", &authority, path);
+            // Envoy's :scheme for a plaintext listener: what the client said it used, else http.
+            let scheme = req
+                .uri()
+                .scheme_str()
+                .or_else(|| req.headers().get(&X_FORWARDED_PROTO).and_then(|v| v.to_str().ok()))
+                .unwrap_or("http")
+                .to_string();
+            let location = r.location(&scheme, &authority, path);
             let mut resp = local_reply(conn, r.status(), "");
             if let Ok(v) = HeaderValue::from_str(&location) {
                 resp.headers_mut().insert(header::LOCATION, v);
@@ -85,15 +93,14 @@ pub(super) async fn route(conn: &Connection, mut req: Request<Incoming>) -> Resp
         hcm.stats.downstream_rq_ws_on_non_ws_route.inc();
         return local_reply(conn, StatusCode::FORBIDDEN, "");
     }
-    let Some(cluster_name) = matched.cluster_name(req.headers()).map(|c| c.into_owned()) else {
+    // A cluster_header route without its header finds no cluster, like a name that does not exist: both get the
+    // route's cluster_not_found_response_code (503 unless configured).
+    let cluster =
+        matched.cluster_name(req.headers()).and_then(|name| conn.ctx.clusters.load().get(name.as_ref()).cloned());
+    let Some(cluster) = cluster else {
         hcm.stats.no_cluster.inc();
-        // Envoy's cluster_header route with the header missing.
-        return local_reply(conn, StatusCode::NOT_FOUND, "");
-    };
-    let Some(cluster) = conn.ctx.clusters.load().get(&cluster_name).cloned() else {
-        hcm.stats.no_cluster.inc();
-        debug!(cluster = %cluster_name, "route points at an unknown cluster");
-        return local_reply(conn, StatusCode::SERVICE_UNAVAILABLE, "");
+        debug!("route points at no known cluster");
+        return local_reply(conn, action.cluster_not_found_status, "");
     };
     let mut resp = forward(conn, &matched, action, &cluster, req, &authority, upgrade).await;
     matched.apply_response_headers(resp.headers_mut());
@@ -295,6 +302,12 @@ async fn forward(
         _ => 1,
     };
     let deadline = action.timeout.map(|t| start + t);
+    // A route's idle_timeout overrides the HCM's stream_idle_timeout; 0 disables it.
+    let idle = match action.idle_timeout {
+        Some(t) if t.is_zero() => None,
+        Some(t) => Some(t),
+        None => conn.hcm.config.stream_idle_timeout,
+    };
     let mut body = Some(body);
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut attempt = 0;
@@ -318,7 +331,7 @@ async fn forward(
             h.insert(header::HOST, v);
         }
         let upstream_body = match body.take() {
-            Some(b) if !body_empty => ProxyBody::Stream(b),
+            Some(b) if !body_empty => ProxyBody::stream(b, idle),
             _ => ProxyBody::Empty,
         };
         let request = match build_request(&parts.method, &path, protocol, h, upstream_body) {
@@ -330,12 +343,8 @@ async fn forward(
         };
         stats.upstream_rq_total.inc();
         let per_try = retry.and_then(|p| p.per_try_timeout);
-        let try_deadline = match (deadline, per_try) {
-            (Some(d), Some(t)) => Some(d.min(Instant::now() + t)),
-            (Some(d), None) => Some(d),
-            (None, Some(t)) => Some(Instant::now() + t),
-            (None, None) => None,
-        };
+        let now = Instant::now();
+        let try_deadline = [deadline, per_try.map(|t| now + t), idle.map(|t| now + t)].into_iter().flatten().min();
         let send = conn.ctx.http_pools.send(cluster, &host_entry, protocol, request);
         let outcome = match try_deadline {
             Some(d) => match tokio::time::timeout_at(d, send).await {
@@ -343,6 +352,14 @@ async fn forward(
                 Err(_) if deadline.is_some_and(|g| g <= Instant::now()) => {
                     stats.upstream_rq_timeout.inc();
                     return local_reply(conn, StatusCode::GATEWAY_TIMEOUT, TIMEOUT);
+                }
+                Err(_)
+                    if idle.is_some_and(|t| now + t <= Instant::now())
+                        && per_try.is_none_or(|p| p > idle.unwrap_or(p)) =>
+                {
+                    // Envoy's stream_idle_timeout before any response: 408 "stream timeout".
+                    conn.hcm.stats.downstream_rq_idle_timeout.inc();
+                    return local_reply(conn, StatusCode::REQUEST_TIMEOUT, STREAM_TIMEOUT);
                 }
                 Err(_) => {
                     stats.upstream_rq_per_try_timeout.inc();
@@ -361,16 +378,14 @@ async fn forward(
                     backoff(retry, attempt, deadline).await;
                     continue;
                 }
-                return upstream_response(conn, resp, start, downstream_upgrade, parts.version);
+                return upstream_response(conn, resp, start, downstream_upgrade, parts.version, idle);
             }
             Err(failure) => {
                 let (retryable, reply) = match &failure {
                     Failure::Pool(e) if e.is_connect_failure() => {
                         debug!(cluster = %cluster.name(), "upstream connect failure: {e}");
                         (
-                            retry.is_some_and(|p| {
-                                p.retry_on.connect_failure || p.retry_on.five_xx || p.retry_on.gateway_error
-                            }),
+                            retry.is_some_and(|p| p.should_retry_failure(UpstreamFailure::ConnectFailure)),
                             (StatusCode::SERVICE_UNAVAILABLE, CONNECT_FAILURE),
                         )
                     }
@@ -378,7 +393,7 @@ async fn forward(
                         debug!(cluster = %cluster.name(), "upstream reset: {e}");
                         stats.upstream_rq_rx_reset.inc();
                         (
-                            retry.is_some_and(|p| p.retry_on.reset || p.retry_on.five_xx),
+                            retry.is_some_and(|p| p.should_retry_failure(UpstreamFailure::Reset)),
                             (StatusCode::SERVICE_UNAVAILABLE, RESET),
                         )
                     }
@@ -462,6 +477,7 @@ fn upstream_response(
     start: Instant,
     downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
     downstream_version: Version,
+    idle: Option<Duration>,
 ) -> Response<ProxyBody> {
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     if switching && let Some(down) = downstream_upgrade {
@@ -492,7 +508,7 @@ fn upstream_response(
         parts.headers.append(header::VIA, via.clone());
     }
     set_server(conn, &mut parts.headers);
-    Response::from_parts(parts, ProxyBody::Stream(body))
+    Response::from_parts(parts, ProxyBody::stream(body, idle))
 }
 
 #[cfg(test)]
