@@ -9,11 +9,15 @@
 //!   `watch` channel when a new listener set is published. Each accepted connection keeps the `Arc` of its filter
 //!   chain for life.
 //! - **Drains** ([`drain`]) are one primitive used for the process, each listener and each filter chain.
+//! - The **admin server** ([`admin`]) runs on the main runtime too: Envoy's admin HTTP endpoints and gRPC (CSDS,
+//!   reflection, health) on the bootstrap's `admin.address`, reading the managers and the per-resource xDS status
+//!   ([`xds::status`]) the ADS client records.
 //!
 //! # One connection
 //! accept (worker) → filter chain selection ([`listener::filter_chain`]) → terminal network filter
 //! ([`network::tcp_proxy`], [`network::direct_response`]) → cluster host ([`upstream`]).
 
+pub mod admin;
 pub mod config;
 pub mod drain;
 pub mod listener;

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tracing::{error, info};
+use envoy_types::pb::envoy::admin::v3::{CommandLineOptions, command_line_options};
+use xds_proxy::admin::logging::LogControl;
 use xds_proxy::config::bootstrap::{BootstrapConfig, NodeOverrides};
 use xds_proxy::config::proto;
 use xds_proxy::drain::DrainStrategy;
@@ -44,6 +46,9 @@ struct Cli {
     /// Envoy's hot-restart id: refused, there is no hot restart.
     #[arg(long = "base-id")]
     base_id: Option<u32>,
+    /// Writes the admin server's bound address (ip:port) to this file once it listens.
+    #[arg(long = "admin-address-path")]
+    admin_address_path: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -87,10 +92,13 @@ enum Strategy {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(msg) = init_logging(&cli.log_level) {
-        eprintln!("error: --log-level: {msg}");
-        return ExitCode::FAILURE;
-    }
+    let logging = match init_logging(&cli.log_level) {
+        Ok(control) => control,
+        Err(msg) => {
+            eprintln!("error: --log-level: {msg}");
+            return ExitCode::FAILURE;
+        }
+    };
     if cli.base_id.is_some() {
         eprintln!("error: --base-id: hot restart is not supported");
         return ExitCode::FAILURE;
@@ -148,6 +156,8 @@ fn main() -> ExitCode {
         Strategy::Gradual => DrainStrategy::Gradual,
         Strategy::Immediate => DrainStrategy::Immediate,
     };
+    options.command_line = command_line_options(&cli, options.concurrency);
+    options.logging = Some(logging);
 
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().thread_name("main").build() {
         Ok(rt) => rt,
@@ -168,7 +178,15 @@ fn main() -> ExitCode {
         for l in server.listener_manager().listeners() {
             info!(listener = %l.name, address = %l.address, "listening");
         }
-        wait_for_signal().await;
+        if let (Some(path), Some(address)) = (&cli.admin_address_path, server.admin_address())
+            && let Err(e) = std::fs::write(path, address.to_string())
+        {
+            error!("cannot write the admin address to {}: {e}", path.display());
+        }
+        tokio::select! {
+            _ = wait_for_signal() => {}
+            _ = server.lifecycle.quit_requested() => info!("shutting down on /quitquitquit"),
+        }
         server.shutdown().await;
         ExitCode::SUCCESS
     })
@@ -186,17 +204,56 @@ async fn wait_for_signal() {
     }
 }
 
-fn init_logging(level: &str) -> Result<(), String> {
-    let level = match level {
-        "trace" | "debug" | "info" | "error" | "off" => level,
-        "warning" | "warn" => "warn",
-        "critical" => "error",
+/// Installs the log subscriber behind a reload handle, so /logging can change levels while the proxy runs.
+fn init_logging(level: &str) -> Result<LogControl, String> {
+    use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let (envoy_level, directive) = match level {
+        "trace" | "debug" | "info" | "error" | "off" => (level, level),
+        "warning" | "warn" => ("warning", "warn"),
+        "critical" => ("critical", "error"),
         other => return Err(format!("unknown level '{other}'")),
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-    Ok(())
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(directive));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .init();
+    Ok(LogControl::new(
+        envoy_level,
+        Box::new(move |directives: &str| {
+            let filter = EnvFilter::try_new(directives).map_err(|e| e.to_string())?;
+            handle.reload(filter).map_err(|e| e.to_string())
+        }),
+    ))
+}
+
+/// The command line as Envoy's /server_info reports it.
+fn command_line_options(cli: &Cli, concurrency: usize) -> CommandLineOptions {
+    use xds_proxy::admin::json::duration;
+    CommandLineOptions {
+        base_id: cli.base_id.map_or(0, u64::from),
+        concurrency: u32::try_from(concurrency).unwrap_or(u32::MAX),
+        config_path: cli.config_path.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+        config_yaml: cli.config_yaml.clone().unwrap_or_default(),
+        admin_address_path: cli.admin_address_path.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+        log_level: cli.log_level.clone(),
+        service_cluster: cli.service_cluster.clone().unwrap_or_default(),
+        service_node: cli.service_node.clone().unwrap_or_default(),
+        drain_time: Some(duration(Duration::from_secs(cli.drain_time_s))),
+        drain_strategy: match cli.drain_strategy {
+            Strategy::Gradual => command_line_options::DrainStrategy::Gradual,
+            Strategy::Immediate => command_line_options::DrainStrategy::Immediate,
+        } as i32,
+        mode: match cli.mode {
+            Mode::Serve => command_line_options::Mode::Serve,
+            Mode::Validate => command_line_options::Mode::Validate,
+        } as i32,
+        disable_hot_restart: true,
+        ..Default::default()
+    }
 }
 
 /// Start-up errors are one line, whatever the underlying error text holds.

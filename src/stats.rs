@@ -3,7 +3,7 @@
 //! atomics it was handed, so no lock is ever taken per connection.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Clone, Default)]
@@ -22,20 +22,40 @@ impl Counter {
 }
 
 #[derive(Debug, Clone, Default)]
-pub struct Gauge(Arc<AtomicI64>);
+pub struct Gauge(Arc<GaugeCell>);
+
+#[derive(Debug, Default)]
+struct GaugeCell {
+    value: AtomicI64,
+    /// Written at least once: `/stats?usedonly` shows a gauge set to 0 (`server.state: 0` is what Istio's readiness
+    /// probe waits for), so "used" cannot be read off the value as it is for counters.
+    used: AtomicBool,
+}
 
 impl Gauge {
     pub fn inc(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
+        self.0.value.fetch_add(1, Ordering::Relaxed);
+        self.mark_used();
     }
     pub fn dec(&self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.value.fetch_sub(1, Ordering::Relaxed);
+        self.mark_used();
     }
     pub fn set(&self, v: i64) {
-        self.0.store(v, Ordering::Relaxed);
+        self.0.value.store(v, Ordering::Relaxed);
+        self.mark_used();
     }
     pub fn value(&self) -> i64 {
-        self.0.load(Ordering::Relaxed)
+        self.0.value.load(Ordering::Relaxed)
+    }
+    pub fn used(&self) -> bool {
+        self.0.used.load(Ordering::Relaxed)
+    }
+    fn mark_used(&self) {
+        // A load first: after the first write the flag's cache line is only ever read, never contended.
+        if !self.0.used.load(Ordering::Relaxed) {
+            self.0.used.store(true, Ordering::Relaxed);
+        }
     }
 }
 
@@ -58,8 +78,22 @@ impl Drop for GaugeGuard {
 
 #[derive(Debug, Clone)]
 enum Metric {
-    Counter(Counter),
+    /// `reset_at` is the raw value at the last `/reset_counters`: reported values start from there, so a reset never
+    /// writes to an atomic the connection path increments.
+    Counter { counter: Counter, reset_at: u64 },
     Gauge(Gauge),
+}
+
+impl Metric {
+    fn stat(&self) -> (Value, bool) {
+        match self {
+            Metric::Counter { counter, reset_at } => {
+                let raw = counter.value();
+                (Value::Counter(raw.saturating_sub(*reset_at)), raw > 0)
+            }
+            Metric::Gauge(g) => (Value::Gauge(g.value()), g.used()),
+        }
+    }
 }
 
 /// The process's stats. Asking twice for the same name returns the same metric, so a listener that is replaced
@@ -75,16 +109,25 @@ pub enum Value {
     Gauge(i64),
 }
 
+/// One metric as the admin endpoints show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stat {
+    pub name: String,
+    pub value: Value,
+    /// Envoy's "used": a counter that was ever incremented, a gauge that was ever written (`?usedonly`).
+    pub used: bool,
+}
+
 impl Store {
     pub fn counter(&self, name: &str) -> Counter {
         let mut m = self.metrics.lock().unwrap_or_else(|p| p.into_inner());
         match m.get(name) {
-            Some(Metric::Counter(c)) => c.clone(),
+            Some(Metric::Counter { counter, .. }) => counter.clone(),
             // A name used as both kinds is a programming error; a fresh unregistered counter keeps it harmless.
             Some(Metric::Gauge(_)) => Counter::default(),
             None => {
                 let c = Counter::default();
-                m.insert(name.to_string(), Metric::Counter(c.clone()));
+                m.insert(name.to_string(), Metric::Counter { counter: c.clone(), reset_at: 0 });
                 c
             }
         }
@@ -94,7 +137,7 @@ impl Store {
         let mut m = self.metrics.lock().unwrap_or_else(|p| p.into_inner());
         match m.get(name) {
             Some(Metric::Gauge(g)) => g.clone(),
-            Some(Metric::Counter(_)) => Gauge::default(),
+            Some(Metric::Counter { .. }) => Gauge::default(),
             None => {
                 let g = Gauge::default();
                 m.insert(name.to_string(), Metric::Gauge(g.clone()));
@@ -105,24 +148,33 @@ impl Store {
 
     pub fn get(&self, name: &str) -> Option<Value> {
         let m = self.metrics.lock().unwrap_or_else(|p| p.into_inner());
-        m.get(name).map(|metric| match metric {
-            Metric::Counter(c) => Value::Counter(c.value()),
-            Metric::Gauge(g) => Value::Gauge(g.value()),
-        })
+        m.get(name).map(|metric| metric.stat().0)
     }
 
     /// Every metric, sorted by name.
     pub fn snapshot(&self) -> Vec<(String, Value)> {
+        self.stats().into_iter().map(|s| (s.name, s.value)).collect()
+    }
+
+    /// Every metric with its "used" flag, sorted by name.
+    pub fn stats(&self) -> Vec<Stat> {
         let m = self.metrics.lock().unwrap_or_else(|p| p.into_inner());
         m.iter()
-            .map(|(k, metric)| {
-                let v = match metric {
-                    Metric::Counter(c) => Value::Counter(c.value()),
-                    Metric::Gauge(g) => Value::Gauge(g.value()),
-                };
-                (k.clone(), v)
+            .map(|(name, metric)| {
+                let (value, used) = metric.stat();
+                Stat { name: name.clone(), value, used }
             })
             .collect()
+    }
+
+    /// Envoy's `/reset_counters`: every counter reads 0 from now on (and stays "used" if it was).
+    pub fn reset_counters(&self) {
+        let mut m = self.metrics.lock().unwrap_or_else(|p| p.into_inner());
+        for metric in m.values_mut() {
+            if let Metric::Counter { counter, reset_at } = metric {
+                *reset_at = counter.value();
+            }
+        }
     }
 }
 
@@ -142,5 +194,25 @@ mod tests {
             assert_eq!(s.get("listener.a.downstream_cx_active"), Some(Value::Gauge(1)));
         }
         assert_eq!(s.get("listener.a.downstream_cx_active"), Some(Value::Gauge(0)));
+    }
+
+    #[test]
+    fn used_and_reset() {
+        let s = Store::default();
+        s.counter("never");
+        s.counter("once").inc();
+        s.gauge("untouched");
+        s.gauge("set_to_zero").set(0);
+        let used: Vec<(String, bool)> = s.stats().into_iter().map(|st| (st.name, st.used)).collect();
+        assert_eq!(
+            used,
+            [("never", false), ("once", true), ("set_to_zero", true), ("untouched", false)]
+                .map(|(n, u)| (n.to_string(), u))
+        );
+        s.reset_counters();
+        assert_eq!(s.get("once"), Some(Value::Counter(0)));
+        s.counter("once").add(2);
+        assert_eq!(s.get("once"), Some(Value::Counter(2)));
+        assert!(s.stats().iter().any(|st| st.name == "once" && st.used));
     }
 }

@@ -74,6 +74,7 @@ struct ManagerStats {
     listener_removed: Counter,
     listener_create_failure: Counter,
     listener_in_place_updated: Counter,
+    listener_stopped: Counter,
     total_listeners_active: Gauge,
     total_listeners_draining: Gauge,
     total_listeners_warming: Gauge,
@@ -89,6 +90,7 @@ impl ManagerStats {
             listener_removed: c("listener_removed"),
             listener_create_failure: c("listener_create_failure"),
             listener_in_place_updated: c("listener_in_place_updated"),
+            listener_stopped: c("listener_stopped"),
             total_listeners_active: g("total_listeners_active"),
             total_listeners_draining: g("total_listeners_draining"),
             total_listeners_warming: g("total_listeners_warming"),
@@ -136,6 +138,27 @@ pub struct ListenerManager {
     stopped: bool,
     /// Route configurations by name, shared with the ADS client that fills them (RDS).
     routes: RouteRegistry,
+    /// Replaced (not in place) or removed listener versions whose connections are draining, by version id, for
+    /// /config_dump's `draining_state`.
+    draining: Arc<std::sync::Mutex<BTreeMap<u64, Arc<ListenerConfig>>>>,
+    /// Set by /drain_listeners: which listeners are stopped. Stopped listeners accept nothing, their sockets are
+    /// closed, and LDS can no longer add or change listeners of that direction (Envoy's `stopListeners`).
+    stop_scope: Option<StopScope>,
+}
+
+/// Which listeners /drain_listeners stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopScope {
+    All,
+    /// Listeners whose `traffic_direction` is INBOUND.
+    InboundOnly,
+}
+
+impl StopScope {
+    pub fn covers(self, config: &ListenerConfig) -> bool {
+        use envoy_types::pb::envoy::config::core::v3::TrafficDirection;
+        self == StopScope::All || config.proto.traffic_direction == TrafficDirection::Inbound as i32
+    }
 }
 
 impl ListenerManager {
@@ -165,6 +188,8 @@ impl ListenerManager {
             runtime: tokio::runtime::Handle::current(),
             stopped: false,
             routes: RouteRegistry::default(),
+            draining: Arc::default(),
+            stop_scope: None,
         }
     }
 
@@ -309,6 +334,11 @@ impl ListenerManager {
         if self.stopped {
             return Err(ListenerError::ShuttingDown(name));
         }
+        if self.stop_scope.is_some_and(|scope| scope.covers(&config)) {
+            // Envoy's rule after /drain_listeners: no error, the update just does not happen.
+            info!(listener = %name, "listener not added or updated: listeners of its direction are stopped");
+            return Ok(Outcome::Unchanged);
+        }
         if self.warming.get(&name).is_some_and(|w| w.listener.config().proto == config.proto) {
             return Ok(Outcome::Warming);
         }
@@ -393,7 +423,7 @@ impl ListenerManager {
             }
             Some(old) => {
                 let dropped: Vec<Arc<FilterChain>> = old.chains().dropped_by(listener.chains()).cloned().collect();
-                self.start_drain(&name, dropped);
+                self.start_drain(&name, dropped, (!in_place).then_some(&old));
                 self.stats.listener_modified.inc();
                 if in_place {
                     self.stats.listener_in_place_updated.inc();
@@ -508,30 +538,41 @@ impl ListenerManager {
         if old.config().bind_to_port && !old.sockets.is_empty() {
             self.released.push((old.config().socket.clone(), old.sockets.clone()));
         }
-        self.start_drain(name, old.chains().all().cloned().collect());
+        self.start_drain(name, old.chains().all().cloned().collect(), Some(&old));
         self.stats.listener_removed.inc();
         self.stats.total_listeners_active.set(self.active.len() as i64);
         info!(listener = %name, "listener removed");
         Ok(true)
     }
 
-    fn start_drain(&self, name: &str, chains: Vec<Arc<FilterChain>>) {
+    /// Drains `chains`; `whole` is the listener version they belong to when all of it goes (removal or a full
+    /// update), which /config_dump then shows as draining.
+    fn start_drain(&self, name: &str, chains: Vec<Arc<FilterChain>>, whole: Option<&Arc<Listener>>) {
         if chains.is_empty() {
             return;
         }
         let draining = self.stats.total_listeners_draining.clone();
         draining.inc();
         let name = name.to_string();
+        let versions = self.draining.clone();
+        let id = whole.map(|l| {
+            versions.lock().unwrap_or_else(|p| p.into_inner()).insert(l.id, l.core.config.clone());
+            l.id
+        });
         let done = drain_chains(chains, self.drain, Until::Deadline);
         self.runtime.spawn(async move {
             done.await;
             draining.dec();
+            if let Some(id) = id {
+                versions.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            }
             info!(listener = %name, "listener drained");
         });
     }
 
     fn publish(&self) {
-        self.workers.publish(ListenerSet::new(self.active.values().cloned().collect()));
+        let serving = self.active.values().filter(|l| !self.stop_scope.is_some_and(|s| s.covers(l.config())));
+        self.workers.publish(ListenerSet::new(serving.cloned().collect()));
     }
 }
 
@@ -546,6 +587,81 @@ async fn drain_chains(chains: Vec<Arc<FilterChain>>, settings: DrainSettings, un
         });
     }
     while tasks.join_next().await.is_some() {}
+}
+
+/// Read-only views for the admin endpoints, and /drain_listeners.
+impl ListenerManager {
+    /// The newest version of a listener: the warming one if any, else the serving one.
+    pub fn newest(&self, name: &str) -> Option<Arc<Listener>> {
+        self.warming.get(name).map(|w| w.listener.clone()).or_else(|| self.active.get(name).cloned())
+    }
+
+    /// Whether the listener came from the bootstrap.
+    pub fn is_static(&self, name: &str) -> bool {
+        self.static_names.contains(name)
+    }
+
+    /// Serving listeners (static and dynamic), by name.
+    pub fn active_listeners(&self) -> Vec<Arc<Listener>> {
+        self.active.values().cloned().collect()
+    }
+
+    /// Listeners waiting for their dependencies, by name.
+    pub fn warming_listeners(&self) -> Vec<Arc<Listener>> {
+        self.warming.values().map(|w| w.listener.clone()).collect()
+    }
+
+    /// Listener versions whose connections are draining after a removal or a full update.
+    pub fn draining_listeners(&self) -> Vec<Arc<ListenerConfig>> {
+        self.draining.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+
+    pub fn drain_settings(&self) -> DrainSettings {
+        self.drain
+    }
+
+    /// Tells the connections of the listeners in `scope` to drain (protocol-aware filters close as soon as they can;
+    /// nothing is forced), as Envoy's drain sequence does for /drain_listeners.
+    pub fn drain_connections(&self, scope: StopScope) {
+        for l in self.active.values().filter(|l| scope.covers(l.config())) {
+            for chain in l.chains().all() {
+                chain.drain.start(self.drain.drain_time, self.drain.strategy);
+            }
+        }
+    }
+
+    /// Envoy's `stopListeners`: the listeners in `scope` stop accepting and close their sockets (clients are refused
+    /// instead of waiting in an accept queue); their connections stay; warming ones are dropped; LDS no longer
+    /// changes listeners in the scope. They still show in /listeners and /config_dump, as in Envoy.
+    pub fn stop_listeners(&mut self, scope: StopScope) {
+        let before = self.stop_scope;
+        let scope = match before {
+            Some(StopScope::All) => StopScope::All,
+            _ => scope,
+        };
+        self.stop_scope = Some(scope);
+        let warming: Vec<String> =
+            self.warming.iter().filter(|(_, w)| scope.covers(w.listener.config())).map(|(n, _)| n.clone()).collect();
+        for name in warming {
+            self.drop_warming(&name);
+        }
+        for l in self.active.values_mut() {
+            if !scope.covers(l.config()) || before.is_some_and(|b| b.covers(l.config())) {
+                continue;
+            }
+            // A socketless version in the map; the socketed one closes once no worker accepts on it.
+            *l = Arc::new(Listener {
+                id: self.next_id,
+                local_address: l.local_address,
+                sockets: Arc::new(Vec::new()),
+                core: l.core.clone(),
+            });
+            self.next_id += 1;
+            self.stats.listener_stopped.inc();
+            info!(listener = %l.name(), "listener stopped");
+        }
+        self.publish();
+    }
 }
 
 impl ListenerManager {

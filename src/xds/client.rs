@@ -23,6 +23,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use super::delta::DeltaState;
 use super::state::SotwState;
+use super::status::{Held, Received, Update, XdsStatus};
 use super::{CLUSTER, ENDPOINT, LISTENER, Protocol, ROUTE};
 use crate::config::cluster::ClusterConfig;
 use crate::config::listener::ListenerConfig;
@@ -43,6 +44,8 @@ pub struct AdsClient {
     pub listeners: Arc<Mutex<ListenerManager>>,
     pub clusters: Arc<Mutex<ClusterManager>>,
     pub stats: Store,
+    /// Where each resource's version and ACK/NACK outcome is recorded for CSDS and /config_dump.
+    pub status: XdsStatus,
     /// Cancelled at shutdown: a draining proxy applies no more config.
     pub stop: tokio_util::sync::CancellationToken,
 }
@@ -237,7 +240,9 @@ impl AdsClient {
                         Err(e) => errors.push(format!("{name}: {e}")),
                     }
                 }
-                follow_up = state.subscribe_named(ROUTE, lm.routes().collect());
+                let routes = lm.routes().collect();
+                self.status.set_subscription(ROUTE, &routes);
+                follow_up = state.subscribe_named(ROUTE, routes);
             }
             CLUSTER => {
                 let mut cm = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
@@ -255,7 +260,9 @@ impl AdsClient {
                         Err(e) => errors.push(format!("{}: {e}", r.name)),
                     }
                 }
-                follow_up = state.subscribe_named(ENDPOINT, cm.eds_service_names());
+                let names = cm.eds_service_names();
+                self.status.set_subscription(ENDPOINT, &names);
+                follow_up = state.subscribe_named(ENDPOINT, names);
                 drop(cm);
                 self.listeners.lock().unwrap_or_else(|p| p.into_inner()).promote_warming();
             }
@@ -290,6 +297,19 @@ impl AdsClient {
             }
             other => errors.push(format!("type {other} is not supported")),
         }
+        self.record_status(&Update {
+            type_url: &resp.type_url,
+            version: &resp.system_version_info,
+            resources: resp
+                .resources
+                .iter()
+                .filter_map(|r| {
+                    r.resource.as_ref().map(|any| Received { name: Some(&r.name), any, version: Some(&r.version) })
+                })
+                .collect(),
+            removed: &resp.removed_resources,
+            errors: &errors,
+        });
         let stats = stats_prefix.map(|p| SubscriptionStats::new(&self.stats, p));
         if let Some(s) = &stats {
             s.update_attempt.inc();
@@ -323,6 +343,7 @@ impl AdsClient {
             CLUSTER => {
                 let outcome = self.apply_clusters(&resp.resources, &mut seen.clusters);
                 let names = self.clusters.lock().unwrap_or_else(|p| p.into_inner()).eds_service_names();
+                self.status.set_subscription(ENDPOINT, &names);
                 (
                     Some(SubscriptionStats::new(&self.stats, "cluster_manager.cds")),
                     outcome,
@@ -332,6 +353,7 @@ impl AdsClient {
             LISTENER => {
                 let outcome = self.apply_listeners(&resp.resources, &mut seen.listeners);
                 let routes = self.route_subscription();
+                self.status.set_subscription(ROUTE, &routes);
                 (
                     Some(SubscriptionStats::new(&self.stats, "listener_manager.lds")),
                     outcome,
@@ -345,6 +367,13 @@ impl AdsClient {
             }
             other => (None, Err(vec![format!("type {other} is not supported")]), None),
         };
+        self.record_status(&Update {
+            type_url: &resp.type_url,
+            version: &resp.version_info,
+            resources: resp.resources.iter().map(|any| Received { name: None, any, version: None }).collect(),
+            removed: &[],
+            errors: outcome.as_ref().err().map_or(&[], Vec::as_slice),
+        });
         if let Some(s) = &stats {
             s.update_attempt.inc();
         }
@@ -367,6 +396,29 @@ impl AdsClient {
             }
         };
         (reply, follow_up)
+    }
+
+    /// Records what an applied response left in the managers, resource by resource, for CSDS and /config_dump.
+    fn record_status(&self, update: &Update<'_>) {
+        match update.type_url {
+            LISTENER => {
+                let lm = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+                self.status.record(
+                    update,
+                    |name, _| lm.newest(name).map(|l| Held::Listener(l.config().proto.clone())),
+                    |name| lm.newest(name).is_some() && !lm.is_static(name),
+                );
+            }
+            CLUSTER => {
+                let cm = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
+                self.status.record(
+                    update,
+                    |name, _| cm.get(name).map(|c| Held::Cluster(c.config.proto.clone())),
+                    |name| cm.get(name).is_some(),
+                );
+            }
+            _ => self.status.record(update, |_, any| Some(Held::Any(any.clone())), |_| true),
+        }
     }
 
     fn apply_listeners(&self, resources: &[Any], seen: &mut Unchanged) -> Result<(), Vec<String>> {

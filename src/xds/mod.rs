@@ -3,11 +3,12 @@
 //! [`state`] (state of the world) and [`delta`] (incremental) are the protocol bookkeeping as plain data
 //! (versions, nonces, subscriptions, ACK/NACK requests);
 //! [`client`] owns the gRPC stream, reconnects with backoff, and hands resources to the managers, which say per
-//! resource what they accepted.
+//! resource what they accepted; [`status`] remembers, per resource, what was accepted, when, and what was refused.
 
 pub mod client;
 pub mod delta;
 pub mod state;
+pub mod status;
 
 pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
