@@ -51,7 +51,12 @@ fn handoff(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let b = proto::load_bootstrap(None, Some(&bootstrap())).unwrap();
     let b = BootstrapConfig::from_proto(b, &NodeOverrides::default()).unwrap();
-    let opts = Options { concurrency: 1, drain_time: Duration::from_secs(1), drain_strategy: DrainStrategy::Immediate };
+    let opts = Options {
+        concurrency: 1,
+        drain_time: Duration::from_secs(1),
+        drain_strategy: DrainStrategy::Immediate,
+        ..Default::default()
+    };
     let server = rt.block_on(Server::start(b, &opts)).unwrap();
     let addr = |name: &str| server.listener_manager().listeners().into_iter().find(|l| l.name == name).unwrap().address;
     let (direct, virt) = (addr("direct"), addr("virtual"));

@@ -5,8 +5,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use tracing::{error, info};
 use envoy_types::pb::envoy::admin::v3::{CommandLineOptions, command_line_options};
+use tracing::{error, info};
 use xds_proxy::admin::logging::LogControl;
 use xds_proxy::config::bootstrap::{BootstrapConfig, NodeOverrides};
 use xds_proxy::config::proto;

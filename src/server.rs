@@ -10,12 +10,12 @@ use envoy_types::pb::envoy::admin::v3 as admin_pb;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::admin::logging::LogControl;
 use crate::config::bootstrap::BootstrapConfig;
 use crate::drain::DrainStrategy;
 use crate::listener::manager::{DrainSettings, ListenerError, ListenerManager};
 use crate::listener::socket::{SocketFactory, SystemSockets};
 use crate::listener::worker::Workers;
-use crate::admin::logging::LogControl;
 use crate::stats::{Gauge, Store};
 use crate::upstream::ClusterManager;
 use crate::xds::client::AdsClient;
@@ -239,13 +239,12 @@ fn initial_fetches(bootstrap: &BootstrapConfig) -> Vec<(&'static str, Option<Dur
     let Some(dynamic) = bootstrap.dynamic_resources.as_ref().filter(|_| bootstrap.ads_cluster.is_some()) else {
         return Vec::new();
     };
-    let timeout = |source: &envoy_types::pb::envoy::config::core::v3::ConfigSource| {
-        match source.initial_fetch_timeout.as_ref() {
+    let timeout =
+        |source: &envoy_types::pb::envoy::config::core::v3::ConfigSource| match source.initial_fetch_timeout.as_ref() {
             None => Some(INITIAL_FETCH_TIMEOUT),
             Some(d) if d.seconds <= 0 && d.nanos <= 0 => None,
             Some(d) => Some(Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32)),
-        }
-    };
+        };
     // CDS first, as Envoy initializes the cluster manager before it starts LDS.
     let mut out = Vec::new();
     if let Some(cds) = &dynamic.cds_config {

@@ -80,7 +80,10 @@ impl Drop for GaugeGuard {
 enum Metric {
     /// `reset_at` is the raw value at the last `/reset_counters`: reported values start from there, so a reset never
     /// writes to an atomic the connection path increments.
-    Counter { counter: Counter, reset_at: u64 },
+    Counter {
+        counter: Counter,
+        reset_at: u64,
+    },
     Gauge(Gauge),
 }
 

@@ -15,7 +15,7 @@ use envoy_types::pb::google::protobuf::UInt32Value;
 use crate::upstream::cluster::Cluster;
 
 /// Envoy's defaults for the HIGH priority circuit breakers, which this proxy does not use but Envoy always prints.
-const HIGH_DEFAULTS: (u32, u32, u32, u32) = (1024, 1024, 1024, 3);
+const HIGH_DEFAULTS: Limits = (1024, 1024, 1024, 3);
 
 /// One cluster as the handler needs it.
 pub struct Entry {
@@ -49,7 +49,10 @@ pub fn placement(la: &ClusterLoadAssignment) -> HashMap<SocketAddr, (u32, core::
     out
 }
 
-fn thresholds(c: &Cluster) -> [(&'static str, RoutingPriority, (u32, u32, u32, u32)); 2] {
+/// Circuit breaker limits: (max_connections, max_pending_requests, max_requests, max_retries).
+type Limits = (u32, u32, u32, u32);
+
+fn thresholds(c: &Cluster) -> [(&'static str, RoutingPriority, Limits); 2] {
     let http = &c.config.http;
     [
         (

@@ -60,7 +60,8 @@ pub fn dump(ctx: &Context, params: &Params) -> Result<admin::ConfigDump, Refused
         proto::to_dynamic(&admin::ScopedRoutesConfigDump::default(), "envoy.admin.v3.ScopedRoutesConfigDump")
     }));
     parts.push(Box::new(|| proto::to_dynamic(&routes(ctx, params), "envoy.admin.v3.RoutesConfigDump")));
-    parts.push(Box::new(|| proto::to_dynamic(&admin::SecretsConfigDump::default(), "envoy.admin.v3.SecretsConfigDump")));
+    parts
+        .push(Box::new(|| proto::to_dynamic(&admin::SecretsConfigDump::default(), "envoy.admin.v3.SecretsConfigDump")));
     let internal = |e: proto::ConvertError| Refused { code: 500, text: e.to_string() };
 
     let mask = params.mask.as_deref().map(json::mask_paths);
@@ -147,8 +148,7 @@ fn clusters(ctx: &Context, params: &Params) -> admin::ClustersConfigDump {
     };
     let status = statuses(ctx, CLUSTER);
     let started = Some(timestamp(ctx.lifecycle.started()));
-    let mut dump =
-        admin::ClustersConfigDump { version_info: ctx.status.type_version(CLUSTER).0, ..Default::default() };
+    let mut dump = admin::ClustersConfigDump { version_info: ctx.status.type_version(CLUSTER).0, ..Default::default() };
     for c in all {
         let any = pack(&*c.config.proto);
         if ctx.is_static_cluster(c.name()) {
@@ -185,7 +185,9 @@ fn listeners(ctx: &Context, params: &Params) -> admin::ListenersConfigDump {
         admin::ListenersConfigDump { version_info: ctx.status.type_version(LISTENER).0, ..Default::default() };
     let mut dynamic: BTreeMap<String, DynamicListener> = BTreeMap::new();
     let entry = |dynamic: &mut BTreeMap<String, DynamicListener>, name: &str| {
-        dynamic.entry(name.to_string()).or_insert_with(|| DynamicListener { name: name.to_string(), ..Default::default() });
+        dynamic
+            .entry(name.to_string())
+            .or_insert_with(|| DynamicListener { name: name.to_string(), ..Default::default() });
     };
     for l in active.iter().filter(|l| params.keep(l.name())) {
         if statics.contains(l.name()) {
@@ -301,7 +303,8 @@ fn endpoints(ctx: &Context, params: &Params) -> admin::EndpointsConfigDump {
             None => pack(&live_assignment(&name, &c)),
         };
         if ctx.is_static_cluster(c.name()) {
-            dump.static_endpoint_configs.push(StaticEndpointConfig { endpoint_config: Some(la), last_updated: started });
+            dump.static_endpoint_configs
+                .push(StaticEndpointConfig { endpoint_config: Some(la), last_updated: started });
         } else {
             dump.dynamic_endpoint_configs.push(DynamicEndpointConfig {
                 version_info: from_eds.map(|s| s.version.clone()).unwrap_or_default(),

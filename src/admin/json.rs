@@ -30,6 +30,24 @@ pub fn dynamic_json(msg: &DynamicMessage, always_print_primitive_fields: bool) -
         .map_err(|source| ConvertError::Json { name: msg.descriptor().full_name().to_string(), source })
 }
 
+/// An envoy-types message as Envoy's pretty admin JSON text, fields in proto order.
+pub fn message_text<T: Message>(
+    msg: &T,
+    full_name: &str,
+    always_print_primitive_fields: bool,
+) -> Result<String, ConvertError> {
+    let msg = proto::to_dynamic(msg, full_name)?;
+    let options =
+        SerializeOptions::new().use_proto_field_name(true).skip_default_fields(!always_print_primitive_fields);
+    let mut out = Vec::new();
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, serde_json::ser::PrettyFormatter::with_indent(b" "));
+    msg.serialize_with_options(&mut ser, &options)
+        .map_err(|source| ConvertError::Json { name: full_name.to_string(), source })?;
+    let mut text = String::from_utf8(out).unwrap_or_default();
+    text.push('\n');
+    Ok(text)
+}
+
 /// Pretty text with Envoy's one-space indent and a final newline.
 pub fn pretty(v: &Json) -> String {
     let mut out = Vec::new();

@@ -118,7 +118,8 @@ pub fn bind(address: SocketAddr) -> Result<std::net::TcpListener, AdminError> {
 
 /// Serves until `stop` is cancelled. Must run on a tokio runtime.
 pub async fn serve(listener: std::net::TcpListener, ctx: Context, stop: CancellationToken) -> Result<(), AdminError> {
-    let address = listener.local_addr().map_err(|source| AdminError::Bind { address: ([0, 0, 0, 0], 0).into(), source })?;
+    let address =
+        listener.local_addr().map_err(|source| AdminError::Bind { address: ([0, 0, 0, 0], 0).into(), source })?;
     let listener = TcpListener::from_std(listener).map_err(|source| AdminError::Bind { address, source })?;
     let grpc = csds::routes(ctx.clone())?;
     info!(%address, "admin address");
@@ -210,7 +211,10 @@ const ENDPOINTS: &[Endpoint] = &[
                 "Dump only the currently loaded configurations whose names match the specified regex. Can be used \
                  with both resource and mask query parameters.",
             ),
-            ("include_eds", "Dump currently loaded configuration including EDS. See the response definition for more information"),
+            (
+                "include_eds",
+                "Dump currently loaded configuration including EDS. See the response definition for more information",
+            ),
         ],
     },
     Endpoint {
@@ -223,7 +227,10 @@ const ENDPOINTS: &[Endpoint] = &[
                 "When draining listeners, enter a graceful drain period prior to closing listeners. This behaviour \
                  and duration is configurable via server options or CLI",
             ),
-            ("skip_exit", "When draining listeners, do not exit after the drain period. This must be used with graceful"),
+            (
+                "skip_exit",
+                "When draining listeners, do not exit after the drain period. This must be used with graceful",
+            ),
             (
                 "inboundonly",
                 "Drains all inbound listeners. traffic_direction field in envoy_v3_api_msg_config.listener.v3.Listener \
@@ -244,7 +251,12 @@ const ENDPOINTS: &[Endpoint] = &[
             ("alpn", "ALPN values in the client's order, comma separated"),
         ],
     },
-    Endpoint { prefix: "/healthcheck/fail", help: "cause the server to fail health checks", mutates: true, params: &[] },
+    Endpoint {
+        prefix: "/healthcheck/fail",
+        help: "cause the server to fail health checks",
+        mutates: true,
+        params: &[],
+    },
     Endpoint { prefix: "/healthcheck/ok", help: "cause the server to pass health checks", mutates: true, params: &[] },
     Endpoint { prefix: "/help", help: "print out list of admin commands", mutates: false, params: &[] },
     Endpoint {
@@ -335,8 +347,8 @@ impl Reply {
     }
 
     fn message<T: prost::Message>(msg: &T, full_name: &str, always_print_primitive_fields: bool) -> Reply {
-        match json::message_json(msg, full_name, always_print_primitive_fields) {
-            Ok(v) => Reply::json(&v),
+        match json::message_text(msg, full_name, always_print_primitive_fields) {
+            Ok(body) => Reply { code: 200, content_type: JSON, body },
             Err(e) => Reply::text(500, format!("{e}\n")),
         }
     }
@@ -548,8 +560,10 @@ fn drain_listeners(ctx: &Context, q: &[(String, String)]) -> Reply {
     let skip_exit = flag(q, "skip_exit");
     if graceful {
         let mut draining = ctx.draining.lock().unwrap_or_else(|p| p.into_inner());
-        if matches!((*draining, scope), (Some(StopScope::All), _) | (Some(StopScope::InboundOnly), StopScope::InboundOnly))
-        {
+        if matches!(
+            (*draining, scope),
+            (Some(StopScope::All), _) | (Some(StopScope::InboundOnly), StopScope::InboundOnly)
+        ) {
             return Reply::text(200, "OK\n");
         }
         *draining = Some(scope);
@@ -615,7 +629,9 @@ fn explain(ctx: &Context, q: &[(String, String)]) -> Reply {
         source,
         server_name: param(q, "sni").filter(|s| !s.is_empty()).map(str::to_string),
         transport: param(q, "transport").unwrap_or("raw_buffer").to_string(),
-        alpn: param(q, "alpn").map(|a| a.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect()).unwrap_or_default(),
+        alpn: param(q, "alpn")
+            .map(|a| a.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect())
+            .unwrap_or_default(),
     };
     let configs: Vec<crate::config::listener::ListenerConfig> =
         ctx.listener_manager().active_listeners().iter().map(|l| (*l.core.config).clone()).collect();

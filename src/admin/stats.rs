@@ -85,10 +85,10 @@ impl Select {
     }
 
     fn stat(&self, s: &Stat) -> bool {
-        let kind_ok = match (self.kind, s.value) {
-            (Kind::All, _) | (Kind::Counters, Value::Counter(_)) | (Kind::Gauges, Value::Gauge(_)) => true,
-            _ => false,
-        };
+        let kind_ok = matches!(
+            (self.kind, s.value),
+            (Kind::All, _) | (Kind::Counters, Value::Counter(_)) | (Kind::Gauges, Value::Gauge(_))
+        );
         kind_ok && (!self.used_only || s.used) && self.name_ok(&s.name)
     }
 
@@ -132,8 +132,12 @@ pub fn text(s: &Snapshot, sel: &Select) -> String {
 /// Envoy's JSON: `{"stats":[{"name":..,"value":..}, …, {"histograms":{"supported_quantiles":[..],
 /// "computed_quantiles":[{"name":..,"values":[{"interval":..,"cumulative":..}]}]}}]}`.
 pub fn json(s: &Snapshot, sel: &Select) -> Json {
-    let mut stats: Vec<Json> =
-        s.stats.iter().filter(|st| sel.stat(st)).map(|st| json!({"name": st.name, "value": number_json(st.value)})).collect();
+    let mut stats: Vec<Json> = s
+        .stats
+        .iter()
+        .filter(|st| sel.stat(st))
+        .map(|st| json!({"name": st.name, "value": number_json(st.value)}))
+        .collect();
     let mut hs: Vec<&Histogram> = s.histograms.iter().filter(|h| sel.histogram(h)).collect();
     hs.sort_by(|a, b| a.name.cmp(&b.name));
     if !hs.is_empty() {
@@ -240,6 +244,12 @@ fn labels(tags: &[(&'static str, String)]) -> String {
     tags.iter().map(|(k, v)| format!("{}=\"{}\"", sanitize(k), escape_label(v))).collect::<Vec<_>>().join(",")
 }
 
+/// `{labels}`, or nothing for a metric without tags: Envoy prints `{}` there, which Prometheus reads the same way
+/// as no braces, but stricter parsers refuse.
+fn braces(labels: &str) -> String {
+    if labels.is_empty() { String::new() } else { format!("{{{labels}}}") }
+}
+
 /// Envoy's Prometheus exposition: counters, then gauges, then histograms; within each, families sorted by their
 /// tag-extracted name, each with one `# TYPE` line and a blank line after it.
 pub fn prometheus(s: &Snapshot, sel: &Select) -> String {
@@ -248,7 +258,8 @@ pub fn prometheus(s: &Snapshot, sel: &Select) -> String {
     for (kind, wanted) in [("counter", Kind::Counters), ("gauge", Kind::Gauges)] {
         let mut families: BTreeMap<String, Vec<(String, String, Value)>> = BTreeMap::new();
         for st in s.stats.iter().filter(|st| sel.stat(st)) {
-            let is_kind = matches!((wanted, st.value), (Kind::Counters, Value::Counter(_)) | (Kind::Gauges, Value::Gauge(_)));
+            let is_kind =
+                matches!((wanted, st.value), (Kind::Counters, Value::Counter(_)) | (Kind::Gauges, Value::Gauge(_)));
             if !is_kind {
                 continue;
             }
@@ -260,7 +271,7 @@ pub fn prometheus(s: &Snapshot, sel: &Select) -> String {
             let _ = writeln!(out, "# TYPE {metric} {kind}");
             members.sort_by(|a, b| a.0.cmp(&b.0));
             for (_, labels, value) in members {
-                let _ = writeln!(out, "{metric}{{{labels}}} {}", number(value));
+                let _ = writeln!(out, "{metric}{} {}", braces(&labels), number(value));
             }
             out.push('\n');
         }
@@ -280,8 +291,8 @@ pub fn prometheus(s: &Snapshot, sel: &Select) -> String {
                 let _ = writeln!(out, "{metric}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}");
             }
             let _ = writeln!(out, "{metric}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", h.count);
-            let _ = writeln!(out, "{metric}_sum{{{labels}}} {}", h.sum);
-            let _ = writeln!(out, "{metric}_count{{{labels}}} {}", h.count);
+            let _ = writeln!(out, "{metric}_sum{} {}", braces(&labels), h.sum);
+            let _ = writeln!(out, "{metric}_count{} {}", braces(&labels), h.count);
         }
         out.push('\n');
     }
@@ -302,7 +313,8 @@ mod tests {
 
     #[test]
     fn envoy_default_tags() {
-        let cases: &[(&str, &str, &[(&str, &str)])] = &[
+        type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)]);
+        let cases: &[Case<'_>] = &[
             (
                 "cluster.backend.upstream_rq_200",
                 "cluster.upstream_rq",
@@ -324,7 +336,11 @@ mod tests {
                 &[("envoy.listener_address", "[__1]_80")],
             ),
             ("listener.virtualInbound.downstream_cx_total", "listener.virtualInbound.downstream_cx_total", &[]),
-            ("tcp.inbound_8080.downstream_cx_total", "tcp.downstream_cx_total", &[("envoy.tcp_prefix", "inbound_8080")]),
+            (
+                "tcp.inbound_8080.downstream_cx_total",
+                "tcp.downstream_cx_total",
+                &[("envoy.tcp_prefix", "inbound_8080")],
+            ),
             (
                 "http.ingress_http.downstream_rq_total",
                 "http.downstream_rq_total",
@@ -333,7 +349,7 @@ mod tests {
             (
                 "http.ingress.rds.my_routes.config_reload",
                 "http.rds.config_reload",
-                &[("envoy.rds_route_config", "my_routes"), ("envoy.http_conn_manager_prefix", "ingress")],
+                &[("envoy.http_conn_manager_prefix", "ingress"), ("envoy.rds_route_config", "my_routes")],
             ),
             ("server.state", "server.state", &[]),
         ];
@@ -404,7 +420,7 @@ mod tests {
              envoy_cluster_upstream_cx_total{envoy_cluster_name=\"a\"} 3\n\
              envoy_cluster_upstream_cx_total{envoy_cluster_name=\"b\"} 5\n\n\
              # TYPE envoy_server_state gauge\n\
-             envoy_server_state{} 0\n\n"
+             envoy_server_state 0\n\n"
         );
     }
 }

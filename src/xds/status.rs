@@ -165,11 +165,8 @@ impl XdsStatus {
         in_effect: impl Fn(&str) -> bool,
     ) {
         let now = SystemTime::now();
-        let names: Vec<Option<String>> = update
-            .resources
-            .iter()
-            .map(|r| r.name.map(str::to_string).or_else(|| resource_name(r.any)))
-            .collect();
+        let names: Vec<Option<String>> =
+            update.resources.iter().map(|r| r.name.map(str::to_string).or_else(|| resource_name(r.any))).collect();
         let errors = attribute(update.errors, &names);
         let mut types = self.types.lock().unwrap_or_else(|p| p.into_inner());
         let state = types.entry(update.type_url.to_string()).or_default();
@@ -204,7 +201,11 @@ impl XdsStatus {
             if let Some(old) = entry.resource.replace(held)
                 && retire
             {
-                state.retired.push(Retired { held: old, version: entry.version.clone(), last_updated: entry.last_updated });
+                state.retired.push(Retired {
+                    held: old,
+                    version: entry.version.clone(),
+                    last_updated: entry.last_updated,
+                });
             }
             entry.version = version;
             entry.last_updated = Some(now);
@@ -229,7 +230,8 @@ impl XdsStatus {
                 .iter()
                 .filter(|(name, e)| {
                     let rejected_now = e.error.is_some() && in_response.contains(*name);
-                    !rejected_now && !(e.resource.is_some() && in_effect(name))
+                    let held = e.resource.is_some() && in_effect(name);
+                    !(rejected_now || held)
                 })
                 .map(|(name, _)| name.clone())
                 .collect();

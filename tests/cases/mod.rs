@@ -1,3 +1,4 @@
+mod admin;
 mod ads;
 mod http;
 mod http_rds;

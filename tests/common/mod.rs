@@ -121,7 +121,7 @@ filter_chains:
 }
 
 pub fn options(drain: Duration) -> Options {
-    Options { concurrency: 2, drain_time: drain, drain_strategy: DrainStrategy::Immediate }
+    Options { concurrency: 2, drain_time: drain, drain_strategy: DrainStrategy::Immediate, ..Default::default() }
 }
 
 pub async fn start(yaml: &str, drain: Duration) -> Server {
