@@ -118,10 +118,7 @@ impl Server {
             admin: None,
         };
         if let Some(socket) = admin_socket {
-            let address = socket.local_addr().map_err(|source| crate::admin::AdminError::Bind {
-                address: server.bootstrap.admin_address.unwrap_or_else(|| ([0, 0, 0, 0], 0).into()),
-                source,
-            })?;
+            let address = socket.local_addr().map_err(crate::admin::AdminError::Socket)?;
             let ctx = crate::admin::Context::new(
                 server.listeners.clone(),
                 server.clusters.clone(),

@@ -8,21 +8,11 @@ use std::time::SystemTime;
 use envoy_types::pb::google::protobuf::{Any, Timestamp};
 use prost::Message;
 use prost_reflect::{DynamicMessage, Kind, MessageDescriptor, ReflectMessage, SerializeOptions, Value};
-use serde::Serialize;
 use serde_json::Value as Json;
 
 use crate::config::proto::{self, ConvertError};
 
-/// An envoy-types message as Envoy's admin JSON. `always_print_primitive_fields` is Envoy's option of that name
-/// (on for /server_info).
-pub fn message_json<T: Message>(
-    msg: &T,
-    full_name: &str,
-    always_print_primitive_fields: bool,
-) -> Result<Json, ConvertError> {
-    dynamic_json(&proto::to_dynamic(msg, full_name)?, always_print_primitive_fields)
-}
-
+/// A reflected message as JSON with Envoy's options (proto field names; defaults printed only when asked).
 pub fn dynamic_json(msg: &DynamicMessage, always_print_primitive_fields: bool) -> Result<Json, ConvertError> {
     let options =
         SerializeOptions::new().use_proto_field_name(true).skip_default_fields(!always_print_primitive_fields);
@@ -46,18 +36,6 @@ pub fn message_text<T: Message>(
     let mut text = String::from_utf8(out).unwrap_or_default();
     text.push('\n');
     Ok(text)
-}
-
-/// Pretty text with Envoy's one-space indent and a final newline.
-pub fn pretty(v: &Json) -> String {
-    let mut out = Vec::new();
-    let mut ser = serde_json::Serializer::with_formatter(&mut out, serde_json::ser::PrettyFormatter::with_indent(b" "));
-    if v.serialize(&mut ser).is_err() {
-        return "{}\n".to_string();
-    }
-    let mut text = String::from_utf8(out).unwrap_or_default();
-    text.push('\n');
-    text
 }
 
 /// A timestamp as Envoy's dumps carry it: millisecond precision.
@@ -216,8 +194,7 @@ mod tests {
     #[test]
     fn proto_field_names_and_one_space_indent() {
         let info = ServerInfo { version: "x".into(), hot_restart_version: "disabled".into(), ..Default::default() };
-        let json = message_json(&info, "envoy.admin.v3.ServerInfo", true).unwrap_or_default();
-        let text = pretty(&json);
+        let text = message_text(&info, "envoy.admin.v3.ServerInfo", true).unwrap();
         assert!(text.contains("\n \"hot_restart_version\": \"disabled\""), "{text}");
         assert!(text.contains("\"state\": \"LIVE\""), "primitive fields always printed: {text}");
     }

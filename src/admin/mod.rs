@@ -105,6 +105,8 @@ impl Context {
 pub enum AdminError {
     #[error("admin.address: cannot listen on {address}: {source}")]
     Bind { address: SocketAddr, source: std::io::Error },
+    #[error("admin socket: {0}")]
+    Socket(std::io::Error),
     #[error(transparent)]
     Grpc(#[from] csds::GrpcError),
 }
@@ -118,11 +120,11 @@ pub fn bind(address: SocketAddr) -> Result<std::net::TcpListener, AdminError> {
 
 /// Serves until `stop` is cancelled. Must run on a tokio runtime.
 pub async fn serve(listener: std::net::TcpListener, ctx: Context, stop: CancellationToken) -> Result<(), AdminError> {
-    let address =
-        listener.local_addr().map_err(|source| AdminError::Bind { address: ([0, 0, 0, 0], 0).into(), source })?;
-    let listener = TcpListener::from_std(listener).map_err(|source| AdminError::Bind { address, source })?;
+    let listener = TcpListener::from_std(listener).map_err(AdminError::Socket)?;
     let grpc = csds::routes(ctx.clone())?;
-    info!(%address, "admin address");
+    if let Ok(address) = listener.local_addr() {
+        info!(%address, "admin address");
+    }
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -342,8 +344,9 @@ impl Reply {
         Reply { code, content_type: TEXT, body: body.into() }
     }
 
+    /// Compact, as Envoy writes `/stats?format=json`.
     fn json(v: &serde_json::Value) -> Reply {
-        Reply { code: 200, content_type: JSON, body: json::pretty(v) }
+        Reply { code: 200, content_type: JSON, body: v.to_string() }
     }
 
     fn message<T: prost::Message>(msg: &T, full_name: &str, always_print_primitive_fields: bool) -> Reply {
