@@ -8,7 +8,9 @@ pub mod route;
 mod router;
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -47,6 +49,7 @@ pub struct HttpStats {
     pub downstream_cx_http2_total: Counter,
     pub downstream_cx_drain_close: Counter,
     pub downstream_cx_idle_timeout: Counter,
+    pub downstream_cx_max_requests_reached: Counter,
     pub downstream_rq_total: Counter,
     pub downstream_rq_active: Gauge,
     pub downstream_rq_http1_total: Counter,
@@ -73,6 +76,7 @@ impl HttpStats {
             downstream_cx_http2_total: c("downstream_cx_http2_total"),
             downstream_cx_drain_close: c("downstream_cx_drain_close"),
             downstream_cx_idle_timeout: c("downstream_cx_idle_timeout"),
+            downstream_cx_max_requests_reached: c("downstream_cx_max_requests_reached"),
             downstream_rq_total: c("downstream_rq_total"),
             downstream_rq_active: g("downstream_rq_active"),
             downstream_rq_http1_total: c("downstream_rq_http1_total"),
@@ -118,13 +122,7 @@ impl HttpConnectionManager {
     }
 
     /// Serves one downstream connection until the peer closes it, it idles out, or its chain's drain closes it.
-    pub async fn serve(
-        self: Arc<Self>,
-        stream: TcpStream,
-        det: &Detected,
-        mut drain: DrainWatch,
-        ctx: Arc<WorkerContext>,
-    ) {
+    pub async fn serve(self: Arc<Self>, stream: TcpStream, det: &Detected, drain: DrainWatch, ctx: Arc<WorkerContext>) {
         let stats = &self.stats;
         stats.downstream_cx_total.inc();
         let _active = GaugeGuard::new(&stats.downstream_cx_active);
@@ -139,65 +137,90 @@ impl HttpConnectionManager {
             active: AtomicUsize::new(0),
             born: Instant::now(),
             last_active_ms: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
         });
         let svc_conn = conn.clone();
         let svc = service_fn(move |req: Request<Incoming>| {
             let c = svc_conn.clone();
             async move { Ok::<_, Infallible>(c.handle(req).await) }
         });
-        let mut builder = auto::Builder::new(TokioExecutor::new());
         let max_headers = self.config.max_request_headers_kb as usize * 1024;
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(None)
-            .max_buf_size(max_headers.max(8192))
-            .preserve_header_case(false);
-        builder.http2().timer(TokioTimer::new()).max_header_list_size(max_headers as u32);
-        let builder = match self.config.codec {
-            Codec::Auto => builder,
-            Codec::Http1 => builder.http1_only(),
-            Codec::Http2 => builder.http2_only(),
-        };
-        let served = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-        tokio::pin!(served);
-        let idle = self.config.connection_idle_timeout;
-        let mut shutting_down = false;
-        let mut forced = drain.clone();
-        let mut idle_check = Box::pin(tokio::time::sleep(idle.unwrap_or(Duration::from_secs(86_400 * 365))));
-        loop {
-            tokio::select! {
-                r = served.as_mut() => {
-                    if let Err(e) = r {
-                        debug!(peer = %conn.peer, "HTTP connection ended: {e}");
-                    }
-                    break;
+        let io = TokioIo::new(stream);
+        // hyper's auto-detecting connection ignores "only" settings once upgrades are on, so the fixed codecs use
+        // their own connection types.
+        match self.config.codec {
+            Codec::Auto => {
+                let mut builder = auto::Builder::new(TokioExecutor::new());
+                builder.http1().timer(TokioTimer::new()).header_read_timeout(None).max_buf_size(max_headers.max(8192));
+                builder.http2().timer(TokioTimer::new()).max_header_list_size(max_headers as u32);
+                let served = builder.serve_connection_with_upgrades(io, svc);
+                drive(std::pin::pin!(served), |c| c.graceful_shutdown(), &self, &conn, drain).await;
+            }
+            Codec::Http1 => {
+                let mut builder = hyper::server::conn::http1::Builder::new();
+                builder.timer(TokioTimer::new()).header_read_timeout(None).max_buf_size(max_headers.max(8192));
+                let served = builder.serve_connection(io, svc).with_upgrades();
+                drive(std::pin::pin!(served), |c| c.graceful_shutdown(), &self, &conn, drain).await;
+            }
+            Codec::Http2 => {
+                let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                builder.timer(TokioTimer::new()).max_header_list_size(max_headers as u32);
+                let served = builder.serve_connection(io, svc);
+                drive(std::pin::pin!(served), |c| c.graceful_shutdown(), &self, &conn, drain).await;
+            }
+        }
+    }
+}
+
+/// Runs a connection until it ends, shutting it down gracefully on drain, on the router's request, or when idle,
+/// and dropping it at the drain deadline.
+async fn drive<C, E>(
+    mut served: Pin<&mut C>,
+    shut_down: impl Fn(Pin<&mut C>),
+    hcm: &HttpConnectionManager,
+    conn: &Connection,
+    mut drain: DrainWatch,
+) where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let stats = &hcm.stats;
+    let idle = hcm.config.connection_idle_timeout;
+    let mut shutting_down = false;
+    let mut forced = drain.clone();
+    let mut idle_check = Box::pin(tokio::time::sleep(idle.unwrap_or(Duration::from_secs(86_400 * 365))));
+    loop {
+        tokio::select! {
+            r = served.as_mut() => {
+                if let Err(e) = r {
+                    debug!(peer = %conn.peer, "HTTP connection ended: {e}");
                 }
-                // Drained immediately, or the router decided this connection's turn has come (gradual drain).
-                _ = wait_drain_close(&mut drain), if !shutting_down => {
+                break;
+            }
+            // Drained immediately, or the router decided this connection's turn has come (gradual drain).
+            _ = wait_drain_close(&mut drain), if !shutting_down => {
+                shutting_down = true;
+                stats.downstream_cx_drain_close.inc();
+                shut_down(served.as_mut());
+            }
+            _ = conn.close.notified(), if !shutting_down => {
+                shutting_down = true;
+                stats.downstream_cx_drain_close.inc();
+                shut_down(served.as_mut());
+            }
+            _ = forced.closed() => {
+                debug!(peer = %conn.peer, "HTTP connection closed by the drain deadline");
+                break;
+            }
+            _ = &mut idle_check, if idle.is_some() && !shutting_down => {
+                let Some(limit) = idle else { continue };
+                let last = conn.born + Duration::from_millis(conn.last_active_ms.load(Ordering::Relaxed));
+                if conn.active.load(Ordering::Relaxed) == 0 && last.elapsed() >= limit {
+                    stats.downstream_cx_idle_timeout.inc();
                     shutting_down = true;
-                    stats.downstream_cx_drain_close.inc();
-                    served.as_mut().graceful_shutdown();
-                }
-                _ = conn.close.notified(), if !shutting_down => {
-                    shutting_down = true;
-                    stats.downstream_cx_drain_close.inc();
-                    served.as_mut().graceful_shutdown();
-                }
-                _ = forced.closed() => {
-                    debug!(peer = %conn.peer, "HTTP connection closed by the drain deadline");
-                    break;
-                }
-                _ = &mut idle_check, if idle.is_some() && !shutting_down => {
-                    let Some(limit) = idle else { continue };
-                    let last = conn.born + Duration::from_millis(conn.last_active_ms.load(Ordering::Relaxed));
-                    if conn.active.load(Ordering::Relaxed) == 0 && last.elapsed() >= limit {
-                        stats.downstream_cx_idle_timeout.inc();
-                        shutting_down = true;
-                        served.as_mut().graceful_shutdown();
-                    } else {
-                        idle_check.as_mut().reset(last.max(Instant::now()) + limit);
-                    }
+                    shut_down(served.as_mut());
+                } else {
+                    idle_check.as_mut().reset(last.max(Instant::now()) + limit);
                 }
             }
         }
@@ -227,6 +250,7 @@ struct Connection {
     active: AtomicUsize,
     born: Instant,
     last_active_ms: AtomicU64,
+    requests: AtomicU64,
 }
 
 impl Connection {
@@ -249,7 +273,14 @@ impl Connection {
         if let Some(c) = self.hcm.stats.downstream_rq_class.get(usize::from(status / 100).wrapping_sub(1)) {
             c.inc();
         }
-        if self.drain.phase() != Phase::Serving && self.drain.should_close(Instant::now(), rand::random()) {
+        let served = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
+        let limit_reached = self.hcm.config.max_requests_per_connection.is_some_and(|max| served >= u64::from(max));
+        if limit_reached {
+            self.hcm.stats.downstream_cx_max_requests_reached.inc();
+        }
+        if limit_reached
+            || (self.drain.phase() != Phase::Serving && self.drain.should_close(Instant::now(), rand::random()))
+        {
             if !h2 {
                 resp.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
             }

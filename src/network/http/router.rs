@@ -31,6 +31,7 @@ static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_UPSTREAM_SERVICE_TIME: HeaderName = HeaderName::from_static("x-envoy-upstream-service-time");
+static X_ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count");
 static X_OVERLOADED: HeaderName = HeaderName::from_static("x-envoy-overloaded");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
@@ -325,6 +326,9 @@ async fn forward(
             return resp;
         };
         let mut h = headers.clone();
+        if matched.vhost.include_attempt_count {
+            h.insert(X_ATTEMPT_COUNT.clone(), HeaderValue::from(attempt));
+        }
         if matches!(action.host_rewrite, HostRewrite::Auto) {
             h.insert(header::HOST, host_value(&host_entry.address, &host_entry.hostname));
         } else if let Ok(v) = HeaderValue::from_str(&host) {
