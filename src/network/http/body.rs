@@ -1,6 +1,7 @@
 //! The one body type that flows through the proxy in both directions: a peer's streaming body passed on frame by
-//! frame (never collected), or a local reply's bytes. A streamed body can carry the HCM's `stream_idle_timeout`:
-//! no frame for that long ends the stream with an error, which resets it on both sides.
+//! frame (never collected), or a local reply's bytes. A streamed body can carry the HCM's `stream_idle_timeout` (no
+//! frame for that long ends the stream with an error, which resets it on both sides) and, for an upstream HTTP/1.1
+//! response, the lease on its pooled connection, given back when the body has been read to the end.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -11,6 +12,8 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use crate::upstream::pool::Lease;
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 #[derive(Debug)]
@@ -18,15 +21,15 @@ pub enum ProxyBody {
     Empty,
     Bytes(Option<Bytes>),
     Stream(Incoming),
-    /// A stream under an idle timeout.
-    Idle(Box<IdleStream>),
+    Watched(Box<Watched>),
 }
 
+/// A streamed body with an idle timeout and/or a connection lease.
 #[derive(Debug)]
-pub struct IdleStream {
+pub struct Watched {
     inner: Incoming,
-    timeout: Duration,
-    sleep: Pin<Box<Sleep>>,
+    idle: Option<(Duration, Pin<Box<Sleep>>)>,
+    lease: Option<Lease>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -39,14 +42,21 @@ impl ProxyBody {
         if b.is_empty() { ProxyBody::Empty } else { ProxyBody::Bytes(Some(b)) }
     }
 
-    /// A streamed body that fails once no frame arrived for `timeout` (None: no limit).
-    pub fn stream(inner: Incoming, timeout: Option<Duration>) -> Self {
-        match timeout {
-            Some(timeout) => {
-                ProxyBody::Idle(Box::new(IdleStream { inner, timeout, sleep: Box::pin(tokio::time::sleep(timeout)) }))
+    /// A streamed body that fails once no frame arrived for `idle` (None: no limit) and that gives `lease` back when
+    /// it has been read to the end.
+    pub fn stream(inner: Incoming, idle: Option<Duration>, lease: Option<Lease>) -> Self {
+        if inner.is_end_stream() {
+            // Nothing to read (a bodiless response): the connection is free now.
+            if let Some(l) = lease {
+                l.give_back();
             }
-            None => ProxyBody::Stream(inner),
+            return ProxyBody::Stream(inner);
         }
+        if idle.is_none() && lease.is_none() {
+            return ProxyBody::Stream(inner);
+        }
+        let idle = idle.map(|t| (t, Box::pin(tokio::time::sleep(t))));
+        ProxyBody::Watched(Box::new(Watched { inner, idle, lease }))
     }
 }
 
@@ -59,15 +69,27 @@ impl Body for ProxyBody {
             ProxyBody::Empty => Poll::Ready(None),
             ProxyBody::Bytes(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             ProxyBody::Stream(s) => Pin::new(s).poll_frame(cx).map_err(Into::into),
-            ProxyBody::Idle(idle) => match Pin::new(&mut idle.inner).poll_frame(cx) {
+            ProxyBody::Watched(w) => match Pin::new(&mut w.inner).poll_frame(cx) {
                 Poll::Ready(frame) => {
-                    let next = Instant::now() + idle.timeout;
-                    idle.sleep.as_mut().reset(next);
+                    if let Some((timeout, sleep)) = &mut w.idle {
+                        sleep.as_mut().reset(Instant::now() + *timeout);
+                    }
+                    let failed = matches!(frame, Some(Err(_)));
+                    // hyper stops polling once a body says it has ended, so the lease goes back with the last frame.
+                    if !failed
+                        && (frame.is_none() || w.inner.is_end_stream())
+                        && let Some(l) = w.lease.take()
+                    {
+                        l.give_back();
+                    }
                     Poll::Ready(frame.map(|f| f.map_err(Into::into)))
                 }
-                Poll::Pending => match idle.sleep.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(StreamIdleTimeout.into()))),
-                    Poll::Pending => Poll::Pending,
+                Poll::Pending => match &mut w.idle {
+                    Some((_, sleep)) => match sleep.as_mut().poll(cx) {
+                        Poll::Ready(()) => Poll::Ready(Some(Err(StreamIdleTimeout.into()))),
+                        Poll::Pending => Poll::Pending,
+                    },
+                    None => Poll::Pending,
                 },
             },
         }
@@ -78,7 +100,7 @@ impl Body for ProxyBody {
             ProxyBody::Empty => true,
             ProxyBody::Bytes(b) => b.is_none(),
             ProxyBody::Stream(s) => s.is_end_stream(),
-            ProxyBody::Idle(i) => i.inner.is_end_stream(),
+            ProxyBody::Watched(w) => w.inner.is_end_stream(),
         }
     }
 
@@ -87,7 +109,7 @@ impl Body for ProxyBody {
             ProxyBody::Empty => SizeHint::with_exact(0),
             ProxyBody::Bytes(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             ProxyBody::Stream(s) => s.size_hint(),
-            ProxyBody::Idle(i) => i.inner.size_hint(),
+            ProxyBody::Watched(w) => w.inner.size_hint(),
         }
     }
 }

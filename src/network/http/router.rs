@@ -17,7 +17,7 @@ use super::route::{Action, HostRewrite, Matched, RequestHead, RetryPolicy, Route
 use crate::config::cluster::UpstreamProtocol;
 use crate::config::http::ServerHeader;
 use crate::upstream::cluster::{Cluster, Host};
-use crate::upstream::pool::{PoolError, Protocol};
+use crate::upstream::pool::{Lease, PoolError, Protocol};
 
 const NO_HEALTHY_UPSTREAM: &str = "no healthy upstream";
 const CONNECT_FAILURE: &str =
@@ -223,11 +223,19 @@ fn normalized_uri(uri: &Uri, dots: bool, slashes: bool) -> Option<Uri> {
 
 /// A random (version 4) UUID, the form of Envoy's generated x-request-id.
 fn uuid_v4() -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut b: [u8; 16] = rand::random();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let h = |r: std::ops::Range<usize>| b[r].iter().map(|x| format!("{x:02x}")).collect::<String>();
-    format!("{}-{}-{}-{}-{}", h(0..4), h(4..6), h(6..8), h(8..10), h(10..16))
+    let mut out = String::with_capacity(36);
+    for (i, byte) in b.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            out.push('-');
+        }
+        out.push(char::from(HEX[usize::from(byte >> 4)]));
+        out.push(char::from(HEX[usize::from(byte & 0x0f)]));
+    }
+    out
 }
 
 /// A reply made by the proxy itself, with Envoy's headers.
@@ -319,13 +327,16 @@ async fn forward(
             stats.upstream_cx_none_healthy.inc();
             return local_reply(conn, StatusCode::SERVICE_UNAVAILABLE, NO_HEALTHY_UPSTREAM);
         };
-        tried.push(host_entry.address);
+        if max_attempts > 1 {
+            tried.push(host_entry.address);
+        }
         let Some(_rq) = cluster.start_request() else {
             let mut resp = local_reply(conn, StatusCode::SERVICE_UNAVAILABLE, OVERFLOW);
             resp.headers_mut().insert(X_OVERLOADED.clone(), HeaderValue::from_static("true"));
             return resp;
         };
-        let mut h = headers.clone();
+        // The last possible attempt takes the headers; earlier ones copy them for a retry.
+        let mut h = if attempt < max_attempts { headers.clone() } else { std::mem::take(&mut headers) };
         if matched.vhost.include_attempt_count {
             h.insert(X_ATTEMPT_COUNT.clone(), HeaderValue::from(attempt));
         }
@@ -335,7 +346,7 @@ async fn forward(
             h.insert(header::HOST, v);
         }
         let upstream_body = match body.take() {
-            Some(b) if !body_empty => ProxyBody::stream(b, idle),
+            Some(b) if !body_empty => ProxyBody::stream(b, idle, None),
             _ => ProxyBody::Empty,
         };
         let request = match build_request(&parts.method, &path, protocol, h, upstream_body) {
@@ -374,7 +385,7 @@ async fn forward(
         };
         let can_retry = attempt < max_attempts && retry.is_some();
         match outcome {
-            Ok(resp) => {
+            Ok((resp, lease)) => {
                 let status = resp.status().as_u16();
                 cluster.count_response(status);
                 if can_retry && retry.is_some_and(|p| p.should_retry_status(status)) {
@@ -382,7 +393,7 @@ async fn forward(
                     backoff(retry, attempt, deadline).await;
                     continue;
                 }
-                return upstream_response(conn, resp, start, downstream_upgrade, parts.version, idle);
+                return upstream_response(conn, resp, lease, start, downstream_upgrade, parts.version, idle);
             }
             Err(failure) => {
                 let (retryable, reply) = match &failure {
@@ -478,6 +489,7 @@ fn build_request(
 fn upstream_response(
     conn: &Connection,
     mut resp: Response<Incoming>,
+    lease: Option<Lease>,
     start: Instant,
     downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
     downstream_version: Version,
@@ -512,7 +524,9 @@ fn upstream_response(
         parts.headers.append(header::VIA, via.clone());
     }
     set_server(conn, &mut parts.headers);
-    Response::from_parts(parts, ProxyBody::stream(body, idle))
+    // An upgraded connection never returns to the pool: its bytes now belong to the tunnel.
+    let lease = if switching { None } else { lease };
+    Response::from_parts(parts, ProxyBody::stream(body, idle, lease))
 }
 
 #[cfg(test)]
