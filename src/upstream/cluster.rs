@@ -89,8 +89,9 @@ pub struct ClusterStats {
     pub upstream_rq_pending_overflow: Counter,
     /// `upstream_rq_1xx` … `upstream_rq_5xx`.
     pub upstream_rq_class: [Counter; 5],
-    /// `upstream_rq_<code>`, registered on first use.
-    codes: Arc<std::sync::Mutex<std::collections::HashMap<u16, Counter>>>,
+    /// `upstream_rq_<code>` for codes 100–599, each registered on first use; the table itself only exists once the
+    /// cluster has served HTTP. Lock-free on the request path.
+    codes: Arc<std::sync::OnceLock<Box<[std::sync::OnceLock<Counter>]>>>,
     store: Store,
     prefix: String,
 }
@@ -132,11 +133,10 @@ impl ClusterStats {
         if let Some(c) = self.upstream_rq_class.get(usize::from(status / 100).wrapping_sub(1)) {
             c.inc();
         }
-        let mut codes = self.codes.lock().unwrap_or_else(|p| p.into_inner());
-        codes
-            .entry(status)
-            .or_insert_with(|| self.store.counter(&format!("{}.upstream_rq_{status}", self.prefix)))
-            .inc();
+        let table = self.codes.get_or_init(|| (100..600).map(|_| std::sync::OnceLock::new()).collect());
+        if let Some(slot) = table.get(usize::from(status).wrapping_sub(100)) {
+            slot.get_or_init(|| self.store.counter(&format!("{}.upstream_rq_{status}", self.prefix))).inc();
+        }
     }
 }
 
