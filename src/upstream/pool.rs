@@ -206,7 +206,12 @@ impl HttpPools {
 
     /// The host's HTTP/2 connection, counting this request against `max_requests_per_connection`: the request that
     /// reaches the limit takes the connection out of the pool (it closes once its streams finish).
-    fn take_http2(&self, cluster: &Arc<Cluster>, addr: SocketAddr, limit: Option<u32>) -> Option<http2::SendRequest<ProxyBody>> {
+    fn take_http2(
+        &self,
+        cluster: &Arc<Cluster>,
+        addr: SocketAddr,
+        limit: Option<u32>,
+    ) -> Option<http2::SendRequest<ProxyBody>> {
         let mut clusters = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
         let pools = clusters.get_mut(cluster.name())?;
         if !std::ptr::eq(pools.cluster.as_ptr(), Arc::as_ptr(cluster)) {

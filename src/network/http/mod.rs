@@ -107,9 +107,6 @@ impl HttpConnectionManager {
             RouteSource::Rds { name, .. } => Routes::Rds(registry.slot(name)),
         };
         let stats = HttpStats::new(store, &config.stat_prefix);
-        if !config.skipped_filters.is_empty() {
-            debug!(stat_prefix = %config.stat_prefix, skipped = ?config.skipped_filters, "HTTP filters skipped");
-        }
         HttpConnectionManager { config: Arc::new(config), routes, stats }
     }
 
