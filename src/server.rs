@@ -79,6 +79,7 @@ impl Server {
             Workers::start(options.concurrency.max(1), clusters.published(), &stats).map_err(StartError::Workers)?;
         let drain = DrainSettings { drain_time: options.drain_time, strategy: options.drain_strategy };
         let mut listeners = ListenerManager::new(workers, sockets, drain, stats.clone(), clusters.published());
+        listeners.set_cluster_wait(bootstrap.cds_initial_fetch_timeout());
         for l in &bootstrap.listeners {
             listeners.add_static(l.clone()).map_err(|error| StartError::Listener { name: l.name.clone(), error })?;
         }

@@ -136,6 +136,8 @@ pub struct ListenerManager {
     stopped: bool,
     /// Route configurations by name, shared with the ADS client that fills them (RDS).
     routes: RouteRegistry,
+    /// How long a listener waits for its clusters: `cds_config.initial_fetch_timeout` (None: for ever).
+    cluster_wait: Option<Duration>,
 }
 
 impl ListenerManager {
@@ -165,7 +167,13 @@ impl ListenerManager {
             runtime: tokio::runtime::Handle::current(),
             stopped: false,
             routes: RouteRegistry::default(),
+            cluster_wait: Some(WARMING_TIMEOUT),
         }
+    }
+
+    /// Sets how long listeners wait for the clusters they name (the CDS config source's `initial_fetch_timeout`).
+    pub fn set_cluster_wait(&mut self, wait: Option<Duration>) {
+        self.cluster_wait = wait;
     }
 
     /// The route configuration slots HTTP listeners read; RDS fills them.
@@ -417,7 +425,7 @@ impl ListenerManager {
             .warming
             .iter()
             .filter(|(_, w)| {
-                warming_limit(&w.listener).is_some_and(|limit| w.since.elapsed() >= limit)
+                warming_limit(&w.listener, self.cluster_wait).is_some_and(|limit| w.since.elapsed() >= limit)
                     || missing_dependencies(&w.listener, &clusters).is_empty()
             })
             .map(|(n, _)| n.clone())
@@ -586,9 +594,9 @@ fn missing_dependencies(listener: &Listener, clusters: &ClusterSet) -> Vec<Strin
 }
 
 /// How long a listener may warm: RDS subscriptions use their `initial_fetch_timeout` (0 s, as Istio sends, waits for
-/// ever), everything else [`WARMING_TIMEOUT`].
-fn warming_limit(listener: &Listener) -> Option<Duration> {
-    let mut limit = Some(WARMING_TIMEOUT);
+/// ever), clusters the CDS source's (default [`WARMING_TIMEOUT`]).
+fn warming_limit(listener: &Listener, cluster_wait: Option<Duration>) -> Option<Duration> {
+    let mut limit = cluster_wait;
     for chain in listener.chains().all() {
         if let NetworkFilter::Http(hcm) = &chain.filter
             && let RouteSource::Rds { initial_fetch_timeout, .. } = &hcm.config.routes
