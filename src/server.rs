@@ -69,6 +69,7 @@ impl Server {
         let stats = Store::default();
         stats.gauge("server.state").set(ServerState::Initializing as i64);
         stats.gauge("server.concurrency").set(options.concurrency as i64);
+        stats.register_counter("access_log.lines_dropped", &crate::config::access_log::DROPPED);
         let mut clusters = ClusterManager::new(stats.clone());
         for c in &bootstrap.clusters {
             clusters.add_static(c.clone());

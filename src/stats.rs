@@ -90,6 +90,12 @@ impl Store {
         }
     }
 
+    /// Registers a counter that lives outside any store (a process-wide one) under `name`.
+    pub fn register_counter(&self, name: &str, counter: &Counter) {
+        let mut m = self.metrics.lock().unwrap_or_else(|p| p.into_inner());
+        m.insert(name.to_string(), Metric::Counter(counter.clone()));
+    }
+
     pub fn gauge(&self, name: &str) -> Gauge {
         let mut m = self.metrics.lock().unwrap_or_else(|p| p.into_inner());
         match m.get(name) {

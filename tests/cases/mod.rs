@@ -1,3 +1,4 @@
+mod access_log;
 mod ads;
 mod http;
 mod http_rds;

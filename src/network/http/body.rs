@@ -12,6 +12,10 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::access_log::{self, AccessLog, Entry, Flag};
 use crate::upstream::pool::Lease;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -22,6 +26,38 @@ pub enum ProxyBody {
     Bytes(Option<Bytes>),
     Stream(Incoming),
     Watched(Box<Watched>),
+    /// A response whose access log line is written when it ends (or is abandoned).
+    Logged(Box<Logged>),
+}
+
+/// A response body that counts what it sent and logs its request when it is done.
+#[derive(Debug)]
+pub struct Logged {
+    inner: ProxyBody,
+    sent: u64,
+    ended: bool,
+    began: Instant,
+    entry: Option<Entry>,
+    logs: Arc<[AccessLog]>,
+}
+
+impl Logged {
+    pub fn wrap(inner: ProxyBody, entry: Entry, began: Instant, logs: Arc<[AccessLog]>) -> ProxyBody {
+        ProxyBody::Logged(Box::new(Logged { inner, sent: 0, ended: false, began, entry: Some(entry), logs }))
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        if let Some(mut e) = self.entry.take() {
+            e.duration = self.began.elapsed();
+            e.bytes_sent = self.sent;
+            if !self.ended && !self.inner.is_end_stream() {
+                e.flags.push(Flag::DownstreamConnectionTermination);
+            }
+            access_log::log_all(&self.logs, &e);
+        }
+    }
 }
 
 /// A streamed body with an idle timeout and/or a connection lease.
@@ -30,6 +66,7 @@ pub struct Watched {
     inner: Incoming,
     idle: Option<(Duration, Pin<Box<Sleep>>)>,
     lease: Option<Lease>,
+    count: Option<Arc<AtomicU64>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -44,7 +81,12 @@ impl ProxyBody {
 
     /// A streamed body that fails once no frame arrived for `idle` (None: no limit) and that gives `lease` back when
     /// it has been read to the end.
-    pub fn stream(inner: Incoming, idle: Option<Duration>, lease: Option<Lease>) -> Self {
+    pub fn stream(
+        inner: Incoming,
+        idle: Option<Duration>,
+        lease: Option<Lease>,
+        count: Option<Arc<AtomicU64>>,
+    ) -> Self {
         if inner.is_end_stream() {
             // Nothing to read (a bodiless response): the connection is free now.
             if let Some(l) = lease {
@@ -52,11 +94,11 @@ impl ProxyBody {
             }
             return ProxyBody::Stream(inner);
         }
-        if idle.is_none() && lease.is_none() {
+        if idle.is_none() && lease.is_none() && count.is_none() {
             return ProxyBody::Stream(inner);
         }
         let idle = idle.map(|t| (t, Box::pin(tokio::time::sleep(t))));
-        ProxyBody::Watched(Box::new(Watched { inner, idle, lease }))
+        ProxyBody::Watched(Box::new(Watched { inner, idle, lease, count }))
     }
 }
 
@@ -69,12 +111,29 @@ impl Body for ProxyBody {
             ProxyBody::Empty => Poll::Ready(None),
             ProxyBody::Bytes(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             ProxyBody::Stream(s) => Pin::new(s).poll_frame(cx).map_err(Into::into),
+            ProxyBody::Logged(l) => {
+                let polled = Pin::new(&mut l.inner).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(Some(Ok(f))) => {
+                        l.sent += f.data_ref().map_or(0, |d| d.len() as u64);
+                        l.ended = l.inner.is_end_stream();
+                    }
+                    Poll::Ready(None) => l.ended = true,
+                    _ => {}
+                }
+                polled
+            }
             ProxyBody::Watched(w) => match Pin::new(&mut w.inner).poll_frame(cx) {
                 Poll::Ready(frame) => {
                     if let Some((timeout, sleep)) = &mut w.idle {
                         sleep.as_mut().reset(Instant::now() + *timeout);
                     }
                     let failed = matches!(frame, Some(Err(_)));
+                    if let (Some(count), Some(Ok(f))) = (&w.count, &frame)
+                        && let Some(d) = f.data_ref()
+                    {
+                        count.fetch_add(d.len() as u64, Ordering::Relaxed);
+                    }
                     // hyper stops polling once a body says it has ended, so the lease goes back with the last frame.
                     if !failed
                         && (frame.is_none() || w.inner.is_end_stream())
@@ -101,6 +160,7 @@ impl Body for ProxyBody {
             ProxyBody::Bytes(b) => b.is_none(),
             ProxyBody::Stream(s) => s.is_end_stream(),
             ProxyBody::Watched(w) => w.inner.is_end_stream(),
+            ProxyBody::Logged(l) => l.inner.is_end_stream(),
         }
     }
 
@@ -110,6 +170,7 @@ impl Body for ProxyBody {
             ProxyBody::Bytes(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             ProxyBody::Stream(s) => s.size_hint(),
             ProxyBody::Watched(w) => w.inner.size_hint(),
+            ProxyBody::Logged(l) => l.inner.size_hint(),
         }
     }
 }

@@ -28,6 +28,7 @@ use tracing::debug;
 use self::body::ProxyBody;
 use self::rds::{RdsSlot, RouteRegistry};
 use self::route::RouteTable;
+use crate::access_log;
 use crate::config::http::{Codec, HcmConfig, RouteSource};
 use crate::drain::{DrainWatch, Phase};
 use crate::listener::filters::Detected;
@@ -119,7 +120,14 @@ impl HttpConnectionManager {
     }
 
     /// Serves one downstream connection until the peer closes it, it idles out, or its chain's drain closes it.
-    pub async fn serve(self: Arc<Self>, stream: TcpStream, det: &Detected, drain: DrainWatch, ctx: Arc<WorkerContext>) {
+    pub async fn serve(
+        self: Arc<Self>,
+        stream: TcpStream,
+        det: &Detected,
+        drain: DrainWatch,
+        ctx: Arc<WorkerContext>,
+        chain_name: &str,
+    ) {
         let stats = &self.stats;
         stats.downstream_cx_total.inc();
         let _active = GaugeGuard::new(&stats.downstream_cx_active);
@@ -127,6 +135,10 @@ impl HttpConnectionManager {
             hcm: self.clone(),
             ctx,
             peer: det.peer,
+            local: det.local,
+            direct_peer: det.direct_peer,
+            server_name: det.server_name.clone(),
+            chain_name: chain_name.to_string(),
             original_dst: det.local_restored.then_some(det.local),
             drain: drain.clone(),
             close: Notify::new(),
@@ -240,6 +252,10 @@ struct Connection {
     hcm: Arc<HttpConnectionManager>,
     ctx: Arc<WorkerContext>,
     peer: SocketAddr,
+    local: SocketAddr,
+    direct_peer: SocketAddr,
+    server_name: Option<String>,
+    chain_name: String,
     original_dst: Option<SocketAddr>,
     drain: DrainWatch,
     close: Notify,
@@ -261,8 +277,52 @@ impl Connection {
         if h2 { &stats.downstream_rq_http2_total } else { &stats.downstream_rq_http1_total }.inc();
         let _rq = GaugeGuard::new(&stats.downstream_rq_active);
         self.active.fetch_add(1, Ordering::Relaxed);
-        let resp = router::route(&self, req).await;
-        self.finish(resp, h2)
+        let logs = &self.hcm.config.access_log;
+        if logs.is_empty() {
+            let resp = router::route(&self, req, &mut router::Trace::default()).await;
+            return self.finish(resp, h2);
+        }
+        let began = Instant::now();
+        let mut entry = self.log_entry(&req);
+        let mut trace = router::Trace { logging: true, received: Some(Arc::default()), ..Default::default() };
+        let resp = router::route(&self, req, &mut trace).await;
+        let mut resp = self.finish(resp, h2);
+        entry.response_code = Some(resp.status().as_u16());
+        entry.response_headers = Some(resp.headers().clone());
+        entry.flags = trace.flags;
+        entry.route_name = trace.route_name;
+        entry.upstream_cluster = trace.cluster;
+        entry.upstream_host = trace.upstream_host;
+        entry.bytes_received = trace.received.map_or(0, |r| r.load(Ordering::Relaxed));
+        let body = std::mem::replace(resp.body_mut(), ProxyBody::Empty);
+        *resp.body_mut() = body::Logged::wrap(body, entry, began, logs.clone());
+        resp
+    }
+
+    /// The request half of an access log entry.
+    fn log_entry(&self, req: &Request<Incoming>) -> access_log::Entry {
+        access_log::Entry {
+            start: Some(std::time::SystemTime::now()),
+            downstream_remote: Some(self.peer),
+            downstream_local: Some(self.local),
+            downstream_direct_remote: Some(self.direct_peer),
+            requested_server_name: self.server_name.clone(),
+            filter_chain_name: Some(self.chain_name.clone()),
+            protocol: Some(match req.version() {
+                http::Version::HTTP_2 => "HTTP/2",
+                http::Version::HTTP_10 => "HTTP/1.0",
+                _ => "HTTP/1.1",
+            }),
+            method: Some(req.method().to_string()),
+            path: req.uri().path_and_query().map(|p| p.as_str().to_string()),
+            authority: req
+                .uri()
+                .authority()
+                .map(|a| a.to_string())
+                .or_else(|| req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string)),
+            request_headers: Some(req.headers().clone()),
+            ..Default::default()
+        }
     }
 
     fn finish(&self, mut resp: Response<ProxyBody>, h2: bool) -> Response<ProxyBody> {

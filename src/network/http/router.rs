@@ -14,6 +14,7 @@ use tracing::debug;
 use super::Connection;
 use super::body::ProxyBody;
 use super::route::{Action, HostRewrite, Matched, RequestHead, RetryPolicy, RouteAction, UpstreamFailure};
+use crate::access_log::Flag;
 use crate::config::cluster::UpstreamProtocol;
 use crate::config::http::ServerHeader;
 use crate::upstream::cluster::{Cluster, Host};
@@ -37,7 +38,7 @@ static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Routes one request and returns the response to send downstream: the upstream's, or a local reply.
-pub(super) async fn route(conn: &Connection, mut req: Request<Incoming>) -> Response<ProxyBody> {
+pub(super) async fn route(conn: &Connection, mut req: Request<Incoming>, trace: &mut Trace) -> Response<ProxyBody> {
     let hcm = &conn.hcm;
     let config = &hcm.config;
     let authority = request_authority(&req);
@@ -51,14 +52,19 @@ pub(super) async fn route(conn: &Connection, mut req: Request<Incoming>) -> Resp
 
     let Some(table) = hcm.route_table() else {
         hcm.stats.no_route.inc();
+        trace.flags.push(Flag::NoRoute);
         return local_reply(conn, StatusCode::NOT_FOUND, "");
     };
     let head = RequestHead { method: req.method(), uri: req.uri(), authority: &authority, headers: req.headers() };
     let Some(matched) = table.route(&head) else {
         hcm.stats.no_route.inc();
+        trace.flags.push(Flag::NoRoute);
         debug!(authority = %authority, path = %req.uri().path(), "no route");
         return local_reply(conn, StatusCode::NOT_FOUND, "");
     };
+    if trace.logging {
+        trace.route_name = Some(matched.route.name().to_string());
+    }
     let action = match matched.action() {
         Action::DirectResponse { status, body } => {
             hcm.stats.rq_direct_response.inc();
@@ -100,10 +106,15 @@ pub(super) async fn route(conn: &Connection, mut req: Request<Incoming>) -> Resp
         matched.cluster_name(req.headers()).and_then(|name| conn.ctx.clusters.load().get(name.as_ref()).cloned());
     let Some(cluster) = cluster else {
         hcm.stats.no_cluster.inc();
+        trace.flags.push(Flag::NoClusterFound);
         debug!("route points at no known cluster");
         return local_reply(conn, action.cluster_not_found_status, "");
     };
-    let mut resp = forward(conn, &matched, action, &cluster, req, &authority, upgrade).await;
+    if trace.logging {
+        trace.cluster = Some(cluster.name().to_string());
+    }
+    let chosen = Chosen { matched: &matched, action, authority: &authority, upgrade };
+    let mut resp = forward(conn, &chosen, &cluster, req, trace).await;
     matched.apply_response_headers(resp.headers_mut());
     resp
 }
@@ -261,22 +272,42 @@ fn set_server(conn: &Connection, headers: &mut HeaderMap) {
     }
 }
 
+/// What the access log needs to know about how a request was routed; filled as routing goes.
+#[derive(Debug, Default)]
+pub(super) struct Trace {
+    /// Whether anyone will read the names below (they cost an allocation each).
+    pub logging: bool,
+    pub flags: Vec<Flag>,
+    pub route_name: Option<String>,
+    pub cluster: Option<String>,
+    pub upstream_host: Option<SocketAddr>,
+    /// Request body bytes, counted as they are forwarded.
+    pub received: Option<Arc<std::sync::atomic::AtomicU64>>,
+}
+
 /// Why an attempt did not produce a response to pass on.
 enum Failure {
     Pool(PoolError),
     PerTryTimeout,
 }
 
+/// What routing decided for a request that goes upstream.
+struct Chosen<'a> {
+    matched: &'a Matched<'a>,
+    action: &'a RouteAction,
+    authority: &'a str,
+    upgrade: bool,
+}
+
 /// Sends the request upstream (with retries) and returns the downstream response.
 async fn forward(
     conn: &Connection,
-    matched: &Matched<'_>,
-    action: &RouteAction,
+    chosen: &Chosen<'_>,
     cluster: &Arc<Cluster>,
     req: Request<Incoming>,
-    authority: &str,
-    upgrade: bool,
+    trace: &mut Trace,
 ) -> Response<ProxyBody> {
+    let Chosen { matched, action, authority, upgrade } = *chosen;
     let start = Instant::now();
     let downstream_h2 = req.version() == Version::HTTP_2;
     let protocol = match (cluster.config.http.protocol, upgrade) {
@@ -325,12 +356,15 @@ async fn forward(
         attempt += 1;
         let Some(host_entry) = choose_host(conn, cluster, retry, &tried) else {
             stats.upstream_cx_none_healthy.inc();
+            trace.flags.push(Flag::NoHealthyUpstream);
             return local_reply(conn, StatusCode::SERVICE_UNAVAILABLE, NO_HEALTHY_UPSTREAM);
         };
         if max_attempts > 1 {
             tried.push(host_entry.address);
         }
+        trace.upstream_host = Some(host_entry.address);
         let Some(_rq) = cluster.start_request() else {
+            trace.flags.push(Flag::UpstreamOverflow);
             let mut resp = local_reply(conn, StatusCode::SERVICE_UNAVAILABLE, OVERFLOW);
             resp.headers_mut().insert(X_OVERLOADED.clone(), HeaderValue::from_static("true"));
             return resp;
@@ -346,7 +380,7 @@ async fn forward(
             h.insert(header::HOST, v);
         }
         let upstream_body = match body.take() {
-            Some(b) if !body_empty => ProxyBody::stream(b, idle, None),
+            Some(b) if !body_empty => ProxyBody::stream(b, idle, None, trace.received.clone()),
             _ => ProxyBody::Empty,
         };
         let request = match build_request(&parts.method, &path, protocol, h, upstream_body) {
@@ -366,6 +400,7 @@ async fn forward(
                 Ok(r) => r.map_err(Failure::Pool),
                 Err(_) if deadline.is_some_and(|g| g <= Instant::now()) => {
                     stats.upstream_rq_timeout.inc();
+                    trace.flags.push(Flag::UpstreamRequestTimeout);
                     return local_reply(conn, StatusCode::GATEWAY_TIMEOUT, TIMEOUT);
                 }
                 Err(_)
@@ -373,6 +408,7 @@ async fn forward(
                         && per_try.is_none_or(|p| p > idle.unwrap_or(p)) =>
                 {
                     // Envoy's stream_idle_timeout before any response: 408 "stream timeout".
+                    trace.flags.push(Flag::StreamIdleTimeout);
                     conn.hcm.stats.downstream_rq_idle_timeout.inc();
                     return local_reply(conn, StatusCode::REQUEST_TIMEOUT, STREAM_TIMEOUT);
                 }
@@ -422,8 +458,14 @@ async fn forward(
                     backoff(retry, attempt, deadline).await;
                     continue;
                 }
+                trace.flags.push(match &failure {
+                    Failure::Pool(e) if e.is_connect_failure() => Flag::UpstreamConnectionFailure,
+                    Failure::Pool(_) => Flag::UpstreamConnectionTermination,
+                    Failure::PerTryTimeout => Flag::UpstreamRequestTimeout,
+                });
                 if attempt > 1 && retryable {
                     stats.upstream_rq_retry_limit_exceeded.inc();
+                    trace.flags.push(Flag::UpstreamRetryLimitExceeded);
                 }
                 return local_reply(conn, reply.0, reply.1);
             }
@@ -526,7 +568,7 @@ fn upstream_response(
     set_server(conn, &mut parts.headers);
     // An upgraded connection never returns to the pool: its bytes now belong to the tunnel.
     let lease = if switching { None } else { lease };
-    Response::from_parts(parts, ProxyBody::stream(body, idle, lease))
+    Response::from_parts(parts, ProxyBody::stream(body, idle, lease, None))
 }
 
 #[cfg(test)]
