@@ -18,7 +18,7 @@ use tracing::warn;
 
 #[derive(Debug)]
 pub enum NetworkFilter {
-    TcpProxy(TcpProxy),
+    TcpProxy(Box<TcpProxy>),
     Http(Arc<HttpConnectionManager>),
     DirectResponse(Arc<[u8]>),
 }
@@ -39,7 +39,7 @@ impl FilterChain {
         };
         report_skipped(config.skipped.iter().chain(http_skipped), stats);
         let filter = match config.terminal() {
-            NetworkFilterConfig::TcpProxy(tp) => NetworkFilter::TcpProxy(TcpProxy::new(tp.clone(), stats)),
+            NetworkFilterConfig::TcpProxy(tp) => NetworkFilter::TcpProxy(Box::new(TcpProxy::new(tp.clone(), stats))),
             NetworkFilterConfig::HttpConnectionManager(h) => {
                 NetworkFilter::Http(Arc::new(HttpConnectionManager::new((**h).clone(), stats, routes)))
             }

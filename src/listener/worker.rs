@@ -90,6 +90,8 @@ impl Workers {
             let stop = shutdown.clone();
             let started_tx = started_tx.clone();
             let handle = std::thread::Builder::new().name(format!("worker_{index}")).spawn(move || {
+                // Each worker counts into its own stats shard (no cache line shared with another worker).
+                crate::stats::set_thread_shard(index + 1);
                 let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                     Ok(rt) => rt,
                     Err(e) => {
@@ -354,6 +356,7 @@ async fn serve_on(listener: &ListenerCore, stream: TcpStream, det: &Detected, ct
         return;
     };
     let drain = chain.drain.watch();
+    let opened = std::time::Instant::now();
     debug!(filter_chain = %chain.name(), transport = det.transport, "connection open");
     match &chain.filter {
         NetworkFilter::TcpProxy(tp) => {
@@ -363,5 +366,6 @@ async fn serve_on(listener: &ListenerCore, stream: TcpStream, det: &Detected, ct
         NetworkFilter::DirectResponse(body) => direct_response::serve(stream, body, drain).await,
     }
     stats.downstream_cx_destroy.inc();
+    stats.downstream_cx_length_ms.record(opened.elapsed().as_secs_f64() * 1000.0);
     debug!(filter_chain = %chain.name(), "connection closed");
 }

@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 
 use super::lb::{Weights, least_of_two};
 use crate::config::cluster::{ClusterConfig, ClusterKind, EndpointConfig, LbPolicy};
-use crate::stats::{Counter, Gauge, GaugeGuard, Store};
+use crate::stats::{Counter, Gauge, GaugeGuard, Histogram, Store};
 
 #[derive(Debug)]
 pub struct Host {
@@ -87,6 +87,8 @@ pub struct ClusterStats {
     pub upstream_rq_retry_limit_exceeded: Counter,
     pub upstream_rq_rx_reset: Counter,
     pub upstream_rq_pending_overflow: Counter,
+    /// Milliseconds from sending a request to its response headers.
+    pub upstream_rq_time: Histogram,
     /// `upstream_rq_1xx` … `upstream_rq_5xx`.
     pub upstream_rq_class: [Counter; 5],
     /// `upstream_rq_<code>` for codes 100–599, each registered on first use; the table itself only exists once the
@@ -118,6 +120,7 @@ impl ClusterStats {
             upstream_rq_retry_limit_exceeded: c("upstream_rq_retry_limit_exceeded"),
             upstream_rq_rx_reset: c("upstream_rq_rx_reset"),
             upstream_rq_pending_overflow: c("upstream_rq_pending_overflow"),
+            upstream_rq_time: store.histogram(&format!("cluster.{stat_name}.upstream_rq_time")),
             upstream_rq_class: [1, 2, 3, 4, 5].map(|n| c(&format!("upstream_rq_{n}xx"))),
             codes: Arc::default(),
             store: store.clone(),

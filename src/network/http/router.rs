@@ -422,6 +422,7 @@ async fn forward(
         let can_retry = attempt < max_attempts && retry.is_some();
         match outcome {
             Ok((resp, lease)) => {
+                stats.upstream_rq_time.record(now.elapsed().as_secs_f64() * 1000.0);
                 let status = resp.status().as_u16();
                 cluster.count_response(status);
                 if can_retry && retry.is_some_and(|p| p.should_retry_status(status)) {
