@@ -554,3 +554,31 @@ async fn expect_100_continue_and_http2_only_codec() {
         String::from_utf8_lossy(&out)
     );
 }
+
+#[tokio::test]
+async fn request_timeout_answers_408_when_the_body_is_late() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = http_upstream("U").await;
+    let extra = "\n          request_timeout: 0.3s";
+    let server = start(
+        &yaml(&http_listener("h", 0, &routes_to("u", ""), extra), &static_cluster("u", &[up])),
+        Duration::from_secs(1),
+    )
+    .await;
+    let addr = listener_addr(&server, "h");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nhalf!").await.unwrap();
+    let started = std::time::Instant::now();
+    let mut out = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut out)).await.unwrap().unwrap();
+    let text = String::from_utf8_lossy(&out[..n]);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.ends_with("request timeout"), "{text}");
+    assert!(started.elapsed() >= Duration::from_millis(250), "{:?}", started.elapsed());
+    assert_eq!(counter(&server, "http.h.downstream_rq_timeout"), 1);
+
+    // A complete request is not cut short by the same timeout while the upstream takes its time.
+    let mut c = http1_client(addr).await;
+    let (status, _, _) = http1_request(&mut c, "GET", "/sleep/500", "x", &[]).await;
+    assert_eq!(status, 200);
+}

@@ -66,7 +66,15 @@ pub struct Watched {
     inner: Incoming,
     idle: Option<(Duration, Pin<Box<Sleep>>)>,
     lease: Option<Lease>,
-    count: Option<Arc<AtomicU64>>,
+    count: Option<Arc<Progress>>,
+}
+
+/// How far a request body has been forwarded: for BYTES_RECEIVED and for `request_timeout`, which stops counting
+/// once the last byte went upstream.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub bytes: AtomicU64,
+    pub done: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,13 +89,11 @@ impl ProxyBody {
 
     /// A streamed body that fails once no frame arrived for `idle` (None: no limit) and that gives `lease` back when
     /// it has been read to the end.
-    pub fn stream(
-        inner: Incoming,
-        idle: Option<Duration>,
-        lease: Option<Lease>,
-        count: Option<Arc<AtomicU64>>,
-    ) -> Self {
+    pub fn stream(inner: Incoming, idle: Option<Duration>, lease: Option<Lease>, count: Option<Arc<Progress>>) -> Self {
         if inner.is_end_stream() {
+            if let Some(c) = &count {
+                c.done.store(true, Ordering::Relaxed);
+            }
             // Nothing to read (a bodiless response): the connection is free now.
             if let Some(l) = lease {
                 l.give_back();
@@ -132,7 +138,13 @@ impl Body for ProxyBody {
                     if let (Some(count), Some(Ok(f))) = (&w.count, &frame)
                         && let Some(d) = f.data_ref()
                     {
-                        count.fetch_add(d.len() as u64, Ordering::Relaxed);
+                        count.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+                    }
+                    if let Some(count) = &w.count
+                        && !failed
+                        && (frame.is_none() || w.inner.is_end_stream())
+                    {
+                        count.done.store(true, Ordering::Relaxed);
                     }
                     // hyper stops polling once a body says it has ended, so the lease goes back with the last frame.
                     if !failed

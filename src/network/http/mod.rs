@@ -59,6 +59,7 @@ pub struct HttpStats {
     pub downstream_rq_class: [Counter; 5],
     pub downstream_rq_ws_on_non_ws_route: Counter,
     pub downstream_rq_idle_timeout: Counter,
+    pub downstream_rq_timeout: Counter,
     pub no_route: Counter,
     pub no_cluster: Counter,
     pub rq_direct_response: Counter,
@@ -85,6 +86,7 @@ impl HttpStats {
             downstream_rq_class: [1, 2, 3, 4, 5].map(|n| c(&format!("downstream_rq_{n}xx"))),
             downstream_rq_ws_on_non_ws_route: c("downstream_rq_ws_on_non_ws_route"),
             downstream_rq_idle_timeout: c("downstream_rq_idle_timeout"),
+            downstream_rq_timeout: c("downstream_rq_timeout"),
             no_route: c("no_route"),
             no_cluster: c("no_cluster"),
             rq_direct_response: c("rq_direct_response"),
@@ -247,6 +249,14 @@ async fn wait_drain_close(drain: &mut DrainWatch) {
     std::future::pending::<()>().await
 }
 
+/// Resolves when `limit` has passed and the request body has still not been forwarded to its end; never once it has.
+async fn request_deadline(limit: Duration, progress: Option<&body::Progress>) {
+    tokio::time::sleep(limit).await;
+    if progress.is_some_and(|p| p.done.load(Ordering::Relaxed)) {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// One downstream connection's state, shared by its requests.
 struct Connection {
     hcm: Arc<HttpConnectionManager>,
@@ -278,14 +288,34 @@ impl Connection {
         let _rq = GaugeGuard::new(&stats.downstream_rq_active);
         self.active.fetch_add(1, Ordering::Relaxed);
         let logs = &self.hcm.config.access_log;
-        if logs.is_empty() {
+        let request_timeout = self.hcm.config.request_timeout.filter(|_| !http_body::Body::is_end_stream(req.body()));
+        if logs.is_empty() && request_timeout.is_none() {
             let resp = router::route(&self, req, &mut router::Trace::default()).await;
             return self.finish(resp, h2);
         }
         let began = Instant::now();
-        let mut entry = self.log_entry(&req);
-        let mut trace = router::Trace { logging: true, received: Some(Arc::default()), ..Default::default() };
-        let resp = router::route(&self, req, &mut trace).await;
+        let mut entry = if logs.is_empty() { access_log::Entry::default() } else { self.log_entry(&req) };
+        let mut trace =
+            router::Trace { logging: !logs.is_empty(), received: Some(Arc::default()), ..Default::default() };
+        let progress = trace.received.clone();
+        let resp = match request_timeout {
+            None => router::route(&self, req, &mut trace).await,
+            Some(limit) => {
+                let routed = router::route(&self, req, &mut trace);
+                tokio::pin!(routed);
+                tokio::select! {
+                    resp = &mut routed => resp,
+                    () = request_deadline(limit, progress.as_deref()) => {
+                        // Envoy's request_timeout: the whole request did not arrive in time and no response began.
+                        stats.downstream_rq_timeout.inc();
+                        router::request_timeout_reply(&self)
+                    }
+                }
+            }
+        };
+        if logs.is_empty() {
+            return self.finish(resp, h2);
+        }
         let mut resp = self.finish(resp, h2);
         entry.response_code = Some(resp.status().as_u16());
         entry.response_headers = Some(resp.headers().clone());
@@ -293,7 +323,7 @@ impl Connection {
         entry.route_name = trace.route_name;
         entry.upstream_cluster = trace.cluster;
         entry.upstream_host = trace.upstream_host;
-        entry.bytes_received = trace.received.map_or(0, |r| r.load(Ordering::Relaxed));
+        entry.bytes_received = trace.received.map_or(0, |r| r.bytes.load(Ordering::Relaxed));
         let body = std::mem::replace(resp.body_mut(), ProxyBody::Empty);
         *resp.body_mut() = body::Logged::wrap(body, entry, began, logs.clone());
         resp

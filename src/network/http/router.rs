@@ -249,6 +249,11 @@ fn uuid_v4() -> String {
     out
 }
 
+/// Envoy's reply when `request_timeout` fires before the request was fully received.
+pub(super) fn request_timeout_reply(conn: &Connection) -> Response<ProxyBody> {
+    local_reply(conn, StatusCode::REQUEST_TIMEOUT, "request timeout")
+}
+
 /// A reply made by the proxy itself, with Envoy's headers.
 fn local_reply(conn: &Connection, status: StatusCode, body: &'static str) -> Response<ProxyBody> {
     let mut resp = Response::new(ProxyBody::text(body));
@@ -282,7 +287,7 @@ pub(super) struct Trace {
     pub cluster: Option<String>,
     pub upstream_host: Option<SocketAddr>,
     /// Request body bytes, counted as they are forwarded.
-    pub received: Option<Arc<std::sync::atomic::AtomicU64>>,
+    pub received: Option<Arc<super::body::Progress>>,
 }
 
 /// Why an attempt did not produce a response to pass on.
