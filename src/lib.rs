@@ -17,6 +17,7 @@
 //! accept (worker) → filter chain selection ([`listener::filter_chain`]) → terminal network filter
 //! ([`network::tcp_proxy`], [`network::direct_response`]) → cluster host ([`upstream`]).
 
+pub mod access_log;
 pub mod admin;
 pub mod config;
 pub mod drain;

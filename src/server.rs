@@ -91,6 +91,7 @@ impl Server {
         let stats = Store::default();
         let lifecycle = Arc::new(Lifecycle::new(stats.gauge("server.state")));
         stats.gauge("server.concurrency").set(options.concurrency as i64);
+        stats.register_counter("access_log.lines_dropped", &crate::config::access_log::DROPPED);
         // Bound first, as Envoy does, so a taken admin port fails start-up before anything else happens.
         let admin_socket = bootstrap.admin_address.map(crate::admin::bind).transpose()?;
         let mut clusters = ClusterManager::new(stats.clone());
@@ -103,6 +104,7 @@ impl Server {
             Workers::start(options.concurrency.max(1), clusters.published(), &stats).map_err(StartError::Workers)?;
         let drain = DrainSettings { drain_time: options.drain_time, strategy: options.drain_strategy };
         let mut listeners = ListenerManager::new(workers, sockets, drain, stats.clone(), clusters.published());
+        listeners.set_cluster_wait(bootstrap.cds_initial_fetch_timeout());
         for l in &bootstrap.listeners {
             listeners.add_static(l.clone()).map_err(|error| StartError::Listener { name: l.name.clone(), error })?;
         }

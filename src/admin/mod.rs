@@ -547,8 +547,7 @@ fn stats(ctx: &Context, q: &[(String, String)], format: Option<&str>) -> Reply {
         other => return Reply::text(400, format!("invalid type: {other}\n")),
     };
     let select = stats::Select { used_only: flag(q, "usedonly"), filter, kind };
-    // The store has counters and gauges; histograms join here once it records them.
-    let snapshot = stats::Snapshot { stats: ctx.stats.stats(), histograms: Vec::new() };
+    let snapshot = ctx.stats.stats();
     match format.unwrap_or("text") {
         "text" => Reply::text(200, stats::text(&snapshot, &select)),
         "json" => Reply::json(&stats::json(&snapshot, &select)),

@@ -1,65 +1,36 @@
-//! `/stats` and `/stats/prometheus` output in Envoy's formats: text (`name: value`), JSON
-//! (`{"stats":[{"name":..,"value":..}]}`) and Prometheus (Envoy's default tag extraction, `envoy_` names, one
-//! `# TYPE` line per family). Histograms render in all three formats already; the store supplies none yet.
+//! `/stats` and `/stats/prometheus` output in Envoy's formats: text (`name: value`, histograms as quantile
+//! summaries), JSON (`{"stats":[{"name":..,"value":..}]}`) and Prometheus (Envoy's default tag extraction, `envoy_`
+//! names, one `# TYPE` line per family, histograms with cumulative buckets).
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::OnceLock;
 
 use regex::Regex;
 use serde_json::{Value as Json, json};
 
-use crate::stats::{Stat, Value};
-
-/// Envoy's default histogram buckets (ms), used when a histogram carries its own counts per bound.
-pub const DEFAULT_BUCKETS: &[f64] = &[
-    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0, 60000.0, 300000.0,
-    600000.0, 1800000.0, 3600000.0,
-];
+use crate::stats::{HistogramValue, Stat, Value};
 
 /// Envoy's supported quantiles, in percent.
 const QUANTILES: &[f64] = &[0.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.5, 99.9, 100.0];
 
-/// A histogram as the admin renders it: cumulative counts per upper bound (values above the last bound count only
-/// in `count`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Histogram {
-    pub name: String,
-    /// (upper bound, samples ≤ bound), bounds ascending.
-    pub buckets: Vec<(f64, u64)>,
-    pub sum: f64,
-    pub count: u64,
-}
-
-impl Histogram {
-    fn used(&self) -> bool {
-        self.count > 0
+/// A quantile (0..=1) estimated from cumulative buckets by linear interpolation inside the bucket that holds it.
+fn quantile(h: &HistogramValue, q: f64) -> f64 {
+    if h.count == 0 {
+        return f64::NAN;
     }
-
-    /// A quantile (0..=1) estimated from the buckets by linear interpolation inside the bucket that holds it.
-    fn quantile(&self, q: f64) -> f64 {
-        if self.count == 0 {
-            return f64::NAN;
+    let target = q * h.count as f64;
+    let mut lower = (0.0, 0u64);
+    for &(bound, cumulative) in &h.buckets {
+        if cumulative as f64 >= target && cumulative > lower.1 {
+            let in_bucket = (cumulative - lower.1) as f64;
+            let frac = ((target - lower.1 as f64) / in_bucket).clamp(0.0, 1.0);
+            return lower.0 + (bound - lower.0) * frac;
         }
-        let target = q * self.count as f64;
-        let mut lower = (0.0, 0u64);
-        for &(bound, cumulative) in &self.buckets {
-            if cumulative as f64 >= target && cumulative > lower.1 {
-                let in_bucket = (cumulative - lower.1) as f64;
-                let frac = ((target - lower.1 as f64) / in_bucket).clamp(0.0, 1.0);
-                return lower.0 + (bound - lower.0) * frac;
-            }
-            lower = (bound, cumulative);
-        }
-        // Past the last bound: the last bound is the best we know.
-        lower.0
+        lower = (bound, cumulative);
     }
-}
-
-/// Everything `/stats` can show.
-#[derive(Debug, Clone, Default)]
-pub struct Snapshot {
-    pub stats: Vec<Stat>,
-    pub histograms: Vec<Histogram>,
+    // Past the last bound: the last bound is the best we know.
+    lower.0
 }
 
 /// Envoy's `type` parameter.
@@ -80,27 +51,15 @@ pub struct Select {
 }
 
 impl Select {
-    fn name_ok(&self, name: &str) -> bool {
-        self.filter.as_ref().is_none_or(|r| r.is_match(name))
-    }
-
-    fn stat(&self, s: &Stat) -> bool {
+    fn keeps(&self, s: &Stat) -> bool {
         let kind_ok = matches!(
-            (self.kind, s.value),
-            (Kind::All, _) | (Kind::Counters, Value::Counter(_)) | (Kind::Gauges, Value::Gauge(_))
+            (self.kind, &s.value),
+            (Kind::All, _)
+                | (Kind::Counters, Value::Counter(_))
+                | (Kind::Gauges, Value::Gauge(_))
+                | (Kind::Histograms, Value::Histogram(_))
         );
-        kind_ok && (!self.used_only || s.used) && self.name_ok(&s.name)
-    }
-
-    fn histogram(&self, h: &Histogram) -> bool {
-        matches!(self.kind, Kind::All | Kind::Histograms) && (!self.used_only || h.used()) && self.name_ok(&h.name)
-    }
-}
-
-fn number(v: Value) -> String {
-    match v {
-        Value::Counter(c) => c.to_string(),
-        Value::Gauge(g) => g.to_string(),
+        kind_ok && (!self.used_only || s.used) && self.filter.as_ref().is_none_or(|r| r.is_match(&s.name))
     }
 }
 
@@ -108,59 +67,57 @@ fn fmt_f64(v: f64) -> String {
     if v.is_nan() { "nan".to_string() } else { format!("{v}") }
 }
 
-/// `name: value` lines sorted by name, then histograms with their quantile summary (`P50(interval,cumulative)`;
-/// there are no intervals yet, so the interval value is `nan`, as Envoy prints before the first interval).
-pub fn text(s: &Snapshot, sel: &Select) -> String {
+/// Envoy's text: counters and gauges as `name: value` sorted by name, then histograms with their quantile summary
+/// (`P50(interval,cumulative)`; there are no intervals, so the interval value is `nan`, as Envoy prints before its
+/// first interval) or `No recorded values`.
+pub fn text(stats: &[Stat], sel: &Select) -> String {
     let mut out = String::new();
-    for st in s.stats.iter().filter(|st| sel.stat(st)) {
-        let _ = writeln!(out, "{}: {}", st.name, number(st.value));
+    let mut histograms = Vec::new();
+    for st in stats.iter().filter(|st| sel.keeps(st)) {
+        match &st.value {
+            Value::Counter(c) => {
+                let _ = writeln!(out, "{}: {c}", st.name);
+            }
+            Value::Gauge(g) => {
+                let _ = writeln!(out, "{}: {g}", st.name);
+            }
+            Value::Histogram(h) => histograms.push((&st.name, h)),
+        }
     }
-    let mut hs: Vec<&Histogram> = s.histograms.iter().filter(|h| sel.histogram(h)).collect();
-    hs.sort_by(|a, b| a.name.cmp(&b.name));
-    for h in hs {
-        if !h.used() {
-            let _ = writeln!(out, "{}: No recorded values", h.name);
+    for (name, h) in histograms {
+        if h.count == 0 {
+            let _ = writeln!(out, "{name}: No recorded values");
             continue;
         }
         let summary: Vec<String> =
-            QUANTILES.iter().map(|q| format!("P{}(nan,{})", q, fmt_f64(h.quantile(q / 100.0)))).collect();
-        let _ = writeln!(out, "{}: {}", h.name, summary.join(" "));
+            QUANTILES.iter().map(|q| format!("P{q}(nan,{})", fmt_f64(quantile(h, q / 100.0)))).collect();
+        let _ = writeln!(out, "{name}: {}", summary.join(" "));
     }
     out
 }
 
 /// Envoy's JSON: `{"stats":[{"name":..,"value":..}, …, {"histograms":{"supported_quantiles":[..],
 /// "computed_quantiles":[{"name":..,"values":[{"interval":..,"cumulative":..}]}]}}]}`.
-pub fn json(s: &Snapshot, sel: &Select) -> Json {
-    let mut stats: Vec<Json> = s
-        .stats
-        .iter()
-        .filter(|st| sel.stat(st))
-        .map(|st| json!({"name": st.name, "value": number_json(st.value)}))
-        .collect();
-    let mut hs: Vec<&Histogram> = s.histograms.iter().filter(|h| sel.histogram(h)).collect();
-    hs.sort_by(|a, b| a.name.cmp(&b.name));
-    if !hs.is_empty() {
-        let computed: Vec<Json> = hs
-            .iter()
-            .map(|h| {
+pub fn json(stats: &[Stat], sel: &Select) -> Json {
+    let mut out = Vec::new();
+    let mut computed = Vec::new();
+    for st in stats.iter().filter(|st| sel.keeps(st)) {
+        match &st.value {
+            Value::Counter(c) => out.push(json!({"name": st.name, "value": c})),
+            Value::Gauge(g) => out.push(json!({"name": st.name, "value": g})),
+            Value::Histogram(h) => {
                 let values: Vec<Json> = QUANTILES
                     .iter()
-                    .map(|q| json!({"interval": Json::Null, "cumulative": finite(h.quantile(q / 100.0))}))
+                    .map(|q| json!({"interval": Json::Null, "cumulative": finite(quantile(h, q / 100.0))}))
                     .collect();
-                json!({"name": h.name, "values": values})
-            })
-            .collect();
-        stats.push(json!({"histograms": {"supported_quantiles": QUANTILES, "computed_quantiles": computed}}));
+                computed.push(json!({"name": st.name, "values": values}));
+            }
+        }
     }
-    json!({ "stats": stats })
-}
-
-fn number_json(v: Value) -> Json {
-    match v {
-        Value::Counter(c) => json!(c),
-        Value::Gauge(g) => json!(g),
+    if !computed.is_empty() {
+        out.push(json!({"histograms": {"supported_quantiles": QUANTILES, "computed_quantiles": computed}}));
     }
+    json!({ "stats": out })
 }
 
 fn finite(v: f64) -> Json {
@@ -252,49 +209,47 @@ fn braces(labels: &str) -> String {
 
 /// Envoy's Prometheus exposition: counters, then gauges, then histograms; within each, families sorted by their
 /// tag-extracted name, each with one `# TYPE` line and a blank line after it.
-pub fn prometheus(s: &Snapshot, sel: &Select) -> String {
-    use std::collections::BTreeMap;
+pub fn prometheus(stats: &[Stat], sel: &Select) -> String {
     let mut out = String::new();
-    for (kind, wanted) in [("counter", Kind::Counters), ("gauge", Kind::Gauges)] {
-        let mut families: BTreeMap<String, Vec<(String, String, Value)>> = BTreeMap::new();
-        for st in s.stats.iter().filter(|st| sel.stat(st)) {
-            let is_kind =
-                matches!((wanted, st.value), (Kind::Counters, Value::Counter(_)) | (Kind::Gauges, Value::Gauge(_)));
-            if !is_kind {
+    for kind in ["counter", "gauge", "histogram"] {
+        let mut families: BTreeMap<String, Vec<(&str, String, &Value)>> = BTreeMap::new();
+        for st in stats.iter().filter(|st| sel.keeps(st)) {
+            let this = match st.value {
+                Value::Counter(_) => "counter",
+                Value::Gauge(_) => "gauge",
+                Value::Histogram(_) => "histogram",
+            };
+            if this != kind {
                 continue;
             }
             let (extracted, tags) = extract_tags(&st.name);
-            families.entry(extracted).or_default().push((st.name.clone(), labels(&tags), st.value));
+            families.entry(extracted).or_default().push((&st.name, labels(&tags), &st.value));
         }
         for (family, mut members) in families {
             let metric = format!("envoy_{}", sanitize(&family));
             let _ = writeln!(out, "# TYPE {metric} {kind}");
-            members.sort_by(|a, b| a.0.cmp(&b.0));
+            members.sort_by(|a, b| a.0.cmp(b.0));
             for (_, labels, value) in members {
-                let _ = writeln!(out, "{metric}{} {}", braces(&labels), number(value));
+                match value {
+                    Value::Counter(c) => {
+                        let _ = writeln!(out, "{metric}{} {c}", braces(&labels));
+                    }
+                    Value::Gauge(g) => {
+                        let _ = writeln!(out, "{metric}{} {g}", braces(&labels));
+                    }
+                    Value::Histogram(h) => {
+                        let sep = if labels.is_empty() { "" } else { "," };
+                        for (bound, cumulative) in &h.buckets {
+                            let _ = writeln!(out, "{metric}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}");
+                        }
+                        let _ = writeln!(out, "{metric}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", h.count);
+                        let _ = writeln!(out, "{metric}_sum{} {}", braces(&labels), h.sum);
+                        let _ = writeln!(out, "{metric}_count{} {}", braces(&labels), h.count);
+                    }
+                }
             }
             out.push('\n');
         }
-    }
-    let mut families: BTreeMap<String, Vec<(&Histogram, String)>> = BTreeMap::new();
-    for h in s.histograms.iter().filter(|h| sel.histogram(h)) {
-        let (extracted, tags) = extract_tags(&h.name);
-        families.entry(extracted).or_default().push((h, labels(&tags)));
-    }
-    for (family, mut members) in families {
-        let metric = format!("envoy_{}", sanitize(&family));
-        let _ = writeln!(out, "# TYPE {metric} histogram");
-        members.sort_by(|a, b| a.0.name.cmp(&b.0.name));
-        for (h, labels) in members {
-            let sep = if labels.is_empty() { "" } else { "," };
-            for (bound, cumulative) in &h.buckets {
-                let _ = writeln!(out, "{metric}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}");
-            }
-            let _ = writeln!(out, "{metric}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", h.count);
-            let _ = writeln!(out, "{metric}_sum{} {}", braces(&labels), h.sum);
-            let _ = writeln!(out, "{metric}_count{} {}", braces(&labels), h.count);
-        }
-        out.push('\n');
     }
     out
 }
@@ -362,14 +317,11 @@ mod tests {
 
     #[test]
     fn text_and_json_select_used_and_filtered() {
-        let s = Snapshot {
-            stats: vec![
-                stat("listener_manager.workers_started", Value::Gauge(1), true),
-                stat("server.state", Value::Gauge(0), true),
-                stat("server.unused", Value::Counter(0), false),
-            ],
-            histograms: vec![],
-        };
+        let s = vec![
+            stat("listener_manager.workers_started", Value::Gauge(1), true),
+            stat("server.state", Value::Gauge(0), true),
+            stat("server.unused", Value::Counter(0), false),
+        ];
         let sel = Select {
             used_only: true,
             filter: Regex::new(r"^(server\.state|listener_manager\.workers_started)").ok(),
@@ -384,36 +336,35 @@ mod tests {
 
     #[test]
     fn histograms_in_all_formats() {
-        let h = Histogram {
-            name: "cluster.b.upstream_rq_time".into(),
-            buckets: vec![(1.0, 0), (10.0, 4), (100.0, 4)],
-            sum: 20.0,
-            count: 4,
-        };
-        let unused = Histogram { name: "cluster.b.upstream_cx_length_ms".into(), buckets: vec![], sum: 0.0, count: 0 };
-        let s = Snapshot { stats: vec![], histograms: vec![h, unused] };
+        let h = HistogramValue { buckets: vec![(1.0, 0), (10.0, 4), (100.0, 4)], sum: 20.0, count: 4 };
+        let unused = HistogramValue { buckets: vec![(1.0, 0)], sum: 0.0, count: 0 };
+        let s = vec![
+            stat("cluster.b.upstream_cx_length_ms", Value::Histogram(unused), false),
+            stat("cluster.b.upstream_rq_time", Value::Histogram(h), true),
+            stat("server.state", Value::Gauge(0), true),
+        ];
         let t = text(&s, &all());
-        assert!(t.starts_with("cluster.b.upstream_cx_length_ms: No recorded values\n"), "{t}");
+        assert!(t.starts_with("server.state: 0\ncluster.b.upstream_cx_length_ms: No recorded values\n"), "{t}");
         assert!(t.contains("cluster.b.upstream_rq_time: P0(nan,1) P25(nan,3.25) P50(nan,5.5)"), "{t}");
         let p = prometheus(&s, &all());
         assert!(p.contains("# TYPE envoy_cluster_upstream_rq_time histogram\n"), "{p}");
         assert!(p.contains("envoy_cluster_upstream_rq_time_bucket{envoy_cluster_name=\"b\",le=\"10\"} 4\n"), "{p}");
         assert!(p.contains("envoy_cluster_upstream_rq_time_bucket{envoy_cluster_name=\"b\",le=\"+Inf\"} 4\n"), "{p}");
         assert!(p.contains("envoy_cluster_upstream_rq_time_sum{envoy_cluster_name=\"b\"} 20\n"), "{p}");
+        assert!(p.find("# TYPE envoy_server_state gauge") < p.find("histogram"), "gauges before histograms");
         let j = json(&s, &all());
-        assert_eq!(j["stats"][0]["histograms"]["computed_quantiles"][1]["name"], "cluster.b.upstream_rq_time");
+        assert_eq!(j["stats"][1]["histograms"]["computed_quantiles"][1]["name"], "cluster.b.upstream_rq_time");
+        let only = Select { used_only: false, filter: None, kind: Kind::Histograms };
+        assert!(!text(&s, &only).contains("server.state"));
     }
 
     #[test]
     fn prometheus_groups_by_family() {
-        let s = Snapshot {
-            stats: vec![
-                stat("cluster.a.upstream_cx_total", Value::Counter(3), true),
-                stat("cluster.b.upstream_cx_total", Value::Counter(5), true),
-                stat("server.state", Value::Gauge(0), true),
-            ],
-            histograms: vec![],
-        };
+        let s = vec![
+            stat("cluster.a.upstream_cx_total", Value::Counter(3), true),
+            stat("cluster.b.upstream_cx_total", Value::Counter(5), true),
+            stat("server.state", Value::Gauge(0), true),
+        ];
         assert_eq!(
             prometheus(&s, &all()),
             "# TYPE envoy_cluster_upstream_cx_total counter\n\

@@ -99,6 +99,7 @@ const POLICIES: &[(&str, Policy)] = {
                 "traffic_direction",
                 "ignore_global_conn_limit",
                 "listener_filters",
+                "access_log",
             ]),
         ),
         // Listener filters; the conversion judges values (e.g. JA3 fingerprinting is refused when true).
@@ -140,7 +141,14 @@ const POLICIES: &[(&str, Policy)] = {
         // Network filters.
         (
             "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
-            Only(&["stat_prefix", "cluster", "weighted_clusters", "idle_timeout", "max_connect_attempts"]),
+            Only(&[
+                "stat_prefix",
+                "cluster",
+                "weighted_clusters",
+                "idle_timeout",
+                "max_connect_attempts",
+                "access_log",
+            ]),
         ),
         ("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy.WeightedCluster", Only(&["clusters"])),
         (
@@ -184,8 +192,15 @@ const POLICIES: &[(&str, Policy)] = {
                 // Only meaningful with client certificates, which need TLS (not supported yet): nothing to forward.
                 "forward_client_cert_details",
                 "set_current_client_cert_details",
+                "access_log",
             ]),
         ),
+        // Access logs: the conversion refuses filters and formatter extensions it does not run.
+        ("envoy.config.accesslog.v3.AccessLog", Only(&["name", "typed_config", "filter"])),
+        ("envoy.config.accesslog.v3.AccessLogFilter", All),
+        ("envoy.extensions.access_loggers.file.v3.FileAccessLog", All),
+        ("envoy.extensions.access_loggers.stream.v3.StdoutAccessLog", All),
+        ("envoy.extensions.access_loggers.stream.v3.StderrAccessLog", All),
         // The conversion checks the filter list (router last; skippable filters before it).
         ("envoy.extensions.filters.network.http_connection_manager.v3.HttpFilter", Skip),
         ("envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.Tracing", Skip),
@@ -633,7 +648,7 @@ stats_flush_interval: 5s
     #[test]
     fn unsupported_network_filter_and_filter_fields_are_rejected() {
         let text = TCP_LISTENER
-            .replace("      idle_timeout: 10s\n", "      idle_timeout: 10s\n      access_log: [{ name: x }]\n")
+            .replace("      idle_timeout: 10s\n", "      idle_timeout: 10s\n      hash_policy: [{ source_ip: {} }]\n")
             + r#"- name: http
   filters:
   - name: envoy.filters.network.rbac
@@ -645,7 +660,7 @@ stats_flush_interval: 5s
         assert_eq!(
             audit_errors(&listener, LISTENER),
             [
-                "filter_chains[0].filters[0].typed_config.access_log: not supported",
+                "filter_chains[0].filters[0].typed_config.hash_policy: not supported",
                 "filter_chains[1].filters[0].typed_config: envoy.extensions.filters.network.rbac.v3.RBAC is not \
                  supported",
             ]

@@ -108,6 +108,21 @@ impl BootstrapConfig {
     }
 }
 
+impl BootstrapConfig {
+    /// `dynamic_resources.cds_config.initial_fetch_timeout` (Envoy's default 15 s; 0 s waits for ever): how long a
+    /// listener from LDS waits for the clusters it names.
+    pub fn cds_initial_fetch_timeout(&self) -> Option<std::time::Duration> {
+        let timeout = self
+            .dynamic_resources
+            .as_ref()
+            .and_then(|d| d.cds_config.as_ref())
+            .and_then(|c| c.initial_fetch_timeout.as_ref())
+            .and_then(|d| super::duration(d, "dynamic_resources.cds_config.initial_fetch_timeout").ok())
+            .unwrap_or(crate::listener::manager::WARMING_TIMEOUT);
+        (!timeout.is_zero()).then_some(timeout)
+    }
+}
+
 fn check_clusters(l: &ListenerConfig, known: &HashSet<String>) -> Result<(), ConfigError> {
     let chains = l
         .filter_chains

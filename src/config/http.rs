@@ -81,6 +81,7 @@ pub struct HcmConfig {
     pub merge_slashes: bool,
     /// HTTP filters that run before the router and that we skip (Istio telemetry, empty fault/cors).
     pub skipped_filters: Vec<String>,
+    pub access_log: std::sync::Arc<[crate::access_log::AccessLog]>,
 }
 
 impl HcmConfig {
@@ -223,6 +224,7 @@ impl HcmConfig {
             normalize_path: h.normalize_path.as_ref().is_some_and(|v| v.value),
             merge_slashes: h.merge_slashes,
             skipped_filters,
+            access_log: super::access_log::access_logs(&h.access_log, &at("access_log"))?.into(),
         })
     }
 }

@@ -92,6 +92,8 @@ pub struct ListenerConfig {
     pub stat_prefix: String,
     pub listener_filters_timeout: Option<Duration>,
     pub continue_on_listener_filters_timeout: bool,
+    /// Written for connections that end before a filter chain takes them (no chain matched).
+    pub access_log: Arc<[crate::access_log::AccessLog]>,
     /// The resource as received, for equality on update and for /config_dump.
     pub proto: Arc<lpb::Listener>,
 }
@@ -217,6 +219,7 @@ impl TryFrom<lpb::Listener> for ListenerConfig {
             stat_prefix,
             listener_filters_timeout: (!listener_filters_timeout.is_zero()).then_some(listener_filters_timeout),
             continue_on_listener_filters_timeout: l.continue_on_listener_filters_timeout,
+            access_log: super::access_log::access_logs(&l.access_log, "access_log")?.into(),
             proto,
         })
     }
@@ -530,7 +533,7 @@ impl NetworkFilterConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct TcpProxyConfig {
     pub stat_prefix: String,
     /// One cluster, or several with weights (tcp_proxy's `weighted_clusters`).
@@ -538,6 +541,7 @@ pub struct TcpProxyConfig {
     /// None when disabled (`idle_timeout: 0s`).
     pub idle_timeout: Option<Duration>,
     pub max_connect_attempts: u32,
+    pub access_log: Vec<crate::access_log::AccessLog>,
 }
 
 impl TcpProxyConfig {
@@ -578,6 +582,7 @@ impl TcpProxyConfig {
             clusters,
             idle_timeout: (!idle.is_zero()).then_some(idle),
             max_connect_attempts: attempts,
+            access_log: super::access_log::access_logs(&t.access_log, &join(path, "access_log"))?,
         })
     }
 }

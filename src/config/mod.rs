@@ -5,6 +5,7 @@
 //! is silently ignored) → runtime objects (built by the listener and cluster managers). Every error carries the
 //! field path, and that text is what a NACK or a start-up failure says.
 
+pub mod access_log;
 pub mod audit;
 pub mod bootstrap;
 pub mod cluster;

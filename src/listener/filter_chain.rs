@@ -14,10 +14,11 @@ use crate::network::http::HttpConnectionManager;
 use crate::network::http::rds::RouteRegistry;
 use crate::network::tcp_proxy::TcpProxy;
 use crate::stats::Store;
+use tracing::warn;
 
 #[derive(Debug)]
 pub enum NetworkFilter {
-    TcpProxy(TcpProxy),
+    TcpProxy(Box<TcpProxy>),
     Http(Arc<HttpConnectionManager>),
     DirectResponse(Arc<[u8]>),
 }
@@ -32,8 +33,13 @@ pub struct FilterChain {
 
 impl FilterChain {
     pub fn new(config: Arc<FilterChainConfig>, stats: &Store, routes: &RouteRegistry) -> Self {
+        let http_skipped = match config.terminal() {
+            NetworkFilterConfig::HttpConnectionManager(h) => h.skipped_filters.as_slice(),
+            _ => &[],
+        };
+        report_skipped(config.skipped.iter().chain(http_skipped), stats);
         let filter = match config.terminal() {
-            NetworkFilterConfig::TcpProxy(tp) => NetworkFilter::TcpProxy(TcpProxy::new(tp.clone(), stats)),
+            NetworkFilterConfig::TcpProxy(tp) => NetworkFilter::TcpProxy(Box::new(TcpProxy::new(tp.clone(), stats))),
             NetworkFilterConfig::HttpConnectionManager(h) => {
                 NetworkFilter::Http(Arc::new(HttpConnectionManager::new((**h).clone(), stats, routes)))
             }
@@ -44,6 +50,20 @@ impl FilterChain {
 
     pub fn name(&self) -> &str {
         &self.config.name
+    }
+}
+
+/// Counts every skipped filter in `filters_skipped` and warns once per filter name per process: an Istio config
+/// carries the same telemetry filters on every chain, and one line per name says all there is to say.
+fn report_skipped<'a>(names: impl Iterator<Item = &'a String>, stats: &Store) {
+    static WARNED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    for name in names {
+        stats.counter("listener_manager.filters_skipped").inc();
+        let mut warned = WARNED.lock().unwrap_or_else(|p| p.into_inner());
+        if !warned.contains(name) {
+            warn!(filter = %name, "skipping a filter that is pass-through on this proxy (Istio telemetry, or an empty config)");
+            warned.push(name.clone());
+        }
     }
 }
 

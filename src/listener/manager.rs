@@ -138,6 +138,8 @@ pub struct ListenerManager {
     stopped: bool,
     /// Route configurations by name, shared with the ADS client that fills them (RDS).
     routes: RouteRegistry,
+    /// How long a listener waits for its clusters: `cds_config.initial_fetch_timeout` (None: for ever).
+    cluster_wait: Option<Duration>,
     /// Replaced (not in place) or removed listener versions whose connections are draining, by version id, for
     /// /config_dump's `draining_state`.
     draining: Arc<std::sync::Mutex<BTreeMap<u64, Arc<ListenerConfig>>>>,
@@ -190,7 +192,13 @@ impl ListenerManager {
             routes: RouteRegistry::default(),
             draining: Arc::default(),
             stop_scope: None,
+            cluster_wait: Some(WARMING_TIMEOUT),
         }
+    }
+
+    /// Sets how long listeners wait for the clusters they name (the CDS config source's `initial_fetch_timeout`).
+    pub fn set_cluster_wait(&mut self, wait: Option<Duration>) {
+        self.cluster_wait = wait;
     }
 
     /// The route configuration slots HTTP listeners read; RDS fills them.
@@ -447,7 +455,7 @@ impl ListenerManager {
             .warming
             .iter()
             .filter(|(_, w)| {
-                warming_limit(&w.listener).is_some_and(|limit| w.since.elapsed() >= limit)
+                warming_limit(&w.listener, self.cluster_wait).is_some_and(|limit| w.since.elapsed() >= limit)
                     || missing_dependencies(&w.listener, &clusters).is_empty()
             })
             .map(|(n, _)| n.clone())
@@ -702,9 +710,9 @@ fn missing_dependencies(listener: &Listener, clusters: &ClusterSet) -> Vec<Strin
 }
 
 /// How long a listener may warm: RDS subscriptions use their `initial_fetch_timeout` (0 s, as Istio sends, waits for
-/// ever), everything else [`WARMING_TIMEOUT`].
-fn warming_limit(listener: &Listener) -> Option<Duration> {
-    let mut limit = Some(WARMING_TIMEOUT);
+/// ever), clusters the CDS source's (default [`WARMING_TIMEOUT`]).
+fn warming_limit(listener: &Listener, cluster_wait: Option<Duration>) -> Option<Duration> {
+    let mut limit = cluster_wait;
     for chain in listener.chains().all() {
         if let NetworkFilter::Http(hcm) = &chain.filter
             && let RouteSource::Rds { initial_fetch_timeout, .. } = &hcm.config.routes

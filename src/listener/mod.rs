@@ -13,7 +13,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 
 use crate::config::listener::ListenerConfig;
-use crate::stats::{Counter, Gauge, Store};
+use crate::stats::{Counter, Gauge, Histogram, Store};
 use filter_chain::ChainSet;
 
 #[derive(Debug, Clone)]
@@ -25,6 +25,7 @@ pub struct ListenerStats {
     /// Connections still in their listener filters.
     pub downstream_pre_cx_active: Gauge,
     pub downstream_pre_cx_timeout: Counter,
+    pub downstream_cx_length_ms: Histogram,
 }
 
 impl ListenerStats {
@@ -37,6 +38,7 @@ impl ListenerStats {
             no_filter_chain_match: c("no_filter_chain_match"),
             downstream_pre_cx_active: store.gauge(&format!("listener.{prefix}.downstream_pre_cx_active")),
             downstream_pre_cx_timeout: c("downstream_pre_cx_timeout"),
+            downstream_cx_length_ms: store.histogram(&format!("listener.{prefix}.downstream_cx_length_ms")),
         }
     }
 }

@@ -90,6 +90,8 @@ impl Workers {
             let stop = shutdown.clone();
             let started_tx = started_tx.clone();
             let handle = std::thread::Builder::new().name(format!("worker_{index}")).spawn(move || {
+                // Each worker counts into its own stats shard (no cache line shared with another worker).
+                crate::stats::set_thread_shard(index + 1);
                 let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                     Ok(rt) => rt,
                     Err(e) => {
@@ -337,19 +339,33 @@ async fn serve_on(listener: &ListenerCore, stream: TcpStream, det: &Detected, ct
     let _active = GaugeGuard::new(&stats.downstream_cx_active);
     let Some(chain) = listener.chains.select(det).cloned() else {
         stats.no_filter_chain_match.inc();
+        if !listener.config.access_log.is_empty() {
+            let entry = crate::access_log::Entry {
+                start: Some(std::time::SystemTime::now()),
+                downstream_remote: Some(det.peer),
+                downstream_local: Some(det.local),
+                downstream_direct_remote: Some(det.direct_peer),
+                requested_server_name: det.server_name.clone(),
+                flags: vec![crate::access_log::Flag::NoRoute],
+                ..Default::default()
+            };
+            crate::access_log::log_all(&listener.config.access_log, &entry);
+        }
         stats.downstream_cx_destroy.inc();
         debug!("closing: no filter chain match");
         return;
     };
     let drain = chain.drain.watch();
+    let opened = std::time::Instant::now();
     debug!(filter_chain = %chain.name(), transport = det.transport, "connection open");
     match &chain.filter {
         NetworkFilter::TcpProxy(tp) => {
-            tp.serve(stream, det, drain, ctx, listener.config.per_connection_buffer_limit_bytes).await
+            tp.serve(stream, det, drain, ctx, listener.config.per_connection_buffer_limit_bytes, chain.name()).await
         }
-        NetworkFilter::Http(hcm) => hcm.clone().serve(stream, det, drain, ctx.clone()).await,
+        NetworkFilter::Http(hcm) => hcm.clone().serve(stream, det, drain, ctx.clone(), chain.name()).await,
         NetworkFilter::DirectResponse(body) => direct_response::serve(stream, body, drain).await,
     }
     stats.downstream_cx_destroy.inc();
+    stats.downstream_cx_length_ms.record(opened.elapsed().as_secs_f64() * 1000.0);
     debug!(filter_chain = %chain.name(), "connection closed");
 }

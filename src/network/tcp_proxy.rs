@@ -14,11 +14,13 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::splice;
+use crate::access_log::{self, Entry, Flag};
 use crate::config::listener::TcpProxyConfig;
 use crate::drain::DrainWatch;
 use crate::listener::filters::Detected;
 use crate::listener::worker::WorkerContext;
 use crate::stats::{Counter, Store};
+use crate::upstream::cluster::ConnectError;
 use crate::upstream::lb::Weights;
 
 /// Largest chunk per splice: the default pipe capacity, so a chunk always fits the pipe.
@@ -72,21 +74,60 @@ impl TcpProxy {
         idx.and_then(|i| self.config.clusters.get(i)).map_or("", |(name, _)| name.as_str())
     }
 
+    /// Proxies one connection, then writes its access log lines (if any are configured).
     pub async fn serve(
+        &self,
+        downstream: TcpStream,
+        info: &Detected,
+        drain: DrainWatch,
+        ctx: &WorkerContext,
+        buffer_limit: u32,
+        chain_name: &str,
+    ) {
+        let start = std::time::SystemTime::now();
+        let began = Instant::now();
+        let mut log = Outcome::default();
+        self.proxy(downstream, info, drain, ctx, buffer_limit, &mut log).await;
+        if self.config.access_log.is_empty() {
+            return;
+        }
+        let entry = Entry {
+            start: Some(start),
+            duration: began.elapsed(),
+            downstream_remote: Some(info.peer),
+            downstream_local: Some(info.local),
+            downstream_direct_remote: Some(info.direct_peer),
+            requested_server_name: info.server_name.clone(),
+            filter_chain_name: Some(chain_name.to_string()),
+            upstream_host: log.upstream_host,
+            upstream_cluster: log.cluster,
+            upstream_local: log.upstream_local,
+            bytes_received: log.received.load(Ordering::Relaxed),
+            bytes_sent: log.sent.load(Ordering::Relaxed),
+            flags: log.flags,
+            ..Entry::default()
+        };
+        access_log::log_all(&self.config.access_log, &entry);
+    }
+
+    async fn proxy(
         &self,
         downstream: TcpStream,
         info: &Detected,
         mut drain: DrainWatch,
         ctx: &WorkerContext,
         buffer_limit: u32,
+        log: &mut Outcome,
     ) {
         self.stats.downstream_cx_total.inc();
         let name = self.pick_cluster();
         let Some(cluster) = ctx.clusters.load().get(name).cloned() else {
             self.stats.downstream_cx_no_route.inc();
+            log.flags.push(Flag::NoClusterFound);
             debug!(cluster = name, "closing: no such cluster");
             return;
         };
+        log.cluster = Some(cluster.name().to_string());
 
         let connect = async {
             let mut last = None;
@@ -104,14 +145,24 @@ impl TcpProxy {
         let upstream = tokio::select! {
             r = connect => match r {
                 Ok(up) => up,
-                Err(_) => {
+                Err(last) => {
                     self.stats.upstream_connect_failed.inc();
+                    log.flags.push(match last {
+                        Some(ConnectError::NoHealthyUpstream(_)) => Flag::NoHealthyUpstream,
+                        Some(ConnectError::Overflow(_)) => Flag::UpstreamOverflow,
+                        _ => Flag::UpstreamConnectionFailure,
+                    });
+                    if self.config.max_connect_attempts > 1 {
+                        log.flags.push(Flag::UpstreamRetryLimitExceeded);
+                    }
                     return;
                 }
             },
             _ = drain.closed() => return,
         };
         debug!(upstream.addr = %upstream.host.address, "upstream connected");
+        log.upstream_host = Some(upstream.host.address);
+        log.upstream_local = upstream.stream.local_addr().ok().filter(|_| !self.config.access_log.is_empty());
 
         // Envoy bounds each side by its own limit: the listener's downstream, the cluster's upstream.
         let limit = buffer_limit.min(cluster.config.per_connection_buffer_limit_bytes);
@@ -120,16 +171,18 @@ impl TcpProxy {
         let end = {
             let (down, up) = (&downstream, &upstream.stream);
             // Counted as bytes move, as Envoy does, so long-lived connections show in the stats while they live.
-            let count = |counter: &Counter, n: usize| {
+            let count = |counter: &Counter, mine: &AtomicU64, n: usize| {
                 activity.touch();
                 counter.add(n as u64);
+                mine.fetch_add(n as u64, Ordering::Relaxed);
             };
             let (rx, tx) = (&self.stats.downstream_cx_rx_bytes_total, &self.stats.downstream_cx_tx_bytes_total);
+            let (received, sent) = (&log.received, &log.sent);
             let one_done = AtomicBool::new(false);
             let both = async {
                 tokio::try_join!(
-                    splice::forward(down, up, chunk, &one_done, |n| count(rx, n)),
-                    splice::forward(up, down, chunk, &one_done, |n| count(tx, n)),
+                    splice::forward(down, up, chunk, &one_done, |n| count(rx, received, n)),
+                    splice::forward(up, down, chunk, &one_done, |n| count(tx, sent, n)),
                 )
             };
             tokio::select! {
@@ -148,6 +201,17 @@ impl TcpProxy {
         }
         debug!(?end, "proxied connection ended");
     }
+}
+
+/// What the access log says about a proxied connection.
+#[derive(Debug, Default)]
+struct Outcome {
+    flags: Vec<Flag>,
+    cluster: Option<String>,
+    upstream_host: Option<std::net::SocketAddr>,
+    upstream_local: Option<std::net::SocketAddr>,
+    received: AtomicU64,
+    sent: AtomicU64,
 }
 
 /// Closing with SO_LINGER 0 sends RST instead of FIN.

@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 
 use super::lb::{Weights, least_of_two};
 use crate::config::cluster::{ClusterConfig, ClusterKind, EndpointConfig, LbPolicy};
-use crate::stats::{Counter, Gauge, GaugeGuard, Store};
+use crate::stats::{Counter, Gauge, GaugeGuard, Histogram, Store};
 
 #[derive(Debug)]
 pub struct Host {
@@ -87,10 +87,13 @@ pub struct ClusterStats {
     pub upstream_rq_retry_limit_exceeded: Counter,
     pub upstream_rq_rx_reset: Counter,
     pub upstream_rq_pending_overflow: Counter,
+    /// Milliseconds from sending a request to its response headers.
+    pub upstream_rq_time: Histogram,
     /// `upstream_rq_1xx` … `upstream_rq_5xx`.
     pub upstream_rq_class: [Counter; 5],
-    /// `upstream_rq_<code>`, registered on first use.
-    codes: Arc<std::sync::Mutex<std::collections::HashMap<u16, Counter>>>,
+    /// `upstream_rq_<code>` for codes 100–599, each registered on first use; the table itself only exists once the
+    /// cluster has served HTTP. Lock-free on the request path.
+    codes: Arc<std::sync::OnceLock<Box<[std::sync::OnceLock<Counter>]>>>,
     store: Store,
     prefix: String,
 }
@@ -117,6 +120,7 @@ impl ClusterStats {
             upstream_rq_retry_limit_exceeded: c("upstream_rq_retry_limit_exceeded"),
             upstream_rq_rx_reset: c("upstream_rq_rx_reset"),
             upstream_rq_pending_overflow: c("upstream_rq_pending_overflow"),
+            upstream_rq_time: store.histogram(&format!("cluster.{stat_name}.upstream_rq_time")),
             upstream_rq_class: [1, 2, 3, 4, 5].map(|n| c(&format!("upstream_rq_{n}xx"))),
             codes: Arc::default(),
             store: store.clone(),
@@ -132,11 +136,10 @@ impl ClusterStats {
         if let Some(c) = self.upstream_rq_class.get(usize::from(status / 100).wrapping_sub(1)) {
             c.inc();
         }
-        let mut codes = self.codes.lock().unwrap_or_else(|p| p.into_inner());
-        codes
-            .entry(status)
-            .or_insert_with(|| self.store.counter(&format!("{}.upstream_rq_{status}", self.prefix)))
-            .inc();
+        let table = self.codes.get_or_init(|| (100..600).map(|_| std::sync::OnceLock::new()).collect());
+        if let Some(slot) = table.get(usize::from(status).wrapping_sub(100)) {
+            slot.get_or_init(|| self.store.counter(&format!("{}.upstream_rq_{status}", self.prefix))).inc();
+        }
     }
 }
 

@@ -1,11 +1,10 @@
-//! Per-worker HTTP connection pools, one per (cluster, host): HTTP/1.1 keep-alive connections reused one request at
-//! a time, and one multiplexed HTTP/2 connection per host. A worker's pools are only touched by that worker's tasks,
-//! so the lock around them is never contended.
+//! Per-worker HTTP connection pools, one per (cluster, host): HTTP/1.1 keep-alive connections lent to one request at
+//! a time and given back when its response body has been read to the end, and one multiplexed HTTP/2 connection per
+//! host. A worker's pools are only touched by that worker's tasks, so the lock around them is never contended.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -41,182 +40,232 @@ impl PoolError {
 }
 
 #[derive(Debug)]
-enum Sender {
-    H1(http1::SendRequest<ProxyBody>),
-    H2(http2::SendRequest<ProxyBody>),
+struct Http1Conn {
+    sender: http1::SendRequest<ProxyBody>,
+    /// Requests sent on this connection so far.
+    uses: u32,
+    idle_since: Instant,
 }
 
 #[derive(Debug)]
-struct Pooled {
-    sender: Sender,
-    /// Requests sent on this connection so far.
+struct Http2Conn {
+    sender: http2::SendRequest<ProxyBody>,
     uses: u32,
-    last_used: Instant,
-}
-
-impl Pooled {
-    fn usable(&self, now: Instant, idle: Option<Duration>) -> bool {
-        let closed = match &self.sender {
-            Sender::H1(s) => s.is_closed(),
-            Sender::H2(s) => s.is_closed(),
-        };
-        !closed && idle.is_none_or(|idle| now.duration_since(self.last_used) < idle)
-    }
-
-    fn ready(&self) -> bool {
-        match &self.sender {
-            Sender::H1(s) => s.is_ready(),
-            Sender::H2(s) => s.is_ready(),
-        }
-    }
 }
 
 #[derive(Debug, Default)]
 struct HostPool {
-    http1: Vec<Pooled>,
-    http2: Option<Pooled>,
+    /// Idle HTTP/1.1 connections, most recently used last (reused first: its socket is warm).
+    http1: Vec<Http1Conn>,
+    http2: Option<Http2Conn>,
 }
 
 #[derive(Debug)]
 struct ClusterPools {
     /// The cluster version these pools belong to: a replaced cluster starts afresh.
     cluster: Weak<Cluster>,
-    hosts: HashMap<(SocketAddr, Protocol), HostPool>,
+    hosts: HashMap<SocketAddr, HostPool>,
 }
+
+type Shared = Arc<Mutex<HashMap<String, ClusterPools>>>;
 
 /// One worker's pools for every cluster it has sent HTTP requests to.
 #[derive(Debug, Default)]
 pub struct HttpPools {
-    clusters: Mutex<HashMap<String, ClusterPools>>,
+    clusters: Shared,
+}
+
+/// An HTTP/1.1 connection lent to one exchange; [`Lease::give_back`] returns it to its pool once the response has
+/// been read to the end. Dropped unreturned (an abandoned response), the connection closes.
+#[derive(Debug)]
+pub struct Lease {
+    pools: Shared,
+    cluster: Arc<Cluster>,
+    addr: SocketAddr,
+    conn: Http1Conn,
+}
+
+impl Lease {
+    pub fn give_back(mut self) {
+        self.conn.idle_since = Instant::now();
+        let mut clusters = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        let pools = entry(&mut clusters, &self.cluster);
+        pools.hosts.entry(self.addr).or_default().http1.push(self.conn);
+    }
+}
+
+/// The cluster's pools, replaced when the cluster itself was (a CDS update): old connections are let go.
+fn entry<'a>(clusters: &'a mut HashMap<String, ClusterPools>, cluster: &Arc<Cluster>) -> &'a mut ClusterPools {
+    let pools = clusters
+        .entry(cluster.name().to_string())
+        .or_insert_with(|| ClusterPools { cluster: Arc::downgrade(cluster), hosts: HashMap::new() });
+    if !std::ptr::eq(pools.cluster.as_ptr(), Arc::as_ptr(cluster)) {
+        *pools = ClusterPools { cluster: Arc::downgrade(cluster), hosts: HashMap::new() };
+    }
+    pools
 }
 
 impl HttpPools {
-    /// Sends a request to `host` over a pooled connection, or over a new one.
+    /// Sends a request to `host` over a pooled connection, or over a new one. For HTTP/1.1 the connection comes back
+    /// as a [`Lease`] to return when the response body is done (unless it reached `max_requests_per_connection`).
     pub async fn send(
         &self,
         cluster: &Arc<Cluster>,
         host: &Arc<Host>,
         protocol: Protocol,
+        req: Request<ProxyBody>,
+    ) -> Result<(Response<Incoming>, Option<Lease>), PoolError> {
+        match protocol {
+            Protocol::Http1 => self.send_http1(cluster, host, req).await,
+            Protocol::Http2 => self.send_http2(cluster, host, req).await.map(|r| (r, None)),
+        }
+    }
+
+    async fn send_http1(
+        &self,
+        cluster: &Arc<Cluster>,
+        host: &Arc<Host>,
         mut req: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, PoolError> {
-        let settings = &cluster.config.http;
-        let limit = settings.max_requests_per_connection;
-        // A pooled connection may turn out to be gone when the request is tried on it; the request comes back
-        // unsent and goes to the next candidate, ending with a fresh connection.
+    ) -> Result<(Response<Incoming>, Option<Lease>), PoolError> {
+        let limit = cluster.config.http.max_requests_per_connection;
+        // An idle connection may turn out to be gone when the request is tried on it; the request comes back unsent
+        // and goes to the next one, ending with a fresh connection.
         loop {
-            let pooled = self.take(cluster, host.address, protocol);
-            let fresh = pooled.is_none();
-            let mut conn = match pooled {
-                Some(c) => c,
-                None => self.connect(cluster, host, protocol).await?,
+            let (mut conn, fresh) = match self.take_http1(cluster, host.address) {
+                Some(c) => (c, false),
+                None => (self.connect_http1(cluster, host).await?, true),
             };
+            if !fresh && conn.sender.ready().await.is_err() {
+                continue;
+            }
             conn.uses += 1;
-            conn.last_used = Instant::now();
-            let last_use = limit.is_some_and(|l| conn.uses >= l);
-            match &mut conn.sender {
-                Sender::H1(s) => {
-                    let sent = s.try_send_request(req);
-                    if !last_use {
-                        // Back in the pool at once: it reports ready again when this exchange has finished.
-                        self.put(cluster, host.address, protocol, conn);
-                    }
-                    match sent.await {
-                        Ok(resp) => return Ok(resp),
-                        Err(mut e) => match e.take_message() {
-                            Some(r) if !fresh => req = r,
-                            _ => return Err(PoolError::Reset(e.into_error())),
-                        },
-                    }
+            match conn.sender.try_send_request(req).await {
+                Ok(resp) => {
+                    let reusable = limit.is_none_or(|l| conn.uses < l);
+                    let lease = reusable.then(|| Lease {
+                        pools: self.clusters.clone(),
+                        cluster: cluster.clone(),
+                        addr: host.address,
+                        conn,
+                    });
+                    return Ok((resp, lease));
                 }
-                Sender::H2(s) => {
-                    let sent = s.try_send_request(req);
-                    if !last_use {
-                        self.put(cluster, host.address, protocol, conn);
-                    }
-                    match sent.await {
-                        Ok(resp) => return Ok(resp),
-                        Err(mut e) => match e.take_message() {
-                            Some(r) if !fresh => req = r,
-                            _ => return Err(PoolError::Reset(e.into_error())),
-                        },
-                    }
-                }
+                Err(mut e) => match e.take_message() {
+                    Some(r) if !fresh => req = r,
+                    _ => return Err(PoolError::Reset(e.into_error())),
+                },
             }
         }
     }
 
-    fn take(&self, cluster: &Arc<Cluster>, addr: SocketAddr, protocol: Protocol) -> Option<Pooled> {
+    async fn send_http2(
+        &self,
+        cluster: &Arc<Cluster>,
+        host: &Arc<Host>,
+        mut req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, PoolError> {
+        let limit = cluster.config.http.max_requests_per_connection;
+        loop {
+            let (mut sender, fresh) = match self.take_http2(cluster, host.address, limit) {
+                Some(s) => (s, false),
+                None => {
+                    let sender = self.connect_http2(cluster, host).await?;
+                    let mut clusters = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
+                    let pool = entry(&mut clusters, cluster).hosts.entry(host.address).or_default();
+                    pool.http2 = Some(Http2Conn { sender: sender.clone(), uses: 1 });
+                    (sender, true)
+                }
+            };
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok(resp),
+                Err(mut e) => match e.take_message() {
+                    Some(r) if !fresh => req = r,
+                    _ => return Err(PoolError::Reset(e.into_error())),
+                },
+            }
+        }
+    }
+
+    fn take_http1(&self, cluster: &Arc<Cluster>, addr: SocketAddr) -> Option<Http1Conn> {
         let mut clusters = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
         let pools = clusters.get_mut(cluster.name())?;
         if !std::ptr::eq(pools.cluster.as_ptr(), Arc::as_ptr(cluster)) {
             return None;
         }
-        let pool = pools.hosts.get_mut(&(addr, protocol))?;
-        let now = Instant::now();
+        let pool = pools.hosts.get_mut(&addr)?;
         let idle = cluster.config.http.idle_timeout;
-        match protocol {
-            Protocol::Http2 => {
-                let conn = pool.http2.take()?;
-                conn.usable(now, idle).then_some(conn)
-            }
-            Protocol::Http1 => {
-                pool.http1.retain(|c| c.usable(now, idle));
-                let i = pool.http1.iter().position(Pooled::ready)?;
-                Some(pool.http1.swap_remove(i))
+        let now = Instant::now();
+        while let Some(conn) = pool.http1.pop() {
+            let expired = idle.is_some_and(|idle| now.duration_since(conn.idle_since) >= idle);
+            if !expired && !conn.sender.is_closed() {
+                return Some(conn);
             }
         }
+        None
     }
 
-    fn put(&self, cluster: &Arc<Cluster>, addr: SocketAddr, protocol: Protocol, conn: Pooled) {
+    /// The host's HTTP/2 connection, counting this request against `max_requests_per_connection`: the request that
+    /// reaches the limit takes the connection out of the pool (it closes once its streams finish).
+    fn take_http2(
+        &self,
+        cluster: &Arc<Cluster>,
+        addr: SocketAddr,
+        limit: Option<u32>,
+    ) -> Option<http2::SendRequest<ProxyBody>> {
         let mut clusters = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
-        let pools = clusters
-            .entry(cluster.name().to_string())
-            .or_insert_with(|| ClusterPools { cluster: Arc::downgrade(cluster), hosts: HashMap::new() });
+        let pools = clusters.get_mut(cluster.name())?;
         if !std::ptr::eq(pools.cluster.as_ptr(), Arc::as_ptr(cluster)) {
-            // The cluster was replaced by CDS: connections to the old version's hosts are let go.
-            *pools = ClusterPools { cluster: Arc::downgrade(cluster), hosts: HashMap::new() };
+            return None;
         }
-        let pool = pools.hosts.entry((addr, protocol)).or_default();
-        match conn.sender {
-            Sender::H1(_) => pool.http1.push(conn),
-            Sender::H2(_) => pool.http2 = Some(conn),
+        let pool = pools.hosts.get_mut(&addr)?;
+        let conn = pool.http2.as_mut()?;
+        if conn.sender.is_closed() {
+            pool.http2 = None;
+            return None;
         }
+        conn.uses += 1;
+        let sender = conn.sender.clone();
+        if limit.is_some_and(|l| conn.uses >= l) {
+            pool.http2 = None;
+        }
+        Some(sender)
     }
 
-    async fn connect(&self, cluster: &Arc<Cluster>, host: &Arc<Host>, protocol: Protocol) -> Result<Pooled, PoolError> {
+    async fn connect_http1(&self, cluster: &Arc<Cluster>, host: &Arc<Host>) -> Result<Http1Conn, PoolError> {
         let upstream = cluster.connect_to(host.clone()).await?;
         let (stream, host, slot) = upstream.into_parts();
         let addr = host.address;
-        let io = TokioIo::new(stream);
-        let sender = match protocol {
-            Protocol::Http1 => {
-                let (sender, conn) = http1::Builder::new()
-                    .handshake::<_, ProxyBody>(io)
-                    .await
-                    .map_err(|e| PoolError::Handshake(addr, e))?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.with_upgrades().await {
-                        debug!(upstream = %addr, "upstream connection ended: {e}");
-                    }
-                    drop(slot);
-                });
-                Sender::H1(sender)
+        let (sender, conn) = http1::Builder::new()
+            .handshake::<_, ProxyBody>(TokioIo::new(stream))
+            .await
+            .map_err(|e| PoolError::Handshake(addr, e))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                debug!(upstream = %addr, "upstream connection ended: {e}");
             }
-            Protocol::Http2 => {
-                let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-                    .timer(TokioTimer::new())
-                    .handshake::<_, ProxyBody>(io)
-                    .await
-                    .map_err(|e| PoolError::Handshake(addr, e))?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        debug!(upstream = %addr, "upstream connection ended: {e}");
-                    }
-                    drop(slot);
-                });
-                Sender::H2(sender)
+            drop(slot);
+        });
+        Ok(Http1Conn { sender, uses: 0, idle_since: Instant::now() })
+    }
+
+    async fn connect_http2(
+        &self,
+        cluster: &Arc<Cluster>,
+        host: &Arc<Host>,
+    ) -> Result<http2::SendRequest<ProxyBody>, PoolError> {
+        let upstream = cluster.connect_to(host.clone()).await?;
+        let (stream, host, slot) = upstream.into_parts();
+        let addr = host.address;
+        let mut builder = http2::Builder::new(TokioExecutor::new());
+        builder.timer(TokioTimer::new());
+        let (sender, conn) =
+            builder.handshake::<_, ProxyBody>(TokioIo::new(stream)).await.map_err(|e| PoolError::Handshake(addr, e))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(upstream = %addr, "upstream connection ended: {e}");
             }
-        };
-        Ok(Pooled { sender, uses: 0, last_used: Instant::now() })
+            drop(slot);
+        });
+        Ok(sender)
     }
 }

@@ -171,10 +171,19 @@ async fn http_endpoints_in_envoys_formats_and_mutations_are_post_only() {
     eventually("cx counted", WAIT, async || counter(&server, &stat) == 1).await;
     let (_, text) = get(a, "/stats").await;
     assert!(text.lines().any(|l| l == format!("{stat}: 1")), "{text}");
-    let names: Vec<&str> = text.lines().map(|l| l.split(": ").next().unwrap()).collect();
+    // Counters and gauges sorted by name, then histograms (Envoy's order).
+    let (scalars, histograms): (Vec<&str>, Vec<&str>) =
+        text.lines().partition(|l| l.rsplit(": ").next().is_some_and(|v| v.parse::<i64>().is_ok()));
+    let names: Vec<&str> = scalars.iter().map(|l| l.split(": ").next().unwrap()).collect();
     let mut sorted = names.clone();
     sorted.sort_unstable();
     assert_eq!(names, sorted, "sorted by name");
+    assert!(text.ends_with(&format!("{}\n", histograms.last().unwrap())), "histograms last:\n{text}");
+    let length = format!("listener.127.0.0.1_{}.downstream_cx_length_ms", inbound.port());
+    eventually("connection length recorded", WAIT, async || {
+        get(a, "/stats").await.1.lines().any(|l| l.starts_with(&format!("{length}: P0(nan,")))
+    })
+    .await;
     let (_, used) = get(a, "/stats?usedonly").await;
     assert!(!used.contains("upstream_cx_connect_fail"), "never-incremented counters are not 'used':\n{used}");
     let (_, filtered) = get(a, "/stats?filter=downstream_cx_total$&format=json").await;
@@ -258,6 +267,12 @@ async fn prometheus_output_parses_with_envoys_names_and_tags() {
     assert!(find("envoy_cluster_upstream_cx_total", Some(("envoy_cluster_name", "echo"))).is_some(), "{text}");
     assert!(find("envoy_tcp_downstream_cx_total", Some(("envoy_tcp_prefix", "inbound"))).is_some(), "{text}");
     assert!(text.contains("# TYPE envoy_server_state gauge\n"));
+    let hist = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == "envoy_listener_downstream_cx_length_ms")
+        .unwrap_or_else(|| panic!("histogram missing:\n{text}"));
+    assert!(matches!(&hist.value, prometheus_parse::Value::Histogram(b) if !b.is_empty()), "{hist:?}");
     assert!(text.contains("# TYPE envoy_listener_downstream_cx_total counter\n"));
     let (_, same) = get(a, "/stats?format=prometheus").await;
     assert_eq!(same.lines().count(), text.lines().count());

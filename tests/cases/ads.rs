@@ -334,3 +334,24 @@ both_protocols!(
     eds_cluster_from_cds_carries_traffic,
     losing_the_control_plane_keeps_traffic_and_a_restart_reapplies_nothing
 );
+
+/// `cds_config.initial_fetch_timeout` bounds how long a listener waits for its clusters (Envoy's init target
+/// timeout); the listener then serves, and its connections to the missing cluster fail fast.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_stops_warming_after_the_cds_initial_fetch_timeout() {
+    let mock = mock().await;
+    let yaml = bootstrap(mock.addr(), "GRPC")
+        .replace("cds_config: { ads: {} }", "cds_config: { ads: {}, initial_fetch_timeout: 0.3s }");
+    assert!(yaml.contains("initial_fetch_timeout: 0.3s"));
+    let server = start(&yaml, Duration::from_millis(200)).await;
+    let port = free_port();
+    let v = mock.set(LISTENER, vec![tcp_listener_any("w", port, "never-arrives")]).unwrap();
+    acked(&mock, LISTENER, &v).await;
+    assert_eq!(gauge(&server, "listener_manager.total_listeners_warming"), 1);
+    let started = std::time::Instant::now();
+    eventually("listener active without its cluster", WAIT, async || {
+        gauge(&server, "listener_manager.total_listeners_active") == 1
+    })
+    .await;
+    assert!(started.elapsed() >= Duration::from_millis(150), "{:?}", started.elapsed());
+}

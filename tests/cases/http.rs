@@ -414,3 +414,171 @@ async fn large_uploads_and_downloads_stream_with_bounded_memory() {
     let peak = vm_hwm_kib(proxy.child.id());
     assert!(peak < baseline + 32 * 1024, "proxy peak RSS grew from {baseline} KiB to {peak} KiB moving 2 × 256 MiB");
 }
+
+#[tokio::test]
+async fn rewrites_redirects_and_envoy_request_headers() {
+    let up = http_upstream("U").await;
+    let h2_cluster = format!(
+        r#"{}
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{ http2_protocol_options: {{}} }}"#,
+        static_cluster("h2", &[up])
+    );
+    let clusters = format!("{}{h2_cluster}", static_cluster("u", &[up]));
+    let routes = r#"          route_config:
+            name: local
+            request_headers_to_add: [ { header: { key: x-level, value: config } } ]
+            response_headers_to_add: [ { header: { key: x-answered-by, value: proxy } } ]
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              include_request_attempt_count: true
+              routes:
+              - match: { prefix: "/old/" }
+                route: { cluster: u, prefix_rewrite: "/new/", host_rewrite_literal: rewritten.example }
+              - match: { prefix: "/h2" }
+                route: { cluster: h2 }
+              - match: { path: "/moved" }
+                redirect: { host_redirect: elsewhere.example, path_redirect: "/here", response_code: FOUND }
+              - match: { prefix: "/" }
+                route: { cluster: u }
+                request_headers_to_remove: [ x-secret ]"#;
+    let extra = "\n          use_remote_address: true\n          via: proxy-1";
+    let server = start(&yaml(&http_listener("h", 0, routes, extra), &clusters), Duration::from_secs(1)).await;
+    let mut c = http1_client(listener_addr(&server, "h")).await;
+
+    let (status, headers, body) = http1_request(&mut c, "GET", "/old/page?x=1", "orig", &[]).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("GET /new/page?x=1\nhost=rewritten.example\n"), "{body}");
+    assert!(body.contains("x-level=config\n") && body.contains("x-envoy-attempt-count=1\n"), "{body}");
+    assert!(body.contains("x-forwarded-for=127.0.0.1\n"), "use_remote_address appends the peer: {body}");
+    assert_eq!(headers["x-answered-by"], "proxy");
+    assert_eq!(headers["via"], "proxy-1");
+
+    let (_, _, body) =
+        http1_request(&mut c, "GET", "/plain", "orig", &[("x-secret", "s"), ("x-forwarded-for", "1.2.3.4")]).await;
+    assert!(!body.contains("x-secret"), "{body}");
+    assert!(body.contains("x-forwarded-for=1.2.3.4,127.0.0.1\n"), "{body}");
+    assert!(body.contains("version=HTTP/1.1"), "{body}");
+
+    let (_, _, body) = http1_request(&mut c, "GET", "/h2/x", "orig", &[]).await;
+    assert!(body.contains("host=orig\n") && body.contains("version=HTTP/2.0"), "HTTP/2 upstream: {body}");
+
+    let (status, headers, _) = http1_request(&mut c, "GET", "/moved?q=1", "orig", &[]).await;
+    assert_eq!(status, 302);
+    assert_eq!(headers["location"], "http://elsewhere.example/here?q=1");
+}
+
+#[tokio::test]
+async fn oversized_headers_get_431_and_request_limits_close_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = http_upstream("U").await;
+    let extra = "\n          max_request_headers_kb: 8\n          common_http_protocol_options: { max_requests_per_connection: 2 }";
+    let server = start(
+        &yaml(&http_listener("h", 0, &routes_to("u", ""), extra), &static_cluster("u", &[up])),
+        Duration::from_secs(1),
+    )
+    .await;
+    let addr = listener_addr(&server, "h");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let big = "a".repeat(16 * 1024);
+    s.write_all(format!("GET / HTTP/1.1\r\nhost: x\r\nx-big: {big}\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 431"), "{text}");
+
+    // A malformed request line gets 400 and only that connection closes; the listener keeps serving.
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"\x01\x02 garbage\r\n\r\n").await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 400"), "{:?}", String::from_utf8_lossy(&out));
+
+    // max_requests_per_connection: 2 → the second response says close.
+    let mut c = http1_client(addr).await;
+    let (_, headers, _) = http1_request(&mut c, "GET", "/", "x", &[]).await;
+    assert!(headers.get("connection").is_none());
+    let (_, headers, _) = http1_request(&mut c, "GET", "/", "x", &[]).await;
+    assert_eq!(headers["connection"], "close");
+    assert_eq!(counter(&server, "http.h.downstream_cx_max_requests_reached"), 1);
+}
+
+#[tokio::test]
+async fn expect_100_continue_and_http2_only_codec() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = http_upstream("U").await;
+    let server = start(
+        &yaml(&http_listener("h", 0, &routes_to("u", ""), ""), &static_cluster("u", &[up])),
+        Duration::from_secs(1),
+    )
+    .await;
+    let mut s = tokio::net::TcpStream::connect(listener_addr(&server, "h")).await.unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 25];
+    s.read_exact(&mut buf).await.unwrap();
+    assert!(buf.starts_with(b"HTTP/1.1 100 Continue\r\n\r\n"), "{:?}", String::from_utf8_lossy(&buf));
+    s.write_all(b"hello").await.unwrap();
+    let mut out = vec![0u8; 4096];
+    let n = s.read(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out[..n]);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+
+    // codec_type HTTP2: h2c prior knowledge works, HTTP/1 does not.
+    let server = start(
+        &yaml(
+            &http_listener("h", 0, &routes_to("u", ""), "\n          codec_type: HTTP2"),
+            &static_cluster("u", &[up]),
+        ),
+        Duration::from_secs(1),
+    )
+    .await;
+    let addr = listener_addr(&server, "h");
+    let mut h2 = h2c_client(addr).await;
+    let resp = h2
+        .send_request(hyper::Request::builder().uri("http://x/").body(http_body_util::Empty::new()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    assert!(
+        !String::from_utf8_lossy(&out).contains("HTTP/1.1 200"),
+        "HTTP/1 on an HTTP2-only listener: {:?}",
+        String::from_utf8_lossy(&out)
+    );
+}
+
+#[tokio::test]
+async fn request_timeout_answers_408_when_the_body_is_late() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = http_upstream("U").await;
+    let extra = "\n          request_timeout: 0.3s";
+    let server = start(
+        &yaml(&http_listener("h", 0, &routes_to("u", ""), extra), &static_cluster("u", &[up])),
+        Duration::from_secs(1),
+    )
+    .await;
+    let addr = listener_addr(&server, "h");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nhalf!").await.unwrap();
+    let started = std::time::Instant::now();
+    let mut out = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut out)).await.unwrap().unwrap();
+    let text = String::from_utf8_lossy(&out[..n]);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.ends_with("request timeout"), "{text}");
+    assert!(started.elapsed() >= Duration::from_millis(250), "{:?}", started.elapsed());
+    assert_eq!(counter(&server, "http.h.downstream_rq_timeout"), 1);
+
+    // A complete request is not cut short by the same timeout while the upstream takes its time.
+    let mut c = http1_client(addr).await;
+    let (status, _, _) = http1_request(&mut c, "GET", "/sleep/500", "x", &[]).await;
+    assert_eq!(status, 200);
+}

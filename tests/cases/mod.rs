@@ -1,3 +1,4 @@
+mod access_log;
 mod admin;
 mod ads;
 mod http;

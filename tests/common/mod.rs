@@ -297,6 +297,7 @@ pub async fn http_upstream(tag: &'static str) -> SocketAddr {
                             text.push_str(&format!("{k}={}\n", v.to_str().unwrap_or("")));
                         }
                     }
+                    text.push_str(&format!("version={:?}\n", req.version()));
                     let mut status = 200u16;
                     if let Some(code) = path.strip_prefix("/status/") {
                         status = code.parse().unwrap_or(500);

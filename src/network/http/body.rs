@@ -1,6 +1,7 @@
 //! The one body type that flows through the proxy in both directions: a peer's streaming body passed on frame by
-//! frame (never collected), or a local reply's bytes. A streamed body can carry the HCM's `stream_idle_timeout`:
-//! no frame for that long ends the stream with an error, which resets it on both sides.
+//! frame (never collected), or a local reply's bytes. A streamed body can carry the HCM's `stream_idle_timeout` (no
+//! frame for that long ends the stream with an error, which resets it on both sides) and, for an upstream HTTP/1.1
+//! response, the lease on its pooled connection, given back when the body has been read to the end.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -11,6 +12,12 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::access_log::{self, AccessLog, Entry, Flag};
+use crate::upstream::pool::Lease;
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 #[derive(Debug)]
@@ -18,15 +25,56 @@ pub enum ProxyBody {
     Empty,
     Bytes(Option<Bytes>),
     Stream(Incoming),
-    /// A stream under an idle timeout.
-    Idle(Box<IdleStream>),
+    Watched(Box<Watched>),
+    /// A response whose access log line is written when it ends (or is abandoned).
+    Logged(Box<Logged>),
 }
 
+/// A response body that counts what it sent and logs its request when it is done.
 #[derive(Debug)]
-pub struct IdleStream {
+pub struct Logged {
+    inner: ProxyBody,
+    sent: u64,
+    ended: bool,
+    began: Instant,
+    entry: Option<Entry>,
+    logs: Arc<[AccessLog]>,
+}
+
+impl Logged {
+    pub fn wrap(inner: ProxyBody, entry: Entry, began: Instant, logs: Arc<[AccessLog]>) -> ProxyBody {
+        ProxyBody::Logged(Box::new(Logged { inner, sent: 0, ended: false, began, entry: Some(entry), logs }))
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        if let Some(mut e) = self.entry.take() {
+            e.duration = self.began.elapsed();
+            e.bytes_sent = self.sent;
+            if !self.ended && !self.inner.is_end_stream() {
+                e.flags.push(Flag::DownstreamConnectionTermination);
+            }
+            access_log::log_all(&self.logs, &e);
+        }
+    }
+}
+
+/// A streamed body with an idle timeout and/or a connection lease.
+#[derive(Debug)]
+pub struct Watched {
     inner: Incoming,
-    timeout: Duration,
-    sleep: Pin<Box<Sleep>>,
+    idle: Option<(Duration, Pin<Box<Sleep>>)>,
+    lease: Option<Lease>,
+    count: Option<Arc<Progress>>,
+}
+
+/// How far a request body has been forwarded: for BYTES_RECEIVED and for `request_timeout`, which stops counting
+/// once the last byte went upstream.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub bytes: AtomicU64,
+    pub done: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -39,14 +87,24 @@ impl ProxyBody {
         if b.is_empty() { ProxyBody::Empty } else { ProxyBody::Bytes(Some(b)) }
     }
 
-    /// A streamed body that fails once no frame arrived for `timeout` (None: no limit).
-    pub fn stream(inner: Incoming, timeout: Option<Duration>) -> Self {
-        match timeout {
-            Some(timeout) => {
-                ProxyBody::Idle(Box::new(IdleStream { inner, timeout, sleep: Box::pin(tokio::time::sleep(timeout)) }))
+    /// A streamed body that fails once no frame arrived for `idle` (None: no limit) and that gives `lease` back when
+    /// it has been read to the end.
+    pub fn stream(inner: Incoming, idle: Option<Duration>, lease: Option<Lease>, count: Option<Arc<Progress>>) -> Self {
+        if inner.is_end_stream() {
+            if let Some(c) = &count {
+                c.done.store(true, Ordering::Relaxed);
             }
-            None => ProxyBody::Stream(inner),
+            // Nothing to read (a bodiless response): the connection is free now.
+            if let Some(l) = lease {
+                l.give_back();
+            }
+            return ProxyBody::Stream(inner);
         }
+        if idle.is_none() && lease.is_none() && count.is_none() {
+            return ProxyBody::Stream(inner);
+        }
+        let idle = idle.map(|t| (t, Box::pin(tokio::time::sleep(t))));
+        ProxyBody::Watched(Box::new(Watched { inner, idle, lease, count }))
     }
 }
 
@@ -59,15 +117,50 @@ impl Body for ProxyBody {
             ProxyBody::Empty => Poll::Ready(None),
             ProxyBody::Bytes(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             ProxyBody::Stream(s) => Pin::new(s).poll_frame(cx).map_err(Into::into),
-            ProxyBody::Idle(idle) => match Pin::new(&mut idle.inner).poll_frame(cx) {
+            ProxyBody::Logged(l) => {
+                let polled = Pin::new(&mut l.inner).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(Some(Ok(f))) => {
+                        l.sent += f.data_ref().map_or(0, |d| d.len() as u64);
+                        l.ended = l.inner.is_end_stream();
+                    }
+                    Poll::Ready(None) => l.ended = true,
+                    _ => {}
+                }
+                polled
+            }
+            ProxyBody::Watched(w) => match Pin::new(&mut w.inner).poll_frame(cx) {
                 Poll::Ready(frame) => {
-                    let next = Instant::now() + idle.timeout;
-                    idle.sleep.as_mut().reset(next);
+                    if let Some((timeout, sleep)) = &mut w.idle {
+                        sleep.as_mut().reset(Instant::now() + *timeout);
+                    }
+                    let failed = matches!(frame, Some(Err(_)));
+                    if let (Some(count), Some(Ok(f))) = (&w.count, &frame)
+                        && let Some(d) = f.data_ref()
+                    {
+                        count.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+                    }
+                    if let Some(count) = &w.count
+                        && !failed
+                        && (frame.is_none() || w.inner.is_end_stream())
+                    {
+                        count.done.store(true, Ordering::Relaxed);
+                    }
+                    // hyper stops polling once a body says it has ended, so the lease goes back with the last frame.
+                    if !failed
+                        && (frame.is_none() || w.inner.is_end_stream())
+                        && let Some(l) = w.lease.take()
+                    {
+                        l.give_back();
+                    }
                     Poll::Ready(frame.map(|f| f.map_err(Into::into)))
                 }
-                Poll::Pending => match idle.sleep.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(StreamIdleTimeout.into()))),
-                    Poll::Pending => Poll::Pending,
+                Poll::Pending => match &mut w.idle {
+                    Some((_, sleep)) => match sleep.as_mut().poll(cx) {
+                        Poll::Ready(()) => Poll::Ready(Some(Err(StreamIdleTimeout.into()))),
+                        Poll::Pending => Poll::Pending,
+                    },
+                    None => Poll::Pending,
                 },
             },
         }
@@ -78,7 +171,8 @@ impl Body for ProxyBody {
             ProxyBody::Empty => true,
             ProxyBody::Bytes(b) => b.is_none(),
             ProxyBody::Stream(s) => s.is_end_stream(),
-            ProxyBody::Idle(i) => i.inner.is_end_stream(),
+            ProxyBody::Watched(w) => w.inner.is_end_stream(),
+            ProxyBody::Logged(l) => l.inner.is_end_stream(),
         }
     }
 
@@ -87,7 +181,8 @@ impl Body for ProxyBody {
             ProxyBody::Empty => SizeHint::with_exact(0),
             ProxyBody::Bytes(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             ProxyBody::Stream(s) => s.size_hint(),
-            ProxyBody::Idle(i) => i.inner.size_hint(),
+            ProxyBody::Watched(w) => w.inner.size_hint(),
+            ProxyBody::Logged(l) => l.inner.size_hint(),
         }
     }
 }

@@ -8,7 +8,9 @@ pub mod route;
 mod router;
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -26,6 +28,7 @@ use tracing::debug;
 use self::body::ProxyBody;
 use self::rds::{RdsSlot, RouteRegistry};
 use self::route::RouteTable;
+use crate::access_log;
 use crate::config::http::{Codec, HcmConfig, RouteSource};
 use crate::drain::{DrainWatch, Phase};
 use crate::listener::filters::Detected;
@@ -47,6 +50,7 @@ pub struct HttpStats {
     pub downstream_cx_http2_total: Counter,
     pub downstream_cx_drain_close: Counter,
     pub downstream_cx_idle_timeout: Counter,
+    pub downstream_cx_max_requests_reached: Counter,
     pub downstream_rq_total: Counter,
     pub downstream_rq_active: Gauge,
     pub downstream_rq_http1_total: Counter,
@@ -55,6 +59,7 @@ pub struct HttpStats {
     pub downstream_rq_class: [Counter; 5],
     pub downstream_rq_ws_on_non_ws_route: Counter,
     pub downstream_rq_idle_timeout: Counter,
+    pub downstream_rq_timeout: Counter,
     pub no_route: Counter,
     pub no_cluster: Counter,
     pub rq_direct_response: Counter,
@@ -73,6 +78,7 @@ impl HttpStats {
             downstream_cx_http2_total: c("downstream_cx_http2_total"),
             downstream_cx_drain_close: c("downstream_cx_drain_close"),
             downstream_cx_idle_timeout: c("downstream_cx_idle_timeout"),
+            downstream_cx_max_requests_reached: c("downstream_cx_max_requests_reached"),
             downstream_rq_total: c("downstream_rq_total"),
             downstream_rq_active: g("downstream_rq_active"),
             downstream_rq_http1_total: c("downstream_rq_http1_total"),
@@ -80,6 +86,7 @@ impl HttpStats {
             downstream_rq_class: [1, 2, 3, 4, 5].map(|n| c(&format!("downstream_rq_{n}xx"))),
             downstream_rq_ws_on_non_ws_route: c("downstream_rq_ws_on_non_ws_route"),
             downstream_rq_idle_timeout: c("downstream_rq_idle_timeout"),
+            downstream_rq_timeout: c("downstream_rq_timeout"),
             no_route: c("no_route"),
             no_cluster: c("no_cluster"),
             rq_direct_response: c("rq_direct_response"),
@@ -103,9 +110,6 @@ impl HttpConnectionManager {
             RouteSource::Rds { name, .. } => Routes::Rds(registry.slot(name)),
         };
         let stats = HttpStats::new(store, &config.stat_prefix);
-        if !config.skipped_filters.is_empty() {
-            debug!(stat_prefix = %config.stat_prefix, skipped = ?config.skipped_filters, "HTTP filters skipped");
-        }
         HttpConnectionManager { config: Arc::new(config), routes, stats }
     }
 
@@ -122,8 +126,9 @@ impl HttpConnectionManager {
         self: Arc<Self>,
         stream: TcpStream,
         det: &Detected,
-        mut drain: DrainWatch,
+        drain: DrainWatch,
         ctx: Arc<WorkerContext>,
+        chain_name: &str,
     ) {
         let stats = &self.stats;
         stats.downstream_cx_total.inc();
@@ -132,6 +137,10 @@ impl HttpConnectionManager {
             hcm: self.clone(),
             ctx,
             peer: det.peer,
+            local: det.local,
+            direct_peer: det.direct_peer,
+            server_name: det.server_name.clone(),
+            chain_name: chain_name.to_string(),
             original_dst: det.local_restored.then_some(det.local),
             drain: drain.clone(),
             close: Notify::new(),
@@ -139,65 +148,90 @@ impl HttpConnectionManager {
             active: AtomicUsize::new(0),
             born: Instant::now(),
             last_active_ms: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
         });
         let svc_conn = conn.clone();
         let svc = service_fn(move |req: Request<Incoming>| {
             let c = svc_conn.clone();
             async move { Ok::<_, Infallible>(c.handle(req).await) }
         });
-        let mut builder = auto::Builder::new(TokioExecutor::new());
         let max_headers = self.config.max_request_headers_kb as usize * 1024;
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(None)
-            .max_buf_size(max_headers.max(8192))
-            .preserve_header_case(false);
-        builder.http2().timer(TokioTimer::new()).max_header_list_size(max_headers as u32);
-        let builder = match self.config.codec {
-            Codec::Auto => builder,
-            Codec::Http1 => builder.http1_only(),
-            Codec::Http2 => builder.http2_only(),
-        };
-        let served = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-        tokio::pin!(served);
-        let idle = self.config.connection_idle_timeout;
-        let mut shutting_down = false;
-        let mut forced = drain.clone();
-        let mut idle_check = Box::pin(tokio::time::sleep(idle.unwrap_or(Duration::from_secs(86_400 * 365))));
-        loop {
-            tokio::select! {
-                r = served.as_mut() => {
-                    if let Err(e) = r {
-                        debug!(peer = %conn.peer, "HTTP connection ended: {e}");
-                    }
-                    break;
+        let io = TokioIo::new(stream);
+        // hyper's auto-detecting connection ignores "only" settings once upgrades are on, so the fixed codecs use
+        // their own connection types.
+        match self.config.codec {
+            Codec::Auto => {
+                let mut builder = auto::Builder::new(TokioExecutor::new());
+                builder.http1().timer(TokioTimer::new()).header_read_timeout(None).max_buf_size(max_headers.max(8192));
+                builder.http2().timer(TokioTimer::new()).max_header_list_size(max_headers as u32);
+                let served = builder.serve_connection_with_upgrades(io, svc);
+                drive(std::pin::pin!(served), |c| c.graceful_shutdown(), &self, &conn, drain).await;
+            }
+            Codec::Http1 => {
+                let mut builder = hyper::server::conn::http1::Builder::new();
+                builder.timer(TokioTimer::new()).header_read_timeout(None).max_buf_size(max_headers.max(8192));
+                let served = builder.serve_connection(io, svc).with_upgrades();
+                drive(std::pin::pin!(served), |c| c.graceful_shutdown(), &self, &conn, drain).await;
+            }
+            Codec::Http2 => {
+                let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                builder.timer(TokioTimer::new()).max_header_list_size(max_headers as u32);
+                let served = builder.serve_connection(io, svc);
+                drive(std::pin::pin!(served), |c| c.graceful_shutdown(), &self, &conn, drain).await;
+            }
+        }
+    }
+}
+
+/// Runs a connection until it ends, shutting it down gracefully on drain, on the router's request, or when idle,
+/// and dropping it at the drain deadline.
+async fn drive<C, E>(
+    mut served: Pin<&mut C>,
+    shut_down: impl Fn(Pin<&mut C>),
+    hcm: &HttpConnectionManager,
+    conn: &Connection,
+    mut drain: DrainWatch,
+) where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let stats = &hcm.stats;
+    let idle = hcm.config.connection_idle_timeout;
+    let mut shutting_down = false;
+    let mut forced = drain.clone();
+    let mut idle_check = Box::pin(tokio::time::sleep(idle.unwrap_or(Duration::from_secs(86_400 * 365))));
+    loop {
+        tokio::select! {
+            r = served.as_mut() => {
+                if let Err(e) = r {
+                    debug!(peer = %conn.peer, "HTTP connection ended: {e}");
                 }
-                // Drained immediately, or the router decided this connection's turn has come (gradual drain).
-                _ = wait_drain_close(&mut drain), if !shutting_down => {
+                break;
+            }
+            // Drained immediately, or the router decided this connection's turn has come (gradual drain).
+            _ = wait_drain_close(&mut drain), if !shutting_down => {
+                shutting_down = true;
+                stats.downstream_cx_drain_close.inc();
+                shut_down(served.as_mut());
+            }
+            _ = conn.close.notified(), if !shutting_down => {
+                shutting_down = true;
+                stats.downstream_cx_drain_close.inc();
+                shut_down(served.as_mut());
+            }
+            _ = forced.closed() => {
+                debug!(peer = %conn.peer, "HTTP connection closed by the drain deadline");
+                break;
+            }
+            _ = &mut idle_check, if idle.is_some() && !shutting_down => {
+                let Some(limit) = idle else { continue };
+                let last = conn.born + Duration::from_millis(conn.last_active_ms.load(Ordering::Relaxed));
+                if conn.active.load(Ordering::Relaxed) == 0 && last.elapsed() >= limit {
+                    stats.downstream_cx_idle_timeout.inc();
                     shutting_down = true;
-                    stats.downstream_cx_drain_close.inc();
-                    served.as_mut().graceful_shutdown();
-                }
-                _ = conn.close.notified(), if !shutting_down => {
-                    shutting_down = true;
-                    stats.downstream_cx_drain_close.inc();
-                    served.as_mut().graceful_shutdown();
-                }
-                _ = forced.closed() => {
-                    debug!(peer = %conn.peer, "HTTP connection closed by the drain deadline");
-                    break;
-                }
-                _ = &mut idle_check, if idle.is_some() && !shutting_down => {
-                    let Some(limit) = idle else { continue };
-                    let last = conn.born + Duration::from_millis(conn.last_active_ms.load(Ordering::Relaxed));
-                    if conn.active.load(Ordering::Relaxed) == 0 && last.elapsed() >= limit {
-                        stats.downstream_cx_idle_timeout.inc();
-                        shutting_down = true;
-                        served.as_mut().graceful_shutdown();
-                    } else {
-                        idle_check.as_mut().reset(last.max(Instant::now()) + limit);
-                    }
+                    shut_down(served.as_mut());
+                } else {
+                    idle_check.as_mut().reset(last.max(Instant::now()) + limit);
                 }
             }
         }
@@ -215,11 +249,23 @@ async fn wait_drain_close(drain: &mut DrainWatch) {
     std::future::pending::<()>().await
 }
 
+/// Resolves when `limit` has passed and the request body has still not been forwarded to its end; never once it has.
+async fn request_deadline(limit: Duration, progress: Option<&body::Progress>) {
+    tokio::time::sleep(limit).await;
+    if progress.is_some_and(|p| p.done.load(Ordering::Relaxed)) {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// One downstream connection's state, shared by its requests.
 struct Connection {
     hcm: Arc<HttpConnectionManager>,
     ctx: Arc<WorkerContext>,
     peer: SocketAddr,
+    local: SocketAddr,
+    direct_peer: SocketAddr,
+    server_name: Option<String>,
+    chain_name: String,
     original_dst: Option<SocketAddr>,
     drain: DrainWatch,
     close: Notify,
@@ -227,6 +273,7 @@ struct Connection {
     active: AtomicUsize,
     born: Instant,
     last_active_ms: AtomicU64,
+    requests: AtomicU64,
 }
 
 impl Connection {
@@ -240,8 +287,72 @@ impl Connection {
         if h2 { &stats.downstream_rq_http2_total } else { &stats.downstream_rq_http1_total }.inc();
         let _rq = GaugeGuard::new(&stats.downstream_rq_active);
         self.active.fetch_add(1, Ordering::Relaxed);
-        let resp = router::route(&self, req).await;
-        self.finish(resp, h2)
+        let logs = &self.hcm.config.access_log;
+        let request_timeout = self.hcm.config.request_timeout.filter(|_| !http_body::Body::is_end_stream(req.body()));
+        if logs.is_empty() && request_timeout.is_none() {
+            let resp = router::route(&self, req, &mut router::Trace::default()).await;
+            return self.finish(resp, h2);
+        }
+        let began = Instant::now();
+        let mut entry = if logs.is_empty() { access_log::Entry::default() } else { self.log_entry(&req) };
+        let mut trace =
+            router::Trace { logging: !logs.is_empty(), received: Some(Arc::default()), ..Default::default() };
+        let progress = trace.received.clone();
+        let resp = match request_timeout {
+            None => router::route(&self, req, &mut trace).await,
+            Some(limit) => {
+                let routed = router::route(&self, req, &mut trace);
+                tokio::pin!(routed);
+                tokio::select! {
+                    resp = &mut routed => resp,
+                    () = request_deadline(limit, progress.as_deref()) => {
+                        // Envoy's request_timeout: the whole request did not arrive in time and no response began.
+                        stats.downstream_rq_timeout.inc();
+                        router::request_timeout_reply(&self)
+                    }
+                }
+            }
+        };
+        if logs.is_empty() {
+            return self.finish(resp, h2);
+        }
+        let mut resp = self.finish(resp, h2);
+        entry.response_code = Some(resp.status().as_u16());
+        entry.response_headers = Some(resp.headers().clone());
+        entry.flags = trace.flags;
+        entry.route_name = trace.route_name;
+        entry.upstream_cluster = trace.cluster;
+        entry.upstream_host = trace.upstream_host;
+        entry.bytes_received = trace.received.map_or(0, |r| r.bytes.load(Ordering::Relaxed));
+        let body = std::mem::replace(resp.body_mut(), ProxyBody::Empty);
+        *resp.body_mut() = body::Logged::wrap(body, entry, began, logs.clone());
+        resp
+    }
+
+    /// The request half of an access log entry.
+    fn log_entry(&self, req: &Request<Incoming>) -> access_log::Entry {
+        access_log::Entry {
+            start: Some(std::time::SystemTime::now()),
+            downstream_remote: Some(self.peer),
+            downstream_local: Some(self.local),
+            downstream_direct_remote: Some(self.direct_peer),
+            requested_server_name: self.server_name.clone(),
+            filter_chain_name: Some(self.chain_name.clone()),
+            protocol: Some(match req.version() {
+                http::Version::HTTP_2 => "HTTP/2",
+                http::Version::HTTP_10 => "HTTP/1.0",
+                _ => "HTTP/1.1",
+            }),
+            method: Some(req.method().to_string()),
+            path: req.uri().path_and_query().map(|p| p.as_str().to_string()),
+            authority: req
+                .uri()
+                .authority()
+                .map(|a| a.to_string())
+                .or_else(|| req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string)),
+            request_headers: Some(req.headers().clone()),
+            ..Default::default()
+        }
     }
 
     fn finish(&self, mut resp: Response<ProxyBody>, h2: bool) -> Response<ProxyBody> {
@@ -249,7 +360,14 @@ impl Connection {
         if let Some(c) = self.hcm.stats.downstream_rq_class.get(usize::from(status / 100).wrapping_sub(1)) {
             c.inc();
         }
-        if self.drain.phase() != Phase::Serving && self.drain.should_close(Instant::now(), rand::random()) {
+        let served = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
+        let limit_reached = self.hcm.config.max_requests_per_connection.is_some_and(|max| served >= u64::from(max));
+        if limit_reached {
+            self.hcm.stats.downstream_cx_max_requests_reached.inc();
+        }
+        if limit_reached
+            || (self.drain.phase() != Phase::Serving && self.drain.should_close(Instant::now(), rand::random()))
+        {
             if !h2 {
                 resp.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
             }

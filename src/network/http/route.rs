@@ -6,7 +6,7 @@
 //! wildcards in per-length maps, regexes are compiled once. Every conversion error names its field relative to the
 //! `RouteConfiguration`; a value we read and do not honour is refused rather than ignored. Fields that are only
 //! metadata or telemetry (`name`, `decorator`, `metadata`, `typed_per_filter_config`, `validate_clusters`,
-//! `include_request_attempt_count`, `max_stream_duration`, `max_grpc_timeout`) are accepted and ignored; fields this
+//! `max_stream_duration`, `max_grpc_timeout`) are accepted and ignored; fields this
 //! module never reads are left to the descriptor-driven field audit.
 
 use std::borrow::Cow;
@@ -70,6 +70,8 @@ pub struct Matched<'a> {
 pub struct VirtualHost {
     name: String,
     routes: Vec<Route>,
+    /// `include_request_attempt_count`: upstream requests carry `x-envoy-attempt-count`.
+    pub include_attempt_count: bool,
     request_headers: HeaderMutations,
     response_headers: HeaderMutations,
 }
@@ -411,6 +413,7 @@ impl VirtualHost {
         Ok(VirtualHost {
             name: vh.name.clone(),
             routes,
+            include_attempt_count: vh.include_request_attempt_count,
             request_headers: HeaderMutations::new(
                 &vh.request_headers_to_add,
                 &vh.request_headers_to_remove,

@@ -14,10 +14,11 @@ use tracing::debug;
 use super::Connection;
 use super::body::ProxyBody;
 use super::route::{Action, HostRewrite, Matched, RequestHead, RetryPolicy, RouteAction, UpstreamFailure};
+use crate::access_log::Flag;
 use crate::config::cluster::UpstreamProtocol;
 use crate::config::http::ServerHeader;
 use crate::upstream::cluster::{Cluster, Host};
-use crate::upstream::pool::{PoolError, Protocol};
+use crate::upstream::pool::{Lease, PoolError, Protocol};
 
 const NO_HEALTHY_UPSTREAM: &str = "no healthy upstream";
 const CONNECT_FAILURE: &str =
@@ -31,12 +32,13 @@ static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_UPSTREAM_SERVICE_TIME: HeaderName = HeaderName::from_static("x-envoy-upstream-service-time");
+static X_ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count");
 static X_OVERLOADED: HeaderName = HeaderName::from_static("x-envoy-overloaded");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Routes one request and returns the response to send downstream: the upstream's, or a local reply.
-pub(super) async fn route(conn: &Connection, mut req: Request<Incoming>) -> Response<ProxyBody> {
+pub(super) async fn route(conn: &Connection, mut req: Request<Incoming>, trace: &mut Trace) -> Response<ProxyBody> {
     let hcm = &conn.hcm;
     let config = &hcm.config;
     let authority = request_authority(&req);
@@ -50,14 +52,19 @@ pub(super) async fn route(conn: &Connection, mut req: Request<Incoming>) -> Resp
 
     let Some(table) = hcm.route_table() else {
         hcm.stats.no_route.inc();
+        trace.flags.push(Flag::NoRoute);
         return local_reply(conn, StatusCode::NOT_FOUND, "");
     };
     let head = RequestHead { method: req.method(), uri: req.uri(), authority: &authority, headers: req.headers() };
     let Some(matched) = table.route(&head) else {
         hcm.stats.no_route.inc();
+        trace.flags.push(Flag::NoRoute);
         debug!(authority = %authority, path = %req.uri().path(), "no route");
         return local_reply(conn, StatusCode::NOT_FOUND, "");
     };
+    if trace.logging {
+        trace.route_name = Some(matched.route.name().to_string());
+    }
     let action = match matched.action() {
         Action::DirectResponse { status, body } => {
             hcm.stats.rq_direct_response.inc();
@@ -99,10 +106,15 @@ pub(super) async fn route(conn: &Connection, mut req: Request<Incoming>) -> Resp
         matched.cluster_name(req.headers()).and_then(|name| conn.ctx.clusters.load().get(name.as_ref()).cloned());
     let Some(cluster) = cluster else {
         hcm.stats.no_cluster.inc();
+        trace.flags.push(Flag::NoClusterFound);
         debug!("route points at no known cluster");
         return local_reply(conn, action.cluster_not_found_status, "");
     };
-    let mut resp = forward(conn, &matched, action, &cluster, req, &authority, upgrade).await;
+    if trace.logging {
+        trace.cluster = Some(cluster.name().to_string());
+    }
+    let chosen = Chosen { matched: &matched, action, authority: &authority, upgrade };
+    let mut resp = forward(conn, &chosen, &cluster, req, trace).await;
     matched.apply_response_headers(resp.headers_mut());
     resp
 }
@@ -222,11 +234,24 @@ fn normalized_uri(uri: &Uri, dots: bool, slashes: bool) -> Option<Uri> {
 
 /// A random (version 4) UUID, the form of Envoy's generated x-request-id.
 fn uuid_v4() -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut b: [u8; 16] = rand::random();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let h = |r: std::ops::Range<usize>| b[r].iter().map(|x| format!("{x:02x}")).collect::<String>();
-    format!("{}-{}-{}-{}-{}", h(0..4), h(4..6), h(6..8), h(8..10), h(10..16))
+    let mut out = String::with_capacity(36);
+    for (i, byte) in b.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            out.push('-');
+        }
+        out.push(char::from(HEX[usize::from(byte >> 4)]));
+        out.push(char::from(HEX[usize::from(byte & 0x0f)]));
+    }
+    out
+}
+
+/// Envoy's reply when `request_timeout` fires before the request was fully received.
+pub(super) fn request_timeout_reply(conn: &Connection) -> Response<ProxyBody> {
+    local_reply(conn, StatusCode::REQUEST_TIMEOUT, "request timeout")
 }
 
 /// A reply made by the proxy itself, with Envoy's headers.
@@ -252,22 +277,42 @@ fn set_server(conn: &Connection, headers: &mut HeaderMap) {
     }
 }
 
+/// What the access log needs to know about how a request was routed; filled as routing goes.
+#[derive(Debug, Default)]
+pub(super) struct Trace {
+    /// Whether anyone will read the names below (they cost an allocation each).
+    pub logging: bool,
+    pub flags: Vec<Flag>,
+    pub route_name: Option<String>,
+    pub cluster: Option<String>,
+    pub upstream_host: Option<SocketAddr>,
+    /// Request body bytes, counted as they are forwarded.
+    pub received: Option<Arc<super::body::Progress>>,
+}
+
 /// Why an attempt did not produce a response to pass on.
 enum Failure {
     Pool(PoolError),
     PerTryTimeout,
 }
 
+/// What routing decided for a request that goes upstream.
+struct Chosen<'a> {
+    matched: &'a Matched<'a>,
+    action: &'a RouteAction,
+    authority: &'a str,
+    upgrade: bool,
+}
+
 /// Sends the request upstream (with retries) and returns the downstream response.
 async fn forward(
     conn: &Connection,
-    matched: &Matched<'_>,
-    action: &RouteAction,
+    chosen: &Chosen<'_>,
     cluster: &Arc<Cluster>,
     req: Request<Incoming>,
-    authority: &str,
-    upgrade: bool,
+    trace: &mut Trace,
 ) -> Response<ProxyBody> {
+    let Chosen { matched, action, authority, upgrade } = *chosen;
     let start = Instant::now();
     let downstream_h2 = req.version() == Version::HTTP_2;
     let protocol = match (cluster.config.http.protocol, upgrade) {
@@ -316,22 +361,31 @@ async fn forward(
         attempt += 1;
         let Some(host_entry) = choose_host(conn, cluster, retry, &tried) else {
             stats.upstream_cx_none_healthy.inc();
+            trace.flags.push(Flag::NoHealthyUpstream);
             return local_reply(conn, StatusCode::SERVICE_UNAVAILABLE, NO_HEALTHY_UPSTREAM);
         };
-        tried.push(host_entry.address);
+        if max_attempts > 1 {
+            tried.push(host_entry.address);
+        }
+        trace.upstream_host = Some(host_entry.address);
         let Some(_rq) = cluster.start_request() else {
+            trace.flags.push(Flag::UpstreamOverflow);
             let mut resp = local_reply(conn, StatusCode::SERVICE_UNAVAILABLE, OVERFLOW);
             resp.headers_mut().insert(X_OVERLOADED.clone(), HeaderValue::from_static("true"));
             return resp;
         };
-        let mut h = headers.clone();
+        // The last possible attempt takes the headers; earlier ones copy them for a retry.
+        let mut h = if attempt < max_attempts { headers.clone() } else { std::mem::take(&mut headers) };
+        if matched.vhost.include_attempt_count {
+            h.insert(X_ATTEMPT_COUNT.clone(), HeaderValue::from(attempt));
+        }
         if matches!(action.host_rewrite, HostRewrite::Auto) {
             h.insert(header::HOST, host_value(&host_entry.address, &host_entry.hostname));
         } else if let Ok(v) = HeaderValue::from_str(&host) {
             h.insert(header::HOST, v);
         }
         let upstream_body = match body.take() {
-            Some(b) if !body_empty => ProxyBody::stream(b, idle),
+            Some(b) if !body_empty => ProxyBody::stream(b, idle, None, trace.received.clone()),
             _ => ProxyBody::Empty,
         };
         let request = match build_request(&parts.method, &path, protocol, h, upstream_body) {
@@ -351,6 +405,7 @@ async fn forward(
                 Ok(r) => r.map_err(Failure::Pool),
                 Err(_) if deadline.is_some_and(|g| g <= Instant::now()) => {
                     stats.upstream_rq_timeout.inc();
+                    trace.flags.push(Flag::UpstreamRequestTimeout);
                     return local_reply(conn, StatusCode::GATEWAY_TIMEOUT, TIMEOUT);
                 }
                 Err(_)
@@ -358,6 +413,7 @@ async fn forward(
                         && per_try.is_none_or(|p| p > idle.unwrap_or(p)) =>
                 {
                     // Envoy's stream_idle_timeout before any response: 408 "stream timeout".
+                    trace.flags.push(Flag::StreamIdleTimeout);
                     conn.hcm.stats.downstream_rq_idle_timeout.inc();
                     return local_reply(conn, StatusCode::REQUEST_TIMEOUT, STREAM_TIMEOUT);
                 }
@@ -370,7 +426,8 @@ async fn forward(
         };
         let can_retry = attempt < max_attempts && retry.is_some();
         match outcome {
-            Ok(resp) => {
+            Ok((resp, lease)) => {
+                stats.upstream_rq_time.record(now.elapsed().as_secs_f64() * 1000.0);
                 let status = resp.status().as_u16();
                 cluster.count_response(status);
                 if can_retry && retry.is_some_and(|p| p.should_retry_status(status)) {
@@ -378,7 +435,7 @@ async fn forward(
                     backoff(retry, attempt, deadline).await;
                     continue;
                 }
-                return upstream_response(conn, resp, start, downstream_upgrade, parts.version, idle);
+                return upstream_response(conn, resp, lease, start, downstream_upgrade, parts.version, idle);
             }
             Err(failure) => {
                 let (retryable, reply) = match &failure {
@@ -407,8 +464,14 @@ async fn forward(
                     backoff(retry, attempt, deadline).await;
                     continue;
                 }
+                trace.flags.push(match &failure {
+                    Failure::Pool(e) if e.is_connect_failure() => Flag::UpstreamConnectionFailure,
+                    Failure::Pool(_) => Flag::UpstreamConnectionTermination,
+                    Failure::PerTryTimeout => Flag::UpstreamRequestTimeout,
+                });
                 if attempt > 1 && retryable {
                     stats.upstream_rq_retry_limit_exceeded.inc();
+                    trace.flags.push(Flag::UpstreamRetryLimitExceeded);
                 }
                 return local_reply(conn, reply.0, reply.1);
             }
@@ -474,6 +537,7 @@ fn build_request(
 fn upstream_response(
     conn: &Connection,
     mut resp: Response<Incoming>,
+    lease: Option<Lease>,
     start: Instant,
     downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
     downstream_version: Version,
@@ -508,7 +572,9 @@ fn upstream_response(
         parts.headers.append(header::VIA, via.clone());
     }
     set_server(conn, &mut parts.headers);
-    Response::from_parts(parts, ProxyBody::stream(body, idle))
+    // An upgraded connection never returns to the pool: its bytes now belong to the tunnel.
+    let lease = if switching { None } else { lease };
+    Response::from_parts(parts, ProxyBody::stream(body, idle, lease, None))
 }
 
 #[cfg(test)]

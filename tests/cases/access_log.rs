@@ -1,0 +1,177 @@
+//! Access logs end to end: file loggers on tcp_proxy, on the HTTP connection manager and on the listener (no chain
+//! matched), with Envoy's default format, custom operators and json_format, checked against known values.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+use crate::common::*;
+
+fn file_log(path: &std::path::Path, format: &str) -> String {
+    format!(
+        r#"[ {{ name: envoy.access_loggers.file, typed_config: {{ "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog, path: "{}"{format} }} }} ]"#,
+        path.display()
+    )
+}
+
+async fn lines(path: &std::path::Path, n: usize) -> Vec<String> {
+    let mut found = Vec::new();
+    eventually(&format!("{n} access log lines in {}", path.display()), Duration::from_secs(5), async || {
+        found = std::fs::read_to_string(path).unwrap_or_default().lines().map(str::to_string).collect();
+        found.len() >= n
+    })
+    .await;
+    found
+}
+
+#[tokio::test]
+async fn tcp_proxy_logs_each_connection_with_chain_bytes_and_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tcp.log");
+    let up = echo_server().await;
+    let dead = free_port();
+    let format = r#", log_format: { text_format: "%FILTER_CHAIN_NAME% %UPSTREAM_CLUSTER% %UPSTREAM_HOST% %BYTES_RECEIVED% %BYTES_SENT% %RESPONSE_FLAGS% %DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%\n" }"#;
+    let listeners = format!(
+        r#"
+  - name: l
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
+    filter_chains:
+    - name: to-echo
+      filter_chain_match: {{ destination_port: 1 }}
+      filters:
+      - name: t
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: dead
+          cluster: dead
+          access_log: {log}
+    default_filter_chain:
+      name: default-chain
+      filters:
+      - name: t
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: echo
+          cluster: echo
+          access_log: {log}"#,
+        log = file_log(&path, format)
+    );
+    let clusters =
+        format!("{}{}", static_cluster("echo", &[up]), static_cluster("dead", &[([127, 0, 0, 1], dead).into()]));
+    let server =
+        start(&format!("static_resources:\n  listeners:{listeners}\n  clusters:{clusters}\n"), Duration::from_secs(1))
+            .await;
+    let mut s = TcpStream::connect(listener_addr(&server, "l")).await.unwrap();
+    assert!(echo_ok(&mut s, b"0123456789").await);
+    drop(s);
+    let got = lines(&path, 1).await;
+    assert_eq!(got[0], format!("default-chain echo {up} 10 10 - 127.0.0.1"));
+}
+
+#[tokio::test]
+async fn http_requests_are_logged_in_envoys_default_format_and_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("http.log");
+    let json = dir.path().join("http.json");
+    let up = http_upstream("U").await;
+    let json_format = r#", log_format: { json_format: { code: "%RESPONSE_CODE%", flags: "%RESPONSE_FLAGS%", route: "%ROUTE_NAME%", method: "%REQ(:METHOD)%", up: "%UPSTREAM_HOST%", received: "%BYTES_RECEIVED%" } }"#;
+    let logs = format!(
+        "[ {}, {} ]",
+        file_log(&text, "").trim_start_matches("[ ").trim_end_matches(" ]"),
+        file_log(&json, json_format).trim_start_matches("[ ").trim_end_matches(" ]")
+    );
+    let routes = r#"          route_config:
+            name: local
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - name: to-u
+                match: { prefix: "/" }
+                route: { cluster: u }"#;
+    let extra = format!("\n          access_log: {logs}");
+    let server = start(
+        &format!(
+            "static_resources:\n  listeners:{}\n  clusters:{}\n",
+            http_listener("h", 0, routes, &extra),
+            static_cluster("u", &[up])
+        ),
+        Duration::from_secs(1),
+    )
+    .await;
+    let mut c = http1_client(listener_addr(&server, "h")).await;
+    let (status, _, body) = http1_request(
+        &mut c,
+        "GET",
+        "/hello?x=1",
+        "example.com",
+        &[("user-agent", "test-agent"), ("x-request-id", "rid-1")],
+    )
+    .await;
+    assert_eq!(status, 200);
+    let got = lines(&text, 1).await;
+    let line = &got[0];
+    // [START_TIME] "GET /hello?x=1 HTTP/1.1" 200 - 0 <bytes> <ms> <ms> "-" "test-agent" "rid-1" "example.com" "<up>"
+    assert!(line.starts_with('[') && line.contains("Z] \"GET /hello?x=1 HTTP/1.1\" 200 - 0 "), "{line}");
+    assert!(line.contains(&format!(" {} ", body.len())), "bytes sent {}: {line}", body.len());
+    assert!(line.ends_with(&format!("\"-\" \"test-agent\" \"rid-1\" \"example.com\" \"{up}\"")), "{line}");
+
+    let got = lines(&json, 1).await;
+    let v: serde_json::Value = serde_json::from_str(&got[0]).unwrap();
+    assert_eq!(v["code"], 200);
+    assert!(v["flags"].is_null(), "{v}");
+    assert_eq!(v["route"], "to-u");
+    assert_eq!(v["method"], "GET");
+    assert_eq!(v["up"], up.to_string());
+    assert_eq!(v["received"], 0);
+}
+
+#[tokio::test]
+async fn listener_logs_connections_no_chain_matched() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("listener.log");
+    let up = echo_server().await;
+    let format = r#", log_format: { text_format: "%RESPONSE_FLAGS% %DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT%\n" }"#;
+    let listeners = format!(
+        r#"
+  - name: l
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
+    access_log: {}
+    filter_chains:
+    - filter_chain_match: {{ destination_port: 1 }}
+      filters:
+      - name: t
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: echo
+          cluster: echo"#,
+        file_log(&path, format)
+    );
+    let server = start(
+        &format!("static_resources:\n  listeners:{listeners}\n  clusters:{}\n", static_cluster("echo", &[up])),
+        Duration::from_secs(1),
+    )
+    .await;
+    let mut s = TcpStream::connect(listener_addr(&server, "l")).await.unwrap();
+    assert_eq!(read_to_end(&mut s).await, b"");
+    assert_eq!(lines(&path, 1).await, ["NR 127.0.0.1"]);
+}
+
+#[test]
+fn bad_access_log_configs_name_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad_format = format!(
+        "static_resources:\n  listeners:{}\n",
+        tcp_listener("l", 0, "c").replace(
+            "cluster: c",
+            &format!(
+                "cluster: c\n          access_log: {}",
+                file_log(&dir.path().join("x.log"), r#", log_format: { text_format: "%NOPE%" }"#)
+            )
+        )
+    );
+    let (status, err, _) = run_proxy("bad.yaml", &bad_format, &["--mode", "validate"]);
+    assert!(!status.success());
+    assert!(err.contains("access_log[0].typed_config") && err.contains("%NOPE%"), "{err}");
+}
