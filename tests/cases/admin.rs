@@ -469,6 +469,50 @@ async fn config_dump_and_csds_show_listeners_active_warming_draining_and_nacked(
     drop(taken);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn csds_follows_delta_versions_and_removals() {
+    let mock = mock().await;
+    let bootstrap = format!("{}{ADMIN}", super::ads::bootstrap(mock.addr(), "DELTA_GRPC"));
+    let server = start(&bootstrap, Duration::from_millis(300)).await;
+    let a = server.admin_address().unwrap();
+    let v = mock.set(LISTENER, vec![direct("x", free_port(), "x", ""), direct("y", free_port(), "y", "")]).unwrap();
+    acked(&mock, LISTENER, &v).await;
+    let listeners = async || {
+        let mut csds = ClientStatusDiscoveryServiceClient::connect(format!("http://{a}")).await.unwrap();
+        let resp = csds.fetch_client_status(ClientStatusRequest::default()).await.unwrap().into_inner();
+        resp.config[0]
+            .generic_xds_configs
+            .iter()
+            .filter(|g| g.type_url == LISTENER)
+            .map(|g| (g.name.clone(), g.version_info.clone(), g.client_status))
+            .collect::<Vec<_>>()
+    };
+    let before = listeners().await;
+    assert_eq!(before.iter().map(|(n, _, _)| n.as_str()).collect::<Vec<_>>(), ["x", "y"]);
+    assert!(before.iter().all(|(_, v, s)| !v.is_empty() && *s == ClientResourceStatus::Acked as i32), "{before:?}");
+
+    // Delta removes y by name; x is untouched and keeps its per-resource version.
+    let v = mock.set(LISTENER, vec![before_x(&mock)]).unwrap();
+    acked(&mock, LISTENER, &v).await;
+    let after = listeners().await;
+    assert_eq!(after, before[..1].to_vec());
+    // The removed listener drains for the drain time (300 ms here), shown as draining only, then goes.
+    let lds = listeners_dump(&parse_dump(&get(a, "/config_dump").await.1));
+    let y = lds.dynamic_listeners.iter().find(|d| d.name == "y").expect("y drains");
+    assert!(y.active_state.is_none() && y.draining_state.as_ref().is_some_and(|d| d.version_info == before[1].1));
+    eventually("y drained", WAIT, async || {
+        let lds = listeners_dump(&parse_dump(&get(a, "/config_dump").await.1));
+        lds.dynamic_listeners.iter().map(|d| d.name.as_str()).collect::<Vec<_>>() == ["x"]
+    })
+    .await;
+}
+
+/// The listener "x" exactly as the mock holds it now, so that re-sending it changes nothing.
+fn before_x(mock: &xds_mock::server::MockHandle) -> Any {
+    let snapshot = mock.store().snapshot();
+    snapshot.get(LISTENER).and_then(|t| t.resources.get("x")).map(|r| r.any.clone()).unwrap()
+}
+
 fn port_of(l: &Listener) -> u16 {
     use envoy_types::pb::envoy::config::core::v3::{address, socket_address};
     match l.address.as_ref().and_then(|a| a.address.as_ref()) {
