@@ -238,19 +238,18 @@ fn initial_fetches(bootstrap: &BootstrapConfig) -> Vec<(&'static str, Option<Dur
     let Some(dynamic) = bootstrap.dynamic_resources.as_ref().filter(|_| bootstrap.ads_cluster.is_some()) else {
         return Vec::new();
     };
-    let timeout =
-        |source: &envoy_types::pb::envoy::config::core::v3::ConfigSource| match source.initial_fetch_timeout.as_ref() {
-            None => Some(INITIAL_FETCH_TIMEOUT),
-            Some(d) if d.seconds <= 0 && d.nanos <= 0 => None,
-            Some(d) => Some(Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32)),
-        };
     // CDS first, as Envoy initializes the cluster manager before it starts LDS.
     let mut out = Vec::new();
-    if let Some(cds) = &dynamic.cds_config {
-        out.push((crate::xds::CLUSTER, timeout(cds)));
+    if dynamic.cds_config.is_some() {
+        out.push((crate::xds::CLUSTER, bootstrap.cds_initial_fetch_timeout()));
     }
     if let Some(lds) = &dynamic.lds_config {
-        out.push((crate::xds::LISTENER, timeout(lds)));
+        let timeout = lds
+            .initial_fetch_timeout
+            .as_ref()
+            .and_then(|d| crate::config::duration(d, "dynamic_resources.lds_config.initial_fetch_timeout").ok())
+            .unwrap_or(INITIAL_FETCH_TIMEOUT);
+        out.push((crate::xds::LISTENER, (!timeout.is_zero()).then_some(timeout)));
     }
     out
 }
@@ -347,6 +346,9 @@ impl Lifecycle {
         info!(failed, "health check state changed");
     }
 
+    /// Whether /healthcheck/fail is in force. Envoy's `envoy.filters.http.health_check` filter answers 503 and
+    /// listeners with `drain_type: DEFAULT` drain-close their HTTP connections while it is; the HTTP connection
+    /// manager reads it here.
     pub fn health_check_failed(&self) -> bool {
         self.health_check_failed.load(Ordering::Relaxed)
     }
