@@ -438,6 +438,12 @@ async fn forward(
                 return upstream_response(conn, resp, lease, start, downstream_upgrade, parts.version, idle);
             }
             Err(failure) => {
+                if matches!(failure, Failure::Pool(PoolError::PendingOverflow)) {
+                    trace.flags.push(Flag::UpstreamOverflow);
+                    let mut resp = local_reply(conn, StatusCode::SERVICE_UNAVAILABLE, OVERFLOW);
+                    resp.headers_mut().insert(X_OVERLOADED.clone(), HeaderValue::from_static("true"));
+                    return resp;
+                }
                 let (retryable, reply) = match &failure {
                     Failure::Pool(e) if e.is_connect_failure() => {
                         debug!(cluster = %cluster.name(), "upstream connect failure: {e}");
