@@ -8,7 +8,7 @@
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// Slots per slab chunk; chunks never move once allocated, so a slot's address is stable.
@@ -47,6 +47,11 @@ impl Slab {
         let chunk = self.chunks.get(idx / CHUNK)?.get_or_init(|| (0..CHUNK).map(|_| AtomicU64::new(0)).collect());
         chunk.get(idx % CHUNK)
     }
+
+    /// The slot if its chunk exists: reading never allocates.
+    fn peek(&self, idx: usize) -> Option<&AtomicU64> {
+        self.chunks.get(idx / CHUNK)?.get()?.get(idx % CHUNK)
+    }
 }
 
 struct Slabs {
@@ -77,8 +82,8 @@ impl Slabs {
         self.marked.lock().unwrap_or_else(|p| p.into_inner()).insert(idx);
     }
 
-    fn marked(&self, idx: usize) -> bool {
-        self.marked.lock().unwrap_or_else(|p| p.into_inner()).contains(&idx)
+    fn marked(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<usize>> {
+        self.marked.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn allocate(&self, n: usize) -> usize {
@@ -98,91 +103,63 @@ impl Slabs {
         self.shards
             .iter()
             .filter_map(|s| s.get())
-            .filter_map(|s| s.slot(idx))
+            .filter_map(|s| s.peek(idx))
             .map(|a| a.load(Ordering::Relaxed))
             .fold(0u64, u64::wrapping_add)
     }
 
     fn reset(&self, idx: usize) {
         for s in self.shards.iter().filter_map(|s| s.get()) {
-            if let Some(a) = s.slot(idx) {
+            if let Some(a) = s.peek(idx) {
                 a.store(0, Ordering::Relaxed);
             }
         }
     }
 }
 
+/// Every store's slots: one process-wide table, so a metric handle is just a slot number (4 bytes; a proxy with
+/// 10,000 listeners holds a lot of them).
+static SLABS: std::sync::LazyLock<Slabs> = std::sync::LazyLock::new(Slabs::new);
+
+fn allocate(n: usize) -> u32 {
+    u32::try_from(SLABS.allocate(n)).unwrap_or(u32::MAX)
+}
+
 #[derive(Debug, Clone)]
-enum Cells {
-    /// Not registered anywhere (a default counter, a process-wide one registered later by name).
-    Own(Arc<AtomicU64>),
-    Sharded(Arc<Slabs>, usize),
-}
+pub struct Counter(u32);
 
-impl Default for Cells {
+impl Default for Counter {
+    /// A counter of its own, not registered under any name (yet).
     fn default() -> Self {
-        Cells::Own(Arc::new(AtomicU64::new(0)))
+        Counter(allocate(1))
     }
 }
-
-impl Cells {
-    fn add(&self, n: u64) {
-        match self {
-            Cells::Own(a) => {
-                a.fetch_add(n, Ordering::Relaxed);
-            }
-            Cells::Sharded(slabs, idx) => {
-                if let Some(a) = slabs.mine(*idx) {
-                    a.fetch_add(n, Ordering::Relaxed);
-                }
-            }
-        }
-    }
-
-    fn sum(&self) -> u64 {
-        match self {
-            Cells::Own(a) => a.load(Ordering::Relaxed),
-            Cells::Sharded(slabs, idx) => slabs.sum(*idx),
-        }
-    }
-
-    fn reset(&self) {
-        match self {
-            Cells::Own(a) => a.store(0, Ordering::Relaxed),
-            Cells::Sharded(slabs, idx) => slabs.reset(*idx),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct Counter(Cells);
 
 impl Counter {
     pub fn inc(&self) {
         self.add(1);
     }
     pub fn add(&self, n: u64) {
-        self.0.add(n);
+        if let Some(a) = SLABS.mine(self.0 as usize) {
+            a.fetch_add(n, Ordering::Relaxed);
+        }
     }
     pub fn value(&self) -> u64 {
-        self.0.sum()
+        SLABS.sum(self.0 as usize)
+    }
+    fn reset(&self) {
+        SLABS.reset(self.0 as usize);
     }
 }
 
-/// A gauge: increments and decrements land in the writer's shard (they sum across shards); `set` is for the control
-/// path, which owns the gauges it sets.
+/// A gauge: increments and decrements land in the writer's shard (they sum across shards, in two's complement);
+/// `set` is for the control path, which owns the gauges it sets.
 #[derive(Debug, Clone)]
-pub struct Gauge(GaugeCells);
-
-#[derive(Debug, Clone)]
-enum GaugeCells {
-    Own(Arc<AtomicI64>),
-    Sharded(Arc<Slabs>, usize),
-}
+pub struct Gauge(u32);
 
 impl Default for Gauge {
     fn default() -> Self {
-        Gauge(GaugeCells::Own(Arc::new(AtomicI64::new(0))))
+        Gauge(allocate(1))
     }
 }
 
@@ -194,30 +171,17 @@ impl Gauge {
         self.add(-1);
     }
     fn add(&self, n: i64) {
-        match &self.0 {
-            GaugeCells::Own(a) => {
-                a.fetch_add(n, Ordering::Relaxed);
-            }
-            GaugeCells::Sharded(slabs, idx) => {
-                if let Some(a) = slabs.mine(*idx) {
-                    // Two's complement: shards hold wrapping sums whose total is the gauge.
-                    a.fetch_add(n as u64, Ordering::Relaxed);
-                }
-            }
+        if let Some(a) = SLABS.mine(self.0 as usize) {
+            a.fetch_add(n as u64, Ordering::Relaxed);
         }
     }
     pub fn set(&self, v: i64) {
         let current = self.value();
         self.add(v.wrapping_sub(current));
-        if let GaugeCells::Sharded(slabs, idx) = &self.0 {
-            slabs.mark(*idx);
-        }
+        SLABS.mark(self.0 as usize);
     }
     pub fn value(&self) -> i64 {
-        match &self.0 {
-            GaugeCells::Own(a) => a.load(Ordering::Relaxed),
-            GaugeCells::Sharded(slabs, idx) => slabs.sum(*idx) as i64,
-        }
+        SLABS.sum(self.0 as usize) as i64
     }
 }
 
@@ -242,9 +206,7 @@ impl Drop for GaugeGuard {
 /// count and the sum (in thousandths, so sub-unit values keep some precision).
 #[derive(Debug, Clone)]
 pub struct Histogram {
-    slabs: Arc<Slabs>,
-    base: usize,
-    bounds: &'static [f64],
+    base: u32,
 }
 
 /// A histogram's totals at one moment.
@@ -257,40 +219,37 @@ pub struct HistogramValue {
 }
 
 impl Histogram {
+    const BOUNDS: &'static [f64] = DEFAULT_BUCKETS;
+
     pub fn record(&self, value: f64) {
-        let bucket = self.bounds.iter().position(|b| value <= *b).unwrap_or(self.bounds.len());
-        let n = self.bounds.len();
-        for (idx, add) in
-            [(self.base + bucket, 1), (self.base + n + 1, 1), (self.base + n + 2, (value * 1000.0) as u64)]
-        {
-            if let Some(a) = self.slabs.mine(idx) {
+        let n = Self::BOUNDS.len();
+        let bucket = Self::BOUNDS.iter().position(|b| value <= *b).unwrap_or(n);
+        let base = self.base as usize;
+        for (idx, add) in [(base + bucket, 1), (base + n + 1, 1), (base + n + 2, (value * 1000.0) as u64)] {
+            if let Some(a) = SLABS.mine(idx) {
                 a.fetch_add(add, Ordering::Relaxed);
             }
         }
     }
 
     pub fn value(&self) -> HistogramValue {
-        let n = self.bounds.len();
+        let n = Self::BOUNDS.len();
+        let base = self.base as usize;
         let mut cumulative = 0;
-        let buckets = self
-            .bounds
+        let buckets = Self::BOUNDS
             .iter()
             .enumerate()
             .map(|(i, b)| {
-                cumulative += self.slabs.sum(self.base + i);
+                cumulative += SLABS.sum(base + i);
                 (*b, cumulative)
             })
             .collect();
-        HistogramValue {
-            buckets,
-            count: self.slabs.sum(self.base + n + 1),
-            sum: self.slabs.sum(self.base + n + 2) as f64 / 1000.0,
-        }
+        HistogramValue { buckets, count: SLABS.sum(base + n + 1), sum: SLABS.sum(base + n + 2) as f64 / 1000.0 }
     }
 
     fn reset(&self) {
-        for i in 0..self.bounds.len() + 3 {
-            self.slabs.reset(self.base + i);
+        for i in 0..Self::BOUNDS.len() + 3 {
+            SLABS.reset(self.base as usize + i);
         }
     }
 }
@@ -304,16 +263,9 @@ enum Metric {
 
 /// The process's stats. Asking twice for the same name returns the same metric, so a listener that is replaced
 /// by an update keeps counting where the old one left off, as in Envoy.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Store {
     metrics: Arc<Mutex<BTreeMap<String, Metric>>>,
-    slabs: Arc<Slabs>,
-}
-
-impl Default for Store {
-    fn default() -> Self {
-        Store { metrics: Arc::default(), slabs: Arc::new(Slabs::new()) }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -340,7 +292,7 @@ impl Store {
             // A name used as two kinds is a programming error; a fresh unregistered metric keeps it harmless.
             Some(_) => Counter::default(),
             None => {
-                let c = Counter(Cells::Sharded(self.slabs.clone(), self.slabs.allocate(1)));
+                let c = Counter::default();
                 m.insert(name.to_string(), Metric::Counter(c.clone()));
                 c
             }
@@ -359,7 +311,7 @@ impl Store {
             Some(Metric::Gauge(g)) => g.clone(),
             Some(_) => Gauge::default(),
             None => {
-                let g = Gauge(GaugeCells::Sharded(self.slabs.clone(), self.slabs.allocate(1)));
+                let g = Gauge::default();
                 m.insert(name.to_string(), Metric::Gauge(g.clone()));
                 g
             }
@@ -372,8 +324,7 @@ impl Store {
         match m.get(name) {
             Some(Metric::Histogram(h)) => h.clone(),
             existing => {
-                let bounds = DEFAULT_BUCKETS;
-                let h = Histogram { slabs: self.slabs.clone(), base: self.slabs.allocate(bounds.len() + 3), bounds };
+                let h = Histogram { base: allocate(DEFAULT_BUCKETS.len() + 3) };
                 if existing.is_none() {
                     m.insert(name.to_string(), Metric::Histogram(h.clone()));
                 }
@@ -396,6 +347,7 @@ impl Store {
     /// Every metric with its "used" flag, sorted by name.
     pub fn stats(&self) -> Vec<Stat> {
         let m = self.metrics.lock().unwrap_or_else(|p| p.into_inner());
+        let marked = SLABS.marked();
         m.iter()
             .map(|(name, metric)| {
                 let value = value(metric);
@@ -404,40 +356,41 @@ impl Store {
                     Value::Gauge(g) => *g != 0,
                     Value::Histogram(h) => h.count > 0,
                 };
-                let used = nonzero || self.slot_of(metric).is_some_and(|idx| self.slabs.marked(idx));
+                let used = nonzero || marked.contains(&slot_of(metric));
                 Stat { name: name.clone(), value, used }
             })
             .collect()
-    }
-
-    /// The slot that stands for a metric in [`Slabs::marked`], if it lives in this store's slabs.
-    fn slot_of(&self, metric: &Metric) -> Option<usize> {
-        match metric {
-            Metric::Counter(Counter(Cells::Sharded(_, idx))) => Some(*idx),
-            Metric::Gauge(Gauge(GaugeCells::Sharded(_, idx))) => Some(*idx),
-            Metric::Histogram(h) => Some(h.base),
-            _ => None,
-        }
     }
 
     /// Zeroes every counter (Envoy's /reset_counters); gauges keep their values. What had counted stays "used".
     pub fn reset_counters(&self) {
         let m = self.metrics.lock().unwrap_or_else(|p| p.into_inner());
         for metric in m.values() {
-            let counted = match metric {
-                Metric::Counter(c) => c.value() > 0,
-                Metric::Histogram(h) => h.value().count > 0,
-                Metric::Gauge(_) => false,
-            };
-            if counted && let Some(idx) = self.slot_of(metric) {
-                self.slabs.mark(idx);
-            }
             match metric {
-                Metric::Counter(c) => c.0.reset(),
-                Metric::Histogram(h) => h.reset(),
+                Metric::Counter(c) => {
+                    if c.value() > 0 {
+                        SLABS.mark(slot_of(metric));
+                    }
+                    c.reset();
+                }
+                Metric::Histogram(h) => {
+                    if h.value().count > 0 {
+                        SLABS.mark(slot_of(metric));
+                    }
+                    h.reset();
+                }
                 Metric::Gauge(_) => {}
             }
         }
+    }
+}
+
+/// The slot that stands for a metric in [`Slabs::marked`].
+fn slot_of(metric: &Metric) -> usize {
+    match metric {
+        Metric::Counter(c) => c.0 as usize,
+        Metric::Gauge(g) => g.0 as usize,
+        Metric::Histogram(h) => h.base as usize,
     }
 }
 

@@ -204,7 +204,7 @@ async fn accept_loop(
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
                 // Spawned at once: nothing a client does (or does not do) can hold up accepting.
-                let span = info_span!("conn", downstream.addr = %peer);
+                let span = info_span!("conn", downstream.addr = %peer, filter_chain = tracing::field::Empty);
                 // A listener bound to one IP and port knows every connection's local address: no getsockname.
                 let local = (!listener.local_address.ip().is_unspecified()).then_some(listener.local_address);
                 tokio::spawn(serve(listener.core.clone(), stream, peer, local, ctx.clone()).instrument(span));
@@ -357,6 +357,7 @@ async fn serve_on(listener: &ListenerCore, stream: TcpStream, det: &Detected, ct
     };
     let drain = chain.drain.watch();
     let opened = std::time::Instant::now();
+    tracing::Span::current().record("filter_chain", chain.name());
     debug!(filter_chain = %chain.name(), transport = det.transport, "connection open");
     match &chain.filter {
         NetworkFilter::TcpProxy(tp) => {

@@ -87,6 +87,8 @@ pub struct ClusterStats {
     pub upstream_rq_retry_limit_exceeded: Counter,
     pub upstream_rq_rx_reset: Counter,
     pub upstream_rq_pending_overflow: Counter,
+    pub upstream_rq_pending_total: Counter,
+    pub upstream_rq_pending_active: Gauge,
     /// Milliseconds from sending a request to its response headers.
     pub upstream_rq_time: Histogram,
     /// `upstream_rq_1xx` … `upstream_rq_5xx`.
@@ -120,6 +122,8 @@ impl ClusterStats {
             upstream_rq_retry_limit_exceeded: c("upstream_rq_retry_limit_exceeded"),
             upstream_rq_rx_reset: c("upstream_rq_rx_reset"),
             upstream_rq_pending_overflow: c("upstream_rq_pending_overflow"),
+            upstream_rq_pending_total: c("upstream_rq_pending_total"),
+            upstream_rq_pending_active: g("upstream_rq_pending_active"),
             upstream_rq_time: store.histogram(&format!("cluster.{stat_name}.upstream_rq_time")),
             upstream_rq_class: [1, 2, 3, 4, 5].map(|n| c(&format!("upstream_rq_{n}xx"))),
             codes: Arc::default(),
@@ -177,6 +181,8 @@ pub struct Cluster {
     connections: Arc<AtomicU32>,
     /// HTTP requests in flight, for the `max_requests` circuit breaker.
     requests: Arc<AtomicU32>,
+    /// HTTP requests waiting for a new connection, for `max_pending_requests`.
+    pending: Arc<AtomicU32>,
     pub stats: ClusterStats,
 }
 
@@ -224,6 +230,7 @@ impl Cluster {
             rr: AtomicU64::new(0),
             connections: Arc::new(AtomicU32::new(0)),
             requests: Arc::new(AtomicU32::new(0)),
+            pending: Arc::new(AtomicU32::new(0)),
             stats,
         };
         cluster.stats.membership_total.set(hosts.total as i64);
@@ -286,6 +293,21 @@ impl Cluster {
             self.stats.upstream_rq_pending_overflow.inc();
             return None;
         }
+        Some(slot)
+    }
+
+    /// Admits one more request waiting for a connection under `max_pending_requests`, or counts the overflow.
+    pub fn start_pending(&self) -> Option<RequestSlot> {
+        let prior = self.pending.fetch_add(1, Ordering::Relaxed);
+        let slot = RequestSlot {
+            requests: self.pending.clone(),
+            _active: GaugeGuard::new(&self.stats.upstream_rq_pending_active),
+        };
+        if prior >= self.config.http.max_pending_requests {
+            self.stats.upstream_rq_pending_overflow.inc();
+            return None;
+        }
+        self.stats.upstream_rq_pending_total.inc();
         Some(slot)
     }
 

@@ -31,6 +31,9 @@ pub enum PoolError {
     /// The request was written (or may have been) and the connection failed before the response headers.
     #[error("upstream reset: {0}")]
     Reset(hyper::Error),
+    /// `max_pending_requests` reached: too many requests already wait for a connection.
+    #[error("too many requests waiting for a connection")]
+    PendingOverflow,
 }
 
 impl PoolError {
@@ -133,7 +136,10 @@ impl HttpPools {
         loop {
             let (mut conn, fresh) = match self.take_http1(cluster, host.address) {
                 Some(c) => (c, false),
-                None => (self.connect_http1(cluster, host).await?, true),
+                None => {
+                    let _pending = cluster.start_pending().ok_or(PoolError::PendingOverflow)?;
+                    (self.connect_http1(cluster, host).await?, true)
+                }
             };
             if !fresh && conn.sender.ready().await.is_err() {
                 continue;
@@ -169,6 +175,7 @@ impl HttpPools {
             let (mut sender, fresh) = match self.take_http2(cluster, host.address, limit) {
                 Some(s) => (s, false),
                 None => {
+                    let _pending = cluster.start_pending().ok_or(PoolError::PendingOverflow)?;
                     let sender = self.connect_http2(cluster, host).await?;
                     let mut clusters = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
                     let pool = entry(&mut clusters, cluster).hosts.entry(host.address).or_default();

@@ -582,3 +582,29 @@ async fn request_timeout_answers_408_when_the_body_is_late() {
     let (status, _, _) = http1_request(&mut c, "GET", "/sleep/500", "x", &[]).await;
     assert_eq!(status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn circuit_breakers_answer_503_overflow() {
+    let up = http_upstream("U").await;
+    let cluster = format!(
+        "{}\n    circuit_breakers: {{ thresholds: [ {{ max_requests: 1, max_pending_requests: 5 }} ] }}",
+        static_cluster("u", &[up])
+    );
+    let server = start(&yaml(&http_listener("h", 0, &routes_to("u", ""), ""), &cluster), Duration::from_secs(1)).await;
+    let addr = listener_addr(&server, "h");
+    let slow = tokio::spawn(async move {
+        let mut a = http1_client(addr).await;
+        http1_request(&mut a, "GET", "/sleep/700", "x", &[]).await.0
+    });
+    eventually("first request in flight", Duration::from_secs(5), async || {
+        gauge(&server, "cluster.u.upstream_rq_active") == 1
+    })
+    .await;
+    let mut b = http1_client(addr).await;
+    let (status, headers, body) = http1_request(&mut b, "GET", "/", "x", &[]).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(headers["x-envoy-overloaded"], "true");
+    assert!(body.ends_with("reset reason: overflow"), "{body}");
+    assert_eq!(slow.await.unwrap(), 200);
+    assert_eq!(counter(&server, "cluster.u.upstream_rq_pending_overflow"), 1);
+}

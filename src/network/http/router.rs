@@ -332,12 +332,20 @@ async fn forward(
     if let Some(via) = &conn.hcm.config.via {
         headers.append(header::VIA, via.clone());
     }
-    let host = match &action.host_rewrite {
-        HostRewrite::Literal(h) => h.clone(),
-        HostRewrite::None | HostRewrite::Auto => authority.to_string(),
+    // The upstream Host: a literal rewrite, else the request's own (kept as received when it already is a Host
+    // header, so the common case copies nothing).
+    let host: Option<HeaderValue> = match &action.host_rewrite {
+        HostRewrite::Literal(h) => HeaderValue::from_str(h).ok(),
+        HostRewrite::None | HostRewrite::Auto if headers.contains_key(header::HOST) => None,
+        HostRewrite::None | HostRewrite::Auto => HeaderValue::from_str(authority).ok(),
     };
-    let original_path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
-    let path = matched.rewritten_path(&original_path).unwrap_or(original_path);
+    let original_path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    // An origin-form request URI without a rewrite goes upstream as it is.
+    let path: Option<String> = match matched.rewritten_path(original_path) {
+        Some(p) => Some(p),
+        None if parts.uri.scheme().is_some() => Some(original_path.to_string()),
+        None => None,
+    };
 
     let retry = action.retry_policy.as_ref();
     let body_empty = http_body::Body::is_end_stream(&body);
@@ -381,14 +389,14 @@ async fn forward(
         }
         if matches!(action.host_rewrite, HostRewrite::Auto) {
             h.insert(header::HOST, host_value(&host_entry.address, &host_entry.hostname));
-        } else if let Ok(v) = HeaderValue::from_str(&host) {
-            h.insert(header::HOST, v);
+        } else if let Some(v) = &host {
+            h.insert(header::HOST, v.clone());
         }
         let upstream_body = match body.take() {
             Some(b) if !body_empty => ProxyBody::stream(b, idle, None, trace.received.clone()),
             _ => ProxyBody::Empty,
         };
-        let request = match build_request(&parts.method, &path, protocol, h, upstream_body) {
+        let request = match build_request(&parts.method, &parts.uri, path.as_deref(), protocol, h, upstream_body) {
             Ok(r) => r,
             Err(e) => {
                 debug!("cannot build the upstream request: {e}");
@@ -438,6 +446,12 @@ async fn forward(
                 return upstream_response(conn, resp, lease, start, downstream_upgrade, parts.version, idle);
             }
             Err(failure) => {
+                if matches!(failure, Failure::Pool(PoolError::PendingOverflow)) {
+                    trace.flags.push(Flag::UpstreamOverflow);
+                    let mut resp = local_reply(conn, StatusCode::SERVICE_UNAVAILABLE, OVERFLOW);
+                    resp.headers_mut().insert(X_OVERLOADED.clone(), HeaderValue::from_static("true"));
+                    return resp;
+                }
                 let (retryable, reply) = match &failure {
                     Failure::Pool(e) if e.is_connect_failure() => {
                         debug!(cluster = %cluster.name(), "upstream connect failure: {e}");
@@ -513,14 +527,20 @@ fn host_value(addr: &SocketAddr, hostname: &str) -> HeaderValue {
     HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
+/// The upstream request: `path` is the rewritten (or origin-form) path and query, None to send `uri` unchanged.
 fn build_request(
     method: &http::Method,
-    path: &str,
+    uri: &Uri,
+    path: Option<&str>,
     protocol: Protocol,
     mut headers: HeaderMap,
     body: ProxyBody,
 ) -> Result<Request<ProxyBody>, http::Error> {
+    let path = path.unwrap_or_else(|| uri.path_and_query().map_or("/", |p| p.as_str()));
     let (uri, version) = match protocol {
+        Protocol::Http1 if uri.scheme().is_none() && path == uri.path_and_query().map_or("/", |p| p.as_str()) => {
+            (uri.clone(), Version::HTTP_11)
+        }
         Protocol::Http1 => (Uri::try_from(path)?, Version::HTTP_11),
         Protocol::Http2 => {
             // HTTP/2 carries the authority as :authority, built from the URI.
@@ -564,10 +584,7 @@ fn upstream_response(
     // keep-alive HTTP/1.1 client connection into a closing one).
     parts.version = downstream_version;
     strip_hop_by_hop(&mut parts.headers, switching);
-    let ms = start.elapsed().as_millis().to_string();
-    if let Ok(v) = HeaderValue::from_str(&ms) {
-        parts.headers.insert(X_UPSTREAM_SERVICE_TIME.clone(), v);
-    }
+    parts.headers.insert(X_UPSTREAM_SERVICE_TIME.clone(), HeaderValue::from(start.elapsed().as_millis() as u64));
     if let Some(via) = &conn.hcm.config.via {
         parts.headers.append(header::VIA, via.clone());
     }
