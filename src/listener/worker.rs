@@ -46,6 +46,9 @@ impl ListenerSet {
     }
 }
 
+/// See [`timer_heartbeat`].
+const HEARTBEAT: Duration = Duration::from_millis(200);
+
 /// What every connection task on a worker can reach.
 #[derive(Debug)]
 pub struct WorkerContext {
@@ -139,6 +142,21 @@ impl Drop for Workers {
     }
 }
 
+/// Keeps the worker's timer wheel from ever being empty or far off. tokio wakes its driver through an eventfd
+/// whenever a new timer is due before the driver's next planned wake-up, even from the driver's own thread; with a
+/// wake-up always planned within [`HEARTBEAT`], the per-connection timers (connect timeouts, idle and route
+/// timeouts, all longer) register without that syscall and the spurious wake-up after it.
+async fn timer_heartbeat(stop: CancellationToken) {
+    let mut tick = tokio::time::interval(HEARTBEAT);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
 async fn run(
     ctx: Arc<WorkerContext>,
     set: Arc<ArcSwap<ListenerSet>>,
@@ -146,6 +164,7 @@ async fn run(
     stop: CancellationToken,
 ) {
     let mut running: HashMap<u64, CancellationToken> = HashMap::new();
+    tokio::spawn(timer_heartbeat(stop.clone()));
     loop {
         reconcile(&ctx, &set.load_full(), &mut running);
         tokio::select! {

@@ -138,7 +138,9 @@ impl HttpPools {
                 Some(c) => (c, false),
                 None => {
                     let _pending = cluster.start_pending().ok_or(PoolError::PendingOverflow)?;
-                    (self.connect_http1(cluster, host).await?, true)
+                    // Boxed: connecting is the rare path and its future is large; inline it would be copied with
+                    // every request's future.
+                    (Box::pin(self.connect_http1(cluster, host)).await?, true)
                 }
             };
             if !fresh && conn.sender.ready().await.is_err() {
@@ -176,7 +178,7 @@ impl HttpPools {
                 Some(s) => (s, false),
                 None => {
                     let _pending = cluster.start_pending().ok_or(PoolError::PendingOverflow)?;
-                    let sender = self.connect_http2(cluster, host).await?;
+                    let sender = Box::pin(self.connect_http2(cluster, host)).await?;
                     let mut clusters = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
                     let pool = entry(&mut clusters, cluster).hosts.entry(host.address).or_default();
                     pool.http2 = Some(Http2Conn { sender: sender.clone(), uses: 1 });

@@ -290,25 +290,41 @@ impl Connection {
         let logs = &self.hcm.config.access_log;
         let request_timeout = self.hcm.config.request_timeout.filter(|_| !http_body::Body::is_end_stream(req.body()));
         if logs.is_empty() && request_timeout.is_none() {
-            let resp = router::route(&self, req, &mut router::Trace::default()).await;
+            let mut trace = router::Trace::default();
+            // Boxed once: hyper moves the service future around (HTTP/2 spawns it as a task), and the router's state
+            // is kilobytes; moving a pointer is cheaper than copying that several times per request.
+            let resp = Box::pin(router::route(&self, req, &mut trace)).await;
             return self.finish(resp, h2);
         }
+        // Boxed: the observed path's state would otherwise make every request's future larger.
+        Box::pin(self.handle_observed(req, h2, request_timeout)).await
+    }
+
+    /// A request with access logs or a request timeout to watch.
+    async fn handle_observed(
+        &self,
+        req: Request<Incoming>,
+        h2: bool,
+        request_timeout: Option<Duration>,
+    ) -> Response<ProxyBody> {
+        let stats = &self.hcm.stats;
+        let logs = &self.hcm.config.access_log;
         let began = Instant::now();
         let mut entry = if logs.is_empty() { access_log::Entry::default() } else { self.log_entry(&req) };
         let mut trace =
             router::Trace { logging: !logs.is_empty(), received: Some(Arc::default()), ..Default::default() };
         let progress = trace.received.clone();
         let resp = match request_timeout {
-            None => router::route(&self, req, &mut trace).await,
+            None => router::route(self, req, &mut trace).await,
             Some(limit) => {
-                let routed = router::route(&self, req, &mut trace);
+                let routed = router::route(self, req, &mut trace);
                 tokio::pin!(routed);
                 tokio::select! {
                     resp = &mut routed => resp,
                     () = request_deadline(limit, progress.as_deref()) => {
                         // Envoy's request_timeout: the whole request did not arrive in time and no response began.
                         stats.downstream_rq_timeout.inc();
-                        router::request_timeout_reply(&self)
+                        router::request_timeout_reply(self)
                     }
                 }
             }
