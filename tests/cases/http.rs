@@ -608,3 +608,24 @@ async fn circuit_breakers_answer_503_overflow() {
     assert_eq!(slow.await.unwrap(), 200);
     assert_eq!(counter(&server, "cluster.u.upstream_rq_pending_overflow"), 1);
 }
+
+/// With Envoy's default gradual drain over a long drain time, a keep-alive connection with nothing in flight still
+/// closes when its chain drains instead of holding the drain (and a shutdown) to the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_close_when_a_gradual_drain_starts() {
+    let up = http_upstream("U").await;
+    let mut options = options(Duration::from_secs(600));
+    options.drain_strategy = xds_proxy::drain::DrainStrategy::Gradual;
+    let yaml = format!("static_resources:\n  clusters:{}\n", static_cluster("u", &[up]));
+    let server = xds_proxy::server::Server::start(bootstrap(&yaml), &options).await.unwrap();
+    let config = listener(&unlisted(&http_listener("h", 0, &routes_to("u", ""), "")));
+    server.listener_manager().add_or_update(config, false).unwrap();
+    let mut c = http1_client(listener_addr(&server, "h")).await;
+    let (status, _, _) = http1_request(&mut c, "GET", "/", "x", &[]).await;
+    assert_eq!(status, 200);
+    server.listener_manager().remove("h").unwrap();
+    eventually("idle connection closed by the drain", Duration::from_secs(3), async || c.is_closed()).await;
+    let started = std::time::Instant::now();
+    server.shutdown().await;
+    assert!(started.elapsed() < Duration::from_secs(5), "shutdown took {:?}", started.elapsed());
+}

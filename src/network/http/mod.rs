@@ -209,7 +209,7 @@ async fn drive<C, E>(
                 break;
             }
             // Drained immediately, or the router decided this connection's turn has come (gradual drain).
-            _ = wait_drain_close(&mut drain), if !shutting_down => {
+            _ = wait_drain_close(&mut drain, conn), if !shutting_down => {
                 shutting_down = true;
                 stats.downstream_cx_drain_close.inc();
                 shut_down(served.as_mut());
@@ -240,14 +240,22 @@ async fn drive<C, E>(
 
 /// Resolves when an immediate drain starts: every connection of the chain closes as soon as it can. A gradual
 /// drain closes connections one response at a time instead (see [`Connection::finish`]), as Envoy's HCM does.
-async fn wait_drain_close(drain: &mut DrainWatch) {
+///
+/// A connection with no request in flight goes as soon as the drain starts (or as soon as it falls idle during a
+/// gradual drain): it has no response to carry the decision, and a keep-alive connection held idle to the drain
+/// deadline would hold up a shutdown for the whole drain time.
+async fn wait_drain_close(drain: &mut DrainWatch, conn: &Connection) {
     drain.draining().await;
-    if drain.should_close(Instant::now(), 1.0) {
-        return;
+    loop {
+        if drain.should_close(Instant::now(), 1.0) || conn.active.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        tokio::time::sleep(IDLE_POLL).await;
     }
-    // Idle connections have no response to carry the decision: they go at the deadline, like Envoy's.
-    std::future::pending::<()>().await
 }
+
+/// How often a draining connection checks whether it fell idle.
+const IDLE_POLL: Duration = Duration::from_millis(250);
 
 /// Resolves when `limit` has passed and the request body has still not been forwarded to its end; never once it has.
 async fn request_deadline(limit: Duration, progress: Option<&body::Progress>) {
