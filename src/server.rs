@@ -101,7 +101,8 @@ impl Server {
         clusters.wait_ready(DNS_WARM_TIMEOUT).await;
 
         let workers =
-            Workers::start(options.concurrency.max(1), clusters.published(), &stats).map_err(StartError::Workers)?;
+            Workers::start(options.concurrency.max(1), clusters.published(), &stats, lifecycle.health_check_flag())
+                .map_err(StartError::Workers)?;
         let drain = DrainSettings { drain_time: options.drain_time, strategy: options.drain_strategy };
         let mut listeners = ListenerManager::new(workers, sockets, drain, stats.clone(), clusters.published());
         listeners.set_cluster_wait(bootstrap.cds_initial_fetch_timeout());
@@ -287,7 +288,8 @@ impl ServerState {
 pub struct Lifecycle {
     started: SystemTime,
     initialized: AtomicBool,
-    health_check_failed: AtomicBool,
+    /// Shared with the workers, whose HTTP connections drain-close while it is set.
+    health_check_failed: Arc<AtomicBool>,
     shutting_down: AtomicBool,
     gauge: Gauge,
     quit: CancellationToken,
@@ -298,7 +300,7 @@ impl Lifecycle {
         let l = Lifecycle {
             started: SystemTime::now(),
             initialized: AtomicBool::new(false),
-            health_check_failed: AtomicBool::new(false),
+            health_check_failed: Arc::new(AtomicBool::new(false)),
             shutting_down: AtomicBool::new(false),
             gauge,
             quit: CancellationToken::new(),
@@ -351,6 +353,10 @@ impl Lifecycle {
     /// manager reads it here.
     pub fn health_check_failed(&self) -> bool {
         self.health_check_failed.load(Ordering::Relaxed)
+    }
+
+    fn health_check_flag(&self) -> Arc<AtomicBool> {
+        self.health_check_failed.clone()
     }
 
     /// /quitquitquit: asks the process to shut down as SIGTERM does.

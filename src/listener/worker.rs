@@ -59,6 +59,8 @@ pub struct WorkerContext {
     pub filter_stats: FilterStats,
     /// This worker's HTTP connection pools.
     pub http_pools: HttpPools,
+    /// /healthcheck/fail is in force: HTTP connections on `drain_type: DEFAULT` listeners drain-close.
+    pub health_check_failed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The worker threads and the channel the manager publishes listener sets through.
@@ -73,7 +75,12 @@ pub struct Workers {
 }
 
 impl Workers {
-    pub fn start(count: usize, clusters: Arc<ArcSwap<ClusterSet>>, store: &Store) -> io::Result<Workers> {
+    pub fn start(
+        count: usize,
+        clusters: Arc<ArcSwap<ClusterSet>>,
+        store: &Store,
+        health_check_failed: Arc<std::sync::atomic::AtomicBool>,
+    ) -> io::Result<Workers> {
         let set = Arc::new(ArcSwap::from_pointee(ListenerSet::default()));
         let (version, _) = watch::channel(0u64);
         let (started_tx, started) = watch::channel(0usize);
@@ -87,6 +94,7 @@ impl Workers {
                 listeners: set.clone(),
                 filter_stats: FilterStats::new(store),
                 http_pools: HttpPools::default(),
+                health_check_failed: health_check_failed.clone(),
             });
             let set = set.clone();
             let rx = version.subscribe();
@@ -382,7 +390,9 @@ async fn serve_on(listener: &ListenerCore, stream: TcpStream, det: &Detected, ct
         NetworkFilter::TcpProxy(tp) => {
             tp.serve(stream, det, drain, ctx, listener.config.per_connection_buffer_limit_bytes, chain.name()).await
         }
-        NetworkFilter::Http(hcm) => hcm.clone().serve(stream, det, drain, ctx.clone(), chain.name()).await,
+        NetworkFilter::Http(hcm) => {
+            hcm.clone().serve(stream, det, drain, ctx.clone(), chain.name(), listener.config.drain_type).await
+        }
         NetworkFilter::DirectResponse(body) => direct_response::serve(stream, body, drain).await,
     }
     stats.downstream_cx_destroy.inc();

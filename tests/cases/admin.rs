@@ -776,3 +776,37 @@ async fn the_binary_drains_inbound_listeners_changes_log_levels_and_quits_on_req
     assert!(stderr.contains("shutting down on /quitquitquit"), "{stderr}");
     assert!(stderr.contains("DEBUG"), "debug logs appeared after /logging:\n{stderr}");
 }
+
+/// Envoy's `/healthcheck/fail` drain-closes HTTP connections on listeners with `drain_type: DEFAULT` (one response
+/// at a time) and leaves `MODIFY_ONLY` ones alone; `/healthcheck/ok` ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_health_check_closes_http_connections_of_default_drain_listeners() {
+    let up = http_upstream("U").await;
+    let routes = "          route_config: { name: r, virtual_hosts: [ { name: all, domains: ['*'], routes: [ { match: { prefix: / }, route: { cluster: u } } ] } ] }";
+    let modify_only = http_listener("m", 0, routes, "").replacen(
+        "    filter_chains:",
+        "    drain_type: MODIFY_ONLY\n    filter_chains:",
+        1,
+    );
+    let yaml = format!(
+        "{ADMIN}static_resources:\n  listeners:{}{modify_only}\n  clusters:{}\n",
+        http_listener("d", 0, routes, ""),
+        static_cluster("u", &[up])
+    );
+    let server = start(&yaml, Duration::from_secs(1)).await;
+    let a = server.admin_address().expect("admin address");
+    let mut default = http1_client(listener_addr(&server, "d")).await;
+    let mut keep = http1_client(listener_addr(&server, "m")).await;
+    assert!(http1_request(&mut default, "GET", "/", "x", &[]).await.1.get("connection").is_none());
+
+    assert_eq!(post(a, "/healthcheck/fail").await.0, 200);
+    let (_, headers, _) = http1_request(&mut default, "GET", "/", "x", &[]).await;
+    assert_eq!(headers["connection"], "close", "DEFAULT drain type closes on a failed health check");
+    let (_, headers, _) = http1_request(&mut keep, "GET", "/", "x", &[]).await;
+    assert!(headers.get("connection").is_none(), "MODIFY_ONLY ignores it");
+
+    assert_eq!(post(a, "/healthcheck/ok").await.0, 200);
+    let mut again = http1_client(listener_addr(&server, "d")).await;
+    let (_, headers, _) = http1_request(&mut again, "GET", "/", "x", &[]).await;
+    assert!(headers.get("connection").is_none(), "health check passes again");
+}

@@ -30,6 +30,7 @@ use self::rds::{RdsSlot, RouteRegistry};
 use self::route::RouteTable;
 use crate::access_log;
 use crate::config::http::{Codec, HcmConfig, RouteSource};
+use crate::config::listener::DrainType;
 use crate::drain::{DrainWatch, Phase};
 use crate::listener::filters::Detected;
 use crate::listener::worker::WorkerContext;
@@ -129,6 +130,7 @@ impl HttpConnectionManager {
         drain: DrainWatch,
         ctx: Arc<WorkerContext>,
         chain_name: &str,
+        drain_type: DrainType,
     ) {
         let stats = &self.stats;
         stats.downstream_cx_total.inc();
@@ -141,6 +143,7 @@ impl HttpConnectionManager {
             direct_peer: det.direct_peer,
             server_name: det.server_name.clone(),
             chain_name: chain_name.to_string(),
+            closes_on_health_check_failure: drain_type == DrainType::Default,
             original_dst: det.local_restored.then_some(det.local),
             drain: drain.clone(),
             close: Notify::new(),
@@ -274,6 +277,8 @@ struct Connection {
     direct_peer: SocketAddr,
     server_name: Option<String>,
     chain_name: String,
+    /// `drain_type: DEFAULT`: /healthcheck/fail closes this connection after its next response, as in Envoy.
+    closes_on_health_check_failure: bool,
     original_dst: Option<SocketAddr>,
     drain: DrainWatch,
     close: Notify,
@@ -389,7 +394,10 @@ impl Connection {
         if limit_reached {
             self.hcm.stats.downstream_cx_max_requests_reached.inc();
         }
+        let health_check_failed =
+            self.closes_on_health_check_failure && self.ctx.health_check_failed.load(Ordering::Relaxed);
         if limit_reached
+            || health_check_failed
             || (self.drain.phase() != Phase::Serving && self.drain.should_close(Instant::now(), rand::random()))
         {
             if !h2 {
