@@ -176,6 +176,7 @@ impl Server {
             // LDS responses have been answered, each bounded by its config source's initial_fetch_timeout.
             let (status, lifecycle, stop) =
                 (server.xds_status.clone(), server.lifecycle.clone(), server.background.clone());
+            let listeners = Arc::downgrade(&server.listeners);
             tokio::spawn(async move {
                 for (type_url, timeout) in fetches {
                     let answered = status.answered(type_url);
@@ -191,6 +192,20 @@ impl Server {
                     };
                     tokio::select! {
                         _ = done => {}
+                        _ = stop.cancelled() => return,
+                    }
+                }
+                // Then the first listeners must have warmed (their clusters and RDS route configurations arrived,
+                // or their own fetch timeouts passed), as Envoy's listener manager init target requires.
+                loop {
+                    let Some(lm) = listeners.upgrade() else { return };
+                    let warming = lm.lock().unwrap_or_else(|p| p.into_inner()).warming_names().len();
+                    drop(lm);
+                    if warming == 0 {
+                        break;
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
                         _ = stop.cancelled() => return,
                     }
                 }

@@ -810,3 +810,23 @@ async fn failed_health_check_closes_http_connections_of_default_drain_listeners(
     let (_, headers, _) = http1_request(&mut again, "GET", "/", "x", &[]).await;
     assert!(headers.get("connection").is_none(), "health check passes again");
 }
+
+/// Envoy's init manager also waits for the first listeners to warm: an HTTP listener whose RDS route configuration
+/// has not arrived keeps the server INITIALIZING (not ready) after LDS is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_waits_for_the_first_listeners_to_warm() {
+    use super::http_rds::{rds_listener_any, route_any};
+    let mock = mock().await;
+    let server = start(&ads_bootstrap(mock.addr(), ""), Duration::from_millis(300)).await;
+    let a = server.admin_address().unwrap();
+    let vc = mock.set(CLUSTER, vec![]).unwrap();
+    acked(&mock, CLUSTER, &vc).await;
+    let vl = mock.set(LISTENER, vec![rds_listener_any("web", free_port(), "web-routes")]).unwrap();
+    acked(&mock, LISTENER, &vl).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(get(a, "/ready").await, (503, "INITIALIZING\n".to_string()), "the listener is still warming");
+
+    let vr = mock.set(xds_proxy::xds::ROUTE, vec![route_any("web-routes", "nowhere")]).unwrap();
+    acked(&mock, xds_proxy::xds::ROUTE, &vr).await;
+    eventually("ready once the listener warmed", WAIT, async || get(a, "/ready").await.0 == 200).await;
+}

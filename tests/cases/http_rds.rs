@@ -17,7 +17,7 @@ use xds_proxy::xds::{CLUSTER, LISTENER, ROUTE};
 use super::ads::{WAIT, acked, any, bootstrap, mock, static_cluster_any};
 use crate::common::*;
 
-fn rds_listener_any(name: &str, port: u16, route_config: &str) -> Any {
+pub(crate) fn rds_listener_any(name: &str, port: u16, route_config: &str) -> Any {
     let yaml = format!(
         r#"
 name: {name}
@@ -38,7 +38,7 @@ filter_chains:
     any(&yaml, "envoy.config.listener.v3.Listener", LISTENER)
 }
 
-fn route_any(name: &str, cluster: &str) -> Any {
+pub(crate) fn route_any(name: &str, cluster: &str) -> Any {
     let yaml = format!(
         "name: {name}\nvirtual_hosts:\n- name: all\n  domains: ['*']\n  routes:\n  - match: {{ prefix: / }}\n    route: {{ cluster: {cluster} }}"
     );
