@@ -25,5 +25,6 @@ pub mod listener;
 pub mod network;
 pub mod server;
 pub mod stats;
+pub mod tls;
 pub mod upstream;
 pub mod xds;

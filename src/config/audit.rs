@@ -136,6 +136,26 @@ const POLICIES: &[(&str, Policy)] = {
         // The conversion checks that the socket is raw_buffer.
         ("envoy.config.core.v3.TransportSocket", Only(&["name", "typed_config"])),
         ("envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer", All),
+        // Downstream TLS: what the rustls server honours; SDS secrets, cipher and curve lists are refused here.
+        (
+            "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            Only(&["common_tls_context", "require_client_certificate"]),
+        ),
+        (
+            "envoy.extensions.transport_sockets.tls.v3.CommonTlsContext",
+            Only(&["tls_params", "tls_certificates", "alpn_protocols", "validation_context"]),
+        ),
+        (
+            "envoy.extensions.transport_sockets.tls.v3.TlsParameters",
+            Only(&["tls_minimum_protocol_version", "tls_maximum_protocol_version"]),
+        ),
+        ("envoy.extensions.transport_sockets.tls.v3.TlsCertificate", Only(&["certificate_chain", "private_key"])),
+        (
+            "envoy.extensions.transport_sockets.tls.v3.CertificateValidationContext",
+            Only(&["trusted_ca", "match_typed_subject_alt_names"]),
+        ),
+        ("envoy.extensions.transport_sockets.tls.v3.SubjectAltNameMatcher", Only(&["san_type", "matcher"])),
+        ("envoy.type.matcher.v3.StringMatcher", All),
         ("envoy.config.core.v3.SocketOption", All),
         ("envoy.config.core.v3.Metadata", All),
         // Network filters.
@@ -633,15 +653,15 @@ stats_flush_interval: 5s
     }
 
     #[test]
-    fn tls_transport_socket_is_an_unsupported_type() {
+    fn upstream_tls_context_on_a_listener_is_an_unsupported_type() {
         let text = TCP_LISTENER
             .replace("envoy.transport_sockets.raw_buffer", "envoy.transport_sockets.tls")
-            .replace("transport_sockets.raw_buffer.v3.RawBuffer", "transport_sockets.tls.v3.DownstreamTlsContext");
+            .replace("transport_sockets.raw_buffer.v3.RawBuffer", "transport_sockets.tls.v3.UpstreamTlsContext");
         let listener: Listener = parse(&text, LISTENER);
         assert_eq!(
             audit_errors(&listener, LISTENER),
             ["filter_chains[0].transport_socket.typed_config: \
-                 envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext is not supported"]
+                 envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext is not supported"]
         );
     }
 

@@ -386,6 +386,8 @@ pub struct FilterChainConfig {
     pub filters: Vec<NetworkFilterConfig>,
     /// Names of Istio telemetry filters that were skipped (see [`skippable_filter`]).
     pub skipped: Vec<String>,
+    /// TLS termination (`transport_socket` with a DownstreamTlsContext), shared by every worker.
+    pub tls: Option<Arc<crate::tls::DownstreamTls>>,
     /// The listener resource this chain is part of, and where in it: the chain's proto without a copy.
     listener: Arc<lpb::Listener>,
     slot: ChainSlot,
@@ -421,16 +423,25 @@ impl FilterChainConfig {
                 .map_err(|e| ConfigError::new(join(&join(path, "filter_chain_match"), &e.path), e.message))?,
             None => ChainMatch::default(),
         };
+        let mut tls = None;
         if let Some(ts) = &fc.transport_socket {
-            let type_url = match &ts.config_type {
-                Some(core::transport_socket::ConfigType::TypedConfig(any)) => any.type_url.as_str(),
-                None => "",
-            };
-            if type_name(type_url) != TYPE_RAW_BUFFER && !(type_url.is_empty() && ts.name.ends_with("raw_buffer")) {
-                return Err(ConfigError::new(
-                    join(path, "transport_socket"),
-                    format!("transport socket '{}' is not supported (only raw_buffer)", type_name(type_url)),
-                ));
+            let any = ts.config_type.as_ref().map(|core::transport_socket::ConfigType::TypedConfig(any)| any);
+            let type_url = any.map_or("", |a| a.type_url.as_str());
+            match (type_name(type_url), any) {
+                (crate::tls::TYPE_DOWNSTREAM_TLS, Some(any)) => {
+                    let tpath = join(path, "transport_socket.typed_config");
+                    tls = Some(Arc::new(crate::tls::DownstreamTls::from_any(any, &tpath)?));
+                }
+                (TYPE_RAW_BUFFER, _) => {}
+                ("", None) if ts.name.ends_with("raw_buffer") => {}
+                (other, _) => {
+                    return Err(ConfigError::new(
+                        join(path, "transport_socket"),
+                        format!(
+                            "transport socket '{other}' is not supported (raw_buffer and DownstreamTlsContext are)"
+                        ),
+                    ));
+                }
             }
         }
         if fc.filters.is_empty() {
@@ -457,7 +468,15 @@ impl FilterChainConfig {
             }
             filters.push(NetworkFilterConfig::convert(f, &fpath)?);
         }
-        Ok(FilterChainConfig { name: fc.name.clone(), chain_match, filters, skipped, listener: listener.clone(), slot })
+        Ok(FilterChainConfig {
+            name: fc.name.clone(),
+            chain_match,
+            filters,
+            skipped,
+            tls,
+            listener: listener.clone(),
+            slot,
+        })
     }
 
     pub fn terminal(&self) -> &NetworkFilterConfig {

@@ -14,6 +14,7 @@ use crate::network::http::HttpConnectionManager;
 use crate::network::http::rds::RouteRegistry;
 use crate::network::tcp_proxy::TcpProxy;
 use crate::stats::Store;
+use crate::tls::SslStats;
 use tracing::warn;
 
 #[derive(Debug)]
@@ -29,10 +30,12 @@ pub struct FilterChain {
     pub filter: NetworkFilter,
     /// Drains this chain's connections when the chain is removed or changed.
     pub drain: DrainTrigger,
+    /// `listener.<addr>.ssl.*`, for chains that terminate TLS.
+    pub ssl: Option<SslStats>,
 }
 
 impl FilterChain {
-    pub fn new(config: Arc<FilterChainConfig>, stats: &Store, routes: &RouteRegistry) -> Self {
+    pub fn new(config: Arc<FilterChainConfig>, stats: &Store, routes: &RouteRegistry, listener_prefix: &str) -> Self {
         let http_skipped = match config.terminal() {
             NetworkFilterConfig::HttpConnectionManager(h) => h.skipped_filters.as_slice(),
             _ => &[],
@@ -45,7 +48,8 @@ impl FilterChain {
             }
             NetworkFilterConfig::DirectResponse(bytes) => NetworkFilter::DirectResponse(bytes.clone().into()),
         };
-        FilterChain { config, filter, drain: DrainTrigger::new() }
+        let ssl = config.tls.as_ref().map(|_| SslStats::new(stats, listener_prefix));
+        FilterChain { config, filter, drain: DrainTrigger::new(), ssl }
     }
 
     pub fn name(&self) -> &str {
@@ -85,12 +89,13 @@ impl ChainSet {
         previous: Option<&ChainSet>,
         stats: &Store,
         routes: &RouteRegistry,
+        listener_prefix: &str,
     ) -> ChainSet {
         let reuse_or_build = |c: &Arc<FilterChainConfig>| {
             previous
                 .and_then(|p| p.all().find(|old| old.config.proto() == c.proto()))
                 .cloned()
-                .unwrap_or_else(|| Arc::new(FilterChain::new(c.clone(), stats, routes)))
+                .unwrap_or_else(|| Arc::new(FilterChain::new(c.clone(), stats, routes, listener_prefix)))
         };
         ChainSet { chains: configs.iter().map(reuse_or_build).collect(), default: default.map(reuse_or_build), index }
     }

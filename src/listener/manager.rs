@@ -381,6 +381,7 @@ impl ListenerManager {
             if in_place { old.as_ref().map(|o| o.chains()) } else { None },
             &self.store,
             &self.routes,
+            &config.stat_prefix,
         );
         let listener = Arc::new(Listener {
             id: self.next_id,

@@ -18,10 +18,11 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info_span, warn};
 
-use super::filter_chain::NetworkFilter;
+use super::filter_chain::{FilterChain, NetworkFilter};
 use super::filters::{self, Detected, FilterStats};
 use super::{Listener, ListenerCore};
 use crate::network::direct_response;
+use crate::network::tcp_proxy::Downstream;
 use crate::stats::{GaugeGuard, Store};
 use crate::upstream::ClusterSet;
 use crate::upstream::pool::HttpPools;
@@ -285,6 +286,65 @@ fn accept_error_kind(e: &io::Error) -> AcceptError {
     }
 }
 
+/// Terminates TLS for a chain with a DownstreamTlsContext; None (counted, connection closed) on failure. There is no
+/// handshake timeout by default, as in Envoy (its `transport_socket_connect_timeout` is unset), but a drain's
+/// deadline ends a stuck handshake like any connection.
+async fn handshake(
+    stream: TcpStream,
+    tls: &crate::tls::DownstreamTls,
+    ssl: &crate::tls::SslStats,
+    mut drain: crate::drain::DrainWatch,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.clone());
+    let done = tokio::select! {
+        r = acceptor.accept(stream) => r,
+        _ = drain.closed() => return None,
+    };
+    match done {
+        Ok(s) => {
+            if tls.check_peer(s.get_ref().1).is_err() {
+                ssl.fail_verify_san.inc();
+                ssl.connection_error.inc();
+                debug!("closing: the peer certificate matches no subject alt name");
+                return None;
+            }
+            if s.get_ref().1.peer_certificates().is_none() {
+                ssl.no_certificate.inc();
+            }
+            ssl.handshake.inc();
+            Some(s)
+        }
+        Err(e) => {
+            ssl.connection_error.inc();
+            debug!("closing: TLS handshake failed: {e}");
+            None
+        }
+    }
+}
+
+/// Hands a connection (plain or decrypted) to its chain's terminal filter.
+async fn dispatch(
+    down: Downstream,
+    chain: &FilterChain,
+    listener: &ListenerCore,
+    det: &Detected,
+    drain: crate::drain::DrainWatch,
+    ctx: &Arc<WorkerContext>,
+) {
+    let limit = listener.config.per_connection_buffer_limit_bytes;
+    match (&chain.filter, down) {
+        (NetworkFilter::TcpProxy(tp), down) => tp.serve(down, det, drain, ctx, limit, chain.name()).await,
+        (NetworkFilter::Http(hcm), Downstream::Plain(s)) => {
+            hcm.clone().serve(s, det, drain, ctx.clone(), chain.name(), listener.config.drain_type).await
+        }
+        (NetworkFilter::Http(hcm), Downstream::Tls(s)) => {
+            hcm.clone().serve(*s, det, drain, ctx.clone(), chain.name(), listener.config.drain_type).await
+        }
+        (NetworkFilter::DirectResponse(body), Downstream::Plain(s)) => direct_response::serve(s, body, drain).await,
+        (NetworkFilter::DirectResponse(body), Downstream::Tls(s)) => direct_response::serve(*s, body, drain).await,
+    }
+}
+
 /// Serves one accepted connection: listener filters, the hand-off by original destination, chain selection, the
 /// chain's terminal filter.
 async fn serve(
@@ -386,14 +446,13 @@ async fn serve_on(listener: &ListenerCore, stream: TcpStream, det: &Detected, ct
     let opened = std::time::Instant::now();
     tracing::Span::current().record("filter_chain", chain.name());
     debug!(filter_chain = %chain.name(), transport = det.transport, "connection open");
-    match &chain.filter {
-        NetworkFilter::TcpProxy(tp) => {
-            tp.serve(stream, det, drain, ctx, listener.config.per_connection_buffer_limit_bytes, chain.name()).await
+    match (&chain.config.tls, &chain.ssl) {
+        (Some(tls), Some(ssl)) => {
+            if let Some(stream) = handshake(stream, tls, ssl, drain.clone()).await {
+                dispatch(Downstream::Tls(Box::new(stream)), &chain, listener, det, drain, ctx).await;
+            }
         }
-        NetworkFilter::Http(hcm) => {
-            hcm.clone().serve(stream, det, drain, ctx.clone(), chain.name(), listener.config.drain_type).await
-        }
-        NetworkFilter::DirectResponse(body) => direct_response::serve(stream, body, drain).await,
+        _ => dispatch(Downstream::Plain(stream), &chain, listener, det, drain, ctx).await,
     }
     stats.downstream_cx_destroy.inc();
     stats.downstream_cx_length_ms.record(opened.elapsed().as_secs_f64() * 1000.0);

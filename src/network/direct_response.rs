@@ -2,8 +2,7 @@
 
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::drain::DrainWatch;
 
@@ -11,7 +10,7 @@ use crate::drain::DrainWatch;
 /// close into a reset that could destroy the response in flight.
 const LINGER: Duration = Duration::from_secs(1);
 
-pub async fn serve(mut stream: TcpStream, body: &[u8], mut drain: DrainWatch) {
+pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, body: &[u8], mut drain: DrainWatch) {
     let write = async {
         stream.write_all(body).await?;
         stream.shutdown().await?;

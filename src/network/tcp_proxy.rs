@@ -77,7 +77,7 @@ impl TcpProxy {
     /// Proxies one connection, then writes its access log lines (if any are configured).
     pub async fn serve(
         &self,
-        downstream: TcpStream,
+        downstream: Downstream,
         info: &Detected,
         drain: DrainWatch,
         ctx: &WorkerContext,
@@ -112,7 +112,7 @@ impl TcpProxy {
 
     async fn proxy(
         &self,
-        downstream: TcpStream,
+        downstream: Downstream,
         info: &Detected,
         mut drain: DrainWatch,
         ctx: &WorkerContext,
@@ -142,7 +142,7 @@ impl TcpProxy {
             }
             Err(last)
         };
-        let upstream = tokio::select! {
+        let mut upstream = tokio::select! {
             r = connect => match r {
                 Ok(up) => up,
                 Err(last) => {
@@ -168,38 +168,86 @@ impl TcpProxy {
         let limit = buffer_limit.min(cluster.config.per_connection_buffer_limit_bytes);
         let chunk = (limit as usize).clamp(1024, MAX_CHUNK);
         let activity = Activity::new();
-        let end = {
-            let (down, up) = (&downstream, &upstream.stream);
-            // Counted as bytes move, as Envoy does, so long-lived connections show in the stats while they live.
-            let count = |counter: &Counter, mine: &AtomicU64, n: usize| {
-                activity.touch();
-                counter.add(n as u64);
-                mine.fetch_add(n as u64, Ordering::Relaxed);
-            };
-            let (rx, tx) = (&self.stats.downstream_cx_rx_bytes_total, &self.stats.downstream_cx_tx_bytes_total);
-            let (received, sent) = (&log.received, &log.sent);
-            let one_done = AtomicBool::new(false);
-            let both = async {
-                tokio::try_join!(
-                    splice::forward(down, up, chunk, &one_done, |n| count(rx, received, n)),
-                    splice::forward(up, down, chunk, &one_done, |n| count(tx, sent, n)),
-                )
-            };
-            tokio::select! {
-                r = both => if r.is_ok() { End::Closed } else { End::Reset },
-                _ = activity.idle(self.config.idle_timeout) => End::IdleTimeout,
-                _ = drain.closed() => End::Drained,
+        let (rx, tx) = (&self.stats.downstream_cx_rx_bytes_total, &self.stats.downstream_cx_tx_bytes_total);
+        let (received, sent) = (&log.received, &log.sent);
+        // Counted as bytes move, as Envoy does, so long-lived connections show in the stats while they live.
+        let count = |counter: &Counter, mine: &AtomicU64, n: usize| {
+            activity.touch();
+            counter.add(n as u64);
+            mine.fetch_add(n as u64, Ordering::Relaxed);
+        };
+        let end = match downstream {
+            Downstream::Plain(downstream) => {
+                let end = {
+                    let (down, up) = (&downstream, &upstream.stream);
+                    let one_done = AtomicBool::new(false);
+                    let both = async {
+                        tokio::try_join!(
+                            splice::forward(down, up, chunk, &one_done, |n| count(rx, received, n)),
+                            splice::forward(up, down, chunk, &one_done, |n| count(tx, sent, n)),
+                        )
+                    };
+                    tokio::select! {
+                        r = both => if r.is_ok() { End::Closed } else { End::Reset },
+                        _ = activity.idle(self.config.idle_timeout) => End::IdleTimeout,
+                        _ = drain.closed() => End::Drained,
+                    }
+                };
+                if end == End::Reset {
+                    reset(&downstream);
+                    reset(&upstream.stream);
+                }
+                end
+            }
+            // Decrypted bytes cannot be spliced: they are copied through user space, a chunk at a time.
+            Downstream::Tls(tls) => {
+                let (mut down_r, mut down_w) = tokio::io::split(*tls);
+                let (mut up_r, mut up_w) = upstream.stream.split();
+                let both = async {
+                    tokio::try_join!(
+                        copy(&mut down_r, &mut up_w, chunk, |n| count(rx, received, n)),
+                        copy(&mut up_r, &mut down_w, chunk, |n| count(tx, sent, n)),
+                    )
+                };
+                let end = tokio::select! {
+                    r = both => if r.is_ok() { End::Closed } else { End::Reset },
+                    _ = activity.idle(self.config.idle_timeout) => End::IdleTimeout,
+                    _ = drain.closed() => End::Drained,
+                };
+                if end == End::Reset {
+                    reset(&upstream.stream);
+                }
+                end
             }
         };
-        match end {
-            End::Reset => {
-                reset(&downstream);
-                reset(&upstream.stream);
-            }
-            End::IdleTimeout => self.stats.idle_timeout.inc(),
-            End::Closed | End::Drained => {}
+        if end == End::IdleTimeout {
+            self.stats.idle_timeout.inc();
         }
         debug!(?end, "proxied connection ended");
+    }
+}
+
+/// The downstream side of a proxied connection: a plain socket (spliced) or a terminated TLS stream.
+pub enum Downstream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+/// Copies one direction until EOF, then half-closes the writer, as the splice path does.
+async fn copy<R, W>(r: &mut R, w: &mut W, chunk: usize, mut counted: impl FnMut(usize)) -> std::io::Result<()>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; chunk];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            return w.shutdown().await;
+        }
+        w.write_all(&buf[..n]).await?;
+        counted(n);
     }
 }
 

@@ -9,3 +9,4 @@ mod listener_updates;
 mod process;
 mod sidecar;
 mod tcp_proxy;
+mod tls;

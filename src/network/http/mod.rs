@@ -20,7 +20,6 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::debug;
@@ -123,15 +122,17 @@ impl HttpConnectionManager {
     }
 
     /// Serves one downstream connection until the peer closes it, it idles out, or its chain's drain closes it.
-    pub async fn serve(
+    pub async fn serve<S>(
         self: Arc<Self>,
-        stream: TcpStream,
+        stream: S,
         det: &Detected,
         drain: DrainWatch,
         ctx: Arc<WorkerContext>,
         chain_name: &str,
         drain_type: DrainType,
-    ) {
+    ) where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let stats = &self.stats;
         stats.downstream_cx_total.inc();
         let _active = GaugeGuard::new(&stats.downstream_cx_active);

@@ -1,0 +1,345 @@
+//! Downstream TLS termination for a filter chain (`envoy.transport_sockets.tls` with a `DownstreamTlsContext`):
+//! the validated rustls server configuration, shared by every worker, and the peer checks rustls does not do
+//! itself (Envoy's `match_typed_subject_alt_names`).
+//!
+//! Certificates come inline or from files; SDS secrets, cipher suite lists and curve lists are refused by the field
+//! audit until they are implemented, so nothing configured is silently ignored.
+
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tlspb;
+use envoy_types::pb::envoy::r#type::matcher::v3 as matcher;
+use envoy_types::pb::google::protobuf::Any;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::config::listener::{data_source, decode_any};
+use crate::config::{ConfigError, join};
+use crate::stats::{Counter, Store};
+
+pub const TYPE_DOWNSTREAM_TLS: &str = "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext";
+
+/// A chain's TLS server side.
+#[derive(Debug)]
+pub struct DownstreamTls {
+    pub config: Arc<rustls::ServerConfig>,
+    san: Vec<SanMatcher>,
+}
+
+/// One `match_typed_subject_alt_names` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SanMatcher {
+    kind: SanKind,
+    value: StringMatch,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SanKind {
+    Dns,
+    Uri,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum StringMatch {
+    Exact(String),
+    Prefix(String),
+    Suffix(String),
+}
+
+impl StringMatch {
+    fn matches(&self, v: &str) -> bool {
+        match self {
+            StringMatch::Exact(s) => v == s,
+            StringMatch::Prefix(s) => v.starts_with(s.as_str()),
+            StringMatch::Suffix(s) => v.ends_with(s.as_str()),
+        }
+    }
+}
+
+/// Why a peer was refused after its handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerError {
+    /// No presented subject alternative name matched (`ssl.fail_verify_san`).
+    San,
+}
+
+/// Envoy's per-listener TLS stats (`listener.<addr>.ssl.*`), registered for chains that terminate TLS.
+#[derive(Debug, Clone)]
+pub struct SslStats {
+    pub handshake: Counter,
+    pub connection_error: Counter,
+    pub fail_verify_san: Counter,
+    pub no_certificate: Counter,
+}
+
+impl SslStats {
+    pub fn new(store: &Store, listener_prefix: &str) -> Self {
+        let c = |s: &str| store.counter(&format!("listener.{listener_prefix}.ssl.{s}"));
+        SslStats {
+            handshake: c("handshake"),
+            connection_error: c("connection_error"),
+            fail_verify_san: c("fail_verify_san"),
+            no_certificate: c("no_certificate"),
+        }
+    }
+}
+
+impl DownstreamTls {
+    pub fn from_any(any: &Any, path: &str) -> Result<DownstreamTls, ConfigError> {
+        let ctx: tlspb::DownstreamTlsContext = decode_any(any, path)?;
+        Self::convert(&ctx, path)
+    }
+
+    fn convert(ctx: &tlspb::DownstreamTlsContext, path: &str) -> Result<DownstreamTls, ConfigError> {
+        let cpath = join(path, "common_tls_context");
+        let common = ctx
+            .common_tls_context
+            .as_ref()
+            .ok_or_else(|| ConfigError::new(&cpath, "a DownstreamTlsContext needs a common_tls_context"))?;
+        let (chain, key) = match common.tls_certificates.as_slice() {
+            [cert] => certificate(cert, &join(&cpath, "tls_certificates[0]"))?,
+            [] => {
+                return Err(ConfigError::new(
+                    join(&cpath, "tls_certificates"),
+                    "a TLS server needs one certificate (SDS secrets are not supported yet)",
+                ));
+            }
+            _ => {
+                return Err(ConfigError::new(
+                    join(&cpath, "tls_certificates"),
+                    "more than one certificate (selection by key type or SNI) is not supported",
+                ));
+            }
+        };
+        let versions = versions(common.tls_params.as_ref(), &join(&cpath, "tls_params"))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&versions)
+            .map_err(|e| ConfigError::new(join(&cpath, "tls_params"), e.to_string()))?;
+
+        let require_client = ctx.require_client_certificate.as_ref().is_some_and(|v| v.value);
+        let mut san = Vec::new();
+        let builder = match &common.validation_context_type {
+            Some(tlspb::common_tls_context::ValidationContextType::ValidationContext(v)) => {
+                let vpath = join(&cpath, "validation_context");
+                let ca = data_source(v.trusted_ca.as_ref(), &join(&vpath, "trusted_ca"))?;
+                if ca.is_empty() {
+                    return Err(ConfigError::new(join(&vpath, "trusted_ca"), "a trusted CA is required"));
+                }
+                let mut roots = rustls::RootCertStore::empty();
+                for (i, cert) in CertificateDer::pem_slice_iter(&ca).enumerate() {
+                    let cert = cert
+                        .map_err(|e| ConfigError::new(join(&vpath, "trusted_ca"), format!("certificate {i}: {e}")))?;
+                    roots.add(cert).map_err(|e| ConfigError::new(join(&vpath, "trusted_ca"), e.to_string()))?;
+                }
+                if roots.is_empty() {
+                    return Err(ConfigError::new(join(&vpath, "trusted_ca"), "no PEM certificate found"));
+                }
+                for (i, m) in v.match_typed_subject_alt_names.iter().enumerate() {
+                    san.push(san_matcher(m, &join(&vpath, &format!("match_typed_subject_alt_names[{i}]")))?);
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+                // Envoy verifies a presented certificate even when it does not require one.
+                let verifier = if require_client { verifier } else { verifier.allow_unauthenticated() };
+                let verifier =
+                    verifier.build().map_err(|e| ConfigError::new(&vpath, format!("client verifier: {e}")))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+            None if require_client => {
+                return Err(ConfigError::new(
+                    join(path, "require_client_certificate"),
+                    "requiring a client certificate needs common_tls_context.validation_context",
+                ));
+            }
+            None => builder.with_no_client_auth(),
+            Some(_) => {
+                return Err(ConfigError::new(
+                    join(&cpath, "validation_context_type"),
+                    "only an inline validation_context is supported (no SDS or combined validation context yet)",
+                ));
+            }
+        };
+        let mut config = builder
+            .with_single_cert(chain, key)
+            .map_err(|e| ConfigError::new(join(&cpath, "tls_certificates[0]"), e.to_string()))?;
+        config.alpn_protocols = common.alpn_protocols.iter().map(|p| p.as_bytes().to_vec()).collect();
+        Ok(DownstreamTls { config: Arc::new(config), san })
+    }
+
+    /// Checks the handshake's peer against `match_typed_subject_alt_names` (any match passes, as in Envoy).
+    pub fn check_peer(&self, conn: &rustls::ServerConnection) -> Result<(), PeerError> {
+        if self.san.is_empty() {
+            return Ok(());
+        }
+        let Some(leaf) = conn.peer_certificates().and_then(|c| c.first()) else {
+            // Without a certificate there is nothing to match; require_client_certificate decides whether that is
+            // allowed, and the verifier already enforced it.
+            return Ok(());
+        };
+        let names = subject_alt_names(leaf.as_ref());
+        let ok = self.san.iter().any(|m| names.iter().any(|(kind, value)| *kind == m.kind && m.value.matches(value)));
+        if ok { Ok(()) } else { Err(PeerError::San) }
+    }
+}
+
+fn certificate(
+    c: &tlspb::TlsCertificate,
+    path: &str,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), ConfigError> {
+    let chain_pem = data_source(c.certificate_chain.as_ref(), &join(path, "certificate_chain"))?;
+    let chain = CertificateDer::pem_slice_iter(&chain_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ConfigError::new(join(path, "certificate_chain"), e.to_string()))?;
+    if chain.is_empty() {
+        return Err(ConfigError::new(join(path, "certificate_chain"), "no PEM certificate found"));
+    }
+    let key_pem = data_source(c.private_key.as_ref(), &join(path, "private_key"))?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem)
+        .map_err(|e| ConfigError::new(join(path, "private_key"), format!("no usable PEM private key: {e}")))?;
+    Ok((chain, key))
+}
+
+fn versions(
+    params: Option<&tlspb::TlsParameters>,
+    path: &str,
+) -> Result<Vec<&'static rustls::SupportedProtocolVersion>, ConfigError> {
+    use tlspb::tls_parameters::TlsProtocol;
+    let Some(p) = params else { return Ok(vec![&rustls::version::TLS12, &rustls::version::TLS13]) };
+    let version = |v: i32, field: &str, default: u8| -> Result<u8, ConfigError> {
+        match TlsProtocol::try_from(v) {
+            Ok(TlsProtocol::TlsAuto) => Ok(default),
+            Ok(TlsProtocol::TlSv12) => Ok(2),
+            Ok(TlsProtocol::TlSv13) => Ok(3),
+            Ok(other) => Err(ConfigError::new(
+                join(path, field),
+                format!("{} is not supported (rustls speaks TLS 1.2 and 1.3)", other.as_str_name()),
+            )),
+            Err(_) => Err(ConfigError::new(join(path, field), format!("unknown TLS version {v}"))),
+        }
+    };
+    let min = version(p.tls_minimum_protocol_version, "tls_minimum_protocol_version", 2)?;
+    let max = version(p.tls_maximum_protocol_version, "tls_maximum_protocol_version", 3)?;
+    let mut out = Vec::new();
+    if min <= 2 && max >= 2 {
+        out.push(&rustls::version::TLS12);
+    }
+    if max >= 3 {
+        out.push(&rustls::version::TLS13);
+    }
+    if out.is_empty() {
+        return Err(ConfigError::new(path, "the minimum TLS version is above the maximum"));
+    }
+    Ok(out)
+}
+
+fn san_matcher(m: &tlspb::SubjectAltNameMatcher, path: &str) -> Result<SanMatcher, ConfigError> {
+    use matcher::string_matcher::MatchPattern;
+    use tlspb::subject_alt_name_matcher::SanType;
+    let kind = match SanType::try_from(m.san_type) {
+        Ok(SanType::Dns) => SanKind::Dns,
+        Ok(SanType::Uri) => SanKind::Uri,
+        _ => {
+            return Err(ConfigError::new(join(path, "san_type"), "only DNS and URI subject alt names are supported"));
+        }
+    };
+    let sm = m.matcher.as_ref().ok_or_else(|| ConfigError::new(join(path, "matcher"), "a matcher is required"))?;
+    if sm.ignore_case {
+        return Err(ConfigError::new(join(path, "matcher.ignore_case"), "ignore_case is not supported here"));
+    }
+    let value = match &sm.match_pattern {
+        Some(MatchPattern::Exact(s)) => StringMatch::Exact(s.clone()),
+        Some(MatchPattern::Prefix(s)) => StringMatch::Prefix(s.clone()),
+        Some(MatchPattern::Suffix(s)) => StringMatch::Suffix(s.clone()),
+        _ => {
+            return Err(ConfigError::new(
+                join(path, "matcher"),
+                "only exact, prefix and suffix subject alt name matchers are supported",
+            ));
+        }
+    };
+    Ok(SanMatcher { kind, value })
+}
+
+/// The DNS (`[2]`) and URI (`[6]`, SPIFFE IDs) subject alternative names of a DER certificate, read with a minimal
+/// walk of the subjectAltName extension (OID 2.5.29.17): the certificate was already verified, only names are read.
+fn subject_alt_names(der: &[u8]) -> Vec<(SanKind, String)> {
+    const SAN_OID: &[u8] = &[0x06, 0x03, 0x55, 0x1d, 0x11];
+    let mut out = Vec::new();
+    let Some(pos) = der.windows(SAN_OID.len()).position(|w| w == SAN_OID) else { return out };
+    let mut rest = &der[pos + SAN_OID.len()..];
+    // Optional `critical` BOOLEAN, then the OCTET STRING that wraps the GeneralNames SEQUENCE.
+    if rest.first() == Some(&0x01) {
+        let Some((_, after)) = tlv(rest) else { return out };
+        rest = after;
+    }
+    let Some((0x04, octets, _)) = tlv(rest).map(|(v, after)| (rest[0], v, after)) else { return out };
+    let Some((names, _)) = tlv(octets) else { return out };
+    let mut names = names;
+    while let Some((value, after)) = tlv(names) {
+        let kind = match names[0] {
+            0x82 => Some(SanKind::Dns),
+            0x86 => Some(SanKind::Uri),
+            _ => None,
+        };
+        if let (Some(kind), Ok(s)) = (kind, std::str::from_utf8(value)) {
+            out.push((kind, s.to_string()));
+        }
+        names = after;
+    }
+    out
+}
+
+/// Splits one DER TLV off `b`: (value, rest).
+fn tlv(b: &[u8]) -> Option<(&[u8], &[u8])> {
+    let len_byte = *b.get(1)?;
+    let (len, header) = if len_byte & 0x80 == 0 {
+        (usize::from(len_byte), 2)
+    } else {
+        let n = usize::from(len_byte & 0x7f);
+        if n == 0 || n > 4 {
+            return None;
+        }
+        let mut len = 0usize;
+        for i in 0..n {
+            len = (len << 8) | usize::from(*b.get(2 + i)?);
+        }
+        (len, 2 + n)
+    };
+    let value = b.get(header..header.checked_add(len)?)?;
+    Some((value, &b[header + len..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subject_alt_names_are_read_from_the_certificate() {
+        let key = rcgen::KeyPair::generate().unwrap_or_else(|e| panic!("{e}"));
+        let mut params = rcgen::CertificateParams::new(vec!["a.svc".to_string(), "b.svc".to_string()])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let uri = "spiffe://cluster.local/ns/x/sa/y";
+        params.subject_alt_names.push(rcgen::SanType::URI(uri.try_into().unwrap_or_else(|e| panic!("{e:?}"))));
+        let cert = params.self_signed(&key).unwrap_or_else(|e| panic!("{e}"));
+        let names = subject_alt_names(cert.der());
+        assert_eq!(
+            names,
+            vec![(SanKind::Dns, "a.svc".into()), (SanKind::Dns, "b.svc".into()), (SanKind::Uri, uri.into())]
+        );
+        assert!(subject_alt_names(b"\x30\x03garbage").is_empty(), "malformed DER yields no names, no panic");
+    }
+
+    #[test]
+    fn versions_follow_tls_params() {
+        use tlspb::tls_parameters::TlsProtocol;
+        let p = |min: TlsProtocol, max: TlsProtocol| tlspb::TlsParameters {
+            tls_minimum_protocol_version: min as i32,
+            tls_maximum_protocol_version: max as i32,
+            ..Default::default()
+        };
+        assert_eq!(versions(None, "p").map(|v| v.len()).ok(), Some(2));
+        assert_eq!(versions(Some(&p(TlsProtocol::TlSv13, TlsProtocol::TlsAuto)), "p").map(|v| v.len()).ok(), Some(1));
+        let err = versions(Some(&p(TlsProtocol::TlSv11, TlsProtocol::TlsAuto)), "p").err();
+        assert_eq!(err.map(|e| e.path), Some("p.tls_minimum_protocol_version".to_string()));
+    }
+}

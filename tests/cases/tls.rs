@@ -1,0 +1,296 @@
+//! Downstream TLS termination on filter chains (DownstreamTlsContext) with certificates generated here (rcgen):
+//! TLS to tcp_proxy and to the HTTP connection manager (h2 by ALPN), mutual TLS with SPIFFE SAN matching, plaintext
+//! and TLS clients on one port reaching their own chains (Istio's permissive mode), and config errors.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::common::*;
+
+struct Pki {
+    ca: rcgen::Certificate,
+    ca_key: KeyPair,
+}
+
+struct Leaf {
+    cert: String,
+    key: String,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let ca_key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = params.self_signed(&ca_key).unwrap();
+        Pki { ca, ca_key }
+    }
+
+    fn leaf(&self, dns: &[&str], uris: &[&str]) -> Leaf {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(dns.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        for u in uris {
+            params.subject_alt_names.push(SanType::URI((*u).try_into().unwrap()));
+        }
+        let cert = params.signed_by(&key, &self.ca, &self.ca_key).unwrap();
+        Leaf { cert: cert.pem(), key: key.serialize_pem() }
+    }
+
+    fn ca_pem(&self) -> String {
+        self.ca.pem()
+    }
+}
+
+/// A YAML/JSON string literal.
+fn lit(s: &str) -> String {
+    serde_json::to_string(s).unwrap()
+}
+
+fn tls_socket(server: &Leaf, alpn: &[&str], mtls: Option<(&str, &str)>) -> String {
+    let validation = match mtls {
+        Some((ca, san)) => format!(
+            r#", validation_context: {{ trusted_ca: {{ inline_string: {} }}, match_typed_subject_alt_names: [ {{ san_type: URI, matcher: {{ exact: "{san}" }} }} ] }} }}, require_client_certificate: true"#,
+            lit(ca)
+        ),
+        None => " }".to_string(),
+    };
+    format!(
+        r#"
+      transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config: {{ "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext, common_tls_context: {{ alpn_protocols: {alpn:?}, tls_certificates: [ {{ certificate_chain: {{ inline_string: {} }}, private_key: {{ inline_string: {} }} }} ]{validation} }}"#,
+        lit(&server.cert),
+        lit(&server.key),
+    )
+}
+
+fn client_config(pki: &Pki, alpn: &[&str], cert: Option<&Leaf>) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(rustls::pki_types::CertificateDer::from_pem_slice(pki.ca_pem().as_bytes()).unwrap()).unwrap();
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let mut config = match cert {
+        Some(leaf) => builder
+            .with_client_auth_cert(
+                vec![rustls::pki_types::CertificateDer::from_pem_slice(leaf.cert.as_bytes()).unwrap()],
+                rustls::pki_types::PrivateKeyDer::from_pem_slice(leaf.key.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
+    Arc::new(config)
+}
+
+async fn tls_connect(
+    addr: std::net::SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    sni: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
+    tokio_rustls::TlsConnector::from(config).connect(name, tcp).await
+}
+
+/// Reads one echo of `msg` (or fails if the proxy closed the connection).
+async fn echoes(s: &mut (impl AsyncReadExt + AsyncWriteExt + Unpin), msg: &[u8]) -> bool {
+    if s.write_all(msg).await.is_err() {
+        return false;
+    }
+    let mut got = vec![0u8; msg.len()];
+    matches!(tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got)).await, Ok(Ok(_))) && got == msg
+}
+
+fn listener_with_chains(chains: &str) -> String {
+    format!(
+        r#"
+  - name: l
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
+    listener_filters:
+    - name: envoy.filters.listener.tls_inspector
+      typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector }}
+    filter_chains:{chains}"#
+    )
+}
+
+fn tcp_chain(name: &str, matcher: &str, socket: &str, cluster: &str) -> String {
+    format!(
+        r#"
+    - name: {name}
+      filter_chain_match: {matcher}
+      filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: {name}, cluster: {cluster} }}{socket}"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_plaintext_clients_on_one_port_reach_their_own_chains() {
+    let pki = Pki::new();
+    let server = pki.leaf(&["svc.local"], &[]);
+    let tls_up = tagged_server(b"T").await;
+    let plain_up = tagged_server(b"P").await;
+    let chains = format!(
+        "{}{}",
+        tcp_chain("tls", "{ transport_protocol: tls }", &tls_socket(&server, &[], None), "tls-up"),
+        tcp_chain("plain", "{ transport_protocol: raw_buffer }", "", "plain-up"),
+    );
+    let yaml = format!(
+        "static_resources:\n  listeners:{}\n  clusters:{}{}\n",
+        listener_with_chains(&chains),
+        static_cluster("tls-up", &[tls_up]),
+        static_cluster("plain-up", &[plain_up])
+    );
+    let proxy = start(&yaml, Duration::from_secs(1)).await;
+    let addr = listener_addr(&proxy, "l");
+
+    let mut tls = tls_connect(addr, client_config(&pki, &[], None), "svc.local").await.unwrap();
+    let mut tag = [0u8; 1];
+    tls.read_exact(&mut tag).await.unwrap();
+    assert_eq!(&tag, b"T", "the TLS client reached the TLS chain, decrypted");
+    assert!(echoes(&mut tls, b"through TLS").await);
+
+    let mut plain = TcpStream::connect(addr).await.unwrap();
+    plain.write_all(b"hello").await.unwrap();
+    plain.read_exact(&mut tag).await.unwrap();
+    assert_eq!(&tag, b"P");
+    assert_eq!(counter(&proxy, "listener.127.0.0.1_0.ssl.handshake"), 1);
+
+    // A client that does not trust the proxy's CA fails its handshake; the proxy counts it and keeps serving.
+    let other = Pki::new();
+    assert!(tls_connect(addr, client_config(&other, &[], None), "svc.local").await.is_err());
+    eventually("handshake error counted", Duration::from_secs(5), async || {
+        counter(&proxy, "listener.127.0.0.1_0.ssl.connection_error") == 1
+    })
+    .await;
+    let mut again = tls_connect(addr, client_config(&pki, &[], None), "svc.local").await.unwrap();
+    again.read_exact(&mut tag).await.unwrap();
+    assert_eq!(&tag, b"T");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_checks_the_clients_spiffe_id() {
+    let pki = Pki::new();
+    let server = pki.leaf(&["svc.local"], &["spiffe://cluster.local/ns/default/sa/server"]);
+    let good = pki.leaf(&[], &["spiffe://cluster.local/ns/default/sa/client"]);
+    let wrong = pki.leaf(&[], &["spiffe://cluster.local/ns/default/sa/intruder"]);
+    let up = echo_server().await;
+    let socket = tls_socket(
+        &server,
+        &["istio-peer-exchange", "istio"],
+        Some((&pki.ca_pem(), "spiffe://cluster.local/ns/default/sa/client")),
+    );
+    let yaml = format!(
+        "static_resources:\n  listeners:{}\n  clusters:{}\n",
+        listener_with_chains(&tcp_chain("mtls", "{ transport_protocol: tls }", &socket, "up")),
+        static_cluster("up", &[up])
+    );
+    let proxy = start(&yaml, Duration::from_secs(1)).await;
+    let addr = listener_addr(&proxy, "l");
+
+    let mut ok = tls_connect(addr, client_config(&pki, &["istio"], Some(&good)), "svc.local").await.unwrap();
+    assert_eq!(ok.get_ref().1.alpn_protocol(), Some(&b"istio"[..]));
+    assert!(echoes(&mut ok, b"mutual").await);
+
+    // A certificate from the right CA with the wrong SPIFFE ID: the handshake completes, then the proxy closes.
+    if let Ok(mut s) = tls_connect(addr, client_config(&pki, &["istio"], Some(&wrong)), "svc.local").await {
+        assert!(!echoes(&mut s, b"x").await, "a peer with the wrong SAN must not be proxied");
+    }
+    eventually("SAN failure counted", Duration::from_secs(5), async || {
+        counter(&proxy, "listener.127.0.0.1_0.ssl.fail_verify_san") == 1
+    })
+    .await;
+    // No client certificate at all: refused, because require_client_certificate is set.
+    if let Ok(mut s) = tls_connect(addr, client_config(&pki, &["istio"], None), "svc.local").await {
+        assert!(!echoes(&mut s, b"x").await, "a client without a certificate must not be proxied");
+    }
+    eventually("both refusals counted", Duration::from_secs(5), async || {
+        counter(&proxy, "listener.127.0.0.1_0.ssl.connection_error") >= 2
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_over_tls_speaks_h2_by_alpn() {
+    use http_body_util::BodyExt;
+    let pki = Pki::new();
+    let server = pki.leaf(&["web.local"], &[]);
+    let up = http_upstream("U").await;
+    let listener = format!(
+        r#"
+  - name: h
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: h
+          http_filters: [ {{ name: envoy.filters.http.router, typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }} }} ]
+          route_config: {{ name: r, virtual_hosts: [ {{ name: all, domains: ['*'], routes: [ {{ match: {{ prefix: / }}, route: {{ cluster: u }} }} ] }} ] }}{}"#,
+        tls_socket(&server, &["h2", "http/1.1"], None)
+    );
+    let yaml = format!("static_resources:\n  listeners:{listener}\n  clusters:{}\n", static_cluster("u", &[up]));
+    let proxy = start(&yaml, Duration::from_secs(1)).await;
+    let tls = tls_connect(listener_addr(&proxy, "h"), client_config(&pki, &["h2"], None), "web.local").await.unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let resp = send
+        .send_request(
+            hyper::Request::builder()
+                .uri("https://web.local/secure")
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    assert!(body.starts_with("U\nGET /secure\nhost=web.local\n"), "{body}");
+    assert_eq!(counter(&proxy, "http.h.downstream_cx_http2_total"), 1);
+}
+
+#[test]
+fn tls_config_errors_name_the_field() {
+    let pki = Pki::new();
+    let server = pki.leaf(&["svc.local"], &[]);
+    let case = |socket: String| {
+        let yaml = format!(
+            "static_resources:\n  listeners:{}\n  clusters:{}\n",
+            listener_with_chains(&tcp_chain("c", "{ transport_protocol: tls }", &socket, "up")),
+            static_cluster("up", &[([127, 0, 0, 1], 1).into()])
+        );
+        let (status, err, _) = run_proxy("tls.yaml", &yaml, &["--mode", "validate"]);
+        assert!(!status.success());
+        err
+    };
+    let bad_key = tls_socket(&Leaf { cert: server.cert.clone(), key: "not a key".into() }, &[], None);
+    let err = case(bad_key);
+    assert!(err.contains("tls_certificates[0].private_key"), "{err}");
+    let sds = tls_socket(&server, &[], None).replace(
+        "tls_certificates: [",
+        r#"tls_certificate_sds_secret_configs: [ { name: default, sds_config: { ads: {} } } ], tls_certificates: ["#,
+    );
+    let err = case(sds);
+    assert!(
+        err.contains("common_tls_context.tls_certificate_sds_secret_configs") && err.contains("not supported"),
+        "{err}"
+    );
+    let old = tls_socket(&server, &[], None)
+        .replace("alpn_protocols: []", "alpn_protocols: [], tls_params: { tls_minimum_protocol_version: TLSv1_0 }");
+    let err = case(old);
+    assert!(err.contains("tls_params.tls_minimum_protocol_version") && err.contains("TLSv1_0"), "{err}");
+}
