@@ -150,6 +150,7 @@ const POLICIES: &[(&str, Policy)] = {
             Only(&["tls_minimum_protocol_version", "tls_maximum_protocol_version"]),
         ),
         ("envoy.extensions.transport_sockets.tls.v3.TlsCertificate", Only(&["certificate_chain", "private_key"])),
+        ("envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext", Only(&["common_tls_context", "sni"])),
         (
             "envoy.extensions.transport_sockets.tls.v3.CertificateValidationContext",
             Only(&["trusted_ca", "match_typed_subject_alt_names"]),
@@ -345,6 +346,7 @@ const POLICIES: &[(&str, Policy)] = {
                 // HTTP protocol options: the ADS stream is HTTP/2 whatever they say, and tcp_proxy does not use them
                 // (in Envoy either); the HTTP issue honours them for HTTP upstreams.
                 "typed_extension_protocol_options",
+                "transport_socket",
             ]),
         ),
         ("envoy.config.cluster.v3.Cluster.EdsClusterConfig", All),

@@ -85,6 +85,8 @@ pub struct ClusterConfig {
     /// `alt_stat_name`, else the name: the `cluster.<stat_name>.*` prefix.
     pub stat_name: String,
     pub http: HttpUpstream,
+    /// TLS to the hosts (`transport_socket` with an UpstreamTlsContext).
+    pub tls: Option<Arc<crate::tls::UpstreamTls>>,
     pub proto: Arc<cpb::Cluster>,
 }
 
@@ -120,6 +122,19 @@ pub enum UpstreamProtocol {
     Http2,
     /// `use_downstream_protocol_config`: the downstream request's protocol.
     Downstream,
+}
+
+fn upstream_tls(c: &cpb::Cluster) -> Result<Option<Arc<crate::tls::UpstreamTls>>, ConfigError> {
+    use envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType;
+    let Some(ts) = &c.transport_socket else { return Ok(None) };
+    let Some(ConfigType::TypedConfig(any)) = &ts.config_type else { return Ok(None) };
+    match crate::config::listener::type_name(&any.type_url) {
+        crate::tls::TYPE_UPSTREAM_TLS => {
+            Ok(Some(Arc::new(crate::tls::UpstreamTls::from_any(any, "transport_socket.typed_config")?)))
+        }
+        "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer" => Ok(None),
+        other => Err(ConfigError::new("transport_socket", format!("transport socket '{other}' is not supported"))),
+    }
 }
 
 const TYPE_HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
@@ -295,6 +310,7 @@ impl TryFrom<cpb::Cluster> for ClusterConfig {
                 .map_or(DEFAULT_BUFFER_LIMIT, |v| v.value),
             stat_name: if c.alt_stat_name.is_empty() { c.name.clone() } else { c.alt_stat_name.clone() },
             http: http_upstream(&c)?,
+            tls: upstream_tls(&c)?,
             proto: Arc::new(c),
         })
     }

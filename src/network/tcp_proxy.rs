@@ -14,6 +14,8 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::splice;
+use tokio_util::either::Either;
+
 use crate::access_log::{self, Entry, Flag};
 use crate::config::listener::TcpProxyConfig;
 use crate::drain::DrainWatch;
@@ -142,7 +144,7 @@ impl TcpProxy {
             }
             Err(last)
         };
-        let mut upstream = tokio::select! {
+        let upstream = tokio::select! {
             r = connect => match r {
                 Ok(up) => up,
                 Err(last) => {
@@ -163,6 +165,29 @@ impl TcpProxy {
         debug!(upstream.addr = %upstream.host.address, "upstream connected");
         log.upstream_host = Some(upstream.host.address);
         log.upstream_local = upstream.stream.local_addr().ok().filter(|_| !self.config.access_log.is_empty());
+        let (up_stream, host, _slot) = upstream.into_parts();
+        let upstream = match &cluster.config.tls {
+            None => Either::Left(up_stream),
+            Some(tls) => {
+                let handshake =
+                    tokio::time::timeout(cluster.config.connect_timeout, tls.connect(up_stream, host.address));
+                match handshake.await {
+                    Ok(Ok(s)) => Either::Right(Box::new(s)),
+                    Ok(Err(e)) => {
+                        debug!(upstream.addr = %host.address, "upstream TLS handshake failed: {e}");
+                        self.stats.upstream_connect_failed.inc();
+                        log.flags.push(Flag::UpstreamConnectionFailure);
+                        return;
+                    }
+                    Err(_) => {
+                        debug!(upstream.addr = %host.address, "upstream TLS handshake timed out");
+                        self.stats.upstream_connect_failed.inc();
+                        log.flags.push(Flag::UpstreamConnectionFailure);
+                        return;
+                    }
+                }
+            }
+        };
 
         // Envoy bounds each side by its own limit: the listener's downstream, the cluster's upstream.
         let limit = buffer_limit.min(cluster.config.per_connection_buffer_limit_bytes);
@@ -176,10 +201,10 @@ impl TcpProxy {
             counter.add(n as u64);
             mine.fetch_add(n as u64, Ordering::Relaxed);
         };
-        let end = match downstream {
-            Downstream::Plain(downstream) => {
+        let end = match (downstream, upstream) {
+            (Downstream::Plain(downstream), Either::Left(upstream)) => {
                 let end = {
-                    let (down, up) = (&downstream, &upstream.stream);
+                    let (down, up) = (&downstream, &upstream);
                     let one_done = AtomicBool::new(false);
                     let both = async {
                         tokio::try_join!(
@@ -195,29 +220,30 @@ impl TcpProxy {
                 };
                 if end == End::Reset {
                     reset(&downstream);
-                    reset(&upstream.stream);
+                    reset(&upstream);
                 }
                 end
             }
-            // Decrypted bytes cannot be spliced: they are copied through user space, a chunk at a time.
-            Downstream::Tls(tls) => {
-                let (mut down_r, mut down_w) = tokio::io::split(*tls);
-                let (mut up_r, mut up_w) = upstream.stream.split();
+            // TLS on either side: decrypted bytes cannot be spliced, so they are copied through user space, a chunk
+            // at a time.
+            (downstream, upstream) => {
+                let down = match downstream {
+                    Downstream::Plain(s) => Either::Left(s),
+                    Downstream::Tls(s) => Either::Right(s),
+                };
+                let (mut down_r, mut down_w) = tokio::io::split(down);
+                let (mut up_r, mut up_w) = tokio::io::split(upstream);
                 let both = async {
                     tokio::try_join!(
                         copy(&mut down_r, &mut up_w, chunk, |n| count(rx, received, n)),
                         copy(&mut up_r, &mut down_w, chunk, |n| count(tx, sent, n)),
                     )
                 };
-                let end = tokio::select! {
+                tokio::select! {
                     r = both => if r.is_ok() { End::Closed } else { End::Reset },
                     _ = activity.idle(self.config.idle_timeout) => End::IdleTimeout,
                     _ = drain.closed() => End::Drained,
-                };
-                if end == End::Reset {
-                    reset(&upstream.stream);
                 }
-                end
             }
         };
         if end == End::IdleTimeout {

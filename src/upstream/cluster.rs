@@ -368,6 +368,7 @@ mod tests {
             per_connection_buffer_limit_bytes: 1024,
             stat_name: "c".into(),
             http: Default::default(),
+            tls: None,
             proto: Arc::default(),
         })
     }

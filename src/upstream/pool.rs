@@ -10,6 +10,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -28,6 +29,8 @@ pub enum PoolError {
     Connect(#[from] ConnectError),
     #[error("handshake with {0} failed: {1}")]
     Handshake(SocketAddr, hyper::Error),
+    #[error("TLS handshake with {0} failed: {1}")]
+    Tls(SocketAddr, std::io::Error),
     /// The request was written (or may have been) and the connection failed before the response headers.
     #[error("upstream reset: {0}")]
     Reset(hyper::Error),
@@ -38,7 +41,7 @@ pub enum PoolError {
 
 impl PoolError {
     pub fn is_connect_failure(&self) -> bool {
-        matches!(self, PoolError::Connect(_) | PoolError::Handshake(..))
+        matches!(self, PoolError::Connect(_) | PoolError::Handshake(..) | PoolError::Tls(..))
     }
 }
 
@@ -241,11 +244,9 @@ impl HttpPools {
     }
 
     async fn connect_http1(&self, cluster: &Arc<Cluster>, host: &Arc<Host>) -> Result<Http1Conn, PoolError> {
-        let upstream = cluster.connect_to(host.clone()).await?;
-        let (stream, host, slot) = upstream.into_parts();
-        let addr = host.address;
+        let (io, addr, slot) = connect_io(cluster, host).await?;
         let (sender, conn) = http1::Builder::new()
-            .handshake::<_, ProxyBody>(TokioIo::new(stream))
+            .handshake::<_, ProxyBody>(TokioIo::new(io))
             .await
             .map_err(|e| PoolError::Handshake(addr, e))?;
         tokio::spawn(async move {
@@ -262,13 +263,11 @@ impl HttpPools {
         cluster: &Arc<Cluster>,
         host: &Arc<Host>,
     ) -> Result<http2::SendRequest<ProxyBody>, PoolError> {
-        let upstream = cluster.connect_to(host.clone()).await?;
-        let (stream, host, slot) = upstream.into_parts();
-        let addr = host.address;
+        let (io, addr, slot) = connect_io(cluster, host).await?;
         let mut builder = http2::Builder::new(TokioExecutor::new());
         builder.timer(TokioTimer::new());
         let (sender, conn) =
-            builder.handshake::<_, ProxyBody>(TokioIo::new(stream)).await.map_err(|e| PoolError::Handshake(addr, e))?;
+            builder.handshake::<_, ProxyBody>(TokioIo::new(io)).await.map_err(|e| PoolError::Handshake(addr, e))?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 debug!(upstream = %addr, "upstream connection ended: {e}");
@@ -277,4 +276,32 @@ impl HttpPools {
         });
         Ok(sender)
     }
+}
+
+type UpstreamIo = tokio_util::either::Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
+
+/// A new connection to `host`, with the cluster's TLS when it has an UpstreamTlsContext (the handshake shares the
+/// connect timeout).
+async fn connect_io(
+    cluster: &Arc<Cluster>,
+    host: &Arc<Host>,
+) -> Result<(UpstreamIo, SocketAddr, super::cluster::ConnectionSlot), PoolError> {
+    use tokio_util::either::Either;
+    let upstream = cluster.connect_to(host.clone()).await?;
+    let (stream, host, slot) = upstream.into_parts();
+    let addr = host.address;
+    let io = match &cluster.config.tls {
+        None => Either::Left(stream),
+        Some(tls) => match tokio::time::timeout(cluster.config.connect_timeout, tls.connect(stream, addr)).await {
+            Ok(Ok(s)) => Either::Right(Box::new(s)),
+            Ok(Err(e)) => return Err(PoolError::Tls(addr, e)),
+            Err(_) => {
+                return Err(PoolError::Tls(
+                    addr,
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out"),
+                ));
+            }
+        },
+    };
+    Ok((io, addr, slot))
 }

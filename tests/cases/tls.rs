@@ -294,3 +294,130 @@ fn tls_config_errors_name_the_field() {
     let err = case(old);
     assert!(err.contains("tls_params.tls_minimum_protocol_version") && err.contains("TLSv1_0"), "{err}");
 }
+
+/// A TLS server that greets each connection with the SNI it was asked for, then echoes.
+async fn tls_echo_upstream(server: &Leaf) -> std::net::SocketAddr {
+    use rustls::pki_types::pem::PemObject;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![rustls::pki_types::CertificateDer::from_pem_slice(server.cert.as_bytes()).unwrap()],
+            rustls::pki_types::PrivateKeyDer::from_pem_slice(server.key.as_bytes()).unwrap(),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(s).await else { return };
+                let sni = tls.get_ref().1.server_name().unwrap_or("-").to_string();
+                if tls.write_all(format!("{sni}\n").as_bytes()).await.is_err() {
+                    return;
+                }
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = tls.read(&mut buf).await {
+                    if n == 0 || tls.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+fn tls_cluster(name: &str, up: std::net::SocketAddr, ca: &str, sni: &str, san: &str) -> String {
+    format!(
+        r#"{}
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config: {{ "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext, sni: "{sni}", common_tls_context: {{ validation_context: {{ trusted_ca: {{ inline_string: {} }}, match_typed_subject_alt_names: [ {{ san_type: URI, matcher: {{ exact: "{san}" }} }} ] }} }} }}"#,
+        static_cluster(name, &[up]),
+        lit(ca)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clusters_originate_tls_with_sni_and_check_the_upstreams_spiffe_id() {
+    let pki = Pki::new();
+    let backend = pki.leaf(&[], &["spiffe://cluster.local/ns/default/sa/backend"]);
+    let up = tls_echo_upstream(&backend).await;
+    let ca = pki.ca_pem();
+    // Istio's SNI names the service port; the certificate carries the SPIFFE ID, not that name.
+    let sni = "outbound_.8080_._.backend.default.svc.cluster.local";
+    let clusters = format!(
+        "{}{}",
+        tls_cluster("good", up, &ca, sni, "spiffe://cluster.local/ns/default/sa/backend"),
+        tls_cluster("wrong-san", up, &ca, sni, "spiffe://cluster.local/ns/default/sa/someone-else")
+    );
+    let yaml = format!(
+        "static_resources:\n  listeners:{}{}\n  clusters:{clusters}\n",
+        tcp_listener("good", 0, "good"),
+        tcp_listener("bad", 0, "wrong-san")
+    );
+    let proxy = start(&yaml, Duration::from_secs(1)).await;
+
+    let mut s = TcpStream::connect(listener_addr(&proxy, "good")).await.unwrap();
+    let mut greeting = vec![0u8; sni.len() + 1];
+    s.read_exact(&mut greeting).await.unwrap();
+    assert_eq!(greeting, format!("{sni}\n").as_bytes(), "the upstream saw the configured SNI");
+    assert!(echoes(&mut s, b"plain in, TLS out").await);
+
+    let mut s = TcpStream::connect(listener_addr(&proxy, "bad")).await.unwrap();
+    assert_eq!(read_to_end(&mut s).await, b"", "an upstream with the wrong SAN is not connected to");
+    assert_eq!(counter(&proxy, "tcp.bad.upstream_cx_connect_attempts_exceeded"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_requests_go_upstream_over_tls() {
+    use rustls::pki_types::pem::PemObject;
+    let pki = Pki::new();
+    let backend = pki.leaf(&["backend.local"], &["spiffe://cluster.local/ns/default/sa/backend"]);
+    // An HTTPS upstream: TLS, then the usual test HTTP service.
+    let plain = http_upstream("TLS-UP").await;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![rustls::pki_types::CertificateDer::from_pem_slice(backend.cert.as_bytes()).unwrap()],
+            rustls::pki_types::PrivateKeyDer::from_pem_slice(backend.key.as_bytes()).unwrap(),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                // Terminate TLS and hand the bytes to the plain HTTP service.
+                let Ok(tls) = acceptor.accept(s).await else { return };
+                let Ok(plain) = TcpStream::connect(plain).await else { return };
+                let (mut a, mut b) = (tls, plain);
+                let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+            });
+        }
+    });
+    let routes = r#"          route_config: { name: r, virtual_hosts: [ { name: all, domains: ['*'], routes: [ { match: { prefix: / }, route: { cluster: secure } } ] } ] }"#;
+    let yaml = format!(
+        "static_resources:\n  listeners:{}\n  clusters:{}\n",
+        http_listener("h", 0, routes, ""),
+        tls_cluster("secure", up, &pki.ca_pem(), "backend.local", "spiffe://cluster.local/ns/default/sa/backend")
+    );
+    let proxy = start(&yaml, Duration::from_secs(1)).await;
+    let mut c = http1_client(listener_addr(&proxy, "h")).await;
+    for _ in 0..2 {
+        let (status, _, body) = http1_request(&mut c, "GET", "/over-tls", "svc", &[]).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.starts_with("TLS-UP\nGET /over-tls\n"), "{body}");
+    }
+    assert_eq!(counter(&proxy, "cluster.secure.upstream_cx_total"), 1, "the TLS connection is pooled and reused");
+}
