@@ -655,15 +655,15 @@ stats_flush_interval: 5s
     }
 
     #[test]
-    fn upstream_tls_context_on_a_listener_is_an_unsupported_type() {
+    fn an_unsupported_transport_socket_type_is_rejected() {
         let text = TCP_LISTENER
-            .replace("envoy.transport_sockets.raw_buffer", "envoy.transport_sockets.tls")
-            .replace("transport_sockets.raw_buffer.v3.RawBuffer", "transport_sockets.tls.v3.UpstreamTlsContext");
+            .replace("envoy.transport_sockets.raw_buffer", "envoy.transport_sockets.alts")
+            .replace("transport_sockets.raw_buffer.v3.RawBuffer", "transport_sockets.alts.v3.Alts");
         let listener: Listener = parse(&text, LISTENER);
         assert_eq!(
             audit_errors(&listener, LISTENER),
-            ["filter_chains[0].transport_socket.typed_config: \
-                 envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext is not supported"]
+            ["filter_chains[0].transport_socket.typed_config: envoy.extensions.transport_sockets.alts.v3.Alts is not \
+                 supported"]
         );
     }
 
