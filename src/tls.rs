@@ -420,33 +420,84 @@ fn san_matcher(m: &tlspb::SubjectAltNameMatcher, path: &str) -> Result<SanMatche
     Ok(SanMatcher { kind, value })
 }
 
-/// The DNS (`[2]`) and URI (`[6]`, SPIFFE IDs) subject alternative names of a DER certificate, read with a minimal
-/// walk of the subjectAltName extension (OID 2.5.29.17): the certificate was already verified, only names are read.
+/// The DNS (`[2]`) and URI (`[6]`, SPIFFE IDs) subject alternative names of a DER certificate. The structure is
+/// walked (Certificate → TBSCertificate → `[3]` extensions → the subjectAltName extension, OID 2.5.29.17) rather
+/// than searched, so bytes inside the subject or another field can never pass for names. The certificate was
+/// verified before this runs; only names are read.
 fn subject_alt_names(der: &[u8]) -> Vec<(SanKind, String)> {
-    const SAN_OID: &[u8] = &[0x06, 0x03, 0x55, 0x1d, 0x11];
-    let mut out = Vec::new();
-    let Some(pos) = der.windows(SAN_OID.len()).position(|w| w == SAN_OID) else { return out };
-    let mut rest = &der[pos + SAN_OID.len()..];
-    // Optional `critical` BOOLEAN, then the OCTET STRING that wraps the GeneralNames SEQUENCE.
-    if rest.first() == Some(&0x01) {
-        let Some((_, after)) = tlv(rest) else { return out };
-        rest = after;
+    walk_san(der).unwrap_or_default()
+}
+
+fn walk_san(der: &[u8]) -> Option<Vec<(SanKind, String)>> {
+    const SEQUENCE: u8 = 0x30;
+    const SAN_OID: &[u8] = &[0x55, 0x1d, 0x11];
+    let (tag, cert, _) = tlv_tagged(der)?;
+    if tag != SEQUENCE {
+        return None;
     }
-    let Some((0x04, octets, _)) = tlv(rest).map(|(v, after)| (rest[0], v, after)) else { return out };
-    let Some((names, _)) = tlv(octets) else { return out };
-    let mut names = names;
-    while let Some((value, after)) = tlv(names) {
-        let kind = match names[0] {
-            0x82 => Some(SanKind::Dns),
-            0x86 => Some(SanKind::Uri),
-            _ => None,
-        };
-        if let (Some(kind), Ok(s)) = (kind, std::str::from_utf8(value)) {
-            out.push((kind, s.to_string()));
+    let (tag, tbs, _) = tlv_tagged(cert)?;
+    if tag != SEQUENCE {
+        return None;
+    }
+    // TBSCertificate fields in order; the extensions are the explicitly tagged [3] one.
+    let mut fields = tbs;
+    let extensions = loop {
+        let (tag, value, rest) = tlv_tagged(fields)?;
+        if tag == 0xa3 {
+            break value;
         }
-        names = after;
+        fields = rest;
+    };
+    let (tag, mut list, _) = tlv_tagged(extensions)?;
+    if tag != SEQUENCE {
+        return None;
     }
-    out
+    while !list.is_empty() {
+        let (tag, ext, rest) = tlv_tagged(list)?;
+        list = rest;
+        if tag != SEQUENCE {
+            return None;
+        }
+        let (tag, oid, mut after) = tlv_tagged(ext)?;
+        if tag != 0x06 || oid != SAN_OID {
+            continue;
+        }
+        // Optional `critical` BOOLEAN, then the OCTET STRING that wraps the GeneralNames SEQUENCE.
+        let (mut tag, mut value, rest) = tlv_tagged(after)?;
+        if tag == 0x01 {
+            after = rest;
+            (tag, value, _) = tlv_tagged(after)?;
+        }
+        if tag != 0x04 {
+            return None;
+        }
+        let (tag, mut names, _) = tlv_tagged(value)?;
+        if tag != SEQUENCE {
+            return None;
+        }
+        let mut out = Vec::new();
+        while !names.is_empty() {
+            let (tag, value, rest) = tlv_tagged(names)?;
+            names = rest;
+            let kind = match tag {
+                0x82 => SanKind::Dns,
+                0x86 => SanKind::Uri,
+                _ => continue,
+            };
+            if let Ok(s) = std::str::from_utf8(value) {
+                out.push((kind, s.to_string()));
+            }
+        }
+        return Some(out);
+    }
+    Some(Vec::new())
+}
+
+/// One DER TLV off `b`: (tag, value, rest).
+fn tlv_tagged(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let tag = *b.first()?;
+    let (value, rest) = tlv(b)?;
+    Some((tag, value, rest))
 }
 
 /// Splits one DER TLV off `b`: (value, rest).

@@ -22,6 +22,7 @@ use super::filter_chain::{FilterChain, NetworkFilter};
 use super::filters::{self, Detected, FilterStats};
 use super::{Listener, ListenerCore};
 use crate::network::direct_response;
+use crate::network::http::ChainContext;
 use crate::network::tcp_proxy::Downstream;
 use crate::stats::{GaugeGuard, Store};
 use crate::upstream::ClusterSet;
@@ -335,10 +336,12 @@ async fn dispatch(
     match (&chain.filter, down) {
         (NetworkFilter::TcpProxy(tp), down) => tp.serve(down, det, drain, ctx, limit, chain.name()).await,
         (NetworkFilter::Http(hcm), Downstream::Plain(s)) => {
-            hcm.clone().serve(s, det, drain, ctx.clone(), chain.name(), listener.config.drain_type).await
+            let chain = ChainContext { name: chain.name(), drain_type: listener.config.drain_type, secure: false };
+            hcm.clone().serve(s, det, drain, ctx.clone(), chain).await
         }
         (NetworkFilter::Http(hcm), Downstream::Tls(s)) => {
-            hcm.clone().serve(*s, det, drain, ctx.clone(), chain.name(), listener.config.drain_type).await
+            let chain = ChainContext { name: chain.name(), drain_type: listener.config.drain_type, secure: true };
+            hcm.clone().serve(*s, det, drain, ctx.clone(), chain).await
         }
         (NetworkFilter::DirectResponse(body), Downstream::Plain(s)) => direct_response::serve(s, body, drain).await,
         (NetworkFilter::DirectResponse(body), Downstream::Tls(s)) => direct_response::serve(*s, body, drain).await,

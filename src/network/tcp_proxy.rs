@@ -273,6 +273,9 @@ where
             return w.shutdown().await;
         }
         w.write_all(&buf[..n]).await?;
+        // A TLS writer may keep encrypted bytes buffered after a would-block; the read that follows never pushes
+        // them out, so each chunk is flushed before waiting for more.
+        w.flush().await?;
         counted(n);
     }
 }

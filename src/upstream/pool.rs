@@ -89,13 +89,30 @@ pub struct Lease {
     cluster: Arc<Cluster>,
     addr: SocketAddr,
     conn: Http1Conn,
+    /// The request body's progress: a connection whose request was not sent to its end is not reusable.
+    request: Option<Arc<crate::network::http::body::Progress>>,
 }
 
 impl Lease {
+    /// Notes the request body whose end must have been sent before the connection can serve another exchange.
+    pub fn with_request(mut self, progress: Option<Arc<crate::network::http::body::Progress>>) -> Self {
+        self.request = progress;
+        self
+    }
+
     pub fn give_back(mut self) {
+        if self.request.as_ref().is_some_and(|p| !p.done.load(std::sync::atomic::Ordering::Relaxed)) {
+            // The response ended while the request was still uploading (an early 4xx): Envoy does not reuse such a
+            // connection, and hyper would not take a new request on it until the upload ends.
+            return;
+        }
         self.conn.idle_since = Instant::now();
         let mut clusters = self.pools.lock().unwrap_or_else(|p| p.into_inner());
-        let pools = entry(&mut clusters, &self.cluster);
+        let Some(pools) = clusters.get_mut(self.cluster.name()) else { return };
+        // A lease from a cluster version CDS has since replaced goes away with it.
+        if !std::ptr::eq(pools.cluster.as_ptr(), Arc::as_ptr(&self.cluster)) {
+            return;
+        }
         pools.hosts.entry(self.addr).or_default().http1.push(self.conn);
     }
 }
@@ -153,11 +170,14 @@ impl HttpPools {
             match conn.sender.try_send_request(req).await {
                 Ok(resp) => {
                     let reusable = limit.is_none_or(|l| conn.uses < l);
+                    // The cluster's pools exist from here on, so a returned lease finds them.
+                    let _ = entry(&mut self.clusters.lock().unwrap_or_else(|p| p.into_inner()), cluster);
                     let lease = reusable.then(|| Lease {
                         pools: self.clusters.clone(),
                         cluster: cluster.clone(),
                         addr: host.address,
                         conn,
+                        request: None,
                     });
                     return Ok((resp, lease));
                 }
@@ -182,9 +202,11 @@ impl HttpPools {
                 None => {
                     let _pending = cluster.start_pending().ok_or(PoolError::PendingOverflow)?;
                     let sender = Box::pin(self.connect_http2(cluster, host)).await?;
-                    let mut clusters = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
-                    let pool = entry(&mut clusters, cluster).hosts.entry(host.address).or_default();
-                    pool.http2 = Some(Http2Conn { sender: sender.clone(), uses: 1 });
+                    if limit.is_none_or(|l| l > 1) {
+                        let mut clusters = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
+                        let pool = entry(&mut clusters, cluster).hosts.entry(host.address).or_default();
+                        pool.http2 = Some(Http2Conn { sender: sender.clone(), uses: 1 });
+                    }
                     (sender, true)
                 }
             };

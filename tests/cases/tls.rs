@@ -260,6 +260,7 @@ async fn http_over_tls_speaks_h2_by_alpn() {
     assert_eq!(resp.status(), 200);
     let body = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
     assert!(body.starts_with("U\nGET /secure\nhost=web.local\n"), "{body}");
+    assert!(body.contains("x-forwarded-proto=https\n"), "a TLS chain forwards https: {body}");
     assert_eq!(counter(&proxy, "http.h.downstream_cx_http2_total"), 1);
 }
 

@@ -35,6 +35,15 @@ use crate::listener::filters::Detected;
 use crate::listener::worker::WorkerContext;
 use crate::stats::{Counter, Gauge, GaugeGuard, Store};
 
+/// What the HCM needs to know about the chain and listener a connection arrived on.
+#[derive(Debug, Clone, Copy)]
+pub struct ChainContext<'a> {
+    pub name: &'a str,
+    pub drain_type: DrainType,
+    /// The chain terminated TLS.
+    pub secure: bool,
+}
+
 /// Where an HCM finds its routes on each request.
 #[derive(Debug)]
 enum Routes {
@@ -128,8 +137,7 @@ impl HttpConnectionManager {
         det: &Detected,
         drain: DrainWatch,
         ctx: Arc<WorkerContext>,
-        chain_name: &str,
-        drain_type: DrainType,
+        chain: ChainContext<'_>,
     ) where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
@@ -143,8 +151,9 @@ impl HttpConnectionManager {
             local: det.local,
             direct_peer: det.direct_peer,
             server_name: det.server_name.clone(),
-            chain_name: chain_name.to_string(),
-            closes_on_health_check_failure: drain_type == DrainType::Default,
+            chain_name: chain.name.to_string(),
+            closes_on_health_check_failure: chain.drain_type == DrainType::Default,
+            secure: chain.secure,
             original_dst: det.local_restored.then_some(det.local),
             drain: drain.clone(),
             close: Notify::new(),
@@ -269,6 +278,23 @@ async fn request_deadline(limit: Duration, progress: Option<&body::Progress>) {
     }
 }
 
+/// A request in flight on a connection, for the idle and drain checks.
+struct ActiveRequest<'a>(&'a Connection);
+
+impl<'a> ActiveRequest<'a> {
+    fn new(conn: &'a Connection) -> Self {
+        conn.active.fetch_add(1, Ordering::Relaxed);
+        ActiveRequest(conn)
+    }
+}
+
+impl Drop for ActiveRequest<'_> {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+        self.0.last_active_ms.store(self.0.born.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
 /// One downstream connection's state, shared by its requests.
 struct Connection {
     hcm: Arc<HttpConnectionManager>,
@@ -280,6 +306,8 @@ struct Connection {
     chain_name: String,
     /// `drain_type: DEFAULT`: /healthcheck/fail closes this connection after its next response, as in Envoy.
     closes_on_health_check_failure: bool,
+    /// The connection is TLS: `x-forwarded-proto: https`, as Envoy sets it.
+    secure: bool,
     original_dst: Option<SocketAddr>,
     drain: DrainWatch,
     close: Notify,
@@ -300,7 +328,8 @@ impl Connection {
         stats.downstream_rq_total.inc();
         if h2 { &stats.downstream_rq_http2_total } else { &stats.downstream_rq_http1_total }.inc();
         let _rq = GaugeGuard::new(&stats.downstream_rq_active);
-        self.active.fetch_add(1, Ordering::Relaxed);
+        // Counted down however the request ends, including when hyper drops it (an HTTP/2 reset).
+        let _active = ActiveRequest::new(&self);
         let logs = &self.hcm.config.access_log;
         let request_timeout = self.hcm.config.request_timeout.filter(|_| !http_body::Body::is_end_stream(req.body()));
         if logs.is_empty() && request_timeout.is_none() {
@@ -406,9 +435,6 @@ impl Connection {
             }
             self.close.notify_one();
         }
-        self.active.fetch_sub(1, Ordering::Relaxed);
-        let ms = self.born.elapsed().as_millis() as u64;
-        self.last_active_ms.store(ms, Ordering::Relaxed);
         resp
     }
 }

@@ -141,6 +141,7 @@ fn is_websocket_upgrade<B>(req: &Request<B>) -> bool {
 /// Envoy's request header handling before routing: x-request-id, x-forwarded-for and x-forwarded-proto.
 fn prepare_request_headers(conn: &Connection, headers: &mut HeaderMap) {
     let config = &conn.hcm.config;
+    let scheme = HeaderValue::from_static(if conn.secure { "https" } else { "http" });
     if config.generate_request_id {
         // Edge proxies (use_remote_address) don't trust a client's id unless told to preserve it.
         let regenerate = config.use_remote_address && !config.preserve_external_request_id;
@@ -161,9 +162,9 @@ fn prepare_request_headers(conn: &Connection, headers: &mut HeaderMap) {
                 headers.insert(X_FORWARDED_FOR.clone(), v);
             }
         }
-        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+        headers.insert(X_FORWARDED_PROTO.clone(), scheme);
     } else if !headers.contains_key(&X_FORWARDED_PROTO) {
-        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+        headers.insert(X_FORWARDED_PROTO.clone(), scheme);
     }
 }
 
@@ -361,6 +362,8 @@ async fn forward(
         Some(t) => Some(t),
         None => conn.hcm.config.stream_idle_timeout,
     };
+    // Tracks the request body as it is sent (for BYTES_RECEIVED, request_timeout and connection reuse).
+    let request_progress = if body_empty { None } else { Some(trace.received.clone().unwrap_or_default()) };
     let mut body = Some(body);
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut attempt = 0;
@@ -393,7 +396,7 @@ async fn forward(
             h.insert(header::HOST, v.clone());
         }
         let upstream_body = match body.take() {
-            Some(b) if !body_empty => ProxyBody::stream(b, idle, None, trace.received.clone()),
+            Some(b) if !body_empty => ProxyBody::stream(b, idle, None, request_progress.clone()),
             _ => ProxyBody::Empty,
         };
         let request = match build_request(&parts.method, &parts.uri, path.as_deref(), protocol, h, upstream_body) {
@@ -438,11 +441,18 @@ async fn forward(
                 stats.upstream_rq_time.record(now.elapsed().as_secs_f64() * 1000.0);
                 let status = resp.status().as_u16();
                 cluster.count_response(status);
-                if can_retry && retry.is_some_and(|p| p.should_retry_status(status)) {
+                let retriable = retry.is_some_and(|p| p.should_retry_status(status));
+                if can_retry && retriable {
                     stats.upstream_rq_retry.inc();
                     backoff(retry, attempt, deadline).await;
                     continue;
                 }
+                if retriable && attempt > 1 {
+                    // Envoy counts a retriable answer that used up the retries.
+                    stats.upstream_rq_retry_limit_exceeded.inc();
+                    trace.flags.push(Flag::UpstreamRetryLimitExceeded);
+                }
+                let lease = lease.map(|l| l.with_request(request_progress.clone()));
                 return upstream_response(conn, resp, lease, start, downstream_upgrade, parts.version, idle);
             }
             Err(failure) => {
@@ -516,7 +526,8 @@ fn choose_host(
 /// Envoy's retry back-off: fully jittered exponential between `base` and `max`, never past the route's deadline.
 async fn backoff(retry: Option<&RetryPolicy>, attempt: u32, deadline: Option<Instant>) {
     let Some(p) = retry else { return };
-    let ceiling = p.backoff_base.saturating_mul(1u32 << attempt.min(16)).min(p.backoff_max);
+    // Envoy's jittered back-off: a random wait in [0, base × (2^attempt − 1)], capped at max_interval.
+    let ceiling = p.backoff_base.saturating_mul((1u32 << attempt.min(16)) - 1).min(p.backoff_max);
     let wait = Duration::from_secs_f64(ceiling.as_secs_f64() * rand::random::<f64>());
     let until = Instant::now() + wait;
     tokio::time::sleep_until(deadline.map_or(until, |d| d.min(until))).await;
