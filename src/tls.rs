@@ -29,7 +29,8 @@ pub struct UpstreamTls {
 }
 
 impl UpstreamTls {
-    pub fn from_any(any: &Any, path: &str) -> Result<UpstreamTls, ConfigError> {
+    /// `default_alpn` is offered when the context lists none (Envoy offers `h2` to a cluster configured for HTTP/2).
+    pub fn from_any(any: &Any, path: &str, default_alpn: &[&str]) -> Result<UpstreamTls, ConfigError> {
         let ctx: tlspb::UpstreamTlsContext = decode_any(any, path)?;
         let cpath = join(path, "common_tls_context");
         let default = tlspb::CommonTlsContext::default();
@@ -75,7 +76,11 @@ impl UpstreamTls {
                 ));
             }
         };
-        config.alpn_protocols = common.alpn_protocols.iter().map(|p| p.as_bytes().to_vec()).collect();
+        config.alpn_protocols = if common.alpn_protocols.is_empty() {
+            default_alpn.iter().map(|p| p.as_bytes().to_vec()).collect()
+        } else {
+            common.alpn_protocols.iter().map(|p| p.as_bytes().to_vec()).collect()
+        };
         let sni = if ctx.sni.is_empty() {
             None
         } else {
@@ -538,6 +543,19 @@ mod tests {
             vec![(SanKind::Dns, "a.svc".into()), (SanKind::Dns, "b.svc".into()), (SanKind::Uri, uri.into())]
         );
         assert!(subject_alt_names(b"\x30\x03garbage").is_empty(), "malformed DER yields no names, no panic");
+    }
+
+    #[test]
+    fn upstream_alpn_defaults_to_what_the_cluster_speaks() {
+        let ctx = tlspb::UpstreamTlsContext { sni: "backend.local".into(), ..Default::default() };
+        let any = Any {
+            type_url: format!("type.googleapis.com/{TYPE_UPSTREAM_TLS}"),
+            value: prost::Message::encode_to_vec(&ctx),
+        };
+        let h2 = UpstreamTls::from_any(&any, "t", &["h2"]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(h2.config.alpn_protocols, vec![b"h2".to_vec()]);
+        let plain = UpstreamTls::from_any(&any, "t", &[]).unwrap_or_else(|e| panic!("{e}"));
+        assert!(plain.config.alpn_protocols.is_empty());
     }
 
     #[test]

@@ -124,13 +124,14 @@ pub enum UpstreamProtocol {
     Downstream,
 }
 
-fn upstream_tls(c: &cpb::Cluster) -> Result<Option<Arc<crate::tls::UpstreamTls>>, ConfigError> {
+fn upstream_tls(c: &cpb::Cluster, http: &HttpUpstream) -> Result<Option<Arc<crate::tls::UpstreamTls>>, ConfigError> {
     use envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType;
     let Some(ts) = &c.transport_socket else { return Ok(None) };
     let Some(ConfigType::TypedConfig(any)) = &ts.config_type else { return Ok(None) };
     match crate::config::listener::type_name(&any.type_url) {
         crate::tls::TYPE_UPSTREAM_TLS => {
-            Ok(Some(Arc::new(crate::tls::UpstreamTls::from_any(any, "transport_socket.typed_config")?)))
+            let alpn: &[&str] = if http.protocol == UpstreamProtocol::Http2 { &["h2"] } else { &[] };
+            Ok(Some(Arc::new(crate::tls::UpstreamTls::from_any(any, "transport_socket.typed_config", alpn)?)))
         }
         "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer" => Ok(None),
         other => Err(ConfigError::new("transport_socket", format!("transport socket '{other}' is not supported"))),
@@ -288,6 +289,7 @@ impl TryFrom<cpb::Cluster> for ClusterConfig {
         if dns && dns_refresh_rate < Duration::from_millis(1) {
             return Err(ConfigError::new("dns_refresh_rate", "must be at least 1ms"));
         }
+        let http = http_upstream(&c)?;
         let max_connections = c
             .circuit_breakers
             .as_ref()
@@ -309,8 +311,8 @@ impl TryFrom<cpb::Cluster> for ClusterConfig {
                 .as_ref()
                 .map_or(DEFAULT_BUFFER_LIMIT, |v| v.value),
             stat_name: if c.alt_stat_name.is_empty() { c.name.clone() } else { c.alt_stat_name.clone() },
-            http: http_upstream(&c)?,
-            tls: upstream_tls(&c)?,
+            tls: upstream_tls(&c, &http)?,
+            http,
             proto: Arc::new(c),
         })
     }

@@ -125,6 +125,14 @@ async fn http_requests_are_logged_in_envoys_default_format_and_json() {
     assert_eq!(v["method"], "GET");
     assert_eq!(v["up"], up.to_string());
     assert_eq!(v["received"], 0);
+
+    // The log sees the request as it was proxied: a request without an id shows the one the proxy generated.
+    let (status, _, body) = http1_request(&mut c, "GET", "/second", "example.com", &[]).await;
+    assert_eq!(status, 200);
+    let generated = body.lines().find_map(|l| l.strip_prefix("x-request-id=")).unwrap().to_string();
+    assert_eq!(generated.len(), 36, "{body}");
+    let got = lines(&text, 2).await;
+    assert!(got[1].contains(&format!("\"{generated}\"")), "{}", got[1]);
 }
 
 #[tokio::test]

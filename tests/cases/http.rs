@@ -461,6 +461,15 @@ async fn rewrites_redirects_and_envoy_request_headers() {
         http1_request(&mut c, "GET", "/plain", "orig", &[("x-secret", "s"), ("x-forwarded-for", "1.2.3.4")]).await;
     assert!(!body.contains("x-secret"), "{body}");
     assert!(body.contains("x-forwarded-for=1.2.3.4,127.0.0.1\n"), "{body}");
+    let (_, _, body) = http1_request(
+        &mut c,
+        "GET",
+        "/plain",
+        "orig",
+        &[("x-forwarded-for", "1.2.3.4"), ("x-forwarded-for", "5.6.7.8")],
+    )
+    .await;
+    assert!(body.contains("x-forwarded-for=1.2.3.4,5.6.7.8,127.0.0.1\n"), "several headers are one list: {body}");
     assert!(body.contains("version=HTTP/1.1"), "{body}");
 
     let (_, _, body) = http1_request(&mut c, "GET", "/h2/x", "orig", &[]).await;

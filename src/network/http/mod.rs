@@ -319,7 +319,7 @@ struct Connection {
 }
 
 impl Connection {
-    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
+    async fn handle(self: Arc<Self>, mut req: Request<Incoming>) -> Response<ProxyBody> {
         let stats = &self.hcm.stats;
         let h2 = req.version() == http::Version::HTTP_2;
         if !self.counted.swap(true, Ordering::Relaxed) {
@@ -330,6 +330,7 @@ impl Connection {
         let _rq = GaugeGuard::new(&stats.downstream_rq_active);
         // Counted down however the request ends, including when hyper drops it (an HTTP/2 reset).
         let _active = ActiveRequest::new(&self);
+        router::prepare(&self, &mut req);
         let logs = &self.hcm.config.access_log;
         let request_timeout = self.hcm.config.request_timeout.filter(|_| !http_body::Body::is_end_stream(req.body()));
         if logs.is_empty() && request_timeout.is_none() {

@@ -37,18 +37,25 @@ static X_OVERLOADED: HeaderName = HeaderName::from_static("x-envoy-overloaded");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Routes one request and returns the response to send downstream: the upstream's, or a local reply.
-pub(super) async fn route(conn: &Connection, mut req: Request<Incoming>, trace: &mut Trace) -> Response<ProxyBody> {
-    let hcm = &conn.hcm;
-    let config = &hcm.config;
-    let authority = request_authority(&req);
-    let upgrade = is_websocket_upgrade(&req);
+/// What the connection manager does to every request before routing (and before the access log looks at it):
+/// x-request-id, x-forwarded-for/-proto, and path normalization.
+pub(super) fn prepare(conn: &Connection, req: &mut Request<Incoming>) {
+    let config = &conn.hcm.config;
     prepare_request_headers(conn, req.headers_mut());
     if (config.normalize_path || config.merge_slashes)
         && let Some(uri) = normalized_uri(req.uri(), config.normalize_path, config.merge_slashes)
     {
         *req.uri_mut() = uri;
     }
+}
+
+/// Routes one request (already [`prepare`]d) and returns the response to send downstream: the upstream's, or a local
+/// reply.
+pub(super) async fn route(conn: &Connection, req: Request<Incoming>, trace: &mut Trace) -> Response<ProxyBody> {
+    let hcm = &conn.hcm;
+    let config = &hcm.config;
+    let authority = request_authority(&req);
+    let upgrade = is_websocket_upgrade(&req);
 
     let Some(table) = hcm.route_table() else {
         hcm.stats.no_route.inc();
@@ -154,10 +161,14 @@ fn prepare_request_headers(conn: &Connection, headers: &mut HeaderMap) {
     if config.use_remote_address {
         if !config.skip_xff_append {
             let ip = conn.peer.ip().to_canonical().to_string();
-            let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-                Some(prior) if !prior.is_empty() => format!("{prior},{ip}"),
-                _ => ip,
-            };
+            // Several x-forwarded-for headers are one list, as Envoy joins them.
+            let prior: Vec<&str> = headers
+                .get_all(&X_FORWARDED_FOR)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .filter(|v| !v.is_empty())
+                .collect();
+            let value = if prior.is_empty() { ip } else { format!("{},{ip}", prior.join(",")) };
             if let Ok(v) = HeaderValue::from_str(&value) {
                 headers.insert(X_FORWARDED_FOR.clone(), v);
             }
