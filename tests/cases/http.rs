@@ -638,3 +638,31 @@ async fn idle_keep_alive_connections_close_when_a_gradual_drain_starts() {
     server.shutdown().await;
     assert!(started.elapsed() < Duration::from_secs(5), "shutdown took {:?}", started.elapsed());
 }
+
+/// Envoy's route timeout counts from the end of the request: an upload longer than the timeout still gets its
+/// answer, and a response that takes longer than the timeout after the upload gets 504.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_route_timeout_starts_when_the_request_is_complete() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = http_upstream("U").await;
+    let server = start(
+        &yaml(&http_listener("h", 0, &routes_to("u", ", timeout: 0.5s"), ""), &static_cluster("u", &[up])),
+        Duration::from_secs(1),
+    )
+    .await;
+    let mut s = tokio::net::TcpStream::connect(listener_addr(&server, "h")).await.unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\n\r\n").await.unwrap();
+    for byte in [b"a", b"b", b"c", b"d"] {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        s.write_all(byte).await.unwrap();
+    }
+    let mut out = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut out)).await.unwrap().unwrap();
+    let text = String::from_utf8_lossy(&out[..n]);
+    assert!(text.starts_with("HTTP/1.1 200"), "a 1.2 s upload under a 0.5 s route timeout: {text}");
+    assert!(text.contains("received=4"), "{text}");
+
+    let mut c = http1_client(listener_addr(&server, "h")).await;
+    let (status, _, body) = http1_request(&mut c, "GET", "/sleep/1500", "x", &[]).await;
+    assert_eq!((status, body.as_str()), (504, "upstream request timeout"));
+}

@@ -75,6 +75,25 @@ pub struct Watched {
 pub struct Progress {
     pub bytes: AtomicU64,
     pub done: std::sync::atomic::AtomicBool,
+    finished: tokio::sync::Notify,
+}
+
+impl Progress {
+    fn set_done(&self) {
+        self.done.store(true, Ordering::Relaxed);
+        self.finished.notify_waiters();
+    }
+
+    /// Resolves once the whole request body has been forwarded.
+    pub async fn finished(&self) {
+        loop {
+            let notified = self.finished.notified();
+            if self.done.load(Ordering::Relaxed) {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,7 +111,7 @@ impl ProxyBody {
     pub fn stream(inner: Incoming, idle: Option<Duration>, lease: Option<Lease>, count: Option<Arc<Progress>>) -> Self {
         if inner.is_end_stream() {
             if let Some(c) = &count {
-                c.done.store(true, Ordering::Relaxed);
+                c.set_done();
             }
             // Nothing to read (a bodiless response): the connection is free now.
             if let Some(l) = lease {
@@ -144,7 +163,7 @@ impl Body for ProxyBody {
                         && !failed
                         && (frame.is_none() || w.inner.is_end_stream())
                     {
-                        count.done.store(true, Ordering::Relaxed);
+                        count.set_done();
                     }
                     // hyper stops polling once a body says it has ended, so the lease goes back with the last frame.
                     if !failed

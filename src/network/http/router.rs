@@ -422,29 +422,58 @@ async fn forward(
         let now = Instant::now();
         let try_deadline = [deadline, per_try.map(|t| now + t), idle.map(|t| now + t)].into_iter().flatten().min();
         let send = conn.ctx.http_pools.send(cluster, &host_entry, protocol, request);
-        let outcome = match try_deadline {
-            Some(d) => match tokio::time::timeout_at(d, send).await {
-                Ok(r) => r.map_err(Failure::Pool),
-                Err(_) if deadline.is_some_and(|g| g <= Instant::now()) => {
-                    stats.upstream_rq_timeout.inc();
-                    trace.flags.push(Flag::UpstreamRequestTimeout);
-                    return local_reply(conn, StatusCode::GATEWAY_TIMEOUT, TIMEOUT);
+        let outcome = if let Some(progress) = &request_progress {
+            // A request with a body: as in Envoy, the route timeout (and the wait for a response under the idle
+            // timeout) counts from the end of the request, so a long upload is not cut short by either.
+            let timers = async {
+                progress.finished().await;
+                let after = Instant::now();
+                let route = [action.timeout, per_try].into_iter().flatten().min().map(|t| after + t);
+                let until = [route, idle.map(|t| after + t)].into_iter().flatten().min();
+                match until {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending::<()>().await,
                 }
-                Err(_)
-                    if idle.is_some_and(|t| now + t <= Instant::now())
-                        && per_try.is_none_or(|p| p > idle.unwrap_or(p)) =>
-                {
-                    // Envoy's stream_idle_timeout before any response: 408 "stream timeout".
+                route.is_some_and(|r| r <= Instant::now())
+            };
+            tokio::select! {
+                r = send => r.map_err(Failure::Pool),
+                route_timed_out = timers => {
+                    if route_timed_out {
+                        stats.upstream_rq_timeout.inc();
+                        trace.flags.push(Flag::UpstreamRequestTimeout);
+                        return local_reply(conn, StatusCode::GATEWAY_TIMEOUT, TIMEOUT);
+                    }
                     trace.flags.push(Flag::StreamIdleTimeout);
                     conn.hcm.stats.downstream_rq_idle_timeout.inc();
                     return local_reply(conn, StatusCode::REQUEST_TIMEOUT, STREAM_TIMEOUT);
                 }
-                Err(_) => {
-                    stats.upstream_rq_per_try_timeout.inc();
-                    Err(Failure::PerTryTimeout)
-                }
-            },
-            None => send.await.map_err(Failure::Pool),
+            }
+        } else {
+            match try_deadline {
+                Some(d) => match tokio::time::timeout_at(d, send).await {
+                    Ok(r) => r.map_err(Failure::Pool),
+                    Err(_) if deadline.is_some_and(|g| g <= Instant::now()) => {
+                        stats.upstream_rq_timeout.inc();
+                        trace.flags.push(Flag::UpstreamRequestTimeout);
+                        return local_reply(conn, StatusCode::GATEWAY_TIMEOUT, TIMEOUT);
+                    }
+                    Err(_)
+                        if idle.is_some_and(|t| now + t <= Instant::now())
+                            && per_try.is_none_or(|p| p > idle.unwrap_or(p)) =>
+                    {
+                        // Envoy's stream_idle_timeout before any response: 408 "stream timeout".
+                        trace.flags.push(Flag::StreamIdleTimeout);
+                        conn.hcm.stats.downstream_rq_idle_timeout.inc();
+                        return local_reply(conn, StatusCode::REQUEST_TIMEOUT, STREAM_TIMEOUT);
+                    }
+                    Err(_) => {
+                        stats.upstream_rq_per_try_timeout.inc();
+                        Err(Failure::PerTryTimeout)
+                    }
+                },
+                None => send.await.map_err(Failure::Pool),
+            }
         };
         let can_retry = attempt < max_attempts && retry.is_some();
         match outcome {
