@@ -287,19 +287,7 @@ impl DownstreamTls {
         let builder = match &common.validation_context_type {
             Some(tlspb::common_tls_context::ValidationContextType::ValidationContext(v)) => {
                 let vpath = join(&cpath, "validation_context");
-                let ca = data_source(v.trusted_ca.as_ref(), &join(&vpath, "trusted_ca"))?;
-                if ca.is_empty() {
-                    return Err(ConfigError::new(join(&vpath, "trusted_ca"), "a trusted CA is required"));
-                }
-                let mut roots = rustls::RootCertStore::empty();
-                for (i, cert) in CertificateDer::pem_slice_iter(&ca).enumerate() {
-                    let cert = cert
-                        .map_err(|e| ConfigError::new(join(&vpath, "trusted_ca"), format!("certificate {i}: {e}")))?;
-                    roots.add(cert).map_err(|e| ConfigError::new(join(&vpath, "trusted_ca"), e.to_string()))?;
-                }
-                if roots.is_empty() {
-                    return Err(ConfigError::new(join(&vpath, "trusted_ca"), "no PEM certificate found"));
-                }
+                let roots = roots(v.trusted_ca.as_ref(), &join(&vpath, "trusted_ca"))?;
                 for (i, m) in v.match_typed_subject_alt_names.iter().enumerate() {
                     san.push(san_matcher(m, &join(&vpath, &format!("match_typed_subject_alt_names[{i}]")))?);
                 }

@@ -117,6 +117,19 @@ impl Lease {
     }
 }
 
+/// The host's pool of this very cluster version, if it has one (pools of a replaced cluster are not used).
+fn host_pool<'a>(
+    clusters: &'a mut HashMap<String, ClusterPools>,
+    cluster: &Arc<Cluster>,
+    addr: SocketAddr,
+) -> Option<&'a mut HostPool> {
+    let pools = clusters.get_mut(cluster.name())?;
+    if !std::ptr::eq(pools.cluster.as_ptr(), Arc::as_ptr(cluster)) {
+        return None;
+    }
+    pools.hosts.get_mut(&addr)
+}
+
 /// The cluster's pools, replaced when the cluster itself was (a CDS update): old connections are let go.
 fn entry<'a>(clusters: &'a mut HashMap<String, ClusterPools>, cluster: &Arc<Cluster>) -> &'a mut ClusterPools {
     let pools = clusters
@@ -222,11 +235,7 @@ impl HttpPools {
 
     fn take_http1(&self, cluster: &Arc<Cluster>, addr: SocketAddr) -> Option<Http1Conn> {
         let mut clusters = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
-        let pools = clusters.get_mut(cluster.name())?;
-        if !std::ptr::eq(pools.cluster.as_ptr(), Arc::as_ptr(cluster)) {
-            return None;
-        }
-        let pool = pools.hosts.get_mut(&addr)?;
+        let pool = host_pool(&mut clusters, cluster, addr)?;
         let idle = cluster.config.http.idle_timeout;
         let now = Instant::now();
         while let Some(conn) = pool.http1.pop() {
@@ -247,11 +256,7 @@ impl HttpPools {
         limit: Option<u32>,
     ) -> Option<http2::SendRequest<ProxyBody>> {
         let mut clusters = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
-        let pools = clusters.get_mut(cluster.name())?;
-        if !std::ptr::eq(pools.cluster.as_ptr(), Arc::as_ptr(cluster)) {
-            return None;
-        }
-        let pool = pools.hosts.get_mut(&addr)?;
+        let pool = host_pool(&mut clusters, cluster, addr)?;
         let conn = pool.http2.as_mut()?;
         if conn.sender.is_closed() {
             pool.http2 = None;

@@ -308,24 +308,6 @@ async fn listeners_warm_until_their_clusters_arrive(api: &str) {
     assert_eq!(&tag, b"B", "the warmed version took over");
 }
 
-/// Every scenario runs over both ADS flavours.
-macro_rules! both_protocols {
-    ($($scenario:ident),*) => {
-        mod sotw {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $scenario() {
-                super::$scenario("GRPC").await
-            })*
-        }
-        mod delta {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $scenario() {
-                super::$scenario("DELTA_GRPC").await
-            })*
-        }
-    };
-}
-
 both_protocols!(
     listeners_warm_until_their_clusters_arrive,
     churn_of_1000_pushes_never_disturbs_an_unchanged_listener,

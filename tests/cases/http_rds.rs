@@ -18,24 +18,10 @@ use super::ads::{WAIT, acked, any, bootstrap, mock, static_cluster_any};
 use crate::common::*;
 
 pub(crate) fn rds_listener_any(name: &str, port: u16, route_config: &str) -> Any {
-    let yaml = format!(
-        r#"
-name: {name}
-address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
-filter_chains:
-- filters:
-  - name: envoy.filters.network.http_connection_manager
-    typed_config:
-      "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-      stat_prefix: {name}
-      http_filters:
-      - name: envoy.filters.http.router
-        typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
-      rds:
-        route_config_name: {route_config}
-        config_source: {{ ads: {{}}, initial_fetch_timeout: 0s }}"#
+    let rds = format!(
+        "          rds:\n            route_config_name: {route_config}\n            config_source: {{ ads: {{}}, initial_fetch_timeout: 0s }}"
     );
-    any(&yaml, "envoy.config.listener.v3.Listener", LISTENER)
+    any(&unlisted(&http_listener(name, port, &rds, "")), "envoy.config.listener.v3.Listener", LISTENER)
 }
 
 pub(crate) fn route_any(name: &str, cluster: &str) -> Any {
@@ -177,23 +163,6 @@ fn proto_address(a: SocketAddr) -> envoy_types::pb::envoy::config::core::v3::Add
             ..Default::default()
         })),
     }
-}
-
-macro_rules! both_protocols {
-    ($($scenario:ident),*) => {
-        mod sotw {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $scenario() {
-                super::$scenario("GRPC").await
-            })*
-        }
-        mod delta {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $scenario() {
-                super::$scenario("DELTA_GRPC").await
-            })*
-        }
-    };
 }
 
 both_protocols!(

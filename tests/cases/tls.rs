@@ -296,8 +296,8 @@ fn tls_config_errors_name_the_field() {
     assert!(err.contains("tls_params.tls_minimum_protocol_version") && err.contains("TLSv1_0"), "{err}");
 }
 
-/// A TLS server that greets each connection with the SNI it was asked for, then echoes.
-async fn tls_echo_upstream(server: &Leaf) -> std::net::SocketAddr {
+/// A TLS acceptor for a test upstream presenting `leaf`.
+fn tls_acceptor(leaf: &Leaf) -> tokio_rustls::TlsAcceptor {
     use rustls::pki_types::pem::PemObject;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
@@ -305,11 +305,16 @@ async fn tls_echo_upstream(server: &Leaf) -> std::net::SocketAddr {
         .unwrap()
         .with_no_client_auth()
         .with_single_cert(
-            vec![rustls::pki_types::CertificateDer::from_pem_slice(server.cert.as_bytes()).unwrap()],
-            rustls::pki_types::PrivateKeyDer::from_pem_slice(server.key.as_bytes()).unwrap(),
+            vec![rustls::pki_types::CertificateDer::from_pem_slice(leaf.cert.as_bytes()).unwrap()],
+            rustls::pki_types::PrivateKeyDer::from_pem_slice(leaf.key.as_bytes()).unwrap(),
         )
         .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+/// A TLS server that greets each connection with the SNI it was asked for, then echoes.
+async fn tls_echo_upstream(server: &Leaf) -> std::net::SocketAddr {
+    let acceptor = tls_acceptor(server);
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
@@ -377,22 +382,11 @@ async fn clusters_originate_tls_with_sni_and_check_the_upstreams_spiffe_id() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_requests_go_upstream_over_tls() {
-    use rustls::pki_types::pem::PemObject;
     let pki = Pki::new();
     let backend = pki.leaf(&["backend.local"], &["spiffe://cluster.local/ns/default/sa/backend"]);
     // An HTTPS upstream: TLS, then the usual test HTTP service.
     let plain = http_upstream("TLS-UP").await;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![rustls::pki_types::CertificateDer::from_pem_slice(backend.cert.as_bytes()).unwrap()],
-            rustls::pki_types::PrivateKeyDer::from_pem_slice(backend.key.as_bytes()).unwrap(),
-        )
-        .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let acceptor = tls_acceptor(&backend);
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let up = l.local_addr().unwrap();
     tokio::spawn(async move {
