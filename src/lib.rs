@@ -23,6 +23,7 @@ pub mod config;
 pub mod drain;
 pub mod listener;
 pub mod network;
+pub mod secret;
 pub mod server;
 pub mod stats;
 pub mod tls;

@@ -63,7 +63,10 @@ const POLICIES: &[(&str, Policy)] = {
         ("google.protobuf.Empty", All),
         // Bootstrap.
         ("envoy.config.bootstrap.v3.Bootstrap", Only(&["node", "admin", "static_resources", "dynamic_resources"])),
-        ("envoy.config.bootstrap.v3.Bootstrap.StaticResources", Fields(&[("listeners", Skip), ("clusters", Skip)])),
+        (
+            "envoy.config.bootstrap.v3.Bootstrap.StaticResources",
+            Fields(&[("listeners", Skip), ("clusters", Skip), ("secrets", Skip)]),
+        ),
         ("envoy.config.bootstrap.v3.Bootstrap.DynamicResources", Only(&["lds_config", "cds_config", "ads_config"])),
         // Read whole by the xDS client, which judges the values.
         ("envoy.config.core.v3.ConfigSource", All),
@@ -136,15 +139,31 @@ const POLICIES: &[(&str, Policy)] = {
         // The conversion checks that the socket is raw_buffer.
         ("envoy.config.core.v3.TransportSocket", Only(&["name", "typed_config"])),
         ("envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer", All),
-        // Downstream TLS: what the rustls server honours; SDS secrets, cipher and curve lists are refused here.
+        // TLS: what the rustls contexts honour; cipher and curve lists are refused here.
         (
             "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
             Only(&["common_tls_context", "require_client_certificate"]),
         ),
         (
             "envoy.extensions.transport_sockets.tls.v3.CommonTlsContext",
-            Only(&["tls_params", "tls_certificates", "alpn_protocols", "validation_context"]),
+            Only(&[
+                "tls_params",
+                "tls_certificates",
+                "tls_certificate_sds_secret_configs",
+                "alpn_protocols",
+                "validation_context",
+                "validation_context_sds_secret_config",
+                "combined_validation_context",
+            ]),
         ),
+        // The conversion judges the config source (ads, or a static secret when absent).
+        ("envoy.extensions.transport_sockets.tls.v3.SdsSecretConfig", Only(&["name", "sds_config"])),
+        (
+            "envoy.extensions.transport_sockets.tls.v3.CommonTlsContext.CombinedCertificateValidationContext",
+            Only(&["default_validation_context", "validation_context_sds_secret_config"]),
+        ),
+        // Secrets: static ones (audited as they are parsed) and SDS resources.
+        ("envoy.extensions.transport_sockets.tls.v3.Secret", Only(&["name", "tls_certificate", "validation_context"])),
         (
             "envoy.extensions.transport_sockets.tls.v3.TlsParameters",
             Only(&["tls_minimum_protocol_version", "tls_maximum_protocol_version"]),
@@ -623,7 +642,7 @@ dynamic_resources:
     fn bootstrap_rejects_unhonoured_fields() {
         let text = r#"
 static_resources:
-  secrets: [{ name: s }]
+  secrets: [{ name: s, session_ticket_keys: {} }]
 admin:
   address: { pipe: { path: /tmp/admin.sock } }
 stats_flush_interval: 5s
@@ -631,12 +650,8 @@ stats_flush_interval: 5s
         let bootstrap: Bootstrap = parse(text, BOOTSTRAP);
         assert_eq!(
             audit_errors(&bootstrap, BOOTSTRAP),
-            // In field-number order, as the walk visits them.
-            [
-                "static_resources.secrets: not supported",
-                "stats_flush_interval: not supported",
-                "admin.address.pipe: not supported",
-            ]
+            // In field-number order, as the walk visits them. Secrets are audited as they are parsed.
+            ["stats_flush_interval: not supported", "admin.address.pipe: not supported",]
         );
     }
 

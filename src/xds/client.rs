@@ -24,10 +24,11 @@ use tracing::{Instrument, info, info_span, warn};
 use super::delta::DeltaState;
 use super::state::SotwState;
 use super::status::{Held, Received, Update, XdsStatus};
-use super::{CLUSTER, ENDPOINT, LISTENER, Protocol, ROUTE};
+use super::{CLUSTER, ENDPOINT, LISTENER, Protocol, ROUTE, SECRET};
 use crate::config::cluster::ClusterConfig;
 use crate::config::listener::ListenerConfig;
 use crate::listener::manager::ListenerManager;
+use crate::secret::{Secret, SecretSource};
 use crate::stats::{Counter, Gauge, Store};
 use crate::upstream::ClusterManager;
 
@@ -93,6 +94,10 @@ impl AdsClient {
             let _ = sotw.subscribe(t, BTreeSet::new());
             let _ = delta.subscribe(t, BTreeSet::new());
         }
+        // Secrets the bootstrap's listeners and clusters ask for over ADS.
+        let secrets = self.secret_subscription();
+        let _ = sotw.subscribe_named(SECRET, secrets.clone());
+        let _ = delta.subscribe_named(SECRET, secrets);
         let connected = self.stats.gauge("control_plane.connected_state");
         let mut attempt = 0u32;
         loop {
@@ -208,10 +213,10 @@ impl AdsClient {
         &self,
         state: &mut DeltaState,
         resp: &DeltaDiscoveryResponse,
-    ) -> (DeltaDiscoveryRequest, Option<DeltaDiscoveryRequest>) {
+    ) -> (DeltaDiscoveryRequest, Vec<DeltaDiscoveryRequest>) {
         let mut errors = Vec::new();
         let mut applied = Vec::new();
-        let mut follow_up = None;
+        let mut follow_up = Vec::new();
         let stats_prefix = match resp.type_url.as_str() {
             LISTENER => Some("listener_manager.lds"),
             CLUSTER => Some("cluster_manager.cds"),
@@ -241,8 +246,10 @@ impl AdsClient {
                     }
                 }
                 let routes = lm.routes().collect();
+                drop(lm);
                 self.status.set_subscription(ROUTE, &routes);
-                follow_up = state.subscribe_named(ROUTE, routes);
+                follow_up.extend(state.subscribe_named(ROUTE, routes));
+                follow_up.extend(state.subscribe_named(SECRET, self.secret_subscription()));
             }
             CLUSTER => {
                 let mut cm = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
@@ -262,9 +269,10 @@ impl AdsClient {
                 }
                 let names = cm.eds_service_names();
                 self.status.set_subscription(ENDPOINT, &names);
-                follow_up = state.subscribe_named(ENDPOINT, names);
+                follow_up.extend(state.subscribe_named(ENDPOINT, names));
                 drop(cm);
                 self.listeners.lock().unwrap_or_else(|p| p.into_inner()).promote_warming();
+                follow_up.extend(state.subscribe_named(SECRET, self.secret_subscription()));
             }
             ENDPOINT => {
                 let mut cm = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
@@ -295,18 +303,50 @@ impl AdsClient {
                     Err(e) => errors.extend(e),
                 }
             }
+            SECRET => {
+                let with_versions = resp
+                    .resources
+                    .iter()
+                    .filter_map(|r| r.resource.as_ref().map(|any| (Some(r.version.as_str()), any)));
+                let outcome = self.apply_secrets(with_versions, &resp.system_version_info);
+                for r in resp.resources.iter().filter(|r| r.resource.is_some()) {
+                    if !outcome.iter().any(|e| e.starts_with(&format!("{}: ", r.name))) {
+                        applied.push((r.name.clone(), r.version.clone()));
+                    }
+                }
+                // A removed secret stays in force for the contexts that use it: Envoy keeps serving the last one
+                // too, and dropping it would break every handshake of a chain that is still configured.
+                errors.extend(outcome);
+            }
             other => errors.push(format!("type {other} is not supported")),
         }
-        self.record_status(&Update {
-            type_url: &resp.type_url,
-            version: &resp.system_version_info,
-            resources: resp
-                .resources
+        let redacted: Vec<(&str, &str, Any)> = if resp.type_url == SECRET {
+            resp.resources
+                .iter()
+                .filter_map(|r| {
+                    r.resource.as_ref().map(|any| (r.name.as_str(), r.version.as_str(), redacted_secret(any)))
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let received: Vec<Received<'_>> = if resp.type_url == SECRET {
+            redacted
+                .iter()
+                .map(|(name, version, any)| Received { name: Some(*name), any, version: Some(*version) })
+                .collect()
+        } else {
+            resp.resources
                 .iter()
                 .filter_map(|r| {
                     r.resource.as_ref().map(|any| Received { name: Some(&r.name), any, version: Some(&r.version) })
                 })
-                .collect(),
+                .collect()
+        };
+        self.record_status(&Update {
+            type_url: &resp.type_url,
+            version: &resp.system_version_info,
+            resources: received,
             removed: &resp.removed_resources,
             errors: &errors,
         });
@@ -338,39 +378,49 @@ impl AdsClient {
         state: &mut SotwState,
         resp: &DiscoveryResponse,
         seen: &mut Seen,
-    ) -> (DiscoveryRequest, Option<DiscoveryRequest>) {
+    ) -> (DiscoveryRequest, Vec<DiscoveryRequest>) {
         let (stats, outcome, follow_up) = match resp.type_url.as_str() {
             CLUSTER => {
                 let outcome = self.apply_clusters(&resp.resources, &mut seen.clusters);
                 let names = self.clusters.lock().unwrap_or_else(|p| p.into_inner()).eds_service_names();
                 self.status.set_subscription(ENDPOINT, &names);
-                (
-                    Some(SubscriptionStats::new(&self.stats, "cluster_manager.cds")),
-                    outcome,
-                    state.subscribe_named(ENDPOINT, names),
-                )
+                let follow_up = state
+                    .subscribe_named(ENDPOINT, names)
+                    .into_iter()
+                    .chain(state.subscribe_named(SECRET, self.secret_subscription()))
+                    .collect();
+                (Some(SubscriptionStats::new(&self.stats, "cluster_manager.cds")), outcome, follow_up)
             }
             LISTENER => {
                 let outcome = self.apply_listeners(&resp.resources, &mut seen.listeners);
                 let routes = self.route_subscription();
                 self.status.set_subscription(ROUTE, &routes);
-                (
-                    Some(SubscriptionStats::new(&self.stats, "listener_manager.lds")),
-                    outcome,
-                    state.subscribe_named(ROUTE, routes),
-                )
+                let follow_up = state
+                    .subscribe_named(ROUTE, routes)
+                    .into_iter()
+                    .chain(state.subscribe_named(SECRET, self.secret_subscription()))
+                    .collect();
+                (Some(SubscriptionStats::new(&self.stats, "listener_manager.lds")), outcome, follow_up)
             }
-            ENDPOINT => (None, self.apply_endpoints(&resp.resources), None),
+            ENDPOINT => (None, self.apply_endpoints(&resp.resources), Vec::new()),
             ROUTE => {
                 let resources = resp.resources.iter().map(|any| (None, any));
-                (None, self.apply_routes(resources, &resp.version_info, &[]), None)
+                (None, self.apply_routes(resources, &resp.version_info, &[]), Vec::new())
             }
-            other => (None, Err(vec![format!("type {other} is not supported")]), None),
+            SECRET => {
+                let errors = self.apply_secrets(resp.resources.iter().map(|any| (None, any)), &resp.version_info);
+                (None, if errors.is_empty() { Ok(()) } else { Err(errors) }, Vec::new())
+            }
+            other => (None, Err(vec![format!("type {other} is not supported")]), Vec::new()),
         };
+        // Secrets are recorded (for CSDS and dumps) with their private keys redacted.
+        let redacted: Vec<Any> =
+            if resp.type_url == SECRET { resp.resources.iter().map(redacted_secret).collect() } else { Vec::new() };
+        let recorded = if resp.type_url == SECRET { &redacted } else { &resp.resources };
         self.record_status(&Update {
             type_url: &resp.type_url,
             version: &resp.version_info,
-            resources: resp.resources.iter().map(|any| Received { name: None, any, version: None }).collect(),
+            resources: recorded.iter().map(|any| Received { name: None, any, version: None }).collect(),
             removed: &[],
             errors: outcome.as_ref().err().map_or(&[], Vec::as_slice),
         });
@@ -413,8 +463,8 @@ impl AdsClient {
                 let cm = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
                 self.status.record(
                     update,
-                    |name, _| cm.get(name).map(|c| Held::Cluster(c.config.proto.clone())),
-                    |name| cm.get(name).is_some(),
+                    |name, _| cm.newest_proto(name).map(Held::Cluster),
+                    |name| cm.newest_proto(name).is_some(),
                 );
             }
             _ => self.status.record(update, |_, any| Some(Held::Any(any.clone())), |_| true),
@@ -511,6 +561,62 @@ impl AdsClient {
         if errors.is_empty() { Ok(()) } else { Err(errors) }
     }
 
+    /// The secret names listeners and clusters ask ADS for now: the SDS subscription (also recorded for CSDS).
+    fn secret_subscription(&self) -> BTreeSet<String> {
+        let registry = self.listeners.lock().unwrap_or_else(|p| p.into_inner()).secrets();
+        let names = registry.subscription(&SecretSource::Ads);
+        self.status.set_subscription(SECRET, &names);
+        names
+    }
+
+    /// Installs secrets (each with its delta version, if any); returns the rejections, one line per secret naming it
+    /// and the field. A rejected secret leaves the version in force as it was; listeners and clusters that waited
+    /// for a secret start serving.
+    fn apply_secrets<'a>(
+        &self,
+        resources: impl Iterator<Item = (Option<&'a str>, &'a Any)>,
+        version: &str,
+    ) -> Vec<String> {
+        let mut errors = Vec::new();
+        let registry = self.listeners.lock().unwrap_or_else(|p| p.into_inner()).secrets();
+        for (i, (resource_version, any)) in resources.enumerate() {
+            let proto =
+                match decode::<envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret>(any, SECRET) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        errors.push(format!("resources[{i}]: {e}"));
+                        continue;
+                    }
+                };
+            let name = proto.name.clone();
+            let stats = |s: &str| self.stats.counter(&format!("sds.{name}.{s}"));
+            // Envoy's SdsApi skips a secret whose content did not change: a state-of-the-world response repeats every
+            // secret, and re-installing one would rebuild every TLS context that uses it for nothing.
+            if registry.holds(&SecretSource::Ads, &name, bytes_hash(&any.value)) {
+                continue;
+            }
+            stats("update_attempt").inc();
+            match Secret::parse(proto, resource_version.unwrap_or(version), bytes_hash(&any.value)) {
+                Ok(secret) => {
+                    if registry.set(&SecretSource::Ads, secret) {
+                        stats("update_success").inc();
+                        info!(secret = %name, "secret updated");
+                    } else {
+                        info!(secret = %name, "ignoring a secret no listener or cluster asked for");
+                    }
+                }
+                Err(e) => {
+                    stats("update_rejected").inc();
+                    errors.push(format!("{name}: {e}"));
+                }
+            }
+        }
+        // Clusters first: a listener may be waiting for a cluster that was waiting for a secret.
+        self.clusters.lock().unwrap_or_else(|p| p.into_inner()).promote_warming();
+        self.listeners.lock().unwrap_or_else(|p| p.into_inner()).promote_warming();
+        errors
+    }
+
     fn apply_endpoints(&self, resources: &[Any]) -> Result<(), Vec<String>> {
         let mut errors = Vec::new();
         let mut cm = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
@@ -589,12 +695,12 @@ fn unnamed_failure(errors: &[String]) -> bool {
 
 /// Sends a response's ACK/NACK and any subscription change it caused; after a large response (already dropped by
 /// the caller) returns the freed decoding buffers to the OS.
-fn answer_response<R>(tx: &mpsc::UnboundedSender<R>, (reply, follow_up): (R, Option<R>), large: bool) {
+fn answer_response<R>(tx: &mpsc::UnboundedSender<R>, (reply, follow_up): (R, Vec<R>), large: bool) {
     if large {
         release_heap();
     }
     let _ = tx.send(reply);
-    if let Some(req) = follow_up {
+    for req in follow_up {
         let _ = tx.send(req);
     }
 }
@@ -619,6 +725,15 @@ fn bytes_hash(bytes: &[u8]) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     bytes.hash(&mut h);
     h.finish()
+}
+
+/// A secret resource with its private key redacted, for the status CSDS and /config_dump read; one that does not
+/// decode is recorded empty rather than as received.
+fn redacted_secret(any: &Any) -> Any {
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret as SecretPb;
+    let value =
+        SecretPb::decode(any.value.as_slice()).map(|s| crate::secret::redact(s).encode_to_vec()).unwrap_or_default();
+    Any { type_url: any.type_url.clone(), value }
 }
 
 fn decode<T: Message + Default>(any: &Any, type_url: &str) -> Result<T, String> {

@@ -281,15 +281,22 @@ fn tls_config_errors_name_the_field() {
     let bad_key = tls_socket(&Leaf { cert: server.cert.clone(), key: "not a key".into() }, &[], None);
     let err = case(bad_key);
     assert!(err.contains("tls_certificates[0].private_key"), "{err}");
-    let sds = tls_socket(&server, &[], None).replace(
+    let both = tls_socket(&server, &[], None).replace(
         "tls_certificates: [",
         r#"tls_certificate_sds_secret_configs: [ { name: default, sds_config: { ads: {} } } ], tls_certificates: ["#,
     );
-    let err = case(sds);
+    let err = case(both);
     assert!(
-        err.contains("common_tls_context.tls_certificate_sds_secret_configs") && err.contains("not supported"),
+        err.contains("common_tls_context.tls_certificate_sds_secret_configs")
+            && err.contains("tls_certificates and tls_certificate_sds_secret_configs cannot both be set"),
         "{err}"
     );
+    let file_sds = sds_socket(r#"{ name: default, sds_config: { path_config_source: { path: /x.yaml } } }"#, "");
+    let err = case(file_sds);
+    assert!(err.contains("tls_certificate_sds_secret_configs[0].sds_config: file-based SDS is not supported"), "{err}");
+    // A reference without sds_config names a static secret, which must exist (Envoy's wording).
+    let err = case(sds_socket("{ name: nope }", ""));
+    assert!(err.contains("Unknown static secret: nope"), "{err}");
     let old = tls_socket(&server, &[], None)
         .replace("alpn_protocols: []", "alpn_protocols: [], tls_params: { tls_minimum_protocol_version: TLSv1_0 }");
     let err = case(old);
@@ -415,4 +422,88 @@ async fn http_requests_go_upstream_over_tls() {
         assert!(body.starts_with("TLS-UP\nGET /over-tls\n"), "{body}");
     }
     assert_eq!(counter(&proxy, "cluster.secure.upstream_cx_total"), 1, "the TLS connection is pooled and reused");
+}
+
+/// A DownstreamTlsContext whose certificate is the secret `cert_ref` (an SdsSecretConfig) and whose validation is
+/// `validation` (a `, <field>: ...` fragment of common_tls_context, or empty).
+fn sds_socket(cert_ref: &str, validation: &str) -> String {
+    format!(
+        r#"
+      transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config: {{ "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext, common_tls_context: {{ tls_certificate_sds_secret_configs: [ {cert_ref} ]{validation} }} }}"#
+    )
+}
+
+/// Envoy's combined validation context: the SANs here, the CA from the secret `ROOTCA` (from `source`, e.g.
+/// `, sds_config: { ads: {} }`, or empty for a static secret).
+fn combined_validation(san: &str, source: &str) -> String {
+    format!(
+        r#", combined_validation_context: {{ default_validation_context: {{ match_typed_subject_alt_names: [ {{ san_type: URI, matcher: {{ exact: "{san}" }} }} ] }}, validation_context_sds_secret_config: {{ name: ROOTCA{source} }} }}"#
+    )
+}
+
+/// `static_resources.secrets` entries (or SDS resources): a certificate and a CA.
+fn cert_secret_yaml(name: &str, leaf: &Leaf) -> String {
+    format!(
+        "\n  - name: {name}\n    tls_certificate: {{ certificate_chain: {{ inline_string: {} }}, private_key: {{ inline_string: {} }} }}",
+        lit(&leaf.cert),
+        lit(&leaf.key)
+    )
+}
+
+fn ca_secret_yaml(name: &str, ca: &str) -> String {
+    format!("\n  - name: {name}\n    validation_context: {{ trusted_ca: {{ inline_string: {} }} }}", lit(ca))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_secrets_terminate_and_originate_mutual_tls() {
+    let pki = Pki::new();
+    let server = pki.leaf(&["svc.local"], &["spiffe://cluster.local/ns/default/sa/server"]);
+    let client = pki.leaf(&[], &["spiffe://cluster.local/ns/default/sa/client"]);
+    let backend = pki.leaf(&[], &["spiffe://cluster.local/ns/default/sa/backend"]);
+    let up = tls_echo_upstream(&backend).await;
+    let socket =
+        sds_socket("{ name: default }", &combined_validation("spiffe://cluster.local/ns/default/sa/client", ""))
+            .replace("common_tls_context:", "require_client_certificate: true, common_tls_context:");
+    let cluster = format!(
+        r#"{}
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config: {{ "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext, sni: backend.local, common_tls_context: {{ tls_certificate_sds_secret_configs: [ {{ name: default }} ]{} }} }}"#,
+        static_cluster("up", &[up]),
+        combined_validation("spiffe://cluster.local/ns/default/sa/backend", "")
+    );
+    let yaml = format!(
+        "static_resources:\n  listeners:{}\n  clusters:{cluster}\n  secrets:{}{}\n",
+        listener_with_chains(&tcp_chain("mtls", "{ transport_protocol: tls }", &socket, "up")),
+        cert_secret_yaml("default", &server),
+        ca_secret_yaml("ROOTCA", &pki.ca_pem())
+    );
+    let proxy = start(&yaml, Duration::from_secs(1)).await;
+    let addr = listener_addr(&proxy, "l");
+
+    let mut s = tls_connect(addr, client_config(&pki, &[], Some(&client)), "svc.local").await.unwrap();
+    let presented = s.get_ref().1.peer_certificates().unwrap()[0].clone();
+    assert_eq!(presented.as_ref(), pem_der(&server.cert), "the proxy presents the static secret's certificate");
+    let mut greeting = vec![0u8; "backend.local\n".len()];
+    s.read_exact(&mut greeting).await.unwrap();
+    assert_eq!(greeting, b"backend.local\n", "the upstream handshake used the secrets' CA and SAN");
+    assert!(echoes(&mut s, b"secrets both ways").await);
+
+    // The SAN of the combined context still applies: a client of the right CA with another identity is refused.
+    let intruder = pki.leaf(&[], &["spiffe://cluster.local/ns/default/sa/intruder"]);
+    if let Ok(mut s) = tls_connect(addr, client_config(&pki, &[], Some(&intruder)), "svc.local").await {
+        assert!(!echoes(&mut s, b"x").await, "a peer with the wrong SAN must not be proxied");
+    }
+    eventually("SAN failure counted", Duration::from_secs(5), async || {
+        counter(&proxy, "listener.127.0.0.1_0.ssl.fail_verify_san") == 1
+    })
+    .await;
+}
+
+/// The DER of the first certificate of a PEM text.
+fn pem_der(pem: &str) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap().to_vec()
 }
