@@ -12,18 +12,18 @@ use tokio::net::TcpStream;
 
 use crate::common::*;
 
-struct Pki {
+pub(crate) struct Pki {
     ca: rcgen::Certificate,
     ca_key: KeyPair,
 }
 
-struct Leaf {
-    cert: String,
-    key: String,
+pub(crate) struct Leaf {
+    pub(crate) cert: String,
+    pub(crate) key: String,
 }
 
 impl Pki {
-    fn new() -> Pki {
+    pub(crate) fn new() -> Pki {
         let ca_key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -31,9 +31,15 @@ impl Pki {
         Pki { ca, ca_key }
     }
 
-    fn leaf(&self, dns: &[&str], uris: &[&str]) -> Leaf {
+    pub(crate) fn leaf(&self, dns: &[&str], uris: &[&str]) -> Leaf {
+        self.leaf_with_serial(dns, uris, None)
+    }
+
+    /// A leaf with a chosen serial number, to tell two certificates for the same names apart.
+    pub(crate) fn leaf_with_serial(&self, dns: &[&str], uris: &[&str], serial: Option<u64>) -> Leaf {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(dns.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        params.serial_number = serial.map(rcgen::SerialNumber::from);
         for u in uris {
             params.subject_alt_names.push(SanType::URI((*u).try_into().unwrap()));
         }
@@ -41,13 +47,13 @@ impl Pki {
         Leaf { cert: cert.pem(), key: key.serialize_pem() }
     }
 
-    fn ca_pem(&self) -> String {
+    pub(crate) fn ca_pem(&self) -> String {
         self.ca.pem()
     }
 }
 
 /// A YAML/JSON string literal.
-fn lit(s: &str) -> String {
+pub(crate) fn lit(s: &str) -> String {
     serde_json::to_string(s).unwrap()
 }
 
@@ -69,7 +75,7 @@ fn tls_socket(server: &Leaf, alpn: &[&str], mtls: Option<(&str, &str)>) -> Strin
     )
 }
 
-fn client_config(pki: &Pki, alpn: &[&str], cert: Option<&Leaf>) -> Arc<rustls::ClientConfig> {
+pub(crate) fn client_config(pki: &Pki, alpn: &[&str], cert: Option<&Leaf>) -> Arc<rustls::ClientConfig> {
     use rustls::pki_types::pem::PemObject;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
@@ -91,7 +97,7 @@ fn client_config(pki: &Pki, alpn: &[&str], cert: Option<&Leaf>) -> Arc<rustls::C
     Arc::new(config)
 }
 
-async fn tls_connect(
+pub(crate) async fn tls_connect(
     addr: std::net::SocketAddr,
     config: Arc<rustls::ClientConfig>,
     sni: &str,
@@ -102,7 +108,7 @@ async fn tls_connect(
 }
 
 /// Reads one echo of `msg` (or fails if the proxy closed the connection).
-async fn echoes(s: &mut (impl AsyncReadExt + AsyncWriteExt + Unpin), msg: &[u8]) -> bool {
+pub(crate) async fn echoes(s: &mut (impl AsyncReadExt + AsyncWriteExt + Unpin), msg: &[u8]) -> bool {
     if s.write_all(msg).await.is_err() {
         return false;
     }
@@ -320,7 +326,7 @@ fn tls_acceptor(leaf: &Leaf) -> tokio_rustls::TlsAcceptor {
 }
 
 /// A TLS server that greets each connection with the SNI it was asked for, then echoes.
-async fn tls_echo_upstream(server: &Leaf) -> std::net::SocketAddr {
+pub(crate) async fn tls_echo_upstream(server: &Leaf) -> std::net::SocketAddr {
     let acceptor = tls_acceptor(server);
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
@@ -426,7 +432,7 @@ async fn http_requests_go_upstream_over_tls() {
 
 /// A DownstreamTlsContext whose certificate is the secret `cert_ref` (an SdsSecretConfig) and whose validation is
 /// `validation` (a `, <field>: ...` fragment of common_tls_context, or empty).
-fn sds_socket(cert_ref: &str, validation: &str) -> String {
+pub(crate) fn sds_socket(cert_ref: &str, validation: &str) -> String {
     format!(
         r#"
       transport_socket:
@@ -437,7 +443,7 @@ fn sds_socket(cert_ref: &str, validation: &str) -> String {
 
 /// Envoy's combined validation context: the SANs here, the CA from the secret `ROOTCA` (from `source`, e.g.
 /// `, sds_config: { ads: {} }`, or empty for a static secret).
-fn combined_validation(san: &str, source: &str) -> String {
+pub(crate) fn combined_validation(san: &str, source: &str) -> String {
     format!(
         r#", combined_validation_context: {{ default_validation_context: {{ match_typed_subject_alt_names: [ {{ san_type: URI, matcher: {{ exact: "{san}" }} }} ] }}, validation_context_sds_secret_config: {{ name: ROOTCA{source} }} }}"#
     )
@@ -503,7 +509,7 @@ async fn static_secrets_terminate_and_originate_mutual_tls() {
 }
 
 /// The DER of the first certificate of a PEM text.
-fn pem_der(pem: &str) -> Vec<u8> {
+pub(crate) fn pem_der(pem: &str) -> Vec<u8> {
     use rustls::pki_types::pem::PemObject;
     rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap().to_vec()
 }
