@@ -33,6 +33,10 @@ pub enum SecretSource {
     Static,
     /// SDS over the ADS stream (`sds_config: { ads: {} }`).
     Ads,
+    /// SDS over a stream of its own (`SecretDiscoveryService/StreamSecrets`) to this static cluster
+    /// (`api_config_source: { api_type: GRPC, grpc_services: [{ envoy_grpc: { cluster_name } }] }`), as Istio's
+    /// sidecars get their certificates from pilot-agent on `sds-grpc`.
+    Grpc(String),
 }
 
 /// A TLS context's reference to a secret (`SdsSecretConfig`).
@@ -60,11 +64,8 @@ impl SecretRef {
             // `self` means "where the referring resource came from"; every dynamic resource of this proxy comes over
             // ADS.
             Some(ConfigSourceSpecifier::Self_(_)) => SecretSource::Ads,
-            Some(ConfigSourceSpecifier::ApiConfigSource(_)) => {
-                return Err(ConfigError::new(
-                    join(&spath, "api_config_source"),
-                    "SDS from its own gRPC config source is not supported; use ads",
-                ));
+            Some(ConfigSourceSpecifier::ApiConfigSource(api)) => {
+                SecretSource::Grpc(grpc_cluster(api, &join(&spath, "api_config_source"))?)
             }
             // `path` and `path_config_source`.
             Some(_) => return Err(ConfigError::new(&spath, "file-based SDS is not supported; use ads")),
@@ -76,6 +77,36 @@ impl SecretRef {
             None => DEFAULT_INITIAL_FETCH_TIMEOUT,
         };
         Ok(SecretRef { name: c.name.clone(), source, initial_fetch_timeout: (!timeout.is_zero()).then_some(timeout) })
+    }
+}
+
+/// The cluster of an SDS `api_config_source`: GRPC (state of the world) through one `envoy_grpc` cluster.
+fn grpc_cluster(api: &core::ApiConfigSource, path: &str) -> Result<String, ConfigError> {
+    use core::api_config_source::ApiType;
+    use core::grpc_service::TargetSpecifier;
+    match ApiType::try_from(api.api_type) {
+        Ok(ApiType::Grpc) => {}
+        Ok(other) => {
+            return Err(ConfigError::new(
+                join(path, "api_type"),
+                format!("{} is not supported for SDS (GRPC is)", other.as_str_name()),
+            ));
+        }
+        Err(_) => return Err(ConfigError::new(join(path, "api_type"), format!("unknown api_type {}", api.api_type))),
+    }
+    if api.transport_api_version != core::ApiVersion::V3 as i32 && api.transport_api_version != 0 {
+        return Err(ConfigError::new(join(path, "transport_api_version"), "only V3 is supported"));
+    }
+    match api.grpc_services.as_slice() {
+        [one] => match &one.target_specifier {
+            Some(TargetSpecifier::EnvoyGrpc(e)) if !e.cluster_name.is_empty() => Ok(e.cluster_name.clone()),
+            Some(TargetSpecifier::GoogleGrpc(_)) => Err(ConfigError::new(
+                join(path, "grpc_services[0].google_grpc"),
+                "google_grpc is not supported; use envoy_grpc with a static cluster",
+            )),
+            _ => Err(ConfigError::new(join(path, "grpc_services[0].envoy_grpc.cluster_name"), "a cluster is required")),
+        },
+        _ => Err(ConfigError::new(join(path, "grpc_services"), "exactly one gRPC service is supported")),
     }
 }
 
@@ -160,7 +191,7 @@ pub enum SecretContent {
     /// Parsed for plain use, and as received for `combined_validation_context`, which merges it into its default.
     Validation {
         parsed: Arc<Validation>,
-        proto: tlspb::CertificateValidationContext,
+        proto: Box<tlspb::CertificateValidationContext>,
     },
 }
 
@@ -176,7 +207,7 @@ impl Secret {
             Some(Type::TlsCertificate(c)) => SecretContent::Certificate(certified_key(c, "tls_certificate")?),
             Some(Type::ValidationContext(v)) => SecretContent::Validation {
                 parsed: Arc::new(Validation::from_proto(v, "validation_context")?),
-                proto: v.clone(),
+                proto: Box::new(v.clone()),
             },
             _ => {
                 return Err(ConfigError::new("", "only tls_certificate and validation_context secrets are supported"));
@@ -280,9 +311,14 @@ pub enum SecretError {
 
 /// Every secret slot of the process, by source and name. Dynamic slots live while a TLS context holds them
 /// ([`SecretRegistry::subscription`] forgets the rest); static ones for the life of the process.
+/// Slots by (source, name).
+type Slots = HashMap<(SecretSource, String), Arc<SecretSlot>>;
+
 #[derive(Debug, Clone, Default)]
 pub struct SecretRegistry {
-    slots: Arc<Mutex<HashMap<(SecretSource, String), Arc<SecretSlot>>>>,
+    slots: Arc<Mutex<Slots>>,
+    /// Woken when a dynamic slot is created, so SDS clients subscribe to it without waiting for their next poll.
+    created: Arc<tokio::sync::Notify>,
 }
 
 impl SecretRegistry {
@@ -331,6 +367,7 @@ impl SecretRegistry {
                     current: Default::default(),
                 });
                 slots.insert(key, slot.clone());
+                self.created.notify_waiters();
                 slot
             }
         };
@@ -359,6 +396,29 @@ impl SecretRegistry {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         slots.retain(|(src, _), slot| *src == SecretSource::Static || Arc::strong_count(slot) > 1);
         slots.keys().filter(|(src, _)| src == source).map(|(_, name)| name.clone()).collect()
+    }
+
+    /// Every dynamic secret name asked for, whatever its source: what CSDS reports as subscribed.
+    pub fn dynamic_names(&self) -> BTreeSet<String> {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.keys().filter(|(src, _)| *src != SecretSource::Static).map(|(_, name)| name.clone()).collect()
+    }
+
+    /// The clusters of the gRPC SDS sources some TLS context refers to: one SDS stream each.
+    pub fn grpc_sources(&self) -> BTreeSet<String> {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots
+            .keys()
+            .filter_map(|(src, _)| match src {
+                SecretSource::Grpc(cluster) => Some(cluster.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Resolves when a slot was created since the last call (a new name to subscribe, maybe a new source).
+    pub async fn changed(&self) {
+        self.created.notified().await;
     }
 
     /// Every slot, static ones first, each group by name, for dumps.

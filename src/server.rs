@@ -174,6 +174,17 @@ impl Server {
             };
             tokio::spawn(ads.run());
         }
+        // SDS streams of their own (api_config_source), started as TLS contexts come to name their clusters.
+        let sds = crate::xds::sds::SdsContext {
+            node: server.bootstrap.node.clone(),
+            listeners: server.listeners.clone(),
+            clusters: server.clusters.clone(),
+            secrets: server.bootstrap.secrets.clone(),
+            stats: stats.clone(),
+            status: server.xds_status.clone(),
+            stop: server.background.clone(),
+        };
+        tokio::spawn(sds.run());
         let fetches = initial_fetches(&server.bootstrap);
         if fetches.is_empty() {
             server.lifecycle.initialized();

@@ -43,7 +43,7 @@ enum ValidationSource {
     /// Envoy's `combined_validation_context`: the SDS context merged into the default one as protobuf merges (the
     /// secret's set fields win, lists append), so a static SAN list is kept while SDS rotates the CA.
     Combined {
-        default: tlspb::CertificateValidationContext,
+        default: Box<tlspb::CertificateValidationContext>,
         sds: SecretBinding,
     },
 }
@@ -122,7 +122,7 @@ impl Sources {
                     .as_ref()
                     .ok_or_else(|| ConfigError::new(&spath, "an SDS secret config is required"))?;
                 ValidationSource::Combined {
-                    default,
+                    default: Box::new(default),
                     sds: SecretBinding::new(SecretRef::from_proto(sds, &spath)?, spath),
                 }
             }
@@ -189,7 +189,7 @@ impl Sources {
                 let s = validation.ok_or_else(|| not_ready(sds))?;
                 let (_, dynamic) =
                     s.validation().ok_or_else(|| wrong_kind(sds, "certificate", "validation context"))?;
-                let mut merged = default.clone();
+                let mut merged = (**default).clone();
                 merged
                     .merge(dynamic.encode_to_vec().as_slice())
                     .map_err(|e| ConfigError::new(join(&self.path, "combined_validation_context"), e.to_string()))?;

@@ -87,6 +87,9 @@ pub struct ClusterConfig {
     pub http: HttpUpstream,
     /// TLS to the hosts (`transport_socket` with an UpstreamTlsContext).
     pub tls: Option<Arc<crate::tls::UpstreamTls>>,
+    /// The Unix socket of a STATIC cluster whose one endpoint is a `pipe` address. Such a cluster serves gRPC config
+    /// sources only (Istio's `sds-grpc`); it has no hosts for tcp_proxy or HTTP.
+    pub pipe: Option<std::path::PathBuf>,
     pub proto: Arc<cpb::Cluster>,
 }
 
@@ -252,7 +255,12 @@ impl TryFrom<cpb::Cluster> for ClusterConfig {
         }
 
         let dns = matches!(kind, ClusterKind::StrictDns | ClusterKind::LogicalDns);
+        let pipe = match &c.load_assignment {
+            Some(la) => pipe_endpoint(la, &kind)?,
+            None => None,
+        };
         let endpoints = match &c.load_assignment {
+            Some(_) if pipe.is_some() => Vec::new(),
             Some(la) => endpoints(la, dns, "load_assignment")?,
             None => Vec::new(),
         };
@@ -312,10 +320,55 @@ impl TryFrom<cpb::Cluster> for ClusterConfig {
                 .map_or(DEFAULT_BUFFER_LIMIT, |v| v.value),
             stat_name: if c.alt_stat_name.is_empty() { c.name.clone() } else { c.alt_stat_name.clone() },
             tls: upstream_tls(&c, &http)?,
+            pipe,
             http,
             proto: Arc::new(c),
         })
     }
+}
+
+/// The path of a load assignment's `pipe` endpoint, refused anywhere but as the only endpoint of a STATIC cluster.
+fn pipe_endpoint(
+    la: &epb::ClusterLoadAssignment,
+    kind: &ClusterKind,
+) -> Result<Option<std::path::PathBuf>, ConfigError> {
+    use core::address::Address as A;
+    let all: Vec<(String, Option<&A>)> = la
+        .endpoints
+        .iter()
+        .enumerate()
+        .flat_map(|(i, l)| {
+            l.lb_endpoints.iter().enumerate().map(move |(j, lb)| {
+                let address = match &lb.host_identifier {
+                    Some(epb::lb_endpoint::HostIdentifier::Endpoint(ep)) => {
+                        ep.address.as_ref().and_then(|a| a.address.as_ref())
+                    }
+                    _ => None,
+                };
+                (format!("load_assignment.endpoints[{i}].lb_endpoints[{j}].endpoint.address"), address)
+            })
+        })
+        .collect();
+    let Some((path, pipe)) = all.iter().find_map(|(path, a)| match a {
+        Some(A::Pipe(p)) => Some((path, p)),
+        _ => None,
+    }) else {
+        return Ok(None);
+    };
+    if *kind != ClusterKind::Static || all.len() != 1 {
+        return Err(ConfigError::new(
+            join(path, "pipe"),
+            "a pipe address is only supported as the one endpoint of a STATIC cluster (a gRPC config source such as \
+             sds-grpc)",
+        ));
+    }
+    if pipe.mode != 0 {
+        return Err(ConfigError::new(join(path, "pipe.mode"), "not supported for an upstream socket"));
+    }
+    if pipe.path.is_empty() || pipe.path.starts_with('@') {
+        return Err(ConfigError::new(join(path, "pipe.path"), "a filesystem path is required (no abstract sockets)"));
+    }
+    Ok(Some(std::path::PathBuf::from(&pipe.path)))
 }
 
 /// Endpoints of a load assignment (a cluster's inline one, or an EDS resource). `dns` allows host names.

@@ -369,6 +369,7 @@ mod tests {
             stat_name: "c".into(),
             http: Default::default(),
             tls: None,
+            pipe: None,
             proto: Arc::default(),
         })
     }

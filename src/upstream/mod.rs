@@ -174,6 +174,9 @@ impl ClusterManager {
             _ => (None, watch::channel(true).1),
         };
         info!(cluster = %name, "cluster {}", if old.is_some() { "updated" } else { "added" });
+        if let Some(path) = &config.pipe {
+            info!(cluster = %name, path = %path.display(), "the cluster's endpoint is a Unix socket: it serves gRPC config sources (SDS) only; tcp_proxy and HTTP find no host in it");
+        }
         self.entries.insert(name, Entry { cluster, refresh, ready });
         true
     }

@@ -73,8 +73,8 @@ impl SubscriptionStats {
 }
 
 #[derive(Debug, thiserror::Error)]
-enum StreamError {
-    #[error("ADS cluster '{0}' has no endpoint")]
+pub(crate) enum StreamError {
+    #[error("config source cluster '{0}' has no endpoint")]
     NoEndpoint(String),
     #[error("cannot connect to {0}: {1}")]
     Connect(String, tonic::transport::Error),
@@ -139,23 +139,7 @@ impl AdsClient {
         &self,
         attempt: u32,
     ) -> Result<AggregatedDiscoveryServiceClient<tonic::transport::Channel>, StreamError> {
-        let (addr, timeout) = {
-            let cm = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
-            let cluster = cm.get(&self.cluster).ok_or_else(|| StreamError::NoEndpoint(self.cluster.clone()))?;
-            // Rotate through the ADS cluster's hosts across reconnects, so one dead control plane is not retried forever.
-            let hosts = cluster.hosts();
-            let host = hosts.hosts.get(attempt as usize % hosts.hosts.len().max(1)).cloned();
-            let host = host.ok_or_else(|| StreamError::NoEndpoint(self.cluster.clone()))?;
-            (host.address, cluster.config.connect_timeout)
-        };
-        let uri = format!("http://{addr}");
-        let endpoint = tonic::transport::Endpoint::from_shared(uri.clone())
-            .map_err(|e| StreamError::Connect(uri.clone(), e))?
-            .connect_timeout(timeout)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10));
-        let channel = endpoint.connect().await.map_err(|e| StreamError::Connect(uri.clone(), e))?;
-        info!(control_plane = %addr, "connected");
+        let channel = channel(&self.clusters, &self.cluster, attempt).await?;
         Ok(AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(usize::MAX))
     }
 
@@ -565,56 +549,18 @@ impl AdsClient {
     fn secret_subscription(&self) -> BTreeSet<String> {
         let registry = self.listeners.lock().unwrap_or_else(|p| p.into_inner()).secrets();
         let names = registry.subscription(&SecretSource::Ads);
-        self.status.set_subscription(SECRET, &names);
+        // CSDS shows every source's secrets under one type.
+        self.status.set_subscription(SECRET, &registry.dynamic_names());
         names
     }
 
-    /// Installs secrets (each with its delta version, if any); returns the rejections, one line per secret naming it
-    /// and the field. A rejected secret leaves the version in force as it was; listeners and clusters that waited
-    /// for a secret start serving.
+    /// Installs secrets delivered over ADS; see [`install_secrets`].
     fn apply_secrets<'a>(
         &self,
         resources: impl Iterator<Item = (Option<&'a str>, &'a Any)>,
         version: &str,
     ) -> Vec<String> {
-        let mut errors = Vec::new();
-        let registry = self.listeners.lock().unwrap_or_else(|p| p.into_inner()).secrets();
-        for (i, (resource_version, any)) in resources.enumerate() {
-            let proto =
-                match decode::<envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret>(any, SECRET) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        errors.push(format!("resources[{i}]: {e}"));
-                        continue;
-                    }
-                };
-            let name = proto.name.clone();
-            let stats = |s: &str| self.stats.counter(&format!("sds.{name}.{s}"));
-            // Envoy's SdsApi skips a secret whose content did not change: a state-of-the-world response repeats every
-            // secret, and re-installing one would rebuild every TLS context that uses it for nothing.
-            if registry.holds(&SecretSource::Ads, &name, bytes_hash(&any.value)) {
-                continue;
-            }
-            stats("update_attempt").inc();
-            match Secret::parse(proto, resource_version.unwrap_or(version), bytes_hash(&any.value)) {
-                Ok(secret) => {
-                    if registry.set(&SecretSource::Ads, secret) {
-                        stats("update_success").inc();
-                        info!(secret = %name, "secret updated");
-                    } else {
-                        info!(secret = %name, "ignoring a secret no listener or cluster asked for");
-                    }
-                }
-                Err(e) => {
-                    stats("update_rejected").inc();
-                    errors.push(format!("{name}: {e}"));
-                }
-            }
-        }
-        // Clusters first: a listener may be waiting for a cluster that was waiting for a secret.
-        self.clusters.lock().unwrap_or_else(|p| p.into_inner()).promote_warming();
-        self.listeners.lock().unwrap_or_else(|p| p.into_inner()).promote_warming();
-        errors
+        install_secrets(&self.listeners, &self.clusters, &self.stats, &SecretSource::Ads, resources, version)
     }
 
     fn apply_endpoints(&self, resources: &[Any]) -> Result<(), Vec<String>> {
@@ -632,6 +578,113 @@ impl AdsClient {
         }
         if errors.is_empty() { Ok(()) } else { Err(errors) }
     }
+}
+
+/// Installs secrets delivered by `source` (each with its delta version, if any); returns the rejections, one line per
+/// secret naming it and the field. A rejected secret leaves the version in force as it was; listeners and clusters
+/// that waited for a secret start serving.
+pub(crate) fn install_secrets<'a>(
+    listeners: &Mutex<ListenerManager>,
+    clusters: &Mutex<ClusterManager>,
+    store: &Store,
+    source: &SecretSource,
+    resources: impl Iterator<Item = (Option<&'a str>, &'a Any)>,
+    version: &str,
+) -> Vec<String> {
+    let mut errors = Vec::new();
+    let registry = listeners.lock().unwrap_or_else(|p| p.into_inner()).secrets();
+    for (i, (resource_version, any)) in resources.enumerate() {
+        let proto = match decode::<envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret>(any, SECRET)
+        {
+            Ok(s) => s,
+            Err(e) => {
+                errors.push(format!("resources[{i}]: {e}"));
+                continue;
+            }
+        };
+        let name = proto.name.clone();
+        let stats = |s: &str| store.counter(&format!("sds.{name}.{s}"));
+        // Envoy's SdsApi skips a secret whose content did not change: a state-of-the-world response repeats every
+        // secret, and re-installing one would rebuild every TLS context that uses it for nothing.
+        let hash = bytes_hash(&any.value);
+        if registry.holds(source, &name, hash) {
+            continue;
+        }
+        stats("update_attempt").inc();
+        match Secret::parse(proto, resource_version.unwrap_or(version), hash) {
+            Ok(secret) => {
+                if registry.set(source, secret) {
+                    stats("update_success").inc();
+                    info!(secret = %name, "secret updated");
+                } else {
+                    info!(secret = %name, "ignoring a secret no listener or cluster asked for");
+                }
+            }
+            Err(e) => {
+                stats("update_rejected").inc();
+                errors.push(format!("{name}: {e}"));
+            }
+        }
+    }
+    // Clusters first: a listener may be waiting for a cluster that was waiting for a secret.
+    clusters.lock().unwrap_or_else(|p| p.into_inner()).promote_warming();
+    listeners.lock().unwrap_or_else(|p| p.into_inner()).promote_warming();
+    errors
+}
+
+/// A gRPC channel (HTTP/2) to a config source's static cluster: one of its hosts, rotating across reconnects so one
+/// dead control plane is not retried forever, or its Unix socket (a `pipe` endpoint, as Istio's `sds-grpc`).
+pub(crate) async fn channel(
+    clusters: &Mutex<ClusterManager>,
+    name: &str,
+    attempt: u32,
+) -> Result<tonic::transport::Channel, StreamError> {
+    enum Target {
+        Tcp(std::net::SocketAddr),
+        Unix(std::path::PathBuf),
+    }
+    let (target, timeout) = {
+        let cm = clusters.lock().unwrap_or_else(|p| p.into_inner());
+        let cluster = cm.get(name).ok_or_else(|| StreamError::NoEndpoint(name.to_string()))?;
+        let target = match &cluster.config.pipe {
+            Some(path) => Target::Unix(path.clone()),
+            None => {
+                let hosts = cluster.hosts();
+                let host = hosts.hosts.get(attempt as usize % hosts.hosts.len().max(1)).cloned();
+                Target::Tcp(host.ok_or_else(|| StreamError::NoEndpoint(name.to_string()))?.address)
+            }
+        };
+        (target, cluster.config.connect_timeout)
+    };
+    // For a Unix socket the URI only names the HTTP/2 authority; the connector below picks the socket.
+    let uri = match &target {
+        Target::Tcp(addr) => format!("http://{addr}"),
+        Target::Unix(_) => "http://localhost".to_string(),
+    };
+    let endpoint = tonic::transport::Endpoint::from_shared(uri.clone())
+        .map_err(|e| StreamError::Connect(uri.clone(), e))?
+        .connect_timeout(timeout)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let channel = match target {
+        Target::Tcp(addr) => {
+            let channel = endpoint.connect().await.map_err(|e| StreamError::Connect(uri.clone(), e))?;
+            info!(control_plane = %addr, "connected");
+            channel
+        }
+        Target::Unix(path) => {
+            let shown = format!("unix:{}", path.display());
+            let connector = tower::service_fn(move |_: http::Uri| {
+                let path = path.clone();
+                async move { tokio::net::UnixStream::connect(path).await.map(hyper_util::rt::TokioIo::new) }
+            });
+            let channel =
+                endpoint.connect_with_connector(connector).await.map_err(|e| StreamError::Connect(shown.clone(), e))?;
+            info!(control_plane = %shown, "connected");
+            channel
+        }
+    };
+    Ok(channel)
 }
 
 /// Resources applied from the previous response of a type, by a hash of their bytes: a state-of-the-world
@@ -729,14 +782,14 @@ fn bytes_hash(bytes: &[u8]) -> u64 {
 
 /// A secret resource with its private key redacted, for the status CSDS and /config_dump read; one that does not
 /// decode is recorded empty rather than as received.
-fn redacted_secret(any: &Any) -> Any {
+pub(crate) fn redacted_secret(any: &Any) -> Any {
     use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret as SecretPb;
     let value =
         SecretPb::decode(any.value.as_slice()).map(|s| crate::secret::redact(s).encode_to_vec()).unwrap_or_default();
     Any { type_url: any.type_url.clone(), value }
 }
 
-fn decode<T: Message + Default>(any: &Any, type_url: &str) -> Result<T, String> {
+pub(crate) fn decode<T: Message + Default>(any: &Any, type_url: &str) -> Result<T, String> {
     if any.type_url != type_url {
         return Err(format!("expected {type_url}, got {}", any.type_url));
     }
@@ -745,7 +798,7 @@ fn decode<T: Message + Default>(any: &Any, type_url: &str) -> Result<T, String> 
 
 /// Full jitter: a random delay up to the exponential bound, so a fleet that lost its control plane does not
 /// reconnect in lockstep.
-fn backoff(attempt: u32) -> Duration {
+pub(crate) fn backoff(attempt: u32) -> Duration {
     let bound = BACKOFF_BASE.saturating_mul(1u32 << attempt.min(16)).min(BACKOFF_MAX);
     bound.mul_f64(rand::random::<f64>()).max(Duration::from_millis(50))
 }

@@ -36,9 +36,19 @@ fn ca_secret(name: &str, ca: &str) -> Any {
     )
 }
 
+/// `sds_config` for ADS.
+const ADS: &str = "{ ads: {}, resource_api_version: V3 }";
+/// `sds_config` as Istio's sidecars have it: pilot-agent's SDS server through the `sds-grpc` cluster, waiting for ever.
+const SDS_GRPC: &str = "{ api_config_source: { api_type: GRPC, grpc_services: [ { envoy_grpc: { cluster_name: sds-grpc } } ], set_node_on_first_message_only: true, transport_api_version: V3 }, initial_fetch_timeout: 0s, resource_api_version: V3 }";
+
 /// A listener terminating mutual TLS with Istio's secret names: the certificate `default` and the CA `ROOTCA`, both
 /// over ADS, and the client's SPIFFE ID checked; then tcp_proxy to `cluster`.
 fn mtls_listener(name: &str, port: u16, cluster: &str) -> Any {
+    mtls_listener_from(name, port, cluster, ADS)
+}
+
+/// [`mtls_listener`] with its secrets from `sds_config`.
+fn mtls_listener_from(name: &str, port: u16, cluster: &str, sds_config: &str) -> Any {
     let yaml = format!(
         r#"
 name: {name}
@@ -50,9 +60,9 @@ filter_chains:
     typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: {name}, cluster: {cluster} }}
   transport_socket:
     name: envoy.transport_sockets.tls
-    typed_config: {{ "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext, require_client_certificate: true, common_tls_context: {{ tls_certificate_sds_secret_configs: [ {{ name: default, sds_config: {{ ads: {{}}, resource_api_version: V3 }} }} ]{} }} }}
+    typed_config: {{ "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext, require_client_certificate: true, common_tls_context: {{ tls_certificate_sds_secret_configs: [ {{ name: default, sds_config: {sds_config} }} ]{} }} }}
 "#,
-        combined_validation(CLIENT_ID, ", sds_config: { ads: {} }")
+        combined_validation(CLIENT_ID, &format!(", sds_config: {sds_config}"))
     );
     any(&yaml, "envoy.config.listener.v3.Listener", LISTENER)
 }
@@ -234,3 +244,83 @@ both_protocols!(
     a_bad_secret_is_nacked_by_name_and_the_previous_one_keeps_serving,
     a_cluster_warms_until_its_secret_arrives
 );
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_come_from_an_sds_server_on_a_unix_socket_as_from_istios_pilot_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("sds.sock");
+    let mock = xds_mock::server::MockServer::start_with_uds("127.0.0.1:0".parse().unwrap(), &uds, Default::default())
+        .await
+        .unwrap();
+    // Istio's sds-grpc cluster: a STATIC cluster whose endpoint is the agent's socket, spoken to over HTTP/2.
+    let sds_cluster = format!(
+        r#"  - name: sds-grpc
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: sds-grpc
+      endpoints: [ {{ lb_endpoints: [ {{ endpoint: {{ address: {{ pipe: {{ path: "{}" }} }} }} }} ] }} ]
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{ http2_protocol_options: {{}} }}
+"#,
+        uds.display()
+    );
+    let server = start(&with_admin(bootstrap(mock.addr(), "GRPC") + &sds_cluster), Duration::from_millis(300)).await;
+    let pki = Pki::new();
+    let cert1 = pki.leaf_with_serial(&["svc.local"], &[], Some(1));
+    let cert2 = pki.leaf_with_serial(&["svc.local"], &[], Some(2));
+    let client = pki.leaf(&[], &[CLIENT_ID]);
+    let up = echo_server().await;
+    let port = free_port();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+
+    let v = mock.set(CLUSTER, vec![cluster_any(&static_cluster("up", &[up]))]).unwrap();
+    acked(&mock, CLUSTER, &v).await;
+    let v = mock.set(LISTENER, vec![mtls_listener_from("inbound", port, "up", SDS_GRPC)]).unwrap();
+    acked(&mock, LISTENER, &v).await;
+    assert_eq!(server.listener_manager().warming_names(), ["inbound"], "initial_fetch_timeout 0s: waits for ever");
+
+    let v = mock.set(SECRET, vec![cert_secret("default", &cert1), ca_secret("ROOTCA", &pki.ca_pem())]).unwrap();
+    // Nothing refers to a secret over ADS: this ACK can only come on the SDS stream over the Unix socket.
+    acked(&mock, SECRET, &v).await;
+    eventually("listener active", WAIT, async || server.listener_manager().warming_names().is_empty()).await;
+    assert_eq!(presented(addr, &pki, &client).await, pem_der(&cert1.cert));
+
+    let v = mock.set(SECRET, vec![cert_secret("default", &cert2), ca_secret("ROOTCA", &pki.ca_pem())]).unwrap();
+    acked(&mock, SECRET, &v).await;
+    assert_eq!(presented(addr, &pki, &client).await, pem_der(&cert2.cert), "rotation over the agent's stream");
+
+    let bad = Leaf { cert: "garbage".into(), key: cert2.key.clone() };
+    let v = mock.set(SECRET, vec![cert_secret("default", &bad), ca_secret("ROOTCA", &pki.ca_pem())]).unwrap();
+    match mock.wait_for(NODE, SECRET, &v, WAIT).await {
+        Err(xds_mock::clients::WaitError::Nack(n)) => {
+            assert!(n.message.starts_with("default: tls_certificate.certificate_chain: "), "{}", n.message)
+        }
+        other => panic!("expected a NACK, got {other:?}"),
+    }
+    assert_eq!(presented(addr, &pki, &client).await, pem_der(&cert2.cert));
+    let active = admin_get(&server, "/config_dump?resource=dynamic_active_secrets").await;
+    assert!(active.contains("\"name\": \"default\"") && active.contains("\"name\": \"ROOTCA\""), "{active}");
+}
+
+#[test]
+fn pipe_endpoints_are_only_for_a_static_config_source_cluster() {
+    let cluster = |kind: &str, extra: &str| {
+        format!(
+            "static_resources:\n  clusters:\n  - name: c\n    type: {kind}\n    connect_timeout: 1s\n    load_assignment:\n      cluster_name: c\n      endpoints: [ {{ lb_endpoints: [ {{ endpoint: {{ address: {{ pipe: {{ path: /tmp/x.sock }} }} }} }}{extra} ] }} ]\n"
+        )
+    };
+    let (status, err, _) = run_proxy("pipe.yaml", &cluster("STATIC", ""), &["--mode", "validate"]);
+    assert!(status.success(), "{err}");
+    let second = ", { endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: 1 } } } }";
+    for yaml in [cluster("STATIC", second), cluster("STRICT_DNS", "")] {
+        let (status, err, _) = run_proxy("pipe.yaml", &yaml, &["--mode", "validate"]);
+        assert!(!status.success());
+        assert!(
+            err.contains("load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.pipe: a pipe address is only supported as the one endpoint of a STATIC cluster"),
+            "{err}"
+        );
+    }
+}
