@@ -743,7 +743,9 @@ fn missing_dependencies(listener: &Listener, clusters: &ClusterSet) -> Vec<Strin
 fn warming_limit(listener: &Listener, cluster_wait: Option<Duration>) -> Option<Duration> {
     let mut limit = cluster_wait;
     for chain in listener.chains().all() {
-        for secret in chain.config.tls.iter().flat_map(|t| t.secrets()) {
+        // Static secrets are there from the start: they never hold a listener back.
+        let fetched = chain.config.tls.iter().flat_map(|t| t.secrets());
+        for secret in fetched.filter(|b| b.reference.source != crate::secret::SecretSource::Static) {
             limit = match (limit, secret.reference.initial_fetch_timeout) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 _ => None,

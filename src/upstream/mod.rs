@@ -189,7 +189,11 @@ impl ClusterManager {
             .warming
             .iter()
             .filter(|(_, w)| {
-                let secrets = || w.config.tls.iter().flat_map(|t| t.secrets());
+                // Static secrets are there from the start: only fetched ones count, each with its own timeout.
+                let secrets = || {
+                    let all = w.config.tls.iter().flat_map(|t| t.secrets());
+                    all.filter(|b| b.reference.source != crate::secret::SecretSource::Static)
+                };
                 let arrived = secrets().all(|b| b.current().is_some());
                 let limit = secrets()
                     .try_fold(std::time::Duration::MAX, |l, b| b.reference.initial_fetch_timeout.map(|t| l.min(t)));

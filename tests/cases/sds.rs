@@ -324,3 +324,36 @@ fn pipe_endpoints_are_only_for_a_static_config_source_cluster() {
         );
     }
 }
+
+/// Envoy's SDS docs: when the secret does not come in time, the listener goes active anyway and its TLS connections
+/// are reset until it does; the secret arriving later needs no listener update.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_initial_fetch_timeout_the_listener_serves_and_fails_handshakes_until_the_secret_comes() {
+    let pki = Pki::new();
+    let cert = pki.leaf(&["svc.local"], &[]);
+    let client = pki.leaf(&[], &[CLIENT_ID]);
+    let up = echo_server().await;
+    let mock = mock().await;
+    let server = start(&bootstrap(mock.addr(), "GRPC"), Duration::from_millis(300)).await;
+    let port = free_port();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let v = mock.set(CLUSTER, vec![cluster_any(&static_cluster("up", &[up]))]).unwrap();
+    acked(&mock, CLUSTER, &v).await;
+    let quick = "{ ads: {}, initial_fetch_timeout: 0.2s }";
+    let v = mock.set(LISTENER, vec![mtls_listener_from("sds", port, "up", quick)]).unwrap();
+    acked(&mock, LISTENER, &v).await;
+    eventually("listener active without its secrets", WAIT, async || {
+        server.listener_manager().warming_names().is_empty()
+    })
+    .await;
+    if let Ok(mut s) = tls_connect(addr, client_config(&pki, &[], Some(&client)), "svc.local").await {
+        assert!(!echoes(&mut s, b"x").await, "no certificate, no TLS");
+    }
+    let stat = format!("listener.127.0.0.1_{port}.ssl.connection_error");
+    eventually("the failed handshake counted", WAIT, async || counter(&server, &stat) >= 1).await;
+
+    let v = mock.set(SECRET, vec![cert_secret("default", &cert), ca_secret("ROOTCA", &pki.ca_pem())]).unwrap();
+    acked(&mock, SECRET, &v).await;
+    assert_eq!(presented(addr, &pki, &client).await, pem_der(&cert.cert));
+    assert_eq!(counter(&server, "listener_manager.listener_modified"), 0);
+}
