@@ -115,8 +115,9 @@ fn grpc_cluster(api: &core::ApiConfigSource, path: &str) -> Result<String, Confi
 pub struct Validation {
     /// `trusted_ca`, which every validation context of ours needs.
     pub roots: Arc<rustls::RootCertStore>,
-    /// The CA certificates as given, for /certs.
+    /// The CA certificates as given, and where from (a file, or `<inline>`), for /certs.
     pub ca_certs: Vec<CertificateDer<'static>>,
+    pub ca_path: String,
     pub san: Vec<crate::tls::SanMatcher>,
 }
 
@@ -127,7 +128,8 @@ impl Validation {
         for (i, m) in v.match_typed_subject_alt_names.iter().enumerate() {
             san.push(crate::tls::san_matcher(m, &join(path, &format!("match_typed_subject_alt_names[{i}]")))?);
         }
-        Ok(Validation { roots: Arc::new(roots), ca_certs, san })
+        let ca_path = source_path(v.trusted_ca.as_ref());
+        Ok(Validation { roots: Arc::new(roots), ca_certs, ca_path, san })
     }
 }
 
@@ -153,8 +155,23 @@ pub fn roots(
     Ok((roots, certs))
 }
 
+/// Where a data source's bytes come from, as Envoy's /certs names it: the file, or `<inline>`.
+fn source_path(ds: Option<&core::DataSource>) -> String {
+    match ds.and_then(|d| d.specifier.as_ref()) {
+        Some(core::data_source::Specifier::Filename(f)) => f.clone(),
+        _ => "<inline>".to_string(),
+    }
+}
+
+/// A certificate chain with its private key, and where the chain came from (for /certs).
+#[derive(Debug)]
+pub struct CertKey {
+    pub key: Arc<rustls::sign::CertifiedKey>,
+    pub path: String,
+}
+
 /// A certificate chain with its private key, checked to belong together.
-pub fn certified_key(c: &tlspb::TlsCertificate, path: &str) -> Result<Arc<rustls::sign::CertifiedKey>, ConfigError> {
+pub fn certified_key(c: &tlspb::TlsCertificate, path: &str) -> Result<Arc<CertKey>, ConfigError> {
     let chain_pem = data_source(c.certificate_chain.as_ref(), &join(path, "certificate_chain"))?;
     let chain = CertificateDer::pem_slice_iter(&chain_pem)
         .collect::<Result<Vec<_>, _>>()
@@ -168,7 +185,7 @@ pub fn certified_key(c: &tlspb::TlsCertificate, path: &str) -> Result<Arc<rustls
     let provider = rustls::crypto::ring::default_provider();
     let key = rustls::sign::CertifiedKey::from_der(chain, key, &provider)
         .map_err(|e| ConfigError::new(join(path, "private_key"), format!("does not fit the certificate: {e}")))?;
-    Ok(Arc::new(key))
+    Ok(Arc::new(CertKey { key: Arc::new(key), path: source_path(c.certificate_chain.as_ref()) }))
 }
 
 /// One secret as delivered, parsed.
@@ -187,7 +204,7 @@ pub struct Secret {
 
 #[derive(Debug)]
 pub enum SecretContent {
-    Certificate(Arc<rustls::sign::CertifiedKey>),
+    Certificate(Arc<CertKey>),
     /// Parsed for plain use, and as received for `combined_validation_context`, which merges it into its default.
     Validation {
         parsed: Arc<Validation>,
@@ -223,7 +240,7 @@ impl Secret {
         })
     }
 
-    pub fn certificate(&self) -> Option<&Arc<rustls::sign::CertifiedKey>> {
+    pub fn certificate(&self) -> Option<&Arc<CertKey>> {
         match &self.content {
             SecretContent::Certificate(c) => Some(c),
             SecretContent::Validation { .. } => None,

@@ -20,17 +20,20 @@ use tracing::warn;
 
 use crate::config::listener::decode_any;
 use crate::config::{ConfigError, join};
-use crate::secret::{Secret, SecretBinding, SecretError, SecretRef, SecretRegistry, Validation};
+use crate::secret::{CertKey, Secret, SecretBinding, SecretError, SecretRef, SecretRegistry, Validation};
 use crate::stats::{Counter, Store};
 
 pub const TYPE_DOWNSTREAM_TLS: &str = "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext";
 pub const TYPE_UPSTREAM_TLS: &str = "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
 
+/// A context's certificate and CA in force now (for /certs); None where there is none (yet).
+pub type InUse = (Option<Arc<CertKey>>, Option<Arc<Validation>>);
+
 /// Where a context's own certificate comes from.
 #[derive(Debug)]
 enum CertSource {
     None,
-    Inline(Arc<CertifiedKey>),
+    Inline(Arc<CertKey>),
     Sds(SecretBinding),
 }
 
@@ -59,7 +62,7 @@ struct Sources {
 
 /// What a build consumed: the secret versions (pointer identity) and, from them, the material.
 struct Material<'a> {
-    cert: Option<&'a Arc<CertifiedKey>>,
+    cert: Option<&'a Arc<CertKey>>,
     validation: Option<Arc<Validation>>,
 }
 
@@ -135,6 +138,15 @@ impl Sources {
             }
         };
         Ok(Sources { cert, validation, path: cpath.to_string() })
+    }
+
+    /// The certificate and CA in force now (what /certs shows); None where there is none yet.
+    fn in_use(&self) -> InUse {
+        let (cert, validation) = self.versions();
+        match self.material(cert.as_ref(), validation.as_ref()) {
+            Ok(m) => (m.cert.cloned(), m.validation),
+            Err(_) => (None, None),
+        }
     }
 
     fn bindings(&self) -> impl Iterator<Item = &SecretBinding> {
@@ -312,6 +324,11 @@ impl UpstreamTls {
         self.sources.bindings().try_for_each(|b| registry.bind(b))
     }
 
+    /// The client certificate and CA in force now, for /certs.
+    pub fn in_use(&self) -> InUse {
+        self.sources.in_use()
+    }
+
     /// The client config for the secrets in force now.
     pub fn client_config(&self) -> Result<Arc<rustls::ClientConfig>, String> {
         self.built.get(&self.sources, |m| self.build_material(m))
@@ -332,7 +349,7 @@ impl UpstreamTls {
             .dangerous()
             .with_custom_certificate_verifier(verifier);
         let mut config = match m.cert {
-            Some(key) => builder.with_client_cert_resolver(Arc::new(FixedCert(key.clone()))),
+            Some(key) => builder.with_client_cert_resolver(Arc::new(FixedCert(key.key.clone()))),
             None => builder.with_no_client_auth(),
         };
         config.alpn_protocols = self.alpn.clone();
@@ -565,6 +582,11 @@ impl DownstreamTls {
         self.sources.bindings().try_for_each(|b| registry.bind(b))
     }
 
+    /// The server certificate and CA in force now, for /certs.
+    pub fn in_use(&self) -> InUse {
+        self.sources.in_use()
+    }
+
     /// The server side for the secrets in force now; an error (logged once per version) when a secret has not
     /// arrived or does not combine, and the handshake must fail (Envoy's "secrets not ready").
     pub fn server(&self) -> Result<Arc<ServerSide>, String> {
@@ -590,7 +612,7 @@ impl DownstreamTls {
             }
             None => (builder.with_no_client_auth(), Vec::new()),
         };
-        let mut config = builder.with_cert_resolver(Arc::new(FixedCert(key.clone())));
+        let mut config = builder.with_cert_resolver(Arc::new(FixedCert(key.key.clone())));
         config.alpn_protocols = self.alpn.clone();
         Ok(ServerSide { config: Arc::new(config), san })
     }
@@ -672,6 +694,69 @@ pub(crate) fn san_matcher(m: &tlspb::SubjectAltNameMatcher, path: &str) -> Resul
         }
     };
     Ok(SanMatcher { kind, value })
+}
+
+/// What /certs reports of a certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    /// The serial number's bytes without DER's sign padding.
+    pub serial: Vec<u8>,
+    pub not_before: std::time::SystemTime,
+    pub not_after: std::time::SystemTime,
+    /// (true for DNS, false for URI, the name).
+    pub names: Vec<(bool, String)>,
+}
+
+/// Serial number, validity and names of a DER certificate, by walking TBSCertificate: `[0]` version (optional),
+/// serialNumber, signature, issuer, validity. None when the structure is not what X.509 says.
+pub fn certificate_info(der: &[u8]) -> Option<CertInfo> {
+    let (_, cert, _) = tlv_tagged(der)?;
+    let (_, tbs, _) = tlv_tagged(cert)?;
+    let (mut tag, mut value, mut rest) = tlv_tagged(tbs)?;
+    if tag == 0xa0 {
+        (tag, value, rest) = tlv_tagged(rest)?;
+    }
+    if tag != 0x02 {
+        return None;
+    }
+    let serial = value.iter().skip_while(|b| **b == 0).copied().collect();
+    let (_, _, rest) = tlv_tagged(rest)?; // signature
+    let (_, _, rest) = tlv_tagged(rest)?; // issuer
+    let (tag, validity, _) = tlv_tagged(rest)?;
+    if tag != 0x30 {
+        return None;
+    }
+    let (t1, v1, rest) = tlv_tagged(validity)?;
+    let (t2, v2, _) = tlv_tagged(rest)?;
+    let names = subject_alt_names(der).into_iter().map(|(k, v)| (k == SanKind::Dns, v)).collect();
+    Some(CertInfo { serial, not_before: x509_time(t1, v1)?, not_after: x509_time(t2, v2)?, names })
+}
+
+/// UTCTime (`YYMMDDHHMMSSZ`, years 1950–2049) or GeneralizedTime (`YYYYMMDDHHMMSSZ`).
+fn x509_time(tag: u8, v: &[u8]) -> Option<std::time::SystemTime> {
+    let text = std::str::from_utf8(v).ok()?.strip_suffix('Z')?;
+    let digits = |s: &str| -> Option<i64> { s.bytes().all(|b| b.is_ascii_digit()).then(|| s.parse().ok())? };
+    let (year, rest) = match tag {
+        0x17 if text.len() == 12 => {
+            let yy = digits(text.get(..2)?)?;
+            (if yy < 50 { 2000 + yy } else { 1900 + yy }, text.get(2..)?)
+        }
+        0x18 if text.len() == 14 => (digits(text.get(..4)?)?, text.get(4..)?),
+        _ => return None,
+    };
+    let field = |i: usize| digits(rest.get(i..i + 2)?);
+    let (month, day, hour, minute, second) = (field(0)?, field(2)?, field(4)?, field(6)?, field(8)?);
+    // Days from the civil date (Howard Hinnant's algorithm), then seconds since the epoch.
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + hour * 3600 + minute * 60 + second;
+    let secs = u64::try_from(secs).ok()?;
+    Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
 }
 
 /// The DNS (`[2]`) and URI (`[6]`, SPIFFE IDs) subject alternative names of a DER certificate. The structure is
@@ -792,6 +877,23 @@ mod tests {
             vec![(SanKind::Dns, "a.svc".into()), (SanKind::Dns, "b.svc".into()), (SanKind::Uri, uri.into())]
         );
         assert!(subject_alt_names(b"\x30\x03garbage").is_empty(), "malformed DER yields no names, no panic");
+    }
+
+    #[test]
+    fn certificate_info_reads_serial_validity_and_names() {
+        let key = rcgen::KeyPair::generate().unwrap_or_else(|e| panic!("{e}"));
+        let mut params = rcgen::CertificateParams::new(vec!["a.svc".to_string()]).unwrap_or_else(|e| panic!("{e}"));
+        params.serial_number = Some(rcgen::SerialNumber::from(0x0102_0304u64));
+        params.not_before = rcgen::date_time_ymd(2024, 2, 29);
+        params.not_after = rcgen::date_time_ymd(2051, 1, 1);
+        let cert = params.self_signed(&key).unwrap_or_else(|e| panic!("{e}"));
+        let info = certificate_info(cert.der()).unwrap_or_else(|| panic!("no info"));
+        assert_eq!(info.serial, [1, 2, 3, 4]);
+        let secs = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).ok();
+        assert_eq!(secs(info.not_before), Some(1_709_164_800), "2024-02-29T00:00:00Z (UTCTime)");
+        assert_eq!(secs(info.not_after), Some(2_556_144_000), "2051-01-01T00:00:00Z (GeneralizedTime)");
+        assert_eq!(info.names, [(true, "a.svc".to_string())]);
+        assert!(certificate_info(b"\x30\x03abc").is_none());
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //!
 //! As in Envoy, every endpoint that changes the server is POST only; a GET gets 405 and changes nothing.
 
+pub mod certs;
 pub mod clusters;
 pub mod config_dump;
 pub mod csds;
@@ -190,6 +191,7 @@ struct Endpoint {
 /// Envoy's admin endpoints this proxy serves, plus `/explain`, sorted as `/help` prints them.
 const ENDPOINTS: &[Endpoint] = &[
     Endpoint { prefix: "/", help: "Admin home page", mutates: false, params: &[] },
+    Endpoint { prefix: "/certs", help: "print certs on machine", mutates: false, params: &[] },
     Endpoint {
         prefix: "/clusters",
         help: "upstream cluster status",
@@ -406,6 +408,7 @@ fn http(ctx: &Context, method: &Method, path: &str, q: &[(String, String)]) -> R
         "/server_info" => server_info(ctx),
         "/listeners" => listeners(ctx, q),
         "/config_dump" => config_dump(ctx, q),
+        "/certs" => Reply::message(&certs::certificates(ctx), "envoy.admin.v3.Certificates", false),
         "/clusters" => clusters(ctx, q),
         "/stats" => stats(ctx, q, param(q, "format")),
         "/stats/prometheus" => stats(ctx, q, Some("prometheus")),

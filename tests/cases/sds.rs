@@ -113,6 +113,10 @@ async fn listener_warms_until_its_secrets_arrive_and_rotation_reaches_only_new_h
     acked(&mock, SECRET, &v).await;
     eventually("listener active", WAIT, async || server.listener_manager().warming_names().is_empty()).await;
     assert_eq!(presented(addr, &pki, &client).await, pem_der(&cert1.cert));
+    // /certs shows the certificate in force (serial 1001 = 0x03e9) and the CA it checks clients with.
+    let certs = admin_get(&server, "/certs").await;
+    assert!(certs.contains("\"serial_number\": \"03e9\"") && certs.contains("\"ca_cert\""), "{certs}");
+    assert!(certs.contains("\"path\": \"<inline>\"") && certs.contains("\"dns\": \"svc.local\""), "{certs}");
 
     // Traffic through the rotation: new handshakes in a loop, and one connection opened before it.
     let mut old = tls_connect(addr, client_config(&pki, &[], Some(&client)), "svc.local").await.unwrap();
@@ -139,6 +143,8 @@ async fn listener_warms_until_its_secrets_arrive_and_rotation_reaches_only_new_h
     acked(&mock, SECRET, &v).await;
     // Applied before the ACK: the very next handshake presents the certificate with the new serial.
     assert_eq!(presented(addr, &pki, &client).await, pem_der(&cert2.cert));
+    let certs = admin_get(&server, "/certs").await;
+    assert!(certs.contains("\"serial_number\": \"07d2\"") && !certs.contains("03e9"), "{certs}");
     let after = done.load(Ordering::Relaxed);
     eventually("traffic after the rotation", WAIT, async || done.load(Ordering::Relaxed) >= after + 5).await;
     stop.store(true, Ordering::Relaxed);
