@@ -481,7 +481,7 @@ async fn static_secrets_terminate_and_originate_mutual_tls() {
         combined_validation("spiffe://cluster.local/ns/default/sa/backend", "")
     );
     let yaml = format!(
-        "static_resources:\n  listeners:{}\n  clusters:{cluster}\n  secrets:{}{}\n",
+        "admin: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }} }}\nstatic_resources:\n  listeners:{}\n  clusters:{cluster}\n  secrets:{}{}\n",
         listener_with_chains(&tcp_chain("mtls", "{ transport_protocol: tls }", &socket, "up")),
         cert_secret_yaml("default", &server),
         ca_secret_yaml("ROOTCA", &pki.ca_pem())
@@ -506,6 +506,13 @@ async fn static_secrets_terminate_and_originate_mutual_tls() {
         counter(&proxy, "listener.127.0.0.1_0.ssl.fail_verify_san") == 1
     })
     .await;
+
+    // /config_dump lists the static secrets with the private key redacted, as Envoy does.
+    let mut c = http1_client(proxy.admin_address().unwrap()).await;
+    let (status, _, dump) = http1_request(&mut c, "GET", "/config_dump?resource=static_secrets", "admin", &[]).await;
+    assert_eq!(status, 200, "{dump}");
+    assert!(dump.contains("\"name\": \"default\"") && dump.contains("\"name\": \"ROOTCA\""), "{dump}");
+    assert!(dump.contains("\"inline_string\": \"[redacted]\"") && !dump.contains("PRIVATE KEY"), "{dump}");
 }
 
 /// The DER of the first certificate of a PEM text.
