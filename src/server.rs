@@ -186,7 +186,9 @@ impl Server {
         };
         tokio::spawn(sds.run());
         let fetches = initial_fetches(&server.bootstrap);
-        if fetches.is_empty() {
+        // Bootstrap listeners waiting for SDS secrets hold the server in INITIALIZING too.
+        let static_warming = !server.listener_manager().warming_names().is_empty();
+        if fetches.is_empty() && !static_warming {
             server.lifecycle.initialized();
         } else {
             // Envoy's init manager: the server is not LIVE (so not ready for Istio's probe) until the first CDS and
@@ -212,8 +214,8 @@ impl Server {
                         _ = stop.cancelled() => return,
                     }
                 }
-                // Then the first listeners must have warmed (their clusters and RDS route configurations arrived,
-                // or their own fetch timeouts passed), as Envoy's listener manager init target requires.
+                // Then the first listeners must have warmed (their clusters, RDS route configurations and SDS secrets
+                // arrived, or their own fetch timeouts passed), as Envoy's listener manager init target requires.
                 loop {
                     let Some(lm) = listeners.upgrade() else { return };
                     let warming = lm.lock().unwrap_or_else(|p| p.into_inner()).warming_names().len();

@@ -415,7 +415,13 @@ impl ListenerManager {
             }),
         });
         self.next_id += 1;
-        let missing = if allow_static { Vec::new() } else { missing_dependencies(&listener, &self.clusters.load()) };
+        // Bootstrap listeners wait for their SDS secrets too (Envoy: such a listener's port does not open before the
+        // certificates are fetched), but not for clusters, which the bootstrap checked or CDS brings later.
+        let missing = if allow_static {
+            missing_secrets(&listener)
+        } else {
+            missing_dependencies(&listener, &self.clusters.load())
+        };
         if !missing.is_empty() {
             info!(listener = %name, missing = ?missing, "listener warming: waiting for its dependencies");
             self.drop_warming(&name);
@@ -476,9 +482,13 @@ impl ListenerManager {
         let ready: Vec<String> = self
             .warming
             .iter()
-            .filter(|(_, w)| {
-                warming_limit(&w.listener, self.cluster_wait).is_some_and(|limit| w.since.elapsed() >= limit)
-                    || missing_dependencies(&w.listener, &clusters).is_empty()
+            .filter(|(name, w)| {
+                let ready = if self.static_names.contains(*name) {
+                    missing_secrets(&w.listener).is_empty()
+                } else {
+                    missing_dependencies(&w.listener, &clusters).is_empty()
+                };
+                ready || warming_limit(&w.listener, self.cluster_wait).is_some_and(|limit| w.since.elapsed() >= limit)
             })
             .map(|(n, _)| n.clone())
             .collect();
@@ -727,6 +737,19 @@ fn missing_dependencies(listener: &Listener, clusters: &ClusterSet) -> Vec<Strin
             }
             NetworkFilter::DirectResponse(_) => {}
         }
+    }
+    for what in missing_secrets(listener) {
+        if !missing.contains(&what) {
+            missing.push(what);
+        }
+    }
+    missing
+}
+
+/// The SDS secrets a listener's TLS chains wait for.
+fn missing_secrets(listener: &Listener) -> Vec<String> {
+    let mut missing = Vec::new();
+    for chain in listener.chains().all() {
         for secret in chain.config.tls.iter().flat_map(|t| t.secrets()) {
             let what = format!("secret {}", secret.reference.name);
             if secret.current().is_none() && !missing.contains(&what) {

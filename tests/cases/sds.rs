@@ -363,3 +363,39 @@ async fn past_the_initial_fetch_timeout_the_listener_serves_and_fails_handshakes
     assert_eq!(presented(addr, &pki, &client).await, pem_der(&cert.cert));
     assert_eq!(counter(&server, "listener_manager.listener_modified"), 0);
 }
+
+/// A bootstrap listener whose certificate comes over SDS does not open before it arrives either, and holds the
+/// server in INITIALIZING meanwhile (Envoy's init manager waits for it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_static_listener_warms_for_its_sds_secret() {
+    let pki = Pki::new();
+    let cert = pki.leaf(&["svc.local"], &[]);
+    let client = pki.leaf(&[], &[CLIENT_ID]);
+    let up = echo_server().await;
+    let mock = mock().await;
+    let port = free_port();
+    // The listener as LDS would send it, as JSON (valid YAML) under static_resources.listeners.
+    let doc = {
+        let any = mtls_listener("static-sds", port, "up");
+        let l = envoy_types::pb::envoy::config::listener::v3::Listener::decode(any.value.as_slice()).unwrap();
+        xds_proxy::config::proto::to_json_value(&l, "envoy.config.listener.v3.Listener").unwrap().to_string()
+    };
+    let yaml = bootstrap(mock.addr(), "GRPC")
+        .replace("static_resources:\n", &format!("static_resources:\n  listeners: [ {doc} ]\n"))
+        + &static_cluster("up", &[up])
+        + "\n";
+    let server = start(&yaml, Duration::from_millis(300)).await;
+    assert_eq!(server.listener_manager().warming_names(), ["static-sds"]);
+    for type_url in [CLUSTER, LISTENER] {
+        let v = mock.set(type_url, vec![]).unwrap();
+        acked(&mock, type_url, &v).await;
+    }
+    assert_eq!(gauge(&server, "server.state"), 3, "INITIALIZING while a listener waits for its certificate");
+
+    let v = mock.set(SECRET, vec![cert_secret("default", &cert), ca_secret("ROOTCA", &pki.ca_pem())]).unwrap();
+    acked(&mock, SECRET, &v).await;
+    eventually("listener active", WAIT, async || server.listener_manager().warming_names().is_empty()).await;
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    assert_eq!(presented(addr, &pki, &client).await, pem_der(&cert.cert));
+    eventually("server LIVE", WAIT, async || gauge(&server, "server.state") == 0).await;
+}
