@@ -499,6 +499,42 @@ mod tests {
     }
 
     #[test]
+    fn sds_config_forms() {
+        use crate::config::proto::{Format, decode, parse_dynamic};
+        let parse = |yaml: &str| -> Result<SecretRef, String> {
+            let msg = parse_dynamic(yaml, Format::Yaml, "envoy.extensions.transport_sockets.tls.v3.SdsSecretConfig")
+                .map_err(|e| e.to_string())?;
+            let c: tlspb::SdsSecretConfig = decode(&msg).map_err(|e| e.to_string())?;
+            SecretRef::from_proto(&c, "s").map_err(|e| e.to_string())
+        };
+        let ok = |yaml: &str| parse(yaml).unwrap_or_else(|e| panic!("{yaml}: {e}"));
+        assert_eq!(ok("name: a").source, SecretSource::Static);
+        let ads = ok("{ name: a, sds_config: { ads: {}, resource_api_version: V3 } }");
+        assert_eq!((ads.source, ads.initial_fetch_timeout), (SecretSource::Ads, Some(Duration::from_secs(15))));
+        let istio = ok("{ name: default, sds_config: { api_config_source: { api_type: GRPC, grpc_services: [ { \
+                        envoy_grpc: { cluster_name: sds-grpc } } ], transport_api_version: V3 }, \
+                        initial_fetch_timeout: 0s } }");
+        assert_eq!((istio.source, istio.initial_fetch_timeout), (SecretSource::Grpc("sds-grpc".into()), None));
+        for (yaml, error) in [
+            ("{ name: a, sds_config: {} }", "s.sds_config: missing config source specifier (use ads)"),
+            (
+                "{ name: a, sds_config: { api_config_source: { api_type: DELTA_GRPC, grpc_services: [ { envoy_grpc: \
+                 { cluster_name: x } } ] } } }",
+                "s.sds_config.api_config_source.api_type: DELTA_GRPC is not supported for SDS (GRPC is)",
+            ),
+            (
+                "{ name: a, sds_config: { api_config_source: { api_type: GRPC, grpc_services: [ { google_grpc: \
+                 { target_uri: x, stat_prefix: y } } ] } } }",
+                "s.sds_config.api_config_source.grpc_services[0].google_grpc: google_grpc is not supported; use \
+                 envoy_grpc with a static cluster",
+            ),
+            ("{ sds_config: { ads: {} } }", "s.name: a secret reference needs a name"),
+        ] {
+            assert_eq!(parse(yaml).err().as_deref(), Some(error), "{yaml}");
+        }
+    }
+
+    #[test]
     fn dynamic_slots_live_while_referenced_and_static_ones_must_exist() {
         let registry = SecretRegistry::default();
         let r = |name: &str, source| SecretRef { name: name.into(), source, initial_fetch_timeout: None };
