@@ -324,6 +324,12 @@ pub enum SecretError {
     /// Envoy's wording for a reference to a static secret the bootstrap does not define.
     #[error("{path}: Unknown static secret: {name}")]
     UnknownStatic { path: String, name: String },
+    /// Envoy's wording (`checkApiConfigSourceSubscriptionBackingCluster`).
+    #[error(
+        "{path}: envoy::config::core::v3::ConfigSource must have a statically defined non-EDS cluster: '{cluster}' \
+         does not exist, was added via api, or is an EDS cluster"
+    )]
+    GrpcCluster { path: String, cluster: String },
 }
 
 /// Every secret slot of the process, by source and name. Dynamic slots live while a TLS context holds them
@@ -336,12 +342,15 @@ pub struct SecretRegistry {
     slots: Arc<Mutex<Slots>>,
     /// Woken when a dynamic slot is created, so SDS clients subscribe to it without waiting for their next poll.
     created: Arc<tokio::sync::Notify>,
+    /// The clusters a gRPC SDS source may name.
+    grpc_clusters: Arc<BTreeSet<String>>,
 }
 
 impl SecretRegistry {
-    /// A registry holding the bootstrap's secrets. Duplicate names are refused as Envoy refuses them.
-    pub fn with_static(secrets: &[Arc<Secret>]) -> Result<Self, ConfigError> {
-        let registry = SecretRegistry::default();
+    /// A registry holding the bootstrap's secrets, for gRPC SDS sources among `grpc_clusters` (the bootstrap's
+    /// non-EDS clusters). Duplicate names are refused as Envoy refuses them.
+    pub fn with_static(secrets: &[Arc<Secret>], grpc_clusters: BTreeSet<String>) -> Result<Self, ConfigError> {
+        let registry = SecretRegistry { grpc_clusters: Arc::new(grpc_clusters), ..Default::default() };
         {
             let mut slots = registry.slots.lock().unwrap_or_else(|p| p.into_inner());
             for (i, s) in secrets.iter().enumerate() {
@@ -370,6 +379,12 @@ impl SecretRegistry {
             return Ok(());
         }
         let r = &binding.reference;
+        if let SecretSource::Grpc(cluster) = &r.source
+            && !self.grpc_clusters.contains(cluster)
+        {
+            let path = join(&binding.path, "sds_config.api_config_source.grpc_services[0].envoy_grpc.cluster_name");
+            return Err(SecretError::GrpcCluster { path, cluster: cluster.clone() });
+        }
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         let key = (r.source.clone(), r.name.clone());
         let slot = match slots.get(&key) {
@@ -547,6 +562,14 @@ mod tests {
         assert_eq!(b.current().map(|s| s.version.clone()).as_deref(), Some("7"));
         drop(b);
         assert!(registry.subscription(&SecretSource::Ads).is_empty(), "nothing refers to it any more");
+
+        let agent = SecretBinding::new(r("default", SecretSource::Grpc("sds-grpc".into())), "t".into());
+        let err = registry.bind(&agent).map_err(|e| e.to_string()).err().unwrap_or_default();
+        assert!(err.starts_with("t.sds_config.api_config_source.grpc_services[0].envoy_grpc.cluster_name: envoy::config::core::v3::ConfigSource must have a statically defined non-EDS cluster: 'sds-grpc' does not exist"), "{err}");
+        let with_agent = SecretRegistry::with_static(&[], BTreeSet::from(["sds-grpc".to_string()]))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(with_agent.bind(&agent).is_ok());
+        assert_eq!(with_agent.grpc_sources(), BTreeSet::from(["sds-grpc".to_string()]));
 
         let missing = SecretBinding::new(r("nope", SecretSource::Static), "x.name".into());
         assert_eq!(

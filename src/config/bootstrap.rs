@@ -61,21 +61,30 @@ impl BootstrapConfig {
             let path = format!("static_resources.secrets[{i}]");
             secrets.push(Arc::new(crate::secret::Secret::parse(s, "", 0).map_err(|e| e.under(&path))?));
         }
-        let registry = crate::secret::SecretRegistry::with_static(&secrets)?;
-        drop(secrets);
         let mut clusters = Vec::with_capacity(statics.clusters.len());
         let mut cluster_names = HashSet::new();
         for (i, c) in statics.clusters.into_iter().enumerate() {
             let path = format!("static_resources.clusters[{i}]");
             let name = c.name.clone();
             let c = ClusterConfig::try_from(c).map_err(|e| e.under(&path))?;
-            if let Some(tls) = &c.tls {
-                tls.bind(&registry).map_err(|e| ConfigError::new(&path, e.to_string()))?;
-            }
             if !cluster_names.insert(name.clone()) {
                 return Err(ConfigError::new(path, format!("cluster manager: duplicate cluster '{name}' found")));
             }
             clusters.push(c);
+        }
+        // Envoy: a gRPC config source must go through a statically defined, non-EDS cluster.
+        let grpc_clusters = clusters
+            .iter()
+            .filter(|c| !matches!(c.kind, super::cluster::ClusterKind::Eds { .. }))
+            .map(|c| c.name.clone())
+            .collect();
+        let registry = crate::secret::SecretRegistry::with_static(&secrets, grpc_clusters)?;
+        drop(secrets);
+        for (i, c) in clusters.iter().enumerate() {
+            if let Some(tls) = &c.tls {
+                tls.bind(&registry)
+                    .map_err(|e| ConfigError::new(format!("static_resources.clusters[{i}]"), e.to_string()))?;
+            }
         }
 
         let cds = b.dynamic_resources.as_ref().is_some_and(|d| d.cds_config.is_some());
