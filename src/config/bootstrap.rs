@@ -79,6 +79,8 @@ impl BootstrapConfig {
             .map(|c| c.name.clone())
             .collect();
         let registry = crate::secret::SecretRegistry::with_static(&secrets, grpc_clusters)?;
+        let pipe_clusters: HashSet<String> =
+            clusters.iter().filter(|c| c.pipe.is_some()).map(|c| c.name.clone()).collect();
         drop(secrets);
         for (i, c) in clusters.iter().enumerate() {
             if let Some(tls) = &c.tls {
@@ -107,6 +109,7 @@ impl BootstrapConfig {
             if !cds {
                 check_clusters(&l, &cluster_names).map_err(|e| e.under(&path))?;
             }
+            check_pipe_use(&l, &pipe_clusters).map_err(|e| e.under(&path))?;
             listeners.push(l);
         }
 
@@ -148,6 +151,36 @@ impl BootstrapConfig {
             .unwrap_or(crate::listener::manager::WARMING_TIMEOUT);
         (!timeout.is_zero()).then_some(timeout)
     }
+}
+
+/// A cluster whose endpoint is a Unix socket serves gRPC config sources only: tcp_proxy and routes cannot use it.
+fn check_pipe_use(l: &ListenerConfig, pipe_clusters: &HashSet<String>) -> Result<(), ConfigError> {
+    let chains = l
+        .filter_chains
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (format!("filter_chains[{i}]"), c))
+        .chain(l.default_filter_chain.iter().map(|c| ("default_filter_chain".to_string(), c)));
+    for (path, chain) in chains {
+        let j = chain.proto().filters.len().saturating_sub(1);
+        for f in &chain.filters {
+            let used: Vec<&str> = match f {
+                NetworkFilterConfig::TcpProxy(tp) => tp.clusters.iter().map(|(n, _)| n.as_str()).collect(),
+                NetworkFilterConfig::HttpConnectionManager(h) => match &h.routes {
+                    RouteSource::Inline(table) => table.cluster_names().collect(),
+                    _ => Vec::new(),
+                },
+                _ => Vec::new(),
+            };
+            if let Some(name) = used.into_iter().find(|n| pipe_clusters.contains(*n)) {
+                return Err(ConfigError::new(
+                    format!("{path}.filters[{j}].typed_config"),
+                    format!("{}", crate::listener::manager::ListenerError::PipeCluster(name.to_string())),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn check_clusters(l: &ListenerConfig, known: &HashSet<String>) -> Result<(), ConfigError> {

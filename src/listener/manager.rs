@@ -49,6 +49,11 @@ pub enum ListenerError {
     ShuttingDown(String),
     #[error("{0}")]
     Secret(#[from] crate::secret::SecretError),
+    #[error(
+        "cluster '{0}' reaches a Unix socket (pipe address), which only gRPC config sources (SDS) use; tcp_proxy and \
+         HTTP routes cannot"
+    )]
+    PipeCluster(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -388,10 +393,19 @@ impl ListenerManager {
             return Err(ListenerError::DuplicateAddress { name, address, existing: other.clone() });
         }
 
-        for tls in config.filter_chains.iter().chain(config.default_filter_chain.iter()).filter_map(|c| c.tls.as_ref())
-        {
-            tls.bind(&self.secrets)?;
+        let clusters = self.clusters.load();
+        for chain in config.filter_chains.iter().chain(config.default_filter_chain.iter()) {
+            if let Some(tls) = &chain.tls {
+                tls.bind(&self.secrets)?;
+            }
+            if let Some(crate::config::listener::NetworkFilterConfig::TcpProxy(tp)) = chain.filters.last()
+                && let Some((name, _)) =
+                    tp.clusters.iter().find(|(n, _)| clusters.get(n).is_some_and(|c| c.config.pipe.is_some()))
+            {
+                return Err(ListenerError::PipeCluster(name.clone()));
+            }
         }
+        drop(clusters);
         let in_place = old.as_ref().is_some_and(|o| o.config().only_filter_chains_differ(&config));
         let warming = self.warming.get(&name).map(|w| w.listener.clone());
         let (sockets, local_address) = self.sockets_for(&config, old.as_deref(), warming.as_deref())?;

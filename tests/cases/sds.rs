@@ -320,6 +320,12 @@ fn pipe_endpoints_are_only_for_a_static_config_source_cluster() {
     };
     let (status, err, _) = run_proxy("pipe.yaml", &cluster("STATIC", ""), &["--mode", "validate"]);
     assert!(status.success(), "{err}");
+    // It serves gRPC config sources only: tcp_proxy (and routes) naming it are refused.
+    let with_listener = cluster("STATIC", "")
+        .replace("  clusters:\n", &format!("  listeners:{}\n  clusters:\n", tcp_listener("l", 0, "c")));
+    let (status, err, _) = run_proxy("pipe.yaml", &with_listener, &["--mode", "validate"]);
+    assert!(!status.success());
+    assert!(err.contains("filter_chains[0].filters[0].typed_config: cluster 'c' reaches a Unix socket (pipe address), which only gRPC config sources (SDS) use"), "{err}");
     let second = ", { endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: 1 } } } }";
     for yaml in [cluster("STATIC", second), cluster("STRICT_DNS", "")] {
         let (status, err, _) = run_proxy("pipe.yaml", &yaml, &["--mode", "validate"]);
