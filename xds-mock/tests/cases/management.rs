@@ -90,3 +90,27 @@ async fn list_clients_shows_acks_and_nacks() {
     assert_eq!((nack.version.as_str(), nack.code), (bad.as_str(), 3));
     assert_eq!(nack.message, "b: address 127.0.0.1:1001 already in use");
 }
+
+#[tokio::test]
+async fn secrets_are_set_by_name_and_served_to_whoever_asks_for_them() {
+    let mock = start().await;
+    let mut api = ManagementClient::connect(mock.uri()).await.unwrap();
+    let mut sds = SotwClient::connect(&mock, "sds-node").await;
+    let secret = r#"{"name": "default", "tls_certificate": {"certificate_chain": {"inline_string": "PEM"}}}"#;
+    let set = api
+        .set_resource(SetResourceRequest { r#type: "secret".into(), resource_json: secret.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((set.type_url.as_str(), set.name.as_str()), (xds_mock::types::SECRET, "default"));
+    let rootca = r#"{"name": "ROOTCA", "validation_context": {"trusted_ca": {"inline_string": "CA"}}}"#;
+    api.set_resource(SetResourceRequest { r#type: "sds".into(), resource_json: rootca.into() }).await.unwrap();
+    sds.subscribe(xds_mock::types::SECRET, &["default"]).await;
+    let pushed = sds.recv().await;
+    let served: Vec<_> = pushed
+        .resources
+        .iter()
+        .map(|r| xds_mock::types::resource_name(&r.type_url, &r.value).unwrap_or_default())
+        .collect();
+    assert_eq!(served, ["default"], "a named type serves only the names asked for");
+}
