@@ -91,7 +91,8 @@ impl SdsStream {
             let delay = backoff(attempt);
             attempt = attempt.saturating_add(1);
             match result {
-                Ok(()) | Err(StreamError::Closed) => info!("SDS stream closed; reconnecting in {delay:?}"),
+                Ok(()) => info!("SDS stream closed: no secret of this source is asked for any more"),
+                Err(StreamError::Closed) => info!("SDS stream closed; reconnecting in {delay:?}"),
                 Err(e) => warn!("SDS stream: {e}; reconnecting in {delay:?}"),
             }
             tokio::select! {
@@ -133,7 +134,13 @@ impl SdsStream {
                 _ = self.ctx.secrets.changed() => {}
                 _ = tokio::time::sleep(RESUBSCRIBE_INTERVAL) => {}
             }
-            if let Some(req) = state.subscribe_named(SECRET, self.subscription()) {
+            let names = self.subscription();
+            if names.is_empty() {
+                // An empty state-of-the-world request would read as a wildcard: close instead, as Envoy drops the
+                // subscription of a source nothing uses.
+                return Ok(());
+            }
+            if let Some(req) = state.subscribe_named(SECRET, names) {
                 let _ = tx.send(req);
             }
         }
