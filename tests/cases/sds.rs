@@ -309,6 +309,15 @@ async fn secrets_come_from_an_sds_server_on_a_unix_socket_as_from_istios_pilot_a
     assert_eq!(presented(addr, &pki, &client).await, pem_der(&cert2.cert));
     let active = admin_get(&server, "/config_dump?resource=dynamic_active_secrets").await;
     assert!(active.contains("\"name\": \"default\"") && active.contains("\"name\": \"ROOTCA\""), "{active}");
+
+    // Once the listener is gone (and drained), nothing asks the agent for secrets: its stream closes.
+    let streams = || mock.clients().into_iter().find(|c| c.node_id == NODE).map(|c| c.active_streams);
+    assert_eq!(streams(), Some(2), "ADS and SDS");
+    let v = mock.set(LISTENER, vec![]).unwrap();
+    acked(&mock, LISTENER, &v).await;
+    eventually("the SDS stream closed", WAIT, async || streams() == Some(1)).await;
+    let dump = admin_get(&server, "/config_dump?resource=dynamic_active_secrets").await;
+    assert!(!dump.contains("ROOTCA"), "secrets nobody uses are forgotten: {dump}");
 }
 
 #[test]
