@@ -347,8 +347,10 @@ const POLICIES: &[(&str, Policy)] = {
                 // (in Envoy either); the HTTP issue honours them for HTTP upstreams.
                 "typed_extension_protocol_options",
                 "transport_socket",
+                "transport_socket_matches",
             ]),
         ),
+        ("envoy.config.cluster.v3.Cluster.TransportSocketMatch", All),
         ("envoy.config.cluster.v3.Cluster.EdsClusterConfig", All),
         ("envoy.extensions.upstreams.http.v3.HttpProtocolOptions", All),
         ("envoy.config.cluster.v3.CircuitBreakers", Only(&["thresholds"])),
@@ -360,7 +362,7 @@ const POLICIES: &[(&str, Policy)] = {
         ("envoy.config.endpoint.v3.ClusterLoadAssignment", Only(&["cluster_name", "endpoints"])),
         (
             "envoy.config.endpoint.v3.LocalityLbEndpoints",
-            Only(&["locality", "lb_endpoints", "load_balancing_weight", "priority"]),
+            Only(&["locality", "lb_endpoints", "load_balancing_weight", "priority", "metadata"]),
         ),
         ("envoy.config.core.v3.Locality", All),
         (

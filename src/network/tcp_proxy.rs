@@ -169,7 +169,7 @@ impl TcpProxy {
             log.upstream_local = upstream.stream.local_addr().ok();
         }
         let (up_stream, host, _slot) = upstream.into_parts();
-        let upstream = match &cluster.config.tls {
+        let upstream = match cluster.config.tls_for(host.labels.as_deref()) {
             None => Either::Left(up_stream),
             Some(tls) => {
                 let handshake =

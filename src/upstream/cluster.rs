@@ -18,13 +18,21 @@ pub struct Host {
     pub address: SocketAddr,
     pub weight: u32,
     pub hostname: String,
+    /// The endpoint's transport socket labels (see [`ClusterConfig::tls_for`]); read at connect time so a cluster
+    /// update that keeps its hosts still applies its new transport socket matches.
+    pub labels: Option<Arc<[(String, String)]>>,
     /// Connections (for tcp_proxy) or requests in flight: least request's measure.
     active: AtomicU32,
 }
 
 impl Host {
     pub fn new(address: SocketAddr, weight: u32, hostname: String) -> Self {
-        Host { address, weight, hostname, active: AtomicU32::new(0) }
+        Host { address, weight, hostname, labels: None, active: AtomicU32::new(0) }
+    }
+
+    /// A host of an endpoint, carrying the endpoint's transport socket labels.
+    pub fn of(address: SocketAddr, ep: &EndpointConfig, hostname: String) -> Self {
+        Host { labels: ep.socket_labels.clone(), ..Host::new(address, ep.weight, hostname) }
     }
 
     pub fn active(&self) -> u32 {
@@ -59,7 +67,7 @@ impl HostSet {
             eps.iter()
                 .filter_map(|e| match &e.address {
                     EndpointAddress::Ip(a) => {
-                        Some((Arc::new(Host::new(*a, e.weight, e.hostname.clone())), e.priority, e.healthy))
+                        Some((Arc::new(Host::of(*a, e, e.hostname.clone())), e.priority, e.healthy))
                     }
                     EndpointAddress::Dns { .. } => None,
                 })
@@ -369,6 +377,7 @@ mod tests {
             stat_name: "c".into(),
             http: Default::default(),
             tls: None,
+            transport_socket_matches: Vec::new(),
             proto: Arc::default(),
         })
     }
@@ -380,6 +389,7 @@ mod tests {
             priority,
             healthy,
             hostname: String::new(),
+            socket_labels: None,
         }
     }
 
