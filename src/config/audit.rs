@@ -136,7 +136,7 @@ const POLICIES: &[(&str, Policy)] = {
         // The conversion checks that the socket is raw_buffer.
         ("envoy.config.core.v3.TransportSocket", Only(&["name", "typed_config"])),
         ("envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer", All),
-        // Downstream TLS: what the rustls server honours; SDS secrets, cipher and curve lists are refused here.
+        // Downstream TLS: what the rustls server honours; SDS secrets are refused here.
         (
             "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
             Only(&["common_tls_context", "require_client_certificate"]),
@@ -147,13 +147,13 @@ const POLICIES: &[(&str, Policy)] = {
         ),
         (
             "envoy.extensions.transport_sockets.tls.v3.TlsParameters",
-            Only(&["tls_minimum_protocol_version", "tls_maximum_protocol_version"]),
+            Only(&["tls_minimum_protocol_version", "tls_maximum_protocol_version", "cipher_suites", "ecdh_curves"]),
         ),
         ("envoy.extensions.transport_sockets.tls.v3.TlsCertificate", Only(&["certificate_chain", "private_key"])),
         ("envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext", Only(&["common_tls_context", "sni"])),
         (
             "envoy.extensions.transport_sockets.tls.v3.CertificateValidationContext",
-            Only(&["trusted_ca", "match_typed_subject_alt_names"]),
+            Only(&["trusted_ca", "match_typed_subject_alt_names", "match_subject_alt_names"]),
         ),
         ("envoy.extensions.transport_sockets.tls.v3.SubjectAltNameMatcher", Only(&["san_type", "matcher"])),
         ("envoy.type.matcher.v3.StringMatcher", All),
