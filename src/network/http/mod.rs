@@ -278,6 +278,28 @@ async fn request_deadline(limit: Duration, progress: Option<&body::Progress>) {
     }
 }
 
+/// The access log entry of a request whose response has not begun. Dropped with its entry still in it, the request
+/// was abandoned: hyper drops a request's future when the downstream closes the connection (HTTP/1) or resets the
+/// stream (HTTP/2), which also drops, and so cancels, its upstream request. Envoy logs such a request with response
+/// code 0 and the `DC` flag (downstream connection termination).
+struct Unanswered<'a> {
+    entry: Option<access_log::Entry>,
+    trace: router::Trace,
+    began: Instant,
+    logs: &'a Arc<[access_log::AccessLog]>,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        let Some(mut entry) = self.entry.take() else { return };
+        self.trace.fill(&mut entry);
+        entry.response_code = None;
+        entry.flags.push(access_log::Flag::DownstreamConnectionTermination);
+        entry.duration = self.began.elapsed();
+        access_log::log_all(self.logs, &entry);
+    }
+}
+
 /// A request in flight on a connection, for the idle and drain checks.
 struct ActiveRequest<'a>(&'a Connection);
 
@@ -354,14 +376,16 @@ impl Connection {
         let stats = &self.hcm.stats;
         let logs = &self.hcm.config.access_log;
         let began = Instant::now();
-        let mut entry = if logs.is_empty() { access_log::Entry::default() } else { self.log_entry(&req) };
-        let mut trace =
-            router::Trace { logging: !logs.is_empty(), received: Some(Arc::default()), ..Default::default() };
-        let progress = trace.received.clone();
+        let entry = if logs.is_empty() { None } else { Some(self.log_entry(&req)) };
+        let trace = router::Trace { logging: !logs.is_empty(), received: Some(Arc::default()), ..Default::default() };
+        // Declared before the routing future borrows its trace, so that it is dropped after it: if hyper drops this
+        // request (the downstream went away before the response began), the guard still logs it.
+        let mut pending = Unanswered { entry, trace, began, logs };
+        let progress = pending.trace.received.clone();
         let resp = match request_timeout {
-            None => router::route(self, req, &mut trace).await,
+            None => router::route(self, req, &mut pending.trace).await,
             Some(limit) => {
-                let routed = router::route(self, req, &mut trace);
+                let routed = router::route(self, req, &mut pending.trace);
                 tokio::pin!(routed);
                 tokio::select! {
                     resp = &mut routed => resp,
@@ -373,17 +397,13 @@ impl Connection {
                 }
             }
         };
-        if logs.is_empty() {
+        let Some(mut entry) = pending.entry.take() else {
             return self.finish(resp, h2);
-        }
+        };
         let mut resp = self.finish(resp, h2);
         entry.response_code = Some(resp.status().as_u16());
         entry.response_headers = Some(resp.headers().clone());
-        entry.flags = trace.flags;
-        entry.route_name = trace.route_name;
-        entry.upstream_cluster = trace.cluster;
-        entry.upstream_host = trace.upstream_host;
-        entry.bytes_received = trace.received.map_or(0, |r| r.bytes.load(Ordering::Relaxed));
+        pending.trace.fill(&mut entry);
         let body = std::mem::replace(resp.body_mut(), ProxyBody::Empty);
         *resp.body_mut() = body::Logged::wrap(body, entry, began, logs.clone());
         resp

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -300,6 +301,17 @@ pub(super) struct Trace {
     pub upstream_host: Option<SocketAddr>,
     /// Request body bytes, counted as they are forwarded.
     pub received: Option<Arc<super::body::Progress>>,
+}
+
+impl Trace {
+    /// Moves what routing found into the request's access log entry.
+    pub fn fill(&mut self, entry: &mut crate::access_log::Entry) {
+        entry.flags = std::mem::take(&mut self.flags);
+        entry.route_name = self.route_name.take();
+        entry.upstream_cluster = self.cluster.take();
+        entry.upstream_host = self.upstream_host;
+        entry.bytes_received = self.received.as_ref().map_or(0, |r| r.bytes.load(Ordering::Relaxed));
+    }
 }
 
 /// Why an attempt did not produce a response to pass on.
