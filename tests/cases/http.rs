@@ -618,6 +618,48 @@ async fn circuit_breakers_answer_503_overflow() {
     assert_eq!(counter(&server, "cluster.u.upstream_rq_pending_overflow"), 1);
 }
 
+/// A request's stream lives until its response body is complete, as in Envoy: a slow body keeps
+/// `downstream_rq_active` and the `max_requests` slot taken (Envoy counts that overflow as
+/// `upstream_rq_pending_overflow`, its "max streams overflow"), and both are released when the body ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streaming_response_holds_its_request_slot_until_the_body_ends() {
+    use http_body_util::BodyExt;
+    let up = http_upstream("U").await;
+    let cluster =
+        format!("{}\n    circuit_breakers: {{ thresholds: [ {{ max_requests: 1 }} ] }}", static_cluster("u", &[up]));
+    let server = start(&yaml(&http_listener("h", 0, &routes_to("u", ""), ""), &cluster), Duration::from_secs(1)).await;
+    let addr = listener_addr(&server, "h");
+    let mut a = http1_client(addr).await;
+    let req = hyper::Request::builder()
+        .uri("/drip/1000")
+        .header("host", "x")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = a.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(&first[..], b"a");
+    // Headers and a first chunk are out; the stream is not over.
+    assert_eq!(gauge(&server, "http.h.downstream_rq_active"), 1);
+    assert_eq!(gauge(&server, "cluster.u.upstream_rq_active"), 1);
+
+    let mut b = http1_client(addr).await;
+    let (status, headers, text) = http1_request(&mut b, "GET", "/", "x", &[]).await;
+    assert_eq!(status, 503, "{text}");
+    assert_eq!(headers["x-envoy-overloaded"], "true");
+    assert_eq!(counter(&server, "cluster.u.upstream_rq_pending_overflow"), 1);
+
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(&rest[..], b"b");
+    eventually("the stream ended", Duration::from_secs(5), async || {
+        gauge(&server, "http.h.downstream_rq_active") == 0 && gauge(&server, "cluster.u.upstream_rq_active") == 0
+    })
+    .await;
+    let (status, _, _) = http1_request(&mut b, "GET", "/", "x", &[]).await;
+    assert_eq!(status, 200, "the slot is free again");
+}
+
 /// With Envoy's default gradual drain over a long drain time, a keep-alive connection with nothing in flight still
 /// closes when its chain drains instead of holding the drain (and a shutdown) to the deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,8 @@
 //! The one body type that flows through the proxy in both directions: a peer's streaming body passed on frame by
 //! frame (never collected), or a local reply's bytes. A streamed body can carry the HCM's `stream_idle_timeout` (no
-//! frame for that long ends the stream with an error, which resets it on both sides) and, for an upstream HTTP/1.1
-//! response, the lease on its pooled connection, given back when the body has been read to the end.
+//! frame for that long ends the stream with an error, which resets it on both sides), for an upstream HTTP/1.1
+//! response, the lease on its pooled connection, given back when the body has been read to the end, and what the
+//! request holds for its stream's life (circuit-breaker slot, active gauge), released when the body ends.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -16,6 +17,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::access_log::{self, AccessLog, Entry, Flag};
+use crate::stats::{GaugeGuard, Histogram};
+use crate::upstream::cluster::RequestSlot;
 use crate::upstream::pool::Lease;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -60,13 +63,51 @@ impl Drop for Logged {
     }
 }
 
-/// A streamed body with an idle timeout and/or a connection lease.
+/// A streamed body with an idle timeout, a connection lease, a progress count and/or what its stream holds.
 #[derive(Debug)]
 pub struct Watched {
     inner: Incoming,
     idle: Option<(Duration, Pin<Box<Sleep>>)>,
     lease: Option<Lease>,
     count: Option<Arc<Progress>>,
+    hold: StreamHold,
+}
+
+/// What a request holds for as long as its stream lives, which in Envoy ends when the response is complete or the
+/// stream is reset, not when the response headers go out: the `max_requests` circuit-breaker slot and the
+/// `downstream_rq_active` gauge. Also when the upstream request began, for `upstream_rq_time`, which Envoy records
+/// when the upstream response is complete.
+#[derive(Debug, Default)]
+pub struct StreamHold {
+    pub slot: Option<RequestSlot>,
+    pub active: Option<GaugeGuard>,
+    pub timing: Option<(Histogram, Instant)>,
+}
+
+impl StreamHold {
+    fn is_empty(&self) -> bool {
+        self.slot.is_none() && self.active.is_none() && self.timing.is_none()
+    }
+
+    fn merge(&mut self, other: StreamHold) {
+        self.slot = other.slot.or(self.slot.take());
+        self.active = other.active.or(self.active.take());
+        self.timing = other.timing.or(self.timing.take());
+    }
+
+    /// The response is complete: the request's time is recorded and what it held is released.
+    fn complete(&mut self) {
+        if let Some((histogram, since)) = self.timing.take() {
+            histogram.record(since.elapsed().as_secs_f64() * 1000.0);
+        }
+        self.slot = None;
+        self.active = None;
+    }
+
+    /// The stream was reset: released without a time (Envoy records none for an incomplete response).
+    fn reset(&mut self) {
+        *self = StreamHold::default();
+    }
 }
 
 /// How far a request body has been forwarded: for BYTES_RECEIVED and for `request_timeout`, which stops counting
@@ -123,7 +164,29 @@ impl ProxyBody {
             return ProxyBody::Stream(inner);
         }
         let idle = idle.map(|t| (t, Box::pin(tokio::time::sleep(t))));
-        ProxyBody::Watched(Box::new(Watched { inner, idle, lease, count }))
+        ProxyBody::Watched(Box::new(Watched { inner, idle, lease, count, hold: StreamHold::default() }))
+    }
+
+    /// Keeps `hold` until this (response) body has been sent to its end, or released when it is dropped unfinished.
+    /// A body already complete (a local reply, a bodiless response) completes it now.
+    pub fn hold(&mut self, hold: StreamHold) {
+        if hold.is_empty() {
+            return;
+        }
+        match self {
+            ProxyBody::Watched(w) => w.hold.merge(hold),
+            ProxyBody::Logged(l) => l.inner.hold(hold),
+            ProxyBody::Stream(s) if !s.is_end_stream() => {
+                // Rare (no stream_idle_timeout and no pooled connection to give back): only then does holding cost
+                // a box of its own.
+                let ProxyBody::Stream(inner) = std::mem::replace(self, ProxyBody::Empty) else { return };
+                *self = ProxyBody::Watched(Box::new(Watched { inner, idle: None, lease: None, count: None, hold }));
+            }
+            ProxyBody::Stream(_) | ProxyBody::Empty | ProxyBody::Bytes(_) => {
+                let mut hold = hold;
+                hold.complete();
+            }
+        }
     }
 }
 
@@ -166,17 +229,26 @@ impl Body for ProxyBody {
                         count.set_done();
                     }
                     // hyper stops polling once a body says it has ended, so the lease goes back with the last frame.
+                    let ended = frame.is_none() || w.inner.is_end_stream();
                     if !failed
-                        && (frame.is_none() || w.inner.is_end_stream())
+                        && ended
                         && let Some(l) = w.lease.take()
                     {
                         l.give_back();
+                    }
+                    if failed {
+                        w.hold.reset();
+                    } else if ended {
+                        w.hold.complete();
                     }
                     Poll::Ready(frame.map(|f| f.map_err(Into::into)))
                 }
                 Poll::Pending => match &mut w.idle {
                     Some((_, sleep)) => match sleep.as_mut().poll(cx) {
-                        Poll::Ready(()) => Poll::Ready(Some(Err(StreamIdleTimeout.into()))),
+                        Poll::Ready(()) => {
+                            w.hold.reset();
+                            Poll::Ready(Some(Err(StreamIdleTimeout.into())))
+                        }
                         Poll::Pending => Poll::Pending,
                     },
                     None => Poll::Pending,

@@ -24,7 +24,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::debug;
 
-use self::body::ProxyBody;
+use self::body::{ProxyBody, StreamHold};
 use self::rds::{RdsSlot, RouteRegistry};
 use self::route::RouteTable;
 use crate::access_log;
@@ -349,21 +349,26 @@ impl Connection {
         }
         stats.downstream_rq_total.inc();
         if h2 { &stats.downstream_rq_http2_total } else { &stats.downstream_rq_http1_total }.inc();
-        let _rq = GaugeGuard::new(&stats.downstream_rq_active);
+        // Envoy's stream lifetime: active until the response body is complete (or the stream is reset), so the guard
+        // moves into the response body.
+        let rq = GaugeGuard::new(&stats.downstream_rq_active);
         // Counted down however the request ends, including when hyper drops it (an HTTP/2 reset).
         let _active = ActiveRequest::new(&self);
         router::prepare(&self, &mut req);
         let logs = &self.hcm.config.access_log;
         let request_timeout = self.hcm.config.request_timeout.filter(|_| !http_body::Body::is_end_stream(req.body()));
-        if logs.is_empty() && request_timeout.is_none() {
+        let mut resp = if logs.is_empty() && request_timeout.is_none() {
             let mut trace = router::Trace::default();
             // Boxed once: hyper moves the service future around (HTTP/2 spawns it as a task), and the router's state
             // is kilobytes; moving a pointer is cheaper than copying that several times per request.
             let resp = Box::pin(router::route(&self, req, &mut trace)).await;
-            return self.finish(resp, h2);
-        }
-        // Boxed: the observed path's state would otherwise make every request's future larger.
-        Box::pin(self.handle_observed(req, h2, request_timeout)).await
+            self.finish(resp, h2)
+        } else {
+            // Boxed: the observed path's state would otherwise make every request's future larger.
+            Box::pin(self.handle_observed(req, h2, request_timeout)).await
+        };
+        resp.body_mut().hold(StreamHold { active: Some(rq), ..Default::default() });
+        resp
     }
 
     /// A request with access logs or a request timeout to watch.

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::Connection;
-use super::body::ProxyBody;
+use super::body::{ProxyBody, StreamHold};
 use super::route::{Action, HostRewrite, Matched, RequestHead, RetryPolicy, RouteAction, UpstreamFailure};
 use crate::access_log::Flag;
 use crate::config::cluster::UpstreamProtocol;
@@ -402,7 +402,7 @@ async fn forward(
             tried.push(host_entry.address);
         }
         trace.upstream_host = Some(host_entry.address);
-        let Some(_rq) = cluster.start_request() else {
+        let Some(rq_slot) = cluster.start_request() else {
             trace.flags.push(Flag::UpstreamOverflow);
             let mut resp = local_reply(conn, StatusCode::SERVICE_UNAVAILABLE, OVERFLOW);
             resp.headers_mut().insert(X_OVERLOADED.clone(), HeaderValue::from_static("true"));
@@ -505,7 +505,8 @@ async fn forward(
                     trace.flags.push(Flag::UpstreamRetryLimitExceeded);
                 }
                 let lease = lease.map(|l| l.with_request(request_progress.clone()));
-                return upstream_response(conn, resp, lease, start, downstream_upgrade, parts.version, idle);
+                let hold = StreamHold { slot: Some(rq_slot), ..Default::default() };
+                return upstream_response(conn, resp, lease, hold, start, downstream_upgrade, parts.version, idle);
             }
             Err(failure) => {
                 if matches!(failure, Failure::Pool(PoolError::PendingOverflow)) {
@@ -617,10 +618,12 @@ fn build_request(
     Ok(req)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn upstream_response(
     conn: &Connection,
     mut resp: Response<Incoming>,
     lease: Option<Lease>,
+    hold: StreamHold,
     start: Instant,
     downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
     downstream_version: Version,
@@ -654,7 +657,9 @@ fn upstream_response(
     set_server(conn, &mut parts.headers);
     // An upgraded connection never returns to the pool: its bytes now belong to the tunnel.
     let lease = if switching { None } else { lease };
-    Response::from_parts(parts, ProxyBody::stream(body, idle, lease, None))
+    let mut body = ProxyBody::stream(body, idle, lease, None);
+    body.hold(hold);
+    Response::from_parts(parts, body)
 }
 
 #[cfg(test)]
