@@ -708,3 +708,183 @@ async fn the_route_timeout_starts_when_the_request_is_complete() {
     let (status, _, body) = http1_request(&mut c, "GET", "/sleep/1500", "x", &[]).await;
     assert_eq!((status, body.as_str()), (504, "upstream request timeout"));
 }
+
+/// An upstream that reads the attempt number Envoy sends (`x-envoy-attempt-count`) and the path `/<fails>/<ms>`:
+/// attempts up to `fails` get 503 at once, later ones 200 after `ms`. Request bodies are read and counted; `events`
+/// hears `(attempt, "data")` when an attempt's first body bytes arrive.
+async fn attempts_upstream() -> (std::net::SocketAddr, tokio::sync::mpsc::UnboundedReceiver<(u32, &'static str)>) {
+    use http_body_util::BodyExt;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let tx = tx.clone();
+                    async move {
+                        let attempt: u32 = req
+                            .headers()
+                            .get("x-envoy-attempt-count")
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(0);
+                        let mut parts = req.uri().path().trim_start_matches('/').split('/');
+                        let fails: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+                        let ms: u64 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+                        let mut body = req.into_body();
+                        let mut received = 0usize;
+                        while let Some(frame) = body.frame().await {
+                            if let Ok(d) = frame.unwrap().into_data() {
+                                if received == 0 && !d.is_empty() {
+                                    let _ = tx.send((attempt, "data"));
+                                }
+                                received += d.len();
+                            }
+                        }
+                        let status = if attempt <= fails {
+                            503
+                        } else {
+                            tokio::time::sleep(Duration::from_millis(ms)).await;
+                            200
+                        };
+                        let text = format!("attempt={attempt} received={received}");
+                        Ok::<_, std::convert::Infallible>(
+                            hyper::Response::builder()
+                                .status(status)
+                                .body(http_body_util::Full::new(bytes::Bytes::from(text)))
+                                .unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, rx)
+}
+
+fn retrying_routes(num_retries: u32) -> String {
+    format!(
+        r#"          route_config:
+            name: local
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              include_request_attempt_count: true
+              routes:
+              - match: {{ prefix: "/" }}
+                route:
+                  cluster: u
+                  retry_policy: {{ retry_on: 5xx, num_retries: {num_retries}, retry_back_off: {{ base_interval: 0.01s }} }}"#
+    )
+}
+
+/// Envoy's `max_retries` circuit breaker limits the retries outstanding across the whole cluster at once (not the
+/// retries of one request): a retry over it is not made, the answer passes on and `upstream_rq_retry_overflow`
+/// counts it; once the outstanding retry is done, a request may retry again, as often as its policy says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_retries_limits_concurrent_retries_across_the_cluster() {
+    let (up, _events) = attempts_upstream().await;
+    let cluster =
+        format!("{}\n    circuit_breakers: {{ thresholds: [ {{ max_retries: 1 }} ] }}", static_cluster("u", &[up]));
+    let server = start(&yaml(&http_listener("h", 0, &retrying_routes(2), ""), &cluster), Duration::from_secs(1)).await;
+    let addr = listener_addr(&server, "h");
+    let first = tokio::spawn(async move {
+        let mut a = http1_client(addr).await;
+        http1_request(&mut a, "GET", "/1/1000", "x", &[]).await
+    });
+    eventually("the first request's retry is outstanding", Duration::from_secs(5), async || {
+        counter(&server, "cluster.u.upstream_rq_retry") == 1
+    })
+    .await;
+
+    let mut b = http1_client(addr).await;
+    let (status, _, body) = http1_request(&mut b, "GET", "/1/0", "x", &[]).await;
+    assert_eq!((status, body.as_str()), (503, "attempt=1 received=0"), "not retried while the other retry is out");
+    assert_eq!(counter(&server, "cluster.u.upstream_rq_retry_overflow"), 1);
+
+    let (status, _, body) = first.await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "attempt=2 received=0"));
+    assert_eq!(counter(&server, "cluster.u.upstream_rq_retry_success"), 1);
+
+    // Two retries one after the other under max_retries 1: the limit is on retries at once, not per request.
+    let (status, _, body) = http1_request(&mut b, "GET", "/2/0", "x", &[]).await;
+    assert_eq!((status, body.as_str()), (200, "attempt=3 received=0"));
+    assert_eq!(counter(&server, "cluster.u.upstream_rq_retry"), 3);
+    assert_eq!(counter(&server, "cluster.u.upstream_rq_retry_overflow"), 1);
+}
+
+/// Sends a POST whose body is two 10 KiB chunks; the second goes only once the upstream has seen the first, which
+/// proves the first attempt streams (the proxy does not collect the body before sending it).
+async fn post_in_two_chunks(
+    addr: std::net::SocketAddr,
+    events: &mut tokio::sync::mpsc::UnboundedReceiver<(u32, &'static str)>,
+) -> (u16, String) {
+    use http_body_util::BodyExt;
+    let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake::<
+        _,
+        http_body_util::StreamBody<
+            futures_util::stream::BoxStream<
+                'static,
+                Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>,
+            >,
+        >,
+    >(hyper_util::rt::TokioIo::new(s))
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok(hyper::body::Frame::data(b)), rx))
+    });
+    let req = hyper::Request::builder()
+        .method("POST")
+        .uri("/1/0")
+        .header("host", "x")
+        .body(http_body_util::StreamBody::new(futures_util::StreamExt::boxed(stream)))
+        .unwrap();
+    let resp = tokio::spawn(send.send_request(req));
+    tx.send(bytes::Bytes::from(vec![b'x'; 10 * 1024])).await.unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(5), events.recv()).await;
+    assert_eq!(seen.unwrap(), Some((1, "data")), "the first attempt gets the body while it streams");
+    tx.send(bytes::Bytes::from(vec![b'y'; 10 * 1024])).await.unwrap();
+    drop(tx);
+    let resp = resp.await.unwrap().unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Envoy keeps a request body for retries, up to the listener's per_connection_buffer_limit_bytes, while it streams to
+/// the first attempt; a retry replays it. A bigger body is not retried (`retry_or_shadow_abandoned`): the first
+/// attempt's answer passes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_with_bodies_are_retried_within_the_buffer_limit() {
+    let (up, mut events) = attempts_upstream().await;
+    let server = start(
+        &yaml(&http_listener("h", 0, &retrying_routes(1), ""), &static_cluster("u", &[up])),
+        Duration::from_secs(1),
+    )
+    .await;
+    let (status, body) = post_in_two_chunks(listener_addr(&server, "h"), &mut events).await;
+    assert_eq!((status, body.as_str()), (200, "attempt=2 received=20480"), "the retry got the whole body");
+    assert_eq!(counter(&server, "cluster.u.upstream_rq_retry"), 1);
+    assert_eq!(counter(&server, "http.h.downstream_rq_2xx"), 1);
+    assert_eq!(events.recv().await, Some((2, "data")));
+
+    let small_buffer = http_listener("h", 0, &retrying_routes(1), "").replacen(
+        "    filter_chains:",
+        "    per_connection_buffer_limit_bytes: 16384\n    filter_chains:",
+        1,
+    );
+    let server = start(&yaml(&small_buffer, &static_cluster("u", &[up])), Duration::from_secs(1)).await;
+    let (status, body) = post_in_two_chunks(listener_addr(&server, "h"), &mut events).await;
+    assert_eq!((status, body.as_str()), (503, "attempt=1 received=20480"), "20 KiB over a 16 KiB buffer");
+    assert_eq!(counter(&server, "cluster.u.retry_or_shadow_abandoned"), 1);
+    assert_eq!(counter(&server, "cluster.u.upstream_rq_retry"), 0);
+}

@@ -13,11 +13,11 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::access_log::{self, AccessLog, Entry, Flag};
-use crate::stats::{GaugeGuard, Histogram};
+use crate::stats::{Counter, GaugeGuard, Histogram};
 use crate::upstream::cluster::RequestSlot;
 use crate::upstream::pool::Lease;
 
@@ -31,6 +31,181 @@ pub enum ProxyBody {
     Watched(Box<Watched>),
     /// A response whose access log line is written when it ends (or is abandoned).
     Logged(Box<Logged>),
+    /// One attempt's view of a request body kept for retries.
+    Replay(Box<Attempt>),
+}
+
+/// A request body kept for retries while it streams to the first attempt: Envoy buffers a request body for retries
+/// up to the downstream connection's buffer limit (`per_connection_buffer_limit_bytes`) and, past it, stops retrying
+/// (`retry_or_shadow_abandoned`), not the request. Each attempt replays what was kept, then reads on from the
+/// downstream; an attempt superseded by a retry fails if it is polled again, so only one attempt reads the downstream.
+/// The data is kept as received (`Bytes` share it), never copied.
+#[derive(Debug, Clone)]
+pub struct Replay {
+    shared: Arc<Mutex<Kept>>,
+}
+
+#[derive(Debug)]
+struct Kept {
+    /// The downstream body, with its idle timeout and progress count.
+    source: ProxyBody,
+    chunks: Vec<Chunk>,
+    bytes: usize,
+    limit: usize,
+    /// Past the limit: nothing is kept any more and no attempt can follow.
+    overflowed: bool,
+    /// The downstream body has been read to its end.
+    ended: bool,
+    /// The attempt allowed to read on.
+    current: u32,
+    abandoned: Counter,
+}
+
+#[derive(Debug)]
+enum Chunk {
+    Data(Bytes),
+    Trailers(http::HeaderMap),
+}
+
+/// One attempt's request body (see [`Replay`]).
+#[derive(Debug)]
+pub struct Attempt {
+    shared: Arc<Mutex<Kept>>,
+    attempt: u32,
+    /// The next kept chunk to send.
+    next: usize,
+    /// Set once this attempt sent the body to its end: its connection may then be reused.
+    sent: Arc<Progress>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("request body superseded by a retry")]
+struct Superseded;
+
+impl Replay {
+    pub fn new(source: ProxyBody, limit: u32, abandoned: Counter) -> Self {
+        let kept = Kept {
+            source,
+            chunks: Vec::new(),
+            bytes: 0,
+            limit: limit as usize,
+            overflowed: false,
+            ended: false,
+            current: 0,
+            abandoned,
+        };
+        Replay { shared: Arc::new(Mutex::new(kept)) }
+    }
+
+    fn kept(&self) -> std::sync::MutexGuard<'_, Kept> {
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether another attempt can still be made with the whole body.
+    pub fn replayable(&self) -> bool {
+        !self.kept().overflowed
+    }
+
+    /// The body for the next attempt (earlier attempts' bodies stop), and its sent-to-the-end progress.
+    pub fn attempt(&self) -> (ProxyBody, Arc<Progress>) {
+        let mut kept = self.kept();
+        kept.current += 1;
+        let sent = Arc::new(Progress::default());
+        let attempt = Attempt { shared: self.shared.clone(), attempt: kept.current, next: 0, sent: sent.clone() };
+        (ProxyBody::Replay(Box::new(attempt)), sent)
+    }
+}
+
+impl Kept {
+    /// Keeps a frame read from the downstream; false once the body outgrew the limit.
+    fn keep(&mut self, frame: &Frame<Bytes>) -> bool {
+        if self.overflowed {
+            return false;
+        }
+        let len = frame.data_ref().map_or(0, Bytes::len);
+        if self.bytes + len > self.limit {
+            tracing::debug!(limit = self.limit, "request body exceeds the buffer limit: giving up on retries");
+            self.abandoned.inc();
+            self.overflowed = true;
+            self.chunks = Vec::new();
+            return false;
+        }
+        let chunk = match (frame.data_ref(), frame.trailers_ref()) {
+            (Some(d), _) => Chunk::Data(d.clone()),
+            (None, Some(t)) => Chunk::Trailers(t.clone()),
+            (None, None) => return false,
+        };
+        self.bytes += len;
+        self.chunks.push(chunk);
+        true
+    }
+}
+
+impl Attempt {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut guard = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        let kept = &mut *guard;
+        if kept.current != self.attempt {
+            return Poll::Ready(Some(Err(Superseded.into())));
+        }
+        if !kept.overflowed && self.next < kept.chunks.len() {
+            let frame = match &kept.chunks[self.next] {
+                Chunk::Data(d) => Frame::data(d.clone()),
+                Chunk::Trailers(t) => Frame::trailers(t.clone()),
+            };
+            self.next += 1;
+            if kept.ended && self.next == kept.chunks.len() {
+                self.sent.set_done();
+            }
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        if kept.ended {
+            self.sent.set_done();
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut kept.source).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if kept.keep(&frame) {
+                    self.next += 1;
+                }
+                if kept.source.is_end_stream() {
+                    kept.ended = true;
+                    self.sent.set_done();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(None) => {
+                kept.ended = true;
+                self.sent.set_done();
+                Poll::Ready(None)
+            }
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let kept = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        kept.current == self.attempt && kept.ended && (kept.overflowed || self.next >= kept.chunks.len())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let kept = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        let rest = kept.source.size_hint();
+        let replayed = if kept.overflowed { 0 } else { kept.bytes.saturating_sub(self.sent_so_far(&kept)) as u64 };
+        match rest.exact() {
+            Some(n) => SizeHint::with_exact(n + replayed),
+            None => {
+                let mut hint = SizeHint::new();
+                hint.set_lower(rest.lower() + replayed);
+                hint
+            }
+        }
+    }
+
+    /// Bytes of the kept chunks this attempt has already sent.
+    fn sent_so_far(&self, kept: &Kept) -> usize {
+        kept.chunks.iter().take(self.next).map(|c| if let Chunk::Data(d) = c { d.len() } else { 0 }).sum()
+    }
 }
 
 /// A response body that counts what it sent and logs its request when it is done.
@@ -182,7 +357,7 @@ impl ProxyBody {
                 let ProxyBody::Stream(inner) = std::mem::replace(self, ProxyBody::Empty) else { return };
                 *self = ProxyBody::Watched(Box::new(Watched { inner, idle: None, lease: None, count: None, hold }));
             }
-            ProxyBody::Stream(_) | ProxyBody::Empty | ProxyBody::Bytes(_) => {
+            ProxyBody::Stream(_) | ProxyBody::Empty | ProxyBody::Bytes(_) | ProxyBody::Replay(_) => {
                 let mut hold = hold;
                 hold.complete();
             }
@@ -199,6 +374,7 @@ impl Body for ProxyBody {
             ProxyBody::Empty => Poll::Ready(None),
             ProxyBody::Bytes(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             ProxyBody::Stream(s) => Pin::new(s).poll_frame(cx).map_err(Into::into),
+            ProxyBody::Replay(a) => a.poll_frame(cx),
             ProxyBody::Logged(l) => {
                 let polled = Pin::new(&mut l.inner).poll_frame(cx);
                 match &polled {
@@ -264,6 +440,7 @@ impl Body for ProxyBody {
             ProxyBody::Stream(s) => s.is_end_stream(),
             ProxyBody::Watched(w) => w.inner.is_end_stream(),
             ProxyBody::Logged(l) => l.inner.is_end_stream(),
+            ProxyBody::Replay(a) => a.is_end_stream(),
         }
     }
 
@@ -274,6 +451,7 @@ impl Body for ProxyBody {
             ProxyBody::Stream(s) => s.size_hint(),
             ProxyBody::Watched(w) => w.inner.size_hint(),
             ProxyBody::Logged(l) => l.inner.size_hint(),
+            ProxyBody::Replay(a) => a.size_hint(),
         }
     }
 }

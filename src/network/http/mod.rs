@@ -42,6 +42,8 @@ pub struct ChainContext<'a> {
     pub drain_type: DrainType,
     /// The chain terminated TLS.
     pub secure: bool,
+    /// The listener's `per_connection_buffer_limit_bytes`: how much of a request body is kept for retries.
+    pub buffer_limit: u32,
 }
 
 /// Where an HCM finds its routes on each request.
@@ -154,6 +156,7 @@ impl HttpConnectionManager {
             chain_name: chain.name.to_string(),
             closes_on_health_check_failure: chain.drain_type == DrainType::Default,
             secure: chain.secure,
+            buffer_limit: chain.buffer_limit,
             original_dst: det.local_restored.then_some(det.local),
             drain: drain.clone(),
             close: Notify::new(),
@@ -330,6 +333,8 @@ struct Connection {
     closes_on_health_check_failure: bool,
     /// The connection is TLS: `x-forwarded-proto: https`, as Envoy sets it.
     secure: bool,
+    /// Envoy's connection buffer limit: a request body kept for retries stops being kept (and retried) past it.
+    buffer_limit: u32,
     original_dst: Option<SocketAddr>,
     drain: DrainWatch,
     close: Notify,

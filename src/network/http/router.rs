@@ -373,11 +373,7 @@ async fn forward(
 
     let retry = action.retry_policy.as_ref();
     let body_empty = http_body::Body::is_end_stream(&body);
-    // A streamed body is sent once; only requests without one can be replayed.
-    let max_attempts = match retry {
-        Some(p) if body_empty => 1 + p.num_retries.min(cluster.config.http.max_retries),
-        _ => 1,
-    };
+    let max_attempts = retry.map_or(1, |p| 1 + p.num_retries);
     let deadline = action.timeout.map(|t| start + t);
     // A route's idle_timeout overrides the HCM's stream_idle_timeout; 0 disables it.
     let idle = match action.idle_timeout {
@@ -388,6 +384,20 @@ async fn forward(
     // Tracks the request body as it is sent (for BYTES_RECEIVED, request_timeout and connection reuse).
     let request_progress = if body_empty { None } else { Some(trace.received.clone().unwrap_or_default()) };
     let mut body = Some(body);
+    // A body that a retry may need again is kept as it streams to the first attempt (never collected before it).
+    let replay = match body.take() {
+        Some(b) if max_attempts > 1 && !body_empty => Some(super::body::Replay::new(
+            ProxyBody::stream(b, idle, None, request_progress.clone()),
+            conn.buffer_limit,
+            cluster.stats.retry_or_shadow_abandoned.clone(),
+        )),
+        b => {
+            body = b;
+            None
+        }
+    };
+    // The retry in flight, holding its place under the cluster's max_retries until its outcome is known.
+    let mut retry_slot = None;
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut attempt = 0;
     let stats = &cluster.stats;
@@ -418,9 +428,15 @@ async fn forward(
         } else if let Some(v) = &host {
             h.insert(header::HOST, v.clone());
         }
-        let upstream_body = match body.take() {
-            Some(b) if !body_empty => ProxyBody::stream(b, idle, None, request_progress.clone()),
-            _ => ProxyBody::Empty,
+        let (upstream_body, sent) = match (&replay, body.take()) {
+            (Some(r), _) => {
+                let (b, sent) = r.attempt();
+                (b, Some(sent))
+            }
+            (None, Some(b)) if !body_empty => {
+                (ProxyBody::stream(b, idle, None, request_progress.clone()), request_progress.clone())
+            }
+            _ => (ProxyBody::Empty, None),
         };
         let request = match build_request(&parts.method, &parts.uri, path.as_deref(), protocol, h, upstream_body) {
             Ok(r) => r,
@@ -487,24 +503,34 @@ async fn forward(
                 None => send.await.map_err(Failure::Pool),
             }
         };
-        let can_retry = attempt < max_attempts && retry.is_some();
+        // A body that outgrew the retry buffer ends retrying, as Envoy drops its retry state then.
+        let policy = retry.filter(|_| replay.as_ref().is_none_or(|r| r.replayable()));
+        let can_retry = attempt < max_attempts && policy.is_some();
+        // Envoy's shouldRetry gives the previous retry's max_retries place back before it decides on the next.
+        let retried = retry_slot.take().is_some();
         match outcome {
             Ok((resp, lease)) => {
                 stats.upstream_rq_time.record(now.elapsed().as_secs_f64() * 1000.0);
                 let status = resp.status().as_u16();
                 cluster.count_response(status);
-                let retriable = retry.is_some_and(|p| p.should_retry_status(status));
+                let retriable = policy.is_some_and(|p| p.should_retry_status(status));
                 if can_retry && retriable {
-                    stats.upstream_rq_retry.inc();
-                    backoff(retry, attempt, deadline).await;
-                    continue;
-                }
-                if retriable && attempt > 1 {
+                    if let Some(slot) = cluster.start_retry() {
+                        retry_slot = Some(slot);
+                        stats.upstream_rq_retry.inc();
+                        backoff(retry, attempt, deadline).await;
+                        continue;
+                    }
+                    // The cluster's max_retries are all outstanding: Envoy passes this answer on, flagged UO.
+                    trace.flags.push(Flag::UpstreamOverflow);
+                } else if retriable && attempt > 1 {
                     // Envoy counts a retriable answer that used up the retries.
                     stats.upstream_rq_retry_limit_exceeded.inc();
                     trace.flags.push(Flag::UpstreamRetryLimitExceeded);
+                } else if retried && !retriable {
+                    stats.upstream_rq_retry_success.inc();
                 }
-                let lease = lease.map(|l| l.with_request(request_progress.clone()));
+                let lease = lease.map(|l| l.with_request(sent));
                 let hold = StreamHold { slot: Some(rq_slot), ..Default::default() };
                 return upstream_response(conn, resp, lease, hold, start, downstream_upgrade, parts.version, idle);
             }
@@ -519,7 +545,7 @@ async fn forward(
                     Failure::Pool(e) if e.is_connect_failure() => {
                         debug!(cluster = %cluster.name(), "upstream connect failure: {e}");
                         (
-                            retry.is_some_and(|p| p.should_retry_failure(UpstreamFailure::ConnectFailure)),
+                            policy.is_some_and(|p| p.should_retry_failure(UpstreamFailure::ConnectFailure)),
                             (StatusCode::SERVICE_UNAVAILABLE, CONNECT_FAILURE),
                         )
                     }
@@ -527,26 +553,31 @@ async fn forward(
                         debug!(cluster = %cluster.name(), "upstream reset: {e}");
                         stats.upstream_rq_rx_reset.inc();
                         (
-                            retry.is_some_and(|p| p.should_retry_failure(UpstreamFailure::Reset)),
+                            policy.is_some_and(|p| p.should_retry_failure(UpstreamFailure::Reset)),
                             (StatusCode::SERVICE_UNAVAILABLE, RESET),
                         )
                     }
                     Failure::PerTryTimeout => (
-                        retry.is_some_and(|p| p.retry_on.five_xx || p.retry_on.gateway_error || p.retry_on.reset),
+                        policy.is_some_and(|p| p.retry_on.five_xx || p.retry_on.gateway_error || p.retry_on.reset),
                         (StatusCode::GATEWAY_TIMEOUT, TIMEOUT),
                     ),
                 };
                 if can_retry && retryable {
-                    stats.upstream_rq_retry.inc();
-                    backoff(retry, attempt, deadline).await;
-                    continue;
+                    if let Some(slot) = cluster.start_retry() {
+                        retry_slot = Some(slot);
+                        stats.upstream_rq_retry.inc();
+                        backoff(retry, attempt, deadline).await;
+                        continue;
+                    }
+                    // The cluster's max_retries are all outstanding: no retry, flagged UO as in Envoy.
+                    trace.flags.push(Flag::UpstreamOverflow);
                 }
                 trace.flags.push(match &failure {
                     Failure::Pool(e) if e.is_connect_failure() => Flag::UpstreamConnectionFailure,
                     Failure::Pool(_) => Flag::UpstreamConnectionTermination,
                     Failure::PerTryTimeout => Flag::UpstreamRequestTimeout,
                 });
-                if attempt > 1 && retryable {
+                if attempt > 1 && retryable && !can_retry {
                     stats.upstream_rq_retry_limit_exceeded.inc();
                     trace.flags.push(Flag::UpstreamRetryLimitExceeded);
                 }
