@@ -94,7 +94,7 @@ pub struct ClusterStats {
     pub upstream_rq_pending_overflow: Counter,
     pub upstream_rq_pending_total: Counter,
     pub upstream_rq_pending_active: Gauge,
-    /// Milliseconds from sending a request to its response headers.
+    /// Milliseconds from the end of the downstream request to the end of the upstream response (Envoy's measure).
     pub upstream_rq_time: Histogram,
     /// `upstream_rq_1xx` … `upstream_rq_5xx`.
     pub upstream_rq_class: [Counter; 5],

@@ -660,6 +660,36 @@ async fn a_streaming_response_holds_its_request_slot_until_the_body_ends() {
     assert_eq!(status, 200, "the slot is free again");
 }
 
+/// Envoy records `upstream_rq_time` when the upstream response is complete, not when its headers arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_rq_time_is_recorded_when_the_response_is_complete() {
+    use http_body_util::BodyExt;
+    let up = http_upstream("U").await;
+    let server = start(
+        &yaml(&http_listener("h", 0, &routes_to("u", ""), ""), &static_cluster("u", &[up])),
+        Duration::from_secs(1),
+    )
+    .await;
+    let rq_time = |server: &xds_proxy::server::Server| match server.stats.get("cluster.u.upstream_rq_time") {
+        Some(xds_proxy::stats::Value::Histogram(h)) => (h.count, h.sum),
+        other => panic!("upstream_rq_time: {other:?}"),
+    };
+    let mut c = http1_client(listener_addr(&server, "h")).await;
+    let req = hyper::Request::builder()
+        .uri("/drip/600")
+        .header("host", "x")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let mut body = c.send_request(req).await.unwrap().into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(&first[..], b"a");
+    assert_eq!(rq_time(&server).0, 0, "headers and a first chunk are not a complete response");
+    let _ = body.collect().await.unwrap();
+    eventually("upstream_rq_time recorded", Duration::from_secs(5), async || rq_time(&server).0 == 1).await;
+    // The upstream held the last chunk back for 600 ms: the recorded time covers it.
+    assert!(rq_time(&server).1 >= 600.0, "{:?}", rq_time(&server));
+}
+
 /// With Envoy's default gradual drain over a long drain time, a keep-alive connection with nothing in flight still
 /// closes when its chain drains instead of holding the drain (and a shutdown) to the deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

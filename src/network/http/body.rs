@@ -292,12 +292,20 @@ pub struct Progress {
     pub bytes: AtomicU64,
     pub done: std::sync::atomic::AtomicBool,
     finished: tokio::sync::Notify,
+    /// When the body was complete: where Envoy's `upstream_rq_time` starts.
+    finished_at: std::sync::OnceLock<Instant>,
 }
 
 impl Progress {
     fn set_done(&self) {
+        let _ = self.finished_at.set(Instant::now());
         self.done.store(true, Ordering::Relaxed);
         self.finished.notify_waiters();
+    }
+
+    /// When the whole body had been forwarded, if it has.
+    pub fn finished_at(&self) -> Option<Instant> {
+        self.finished_at.get().copied()
     }
 
     /// Resolves once the whole request body has been forwarded.

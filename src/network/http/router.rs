@@ -510,7 +510,6 @@ async fn forward(
         let retried = retry_slot.take().is_some();
         match outcome {
             Ok((resp, lease)) => {
-                stats.upstream_rq_time.record(now.elapsed().as_secs_f64() * 1000.0);
                 let status = resp.status().as_u16();
                 cluster.count_response(status);
                 let retriable = policy.is_some_and(|p| p.should_retry_status(status));
@@ -531,7 +530,14 @@ async fn forward(
                     stats.upstream_rq_retry_success.inc();
                 }
                 let lease = lease.map(|l| l.with_request(sent));
-                let hold = StreamHold { slot: Some(rq_slot), ..Default::default() };
+                // Envoy's upstream_rq_time runs from the end of the downstream request to the end of the upstream
+                // response, retries included; none is recorded if the response began before the request ended.
+                let complete = match &request_progress {
+                    None => Some(start),
+                    Some(p) => p.finished_at(),
+                };
+                let timing = complete.map(|t| (stats.upstream_rq_time.clone(), t));
+                let hold = StreamHold { slot: Some(rq_slot), timing, ..Default::default() };
                 return upstream_response(conn, resp, lease, hold, start, downstream_upgrade, parts.version, idle);
             }
             Err(failure) => {
