@@ -690,6 +690,56 @@ async fn upstream_rq_time_is_recorded_when_the_response_is_complete() {
     assert!(rq_time(&server).1 >= 600.0, "{:?}", rq_time(&server));
 }
 
+/// Upstream connections that carry no request for the cluster's `common_http_protocol_options.idle_timeout` close
+/// on their own timer (`upstream_cx_idle_timeout`), HTTP/1.1 and HTTP/2 alike, and never while a request uses them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_upstream_connections_close_on_the_clusters_idle_timeout() {
+    let up = http_upstream("U").await;
+    let options = |name: &str, protocol: &str| {
+        format!(
+            r#"{}
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        common_http_protocol_options: {{ idle_timeout: 0.4s }}
+        explicit_http_config: {{ {protocol}: {{}} }}"#,
+            static_cluster(name, &[up])
+        )
+    };
+    let routes = r#"          route_config:
+            name: local
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: { prefix: "/h2/" }
+                route: { cluster: h2, prefix_rewrite: "/" }
+              - match: { prefix: "/" }
+                route: { cluster: h1 }"#;
+    let clusters = format!("{}{}", options("h1", "http_protocol_options"), options("h2", "http2_protocol_options"));
+    let server = start(&yaml(&http_listener("h", 0, routes, ""), &clusters), Duration::from_secs(1)).await;
+    let mut c = http1_client(listener_addr(&server, "h")).await;
+    // Requests longer than the idle timeout keep their connections.
+    for (cluster, path) in [("h1", "/sleep/900"), ("h2", "/h2/sleep/900")] {
+        let (status, _, body) = http1_request(&mut c, "GET", path, "x", &[]).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(counter(&server, &format!("cluster.{cluster}.upstream_cx_idle_timeout")), 0);
+        assert_eq!(gauge(&server, &format!("cluster.{cluster}.upstream_cx_active")), 1);
+        assert_eq!(counter(&server, &format!("cluster.{cluster}.upstream_cx_total")), 1);
+    }
+    // Then, with nothing to do, they close without another request coming.
+    eventually("idle upstream connections closed", Duration::from_secs(5), async || {
+        ["h1", "h2"].iter().all(|c| {
+            counter(&server, &format!("cluster.{c}.upstream_cx_idle_timeout")) == 1
+                && gauge(&server, &format!("cluster.{c}.upstream_cx_active")) == 0
+        })
+    })
+    .await;
+    let (status, _, _) = http1_request(&mut c, "GET", "/", "x", &[]).await;
+    assert_eq!(status, 200, "a new connection serves the next request");
+    assert_eq!(counter(&server, "cluster.h1.upstream_cx_total"), 2);
+}
+
 /// With Envoy's default gradual drain over a long drain time, a keep-alive connection with nothing in flight still
 /// closes when its chain drains instead of holding the drain (and a shutdown) to the deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
