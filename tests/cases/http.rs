@@ -968,3 +968,91 @@ async fn requests_with_bodies_are_retried_within_the_buffer_limit() {
     assert_eq!(counter(&server, "cluster.u.retry_or_shadow_abandoned"), 1);
     assert_eq!(counter(&server, "cluster.u.upstream_rq_retry"), 0);
 }
+
+/// A POST to the admin port, for `/healthcheck/fail` and `/healthcheck/ok`.
+async fn admin_post(admin: std::net::SocketAddr, path: &str) {
+    let mut c = http1_client(admin).await;
+    let (status, _, body) = http1_request(&mut c, "POST", path, "admin", &[]).await;
+    assert_eq!(status, 200, "{path}: {body}");
+}
+
+/// Envoy's health_check HTTP filter without pass-through mode: requests its `headers` select are answered by the
+/// proxy, 200 while healthy and 503 (flag LH) after /healthcheck/fail; every other request goes to the router, and
+/// while failed its response says `x-envoy-immediate-health-check-fail: true`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_check_filter_answers_for_the_proxy_and_follows_healthcheck_fail() {
+    let up = http_upstream("U").await;
+    let hcm = http_listener("h", 0, &routes_to("u", ""), "").replace(
+        "          http_filters:\n",
+        r#"          http_filters:
+          - name: envoy.filters.http.health_check
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.health_check.v3.HealthCheck
+              pass_through_mode: false
+              headers: [ { name: ":path", string_match: { exact: /healthz } } ]
+"#,
+    );
+    let bootstrap = format!(
+        "{}admin: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }} }}\n",
+        yaml(&hcm, &static_cluster("u", &[up]))
+    );
+    let server = start(&bootstrap, Duration::from_secs(1)).await;
+    let addr = listener_addr(&server, "h");
+    let admin = server.admin_address().unwrap();
+    // A fresh connection each time: /healthcheck/fail also closes connections after their next response.
+    let get = async |path: &str| http1_request(&mut http1_client(addr).await, "GET", path, "x", &[]).await;
+
+    let (status, _, body) = get("/healthz").await;
+    assert_eq!((status, body.as_str()), (200, ""));
+    assert_eq!(counter(&server, "cluster.u.upstream_rq_total"), 0, "answered by the proxy");
+    let (status, headers, body) = get("/other").await;
+    assert_eq!(status, 200);
+    assert!(body.starts_with("U\nGET /other\n"), "{body}");
+    assert!(!headers.contains_key("x-envoy-immediate-health-check-fail"));
+
+    admin_post(admin, "/healthcheck/fail").await;
+    let (status, _, body) = get("/healthz").await;
+    assert_eq!((status, body.as_str()), (503, ""));
+    let (status, headers, _) = get("/other").await;
+    assert_eq!(status, 200, "other requests still pass through");
+    assert_eq!(headers["x-envoy-immediate-health-check-fail"], "true");
+
+    admin_post(admin, "/healthcheck/ok").await;
+    let (status, _, _) = get("/healthz").await;
+    assert_eq!(status, 200);
+    assert_eq!(counter(&server, "cluster.u.upstream_rq_total"), 2);
+}
+
+#[test]
+fn health_check_filter_refuses_pass_through_mode_and_cluster_percentages() {
+    let with = |config: &str| {
+        let yaml = unlisted(&http_listener("h", 0, &routes_to("u", ""), "").replace(
+            "          http_filters:\n",
+            &format!(
+                "          http_filters:\n          - name: hc\n            typed_config: {{ \"@type\": type.googleapis.com/envoy.extensions.filters.http.health_check.v3.HealthCheck, {config} }}\n"
+            ),
+        ));
+        let msg = xds_proxy::config::proto::parse_dynamic(
+            &yaml,
+            xds_proxy::config::proto::Format::Yaml,
+            "envoy.config.listener.v3.Listener",
+        )
+        .unwrap();
+        let l: envoy_types::pb::envoy::config::listener::v3::Listener = xds_proxy::config::proto::decode(&msg).unwrap();
+        xds_proxy::config::listener::ListenerConfig::try_from(l).err().map(|e| e.to_string()).unwrap_or_default()
+    };
+    let err = with("pass_through_mode: true");
+    assert!(
+        err.contains("http_filters[0].typed_config.pass_through_mode: pass_through_mode: true is not supported"),
+        "{err}"
+    );
+    let err = with("pass_through_mode: false, cluster_min_healthy_percentages: { u: { value: 50 } }");
+    assert!(
+        err.contains("typed_config.cluster_min_healthy_percentages: cluster_min_healthy_percentages is not supported"),
+        "{err}"
+    );
+    assert_eq!(
+        with("pass_through_mode: false, headers: [ { name: \":path\", string_match: { exact: /healthz } } ]"),
+        ""
+    );
+}

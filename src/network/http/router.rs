@@ -35,6 +35,7 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static X_UPSTREAM_SERVICE_TIME: HeaderName = HeaderName::from_static("x-envoy-upstream-service-time");
 static X_ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count");
 static X_OVERLOADED: HeaderName = HeaderName::from_static("x-envoy-overloaded");
+static X_IMMEDIATE_HEALTH_CHECK_FAIL: HeaderName = HeaderName::from_static("x-envoy-immediate-health-check-fail");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -50,9 +51,33 @@ pub(super) fn prepare(conn: &Connection, req: &mut Request<Incoming>) {
     }
 }
 
+/// Runs the HTTP filters before the router (the health check filter, when configured), then routes.
+pub(super) async fn route(conn: &Connection, req: Request<Incoming>, trace: &mut Trace) -> Response<ProxyBody> {
+    let Some(health_check) = &conn.hcm.config.health_check else {
+        return route_request(conn, req, trace).await;
+    };
+    let failed = conn.ctx.health_check_failed.load(Ordering::Relaxed);
+    let authority = request_authority(&req);
+    let head = RequestHead { method: req.method(), uri: req.uri(), authority: &authority, headers: req.headers() };
+    if health_check.matches(&head) {
+        // Envoy's health_check filter, not in pass-through mode: the proxy answers for itself.
+        if failed {
+            trace.flags.push(Flag::FailedLocalHealthCheck);
+            return local_reply(conn, StatusCode::SERVICE_UNAVAILABLE, "");
+        }
+        return local_reply(conn, StatusCode::OK, "");
+    }
+    let mut resp = route_request(conn, req, trace).await;
+    if failed {
+        // Envoy's filter marks every other response too, so that a downstream Envoy stops sending here at once.
+        resp.headers_mut().insert(X_IMMEDIATE_HEALTH_CHECK_FAIL.clone(), HeaderValue::from_static("true"));
+    }
+    resp
+}
+
 /// Routes one request (already [`prepare`]d) and returns the response to send downstream: the upstream's, or a local
 /// reply.
-pub(super) async fn route(conn: &Connection, req: Request<Incoming>, trace: &mut Trace) -> Response<ProxyBody> {
+async fn route_request(conn: &Connection, req: Request<Incoming>, trace: &mut Trace) -> Response<ProxyBody> {
     let hcm = &conn.hcm;
     let config = &hcm.config;
     let authority = request_authority(&req);
