@@ -130,6 +130,7 @@ pub struct HttpUpstream {
     pub idle_timeout: Option<Duration>,
     pub max_requests: u32,
     pub max_pending_requests: u32,
+    /// Retries outstanding at once across the cluster (Envoy's default 3), not a per-request cap.
     pub max_retries: u32,
 }
 

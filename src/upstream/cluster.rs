@@ -84,6 +84,7 @@ pub struct ClusterStats {
     pub upstream_cx_connect_timeout: Counter,
     pub upstream_cx_overflow: Counter,
     pub upstream_cx_none_healthy: Counter,
+    pub upstream_cx_idle_timeout: Counter,
     pub membership_total: Gauge,
     pub membership_healthy: Gauge,
     pub upstream_rq_total: Counter,
@@ -93,11 +94,16 @@ pub struct ClusterStats {
     pub upstream_rq_per_try_timeout: Counter,
     pub upstream_rq_retry: Counter,
     pub upstream_rq_retry_limit_exceeded: Counter,
+    /// Retries not made because the cluster's `max_retries` were all outstanding.
+    pub upstream_rq_retry_overflow: Counter,
+    pub upstream_rq_retry_success: Counter,
+    /// Requests whose body outgrew the retry buffer: they were not retried.
+    pub retry_or_shadow_abandoned: Counter,
     pub upstream_rq_rx_reset: Counter,
     pub upstream_rq_pending_overflow: Counter,
     pub upstream_rq_pending_total: Counter,
     pub upstream_rq_pending_active: Gauge,
-    /// Milliseconds from sending a request to its response headers.
+    /// Milliseconds from the end of the downstream request to the end of the upstream response (Envoy's measure).
     pub upstream_rq_time: Histogram,
     /// `upstream_rq_1xx` … `upstream_rq_5xx`.
     pub upstream_rq_class: [Counter; 5],
@@ -119,6 +125,7 @@ impl ClusterStats {
             upstream_cx_connect_timeout: c("upstream_cx_connect_timeout"),
             upstream_cx_overflow: c("upstream_cx_overflow"),
             upstream_cx_none_healthy: c("upstream_cx_none_healthy"),
+            upstream_cx_idle_timeout: c("upstream_cx_idle_timeout"),
             membership_total: g("membership_total"),
             membership_healthy: g("membership_healthy"),
             upstream_rq_total: c("upstream_rq_total"),
@@ -128,6 +135,9 @@ impl ClusterStats {
             upstream_rq_per_try_timeout: c("upstream_rq_per_try_timeout"),
             upstream_rq_retry: c("upstream_rq_retry"),
             upstream_rq_retry_limit_exceeded: c("upstream_rq_retry_limit_exceeded"),
+            upstream_rq_retry_overflow: c("upstream_rq_retry_overflow"),
+            upstream_rq_retry_success: c("upstream_rq_retry_success"),
+            retry_or_shadow_abandoned: c("retry_or_shadow_abandoned"),
             upstream_rq_rx_reset: c("upstream_rq_rx_reset"),
             upstream_rq_pending_overflow: c("upstream_rq_pending_overflow"),
             upstream_rq_pending_total: c("upstream_rq_pending_total"),
@@ -168,6 +178,20 @@ impl Drop for RequestSlot {
     }
 }
 
+/// A retry counted against the cluster's `max_retries` circuit breaker. As in Envoy, it is held from the decision
+/// to retry, through the back-off, until the retried attempt's outcome is known: the breaker limits retries
+/// outstanding across the cluster at once, not retries per request.
+#[derive(Debug)]
+pub struct RetrySlot {
+    retries: Arc<AtomicU32>,
+}
+
+impl Drop for RetrySlot {
+    fn drop(&mut self) {
+        self.retries.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     #[error("cluster '{0}' has no healthy upstream")]
@@ -191,6 +215,8 @@ pub struct Cluster {
     requests: Arc<AtomicU32>,
     /// HTTP requests waiting for a new connection, for `max_pending_requests`.
     pending: Arc<AtomicU32>,
+    /// Retries outstanding, for `max_retries`.
+    retries: Arc<AtomicU32>,
     pub stats: ClusterStats,
 }
 
@@ -239,6 +265,7 @@ impl Cluster {
             connections: Arc::new(AtomicU32::new(0)),
             requests: Arc::new(AtomicU32::new(0)),
             pending: Arc::new(AtomicU32::new(0)),
+            retries: Arc::new(AtomicU32::new(0)),
             stats,
         };
         cluster.stats.membership_total.set(hosts.total as i64);
@@ -316,6 +343,17 @@ impl Cluster {
             return None;
         }
         self.stats.upstream_rq_pending_total.inc();
+        Some(slot)
+    }
+
+    /// Admits one more retry under `max_retries`, or counts `upstream_rq_retry_overflow` (the retry is not made).
+    pub fn start_retry(&self) -> Option<RetrySlot> {
+        let prior = self.retries.fetch_add(1, Ordering::Relaxed);
+        let slot = RetrySlot { retries: self.retries.clone() };
+        if prior >= self.config.http.max_retries {
+            self.stats.upstream_rq_retry_overflow.inc();
+            return None;
+        }
         Some(slot)
     }
 
