@@ -47,6 +47,8 @@ pub enum Flag {
     DownstreamConnectionTermination,
     /// SI: stream idle timeout.
     StreamIdleTimeout,
+    /// LH: the local health check failed (`/healthcheck/fail`).
+    FailedLocalHealthCheck,
 }
 
 impl Flag {
@@ -62,6 +64,7 @@ impl Flag {
             Flag::UpstreamConnectionTermination => "UC",
             Flag::DownstreamConnectionTermination => "DC",
             Flag::StreamIdleTimeout => "SI",
+            Flag::FailedLocalHealthCheck => "LH",
         }
     }
 }

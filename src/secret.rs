@@ -128,6 +128,7 @@ impl Validation {
         for (i, m) in v.match_typed_subject_alt_names.iter().enumerate() {
             san.push(crate::tls::san_matcher(m, &join(path, &format!("match_typed_subject_alt_names[{i}]")))?);
         }
+        san.extend(crate::tls::legacy_san_matchers(v, path)?);
         let ca_path = source_path(v.trusted_ca.as_ref());
         Ok(Validation { roots: Arc::new(roots), ca_certs, ca_path, san })
     }

@@ -4,8 +4,9 @@
 //! Certificates and validation contexts come inline, from files, or as secrets by name (static or SDS, see
 //! [`crate::secret`]). A context keeps its rustls config per secret version: the first handshake after a rotation
 //! builds it once for every worker, later ones share it, and nothing about the listener, the cluster or open
-//! connections changes. Cipher suite and curve lists are refused by the field audit until they are implemented, so
-//! nothing configured is silently ignored.
+//! connections changes. Cipher suite and curve lists are read by [`params`].
+
+pub mod params;
 
 use std::sync::{Arc, Mutex};
 
@@ -119,6 +120,7 @@ impl Sources {
                         &join(&path, &format!("default_validation_context.match_typed_subject_alt_names[{i}]")),
                     )?;
                 }
+                legacy_san_matchers(&default, &join(&path, "default_validation_context"))?;
                 let spath = join(&path, "validation_context_sds_secret_config");
                 let sds = c
                     .validation_context_sds_secret_config
@@ -276,6 +278,8 @@ impl<T> PerVersion<T> {
 #[derive(Debug)]
 pub struct UpstreamTls {
     sources: Sources,
+    /// Cipher suites and curves (`tls_params`), the same for every secret version.
+    provider: Arc<rustls::crypto::CryptoProvider>,
     versions: Vec<&'static rustls::SupportedProtocolVersion>,
     alpn: Vec<Vec<u8>>,
     /// The `sni` to send; None sends none (the host's address stands in for rustls).
@@ -304,8 +308,9 @@ impl UpstreamTls {
                     .map_err(|e| ConfigError::new(join(path, "sni"), e.to_string()))?,
             )
         };
-        let tls =
-            UpstreamTls { sources: Sources::parse(common, &cpath)?, versions, alpn, sni, built: PerVersion::new() };
+        let provider = params::provider(common.tls_params.as_ref(), &join(&cpath, "tls_params"))?;
+        let sources = Sources::parse(common, &cpath)?;
+        let tls = UpstreamTls { sources, provider, versions, alpn, sni, built: PerVersion::new() };
         if tls.sources.bindings().next().is_none() {
             // Inline only: built (and judged) now, so a bad config is an error of the config.
             let built = tls.build_material(&tls.sources.material(None, None)?)?;
@@ -335,7 +340,7 @@ impl UpstreamTls {
     }
 
     fn build_material(&self, m: &Material<'_>) -> Result<rustls::ClientConfig, ConfigError> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = self.provider.clone();
         // Envoy does not verify an upstream's certificate without a validation context.
         let (roots, san) = match &m.validation {
             Some(v) => (Some(v.roots.clone()), v.san.clone()),
@@ -426,7 +431,7 @@ impl rustls::client::danger::ServerCertVerifier for UpstreamVerifier {
         }
         if !self.san.is_empty() {
             let names = subject_alt_names(end_entity.as_ref());
-            let ok = self.san.iter().any(|m| names.iter().any(|(k, v)| *k == m.kind && m.value.matches(v)));
+            let ok = self.san.iter().any(|m| names.iter().any(|n| m.matches(n)));
             if !ok {
                 return Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName));
             }
@@ -461,6 +466,8 @@ impl rustls::client::danger::ServerCertVerifier for UpstreamVerifier {
 #[derive(Debug)]
 pub struct DownstreamTls {
     sources: Sources,
+    /// Cipher suites and curves (`tls_params`), the same for every secret version.
+    provider: Arc<rustls::crypto::CryptoProvider>,
     versions: Vec<&'static rustls::SupportedProtocolVersion>,
     alpn: Vec<Vec<u8>>,
     require_client: bool,
@@ -474,11 +481,17 @@ pub struct ServerSide {
     san: Vec<SanMatcher>,
 }
 
-/// One `match_typed_subject_alt_names` entry.
+/// One `match_typed_subject_alt_names` entry, or one of the deprecated `match_subject_alt_names` (any name type).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SanMatcher {
-    kind: SanKind,
+    kind: Option<SanKind>,
     value: StringMatch,
+}
+
+impl SanMatcher {
+    fn matches(&self, (kind, value): &(SanKind, String)) -> bool {
+        self.kind.is_none_or(|k| k == *kind) && self.value.matches(value)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -559,6 +572,7 @@ impl DownstreamTls {
             ));
         }
         let tls = DownstreamTls {
+            provider: params::provider(common.tls_params.as_ref(), &join(&cpath, "tls_params"))?,
             versions: versions(common.tls_params.as_ref(), &join(&cpath, "tls_params"))?,
             alpn: common.alpn_protocols.iter().map(|p| p.as_bytes().to_vec()).collect(),
             require_client,
@@ -596,7 +610,7 @@ impl DownstreamTls {
     fn build_material(&self, m: &Material<'_>) -> Result<ServerSide, ConfigError> {
         let cpath = &self.sources.path;
         let key = m.cert.ok_or_else(|| ConfigError::new(join(cpath, "tls_certificates"), "no certificate"))?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = self.provider.clone();
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&self.versions)
             .map_err(|e| ConfigError::new(join(cpath, "tls_params"), e.to_string()))?;
@@ -630,7 +644,7 @@ impl ServerSide {
             return Ok(());
         };
         let names = subject_alt_names(leaf.as_ref());
-        let ok = self.san.iter().any(|m| names.iter().any(|(kind, value)| *kind == m.kind && m.value.matches(value)));
+        let ok = self.san.iter().any(|m| names.iter().any(|n| m.matches(n)));
         if ok { Ok(()) } else { Err(PeerError::San) }
     }
 }
@@ -669,7 +683,6 @@ fn versions(
 }
 
 pub(crate) fn san_matcher(m: &tlspb::SubjectAltNameMatcher, path: &str) -> Result<SanMatcher, ConfigError> {
-    use matcher::string_matcher::MatchPattern;
     use tlspb::subject_alt_name_matcher::SanType;
     let kind = match SanType::try_from(m.san_type) {
         Ok(SanType::Dns) => SanKind::Dns,
@@ -679,21 +692,37 @@ pub(crate) fn san_matcher(m: &tlspb::SubjectAltNameMatcher, path: &str) -> Resul
         }
     };
     let sm = m.matcher.as_ref().ok_or_else(|| ConfigError::new(join(path, "matcher"), "a matcher is required"))?;
+    Ok(SanMatcher { kind: Some(kind), value: string_match(sm, &join(path, "matcher"))? })
+}
+
+/// The deprecated `match_subject_alt_names`, which Istio still sends: each matches a name of any type.
+pub(crate) fn legacy_san_matchers(
+    v: &tlspb::CertificateValidationContext,
+    path: &str,
+) -> Result<Vec<SanMatcher>, ConfigError> {
+    #[allow(deprecated)]
+    let legacy = &v.match_subject_alt_names;
+    legacy
+        .iter()
+        .enumerate()
+        .map(|(i, sm)| {
+            let value = string_match(sm, &join(path, &format!("match_subject_alt_names[{i}]")))?;
+            Ok(SanMatcher { kind: None, value })
+        })
+        .collect()
+}
+
+fn string_match(sm: &matcher::StringMatcher, path: &str) -> Result<StringMatch, ConfigError> {
+    use matcher::string_matcher::MatchPattern;
     if sm.ignore_case {
-        return Err(ConfigError::new(join(path, "matcher.ignore_case"), "ignore_case is not supported here"));
+        return Err(ConfigError::new(join(path, "ignore_case"), "ignore_case is not supported here"));
     }
-    let value = match &sm.match_pattern {
-        Some(MatchPattern::Exact(s)) => StringMatch::Exact(s.clone()),
-        Some(MatchPattern::Prefix(s)) => StringMatch::Prefix(s.clone()),
-        Some(MatchPattern::Suffix(s)) => StringMatch::Suffix(s.clone()),
-        _ => {
-            return Err(ConfigError::new(
-                join(path, "matcher"),
-                "only exact, prefix and suffix subject alt name matchers are supported",
-            ));
-        }
-    };
-    Ok(SanMatcher { kind, value })
+    match &sm.match_pattern {
+        Some(MatchPattern::Exact(s)) => Ok(StringMatch::Exact(s.clone())),
+        Some(MatchPattern::Prefix(s)) => Ok(StringMatch::Prefix(s.clone())),
+        Some(MatchPattern::Suffix(s)) => Ok(StringMatch::Suffix(s.clone())),
+        _ => Err(ConfigError::new(path, "only exact, prefix and suffix subject alt name matchers are supported")),
+    }
 }
 
 /// What /certs reports of a certificate.
@@ -963,6 +992,30 @@ mod tests {
         let v2 = tls.server().unwrap_or_else(|e| panic!("{e}"));
         assert!(!Arc::ptr_eq(&v1, &v2), "a new version takes effect for the next handshake");
         assert!(Arc::ptr_eq(&v2, &tls.server().unwrap_or_else(|e| panic!("{e}"))));
+    }
+
+    #[test]
+    fn deprecated_match_subject_alt_names_match_a_name_of_any_type() {
+        let exact = |s: &str| matcher::StringMatcher {
+            match_pattern: Some(matcher::string_matcher::MatchPattern::Exact(s.into())),
+            ..Default::default()
+        };
+        #[allow(deprecated)]
+        let v = tlspb::CertificateValidationContext {
+            match_subject_alt_names: vec![exact("spiffe://cluster.local/ns/a/sa/b"), exact("a.svc")],
+            ..Default::default()
+        };
+        let m = legacy_san_matchers(&v, "vc").unwrap_or_else(|e| panic!("{e}"));
+        assert!(m[0].matches(&(SanKind::Uri, "spiffe://cluster.local/ns/a/sa/b".into())));
+        assert!(m[1].matches(&(SanKind::Dns, "a.svc".into())));
+        assert!(!m[1].matches(&(SanKind::Dns, "b.svc".into())));
+        #[allow(deprecated)]
+        let bad = tlspb::CertificateValidationContext {
+            match_subject_alt_names: vec![matcher::StringMatcher { ignore_case: true, ..exact("x") }],
+            ..Default::default()
+        };
+        let e = legacy_san_matchers(&bad, "vc").err().map(|e| e.path);
+        assert_eq!(e.as_deref(), Some("vc.match_subject_alt_names[0].ignore_case"));
     }
 
     #[test]

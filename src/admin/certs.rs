@@ -30,7 +30,7 @@ pub fn certificates(ctx: &Context) -> admin::Certificates {
         cm.names().iter().filter_map(|n| cm.get(n)).collect::<Vec<_>>()
     };
     for c in clusters {
-        if let Some(tls) = &c.config.tls {
+        for tls in c.config.tls_contexts() {
             in_use.push(tls.in_use());
         }
     }

@@ -12,8 +12,10 @@ pub mod certs;
 pub mod clusters;
 pub mod config_dump;
 pub mod csds;
+pub mod init_dump;
 pub mod json;
 pub mod logging;
+pub mod memory;
 pub mod stats;
 
 use std::convert::Infallible;
@@ -264,6 +266,16 @@ const ENDPOINTS: &[Endpoint] = &[
     Endpoint { prefix: "/healthcheck/ok", help: "cause the server to pass health checks", mutates: true, params: &[] },
     Endpoint { prefix: "/help", help: "print out list of admin commands", mutates: false, params: &[] },
     Endpoint {
+        prefix: "/init_dump",
+        help: "dump current Envoy init manager information (experimental)",
+        mutates: false,
+        params: &[(
+            "mask",
+            "The desired component to dump unready targets. The mask is parsed as a ProtobufWkt::FieldMask. For \
+             example, get the unready targets of all listeners with /init_dump?mask=listener`",
+        )],
+    },
+    Endpoint {
         prefix: "/listeners",
         help: "print listener info",
         mutates: false,
@@ -286,6 +298,7 @@ const ENDPOINTS: &[Endpoint] = &[
             ),
         ],
     },
+    Endpoint { prefix: "/memory", help: "print current allocation/heap usage", mutates: false, params: &[] },
     Endpoint { prefix: "/quitquitquit", help: "exit the server", mutates: true, params: &[] },
     Endpoint {
         prefix: "/ready",
@@ -294,6 +307,7 @@ const ENDPOINTS: &[Endpoint] = &[
         params: &[],
     },
     Endpoint { prefix: "/reset_counters", help: "reset all counters to zero", mutates: true, params: &[] },
+    Endpoint { prefix: "/runtime", help: "print runtime values", mutates: false, params: &[] },
     Endpoint { prefix: "/server_info", help: "print server version/status information", mutates: false, params: &[] },
     Endpoint {
         prefix: "/stats",
@@ -432,6 +446,15 @@ fn http(ctx: &Context, method: &Method, path: &str, q: &[(String, String)]) -> R
         "/drain_listeners" => drain_listeners(ctx, q),
         "/logging" => log_levels(ctx, q),
         "/explain" => explain(ctx, q),
+        "/memory" => Reply::message(&memory::measure(), "envoy.admin.v3.Memory", true),
+        // Envoy's answer without a layered_runtime in the bootstrap (ours refuses one): no layers, no entries.
+        "/runtime" => Reply::json(&serde_json::json!({ "layers": [], "entries": {} })),
+        "/init_dump" => {
+            let warming = ctx.listener_manager().warming_listeners();
+            let clusters = ctx.cluster_manager().published().load_full();
+            let dump = init_dump::dump(&warming, &clusters, param(q, "mask").filter(|m| !m.is_empty()));
+            Reply::message(&dump, "envoy.admin.v3.UnreadyTargetsDumps", false)
+        }
         _ => Reply::text(404, format!("invalid path. {}", help())),
     }
 }

@@ -141,7 +141,7 @@ const POLICIES: &[(&str, Policy)] = {
         // The conversion checks that the socket is raw_buffer.
         ("envoy.config.core.v3.TransportSocket", Only(&["name", "typed_config"])),
         ("envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer", All),
-        // TLS: what the rustls contexts honour; cipher and curve lists are refused here.
+        // TLS: what the rustls contexts honour.
         (
             "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
             Only(&["common_tls_context", "require_client_certificate"]),
@@ -168,13 +168,13 @@ const POLICIES: &[(&str, Policy)] = {
         ("envoy.extensions.transport_sockets.tls.v3.Secret", Only(&["name", "tls_certificate", "validation_context"])),
         (
             "envoy.extensions.transport_sockets.tls.v3.TlsParameters",
-            Only(&["tls_minimum_protocol_version", "tls_maximum_protocol_version"]),
+            Only(&["tls_minimum_protocol_version", "tls_maximum_protocol_version", "cipher_suites", "ecdh_curves"]),
         ),
         ("envoy.extensions.transport_sockets.tls.v3.TlsCertificate", Only(&["certificate_chain", "private_key"])),
         ("envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext", Only(&["common_tls_context", "sni"])),
         (
             "envoy.extensions.transport_sockets.tls.v3.CertificateValidationContext",
-            Only(&["trusted_ca", "match_typed_subject_alt_names"]),
+            Only(&["trusted_ca", "match_typed_subject_alt_names", "match_subject_alt_names"]),
         ),
         ("envoy.extensions.transport_sockets.tls.v3.SubjectAltNameMatcher", Only(&["san_type", "matcher"])),
         ("envoy.type.matcher.v3.StringMatcher", All),
@@ -368,8 +368,10 @@ const POLICIES: &[(&str, Policy)] = {
                 // (in Envoy either); the HTTP issue honours them for HTTP upstreams.
                 "typed_extension_protocol_options",
                 "transport_socket",
+                "transport_socket_matches",
             ]),
         ),
+        ("envoy.config.cluster.v3.Cluster.TransportSocketMatch", All),
         ("envoy.config.cluster.v3.Cluster.EdsClusterConfig", All),
         ("envoy.extensions.upstreams.http.v3.HttpProtocolOptions", All),
         ("envoy.config.cluster.v3.CircuitBreakers", Only(&["thresholds"])),
@@ -381,7 +383,7 @@ const POLICIES: &[(&str, Policy)] = {
         ("envoy.config.endpoint.v3.ClusterLoadAssignment", Only(&["cluster_name", "endpoints"])),
         (
             "envoy.config.endpoint.v3.LocalityLbEndpoints",
-            Only(&["locality", "lb_endpoints", "load_balancing_weight", "priority"]),
+            Only(&["locality", "lb_endpoints", "load_balancing_weight", "priority", "metadata"]),
         ),
         ("envoy.config.core.v3.Locality", All),
         (

@@ -83,7 +83,7 @@ impl BootstrapConfig {
             clusters.iter().filter(|c| c.pipe.is_some()).map(|c| c.name.clone()).collect();
         drop(secrets);
         for (i, c) in clusters.iter().enumerate() {
-            if let Some(tls) = &c.tls {
+            for tls in c.tls_contexts() {
                 tls.bind(&registry)
                     .map_err(|e| ConfigError::new(format!("static_resources.clusters[{i}]"), e.to_string()))?;
             }

@@ -9,7 +9,7 @@ use envoy_types::pb::google::protobuf::Any;
 
 use super::listener::{decode_any, type_name};
 use super::{ConfigError, join, opt_duration};
-use crate::network::http::route::RouteTable;
+use crate::network::http::route::{HeaderMatchers, RouteTable};
 
 /// Envoy's default `stream_idle_timeout`.
 pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -24,6 +24,7 @@ pub const DEFAULT_SERVER_NAME: &str = "envoy";
 
 const TYPE_HCM: &str = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 const TYPE_ROUTER: &str = "envoy.extensions.filters.http.router.v3.Router";
+const TYPE_HEALTH_CHECK: &str = "envoy.extensions.filters.http.health_check.v3.HealthCheck";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Codec {
@@ -81,6 +82,8 @@ pub struct HcmConfig {
     pub merge_slashes: bool,
     /// HTTP filters that run before the router and that we skip (Istio telemetry, empty fault/cors).
     pub skipped_filters: Vec<String>,
+    /// `envoy.filters.http.health_check` (not in pass-through mode): the requests it answers itself.
+    pub health_check: Option<Arc<HeaderMatchers>>,
     pub access_log: std::sync::Arc<[crate::access_log::AccessLog]>,
 }
 
@@ -140,7 +143,8 @@ impl HcmConfig {
             }
             None => return Err(ConfigError::new(path, "either rds or route_config is required")),
         };
-        let skipped_filters = http_filters(&h.http_filters, &at("http_filters"))?;
+        let HttpFilters { skipped: skipped_filters, health_check } =
+            http_filters(&h.http_filters, &at("http_filters"))?;
 
         let server_header = match ServerHeaderTransformation::try_from(h.server_header_transformation) {
             Ok(ServerHeaderTransformation::Overwrite) => ServerHeader::Overwrite,
@@ -224,6 +228,7 @@ impl HcmConfig {
             normalize_path: h.normalize_path.as_ref().is_some_and(|v| v.value),
             merge_slashes: h.merge_slashes,
             skipped_filters,
+            health_check,
             access_log: super::access_log::access_logs(&h.access_log, &at("access_log"))?.into(),
         })
     }
@@ -232,11 +237,18 @@ impl HcmConfig {
 use RouteSource::{Inline, Rds};
 use envoy_types::pb::envoy::config::core::v3::config_source::ConfigSourceSpecifier;
 
+/// What the HTTP filter list leaves the connection manager to do besides routing.
+struct HttpFilters {
+    skipped: Vec<String>,
+    health_check: Option<Arc<HeaderMatchers>>,
+}
+
 /// Checks the HTTP filter list and returns the names of the filters that are skipped. The router must come last;
 /// before it, only filters that change nothing on this proxy's path are allowed: Istio's telemetry and peer-metadata
 /// plugins, `istio.alpn` (it only picks upstream ALPN for TLS origination), `grpc_stats` (counting only), and
-/// `fault`/`cors` with an empty config, which Envoy runs as pass-through until a route enables them.
-fn http_filters(filters: &[hcm::HttpFilter], path: &str) -> Result<Vec<String>, ConfigError> {
+/// `fault`/`cors` with an empty config, which Envoy runs as pass-through until a route enables them; and the one
+/// filter we run, `health_check` without pass-through mode.
+fn http_filters(filters: &[hcm::HttpFilter], path: &str) -> Result<HttpFilters, ConfigError> {
     use hcm::http_filter::ConfigType;
     let Some((last, before)) = filters.split_last() else {
         return Err(ConfigError::new(path, "http_filters must end with envoy.filters.http.router"));
@@ -262,6 +274,7 @@ fn http_filters(filters: &[hcm::HttpFilter], path: &str) -> Result<Vec<String>, 
         ));
     }
     let mut skipped = Vec::new();
+    let mut health_check = None;
     for (i, f) in before.iter().enumerate() {
         let fpath = join(path, &format!("[{i}]"));
         if f.disabled {
@@ -278,13 +291,48 @@ fn http_filters(filters: &[hcm::HttpFilter], path: &str) -> Result<Vec<String>, 
             skipped.push(f.name.clone());
             continue;
         }
+        if type_name(&any.type_url) == TYPE_HEALTH_CHECK {
+            let tpath = join(&fpath, "typed_config");
+            if health_check.is_some() {
+                return Err(ConfigError::new(tpath, "only one health_check filter is supported"));
+            }
+            health_check = Some(Arc::new(health_check_filter(&any, &tpath)?));
+            continue;
+        }
         let optional = if f.is_optional { " (is_optional only covers unknown types)" } else { "" };
         return Err(ConfigError::new(
             join(&fpath, "typed_config"),
             format!("HTTP filter '{}' ({}) is not supported{optional}", f.name, type_name(&any.type_url)),
         ));
     }
-    Ok(skipped)
+    Ok(HttpFilters { skipped, health_check })
+}
+
+/// `envoy.filters.http.health_check`: answered by the proxy itself (200, or 503 after `/healthcheck/fail`), which is
+/// Envoy's non-pass-through mode. Pass-through mode, its cache and the cluster health percentages are refused.
+fn health_check_filter(any: &Any, path: &str) -> Result<HeaderMatchers, ConfigError> {
+    use envoy_types::pb::envoy::extensions::filters::http::health_check::v3::HealthCheck;
+    let hc: HealthCheck = decode_any(any, path)?;
+    match &hc.pass_through_mode {
+        None => return Err(ConfigError::new(join(path, "pass_through_mode"), "pass_through_mode is required")),
+        Some(v) if v.value => {
+            return Err(ConfigError::new(
+                join(path, "pass_through_mode"),
+                "pass_through_mode: true is not supported (only the proxy's own answer)",
+            ));
+        }
+        Some(_) => {}
+    }
+    if hc.cache_time.is_some() {
+        return Err(ConfigError::new(join(path, "cache_time"), "cache_time is not supported (pass-through mode only)"));
+    }
+    if !hc.cluster_min_healthy_percentages.is_empty() {
+        return Err(ConfigError::new(
+            join(path, "cluster_min_healthy_percentages"),
+            "cluster_min_healthy_percentages is not supported",
+        ));
+    }
+    HeaderMatchers::new(&hc.headers, &join(path, "headers"))
 }
 
 fn skippable_http_filter(any: &Any) -> bool {

@@ -344,11 +344,21 @@ async fn dispatch(
     match (&chain.filter, down) {
         (NetworkFilter::TcpProxy(tp), down) => tp.serve(down, det, drain, ctx, limit, chain.name()).await,
         (NetworkFilter::Http(hcm), Downstream::Plain(s)) => {
-            let chain = ChainContext { name: chain.name(), drain_type: listener.config.drain_type, secure: false };
+            let chain = ChainContext {
+                name: chain.name(),
+                drain_type: listener.config.drain_type,
+                secure: false,
+                buffer_limit: limit,
+            };
             hcm.clone().serve(s, det, drain, ctx.clone(), chain).await
         }
         (NetworkFilter::Http(hcm), Downstream::Tls(s)) => {
-            let chain = ChainContext { name: chain.name(), drain_type: listener.config.drain_type, secure: true };
+            let chain = ChainContext {
+                name: chain.name(),
+                drain_type: listener.config.drain_type,
+                secure: true,
+                buffer_limit: limit,
+            };
             hcm.clone().serve(*s, det, drain, ctx.clone(), chain).await
         }
         (NetworkFilter::DirectResponse(body), Downstream::Plain(s)) => direct_response::serve(s, body, drain).await,

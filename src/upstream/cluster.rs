@@ -18,13 +18,21 @@ pub struct Host {
     pub address: SocketAddr,
     pub weight: u32,
     pub hostname: String,
+    /// The endpoint's transport socket labels (see [`ClusterConfig::tls_for`]); read at connect time so a cluster
+    /// update that keeps its hosts still applies its new transport socket matches.
+    pub labels: Option<Arc<[(String, String)]>>,
     /// Connections (for tcp_proxy) or requests in flight: least request's measure.
     active: AtomicU32,
 }
 
 impl Host {
     pub fn new(address: SocketAddr, weight: u32, hostname: String) -> Self {
-        Host { address, weight, hostname, active: AtomicU32::new(0) }
+        Host { address, weight, hostname, labels: None, active: AtomicU32::new(0) }
+    }
+
+    /// A host of an endpoint, carrying the endpoint's transport socket labels.
+    pub fn of(address: SocketAddr, ep: &EndpointConfig, hostname: String) -> Self {
+        Host { labels: ep.socket_labels.clone(), ..Host::new(address, ep.weight, hostname) }
     }
 
     pub fn active(&self) -> u32 {
@@ -59,7 +67,7 @@ impl HostSet {
             eps.iter()
                 .filter_map(|e| match &e.address {
                     EndpointAddress::Ip(a) => {
-                        Some((Arc::new(Host::new(*a, e.weight, e.hostname.clone())), e.priority, e.healthy))
+                        Some((Arc::new(Host::of(*a, e, e.hostname.clone())), e.priority, e.healthy))
                     }
                     EndpointAddress::Dns { .. } => None,
                 })
@@ -76,6 +84,7 @@ pub struct ClusterStats {
     pub upstream_cx_connect_timeout: Counter,
     pub upstream_cx_overflow: Counter,
     pub upstream_cx_none_healthy: Counter,
+    pub upstream_cx_idle_timeout: Counter,
     pub membership_total: Gauge,
     pub membership_healthy: Gauge,
     pub upstream_rq_total: Counter,
@@ -85,11 +94,16 @@ pub struct ClusterStats {
     pub upstream_rq_per_try_timeout: Counter,
     pub upstream_rq_retry: Counter,
     pub upstream_rq_retry_limit_exceeded: Counter,
+    /// Retries not made because the cluster's `max_retries` were all outstanding.
+    pub upstream_rq_retry_overflow: Counter,
+    pub upstream_rq_retry_success: Counter,
+    /// Requests whose body outgrew the retry buffer: they were not retried.
+    pub retry_or_shadow_abandoned: Counter,
     pub upstream_rq_rx_reset: Counter,
     pub upstream_rq_pending_overflow: Counter,
     pub upstream_rq_pending_total: Counter,
     pub upstream_rq_pending_active: Gauge,
-    /// Milliseconds from sending a request to its response headers.
+    /// Milliseconds from the end of the downstream request to the end of the upstream response (Envoy's measure).
     pub upstream_rq_time: Histogram,
     /// `upstream_rq_1xx` … `upstream_rq_5xx`.
     pub upstream_rq_class: [Counter; 5],
@@ -111,6 +125,7 @@ impl ClusterStats {
             upstream_cx_connect_timeout: c("upstream_cx_connect_timeout"),
             upstream_cx_overflow: c("upstream_cx_overflow"),
             upstream_cx_none_healthy: c("upstream_cx_none_healthy"),
+            upstream_cx_idle_timeout: c("upstream_cx_idle_timeout"),
             membership_total: g("membership_total"),
             membership_healthy: g("membership_healthy"),
             upstream_rq_total: c("upstream_rq_total"),
@@ -120,6 +135,9 @@ impl ClusterStats {
             upstream_rq_per_try_timeout: c("upstream_rq_per_try_timeout"),
             upstream_rq_retry: c("upstream_rq_retry"),
             upstream_rq_retry_limit_exceeded: c("upstream_rq_retry_limit_exceeded"),
+            upstream_rq_retry_overflow: c("upstream_rq_retry_overflow"),
+            upstream_rq_retry_success: c("upstream_rq_retry_success"),
+            retry_or_shadow_abandoned: c("retry_or_shadow_abandoned"),
             upstream_rq_rx_reset: c("upstream_rq_rx_reset"),
             upstream_rq_pending_overflow: c("upstream_rq_pending_overflow"),
             upstream_rq_pending_total: c("upstream_rq_pending_total"),
@@ -160,6 +178,20 @@ impl Drop for RequestSlot {
     }
 }
 
+/// A retry counted against the cluster's `max_retries` circuit breaker. As in Envoy, it is held from the decision
+/// to retry, through the back-off, until the retried attempt's outcome is known: the breaker limits retries
+/// outstanding across the cluster at once, not retries per request.
+#[derive(Debug)]
+pub struct RetrySlot {
+    retries: Arc<AtomicU32>,
+}
+
+impl Drop for RetrySlot {
+    fn drop(&mut self) {
+        self.retries.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     #[error("cluster '{0}' has no healthy upstream")]
@@ -183,6 +215,8 @@ pub struct Cluster {
     requests: Arc<AtomicU32>,
     /// HTTP requests waiting for a new connection, for `max_pending_requests`.
     pending: Arc<AtomicU32>,
+    /// Retries outstanding, for `max_retries`.
+    retries: Arc<AtomicU32>,
     pub stats: ClusterStats,
 }
 
@@ -231,6 +265,7 @@ impl Cluster {
             connections: Arc::new(AtomicU32::new(0)),
             requests: Arc::new(AtomicU32::new(0)),
             pending: Arc::new(AtomicU32::new(0)),
+            retries: Arc::new(AtomicU32::new(0)),
             stats,
         };
         cluster.stats.membership_total.set(hosts.total as i64);
@@ -311,6 +346,17 @@ impl Cluster {
         Some(slot)
     }
 
+    /// Admits one more retry under `max_retries`, or counts `upstream_rq_retry_overflow` (the retry is not made).
+    pub fn start_retry(&self) -> Option<RetrySlot> {
+        let prior = self.retries.fetch_add(1, Ordering::Relaxed);
+        let slot = RetrySlot { retries: self.retries.clone() };
+        if prior >= self.config.http.max_retries {
+            self.stats.upstream_rq_retry_overflow.inc();
+            return None;
+        }
+        Some(slot)
+    }
+
     /// Counts a response from an upstream in the cluster's stats.
     pub fn count_response(&self, status: u16) {
         self.stats.count_response(status);
@@ -370,6 +416,7 @@ mod tests {
             http: Default::default(),
             tls: None,
             pipe: None,
+            transport_socket_matches: Vec::new(),
             proto: Arc::default(),
         })
     }
@@ -381,6 +428,7 @@ mod tests {
             priority,
             healthy,
             hostname: String::new(),
+            socket_labels: None,
         }
     }
 

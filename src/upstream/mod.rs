@@ -124,18 +124,22 @@ impl ClusterManager {
         if self.warming.get(&config.name).is_some_and(|w| w.config.proto == config.proto) {
             return Ok(false);
         }
-        if let Some(tls) = &config.tls {
+        for tls in config.tls_contexts() {
             tls.bind(&self.secrets).map_err(|e| (config.name.clone(), e.to_string()))?;
-            let missing: Vec<&str> =
-                tls.secrets().filter(|b| b.current().is_none()).map(|b| b.reference.name.as_str()).collect();
-            // Envoy's cluster warming on SDS: a cluster from CDS is not used until its secrets arrived (or their
-            // initial_fetch_timeout passed); the version it replaces keeps serving meanwhile.
-            if !missing.is_empty() && !self.static_names.contains(&config.name) {
-                info!(cluster = %config.name, missing = ?missing, "cluster warming: waiting for its secrets");
-                let name = config.name.clone();
-                self.warming.insert(name, Warming { config, since: std::time::Instant::now() });
-                return Ok(false);
-            }
+        }
+        let missing: Vec<&str> = config
+            .tls_contexts()
+            .flat_map(|t| t.secrets())
+            .filter(|b| b.current().is_none())
+            .map(|b| b.reference.name.as_str())
+            .collect();
+        // Envoy's cluster warming on SDS: a cluster from CDS is not used until its secrets arrived (or their
+        // initial_fetch_timeout passed); the version it replaces keeps serving meanwhile.
+        if !missing.is_empty() && !self.static_names.contains(&config.name) {
+            info!(cluster = %config.name, missing = ?missing, "cluster warming: waiting for its secrets");
+            let name = config.name.clone();
+            self.warming.insert(name, Warming { config, since: std::time::Instant::now() });
+            return Ok(false);
         }
         self.warming.remove(&config.name);
         Ok(self.install(config))
@@ -191,7 +195,7 @@ impl ClusterManager {
             .filter(|(_, w)| {
                 // Static secrets are there from the start: only fetched ones count, each with its own timeout.
                 let secrets = || {
-                    let all = w.config.tls.iter().flat_map(|t| t.secrets());
+                    let all = w.config.tls_contexts().flat_map(|t| t.secrets());
                     all.filter(|b| b.reference.source != crate::secret::SecretSource::Static)
                 };
                 let arrived = secrets().all(|b| b.current().is_some());

@@ -1,10 +1,16 @@
 //! Per-worker HTTP connection pools, one per (cluster, host): HTTP/1.1 keep-alive connections lent to one request at
 //! a time and given back when its response body has been read to the end, and one multiplexed HTTP/2 connection per
 //! host. A worker's pools are only touched by that worker's tasks, so the lock around them is never contended.
+//!
+//! A connection with no request for the cluster's `common_http_protocol_options.idle_timeout` (Envoy's default 1 h)
+//! is closed by its own connection task and counted in `upstream_cx_idle_timeout`: an HTTP/1.1 connection idle in
+//! the pool, an HTTP/2 connection with no stream open.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -51,12 +57,53 @@ struct Http1Conn {
     /// Requests sent on this connection so far.
     uses: u32,
     idle_since: Instant,
+    /// Tells the connection's task which pooled entry is its own.
+    id: u64,
 }
 
 #[derive(Debug)]
 struct Http2Conn {
     sender: http2::SendRequest<ProxyBody>,
     uses: u32,
+    streams: Arc<Streams>,
+}
+
+/// The streams open on an HTTP/2 connection, and since when it has had none, for its idle timeout.
+#[derive(Debug)]
+struct Streams {
+    open: AtomicU32,
+    born: Instant,
+    /// Milliseconds after `born` when the last stream ended.
+    idle_since_ms: AtomicU64,
+}
+
+impl Streams {
+    fn new() -> Arc<Self> {
+        Arc::new(Streams { open: AtomicU32::new(0), born: Instant::now(), idle_since_ms: AtomicU64::new(0) })
+    }
+
+    fn open(self: &Arc<Self>) -> StreamCount {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        StreamCount(self.clone())
+    }
+
+    /// When the connection fell idle, None while a stream is open.
+    fn idle_since(&self) -> Option<Instant> {
+        (self.open.load(Ordering::Relaxed) == 0)
+            .then(|| self.born + Duration::from_millis(self.idle_since_ms.load(Ordering::Relaxed)))
+    }
+}
+
+/// One stream open on an HTTP/2 connection while it lives.
+#[derive(Debug)]
+pub struct StreamCount(Arc<Streams>);
+
+impl Drop for StreamCount {
+    fn drop(&mut self) {
+        // Stored before the count drops, so that an idle connection always shows when it fell idle.
+        self.0.idle_since_ms.store(self.0.born.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 #[derive(Debug, Default)]
@@ -81,10 +128,35 @@ pub struct HttpPools {
     clusters: Shared,
 }
 
-/// An HTTP/1.1 connection lent to one exchange; [`Lease::give_back`] returns it to its pool once the response has
-/// been read to the end. Dropped unreturned (an abandoned response), the connection closes.
+/// What an exchange holds of its connection until its response has been read to the end ([`Lease::give_back`]).
 #[derive(Debug)]
-pub struct Lease {
+pub enum Lease {
+    Http1(Http1Lease),
+    /// A stream on a shared HTTP/2 connection, counted as open for the connection's idle timeout.
+    Http2(StreamCount),
+}
+
+impl Lease {
+    /// Notes the request body whose end must have been sent before the connection can serve another exchange.
+    pub fn with_request(self, progress: Option<Arc<crate::network::http::body::Progress>>) -> Self {
+        match self {
+            Lease::Http1(l) => Lease::Http1(l.with_request(progress)),
+            h2 => h2,
+        }
+    }
+
+    pub fn give_back(self) {
+        match self {
+            Lease::Http1(l) => l.give_back(),
+            Lease::Http2(stream) => drop(stream),
+        }
+    }
+}
+
+/// An HTTP/1.1 connection lent to one exchange; [`Http1Lease::give_back`] returns it to its pool once the response
+/// has been read to the end. Dropped unreturned (an abandoned response), the connection closes.
+#[derive(Debug)]
+pub struct Http1Lease {
     pools: Shared,
     cluster: Arc<Cluster>,
     addr: SocketAddr,
@@ -93,7 +165,7 @@ pub struct Lease {
     request: Option<Arc<crate::network::http::body::Progress>>,
 }
 
-impl Lease {
+impl Http1Lease {
     /// Notes the request body whose end must have been sent before the connection can serve another exchange.
     pub fn with_request(mut self, progress: Option<Arc<crate::network::http::body::Progress>>) -> Self {
         self.request = progress;
@@ -153,7 +225,7 @@ impl HttpPools {
     ) -> Result<(Response<Incoming>, Option<Lease>), PoolError> {
         match protocol {
             Protocol::Http1 => self.send_http1(cluster, host, req).await,
-            Protocol::Http2 => self.send_http2(cluster, host, req).await.map(|r| (r, None)),
+            Protocol::Http2 => self.send_http2(cluster, host, req).await.map(|(r, s)| (r, Some(Lease::Http2(s)))),
         }
     }
 
@@ -185,12 +257,14 @@ impl HttpPools {
                     let reusable = limit.is_none_or(|l| conn.uses < l);
                     // The cluster's pools exist from here on, so a returned lease finds them.
                     let _ = entry(&mut self.clusters.lock().unwrap_or_else(|p| p.into_inner()), cluster);
-                    let lease = reusable.then(|| Lease {
-                        pools: self.clusters.clone(),
-                        cluster: cluster.clone(),
-                        addr: host.address,
-                        conn,
-                        request: None,
+                    let lease = reusable.then(|| {
+                        Lease::Http1(Http1Lease {
+                            pools: self.clusters.clone(),
+                            cluster: cluster.clone(),
+                            addr: host.address,
+                            conn,
+                            request: None,
+                        })
                     });
                     return Ok((resp, lease));
                 }
@@ -207,24 +281,25 @@ impl HttpPools {
         cluster: &Arc<Cluster>,
         host: &Arc<Host>,
         mut req: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, PoolError> {
+    ) -> Result<(Response<Incoming>, StreamCount), PoolError> {
         let limit = cluster.config.http.max_requests_per_connection;
         loop {
-            let (mut sender, fresh) = match self.take_http2(cluster, host.address, limit) {
-                Some(s) => (s, false),
+            let (mut sender, stream, fresh) = match self.take_http2(cluster, host.address, limit) {
+                Some((s, stream)) => (s, stream, false),
                 None => {
                     let _pending = cluster.start_pending().ok_or(PoolError::PendingOverflow)?;
-                    let sender = Box::pin(self.connect_http2(cluster, host)).await?;
+                    let (sender, streams) = Box::pin(self.connect_http2(cluster, host)).await?;
+                    let stream = streams.open();
                     if limit.is_none_or(|l| l > 1) {
                         let mut clusters = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
                         let pool = entry(&mut clusters, cluster).hosts.entry(host.address).or_default();
-                        pool.http2 = Some(Http2Conn { sender: sender.clone(), uses: 1 });
+                        pool.http2 = Some(Http2Conn { sender: sender.clone(), uses: 1, streams });
                     }
-                    (sender, true)
+                    (sender, stream, true)
                 }
             };
             match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(resp),
+                Ok(resp) => return Ok((resp, stream)),
                 Err(mut e) => match e.take_message() {
                     Some(r) if !fresh => req = r,
                     _ => return Err(PoolError::Reset(e.into_error())),
@@ -240,7 +315,10 @@ impl HttpPools {
         let now = Instant::now();
         while let Some(conn) = pool.http1.pop() {
             let expired = idle.is_some_and(|idle| now.duration_since(conn.idle_since) >= idle);
-            if !expired && !conn.sender.is_closed() {
+            if expired {
+                // Its timer has not fired yet; the connection closes as it is dropped here.
+                cluster.stats.upstream_cx_idle_timeout.inc();
+            } else if !conn.sender.is_closed() {
                 return Some(conn);
             }
         }
@@ -254,7 +332,7 @@ impl HttpPools {
         cluster: &Arc<Cluster>,
         addr: SocketAddr,
         limit: Option<u32>,
-    ) -> Option<http2::SendRequest<ProxyBody>> {
+    ) -> Option<(http2::SendRequest<ProxyBody>, StreamCount)> {
         let mut clusters = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
         let pool = host_pool(&mut clusters, cluster, addr)?;
         let conn = pool.http2.as_mut()?;
@@ -263,11 +341,12 @@ impl HttpPools {
             return None;
         }
         conn.uses += 1;
-        let sender = conn.sender.clone();
+        // Counted open before the lock goes, so the idle timer never closes a connection a request was given.
+        let taken = (conn.sender.clone(), conn.streams.open());
         if limit.is_some_and(|l| conn.uses >= l) {
             pool.http2 = None;
         }
-        Some(sender)
+        Some(taken)
     }
 
     async fn connect_http1(&self, cluster: &Arc<Cluster>, host: &Arc<Host>) -> Result<Http1Conn, PoolError> {
@@ -276,39 +355,115 @@ impl HttpPools {
             .handshake::<_, ProxyBody>(TokioIo::new(io))
             .await
             .map_err(|e| PoolError::Handshake(addr, e))?;
+        static IDS: AtomicU64 = AtomicU64::new(0);
+        let id = IDS.fetch_add(1, Ordering::Relaxed);
+        let idle = self.idle_timer(cluster, addr, Pooled::Http1(id));
         tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                debug!(upstream = %addr, "upstream connection ended: {e}");
+            tokio::select! {
+                r = conn.with_upgrades() => if let Err(e) = r {
+                    debug!(upstream = %addr, "upstream connection ended: {e}");
+                },
+                () = idle => debug!(upstream = %addr, "upstream connection closed by its idle timeout"),
             }
             drop(slot);
         });
-        Ok(Http1Conn { sender, uses: 0, idle_since: Instant::now() })
+        Ok(Http1Conn { sender, uses: 0, idle_since: Instant::now(), id })
     }
 
     async fn connect_http2(
         &self,
         cluster: &Arc<Cluster>,
         host: &Arc<Host>,
-    ) -> Result<http2::SendRequest<ProxyBody>, PoolError> {
+    ) -> Result<(http2::SendRequest<ProxyBody>, Arc<Streams>), PoolError> {
         let (io, addr, slot) = connect_io(cluster, host).await?;
         let mut builder = http2::Builder::new(TokioExecutor::new());
         builder.timer(TokioTimer::new());
         let (sender, conn) =
             builder.handshake::<_, ProxyBody>(TokioIo::new(io)).await.map_err(|e| PoolError::Handshake(addr, e))?;
+        let streams = Streams::new();
+        let idle = self.idle_timer(cluster, addr, Pooled::Http2(streams.clone()));
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(upstream = %addr, "upstream connection ended: {e}");
+            tokio::select! {
+                r = conn => if let Err(e) = r {
+                    debug!(upstream = %addr, "upstream connection ended: {e}");
+                },
+                () = idle => debug!(upstream = %addr, "upstream connection closed by its idle timeout"),
             }
             drop(slot);
         });
-        Ok(sender)
+        Ok((sender, streams))
+    }
+}
+
+/// Which connection an idle timer watches.
+enum Pooled {
+    Http1(u64),
+    Http2(Arc<Streams>),
+}
+
+impl HttpPools {
+    /// Resolves once the connection has had no request for the cluster's idle timeout, after taking it out of the
+    /// pool and counting `upstream_cx_idle_timeout`; never while an exchange uses it, never without a timeout. It
+    /// only sleeps and looks when the deadline comes, so a busy connection costs it nothing per request.
+    fn idle_timer(&self, cluster: &Arc<Cluster>, addr: SocketAddr, conn: Pooled) -> impl Future<Output = ()> + use<> {
+        let pools = self.clusters.clone();
+        let version = Arc::downgrade(cluster);
+        let name = cluster.name().to_string();
+        let timeout = cluster.config.http.idle_timeout;
+        let counter = cluster.stats.upstream_cx_idle_timeout.clone();
+        async move {
+            let Some(timeout) = timeout else { return std::future::pending().await };
+            let mut deadline = Instant::now() + timeout;
+            loop {
+                tokio::time::sleep_until(deadline).await;
+                let now = Instant::now();
+                let mut clusters = pools.lock().unwrap_or_else(|p| p.into_inner());
+                // This very cluster version's pool for the host (a removed cluster's pools are still found by name).
+                let pool = clusters
+                    .get_mut(&name)
+                    .filter(|p| Weak::ptr_eq(&p.cluster, &version))
+                    .and_then(|p| p.hosts.get_mut(&addr));
+                let idle_since = match (&conn, pool) {
+                    (Pooled::Http1(id), Some(pool)) => match pool.http1.iter().position(|c| c.id == *id) {
+                        Some(i) if now.duration_since(pool.http1[i].idle_since) >= timeout => {
+                            pool.http1.remove(i);
+                            None
+                        }
+                        Some(i) => Some(pool.http1[i].idle_since),
+                        // Lent to an exchange: looked at again a timeout from now.
+                        None => Some(now),
+                    },
+                    // Out of every pool, an HTTP/1.1 connection closes with its last sender.
+                    (Pooled::Http1(_), None) => Some(now),
+                    (Pooled::Http2(streams), pool) => match streams.idle_since() {
+                        Some(since) if now.duration_since(since) >= timeout => {
+                            if let Some(pool) = pool
+                                && pool.http2.as_ref().is_some_and(|c| Arc::ptr_eq(&c.streams, streams))
+                            {
+                                pool.http2 = None;
+                            }
+                            None
+                        }
+                        Some(since) => Some(since),
+                        None => Some(now),
+                    },
+                };
+                match idle_since {
+                    Some(since) => deadline = since + timeout,
+                    None => {
+                        counter.inc();
+                        return;
+                    }
+                }
+            }
+        }
     }
 }
 
 type UpstreamIo = tokio_util::either::Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
 
-/// A new connection to `host`, with the cluster's TLS when it has an UpstreamTlsContext (the handshake shares the
-/// connect timeout).
+/// A new connection to `host`, with TLS when the host's transport socket is an UpstreamTlsContext (the handshake
+/// shares the connect timeout).
 async fn connect_io(
     cluster: &Arc<Cluster>,
     host: &Arc<Host>,
@@ -317,7 +472,7 @@ async fn connect_io(
     let upstream = cluster.connect_to(host.clone()).await?;
     let (stream, host, slot) = upstream.into_parts();
     let addr = host.address;
-    let io = match &cluster.config.tls {
+    let io = match cluster.config.tls_for(host.labels.as_deref()) {
         None => Either::Left(stream),
         Some(tls) => match tokio::time::timeout(cluster.config.connect_timeout, tls.connect(stream, addr)).await {
             Ok(Ok(s)) => Either::Right(Box::new(s)),

@@ -183,3 +183,94 @@ fn bad_access_log_configs_name_the_field() {
     assert!(!status.success());
     assert!(err.contains("access_log[0].typed_config") && err.contains("%NOPE%"), "{err}");
 }
+
+/// An upstream that reads a request head and never answers; it reports `received` once the head arrived and
+/// `closed` when the proxy closes the connection (the request was cancelled).
+async fn silent_upstream() -> (std::net::SocketAddr, tokio::sync::mpsc::UnboundedReceiver<&'static str>) {
+    use tokio::io::AsyncReadExt;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => {
+                            let _ = tx.send("closed");
+                            return;
+                        }
+                        Ok(n) => {
+                            head.extend_from_slice(&buf[..n]);
+                            if head.windows(4).any(|w| w == b"\r\n\r\n") {
+                                let _ = tx.send("received");
+                                head.clear();
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// Envoy logs a request whose downstream went away before the response began with response code 0 and `DC`, and
+/// resets its upstream request: over HTTP/1 by closing the connection, over HTTP/2 by resetting the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_requests_are_logged_with_dc_and_cancel_the_upstream_request() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("http.log");
+    let (up, mut events) = silent_upstream().await;
+    let format = r#", log_format: { text_format: "%RESPONSE_CODE% %RESPONSE_FLAGS% %UPSTREAM_HOST% %REQ(:PATH)% %PROTOCOL%\n" }"#;
+    let routes = r#"          route_config:
+            name: local
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: { prefix: "/" }
+                route: { cluster: u }"#;
+    let extra = format!("\n          access_log: {}", file_log(&path, format));
+    let server = start(
+        &format!(
+            "static_resources:\n  listeners:{}\n  clusters:{}\n",
+            http_listener("h", 0, routes, &extra),
+            static_cluster("u", &[up])
+        ),
+        Duration::from_secs(1),
+    )
+    .await;
+    let addr = listener_addr(&server, "h");
+    let next = async |events: &mut tokio::sync::mpsc::UnboundedReceiver<&'static str>| {
+        tokio::time::timeout(Duration::from_secs(5), events.recv()).await.unwrap().unwrap()
+    };
+
+    // HTTP/1.1: the client closes its connection while the upstream has not answered.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /slow-h1 HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    assert_eq!(next(&mut events).await, "received");
+    drop(s);
+    assert_eq!(next(&mut events).await, "closed", "the upstream request is cancelled");
+    assert_eq!(lines(&path, 1).await, [format!("0 DC {up} /slow-h1 HTTP/1.1")]);
+
+    // HTTP/2: the client resets the stream; the connection itself stays.
+    let s = TcpStream::connect(addr).await.unwrap();
+    let (mut h2, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(s))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req =
+        hyper::Request::builder().uri("http://x/slow-h2").body(http_body_util::Empty::<bytes::Bytes>::new()).unwrap();
+    let pending = tokio::spawn(h2.send_request(req));
+    assert_eq!(next(&mut events).await, "received");
+    pending.abort();
+    assert_eq!(next(&mut events).await, "closed", "the upstream request is cancelled");
+    assert_eq!(lines(&path, 2).await[1], format!("0 DC {up} /slow-h2 HTTP/2"));
+    assert!(!h2.is_closed(), "a reset stream leaves its connection open");
+}

@@ -830,3 +830,69 @@ async fn readiness_waits_for_the_first_listeners_to_warm() {
     acked(&mock, xds_proxy::xds::ROUTE, &vr).await;
     eventually("ready once the listener warmed", WAIT, async || get(a, "/ready").await.0 == 200).await;
 }
+
+/// `/memory`, `/runtime` and `/init_dump` in Envoy's shapes: `envoy.admin.v3.Memory` with every field, the runtime's
+/// layers and entries (none: the bootstrap has no layered_runtime), and `envoy.admin.v3.UnreadyTargetsDumps` naming
+/// what each warming listener still waits for, until it no longer does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_runtime_and_init_dump_in_envoys_shapes() {
+    use super::http_rds::{rds_listener_any, route_any};
+    use envoy_types::pb::envoy::admin::v3::{Memory, UnreadyTargetsDumps};
+    let mock = mock().await;
+    let server = start(&ads_bootstrap(mock.addr(), ""), Duration::from_millis(300)).await;
+    let a = server.admin_address().unwrap();
+
+    let (code, text) = get(a, "/memory").await;
+    assert_eq!(code, 200, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for field in
+        ["allocated", "heap_size", "pageheap_unmapped", "pageheap_free", "total_thread_cache", "total_physical_bytes"]
+    {
+        assert!(v.get(field).is_some(), "{field} missing from {text}");
+    }
+    let memory: Memory =
+        proto::decode(&proto::parse_dynamic(&text, Format::Json, "envoy.admin.v3.Memory").unwrap()).unwrap();
+    assert!(memory.allocated > 0 && memory.heap_size >= memory.allocated, "{memory:?}");
+    assert!(memory.total_physical_bytes > 0, "{memory:?}");
+
+    let (code, text) = get(a, "/runtime").await;
+    assert_eq!(code, 200, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v, serde_json::json!({ "layers": [], "entries": {} }));
+
+    let vc = mock.set(CLUSTER, vec![]).unwrap();
+    acked(&mock, CLUSTER, &vc).await;
+    let tcp = any(
+        &unlisted(&tcp_listener("tcp", free_port(), "not-yet-there")),
+        "envoy.config.listener.v3.Listener",
+        LISTENER,
+    );
+    let vl = mock.set(LISTENER, vec![rds_listener_any("web", free_port(), "web-routes"), tcp]).unwrap();
+    acked(&mock, LISTENER, &vl).await;
+    let dumps = async |query: &str| -> BTreeMap<String, Vec<String>> {
+        let (code, text) = get(a, &format!("/init_dump{query}")).await;
+        assert_eq!(code, 200, "{text}");
+        let d: UnreadyTargetsDumps =
+            proto::decode(&proto::parse_dynamic(&text, Format::Json, "envoy.admin.v3.UnreadyTargetsDumps").unwrap())
+                .unwrap();
+        d.unready_targets_dumps
+            .into_iter()
+            .map(|u| {
+                let listener = u.name.strip_prefix("Listener-local-init-manager ").unwrap_or(&u.name);
+                (listener.split(' ').next().unwrap_or_default().to_string(), u.target_names)
+            })
+            .collect()
+    };
+    let expected = BTreeMap::from([
+        ("tcp".to_string(), vec!["Cluster not-yet-there".to_string()]),
+        ("web".to_string(), vec!["RdsRouteConfigSubscription init web-routes".to_string()]),
+    ]);
+    assert_eq!(dumps("").await, expected);
+    assert_eq!(dumps("?mask=listener").await, expected);
+    assert_eq!(dumps("?mask=cluster").await, BTreeMap::new(), "listeners are the only component, as in Envoy");
+
+    let vr = mock.set(xds_proxy::xds::ROUTE, vec![route_any("web-routes", "nowhere")]).unwrap();
+    acked(&mock, xds_proxy::xds::ROUTE, &vr).await;
+    eventually("web warmed", WAIT, async || !dumps("").await.contains_key("web")).await;
+    assert!(dumps("").await.contains_key("tcp"));
+}

@@ -618,6 +618,128 @@ async fn circuit_breakers_answer_503_overflow() {
     assert_eq!(counter(&server, "cluster.u.upstream_rq_pending_overflow"), 1);
 }
 
+/// A request's stream lives until its response body is complete, as in Envoy: a slow body keeps
+/// `downstream_rq_active` and the `max_requests` slot taken (Envoy counts that overflow as
+/// `upstream_rq_pending_overflow`, its "max streams overflow"), and both are released when the body ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streaming_response_holds_its_request_slot_until_the_body_ends() {
+    use http_body_util::BodyExt;
+    let up = http_upstream("U").await;
+    let cluster =
+        format!("{}\n    circuit_breakers: {{ thresholds: [ {{ max_requests: 1 }} ] }}", static_cluster("u", &[up]));
+    let server = start(&yaml(&http_listener("h", 0, &routes_to("u", ""), ""), &cluster), Duration::from_secs(1)).await;
+    let addr = listener_addr(&server, "h");
+    let mut a = http1_client(addr).await;
+    let req = hyper::Request::builder()
+        .uri("/drip/1000")
+        .header("host", "x")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = a.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(&first[..], b"a");
+    // Headers and a first chunk are out; the stream is not over.
+    assert_eq!(gauge(&server, "http.h.downstream_rq_active"), 1);
+    assert_eq!(gauge(&server, "cluster.u.upstream_rq_active"), 1);
+
+    let mut b = http1_client(addr).await;
+    let (status, headers, text) = http1_request(&mut b, "GET", "/", "x", &[]).await;
+    assert_eq!(status, 503, "{text}");
+    assert_eq!(headers["x-envoy-overloaded"], "true");
+    assert_eq!(counter(&server, "cluster.u.upstream_rq_pending_overflow"), 1);
+
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(&rest[..], b"b");
+    eventually("the stream ended", Duration::from_secs(5), async || {
+        gauge(&server, "http.h.downstream_rq_active") == 0 && gauge(&server, "cluster.u.upstream_rq_active") == 0
+    })
+    .await;
+    let (status, _, _) = http1_request(&mut b, "GET", "/", "x", &[]).await;
+    assert_eq!(status, 200, "the slot is free again");
+}
+
+/// Envoy records `upstream_rq_time` when the upstream response is complete, not when its headers arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_rq_time_is_recorded_when_the_response_is_complete() {
+    use http_body_util::BodyExt;
+    let up = http_upstream("U").await;
+    let server = start(
+        &yaml(&http_listener("h", 0, &routes_to("u", ""), ""), &static_cluster("u", &[up])),
+        Duration::from_secs(1),
+    )
+    .await;
+    let rq_time = |server: &xds_proxy::server::Server| match server.stats.get("cluster.u.upstream_rq_time") {
+        Some(xds_proxy::stats::Value::Histogram(h)) => (h.count, h.sum),
+        other => panic!("upstream_rq_time: {other:?}"),
+    };
+    let mut c = http1_client(listener_addr(&server, "h")).await;
+    let req = hyper::Request::builder()
+        .uri("/drip/600")
+        .header("host", "x")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let mut body = c.send_request(req).await.unwrap().into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(&first[..], b"a");
+    assert_eq!(rq_time(&server).0, 0, "headers and a first chunk are not a complete response");
+    let _ = body.collect().await.unwrap();
+    eventually("upstream_rq_time recorded", Duration::from_secs(5), async || rq_time(&server).0 == 1).await;
+    // The upstream held the last chunk back for 600 ms: the recorded time covers it.
+    assert!(rq_time(&server).1 >= 600.0, "{:?}", rq_time(&server));
+}
+
+/// Upstream connections that carry no request for the cluster's `common_http_protocol_options.idle_timeout` close
+/// on their own timer (`upstream_cx_idle_timeout`), HTTP/1.1 and HTTP/2 alike, and never while a request uses them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_upstream_connections_close_on_the_clusters_idle_timeout() {
+    let up = http_upstream("U").await;
+    let options = |name: &str, protocol: &str| {
+        format!(
+            r#"{}
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        common_http_protocol_options: {{ idle_timeout: 0.4s }}
+        explicit_http_config: {{ {protocol}: {{}} }}"#,
+            static_cluster(name, &[up])
+        )
+    };
+    let routes = r#"          route_config:
+            name: local
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: { prefix: "/h2/" }
+                route: { cluster: h2, prefix_rewrite: "/" }
+              - match: { prefix: "/" }
+                route: { cluster: h1 }"#;
+    let clusters = format!("{}{}", options("h1", "http_protocol_options"), options("h2", "http2_protocol_options"));
+    let server = start(&yaml(&http_listener("h", 0, routes, ""), &clusters), Duration::from_secs(1)).await;
+    let mut c = http1_client(listener_addr(&server, "h")).await;
+    // Requests longer than the idle timeout keep their connections.
+    for (cluster, path) in [("h1", "/sleep/900"), ("h2", "/h2/sleep/900")] {
+        let (status, _, body) = http1_request(&mut c, "GET", path, "x", &[]).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(counter(&server, &format!("cluster.{cluster}.upstream_cx_idle_timeout")), 0);
+        assert_eq!(gauge(&server, &format!("cluster.{cluster}.upstream_cx_active")), 1);
+        assert_eq!(counter(&server, &format!("cluster.{cluster}.upstream_cx_total")), 1);
+    }
+    // Then, with nothing to do, they close without another request coming.
+    eventually("idle upstream connections closed", Duration::from_secs(5), async || {
+        ["h1", "h2"].iter().all(|c| {
+            counter(&server, &format!("cluster.{c}.upstream_cx_idle_timeout")) == 1
+                && gauge(&server, &format!("cluster.{c}.upstream_cx_active")) == 0
+        })
+    })
+    .await;
+    let (status, _, _) = http1_request(&mut c, "GET", "/", "x", &[]).await;
+    assert_eq!(status, 200, "a new connection serves the next request");
+    assert_eq!(counter(&server, "cluster.h1.upstream_cx_total"), 2);
+}
+
 /// With Envoy's default gradual drain over a long drain time, a keep-alive connection with nothing in flight still
 /// closes when its chain drains instead of holding the drain (and a shutdown) to the deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -665,4 +787,272 @@ async fn the_route_timeout_starts_when_the_request_is_complete() {
     let mut c = http1_client(listener_addr(&server, "h")).await;
     let (status, _, body) = http1_request(&mut c, "GET", "/sleep/1500", "x", &[]).await;
     assert_eq!((status, body.as_str()), (504, "upstream request timeout"));
+}
+
+/// An upstream that reads the attempt number Envoy sends (`x-envoy-attempt-count`) and the path `/<fails>/<ms>`:
+/// attempts up to `fails` get 503 at once, later ones 200 after `ms`. Request bodies are read and counted; `events`
+/// hears `(attempt, "data")` when an attempt's first body bytes arrive.
+async fn attempts_upstream() -> (std::net::SocketAddr, tokio::sync::mpsc::UnboundedReceiver<(u32, &'static str)>) {
+    use http_body_util::BodyExt;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let tx = tx.clone();
+                    async move {
+                        let attempt: u32 = req
+                            .headers()
+                            .get("x-envoy-attempt-count")
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(0);
+                        let mut parts = req.uri().path().trim_start_matches('/').split('/');
+                        let fails: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+                        let ms: u64 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+                        let mut body = req.into_body();
+                        let mut received = 0usize;
+                        while let Some(frame) = body.frame().await {
+                            if let Ok(d) = frame.unwrap().into_data() {
+                                if received == 0 && !d.is_empty() {
+                                    let _ = tx.send((attempt, "data"));
+                                }
+                                received += d.len();
+                            }
+                        }
+                        let status = if attempt <= fails {
+                            503
+                        } else {
+                            tokio::time::sleep(Duration::from_millis(ms)).await;
+                            200
+                        };
+                        let text = format!("attempt={attempt} received={received}");
+                        Ok::<_, std::convert::Infallible>(
+                            hyper::Response::builder()
+                                .status(status)
+                                .body(http_body_util::Full::new(bytes::Bytes::from(text)))
+                                .unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, rx)
+}
+
+fn retrying_routes(num_retries: u32) -> String {
+    format!(
+        r#"          route_config:
+            name: local
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              include_request_attempt_count: true
+              routes:
+              - match: {{ prefix: "/" }}
+                route:
+                  cluster: u
+                  retry_policy: {{ retry_on: 5xx, num_retries: {num_retries}, retry_back_off: {{ base_interval: 0.01s }} }}"#
+    )
+}
+
+/// Envoy's `max_retries` circuit breaker limits the retries outstanding across the whole cluster at once (not the
+/// retries of one request): a retry over it is not made, the answer passes on and `upstream_rq_retry_overflow`
+/// counts it; once the outstanding retry is done, a request may retry again, as often as its policy says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_retries_limits_concurrent_retries_across_the_cluster() {
+    let (up, _events) = attempts_upstream().await;
+    let cluster =
+        format!("{}\n    circuit_breakers: {{ thresholds: [ {{ max_retries: 1 }} ] }}", static_cluster("u", &[up]));
+    let server = start(&yaml(&http_listener("h", 0, &retrying_routes(2), ""), &cluster), Duration::from_secs(1)).await;
+    let addr = listener_addr(&server, "h");
+    let first = tokio::spawn(async move {
+        let mut a = http1_client(addr).await;
+        http1_request(&mut a, "GET", "/1/1000", "x", &[]).await
+    });
+    eventually("the first request's retry is outstanding", Duration::from_secs(5), async || {
+        counter(&server, "cluster.u.upstream_rq_retry") == 1
+    })
+    .await;
+
+    let mut b = http1_client(addr).await;
+    let (status, _, body) = http1_request(&mut b, "GET", "/1/0", "x", &[]).await;
+    assert_eq!((status, body.as_str()), (503, "attempt=1 received=0"), "not retried while the other retry is out");
+    assert_eq!(counter(&server, "cluster.u.upstream_rq_retry_overflow"), 1);
+
+    let (status, _, body) = first.await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "attempt=2 received=0"));
+    assert_eq!(counter(&server, "cluster.u.upstream_rq_retry_success"), 1);
+
+    // Two retries one after the other under max_retries 1: the limit is on retries at once, not per request.
+    let (status, _, body) = http1_request(&mut b, "GET", "/2/0", "x", &[]).await;
+    assert_eq!((status, body.as_str()), (200, "attempt=3 received=0"));
+    assert_eq!(counter(&server, "cluster.u.upstream_rq_retry"), 3);
+    assert_eq!(counter(&server, "cluster.u.upstream_rq_retry_overflow"), 1);
+}
+
+/// Sends a POST whose body is two 10 KiB chunks; the second goes only once the upstream has seen the first, which
+/// proves the first attempt streams (the proxy does not collect the body before sending it).
+async fn post_in_two_chunks(
+    addr: std::net::SocketAddr,
+    events: &mut tokio::sync::mpsc::UnboundedReceiver<(u32, &'static str)>,
+) -> (u16, String) {
+    use http_body_util::BodyExt;
+    let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake::<
+        _,
+        http_body_util::StreamBody<
+            futures_util::stream::BoxStream<
+                'static,
+                Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>,
+            >,
+        >,
+    >(hyper_util::rt::TokioIo::new(s))
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok(hyper::body::Frame::data(b)), rx))
+    });
+    let req = hyper::Request::builder()
+        .method("POST")
+        .uri("/1/0")
+        .header("host", "x")
+        .body(http_body_util::StreamBody::new(futures_util::StreamExt::boxed(stream)))
+        .unwrap();
+    let resp = tokio::spawn(send.send_request(req));
+    tx.send(bytes::Bytes::from(vec![b'x'; 10 * 1024])).await.unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(5), events.recv()).await;
+    assert_eq!(seen.unwrap(), Some((1, "data")), "the first attempt gets the body while it streams");
+    tx.send(bytes::Bytes::from(vec![b'y'; 10 * 1024])).await.unwrap();
+    drop(tx);
+    let resp = resp.await.unwrap().unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Envoy keeps a request body for retries, up to the listener's per_connection_buffer_limit_bytes, while it streams to
+/// the first attempt; a retry replays it. A bigger body is not retried (`retry_or_shadow_abandoned`): the first
+/// attempt's answer passes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_with_bodies_are_retried_within_the_buffer_limit() {
+    let (up, mut events) = attempts_upstream().await;
+    let server = start(
+        &yaml(&http_listener("h", 0, &retrying_routes(1), ""), &static_cluster("u", &[up])),
+        Duration::from_secs(1),
+    )
+    .await;
+    let (status, body) = post_in_two_chunks(listener_addr(&server, "h"), &mut events).await;
+    assert_eq!((status, body.as_str()), (200, "attempt=2 received=20480"), "the retry got the whole body");
+    assert_eq!(counter(&server, "cluster.u.upstream_rq_retry"), 1);
+    assert_eq!(counter(&server, "http.h.downstream_rq_2xx"), 1);
+    assert_eq!(events.recv().await, Some((2, "data")));
+
+    let small_buffer = http_listener("h", 0, &retrying_routes(1), "").replacen(
+        "    filter_chains:",
+        "    per_connection_buffer_limit_bytes: 16384\n    filter_chains:",
+        1,
+    );
+    let server = start(&yaml(&small_buffer, &static_cluster("u", &[up])), Duration::from_secs(1)).await;
+    let (status, body) = post_in_two_chunks(listener_addr(&server, "h"), &mut events).await;
+    assert_eq!((status, body.as_str()), (503, "attempt=1 received=20480"), "20 KiB over a 16 KiB buffer");
+    assert_eq!(counter(&server, "cluster.u.retry_or_shadow_abandoned"), 1);
+    assert_eq!(counter(&server, "cluster.u.upstream_rq_retry"), 0);
+}
+
+/// A POST to the admin port, for `/healthcheck/fail` and `/healthcheck/ok`.
+async fn admin_post(admin: std::net::SocketAddr, path: &str) {
+    let mut c = http1_client(admin).await;
+    let (status, _, body) = http1_request(&mut c, "POST", path, "admin", &[]).await;
+    assert_eq!(status, 200, "{path}: {body}");
+}
+
+/// Envoy's health_check HTTP filter without pass-through mode: requests its `headers` select are answered by the
+/// proxy, 200 while healthy and 503 (flag LH) after /healthcheck/fail; every other request goes to the router, and
+/// while failed its response says `x-envoy-immediate-health-check-fail: true`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_check_filter_answers_for_the_proxy_and_follows_healthcheck_fail() {
+    let up = http_upstream("U").await;
+    let hcm = http_listener("h", 0, &routes_to("u", ""), "").replace(
+        "          http_filters:\n",
+        r#"          http_filters:
+          - name: envoy.filters.http.health_check
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.health_check.v3.HealthCheck
+              pass_through_mode: false
+              headers: [ { name: ":path", string_match: { exact: /healthz } } ]
+"#,
+    );
+    let bootstrap = format!(
+        "{}admin: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }} }}\n",
+        yaml(&hcm, &static_cluster("u", &[up]))
+    );
+    let server = start(&bootstrap, Duration::from_secs(1)).await;
+    let addr = listener_addr(&server, "h");
+    let admin = server.admin_address().unwrap();
+    // A fresh connection each time: /healthcheck/fail also closes connections after their next response.
+    let get = async |path: &str| http1_request(&mut http1_client(addr).await, "GET", path, "x", &[]).await;
+
+    let (status, _, body) = get("/healthz").await;
+    assert_eq!((status, body.as_str()), (200, ""));
+    assert_eq!(counter(&server, "cluster.u.upstream_rq_total"), 0, "answered by the proxy");
+    let (status, headers, body) = get("/other").await;
+    assert_eq!(status, 200);
+    assert!(body.starts_with("U\nGET /other\n"), "{body}");
+    assert!(!headers.contains_key("x-envoy-immediate-health-check-fail"));
+
+    admin_post(admin, "/healthcheck/fail").await;
+    let (status, _, body) = get("/healthz").await;
+    assert_eq!((status, body.as_str()), (503, ""));
+    let (status, headers, _) = get("/other").await;
+    assert_eq!(status, 200, "other requests still pass through");
+    assert_eq!(headers["x-envoy-immediate-health-check-fail"], "true");
+
+    admin_post(admin, "/healthcheck/ok").await;
+    let (status, _, _) = get("/healthz").await;
+    assert_eq!(status, 200);
+    assert_eq!(counter(&server, "cluster.u.upstream_rq_total"), 2);
+}
+
+#[test]
+fn health_check_filter_refuses_pass_through_mode_and_cluster_percentages() {
+    let with = |config: &str| {
+        let yaml = unlisted(&http_listener("h", 0, &routes_to("u", ""), "").replace(
+            "          http_filters:\n",
+            &format!(
+                "          http_filters:\n          - name: hc\n            typed_config: {{ \"@type\": type.googleapis.com/envoy.extensions.filters.http.health_check.v3.HealthCheck, {config} }}\n"
+            ),
+        ));
+        let msg = xds_proxy::config::proto::parse_dynamic(
+            &yaml,
+            xds_proxy::config::proto::Format::Yaml,
+            "envoy.config.listener.v3.Listener",
+        )
+        .unwrap();
+        let l: envoy_types::pb::envoy::config::listener::v3::Listener = xds_proxy::config::proto::decode(&msg).unwrap();
+        xds_proxy::config::listener::ListenerConfig::try_from(l).err().map(|e| e.to_string()).unwrap_or_default()
+    };
+    let err = with("pass_through_mode: true");
+    assert!(
+        err.contains("http_filters[0].typed_config.pass_through_mode: pass_through_mode: true is not supported"),
+        "{err}"
+    );
+    let err = with("pass_through_mode: false, cluster_min_healthy_percentages: { u: { value: 50 } }");
+    assert!(
+        err.contains("typed_config.cluster_min_healthy_percentages: cluster_min_healthy_percentages is not supported"),
+        "{err}"
+    );
+    assert_eq!(
+        with("pass_through_mode: false, headers: [ { name: \":path\", string_match: { exact: /healthz } } ]"),
+        ""
+    );
 }

@@ -1,4 +1,5 @@
-//! The real Istio 1.14 sidecar config (../shared/fixtures): which listeners load today, and why the others do not.
+//! The real Istio 1.14 sidecar config (../shared/fixtures): every listener loads, its mutual-TLS chains with their
+//! secrets from pilot-agent's `sds-grpc`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use envoy_types::pb::envoy::admin::v3::{ConfigDump, ListenersConfigDump};
@@ -37,7 +38,8 @@ fn uses(l: &Listener, needle: &str) -> bool {
 }
 
 #[test]
-fn every_listener_loads_except_tls_ones_which_say_why_not() {
+fn every_listener_loads_and_mutual_tls_chains_take_their_secrets_from_sds_grpc() {
+    use xds_proxy::secret::SecretSource;
     let listeners = fixture_listeners();
     assert_eq!(listeners.len(), 37);
     let mut loaded = Vec::new();
@@ -48,18 +50,22 @@ fn every_listener_loads_except_tls_ones_which_say_why_not() {
         }
         let name = l.name.clone();
         let tls = uses(&l, "DownstreamTlsContext");
-        match ListenerConfig::try_from(l) {
-            Ok(cfg) => {
-                assert!(!tls, "{name} loaded although it needs TLS");
-                loaded.push((name, cfg));
-            }
-            Err(e) => {
-                let msg = e.to_string();
-                assert!(tls, "{name} should load: {msg}");
-                assert!(msg.contains("transport_socket") && msg.contains("not supported"), "{name}: {msg}");
-            }
+        let cfg = ListenerConfig::try_from(l).unwrap_or_else(|e| panic!("{name} should load: {e}"));
+        let secrets: Vec<(String, SecretSource)> = cfg
+            .filter_chains
+            .iter()
+            .filter_map(|c| c.tls.as_ref())
+            .flat_map(|t| t.secrets().map(|b| (b.reference.name.clone(), b.reference.source.clone())))
+            .collect();
+        assert_eq!(tls, !secrets.is_empty(), "{name}");
+        // Istio's mTLS chains: the workload certificate and the root CA, both from pilot-agent's socket.
+        for (secret, source) in &secrets {
+            assert!(secret == "default" || secret == "ROOTCA", "{name}: {secret}");
+            assert_eq!(*source, SecretSource::Grpc("sds-grpc".into()), "{name}");
         }
+        loaded.push((name, cfg));
     }
+    assert!(loaded.iter().any(|(n, _)| n == "virtualInbound"), "virtualInbound loads");
     let names: Vec<&str> = loaded.iter().map(|(n, _)| n.as_str()).collect();
     assert!(names.contains(&"virtualOutbound"), "{names:?}");
     assert!(names.contains(&"10.104.39.252_6379"), "{names:?}");

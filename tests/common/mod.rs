@@ -269,7 +269,8 @@ pub fn client_hello(sni: &str, alpn: &[&str]) -> Vec<u8> {
 
 /// An HTTP/1.1 + h2c upstream. Every response says who answered and what arrived: `tag`, method, path, Host (or
 /// :authority) and x-request-id, one per line. Paths steer it: `/status/<code>` answers with that code, `/sleep/<ms>`
-/// waits first, `/bytes/<n>` streams n bytes, `/upload` counts the request body's bytes.
+/// waits first, `/bytes/<n>` streams n bytes, `/drip/<ms>` sends its headers and `a` at once and `b` after `<ms>`,
+/// `/upload` counts the request body's bytes.
 pub async fn http_upstream(tag: &'static str) -> SocketAddr {
     use http_body_util::BodyExt;
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -316,7 +317,20 @@ pub async fn http_upstream(tag: &'static str) -> SocketAddr {
                         text.push_str(&format!("received={n}\n"));
                     }
                     let body: http_body_util::combinators::BoxBody<bytes::Bytes, std::convert::Infallible> =
-                        if let Some(n) = path.strip_prefix("/bytes/") {
+                        if let Some(ms) = path.strip_prefix("/drip/") {
+                            let wait = Duration::from_millis(ms.parse().unwrap_or(0));
+                            let stream = futures_util::stream::unfold(0u8, move |step| async move {
+                                match step {
+                                    0 => Some((Ok(hyper::body::Frame::data(bytes::Bytes::from_static(b"a"))), 1)),
+                                    1 => {
+                                        tokio::time::sleep(wait).await;
+                                        Some((Ok(hyper::body::Frame::data(bytes::Bytes::from_static(b"b"))), 2))
+                                    }
+                                    _ => None,
+                                }
+                            });
+                            http_body_util::StreamBody::new(stream).boxed()
+                        } else if let Some(n) = path.strip_prefix("/bytes/") {
                             let n: u64 = n.parse().unwrap();
                             let chunk = bytes::Bytes::from(vec![b'x'; 64 * 1024]);
                             let stream = futures_util::stream::unfold(0u64, move |sent| {

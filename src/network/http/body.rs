@@ -1,7 +1,8 @@
 //! The one body type that flows through the proxy in both directions: a peer's streaming body passed on frame by
 //! frame (never collected), or a local reply's bytes. A streamed body can carry the HCM's `stream_idle_timeout` (no
-//! frame for that long ends the stream with an error, which resets it on both sides) and, for an upstream HTTP/1.1
-//! response, the lease on its pooled connection, given back when the body has been read to the end.
+//! frame for that long ends the stream with an error, which resets it on both sides), for an upstream HTTP/1.1
+//! response, the lease on its pooled connection, given back when the body has been read to the end, and what the
+//! request holds for its stream's life (circuit-breaker slot, active gauge), released when the body ends.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -12,10 +13,12 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::access_log::{self, AccessLog, Entry, Flag};
+use crate::stats::{Counter, GaugeGuard, Histogram};
+use crate::upstream::cluster::RequestSlot;
 use crate::upstream::pool::Lease;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -28,6 +31,181 @@ pub enum ProxyBody {
     Watched(Box<Watched>),
     /// A response whose access log line is written when it ends (or is abandoned).
     Logged(Box<Logged>),
+    /// One attempt's view of a request body kept for retries.
+    Replay(Box<Attempt>),
+}
+
+/// A request body kept for retries while it streams to the first attempt: Envoy buffers a request body for retries
+/// up to the downstream connection's buffer limit (`per_connection_buffer_limit_bytes`) and, past it, stops retrying
+/// (`retry_or_shadow_abandoned`), not the request. Each attempt replays what was kept, then reads on from the
+/// downstream; an attempt superseded by a retry fails if it is polled again, so only one attempt reads the downstream.
+/// The data is kept as received (`Bytes` share it), never copied.
+#[derive(Debug, Clone)]
+pub struct Replay {
+    shared: Arc<Mutex<Kept>>,
+}
+
+#[derive(Debug)]
+struct Kept {
+    /// The downstream body, with its idle timeout and progress count.
+    source: ProxyBody,
+    chunks: Vec<Chunk>,
+    bytes: usize,
+    limit: usize,
+    /// Past the limit: nothing is kept any more and no attempt can follow.
+    overflowed: bool,
+    /// The downstream body has been read to its end.
+    ended: bool,
+    /// The attempt allowed to read on.
+    current: u32,
+    abandoned: Counter,
+}
+
+#[derive(Debug)]
+enum Chunk {
+    Data(Bytes),
+    Trailers(http::HeaderMap),
+}
+
+/// One attempt's request body (see [`Replay`]).
+#[derive(Debug)]
+pub struct Attempt {
+    shared: Arc<Mutex<Kept>>,
+    attempt: u32,
+    /// The next kept chunk to send.
+    next: usize,
+    /// Set once this attempt sent the body to its end: its connection may then be reused.
+    sent: Arc<Progress>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("request body superseded by a retry")]
+struct Superseded;
+
+impl Replay {
+    pub fn new(source: ProxyBody, limit: u32, abandoned: Counter) -> Self {
+        let kept = Kept {
+            source,
+            chunks: Vec::new(),
+            bytes: 0,
+            limit: limit as usize,
+            overflowed: false,
+            ended: false,
+            current: 0,
+            abandoned,
+        };
+        Replay { shared: Arc::new(Mutex::new(kept)) }
+    }
+
+    fn kept(&self) -> std::sync::MutexGuard<'_, Kept> {
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether another attempt can still be made with the whole body.
+    pub fn replayable(&self) -> bool {
+        !self.kept().overflowed
+    }
+
+    /// The body for the next attempt (earlier attempts' bodies stop), and its sent-to-the-end progress.
+    pub fn attempt(&self) -> (ProxyBody, Arc<Progress>) {
+        let mut kept = self.kept();
+        kept.current += 1;
+        let sent = Arc::new(Progress::default());
+        let attempt = Attempt { shared: self.shared.clone(), attempt: kept.current, next: 0, sent: sent.clone() };
+        (ProxyBody::Replay(Box::new(attempt)), sent)
+    }
+}
+
+impl Kept {
+    /// Keeps a frame read from the downstream; false once the body outgrew the limit.
+    fn keep(&mut self, frame: &Frame<Bytes>) -> bool {
+        if self.overflowed {
+            return false;
+        }
+        let len = frame.data_ref().map_or(0, Bytes::len);
+        if self.bytes + len > self.limit {
+            tracing::debug!(limit = self.limit, "request body exceeds the buffer limit: giving up on retries");
+            self.abandoned.inc();
+            self.overflowed = true;
+            self.chunks = Vec::new();
+            return false;
+        }
+        let chunk = match (frame.data_ref(), frame.trailers_ref()) {
+            (Some(d), _) => Chunk::Data(d.clone()),
+            (None, Some(t)) => Chunk::Trailers(t.clone()),
+            (None, None) => return false,
+        };
+        self.bytes += len;
+        self.chunks.push(chunk);
+        true
+    }
+}
+
+impl Attempt {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut guard = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        let kept = &mut *guard;
+        if kept.current != self.attempt {
+            return Poll::Ready(Some(Err(Superseded.into())));
+        }
+        if !kept.overflowed && self.next < kept.chunks.len() {
+            let frame = match &kept.chunks[self.next] {
+                Chunk::Data(d) => Frame::data(d.clone()),
+                Chunk::Trailers(t) => Frame::trailers(t.clone()),
+            };
+            self.next += 1;
+            if kept.ended && self.next == kept.chunks.len() {
+                self.sent.set_done();
+            }
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        if kept.ended {
+            self.sent.set_done();
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut kept.source).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if kept.keep(&frame) {
+                    self.next += 1;
+                }
+                if kept.source.is_end_stream() {
+                    kept.ended = true;
+                    self.sent.set_done();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(None) => {
+                kept.ended = true;
+                self.sent.set_done();
+                Poll::Ready(None)
+            }
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let kept = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        kept.current == self.attempt && kept.ended && (kept.overflowed || self.next >= kept.chunks.len())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let kept = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        let rest = kept.source.size_hint();
+        let replayed = if kept.overflowed { 0 } else { kept.bytes.saturating_sub(self.sent_so_far(&kept)) as u64 };
+        match rest.exact() {
+            Some(n) => SizeHint::with_exact(n + replayed),
+            None => {
+                let mut hint = SizeHint::new();
+                hint.set_lower(rest.lower() + replayed);
+                hint
+            }
+        }
+    }
+
+    /// Bytes of the kept chunks this attempt has already sent.
+    fn sent_so_far(&self, kept: &Kept) -> usize {
+        kept.chunks.iter().take(self.next).map(|c| if let Chunk::Data(d) = c { d.len() } else { 0 }).sum()
+    }
 }
 
 /// A response body that counts what it sent and logs its request when it is done.
@@ -60,13 +238,51 @@ impl Drop for Logged {
     }
 }
 
-/// A streamed body with an idle timeout and/or a connection lease.
+/// A streamed body with an idle timeout, a connection lease, a progress count and/or what its stream holds.
 #[derive(Debug)]
 pub struct Watched {
     inner: Incoming,
     idle: Option<(Duration, Pin<Box<Sleep>>)>,
     lease: Option<Lease>,
     count: Option<Arc<Progress>>,
+    hold: StreamHold,
+}
+
+/// What a request holds for as long as its stream lives, which in Envoy ends when the response is complete or the
+/// stream is reset, not when the response headers go out: the `max_requests` circuit-breaker slot and the
+/// `downstream_rq_active` gauge. Also when the upstream request began, for `upstream_rq_time`, which Envoy records
+/// when the upstream response is complete.
+#[derive(Debug, Default)]
+pub struct StreamHold {
+    pub slot: Option<RequestSlot>,
+    pub active: Option<GaugeGuard>,
+    pub timing: Option<(Histogram, Instant)>,
+}
+
+impl StreamHold {
+    fn is_empty(&self) -> bool {
+        self.slot.is_none() && self.active.is_none() && self.timing.is_none()
+    }
+
+    fn merge(&mut self, other: StreamHold) {
+        self.slot = other.slot.or(self.slot.take());
+        self.active = other.active.or(self.active.take());
+        self.timing = other.timing.or(self.timing.take());
+    }
+
+    /// The response is complete: the request's time is recorded and what it held is released.
+    fn complete(&mut self) {
+        if let Some((histogram, since)) = self.timing.take() {
+            histogram.record(since.elapsed().as_secs_f64() * 1000.0);
+        }
+        self.slot = None;
+        self.active = None;
+    }
+
+    /// The stream was reset: released without a time (Envoy records none for an incomplete response).
+    fn reset(&mut self) {
+        *self = StreamHold::default();
+    }
 }
 
 /// How far a request body has been forwarded: for BYTES_RECEIVED and for `request_timeout`, which stops counting
@@ -76,12 +292,20 @@ pub struct Progress {
     pub bytes: AtomicU64,
     pub done: std::sync::atomic::AtomicBool,
     finished: tokio::sync::Notify,
+    /// When the body was complete: where Envoy's `upstream_rq_time` starts.
+    finished_at: std::sync::OnceLock<Instant>,
 }
 
 impl Progress {
     fn set_done(&self) {
+        let _ = self.finished_at.set(Instant::now());
         self.done.store(true, Ordering::Relaxed);
         self.finished.notify_waiters();
+    }
+
+    /// When the whole body had been forwarded, if it has.
+    pub fn finished_at(&self) -> Option<Instant> {
+        self.finished_at.get().copied()
     }
 
     /// Resolves once the whole request body has been forwarded.
@@ -123,7 +347,29 @@ impl ProxyBody {
             return ProxyBody::Stream(inner);
         }
         let idle = idle.map(|t| (t, Box::pin(tokio::time::sleep(t))));
-        ProxyBody::Watched(Box::new(Watched { inner, idle, lease, count }))
+        ProxyBody::Watched(Box::new(Watched { inner, idle, lease, count, hold: StreamHold::default() }))
+    }
+
+    /// Keeps `hold` until this (response) body has been sent to its end, or released when it is dropped unfinished.
+    /// A body already complete (a local reply, a bodiless response) completes it now.
+    pub fn hold(&mut self, hold: StreamHold) {
+        if hold.is_empty() {
+            return;
+        }
+        match self {
+            ProxyBody::Watched(w) => w.hold.merge(hold),
+            ProxyBody::Logged(l) => l.inner.hold(hold),
+            ProxyBody::Stream(s) if !s.is_end_stream() => {
+                // Rare (no stream_idle_timeout and no pooled connection to give back): only then does holding cost
+                // a box of its own.
+                let ProxyBody::Stream(inner) = std::mem::replace(self, ProxyBody::Empty) else { return };
+                *self = ProxyBody::Watched(Box::new(Watched { inner, idle: None, lease: None, count: None, hold }));
+            }
+            ProxyBody::Stream(_) | ProxyBody::Empty | ProxyBody::Bytes(_) | ProxyBody::Replay(_) => {
+                let mut hold = hold;
+                hold.complete();
+            }
+        }
     }
 }
 
@@ -136,6 +382,7 @@ impl Body for ProxyBody {
             ProxyBody::Empty => Poll::Ready(None),
             ProxyBody::Bytes(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             ProxyBody::Stream(s) => Pin::new(s).poll_frame(cx).map_err(Into::into),
+            ProxyBody::Replay(a) => a.poll_frame(cx),
             ProxyBody::Logged(l) => {
                 let polled = Pin::new(&mut l.inner).poll_frame(cx);
                 match &polled {
@@ -166,17 +413,26 @@ impl Body for ProxyBody {
                         count.set_done();
                     }
                     // hyper stops polling once a body says it has ended, so the lease goes back with the last frame.
+                    let ended = frame.is_none() || w.inner.is_end_stream();
                     if !failed
-                        && (frame.is_none() || w.inner.is_end_stream())
+                        && ended
                         && let Some(l) = w.lease.take()
                     {
                         l.give_back();
+                    }
+                    if failed {
+                        w.hold.reset();
+                    } else if ended {
+                        w.hold.complete();
                     }
                     Poll::Ready(frame.map(|f| f.map_err(Into::into)))
                 }
                 Poll::Pending => match &mut w.idle {
                     Some((_, sleep)) => match sleep.as_mut().poll(cx) {
-                        Poll::Ready(()) => Poll::Ready(Some(Err(StreamIdleTimeout.into()))),
+                        Poll::Ready(()) => {
+                            w.hold.reset();
+                            Poll::Ready(Some(Err(StreamIdleTimeout.into())))
+                        }
                         Poll::Pending => Poll::Pending,
                     },
                     None => Poll::Pending,
@@ -192,6 +448,7 @@ impl Body for ProxyBody {
             ProxyBody::Stream(s) => s.is_end_stream(),
             ProxyBody::Watched(w) => w.inner.is_end_stream(),
             ProxyBody::Logged(l) => l.inner.is_end_stream(),
+            ProxyBody::Replay(a) => a.is_end_stream(),
         }
     }
 
@@ -202,6 +459,7 @@ impl Body for ProxyBody {
             ProxyBody::Stream(s) => s.size_hint(),
             ProxyBody::Watched(w) => w.inner.size_hint(),
             ProxyBody::Logged(l) => l.inner.size_hint(),
+            ProxyBody::Replay(a) => a.size_hint(),
         }
     }
 }

@@ -24,7 +24,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::debug;
 
-use self::body::ProxyBody;
+use self::body::{ProxyBody, StreamHold};
 use self::rds::{RdsSlot, RouteRegistry};
 use self::route::RouteTable;
 use crate::access_log;
@@ -42,6 +42,8 @@ pub struct ChainContext<'a> {
     pub drain_type: DrainType,
     /// The chain terminated TLS.
     pub secure: bool,
+    /// The listener's `per_connection_buffer_limit_bytes`: how much of a request body is kept for retries.
+    pub buffer_limit: u32,
 }
 
 /// Where an HCM finds its routes on each request.
@@ -154,6 +156,7 @@ impl HttpConnectionManager {
             chain_name: chain.name.to_string(),
             closes_on_health_check_failure: chain.drain_type == DrainType::Default,
             secure: chain.secure,
+            buffer_limit: chain.buffer_limit,
             original_dst: det.local_restored.then_some(det.local),
             drain: drain.clone(),
             close: Notify::new(),
@@ -278,6 +281,28 @@ async fn request_deadline(limit: Duration, progress: Option<&body::Progress>) {
     }
 }
 
+/// The access log entry of a request whose response has not begun. Dropped with its entry still in it, the request
+/// was abandoned: hyper drops a request's future when the downstream closes the connection (HTTP/1) or resets the
+/// stream (HTTP/2), which also drops, and so cancels, its upstream request. Envoy logs such a request with response
+/// code 0 and the `DC` flag (downstream connection termination).
+struct Unanswered<'a> {
+    entry: Option<access_log::Entry>,
+    trace: router::Trace,
+    began: Instant,
+    logs: &'a Arc<[access_log::AccessLog]>,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        let Some(mut entry) = self.entry.take() else { return };
+        self.trace.fill(&mut entry);
+        entry.response_code = None;
+        entry.flags.push(access_log::Flag::DownstreamConnectionTermination);
+        entry.duration = self.began.elapsed();
+        access_log::log_all(self.logs, &entry);
+    }
+}
+
 /// A request in flight on a connection, for the idle and drain checks.
 struct ActiveRequest<'a>(&'a Connection);
 
@@ -308,6 +333,8 @@ struct Connection {
     closes_on_health_check_failure: bool,
     /// The connection is TLS: `x-forwarded-proto: https`, as Envoy sets it.
     secure: bool,
+    /// Envoy's connection buffer limit: a request body kept for retries stops being kept (and retried) past it.
+    buffer_limit: u32,
     original_dst: Option<SocketAddr>,
     drain: DrainWatch,
     close: Notify,
@@ -327,21 +354,26 @@ impl Connection {
         }
         stats.downstream_rq_total.inc();
         if h2 { &stats.downstream_rq_http2_total } else { &stats.downstream_rq_http1_total }.inc();
-        let _rq = GaugeGuard::new(&stats.downstream_rq_active);
+        // Envoy's stream lifetime: active until the response body is complete (or the stream is reset), so the guard
+        // moves into the response body.
+        let rq = GaugeGuard::new(&stats.downstream_rq_active);
         // Counted down however the request ends, including when hyper drops it (an HTTP/2 reset).
         let _active = ActiveRequest::new(&self);
         router::prepare(&self, &mut req);
         let logs = &self.hcm.config.access_log;
         let request_timeout = self.hcm.config.request_timeout.filter(|_| !http_body::Body::is_end_stream(req.body()));
-        if logs.is_empty() && request_timeout.is_none() {
+        let mut resp = if logs.is_empty() && request_timeout.is_none() {
             let mut trace = router::Trace::default();
             // Boxed once: hyper moves the service future around (HTTP/2 spawns it as a task), and the router's state
             // is kilobytes; moving a pointer is cheaper than copying that several times per request.
             let resp = Box::pin(router::route(&self, req, &mut trace)).await;
-            return self.finish(resp, h2);
-        }
-        // Boxed: the observed path's state would otherwise make every request's future larger.
-        Box::pin(self.handle_observed(req, h2, request_timeout)).await
+            self.finish(resp, h2)
+        } else {
+            // Boxed: the observed path's state would otherwise make every request's future larger.
+            Box::pin(self.handle_observed(req, h2, request_timeout)).await
+        };
+        resp.body_mut().hold(StreamHold { active: Some(rq), ..Default::default() });
+        resp
     }
 
     /// A request with access logs or a request timeout to watch.
@@ -354,14 +386,16 @@ impl Connection {
         let stats = &self.hcm.stats;
         let logs = &self.hcm.config.access_log;
         let began = Instant::now();
-        let mut entry = if logs.is_empty() { access_log::Entry::default() } else { self.log_entry(&req) };
-        let mut trace =
-            router::Trace { logging: !logs.is_empty(), received: Some(Arc::default()), ..Default::default() };
-        let progress = trace.received.clone();
+        let entry = if logs.is_empty() { None } else { Some(self.log_entry(&req)) };
+        let trace = router::Trace { logging: !logs.is_empty(), received: Some(Arc::default()), ..Default::default() };
+        // Declared before the routing future borrows its trace, so that it is dropped after it: if hyper drops this
+        // request (the downstream went away before the response began), the guard still logs it.
+        let mut pending = Unanswered { entry, trace, began, logs };
+        let progress = pending.trace.received.clone();
         let resp = match request_timeout {
-            None => router::route(self, req, &mut trace).await,
+            None => router::route(self, req, &mut pending.trace).await,
             Some(limit) => {
-                let routed = router::route(self, req, &mut trace);
+                let routed = router::route(self, req, &mut pending.trace);
                 tokio::pin!(routed);
                 tokio::select! {
                     resp = &mut routed => resp,
@@ -373,17 +407,13 @@ impl Connection {
                 }
             }
         };
-        if logs.is_empty() {
+        let Some(mut entry) = pending.entry.take() else {
             return self.finish(resp, h2);
-        }
+        };
         let mut resp = self.finish(resp, h2);
         entry.response_code = Some(resp.status().as_u16());
         entry.response_headers = Some(resp.headers().clone());
-        entry.flags = trace.flags;
-        entry.route_name = trace.route_name;
-        entry.upstream_cluster = trace.cluster;
-        entry.upstream_host = trace.upstream_host;
-        entry.bytes_received = trace.received.map_or(0, |r| r.bytes.load(Ordering::Relaxed));
+        pending.trace.fill(&mut entry);
         let body = std::mem::replace(resp.body_mut(), ProxyBody::Empty);
         *resp.body_mut() = body::Logged::wrap(body, entry, began, logs.clone());
         resp

@@ -1408,6 +1408,26 @@ impl HeaderMatcher {
     }
 }
 
+/// A list of Envoy `HeaderMatcher`s that must all match, for HTTP filters that select requests by header (the
+/// health check filter's `headers`).
+#[derive(Debug)]
+pub struct HeaderMatchers(Vec<HeaderMatcher>);
+
+impl HeaderMatchers {
+    pub fn new(list: &[rpb::HeaderMatcher], path: &str) -> Result<Self, ConfigError> {
+        let matchers = list
+            .iter()
+            .enumerate()
+            .map(|(i, h)| HeaderMatcher::new(h, &join(path, &format!("[{i}]"))))
+            .collect::<Result<_, _>>()?;
+        Ok(HeaderMatchers(matchers))
+    }
+
+    pub fn matches(&self, req: &RequestHead<'_>) -> bool {
+        self.0.iter().all(|m| m.matches(req))
+    }
+}
+
 fn header_key(name: &str, path: &str) -> Result<HeaderKey, ConfigError> {
     if name.is_empty() {
         return Err(ConfigError::new(path, "a header name is required"));

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -12,7 +13,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::Connection;
-use super::body::ProxyBody;
+use super::body::{ProxyBody, StreamHold};
 use super::route::{Action, HostRewrite, Matched, RequestHead, RetryPolicy, RouteAction, UpstreamFailure};
 use crate::access_log::Flag;
 use crate::config::cluster::UpstreamProtocol;
@@ -34,6 +35,7 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static X_UPSTREAM_SERVICE_TIME: HeaderName = HeaderName::from_static("x-envoy-upstream-service-time");
 static X_ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count");
 static X_OVERLOADED: HeaderName = HeaderName::from_static("x-envoy-overloaded");
+static X_IMMEDIATE_HEALTH_CHECK_FAIL: HeaderName = HeaderName::from_static("x-envoy-immediate-health-check-fail");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -49,9 +51,33 @@ pub(super) fn prepare(conn: &Connection, req: &mut Request<Incoming>) {
     }
 }
 
+/// Runs the HTTP filters before the router (the health check filter, when configured), then routes.
+pub(super) async fn route(conn: &Connection, req: Request<Incoming>, trace: &mut Trace) -> Response<ProxyBody> {
+    let Some(health_check) = &conn.hcm.config.health_check else {
+        return route_request(conn, req, trace).await;
+    };
+    let failed = conn.ctx.health_check_failed.load(Ordering::Relaxed);
+    let authority = request_authority(&req);
+    let head = RequestHead { method: req.method(), uri: req.uri(), authority: &authority, headers: req.headers() };
+    if health_check.matches(&head) {
+        // Envoy's health_check filter, not in pass-through mode: the proxy answers for itself.
+        if failed {
+            trace.flags.push(Flag::FailedLocalHealthCheck);
+            return local_reply(conn, StatusCode::SERVICE_UNAVAILABLE, "");
+        }
+        return local_reply(conn, StatusCode::OK, "");
+    }
+    let mut resp = route_request(conn, req, trace).await;
+    if failed {
+        // Envoy's filter marks every other response too, so that a downstream Envoy stops sending here at once.
+        resp.headers_mut().insert(X_IMMEDIATE_HEALTH_CHECK_FAIL.clone(), HeaderValue::from_static("true"));
+    }
+    resp
+}
+
 /// Routes one request (already [`prepare`]d) and returns the response to send downstream: the upstream's, or a local
 /// reply.
-pub(super) async fn route(conn: &Connection, req: Request<Incoming>, trace: &mut Trace) -> Response<ProxyBody> {
+async fn route_request(conn: &Connection, req: Request<Incoming>, trace: &mut Trace) -> Response<ProxyBody> {
     let hcm = &conn.hcm;
     let config = &hcm.config;
     let authority = request_authority(&req);
@@ -181,6 +207,20 @@ fn prepare_request_headers(conn: &Connection, headers: &mut HeaderMap) {
 
 /// Connection-specific headers never cross the proxy (RFC 9110 §7.6.1), except the ones an upgrade needs.
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none of these: one pass over the few names present is cheaper than a hashed removal of
+    // each hop-by-hop name.
+    let hop = |n: &HeaderName| {
+        n == header::CONNECTION
+            || n == header::UPGRADE
+            || n == header::TRANSFER_ENCODING
+            || n == header::TE
+            || n == header::TRAILER
+            || n == KEEP_ALIVE
+            || n == PROXY_CONNECTION
+    };
+    if !headers.keys().any(hop) {
+        return;
+    }
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -302,6 +342,17 @@ pub(super) struct Trace {
     pub received: Option<Arc<super::body::Progress>>,
 }
 
+impl Trace {
+    /// Moves what routing found into the request's access log entry.
+    pub fn fill(&mut self, entry: &mut crate::access_log::Entry) {
+        entry.flags = std::mem::take(&mut self.flags);
+        entry.route_name = self.route_name.take();
+        entry.upstream_cluster = self.cluster.take();
+        entry.upstream_host = self.upstream_host;
+        entry.bytes_received = self.received.as_ref().map_or(0, |r| r.bytes.load(Ordering::Relaxed));
+    }
+}
+
 /// Why an attempt did not produce a response to pass on.
 enum Failure {
     Pool(PoolError),
@@ -361,11 +412,7 @@ async fn forward(
 
     let retry = action.retry_policy.as_ref();
     let body_empty = http_body::Body::is_end_stream(&body);
-    // A streamed body is sent once; only requests without one can be replayed.
-    let max_attempts = match retry {
-        Some(p) if body_empty => 1 + p.num_retries.min(cluster.config.http.max_retries),
-        _ => 1,
-    };
+    let max_attempts = retry.map_or(1, |p| 1 + p.num_retries);
     let deadline = action.timeout.map(|t| start + t);
     // A route's idle_timeout overrides the HCM's stream_idle_timeout; 0 disables it.
     let idle = match action.idle_timeout {
@@ -376,6 +423,20 @@ async fn forward(
     // Tracks the request body as it is sent (for BYTES_RECEIVED, request_timeout and connection reuse).
     let request_progress = if body_empty { None } else { Some(trace.received.clone().unwrap_or_default()) };
     let mut body = Some(body);
+    // A body that a retry may need again is kept as it streams to the first attempt (never collected before it).
+    let replay = match body.take() {
+        Some(b) if max_attempts > 1 && !body_empty => Some(super::body::Replay::new(
+            ProxyBody::stream(b, idle, None, request_progress.clone()),
+            conn.buffer_limit,
+            cluster.stats.retry_or_shadow_abandoned.clone(),
+        )),
+        b => {
+            body = b;
+            None
+        }
+    };
+    // The retry in flight, holding its place under the cluster's max_retries until its outcome is known.
+    let mut retry_slot = None;
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut attempt = 0;
     let stats = &cluster.stats;
@@ -390,7 +451,7 @@ async fn forward(
             tried.push(host_entry.address);
         }
         trace.upstream_host = Some(host_entry.address);
-        let Some(_rq) = cluster.start_request() else {
+        let Some(rq_slot) = cluster.start_request() else {
             trace.flags.push(Flag::UpstreamOverflow);
             let mut resp = local_reply(conn, StatusCode::SERVICE_UNAVAILABLE, OVERFLOW);
             resp.headers_mut().insert(X_OVERLOADED.clone(), HeaderValue::from_static("true"));
@@ -406,9 +467,15 @@ async fn forward(
         } else if let Some(v) = &host {
             h.insert(header::HOST, v.clone());
         }
-        let upstream_body = match body.take() {
-            Some(b) if !body_empty => ProxyBody::stream(b, idle, None, request_progress.clone()),
-            _ => ProxyBody::Empty,
+        let (upstream_body, sent) = match (&replay, body.take()) {
+            (Some(r), _) => {
+                let (b, sent) = r.attempt();
+                (b, Some(sent))
+            }
+            (None, Some(b)) if !body_empty => {
+                (ProxyBody::stream(b, idle, None, request_progress.clone()), request_progress.clone())
+            }
+            _ => (ProxyBody::Empty, None),
         };
         let request = match build_request(&parts.method, &parts.uri, path.as_deref(), protocol, h, upstream_body) {
             Ok(r) => r,
@@ -475,25 +542,42 @@ async fn forward(
                 None => send.await.map_err(Failure::Pool),
             }
         };
-        let can_retry = attempt < max_attempts && retry.is_some();
+        // A body that outgrew the retry buffer ends retrying, as Envoy drops its retry state then.
+        let policy = retry.filter(|_| replay.as_ref().is_none_or(|r| r.replayable()));
+        let can_retry = attempt < max_attempts && policy.is_some();
+        // Envoy's shouldRetry gives the previous retry's max_retries place back before it decides on the next.
+        let retried = retry_slot.take().is_some();
         match outcome {
             Ok((resp, lease)) => {
-                stats.upstream_rq_time.record(now.elapsed().as_secs_f64() * 1000.0);
                 let status = resp.status().as_u16();
                 cluster.count_response(status);
-                let retriable = retry.is_some_and(|p| p.should_retry_status(status));
+                let retriable = policy.is_some_and(|p| p.should_retry_status(status));
                 if can_retry && retriable {
-                    stats.upstream_rq_retry.inc();
-                    backoff(retry, attempt, deadline).await;
-                    continue;
-                }
-                if retriable && attempt > 1 {
+                    if let Some(slot) = cluster.start_retry() {
+                        retry_slot = Some(slot);
+                        stats.upstream_rq_retry.inc();
+                        backoff(retry, attempt, deadline).await;
+                        continue;
+                    }
+                    // The cluster's max_retries are all outstanding: Envoy passes this answer on, flagged UO.
+                    trace.flags.push(Flag::UpstreamOverflow);
+                } else if retriable && attempt > 1 {
                     // Envoy counts a retriable answer that used up the retries.
                     stats.upstream_rq_retry_limit_exceeded.inc();
                     trace.flags.push(Flag::UpstreamRetryLimitExceeded);
+                } else if retried && !retriable {
+                    stats.upstream_rq_retry_success.inc();
                 }
-                let lease = lease.map(|l| l.with_request(request_progress.clone()));
-                return upstream_response(conn, resp, lease, start, downstream_upgrade, parts.version, idle);
+                let lease = lease.map(|l| l.with_request(sent));
+                // Envoy's upstream_rq_time runs from the end of the downstream request to the end of the upstream
+                // response, retries included; none is recorded if the response began before the request ended.
+                let complete = match &request_progress {
+                    None => Some(start),
+                    Some(p) => p.finished_at(),
+                };
+                let timing = complete.map(|t| (stats.upstream_rq_time.clone(), t));
+                let hold = StreamHold { slot: Some(rq_slot), timing, ..Default::default() };
+                return upstream_response(conn, resp, lease, hold, start, downstream_upgrade, parts.version, idle);
             }
             Err(failure) => {
                 if matches!(failure, Failure::Pool(PoolError::PendingOverflow)) {
@@ -506,7 +590,7 @@ async fn forward(
                     Failure::Pool(e) if e.is_connect_failure() => {
                         debug!(cluster = %cluster.name(), "upstream connect failure: {e}");
                         (
-                            retry.is_some_and(|p| p.should_retry_failure(UpstreamFailure::ConnectFailure)),
+                            policy.is_some_and(|p| p.should_retry_failure(UpstreamFailure::ConnectFailure)),
                             (StatusCode::SERVICE_UNAVAILABLE, CONNECT_FAILURE),
                         )
                     }
@@ -514,26 +598,31 @@ async fn forward(
                         debug!(cluster = %cluster.name(), "upstream reset: {e}");
                         stats.upstream_rq_rx_reset.inc();
                         (
-                            retry.is_some_and(|p| p.should_retry_failure(UpstreamFailure::Reset)),
+                            policy.is_some_and(|p| p.should_retry_failure(UpstreamFailure::Reset)),
                             (StatusCode::SERVICE_UNAVAILABLE, RESET),
                         )
                     }
                     Failure::PerTryTimeout => (
-                        retry.is_some_and(|p| p.retry_on.five_xx || p.retry_on.gateway_error || p.retry_on.reset),
+                        policy.is_some_and(|p| p.retry_on.five_xx || p.retry_on.gateway_error || p.retry_on.reset),
                         (StatusCode::GATEWAY_TIMEOUT, TIMEOUT),
                     ),
                 };
                 if can_retry && retryable {
-                    stats.upstream_rq_retry.inc();
-                    backoff(retry, attempt, deadline).await;
-                    continue;
+                    if let Some(slot) = cluster.start_retry() {
+                        retry_slot = Some(slot);
+                        stats.upstream_rq_retry.inc();
+                        backoff(retry, attempt, deadline).await;
+                        continue;
+                    }
+                    // The cluster's max_retries are all outstanding: no retry, flagged UO as in Envoy.
+                    trace.flags.push(Flag::UpstreamOverflow);
                 }
                 trace.flags.push(match &failure {
                     Failure::Pool(e) if e.is_connect_failure() => Flag::UpstreamConnectionFailure,
                     Failure::Pool(_) => Flag::UpstreamConnectionTermination,
                     Failure::PerTryTimeout => Flag::UpstreamRequestTimeout,
                 });
-                if attempt > 1 && retryable {
+                if attempt > 1 && retryable && !can_retry {
                     stats.upstream_rq_retry_limit_exceeded.inc();
                     trace.flags.push(Flag::UpstreamRetryLimitExceeded);
                 }
@@ -605,10 +694,12 @@ fn build_request(
     Ok(req)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn upstream_response(
     conn: &Connection,
     mut resp: Response<Incoming>,
     lease: Option<Lease>,
+    hold: StreamHold,
     start: Instant,
     downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
     downstream_version: Version,
@@ -642,7 +733,9 @@ fn upstream_response(
     set_server(conn, &mut parts.headers);
     // An upgraded connection never returns to the pool: its bytes now belong to the tunnel.
     let lease = if switching { None } else { lease };
-    Response::from_parts(parts, ProxyBody::stream(body, idle, lease, None))
+    let mut body = ProxyBody::stream(body, idle, lease, None);
+    body.hold(hold);
+    Response::from_parts(parts, body)
 }
 
 #[cfg(test)]
