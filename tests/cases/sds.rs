@@ -414,3 +414,47 @@ async fn a_static_listener_warms_for_its_sds_secret() {
     assert_eq!(presented(addr, &pki, &client).await, pem_der(&cert.cert));
     eventually("server LIVE", WAIT, async || gauge(&server, "server.state") == 0).await;
 }
+
+/// Istio's outbound clusters carry their mTLS in a transport socket match (`tlsMode: istio`) with SDS secrets: the
+/// cluster warms for them like for its own transport socket's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transport_socket_match_takes_its_ca_from_sds() {
+    let pki = Pki::new();
+    let backend = pki.leaf(&[], &["spiffe://cluster.local/ns/default/sa/backend"]);
+    let up = tls_echo_upstream(&backend).await;
+    let mock = mock().await;
+    let server = start(&bootstrap(mock.addr(), "GRPC"), Duration::from_millis(300)).await;
+    let port = free_port();
+    let cluster = format!(
+        r#"
+  - name: mesh
+    connect_timeout: 1s
+    transport_socket_matches:
+    - name: tlsMode-istio
+      match: {{ tlsMode: istio }}
+      transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config: {{ "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext, sni: "mesh", common_tls_context: {{ validation_context_sds_secret_config: {{ name: ROOTCA, sds_config: {{ ads: {{}} }} }} }} }}
+    load_assignment:
+      cluster_name: mesh
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {} }} }} }}
+          metadata: {{ filter_metadata: {{ envoy.transport_socket_match: {{ tlsMode: istio }} }} }}"#,
+        up.port()
+    );
+    let v = mock.set(CLUSTER, vec![cluster_any(&cluster)]).unwrap();
+    acked(&mock, CLUSTER, &v).await;
+    let listener = any(&unlisted(&tcp_listener("out", port, "mesh")), "envoy.config.listener.v3.Listener", LISTENER);
+    let v = mock.set(LISTENER, vec![listener]).unwrap();
+    acked(&mock, LISTENER, &v).await;
+    assert!(server.cluster_manager().get("mesh").is_none(), "the cluster warms for its match's secret");
+
+    let v = mock.set(SECRET, vec![ca_secret("ROOTCA", &pki.ca_pem())]).unwrap();
+    acked(&mock, SECRET, &v).await;
+    eventually("listener active", WAIT, async || server.listener_manager().warming_names().is_empty()).await;
+    let mut s = tokio::net::TcpStream::connect(std::net::SocketAddr::from(([127, 0, 0, 1], port))).await.unwrap();
+    let mut greeting = vec![0u8; "mesh\n".len()];
+    s.read_exact(&mut greeting).await.unwrap();
+    assert_eq!(greeting, b"mesh\n", "the labelled host got TLS verified with the SDS CA");
+}
