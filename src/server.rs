@@ -95,6 +95,7 @@ impl Server {
         // Bound first, as Envoy does, so a taken admin port fails start-up before anything else happens.
         let admin_socket = bootstrap.admin_address.map(crate::admin::bind).transpose()?;
         let mut clusters = ClusterManager::new(stats.clone());
+        clusters.set_secrets(bootstrap.secrets.clone());
         for c in &bootstrap.clusters {
             clusters.add_static(c.clone());
         }
@@ -106,6 +107,7 @@ impl Server {
         let drain = DrainSettings { drain_time: options.drain_time, strategy: options.drain_strategy };
         let mut listeners = ListenerManager::new(workers, sockets, drain, stats.clone(), clusters.published());
         listeners.set_cluster_wait(bootstrap.cds_initial_fetch_timeout());
+        listeners.set_secrets(bootstrap.secrets.clone());
         for l in &bootstrap.listeners {
             listeners.add_static(l.clone()).map_err(|error| StartError::Listener { name: l.name.clone(), error })?;
         }
@@ -141,8 +143,9 @@ impl Server {
             });
             server.admin = Some((address, stop));
         }
-        // Warming listeners time out even when no cluster update comes to wake them.
+        // Warming clusters and listeners time out even when no update comes to wake them.
         let warming = Arc::downgrade(&server.listeners);
+        let warming_clusters = Arc::downgrade(&server.clusters);
         let stop = server.background.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -151,6 +154,9 @@ impl Server {
                     _ = tick.tick() => {}
                     _ = stop.cancelled() => return,
                 }
+                let Some(cm) = warming_clusters.upgrade() else { return };
+                cm.lock().unwrap_or_else(|p| p.into_inner()).promote_warming();
+                drop(cm);
                 let Some(lm) = warming.upgrade() else { return };
                 lm.lock().unwrap_or_else(|p| p.into_inner()).promote_warming();
             }
@@ -168,6 +174,17 @@ impl Server {
             };
             tokio::spawn(ads.run());
         }
+        // SDS streams of their own (api_config_source), started as TLS contexts come to name their clusters.
+        let sds = crate::xds::sds::SdsContext {
+            node: server.bootstrap.node.clone(),
+            listeners: server.listeners.clone(),
+            clusters: server.clusters.clone(),
+            secrets: server.bootstrap.secrets.clone(),
+            stats: stats.clone(),
+            status: server.xds_status.clone(),
+            stop: server.background.clone(),
+        };
+        tokio::spawn(sds.run());
         let fetches = initial_fetches(&server.bootstrap);
         if fetches.is_empty() {
             server.lifecycle.initialized();

@@ -1,33 +1,277 @@
-//! Downstream TLS termination for a filter chain (`envoy.transport_sockets.tls` with a `DownstreamTlsContext`):
-//! the validated rustls server configuration, shared by every worker, and the peer checks rustls does not do
-//! itself (Envoy's `match_typed_subject_alt_names`).
+//! TLS transport sockets: a filter chain's server side (`DownstreamTlsContext`) and a cluster's client side
+//! (`UpstreamTlsContext`), and the peer checks rustls does not do itself (Envoy's `match_typed_subject_alt_names`).
 //!
-//! Certificates come inline or from files; SDS secrets are refused by the field audit until they are implemented, so
-//! nothing configured is silently ignored. Cipher suite and curve lists are read by [`params`].
+//! Certificates and validation contexts come inline, from files, or as secrets by name (static or SDS, see
+//! [`crate::secret`]). A context keeps its rustls config per secret version: the first handshake after a rotation
+//! builds it once for every worker, later ones share it, and nothing about the listener, the cluster or open
+//! connections changes. Cipher suite and curve lists are read by [`params`].
 
 pub mod params;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
+use arc_swap::ArcSwapOption;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tlspb;
 use envoy_types::pb::envoy::r#type::matcher::v3 as matcher;
 use envoy_types::pb::google::protobuf::Any;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use prost::Message;
+use rustls::pki_types::CertificateDer;
+use rustls::sign::CertifiedKey;
+use tracing::warn;
 
-use crate::config::listener::{data_source, decode_any};
+use crate::config::listener::decode_any;
 use crate::config::{ConfigError, join};
+use crate::secret::{Secret, SecretBinding, SecretError, SecretRef, SecretRegistry, Validation};
 use crate::stats::{Counter, Store};
 
 pub const TYPE_DOWNSTREAM_TLS: &str = "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext";
 pub const TYPE_UPSTREAM_TLS: &str = "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
 
+/// Where a context's own certificate comes from.
+#[derive(Debug)]
+enum CertSource {
+    None,
+    Inline(Arc<CertifiedKey>),
+    Sds(SecretBinding),
+}
+
+/// Where a context's peer validation comes from.
+#[derive(Debug)]
+enum ValidationSource {
+    None,
+    Inline(Arc<Validation>),
+    Sds(SecretBinding),
+    /// Envoy's `combined_validation_context`: the SDS context merged into the default one as protobuf merges (the
+    /// secret's set fields win, lists append), so a static SAN list is kept while SDS rotates the CA.
+    Combined {
+        default: Box<tlspb::CertificateValidationContext>,
+        sds: SecretBinding,
+    },
+}
+
+/// The certificate and validation settings of a `CommonTlsContext`, resolved against secrets on each handshake.
+#[derive(Debug)]
+struct Sources {
+    cert: CertSource,
+    validation: ValidationSource,
+    /// `common_tls_context`'s path, for errors of a build.
+    path: String,
+}
+
+/// What a build consumed: the secret versions (pointer identity) and, from them, the material.
+struct Material<'a> {
+    cert: Option<&'a Arc<CertifiedKey>>,
+    validation: Option<Arc<Validation>>,
+}
+
+impl Sources {
+    fn parse(common: &tlspb::CommonTlsContext, cpath: &str) -> Result<Sources, ConfigError> {
+        use tlspb::common_tls_context::ValidationContextType;
+        let cert = match (common.tls_certificates.as_slice(), common.tls_certificate_sds_secret_configs.as_slice()) {
+            ([], []) => CertSource::None,
+            ([c], []) => CertSource::Inline(crate::secret::certified_key(c, &join(cpath, "tls_certificates[0]"))?),
+            ([], [s]) => {
+                let path = join(cpath, "tls_certificate_sds_secret_configs[0]");
+                CertSource::Sds(SecretBinding::new(SecretRef::from_proto(s, &path)?, path))
+            }
+            ([_, ..], [_, ..]) => {
+                return Err(ConfigError::new(
+                    join(cpath, "tls_certificate_sds_secret_configs"),
+                    "tls_certificates and tls_certificate_sds_secret_configs cannot both be set",
+                ));
+            }
+            ([], _) => {
+                return Err(ConfigError::new(
+                    join(cpath, "tls_certificate_sds_secret_configs"),
+                    "more than one certificate (selection by key type or SNI) is not supported",
+                ));
+            }
+            (_, _) => {
+                return Err(ConfigError::new(
+                    join(cpath, "tls_certificates"),
+                    "more than one certificate (selection by key type or SNI) is not supported",
+                ));
+            }
+        };
+        let validation = match &common.validation_context_type {
+            None => ValidationSource::None,
+            Some(ValidationContextType::ValidationContext(v)) => {
+                ValidationSource::Inline(Arc::new(Validation::from_proto(v, &join(cpath, "validation_context"))?))
+            }
+            Some(ValidationContextType::ValidationContextSdsSecretConfig(s)) => {
+                let path = join(cpath, "validation_context_sds_secret_config");
+                ValidationSource::Sds(SecretBinding::new(SecretRef::from_proto(s, &path)?, path))
+            }
+            Some(ValidationContextType::CombinedValidationContext(c)) => {
+                let path = join(cpath, "combined_validation_context");
+                let default = c.default_validation_context.clone().ok_or_else(|| {
+                    ConfigError::new(
+                        join(&path, "default_validation_context"),
+                        "a default validation context is required",
+                    )
+                })?;
+                // Checked now for what can be checked alone; the merge is checked when the secret arrives.
+                for (i, m) in default.match_typed_subject_alt_names.iter().enumerate() {
+                    san_matcher(
+                        m,
+                        &join(&path, &format!("default_validation_context.match_typed_subject_alt_names[{i}]")),
+                    )?;
+                }
+                legacy_san_matchers(&default, &join(&path, "default_validation_context"))?;
+                let spath = join(&path, "validation_context_sds_secret_config");
+                let sds = c
+                    .validation_context_sds_secret_config
+                    .as_ref()
+                    .ok_or_else(|| ConfigError::new(&spath, "an SDS secret config is required"))?;
+                ValidationSource::Combined {
+                    default: Box::new(default),
+                    sds: SecretBinding::new(SecretRef::from_proto(sds, &spath)?, spath),
+                }
+            }
+            Some(_) => {
+                return Err(ConfigError::new(
+                    join(cpath, "validation_context_type"),
+                    "only validation_context, validation_context_sds_secret_config and combined_validation_context \
+                     are supported",
+                ));
+            }
+        };
+        Ok(Sources { cert, validation, path: cpath.to_string() })
+    }
+
+    fn bindings(&self) -> impl Iterator<Item = &SecretBinding> {
+        let cert = match &self.cert {
+            CertSource::Sds(b) => Some(b),
+            _ => None,
+        };
+        let validation = match &self.validation {
+            ValidationSource::Sds(b) | ValidationSource::Combined { sds: b, .. } => Some(b),
+            _ => None,
+        };
+        cert.into_iter().chain(validation)
+    }
+
+    /// The secret versions in force now: (certificate, validation); None where the source is not a secret.
+    fn versions(&self) -> (Option<Arc<Secret>>, Option<Arc<Secret>>) {
+        let cert = match &self.cert {
+            CertSource::Sds(b) => b.current(),
+            _ => None,
+        };
+        let validation = match &self.validation {
+            ValidationSource::Sds(b) | ValidationSource::Combined { sds: b, .. } => b.current(),
+            _ => None,
+        };
+        (cert, validation)
+    }
+
+    /// The material for these versions, or why there is none yet.
+    fn material<'a>(
+        &'a self,
+        cert: Option<&'a Arc<Secret>>,
+        validation: Option<&'a Arc<Secret>>,
+    ) -> Result<Material<'a>, ConfigError> {
+        let not_ready =
+            |b: &SecretBinding| ConfigError::new(&b.path, format!("secret '{}' is not ready", b.reference.name));
+        let cert = match &self.cert {
+            CertSource::None => None,
+            CertSource::Inline(k) => Some(k),
+            CertSource::Sds(b) => {
+                let s = cert.ok_or_else(|| not_ready(b))?;
+                Some(s.certificate().ok_or_else(|| wrong_kind(b, "validation context", "certificate"))?)
+            }
+        };
+        let validation = match &self.validation {
+            ValidationSource::None => None,
+            ValidationSource::Inline(v) => Some(v.clone()),
+            ValidationSource::Sds(b) => {
+                let s = validation.ok_or_else(|| not_ready(b))?;
+                Some(s.validation().ok_or_else(|| wrong_kind(b, "certificate", "validation context"))?.0.clone())
+            }
+            ValidationSource::Combined { default, sds } => {
+                let s = validation.ok_or_else(|| not_ready(sds))?;
+                let (_, dynamic) =
+                    s.validation().ok_or_else(|| wrong_kind(sds, "certificate", "validation context"))?;
+                let mut merged = (**default).clone();
+                merged
+                    .merge(dynamic.encode_to_vec().as_slice())
+                    .map_err(|e| ConfigError::new(join(&self.path, "combined_validation_context"), e.to_string()))?;
+                Some(Arc::new(Validation::from_proto(&merged, &join(&self.path, "combined_validation_context"))?))
+            }
+        };
+        Ok(Material { cert, validation })
+    }
+}
+
+fn wrong_kind(b: &SecretBinding, found: &str, expected: &str) -> ConfigError {
+    ConfigError::new(&b.path, format!("secret '{}' is a {found}, not a {expected}", b.reference.name))
+}
+
+/// One build per combination of secret versions, shared by every worker: the handshake path compares pointers and
+/// builds only when a secret changed (a failed build is kept too, so a bad combination is not retried per handshake).
+#[derive(Debug)]
+struct PerVersion<T> {
+    built: ArcSwapOption<Built<T>>,
+    building: Mutex<()>,
+}
+
+#[derive(Debug)]
+struct Built<T> {
+    cert: Option<Arc<Secret>>,
+    validation: Option<Arc<Secret>>,
+    result: Result<Arc<T>, String>,
+}
+
+fn same(a: &Option<Arc<Secret>>, b: &Option<Arc<Secret>>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        _ => false,
+    }
+}
+
+impl<T> PerVersion<T> {
+    fn new() -> Self {
+        PerVersion { built: ArcSwapOption::empty(), building: Mutex::new(()) }
+    }
+
+    fn get(
+        &self,
+        sources: &Sources,
+        build: impl FnOnce(&Material<'_>) -> Result<T, ConfigError>,
+    ) -> Result<Arc<T>, String> {
+        let (cert, validation) = sources.versions();
+        let hit = |b: &Built<T>| same(&b.cert, &cert) && same(&b.validation, &validation);
+        if let Some(b) = self.built.load().as_ref()
+            && hit(b)
+        {
+            return b.result.clone();
+        }
+        let _one_builder = self.building.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = self.built.load().as_ref()
+            && hit(b)
+        {
+            return b.result.clone();
+        }
+        let result = sources.material(cert.as_ref(), validation.as_ref()).and_then(|m| build(&m));
+        let result = result.map(Arc::new).map_err(|e| e.to_string());
+        if let Err(e) = &result {
+            warn!("TLS context cannot be built: {e}");
+        }
+        self.built.store(Some(Arc::new(Built { cert, validation, result: result.clone() })));
+        result
+    }
+}
+
 /// A cluster's TLS client side (`UpstreamTlsContext`).
 #[derive(Debug)]
 pub struct UpstreamTls {
-    pub config: Arc<rustls::ClientConfig>,
+    sources: Sources,
+    versions: Vec<&'static rustls::SupportedProtocolVersion>,
+    alpn: Vec<Vec<u8>>,
     /// The `sni` to send; None sends none (the host's address stands in for rustls).
     sni: Option<rustls::pki_types::ServerName<'static>>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    built: PerVersion<rustls::ClientConfig>,
 }
 
 impl UpstreamTls {
@@ -38,48 +282,7 @@ impl UpstreamTls {
         let default = tlspb::CommonTlsContext::default();
         let common = ctx.common_tls_context.as_ref().unwrap_or(&default);
         let versions = versions(common.tls_params.as_ref(), &join(&cpath, "tls_params"))?;
-        let provider = params::provider(common.tls_params.as_ref(), &join(&cpath, "tls_params"))?;
-        let mut san = Vec::new();
-        let roots = match &common.validation_context_type {
-            Some(tlspb::common_tls_context::ValidationContextType::ValidationContext(v)) => {
-                let vpath = join(&cpath, "validation_context");
-                for (i, m) in v.match_typed_subject_alt_names.iter().enumerate() {
-                    san.push(san_matcher(m, &join(&vpath, &format!("match_typed_subject_alt_names[{i}]")))?);
-                }
-                san.extend(legacy_san_matchers(v, &vpath)?);
-                Some(Arc::new(roots(v.trusted_ca.as_ref(), &join(&vpath, "trusted_ca"))?))
-            }
-            // Envoy does not verify an upstream's certificate without a validation context.
-            None => None,
-            Some(_) => {
-                return Err(ConfigError::new(
-                    join(&cpath, "validation_context_type"),
-                    "only an inline validation_context is supported (no SDS or combined validation context yet)",
-                ));
-            }
-        };
-        let verifier =
-            Arc::new(UpstreamVerifier { roots, san, algorithms: provider.signature_verification_algorithms });
-        let builder = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&versions)
-            .map_err(|e| ConfigError::new(join(&cpath, "tls_params"), e.to_string()))?
-            .dangerous()
-            .with_custom_certificate_verifier(verifier);
-        let mut config = match common.tls_certificates.as_slice() {
-            [] => builder.with_no_client_auth(),
-            [cert] => {
-                let cert_path = join(&cpath, "tls_certificates[0]");
-                let (chain, key) = certificate(cert, &cert_path)?;
-                builder.with_client_auth_cert(chain, key).map_err(|e| ConfigError::new(cert_path, e.to_string()))?
-            }
-            _ => {
-                return Err(ConfigError::new(
-                    join(&cpath, "tls_certificates"),
-                    "more than one client certificate is not supported",
-                ));
-            }
-        };
-        config.alpn_protocols = if common.alpn_protocols.is_empty() {
+        let alpn = if common.alpn_protocols.is_empty() {
             default_alpn.iter().map(|p| p.as_bytes().to_vec()).collect()
         } else {
             common.alpn_protocols.iter().map(|p| p.as_bytes().to_vec()).collect()
@@ -92,7 +295,58 @@ impl UpstreamTls {
                     .map_err(|e| ConfigError::new(join(path, "sni"), e.to_string()))?,
             )
         };
-        Ok(UpstreamTls { config: Arc::new(config), sni })
+        let provider = params::provider(common.tls_params.as_ref(), &join(&cpath, "tls_params"))?;
+        let tls = UpstreamTls {
+            sources: Sources::parse(common, &cpath)?,
+            versions,
+            alpn,
+            sni,
+            provider,
+            built: PerVersion::new(),
+        };
+        if tls.sources.bindings().next().is_none() {
+            // Inline only: built (and judged) now, so a bad config is an error of the config.
+            let built = tls.build_material(&tls.sources.material(None, None)?)?;
+            tls.built.store_inline(built);
+        }
+        Ok(tls)
+    }
+
+    /// The secrets this context refers to, for binding, warming and dumps.
+    pub fn secrets(&self) -> impl Iterator<Item = &SecretBinding> {
+        self.sources.bindings()
+    }
+
+    /// Binds the context's secret references to the registry's slots.
+    pub fn bind(&self, registry: &SecretRegistry) -> Result<(), SecretError> {
+        self.sources.bindings().try_for_each(|b| registry.bind(b))
+    }
+
+    /// The client config for the secrets in force now.
+    pub fn client_config(&self) -> Result<Arc<rustls::ClientConfig>, String> {
+        self.built.get(&self.sources, |m| self.build_material(m))
+    }
+
+    fn build_material(&self, m: &Material<'_>) -> Result<rustls::ClientConfig, ConfigError> {
+        let provider = self.provider.clone();
+        // Envoy does not verify an upstream's certificate without a validation context.
+        let (roots, san) = match &m.validation {
+            Some(v) => (Some(v.roots.clone()), v.san.clone()),
+            None => (None, Vec::new()),
+        };
+        let verifier =
+            Arc::new(UpstreamVerifier { roots, san, algorithms: provider.signature_verification_algorithms });
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&self.versions)
+            .map_err(|e| ConfigError::new(join(&self.sources.path, "tls_params"), e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier);
+        let mut config = match m.cert {
+            Some(key) => builder.with_client_cert_resolver(Arc::new(FixedCert(key.clone()))),
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = self.alpn.clone();
+        Ok(config)
     }
 
     /// Runs the TLS handshake over a connected upstream socket.
@@ -101,8 +355,36 @@ impl UpstreamTls {
         stream: tokio::net::TcpStream,
         host: std::net::SocketAddr,
     ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        // Envoy's "secrets not ready": the connection fails, the cluster stays.
+        let config = self.client_config().map_err(std::io::Error::other)?;
         let name = self.sni.clone().unwrap_or_else(|| rustls::pki_types::ServerName::IpAddress(host.ip().into()));
-        tokio_rustls::TlsConnector::from(self.config.clone()).connect(name, stream).await
+        tokio_rustls::TlsConnector::from(config).connect(name, stream).await
+    }
+}
+
+impl<T> PerVersion<T> {
+    fn store_inline(&self, built: T) {
+        self.built.store(Some(Arc::new(Built { cert: None, validation: None, result: Ok(Arc::new(built)) })));
+    }
+}
+
+/// A certificate that does not depend on the handshake: the context's one certificate of this version.
+#[derive(Debug)]
+struct FixedCert(Arc<CertifiedKey>);
+
+impl rustls::server::ResolvesServerCert for FixedCert {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+impl rustls::client::ResolvesClientCert for FixedCert {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[rustls::SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
     }
 }
 
@@ -168,35 +450,27 @@ impl rustls::client::danger::ServerCertVerifier for UpstreamVerifier {
     }
 }
 
-fn roots(
-    ca: Option<&envoy_types::pb::envoy::config::core::v3::DataSource>,
-    path: &str,
-) -> Result<rustls::RootCertStore, ConfigError> {
-    let ca = data_source(ca, path)?;
-    if ca.is_empty() {
-        return Err(ConfigError::new(path, "a trusted CA is required"));
-    }
-    let mut roots = rustls::RootCertStore::empty();
-    for (i, cert) in CertificateDer::pem_slice_iter(&ca).enumerate() {
-        let cert = cert.map_err(|e| ConfigError::new(path, format!("certificate {i}: {e}")))?;
-        roots.add(cert).map_err(|e| ConfigError::new(path, e.to_string()))?;
-    }
-    if roots.is_empty() {
-        return Err(ConfigError::new(path, "no PEM certificate found"));
-    }
-    Ok(roots)
-}
-
 /// A chain's TLS server side.
 #[derive(Debug)]
 pub struct DownstreamTls {
+    sources: Sources,
+    versions: Vec<&'static rustls::SupportedProtocolVersion>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    alpn: Vec<Vec<u8>>,
+    require_client: bool,
+    built: PerVersion<ServerSide>,
+}
+
+/// The server side for one combination of secret versions.
+#[derive(Debug)]
+pub struct ServerSide {
     pub config: Arc<rustls::ServerConfig>,
     san: Vec<SanMatcher>,
 }
 
 /// One `match_typed_subject_alt_names` entry, or one of the deprecated `match_subject_alt_names` (any name type).
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct SanMatcher {
+pub struct SanMatcher {
     kind: Option<SanKind>,
     value: StringMatch,
 }
@@ -270,65 +544,77 @@ impl DownstreamTls {
             .common_tls_context
             .as_ref()
             .ok_or_else(|| ConfigError::new(&cpath, "a DownstreamTlsContext needs a common_tls_context"))?;
-        let (chain, key) = match common.tls_certificates.as_slice() {
-            [cert] => certificate(cert, &join(&cpath, "tls_certificates[0]"))?,
-            [] => {
-                return Err(ConfigError::new(
-                    join(&cpath, "tls_certificates"),
-                    "a TLS server needs one certificate (SDS secrets are not supported yet)",
-                ));
-            }
-            _ => {
-                return Err(ConfigError::new(
-                    join(&cpath, "tls_certificates"),
-                    "more than one certificate (selection by key type or SNI) is not supported",
-                ));
-            }
-        };
-        let versions = versions(common.tls_params.as_ref(), &join(&cpath, "tls_params"))?;
-        let provider = params::provider(common.tls_params.as_ref(), &join(&cpath, "tls_params"))?;
-        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&versions)
-            .map_err(|e| ConfigError::new(join(&cpath, "tls_params"), e.to_string()))?;
-
+        let sources = Sources::parse(common, &cpath)?;
+        if matches!(sources.cert, CertSource::None) {
+            return Err(ConfigError::new(
+                join(&cpath, "tls_certificates"),
+                "a TLS server needs one certificate (tls_certificates or tls_certificate_sds_secret_configs)",
+            ));
+        }
         let require_client = ctx.require_client_certificate.as_ref().is_some_and(|v| v.value);
-        let mut san = Vec::new();
-        let builder = match &common.validation_context_type {
-            Some(tlspb::common_tls_context::ValidationContextType::ValidationContext(v)) => {
-                let vpath = join(&cpath, "validation_context");
-                let roots = roots(v.trusted_ca.as_ref(), &join(&vpath, "trusted_ca"))?;
-                for (i, m) in v.match_typed_subject_alt_names.iter().enumerate() {
-                    san.push(san_matcher(m, &join(&vpath, &format!("match_typed_subject_alt_names[{i}]")))?);
-                }
-                san.extend(legacy_san_matchers(v, &vpath)?);
-                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
-                // Envoy verifies a presented certificate even when it does not require one.
-                let verifier = if require_client { verifier } else { verifier.allow_unauthenticated() };
-                let verifier =
-                    verifier.build().map_err(|e| ConfigError::new(&vpath, format!("client verifier: {e}")))?;
-                builder.with_client_cert_verifier(verifier)
-            }
-            None if require_client => {
-                return Err(ConfigError::new(
-                    join(path, "require_client_certificate"),
-                    "requiring a client certificate needs common_tls_context.validation_context",
-                ));
-            }
-            None => builder.with_no_client_auth(),
-            Some(_) => {
-                return Err(ConfigError::new(
-                    join(&cpath, "validation_context_type"),
-                    "only an inline validation_context is supported (no SDS or combined validation context yet)",
-                ));
-            }
+        if require_client && matches!(sources.validation, ValidationSource::None) {
+            return Err(ConfigError::new(
+                join(path, "require_client_certificate"),
+                "requiring a client certificate needs a validation context in common_tls_context",
+            ));
+        }
+        let tls = DownstreamTls {
+            versions: versions(common.tls_params.as_ref(), &join(&cpath, "tls_params"))?,
+            provider: params::provider(common.tls_params.as_ref(), &join(&cpath, "tls_params"))?,
+            alpn: common.alpn_protocols.iter().map(|p| p.as_bytes().to_vec()).collect(),
+            require_client,
+            sources,
+            built: PerVersion::new(),
         };
-        let mut config = builder
-            .with_single_cert(chain, key)
-            .map_err(|e| ConfigError::new(join(&cpath, "tls_certificates[0]"), e.to_string()))?;
-        config.alpn_protocols = common.alpn_protocols.iter().map(|p| p.as_bytes().to_vec()).collect();
-        Ok(DownstreamTls { config: Arc::new(config), san })
+        if tls.sources.bindings().next().is_none() {
+            let built = tls.build_material(&tls.sources.material(None, None)?)?;
+            tls.built.store_inline(built);
+        }
+        Ok(tls)
     }
 
+    /// The secrets this context refers to, for binding, warming and dumps.
+    pub fn secrets(&self) -> impl Iterator<Item = &SecretBinding> {
+        self.sources.bindings()
+    }
+
+    /// Binds the context's secret references to the registry's slots.
+    pub fn bind(&self, registry: &SecretRegistry) -> Result<(), SecretError> {
+        self.sources.bindings().try_for_each(|b| registry.bind(b))
+    }
+
+    /// The server side for the secrets in force now; an error (logged once per version) when a secret has not
+    /// arrived or does not combine, and the handshake must fail (Envoy's "secrets not ready").
+    pub fn server(&self) -> Result<Arc<ServerSide>, String> {
+        self.built.get(&self.sources, |m| self.build_material(m))
+    }
+
+    fn build_material(&self, m: &Material<'_>) -> Result<ServerSide, ConfigError> {
+        let cpath = &self.sources.path;
+        let key = m.cert.ok_or_else(|| ConfigError::new(join(cpath, "tls_certificates"), "no certificate"))?;
+        let provider = self.provider.clone();
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&self.versions)
+            .map_err(|e| ConfigError::new(join(cpath, "tls_params"), e.to_string()))?;
+        let (builder, san) = match &m.validation {
+            Some(v) => {
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(v.roots.clone(), provider);
+                // Envoy verifies a presented certificate even when it does not require one.
+                let verifier = if self.require_client { verifier } else { verifier.allow_unauthenticated() };
+                let verifier = verifier.build().map_err(|e| {
+                    ConfigError::new(join(cpath, "validation_context"), format!("client verifier: {e}"))
+                })?;
+                (builder.with_client_cert_verifier(verifier), v.san.clone())
+            }
+            None => (builder.with_no_client_auth(), Vec::new()),
+        };
+        let mut config = builder.with_cert_resolver(Arc::new(FixedCert(key.clone())));
+        config.alpn_protocols = self.alpn.clone();
+        Ok(ServerSide { config: Arc::new(config), san })
+    }
+}
+
+impl ServerSide {
     /// Checks the handshake's peer against `match_typed_subject_alt_names` (any match passes, as in Envoy).
     pub fn check_peer(&self, conn: &rustls::ServerConnection) -> Result<(), PeerError> {
         if self.san.is_empty() {
@@ -343,23 +629,6 @@ impl DownstreamTls {
         let ok = self.san.iter().any(|m| names.iter().any(|n| m.matches(n)));
         if ok { Ok(()) } else { Err(PeerError::San) }
     }
-}
-
-fn certificate(
-    c: &tlspb::TlsCertificate,
-    path: &str,
-) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), ConfigError> {
-    let chain_pem = data_source(c.certificate_chain.as_ref(), &join(path, "certificate_chain"))?;
-    let chain = CertificateDer::pem_slice_iter(&chain_pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ConfigError::new(join(path, "certificate_chain"), e.to_string()))?;
-    if chain.is_empty() {
-        return Err(ConfigError::new(join(path, "certificate_chain"), "no PEM certificate found"));
-    }
-    let key_pem = data_source(c.private_key.as_ref(), &join(path, "private_key"))?;
-    let key = PrivateKeyDer::from_pem_slice(&key_pem)
-        .map_err(|e| ConfigError::new(join(path, "private_key"), format!("no usable PEM private key: {e}")))?;
-    Ok((chain, key))
 }
 
 fn versions(
@@ -395,7 +664,7 @@ fn versions(
     Ok(out)
 }
 
-fn san_matcher(m: &tlspb::SubjectAltNameMatcher, path: &str) -> Result<SanMatcher, ConfigError> {
+pub(crate) fn san_matcher(m: &tlspb::SubjectAltNameMatcher, path: &str) -> Result<SanMatcher, ConfigError> {
     use tlspb::subject_alt_name_matcher::SanType;
     let kind = match SanType::try_from(m.san_type) {
         Ok(SanType::Dns) => SanKind::Dns,
@@ -409,7 +678,10 @@ fn san_matcher(m: &tlspb::SubjectAltNameMatcher, path: &str) -> Result<SanMatche
 }
 
 /// The deprecated `match_subject_alt_names`, which Istio still sends: each matches a name of any type.
-fn legacy_san_matchers(v: &tlspb::CertificateValidationContext, path: &str) -> Result<Vec<SanMatcher>, ConfigError> {
+pub(crate) fn legacy_san_matchers(
+    v: &tlspb::CertificateValidationContext,
+    path: &str,
+) -> Result<Vec<SanMatcher>, ConfigError> {
     #[allow(deprecated)]
     let legacy = &v.match_subject_alt_names;
     legacy
@@ -563,9 +835,65 @@ mod tests {
             value: prost::Message::encode_to_vec(&ctx),
         };
         let h2 = UpstreamTls::from_any(&any, "t", &["h2"]).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(h2.config.alpn_protocols, vec![b"h2".to_vec()]);
+        assert_eq!(h2.client_config().map(|c| c.alpn_protocols.clone()), Ok(vec![b"h2".to_vec()]));
         let plain = UpstreamTls::from_any(&any, "t", &[]).unwrap_or_else(|e| panic!("{e}"));
-        assert!(plain.config.alpn_protocols.is_empty());
+        assert_eq!(plain.client_config().map(|c| c.alpn_protocols.is_empty()), Ok(true));
+    }
+
+    /// A fresh self-signed certificate secret named `name`, as SDS would deliver it.
+    fn cert_secret(name: &str, version: &str) -> Secret {
+        use envoy_types::pb::envoy::config::core::v3::{DataSource, data_source::Specifier};
+        let key = rcgen::KeyPair::generate().unwrap_or_else(|e| panic!("{e}"));
+        let params = rcgen::CertificateParams::new(vec!["a.svc".to_string()]).unwrap_or_else(|e| panic!("{e}"));
+        let cert = params.self_signed(&key).unwrap_or_else(|e| panic!("{e}"));
+        let ds = |s: String| Some(DataSource { specifier: Some(Specifier::InlineString(s)), ..Default::default() });
+        let proto = tlspb::Secret {
+            name: name.into(),
+            r#type: Some(tlspb::secret::Type::TlsCertificate(tlspb::TlsCertificate {
+                certificate_chain: ds(cert.pem()),
+                private_key: ds(key.serialize_pem()),
+                ..Default::default()
+            })),
+        };
+        Secret::parse(proto, version, 0).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn an_sds_certificate_builds_one_server_config_per_version() {
+        use crate::secret::SecretSource;
+        let ctx = tlspb::DownstreamTlsContext {
+            common_tls_context: Some(tlspb::CommonTlsContext {
+                tls_certificate_sds_secret_configs: vec![tlspb::SdsSecretConfig {
+                    name: "default".into(),
+                    sds_config: Some(envoy_types::pb::envoy::config::core::v3::ConfigSource {
+                        config_source_specifier: Some(
+                            envoy_types::pb::envoy::config::core::v3::config_source::ConfigSourceSpecifier::Ads(
+                                Default::default(),
+                            ),
+                        ),
+                        ..Default::default()
+                    }),
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let tls = DownstreamTls::convert(&ctx, "t").unwrap_or_else(|e| panic!("{e}"));
+        assert!(tls.server().is_err(), "unbound: no certificate yet");
+        let registry = SecretRegistry::default();
+        tls.bind(&registry).unwrap_or_else(|e| panic!("{e}"));
+        let err = tls.server().err().unwrap_or_default();
+        assert!(err.contains("secret 'default' is not ready"), "{err}");
+
+        assert!(registry.set(&SecretSource::Ads, cert_secret("default", "1")));
+        let v1 = tls.server().unwrap_or_else(|e| panic!("{e}"));
+        let again = tls.server().unwrap_or_else(|e| panic!("{e}"));
+        assert!(Arc::ptr_eq(&v1, &again), "one build per version, shared by every handshake");
+
+        assert!(registry.set(&SecretSource::Ads, cert_secret("default", "2")));
+        let v2 = tls.server().unwrap_or_else(|e| panic!("{e}"));
+        assert!(!Arc::ptr_eq(&v1, &v2), "a new version takes effect for the next handshake");
+        assert!(Arc::ptr_eq(&v2, &tls.server().unwrap_or_else(|e| panic!("{e}"))));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use tokio_stream::{Stream, StreamExt};
 
 use super::Context;
 use super::json::{pack, timestamp};
-use crate::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
+use crate::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET};
 
 /// The gRPC services `grpcurl list` shows.
 pub const SERVICES: &[&str] = &[
@@ -57,7 +57,7 @@ struct Csds {
     ctx: Context,
 }
 
-/// The proxy's view as one `ClientConfig`: LDS, RDS, CDS and EDS resources, bootstrap ones flagged static.
+/// The proxy's view as one `ClientConfig`: LDS, RDS, CDS, EDS and SDS resources, bootstrap ones flagged static.
 pub fn client_config(ctx: &Context, exclude_resource_contents: bool) -> ClientConfig {
     let mut configs = Vec::new();
     let content = |any: envoy_types::pb::google::protobuf::Any| (!exclude_resource_contents).then_some(any);
@@ -87,6 +87,19 @@ pub fn client_config(ctx: &Context, exclude_resource_contents: bool) -> ClientCo
     for type_url in [CLUSTER, ENDPOINT] {
         push_dynamic(ctx, type_url, exclude_resource_contents, &mut configs);
     }
+    let secrets = ctx.listener_manager().secrets().all();
+    for slot in secrets.iter().filter(|s| s.source == crate::secret::SecretSource::Static) {
+        configs.push(GenericXdsConfig {
+            type_url: SECRET.to_string(),
+            name: slot.name.clone(),
+            xds_config: slot.current().and_then(|s| content(pack(&s.redacted))),
+            last_updated: Some(timestamp(ctx.lifecycle.started())),
+            is_static_resource: true,
+            ..Default::default()
+        });
+    }
+    // Recorded redacted by the ADS client: CSDS never carries a private key.
+    push_dynamic(ctx, SECRET, exclude_resource_contents, &mut configs);
     ClientConfig { node: Some(ctx.bootstrap.node.clone()), generic_xds_configs: configs, ..Default::default() }
 }
 

@@ -19,6 +19,9 @@ pub struct BootstrapConfig {
     pub admin_address: Option<SocketAddr>,
     pub listeners: Vec<ListenerConfig>,
     pub clusters: Vec<ClusterConfig>,
+    /// The process's secret registry, holding `static_resources.secrets`; the static listeners' and clusters' TLS
+    /// contexts are bound to it already, and the server hands it to its managers.
+    pub secrets: crate::secret::SecretRegistry,
     /// LDS/CDS/ADS sources, consumed by the xDS client.
     pub dynamic_resources: Option<bpb::bootstrap::DynamicResources>,
     /// The static cluster the ADS stream goes through and its protocol, when `ads_config` is set.
@@ -52,12 +55,23 @@ impl BootstrapConfig {
             .transpose()?;
 
         let statics = b.static_resources.clone().unwrap_or_default();
+        // Before clusters and listeners, as Envoy loads them, so references to them can be checked.
+        let mut secrets = Vec::with_capacity(statics.secrets.len());
+        for (i, s) in statics.secrets.into_iter().enumerate() {
+            let path = format!("static_resources.secrets[{i}]");
+            secrets.push(Arc::new(crate::secret::Secret::parse(s, "", 0).map_err(|e| e.under(&path))?));
+        }
+        let registry = crate::secret::SecretRegistry::with_static(&secrets)?;
+        drop(secrets);
         let mut clusters = Vec::with_capacity(statics.clusters.len());
         let mut cluster_names = HashSet::new();
         for (i, c) in statics.clusters.into_iter().enumerate() {
             let path = format!("static_resources.clusters[{i}]");
             let name = c.name.clone();
             let c = ClusterConfig::try_from(c).map_err(|e| e.under(&path))?;
+            for tls in c.tls_contexts() {
+                tls.bind(&registry).map_err(|e| ConfigError::new(&path, e.to_string()))?;
+            }
             if !cluster_names.insert(name.clone()) {
                 return Err(ConfigError::new(path, format!("cluster manager: duplicate cluster '{name}' found")));
             }
@@ -74,6 +88,9 @@ impl BootstrapConfig {
                 l.name = format!("static_listener_{i}");
             }
             let l = ListenerConfig::try_from(l).map_err(|e| e.under(&path))?;
+            for tls in l.filter_chains.iter().chain(l.default_filter_chain.iter()).filter_map(|c| c.tls.as_ref()) {
+                tls.bind(&registry).map_err(|e| ConfigError::new(&path, e.to_string()))?;
+            }
             if !listener_names.insert(l.name.clone()) {
                 return Err(ConfigError::new(path, format!("duplicate listener {} found", l.name)));
             }
@@ -102,6 +119,7 @@ impl BootstrapConfig {
             admin_address,
             listeners,
             clusters,
+            secrets: registry,
             dynamic_resources: b.dynamic_resources.clone(),
             proto: Arc::new(b),
         })

@@ -24,6 +24,7 @@ use crate::config::http::RouteSource;
 use crate::config::listener::{ListenerConfig, SocketSpec};
 use crate::drain::{DrainStrategy, Until};
 use crate::network::http::rds::RouteRegistry;
+use crate::secret::SecretRegistry;
 use crate::stats::{Counter, Gauge, Store};
 use crate::upstream::ClusterSet;
 
@@ -46,6 +47,8 @@ pub enum ListenerError {
     Static(String),
     #[error("listener '{0}': the server is shutting down")]
     ShuttingDown(String),
+    #[error("{0}")]
+    Secret(#[from] crate::secret::SecretError),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,6 +141,8 @@ pub struct ListenerManager {
     stopped: bool,
     /// Route configurations by name, shared with the ADS client that fills them (RDS).
     routes: RouteRegistry,
+    /// TLS secrets by name, shared with the cluster manager and the SDS clients that fill them.
+    secrets: SecretRegistry,
     /// How long a listener waits for its clusters: `cds_config.initial_fetch_timeout` (None: for ever).
     cluster_wait: Option<Duration>,
     /// Replaced (not in place) or removed listener versions whose connections are draining, by version id, for
@@ -190,6 +195,7 @@ impl ListenerManager {
             runtime: tokio::runtime::Handle::current(),
             stopped: false,
             routes: RouteRegistry::default(),
+            secrets: SecretRegistry::default(),
             draining: Arc::default(),
             stop_scope: None,
             cluster_wait: Some(WARMING_TIMEOUT),
@@ -204,6 +210,17 @@ impl ListenerManager {
     /// The route configuration slots HTTP listeners read; RDS fills them.
     pub fn routes(&self) -> RouteRegistry {
         self.routes.clone()
+    }
+
+    /// Uses `secrets` (the bootstrap's static secrets, shared with the cluster manager) for the TLS contexts of the
+    /// listeners applied from now on.
+    pub fn set_secrets(&mut self, secrets: SecretRegistry) {
+        self.secrets = secrets;
+    }
+
+    /// The secret slots TLS contexts read; SDS fills them.
+    pub fn secrets(&self) -> SecretRegistry {
+        self.secrets.clone()
     }
     /// Marks workers started in the stats (Istio's readiness probe reads `listener_manager.workers_started`).
     pub async fn start_workers(&self) {
@@ -371,6 +388,10 @@ impl ListenerManager {
             return Err(ListenerError::DuplicateAddress { name, address, existing: other.clone() });
         }
 
+        for tls in config.filter_chains.iter().chain(config.default_filter_chain.iter()).filter_map(|c| c.tls.as_ref())
+        {
+            tls.bind(&self.secrets)?;
+        }
         let in_place = old.as_ref().is_some_and(|o| o.config().only_filter_chains_differ(&config));
         let warming = self.warming.get(&name).map(|w| w.listener.clone());
         let (sockets, local_address) = self.sockets_for(&config, old.as_deref(), warming.as_deref())?;
@@ -706,15 +727,28 @@ fn missing_dependencies(listener: &Listener, clusters: &ClusterSet) -> Vec<Strin
             }
             NetworkFilter::DirectResponse(_) => {}
         }
+        for secret in chain.config.tls.iter().flat_map(|t| t.secrets()) {
+            let what = format!("secret {}", secret.reference.name);
+            if secret.current().is_none() && !missing.contains(&what) {
+                missing.push(what);
+            }
+        }
     }
     missing
 }
 
-/// How long a listener may warm: RDS subscriptions use their `initial_fetch_timeout` (0 s, as Istio sends, waits for
-/// ever), clusters the CDS source's (default [`WARMING_TIMEOUT`]).
+/// How long a listener may warm: RDS and SDS subscriptions use their `initial_fetch_timeout` (0 s, as Istio sends,
+/// waits for ever), clusters the CDS source's (default [`WARMING_TIMEOUT`]). Past it the listener serves anyway and a
+/// TLS chain whose secret never came fails its handshakes (Envoy: "the connection to the port will be reset").
 fn warming_limit(listener: &Listener, cluster_wait: Option<Duration>) -> Option<Duration> {
     let mut limit = cluster_wait;
     for chain in listener.chains().all() {
+        for secret in chain.config.tls.iter().flat_map(|t| t.secrets()) {
+            limit = match (limit, secret.reference.initial_fetch_timeout) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                _ => None,
+            };
+        }
         if let NetworkFilter::Http(hcm) = &chain.filter
             && let RouteSource::Rds { initial_fetch_timeout, .. } = &hcm.config.routes
         {

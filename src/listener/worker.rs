@@ -296,14 +296,22 @@ async fn handshake(
     ssl: &crate::tls::SslStats,
     mut drain: crate::drain::DrainWatch,
 ) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.clone());
+    let side = match tls.server() {
+        Ok(side) => side,
+        Err(e) => {
+            ssl.connection_error.inc();
+            debug!("closing: TLS context not ready: {e}");
+            return None;
+        }
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(side.config.clone());
     let done = tokio::select! {
         r = acceptor.accept(stream) => r,
         _ = drain.closed() => return None,
     };
     match done {
         Ok(s) => {
-            if tls.check_peer(s.get_ref().1).is_err() {
+            if side.check_peer(s.get_ref().1).is_err() {
                 ssl.fail_verify_san.inc();
                 ssl.connection_error.inc();
                 debug!("closing: the peer certificate matches no subject alt name");

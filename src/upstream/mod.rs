@@ -51,6 +51,16 @@ pub struct ClusterManager {
     eds_index: HashMap<String, Vec<String>>,
     published: Arc<ArcSwap<ClusterSet>>,
     stats: Store,
+    /// TLS secrets by name, shared with the listener manager.
+    secrets: crate::secret::SecretRegistry,
+    /// Clusters from CDS waiting for their TLS secrets, by name.
+    warming: HashMap<String, Warming>,
+}
+
+#[derive(Debug)]
+struct Warming {
+    config: ClusterConfig,
+    since: std::time::Instant,
 }
 
 impl ClusterManager {
@@ -61,7 +71,14 @@ impl ClusterManager {
             eds_index: HashMap::new(),
             published: Arc::new(ArcSwap::from_pointee(ClusterSet::default())),
             stats,
+            secrets: Default::default(),
+            warming: HashMap::new(),
         }
+    }
+
+    /// Uses `secrets` for the TLS contexts of the clusters added from now on.
+    pub fn set_secrets(&mut self, secrets: crate::secret::SecretRegistry) {
+        self.secrets = secrets;
     }
 
     /// The handle workers read clusters through.
@@ -82,20 +99,56 @@ impl ClusterManager {
     /// Adds or replaces a cluster; an identical config is a no-op (returns false). Must run inside a tokio
     /// runtime: DNS clusters start their refresh loop there.
     pub fn add_or_update(&mut self, config: ClusterConfig) -> bool {
-        let changed = self.upsert(config);
+        let changed = match self.upsert(config) {
+            Ok(changed) => changed,
+            Err((name, e)) => {
+                warn!(cluster = %name, "cluster refused: {e}");
+                false
+            }
+        };
         if changed {
             self.publish();
         }
         changed
     }
 
-    /// `add_or_update` without publishing, for batches.
-    fn upsert(&mut self, config: ClusterConfig) -> bool {
+    /// `add_or_update` without publishing, for batches; Err((name, why)) when the cluster is refused.
+    fn upsert(&mut self, config: ClusterConfig) -> Result<bool, (String, String)> {
         if let Some(old) = self.entries.get(&config.name)
             && old.cluster.config.proto == config.proto
         {
-            return false;
+            // The serving version wins over a newer one that was still warming.
+            self.warming.remove(&config.name);
+            return Ok(false);
         }
+        if self.warming.get(&config.name).is_some_and(|w| w.config.proto == config.proto) {
+            return Ok(false);
+        }
+        {
+            for tls in config.tls_contexts() {
+                tls.bind(&self.secrets).map_err(|e| (config.name.clone(), e.to_string()))?;
+            }
+            let missing: Vec<&str> = config
+                .tls_contexts()
+                .flat_map(|t| t.secrets())
+                .filter(|b| b.current().is_none())
+                .map(|b| b.reference.name.as_str())
+                .collect();
+            // Envoy's cluster warming on SDS: a cluster from CDS is not used until its secrets arrived (or their
+            // initial_fetch_timeout passed); the version it replaces keeps serving meanwhile.
+            if !missing.is_empty() && !self.static_names.contains(&config.name) {
+                info!(cluster = %config.name, missing = ?missing, "cluster warming: waiting for its secrets");
+                let name = config.name.clone();
+                self.warming.insert(name, Warming { config, since: std::time::Instant::now() });
+                return Ok(false);
+            }
+        }
+        self.warming.remove(&config.name);
+        Ok(self.install(config))
+    }
+
+    /// Makes `config` the serving version of its cluster (not yet published).
+    fn install(&mut self, config: ClusterConfig) -> bool {
         let name = config.name.clone();
         let config = Arc::new(config);
         let old = self.entries.remove(&name);
@@ -111,7 +164,7 @@ impl ClusterManager {
         });
         let hosts = match inherited {
             Some(o) => o.hosts(),
-            None => Arc::new(HostSet::from_endpoints(&config.endpoints)),
+            None => Arc::new(HostSet::from_endpoints(&config.endpoints, config.locality_weighted)),
         };
         if let Some(token) = old.as_ref().and_then(|o| o.refresh.as_ref()) {
             token.cancel();
@@ -127,8 +180,46 @@ impl ClusterManager {
             _ => (None, watch::channel(true).1),
         };
         info!(cluster = %name, "cluster {}", if old.is_some() { "updated" } else { "added" });
+        if let Some(path) = &config.pipe {
+            info!(cluster = %name, path = %path.display(), "the cluster's endpoint is a Unix socket: it serves gRPC config sources (SDS) only; tcp_proxy and HTTP find no host in it");
+        }
         self.entries.insert(name, Entry { cluster, refresh, ready });
         true
+    }
+
+    /// Activates warming clusters whose secrets arrived, or that waited their secrets' `initial_fetch_timeout` (then
+    /// their TLS handshakes fail until the secrets come, as in Envoy); call after secret updates and periodically.
+    /// Returns how many became active.
+    pub fn promote_warming(&mut self) -> usize {
+        let ready: Vec<String> = self
+            .warming
+            .iter()
+            .filter(|(_, w)| {
+                let secrets = || w.config.tls_contexts().flat_map(|t| t.secrets());
+                let arrived = secrets().all(|b| b.current().is_some());
+                let limit = secrets()
+                    .try_fold(std::time::Duration::MAX, |l, b| b.reference.initial_fetch_timeout.map(|t| l.min(t)));
+                arrived || limit.is_some_and(|l| w.since.elapsed() >= l)
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in &ready {
+            if let Some(w) = self.warming.remove(name) {
+                self.install(w.config);
+            }
+        }
+        if !ready.is_empty() {
+            self.publish();
+        }
+        ready.len()
+    }
+
+    /// The newest version of a cluster's resource: the warming one if any, else the serving one.
+    pub fn newest_proto(&self, name: &str) -> Option<Arc<envoy_types::pb::envoy::config::cluster::v3::Cluster>> {
+        self.warming
+            .get(name)
+            .map(|w| w.config.proto.clone())
+            .or_else(|| self.get(name).map(|c| c.config.proto.clone()))
     }
 
     /// Adds a bootstrap cluster, which CDS cannot change or remove.
@@ -148,6 +239,7 @@ impl ClusterManager {
         let stale: Vec<String> = self
             .entries
             .keys()
+            .chain(self.warming.keys())
             .filter(|n| !named.contains(*n) && !keep.contains(*n) && !self.static_names.contains(*n))
             .cloned()
             .collect();
@@ -161,8 +253,8 @@ impl ClusterManager {
                 errors.push((c.name.clone(), format!("duplicate cluster {} found", c.name)));
             } else if self.static_names.contains(&c.name) {
                 errors.push((c.name.clone(), "a static cluster cannot be changed by CDS".to_string()));
-            } else {
-                self.upsert(c);
+            } else if let Err(refused) = self.upsert(c) {
+                errors.push(refused);
             }
         }
         self.publish();
@@ -174,7 +266,9 @@ impl ClusterManager {
         if self.static_names.contains(&config.name) {
             return Err("a static cluster cannot be changed by CDS".to_string());
         }
-        self.add_or_update(config);
+        if self.upsert(config).map_err(|(_, e)| e)? {
+            self.publish();
+        }
         Ok(())
     }
 
@@ -189,9 +283,12 @@ impl ClusterManager {
 
     /// Service names of EDS clusters: the EDS subscription.
     pub fn eds_service_names(&self) -> std::collections::BTreeSet<String> {
+        // Warming clusters too: their endpoints should be there when they start serving.
         self.entries
             .values()
-            .filter_map(|e| match &e.cluster.config.kind {
+            .map(|e| &*e.cluster.config)
+            .chain(self.warming.values().map(|w| &w.config))
+            .filter_map(|c| match &c.kind {
                 ClusterKind::Eds { service_name } => Some(service_name.clone()),
                 _ => None,
             })
@@ -208,7 +305,8 @@ impl ClusterManager {
 
     /// `remove` without publishing, for batches.
     fn take(&mut self, name: &str) -> bool {
-        let Some(old) = self.entries.remove(name) else { return false };
+        let was_warming = self.warming.remove(name).is_some();
+        let Some(old) = self.entries.remove(name) else { return was_warming };
         if let Some(token) = old.refresh {
             token.cancel();
         }
@@ -225,7 +323,7 @@ impl ClusterManager {
         let clusters = self.eds_index.get(&la.cluster_name).map(Vec::as_slice).unwrap_or_default();
         for name in clusters {
             if let Some(e) = self.entries.get(name) {
-                e.cluster.set_hosts(HostSet::from_endpoints(&endpoints));
+                e.cluster.set_hosts(HostSet::from_endpoints(&endpoints, e.cluster.config.locality_weighted));
             }
         }
         Ok(clusters.len())

@@ -24,10 +24,11 @@ use tracing::{Instrument, info, info_span, warn};
 use super::delta::DeltaState;
 use super::state::SotwState;
 use super::status::{Held, Received, Update, XdsStatus};
-use super::{CLUSTER, ENDPOINT, LISTENER, Protocol, ROUTE};
+use super::{CLUSTER, ENDPOINT, LISTENER, Protocol, ROUTE, SECRET};
 use crate::config::cluster::ClusterConfig;
 use crate::config::listener::ListenerConfig;
 use crate::listener::manager::ListenerManager;
+use crate::secret::{Secret, SecretSource};
 use crate::stats::{Counter, Gauge, Store};
 use crate::upstream::ClusterManager;
 
@@ -72,8 +73,8 @@ impl SubscriptionStats {
 }
 
 #[derive(Debug, thiserror::Error)]
-enum StreamError {
-    #[error("ADS cluster '{0}' has no endpoint")]
+pub(crate) enum StreamError {
+    #[error("config source cluster '{0}' has no endpoint")]
     NoEndpoint(String),
     #[error("cannot connect to {0}: {1}")]
     Connect(String, tonic::transport::Error),
@@ -93,6 +94,10 @@ impl AdsClient {
             let _ = sotw.subscribe(t, BTreeSet::new());
             let _ = delta.subscribe(t, BTreeSet::new());
         }
+        // Secrets the bootstrap's listeners and clusters ask for over ADS.
+        let secrets = self.secret_subscription();
+        let _ = sotw.subscribe_named(SECRET, secrets.clone());
+        let _ = delta.subscribe_named(SECRET, secrets);
         let connected = self.stats.gauge("control_plane.connected_state");
         let mut attempt = 0u32;
         loop {
@@ -134,23 +139,7 @@ impl AdsClient {
         &self,
         attempt: u32,
     ) -> Result<AggregatedDiscoveryServiceClient<tonic::transport::Channel>, StreamError> {
-        let (addr, timeout) = {
-            let cm = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
-            let cluster = cm.get(&self.cluster).ok_or_else(|| StreamError::NoEndpoint(self.cluster.clone()))?;
-            // Rotate through the ADS cluster's hosts across reconnects, so one dead control plane is not retried forever.
-            let hosts = cluster.hosts();
-            let host = hosts.hosts.get(attempt as usize % hosts.hosts.len().max(1)).cloned();
-            let host = host.ok_or_else(|| StreamError::NoEndpoint(self.cluster.clone()))?;
-            (host.address, cluster.config.connect_timeout)
-        };
-        let uri = format!("http://{addr}");
-        let endpoint = tonic::transport::Endpoint::from_shared(uri.clone())
-            .map_err(|e| StreamError::Connect(uri.clone(), e))?
-            .connect_timeout(timeout)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10));
-        let channel = endpoint.connect().await.map_err(|e| StreamError::Connect(uri.clone(), e))?;
-        info!(control_plane = %addr, "connected");
+        let channel = channel(&self.clusters, &self.cluster, attempt).await?;
         Ok(AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(usize::MAX))
     }
 
@@ -208,10 +197,10 @@ impl AdsClient {
         &self,
         state: &mut DeltaState,
         resp: &DeltaDiscoveryResponse,
-    ) -> (DeltaDiscoveryRequest, Option<DeltaDiscoveryRequest>) {
+    ) -> (DeltaDiscoveryRequest, Vec<DeltaDiscoveryRequest>) {
         let mut errors = Vec::new();
         let mut applied = Vec::new();
-        let mut follow_up = None;
+        let mut follow_up = Vec::new();
         let stats_prefix = match resp.type_url.as_str() {
             LISTENER => Some("listener_manager.lds"),
             CLUSTER => Some("cluster_manager.cds"),
@@ -241,8 +230,10 @@ impl AdsClient {
                     }
                 }
                 let routes = lm.routes().collect();
+                drop(lm);
                 self.status.set_subscription(ROUTE, &routes);
-                follow_up = state.subscribe_named(ROUTE, routes);
+                follow_up.extend(state.subscribe_named(ROUTE, routes));
+                follow_up.extend(state.subscribe_named(SECRET, self.secret_subscription()));
             }
             CLUSTER => {
                 let mut cm = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
@@ -262,9 +253,10 @@ impl AdsClient {
                 }
                 let names = cm.eds_service_names();
                 self.status.set_subscription(ENDPOINT, &names);
-                follow_up = state.subscribe_named(ENDPOINT, names);
+                follow_up.extend(state.subscribe_named(ENDPOINT, names));
                 drop(cm);
                 self.listeners.lock().unwrap_or_else(|p| p.into_inner()).promote_warming();
+                follow_up.extend(state.subscribe_named(SECRET, self.secret_subscription()));
             }
             ENDPOINT => {
                 let mut cm = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
@@ -295,18 +287,50 @@ impl AdsClient {
                     Err(e) => errors.extend(e),
                 }
             }
+            SECRET => {
+                let with_versions = resp
+                    .resources
+                    .iter()
+                    .filter_map(|r| r.resource.as_ref().map(|any| (Some(r.version.as_str()), any)));
+                let outcome = self.apply_secrets(with_versions, &resp.system_version_info);
+                for r in resp.resources.iter().filter(|r| r.resource.is_some()) {
+                    if !outcome.iter().any(|e| e.starts_with(&format!("{}: ", r.name))) {
+                        applied.push((r.name.clone(), r.version.clone()));
+                    }
+                }
+                // A removed secret stays in force for the contexts that use it: Envoy keeps serving the last one
+                // too, and dropping it would break every handshake of a chain that is still configured.
+                errors.extend(outcome);
+            }
             other => errors.push(format!("type {other} is not supported")),
         }
-        self.record_status(&Update {
-            type_url: &resp.type_url,
-            version: &resp.system_version_info,
-            resources: resp
-                .resources
+        let redacted: Vec<(&str, &str, Any)> = if resp.type_url == SECRET {
+            resp.resources
+                .iter()
+                .filter_map(|r| {
+                    r.resource.as_ref().map(|any| (r.name.as_str(), r.version.as_str(), redacted_secret(any)))
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let received: Vec<Received<'_>> = if resp.type_url == SECRET {
+            redacted
+                .iter()
+                .map(|(name, version, any)| Received { name: Some(*name), any, version: Some(*version) })
+                .collect()
+        } else {
+            resp.resources
                 .iter()
                 .filter_map(|r| {
                     r.resource.as_ref().map(|any| Received { name: Some(&r.name), any, version: Some(&r.version) })
                 })
-                .collect(),
+                .collect()
+        };
+        self.record_status(&Update {
+            type_url: &resp.type_url,
+            version: &resp.system_version_info,
+            resources: received,
             removed: &resp.removed_resources,
             errors: &errors,
         });
@@ -338,39 +362,49 @@ impl AdsClient {
         state: &mut SotwState,
         resp: &DiscoveryResponse,
         seen: &mut Seen,
-    ) -> (DiscoveryRequest, Option<DiscoveryRequest>) {
+    ) -> (DiscoveryRequest, Vec<DiscoveryRequest>) {
         let (stats, outcome, follow_up) = match resp.type_url.as_str() {
             CLUSTER => {
                 let outcome = self.apply_clusters(&resp.resources, &mut seen.clusters);
                 let names = self.clusters.lock().unwrap_or_else(|p| p.into_inner()).eds_service_names();
                 self.status.set_subscription(ENDPOINT, &names);
-                (
-                    Some(SubscriptionStats::new(&self.stats, "cluster_manager.cds")),
-                    outcome,
-                    state.subscribe_named(ENDPOINT, names),
-                )
+                let follow_up = state
+                    .subscribe_named(ENDPOINT, names)
+                    .into_iter()
+                    .chain(state.subscribe_named(SECRET, self.secret_subscription()))
+                    .collect();
+                (Some(SubscriptionStats::new(&self.stats, "cluster_manager.cds")), outcome, follow_up)
             }
             LISTENER => {
                 let outcome = self.apply_listeners(&resp.resources, &mut seen.listeners);
                 let routes = self.route_subscription();
                 self.status.set_subscription(ROUTE, &routes);
-                (
-                    Some(SubscriptionStats::new(&self.stats, "listener_manager.lds")),
-                    outcome,
-                    state.subscribe_named(ROUTE, routes),
-                )
+                let follow_up = state
+                    .subscribe_named(ROUTE, routes)
+                    .into_iter()
+                    .chain(state.subscribe_named(SECRET, self.secret_subscription()))
+                    .collect();
+                (Some(SubscriptionStats::new(&self.stats, "listener_manager.lds")), outcome, follow_up)
             }
-            ENDPOINT => (None, self.apply_endpoints(&resp.resources), None),
+            ENDPOINT => (None, self.apply_endpoints(&resp.resources), Vec::new()),
             ROUTE => {
                 let resources = resp.resources.iter().map(|any| (None, any));
-                (None, self.apply_routes(resources, &resp.version_info, &[]), None)
+                (None, self.apply_routes(resources, &resp.version_info, &[]), Vec::new())
             }
-            other => (None, Err(vec![format!("type {other} is not supported")]), None),
+            SECRET => {
+                let errors = self.apply_secrets(resp.resources.iter().map(|any| (None, any)), &resp.version_info);
+                (None, if errors.is_empty() { Ok(()) } else { Err(errors) }, Vec::new())
+            }
+            other => (None, Err(vec![format!("type {other} is not supported")]), Vec::new()),
         };
+        // Secrets are recorded (for CSDS and dumps) with their private keys redacted.
+        let redacted: Vec<Any> =
+            if resp.type_url == SECRET { resp.resources.iter().map(redacted_secret).collect() } else { Vec::new() };
+        let recorded = if resp.type_url == SECRET { &redacted } else { &resp.resources };
         self.record_status(&Update {
             type_url: &resp.type_url,
             version: &resp.version_info,
-            resources: resp.resources.iter().map(|any| Received { name: None, any, version: None }).collect(),
+            resources: recorded.iter().map(|any| Received { name: None, any, version: None }).collect(),
             removed: &[],
             errors: outcome.as_ref().err().map_or(&[], Vec::as_slice),
         });
@@ -413,8 +447,8 @@ impl AdsClient {
                 let cm = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
                 self.status.record(
                     update,
-                    |name, _| cm.get(name).map(|c| Held::Cluster(c.config.proto.clone())),
-                    |name| cm.get(name).is_some(),
+                    |name, _| cm.newest_proto(name).map(Held::Cluster),
+                    |name| cm.newest_proto(name).is_some(),
                 );
             }
             _ => self.status.record(update, |_, any| Some(Held::Any(any.clone())), |_| true),
@@ -511,6 +545,24 @@ impl AdsClient {
         if errors.is_empty() { Ok(()) } else { Err(errors) }
     }
 
+    /// The secret names listeners and clusters ask ADS for now: the SDS subscription (also recorded for CSDS).
+    fn secret_subscription(&self) -> BTreeSet<String> {
+        let registry = self.listeners.lock().unwrap_or_else(|p| p.into_inner()).secrets();
+        let names = registry.subscription(&SecretSource::Ads);
+        // CSDS shows every source's secrets under one type.
+        self.status.set_subscription(SECRET, &registry.dynamic_names());
+        names
+    }
+
+    /// Installs secrets delivered over ADS; see [`install_secrets`].
+    fn apply_secrets<'a>(
+        &self,
+        resources: impl Iterator<Item = (Option<&'a str>, &'a Any)>,
+        version: &str,
+    ) -> Vec<String> {
+        install_secrets(&self.listeners, &self.clusters, &self.stats, &SecretSource::Ads, resources, version)
+    }
+
     fn apply_endpoints(&self, resources: &[Any]) -> Result<(), Vec<String>> {
         let mut errors = Vec::new();
         let mut cm = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
@@ -526,6 +578,113 @@ impl AdsClient {
         }
         if errors.is_empty() { Ok(()) } else { Err(errors) }
     }
+}
+
+/// Installs secrets delivered by `source` (each with its delta version, if any); returns the rejections, one line per
+/// secret naming it and the field. A rejected secret leaves the version in force as it was; listeners and clusters
+/// that waited for a secret start serving.
+pub(crate) fn install_secrets<'a>(
+    listeners: &Mutex<ListenerManager>,
+    clusters: &Mutex<ClusterManager>,
+    store: &Store,
+    source: &SecretSource,
+    resources: impl Iterator<Item = (Option<&'a str>, &'a Any)>,
+    version: &str,
+) -> Vec<String> {
+    let mut errors = Vec::new();
+    let registry = listeners.lock().unwrap_or_else(|p| p.into_inner()).secrets();
+    for (i, (resource_version, any)) in resources.enumerate() {
+        let proto = match decode::<envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret>(any, SECRET)
+        {
+            Ok(s) => s,
+            Err(e) => {
+                errors.push(format!("resources[{i}]: {e}"));
+                continue;
+            }
+        };
+        let name = proto.name.clone();
+        let stats = |s: &str| store.counter(&format!("sds.{name}.{s}"));
+        // Envoy's SdsApi skips a secret whose content did not change: a state-of-the-world response repeats every
+        // secret, and re-installing one would rebuild every TLS context that uses it for nothing.
+        let hash = bytes_hash(&any.value);
+        if registry.holds(source, &name, hash) {
+            continue;
+        }
+        stats("update_attempt").inc();
+        match Secret::parse(proto, resource_version.unwrap_or(version), hash) {
+            Ok(secret) => {
+                if registry.set(source, secret) {
+                    stats("update_success").inc();
+                    info!(secret = %name, "secret updated");
+                } else {
+                    info!(secret = %name, "ignoring a secret no listener or cluster asked for");
+                }
+            }
+            Err(e) => {
+                stats("update_rejected").inc();
+                errors.push(format!("{name}: {e}"));
+            }
+        }
+    }
+    // Clusters first: a listener may be waiting for a cluster that was waiting for a secret.
+    clusters.lock().unwrap_or_else(|p| p.into_inner()).promote_warming();
+    listeners.lock().unwrap_or_else(|p| p.into_inner()).promote_warming();
+    errors
+}
+
+/// A gRPC channel (HTTP/2) to a config source's static cluster: one of its hosts, rotating across reconnects so one
+/// dead control plane is not retried forever, or its Unix socket (a `pipe` endpoint, as Istio's `sds-grpc`).
+pub(crate) async fn channel(
+    clusters: &Mutex<ClusterManager>,
+    name: &str,
+    attempt: u32,
+) -> Result<tonic::transport::Channel, StreamError> {
+    enum Target {
+        Tcp(std::net::SocketAddr),
+        Unix(std::path::PathBuf),
+    }
+    let (target, timeout) = {
+        let cm = clusters.lock().unwrap_or_else(|p| p.into_inner());
+        let cluster = cm.get(name).ok_or_else(|| StreamError::NoEndpoint(name.to_string()))?;
+        let target = match &cluster.config.pipe {
+            Some(path) => Target::Unix(path.clone()),
+            None => {
+                let hosts = cluster.hosts();
+                let host = hosts.hosts.get(attempt as usize % hosts.hosts.len().max(1)).cloned();
+                Target::Tcp(host.ok_or_else(|| StreamError::NoEndpoint(name.to_string()))?.address)
+            }
+        };
+        (target, cluster.config.connect_timeout)
+    };
+    // For a Unix socket the URI only names the HTTP/2 authority; the connector below picks the socket.
+    let uri = match &target {
+        Target::Tcp(addr) => format!("http://{addr}"),
+        Target::Unix(_) => "http://localhost".to_string(),
+    };
+    let endpoint = tonic::transport::Endpoint::from_shared(uri.clone())
+        .map_err(|e| StreamError::Connect(uri.clone(), e))?
+        .connect_timeout(timeout)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let channel = match target {
+        Target::Tcp(addr) => {
+            let channel = endpoint.connect().await.map_err(|e| StreamError::Connect(uri.clone(), e))?;
+            info!(control_plane = %addr, "connected");
+            channel
+        }
+        Target::Unix(path) => {
+            let shown = format!("unix:{}", path.display());
+            let connector = tower::service_fn(move |_: http::Uri| {
+                let path = path.clone();
+                async move { tokio::net::UnixStream::connect(path).await.map(hyper_util::rt::TokioIo::new) }
+            });
+            let channel =
+                endpoint.connect_with_connector(connector).await.map_err(|e| StreamError::Connect(shown.clone(), e))?;
+            info!(control_plane = %shown, "connected");
+            channel
+        }
+    };
+    Ok(channel)
 }
 
 /// Resources applied from the previous response of a type, by a hash of their bytes: a state-of-the-world
@@ -589,12 +748,12 @@ fn unnamed_failure(errors: &[String]) -> bool {
 
 /// Sends a response's ACK/NACK and any subscription change it caused; after a large response (already dropped by
 /// the caller) returns the freed decoding buffers to the OS.
-fn answer_response<R>(tx: &mpsc::UnboundedSender<R>, (reply, follow_up): (R, Option<R>), large: bool) {
+fn answer_response<R>(tx: &mpsc::UnboundedSender<R>, (reply, follow_up): (R, Vec<R>), large: bool) {
     if large {
         release_heap();
     }
     let _ = tx.send(reply);
-    if let Some(req) = follow_up {
+    for req in follow_up {
         let _ = tx.send(req);
     }
 }
@@ -621,7 +780,16 @@ fn bytes_hash(bytes: &[u8]) -> u64 {
     h.finish()
 }
 
-fn decode<T: Message + Default>(any: &Any, type_url: &str) -> Result<T, String> {
+/// A secret resource with its private key redacted, for the status CSDS and /config_dump read; one that does not
+/// decode is recorded empty rather than as received.
+pub(crate) fn redacted_secret(any: &Any) -> Any {
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret as SecretPb;
+    let value =
+        SecretPb::decode(any.value.as_slice()).map(|s| crate::secret::redact(s).encode_to_vec()).unwrap_or_default();
+    Any { type_url: any.type_url.clone(), value }
+}
+
+pub(crate) fn decode<T: Message + Default>(any: &Any, type_url: &str) -> Result<T, String> {
     if any.type_url != type_url {
         return Err(format!("expected {type_url}, got {}", any.type_url));
     }
@@ -630,7 +798,7 @@ fn decode<T: Message + Default>(any: &Any, type_url: &str) -> Result<T, String> 
 
 /// Full jitter: a random delay up to the exponential bound, so a fleet that lost its control plane does not
 /// reconnect in lockstep.
-fn backoff(attempt: u32) -> Duration {
+pub(crate) fn backoff(attempt: u32) -> Duration {
     let bound = BACKOFF_BASE.saturating_mul(1u32 << attempt.min(16)).min(BACKOFF_MAX);
     bound.mul_f64(rand::random::<f64>()).max(Duration::from_millis(50))
 }

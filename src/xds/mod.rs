@@ -3,10 +3,12 @@
 //! [`state`] (state of the world) and [`delta`] (incremental) are the protocol bookkeeping as plain data
 //! (versions, nonces, subscriptions, ACK/NACK requests);
 //! [`client`] owns the gRPC stream, reconnects with backoff, and hands resources to the managers, which say per
-//! resource what they accepted; [`status`] remembers, per resource, what was accepted, when, and what was refused.
+//! resource what they accepted; [`sds`] runs SDS streams of their own for secrets served apart from ADS (Istio's
+//! `sds-grpc`); [`status`] remembers, per resource, what was accepted, when, and what was refused.
 
 pub mod client;
 pub mod delta;
+pub mod sds;
 pub mod state;
 pub mod status;
 
@@ -14,6 +16,7 @@ pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listene
 pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+pub const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 
 /// Which ADS flavour the bootstrap asks for (`ads_config.api_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,4 +1,4 @@
-//! The real Istio 1.14 sidecar config (../shared/fixtures): which listeners load today, and why the others do not.
+//! The real Istio 1.14 sidecar config (../shared/fixtures): every listener and cluster of it loads.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use envoy_types::pb::envoy::admin::v3::{ConfigDump, ListenersConfigDump};
@@ -29,15 +29,8 @@ pub fn fixture_listeners() -> Vec<Listener> {
     out
 }
 
-fn uses(l: &Listener, needle: &str) -> bool {
-    l.filter_chains.iter().chain(l.default_filter_chain.iter()).any(|fc| {
-        fc.filters.iter().any(|f| format!("{f:?}").contains(needle))
-            || fc.transport_socket.as_ref().is_some_and(|t| format!("{t:?}").contains(needle))
-    })
-}
-
 #[test]
-fn every_listener_loads_except_tls_ones_which_say_why_not() {
+fn every_listener_loads_including_the_mtls_chains_of_virtual_inbound() {
     let listeners = fixture_listeners();
     assert_eq!(listeners.len(), 37);
     let mut loaded = Vec::new();
@@ -47,19 +40,20 @@ fn every_listener_loads_except_tls_ones_which_say_why_not() {
             l.name = "unnamed".into();
         }
         let name = l.name.clone();
-        let tls = uses(&l, "DownstreamTlsContext");
         match ListenerConfig::try_from(l) {
-            Ok(cfg) => {
-                assert!(!tls, "{name} loaded although it needs TLS");
-                loaded.push((name, cfg));
-            }
-            Err(e) => {
-                let msg = e.to_string();
-                assert!(tls, "{name} should load: {msg}");
-                assert!(msg.contains("transport_socket") && msg.contains("not supported"), "{name}: {msg}");
-            }
+            Ok(cfg) => loaded.push((name, cfg)),
+            Err(e) => panic!("{name} should load: {e}"),
         }
     }
+    // virtualInbound's mutual-TLS chains take their certificate and CA from Istio's SDS (pilot-agent's sds-grpc).
+    let (_, inbound) = loaded.iter().find(|(n, _)| n == "virtualInbound").unwrap();
+    let secrets: std::collections::BTreeSet<String> = inbound
+        .filter_chains
+        .iter()
+        .filter_map(|c| c.tls.as_ref())
+        .flat_map(|t| t.secrets().map(|b| b.reference.name.clone()).collect::<Vec<_>>())
+        .collect();
+    assert_eq!(secrets.into_iter().collect::<Vec<_>>(), ["ROOTCA", "default"]);
     let names: Vec<&str> = loaded.iter().map(|(n, _)| n.as_str()).collect();
     assert!(names.contains(&"virtualOutbound"), "{names:?}");
     assert!(names.contains(&"10.104.39.252_6379"), "{names:?}");
@@ -87,4 +81,42 @@ fn every_listener_loads_except_tls_ones_which_say_why_not() {
         h.skipped_filters,
         ["istio.metadata_exchange", "istio.alpn", "envoy.filters.http.fault", "envoy.filters.http.cors", "istio.stats"]
     );
+}
+
+#[test]
+fn every_cluster_loads_with_its_transport_socket_matches() {
+    use envoy_types::pb::envoy::admin::v3::ClustersConfigDump;
+    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+    use xds_proxy::config::cluster::ClusterConfig;
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures/istio-1.14-sidecar-config-dump.yaml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let dump: ConfigDump =
+        proto::decode(&proto::parse_dynamic(&text, Format::Yaml, "envoy.admin.v3.ConfigDump").unwrap()).unwrap();
+    let mut clusters = Vec::new();
+    for any in dump.configs.iter().filter(|a| a.type_url.ends_with("ClustersConfigDump")) {
+        let c = ClustersConfigDump::decode(any.value.as_slice()).unwrap();
+        let all = c.static_clusters.into_iter().filter_map(|s| s.cluster);
+        clusters.extend(all.chain(c.dynamic_active_clusters.into_iter().filter_map(|d| d.cluster)));
+    }
+    assert!(clusters.len() > 30, "{}", clusters.len());
+    let mut with_matches = 0;
+    for any in clusters {
+        let c = Cluster::decode(any.value.as_slice()).unwrap();
+        let name = c.name.clone();
+        let cfg = match ClusterConfig::try_from(c) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("FAIL {name}: {e}");
+                continue;
+            }
+        };
+        if !cfg.transport_socket_matches.is_empty() {
+            with_matches += 1;
+            // Istio's pair: mTLS for endpoints labelled tlsMode: istio, plaintext for the rest.
+            let names: Vec<&str> = cfg.transport_socket_matches.iter().map(|m| m.name.as_str()).collect();
+            assert_eq!(names, ["tlsMode-istio", "tlsMode-disabled"], "{name}");
+            assert!(cfg.transport_socket_matches[0].tls.is_some() && cfg.transport_socket_matches[1].tls.is_none());
+        }
+    }
+    assert!(with_matches >= 10, "outbound clusters carry transport socket matches: {with_matches}");
 }

@@ -25,6 +25,7 @@ mod istio_fixture;
 mod listener_filters;
 mod listener_updates;
 mod process;
+mod sds;
 mod sidecar;
 mod tcp_proxy;
 mod tls;

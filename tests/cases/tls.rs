@@ -12,18 +12,18 @@ use tokio::net::TcpStream;
 
 use crate::common::*;
 
-struct Pki {
+pub(crate) struct Pki {
     ca: rcgen::Certificate,
     ca_key: KeyPair,
 }
 
-struct Leaf {
-    cert: String,
-    key: String,
+pub(crate) struct Leaf {
+    pub(crate) cert: String,
+    pub(crate) key: String,
 }
 
 impl Pki {
-    fn new() -> Pki {
+    pub(crate) fn new() -> Pki {
         let ca_key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -31,9 +31,15 @@ impl Pki {
         Pki { ca, ca_key }
     }
 
-    fn leaf(&self, dns: &[&str], uris: &[&str]) -> Leaf {
+    pub(crate) fn leaf(&self, dns: &[&str], uris: &[&str]) -> Leaf {
+        self.leaf_with_serial(dns, uris, None)
+    }
+
+    /// A leaf with a chosen serial number, to tell two certificates for the same names apart.
+    pub(crate) fn leaf_with_serial(&self, dns: &[&str], uris: &[&str], serial: Option<u64>) -> Leaf {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(dns.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        params.serial_number = serial.map(rcgen::SerialNumber::from);
         for u in uris {
             params.subject_alt_names.push(SanType::URI((*u).try_into().unwrap()));
         }
@@ -41,13 +47,13 @@ impl Pki {
         Leaf { cert: cert.pem(), key: key.serialize_pem() }
     }
 
-    fn ca_pem(&self) -> String {
+    pub(crate) fn ca_pem(&self) -> String {
         self.ca.pem()
     }
 }
 
 /// A YAML/JSON string literal.
-fn lit(s: &str) -> String {
+pub(crate) fn lit(s: &str) -> String {
     serde_json::to_string(s).unwrap()
 }
 
@@ -69,7 +75,7 @@ fn tls_socket(server: &Leaf, alpn: &[&str], mtls: Option<(&str, &str)>) -> Strin
     )
 }
 
-fn client_config(pki: &Pki, alpn: &[&str], cert: Option<&Leaf>) -> Arc<rustls::ClientConfig> {
+pub(crate) fn client_config(pki: &Pki, alpn: &[&str], cert: Option<&Leaf>) -> Arc<rustls::ClientConfig> {
     use rustls::pki_types::pem::PemObject;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
@@ -91,7 +97,7 @@ fn client_config(pki: &Pki, alpn: &[&str], cert: Option<&Leaf>) -> Arc<rustls::C
     Arc::new(config)
 }
 
-async fn tls_connect(
+pub(crate) async fn tls_connect(
     addr: std::net::SocketAddr,
     config: Arc<rustls::ClientConfig>,
     sni: &str,
@@ -102,7 +108,7 @@ async fn tls_connect(
 }
 
 /// Reads one echo of `msg` (or fails if the proxy closed the connection).
-async fn echoes(s: &mut (impl AsyncReadExt + AsyncWriteExt + Unpin), msg: &[u8]) -> bool {
+pub(crate) async fn echoes(s: &mut (impl AsyncReadExt + AsyncWriteExt + Unpin), msg: &[u8]) -> bool {
     if s.write_all(msg).await.is_err() {
         return false;
     }
@@ -281,15 +287,22 @@ fn tls_config_errors_name_the_field() {
     let bad_key = tls_socket(&Leaf { cert: server.cert.clone(), key: "not a key".into() }, &[], None);
     let err = case(bad_key);
     assert!(err.contains("tls_certificates[0].private_key"), "{err}");
-    let sds = tls_socket(&server, &[], None).replace(
+    let both = tls_socket(&server, &[], None).replace(
         "tls_certificates: [",
         r#"tls_certificate_sds_secret_configs: [ { name: default, sds_config: { ads: {} } } ], tls_certificates: ["#,
     );
-    let err = case(sds);
+    let err = case(both);
     assert!(
-        err.contains("common_tls_context.tls_certificate_sds_secret_configs") && err.contains("not supported"),
+        err.contains("common_tls_context.tls_certificate_sds_secret_configs")
+            && err.contains("tls_certificates and tls_certificate_sds_secret_configs cannot both be set"),
         "{err}"
     );
+    let file_sds = sds_socket(r#"{ name: default, sds_config: { path_config_source: { path: /x.yaml } } }"#, "");
+    let err = case(file_sds);
+    assert!(err.contains("tls_certificate_sds_secret_configs[0].sds_config: file-based SDS is not supported"), "{err}");
+    // A reference without sds_config names a static secret, which must exist (Envoy's wording).
+    let err = case(sds_socket("{ name: nope }", ""));
+    assert!(err.contains("Unknown static secret: nope"), "{err}");
     let old = tls_socket(&server, &[], None)
         .replace("alpn_protocols: []", "alpn_protocols: [], tls_params: { tls_minimum_protocol_version: TLSv1_0 }");
     let err = case(old);
@@ -313,7 +326,7 @@ fn tls_acceptor(leaf: &Leaf) -> tokio_rustls::TlsAcceptor {
 }
 
 /// A TLS server that greets each connection with the SNI it was asked for, then echoes.
-async fn tls_echo_upstream(server: &Leaf) -> std::net::SocketAddr {
+pub(crate) async fn tls_echo_upstream(server: &Leaf) -> std::net::SocketAddr {
     let acceptor = tls_acceptor(server);
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
@@ -479,4 +492,88 @@ async fn transport_socket_matches_choose_tls_by_endpoint_labels_as_istio_does() 
     }
     greetings.sort();
     assert_eq!(greetings, ["mesh", "plain"], "the labelled host got TLS with the match's SNI, the other plaintext");
+}
+
+/// A DownstreamTlsContext whose certificate is the secret `cert_ref` (an SdsSecretConfig) and whose validation is
+/// `validation` (a `, <field>: ...` fragment of common_tls_context, or empty).
+pub(crate) fn sds_socket(cert_ref: &str, validation: &str) -> String {
+    format!(
+        r#"
+      transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config: {{ "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext, common_tls_context: {{ tls_certificate_sds_secret_configs: [ {cert_ref} ]{validation} }} }}"#
+    )
+}
+
+/// Envoy's combined validation context: the SANs here, the CA from the secret `ROOTCA` (from `source`, e.g.
+/// `, sds_config: { ads: {} }`, or empty for a static secret).
+pub(crate) fn combined_validation(san: &str, source: &str) -> String {
+    format!(
+        r#", combined_validation_context: {{ default_validation_context: {{ match_typed_subject_alt_names: [ {{ san_type: URI, matcher: {{ exact: "{san}" }} }} ] }}, validation_context_sds_secret_config: {{ name: ROOTCA{source} }} }}"#
+    )
+}
+
+/// `static_resources.secrets` entries (or SDS resources): a certificate and a CA.
+fn cert_secret_yaml(name: &str, leaf: &Leaf) -> String {
+    format!(
+        "\n  - name: {name}\n    tls_certificate: {{ certificate_chain: {{ inline_string: {} }}, private_key: {{ inline_string: {} }} }}",
+        lit(&leaf.cert),
+        lit(&leaf.key)
+    )
+}
+
+fn ca_secret_yaml(name: &str, ca: &str) -> String {
+    format!("\n  - name: {name}\n    validation_context: {{ trusted_ca: {{ inline_string: {} }} }}", lit(ca))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_secrets_terminate_and_originate_mutual_tls() {
+    let pki = Pki::new();
+    let server = pki.leaf(&["svc.local"], &["spiffe://cluster.local/ns/default/sa/server"]);
+    let client = pki.leaf(&[], &["spiffe://cluster.local/ns/default/sa/client"]);
+    let backend = pki.leaf(&[], &["spiffe://cluster.local/ns/default/sa/backend"]);
+    let up = tls_echo_upstream(&backend).await;
+    let socket =
+        sds_socket("{ name: default }", &combined_validation("spiffe://cluster.local/ns/default/sa/client", ""))
+            .replace("common_tls_context:", "require_client_certificate: true, common_tls_context:");
+    let cluster = format!(
+        r#"{}
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config: {{ "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext, sni: backend.local, common_tls_context: {{ tls_certificate_sds_secret_configs: [ {{ name: default }} ]{} }} }}"#,
+        static_cluster("up", &[up]),
+        combined_validation("spiffe://cluster.local/ns/default/sa/backend", "")
+    );
+    let yaml = format!(
+        "static_resources:\n  listeners:{}\n  clusters:{cluster}\n  secrets:{}{}\n",
+        listener_with_chains(&tcp_chain("mtls", "{ transport_protocol: tls }", &socket, "up")),
+        cert_secret_yaml("default", &server),
+        ca_secret_yaml("ROOTCA", &pki.ca_pem())
+    );
+    let proxy = start(&yaml, Duration::from_secs(1)).await;
+    let addr = listener_addr(&proxy, "l");
+
+    let mut s = tls_connect(addr, client_config(&pki, &[], Some(&client)), "svc.local").await.unwrap();
+    let presented = s.get_ref().1.peer_certificates().unwrap()[0].clone();
+    assert_eq!(presented.as_ref(), pem_der(&server.cert), "the proxy presents the static secret's certificate");
+    let mut greeting = vec![0u8; "backend.local\n".len()];
+    s.read_exact(&mut greeting).await.unwrap();
+    assert_eq!(greeting, b"backend.local\n", "the upstream handshake used the secrets' CA and SAN");
+    assert!(echoes(&mut s, b"secrets both ways").await);
+
+    // The SAN of the combined context still applies: a client of the right CA with another identity is refused.
+    let intruder = pki.leaf(&[], &["spiffe://cluster.local/ns/default/sa/intruder"]);
+    if let Ok(mut s) = tls_connect(addr, client_config(&pki, &[], Some(&intruder)), "svc.local").await {
+        assert!(!echoes(&mut s, b"x").await, "a peer with the wrong SAN must not be proxied");
+    }
+    eventually("SAN failure counted", Duration::from_secs(5), async || {
+        counter(&proxy, "listener.127.0.0.1_0.ssl.fail_verify_san") == 1
+    })
+    .await;
+}
+
+/// The DER of the first certificate of a PEM text.
+pub(crate) fn pem_der(pem: &str) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap().to_vec()
 }

@@ -28,6 +28,10 @@ struct Cli {
     /// Resource file or Envoy config dump, YAML or JSON (`.json`); without it the mock starts empty.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Also serve everything (SecretDiscoveryService included) on this Unix socket, as Istio's pilot-agent serves
+    /// SDS to its sidecar; a socket file left by an earlier run is replaced.
+    #[arg(long)]
+    uds: Option<PathBuf>,
     /// Reload the file when it changes and push the new version; a bad edit is logged and not served.
     #[arg(long, requires = "config")]
     watch: bool,
@@ -88,7 +92,18 @@ async fn run(cli: Cli) -> Result<()> {
         tokio::spawn(watch_file(file.clone(), store.clone(), WATCH_INTERVAL, shutdown.clone()));
     }
     tokio::spawn(stop_on_signal(shutdown.clone()));
-    serve(listener, store, Clients::new(), shutdown).await?;
+    let clients = Clients::new();
+    if let Some(path) = &cli.uds {
+        let uds = xds_mock::server::bind_uds(path)?;
+        tracing::info!(path = %path.display(), "serving the same services on a Unix socket");
+        let (store, clients, shutdown) = (store.clone(), clients.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = xds_mock::server::serve_uds_listener(uds, store, clients, shutdown).await {
+                tracing::warn!("Unix socket server stopped: {e}");
+            }
+        });
+    }
+    serve(listener, store, clients, shutdown).await?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryServiceServer;
 use envoy_types::pb::google::protobuf::Any;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -24,6 +25,7 @@ const MAX_MESSAGE_SIZE: usize = 256 * 1024 * 1024;
 /// The services `grpcurl list` shows; the descriptor pool holds every Envoy service, but only these are served.
 const SERVED_SERVICES: &[&str] = &[
     "envoy.service.discovery.v3.AggregatedDiscoveryService",
+    "envoy.service.secret.v3.SecretDiscoveryService",
     "xds_mock.v1.Management",
     "grpc.health.v1.Health",
     "grpc.reflection.v1.ServerReflection",
@@ -35,6 +37,8 @@ const SERVED_SERVICES: &[&str] = &[
 pub enum ServeError {
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot listen on {}: {source}", path.display())]
+    BindUnix { path: std::path::PathBuf, source: std::io::Error },
     #[error("internal: building gRPC reflection from the descriptor sets: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC server failed: {0}")]
@@ -59,6 +63,9 @@ fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
 /// Every service of the mock, ready to serve.
 pub fn router(store: Store, clients: Clients, shutdown: CancellationToken) -> Result<Router, ServeError> {
     let ads = AdsService::new(store.clone(), clients.clone(), shutdown);
+    let sds = SecretDiscoveryServiceServer::new(ads.clone())
+        .max_decoding_message_size(MAX_MESSAGE_SIZE)
+        .max_encoding_message_size(MAX_MESSAGE_SIZE);
     let ads = AggregatedDiscoveryServiceServer::new(ads)
         .max_decoding_message_size(MAX_MESSAGE_SIZE)
         .max_encoding_message_size(MAX_MESSAGE_SIZE);
@@ -69,6 +76,7 @@ pub fn router(store: Store, clients: Clients, shutdown: CancellationToken) -> Re
     let (_reporter, health) = tonic_health::server::health_reporter();
     Ok(Server::builder()
         .add_service(ads)
+        .add_service(sds)
         .add_service(management)
         .add_service(reflection_builder().build_v1()?)
         .add_service(reflection_builder().build_v1alpha()?)
@@ -85,6 +93,31 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let router = router(store, clients, shutdown.clone())?;
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    router.serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned()).await?;
+    Ok(())
+}
+
+/// Binds a Unix socket at `path`, removing a socket file a previous run left behind.
+pub fn bind_uds(path: &std::path::Path) -> Result<tokio::net::UnixListener, ServeError> {
+    let bind_error = |source| ServeError::BindUnix { path: path.to_path_buf(), source };
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => {
+            std::fs::remove_file(path).map_err(bind_error)?;
+        }
+        _ => {}
+    }
+    tokio::net::UnixListener::bind(path).map_err(bind_error)
+}
+
+/// Serves every service on a bound Unix socket until `shutdown`, as Istio's pilot-agent serves SDS to its sidecar.
+pub async fn serve_uds_listener(
+    listener: tokio::net::UnixListener,
+    store: Store,
+    clients: Clients,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    let router = router(store, clients, shutdown.clone())?;
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     router.serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned()).await?;
     Ok(())
 }
@@ -107,6 +140,24 @@ impl MockServer {
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(serve(listener, store.clone(), clients.clone(), shutdown.clone()));
         Ok(MockHandle { addr, store, clients, shutdown, task: Some(task) })
+    }
+
+    /// As [`MockServer::start_with_store`], also serving on the Unix socket `uds` (same store, same client
+    /// registry), as pilot-agent serves SDS.
+    pub async fn start_with_uds(
+        addr: SocketAddr,
+        uds: &std::path::Path,
+        store: Store,
+    ) -> Result<MockHandle, ServeError> {
+        let uds = bind_uds(uds)?;
+        let handle = MockServer::start_with_store(addr, store).await?;
+        let (store, clients, shutdown) = (handle.store.clone(), handle.clients.clone(), handle.shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = serve_uds_listener(uds, store, clients, shutdown).await {
+                tracing::warn!("Unix socket server stopped: {e}");
+            }
+        });
+        Ok(handle)
     }
 }
 

@@ -1,4 +1,5 @@
-//! The Aggregated Discovery Service: one task per stream, SotW ([`sotw`]) or delta ([`delta`]).
+//! The Aggregated Discovery Service, and SDS on streams of its own: one task per stream, SotW ([`sotw`]) or delta
+//! ([`delta`]).
 //!
 //! A stream task owns the subscription state of every type its client asked for and wakes on two things: a
 //! request from the client, or a new store snapshot. After either it asks each type's state whether a response is
@@ -18,6 +19,7 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
+use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryService;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -81,6 +83,38 @@ impl AggregatedDiscoveryService for AdsService {
         let span = info_span!("ads", protocol = "delta", peer = ?peer);
         tokio::spawn(stream.run_delta(request.into_inner()).instrument(span));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// SDS on a stream of its own (`SecretDiscoveryService`, as Istio's pilot-agent serves it on a Unix socket): the same
+/// streams as ADS, carrying only secrets because that is all its clients ask for.
+#[tonic::async_trait]
+impl SecretDiscoveryService for AdsService {
+    type StreamSecretsStream = ResponseStream<DiscoveryResponse>;
+    type DeltaSecretsStream = ResponseStream<DeltaDiscoveryResponse>;
+
+    async fn stream_secrets(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamSecretsStream>, Status> {
+        let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
+        let stream = StreamTask::new(self.clone(), tx, Protocol::Sotw);
+        tokio::spawn(stream.run_sotw(request.into_inner()).instrument(info_span!("sds", protocol = "sotw")));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn delta_secrets(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
+        let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
+        let stream = StreamTask::new(self.clone(), tx, Protocol::Delta);
+        tokio::spawn(stream.run_delta(request.into_inner()).instrument(info_span!("sds", protocol = "delta")));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn fetch_secrets(&self, _request: Request<DiscoveryRequest>) -> Result<Response<DiscoveryResponse>, Status> {
+        Err(Status::unimplemented("FetchSecrets (REST-style polling) is not served; use StreamSecrets"))
     }
 }
 

@@ -1,4 +1,4 @@
-//! The `xds-mock` command as a process: start-up errors, serving a file, stopping on SIGTERM.
+//! The `xds-mock` command as a process: start-up errors, serving a file (also on a Unix socket), stopping on SIGTERM.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -69,4 +69,54 @@ async fn serves_a_file_and_stops_on_sigterm() {
     assert!(status.success());
     let exit = tokio::time::timeout(Duration::from_secs(10), child.wait()).await.expect("exits on SIGTERM").unwrap();
     assert!(exit.success(), "{exit:?}");
+}
+
+#[tokio::test]
+async fn serves_secrets_of_its_file_over_sds_on_a_unix_socket() {
+    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+    use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("secrets.yaml");
+    std::fs::write(&file, "secrets:\n  - name: default\n  - name: ROOTCA\n").unwrap();
+    let uds = dir.path().join("agent.sock");
+    // A socket file left by an earlier run is replaced, as pilot-agent does.
+    drop(std::os::unix::net::UnixListener::bind(&uds).unwrap());
+    let _child = Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0", "--config", file.to_str().unwrap(), "--uds", uds.to_str().unwrap()])
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+
+    let path = uds.clone();
+    let connector = tower::service_fn(move |_: http::Uri| {
+        let path = path.clone();
+        async move { tokio::net::UnixStream::connect(path).await.map(hyper_util::rt::TokioIo::new) }
+    });
+    let endpoint = tonic::transport::Endpoint::from_static("http://localhost");
+    let channel = tokio::time::timeout(TIMEOUT, async {
+        loop {
+            match endpoint.connect_with_connector(connector.clone()).await {
+                Ok(channel) => return channel,
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    })
+    .await
+    .expect("the Unix socket accepts");
+    let request = DiscoveryRequest {
+        node: Some(node("sidecar")),
+        type_url: xds_mock::types::SECRET.into(),
+        resource_names: vec!["default".into()],
+        ..Default::default()
+    };
+    let mut client = SecretDiscoveryServiceClient::new(channel);
+    let mut responses = client.stream_secrets(tokio_stream::iter([request])).await.unwrap().into_inner();
+    let response = tokio::time::timeout(TIMEOUT, responses.message()).await.unwrap().unwrap().unwrap();
+    let served: Vec<_> = response
+        .resources
+        .iter()
+        .map(|r| xds_mock::types::resource_name(&r.type_url, &r.value).unwrap_or_default())
+        .collect();
+    assert_eq!(served, ["default"], "only the secret asked for");
 }

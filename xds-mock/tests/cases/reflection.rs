@@ -30,6 +30,7 @@ async fn lists_the_served_services() {
         services,
         [
             "envoy.service.discovery.v3.AggregatedDiscoveryService",
+            "envoy.service.secret.v3.SecretDiscoveryService",
             "grpc.health.v1.Health",
             "grpc.reflection.v1.ServerReflection",
             "grpc.reflection.v1alpha.ServerReflection",
