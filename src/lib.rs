@@ -19,6 +19,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod alloc;
 pub mod config;
 pub mod drain;
 pub mod listener;
@@ -29,3 +30,8 @@ pub mod stats;
 pub mod tls;
 pub mod upstream;
 pub mod xds;
+
+// In the library so every binary and test linking it (the proxy, xds-mock, the test suites) measures the same
+// allocator that `/memory` reports on.
+#[global_allocator]
+static GLOBAL: alloc::Counting = alloc::Counting;

@@ -16,7 +16,7 @@ const CHUNK: usize = 1024;
 /// Chunks per shard: room for 4 million slots.
 const CHUNKS: usize = 4096;
 /// Shards a store can have: the main thread and up to this many minus one workers (more workers share shard 0).
-const MAX_SHARDS: usize = 65;
+pub(crate) const MAX_SHARDS: usize = 65;
 
 /// Envoy's default histogram bucket bounds (milliseconds for time histograms).
 pub const DEFAULT_BUCKETS: &[f64] = &[
@@ -26,6 +26,11 @@ pub const DEFAULT_BUCKETS: &[f64] = &[
 
 thread_local! {
     static SHARD: Cell<usize> = const { Cell::new(0) };
+}
+
+/// The shard the current thread writes to.
+pub(crate) fn thread_shard() -> usize {
+    SHARD.with(Cell::get)
 }
 
 /// Makes the current thread write to `shard` (a worker passes its index + 1).

@@ -573,6 +573,12 @@ fn stats(ctx: &Context, q: &[(String, String)], format: Option<&str>) -> Reply {
         other => return Reply::text(400, format!("invalid type: {other}\n")),
     };
     let select = stats::Select { used_only: flag(q, "usedonly"), filter, kind };
+    {
+        let cm = ctx.cluster_manager();
+        for cluster in cm.names().iter().filter_map(|n| cm.get(n)) {
+            cluster.publish_breakers();
+        }
+    }
     let snapshot = ctx.stats.stats();
     match format.unwrap_or("text") {
         "text" => Reply::text(200, stats::text(&snapshot, &select)),

@@ -9,6 +9,8 @@ use envoy_types::pb::envoy::config::cluster::v3 as cpb;
 use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::config::endpoint::v3 as epb;
 
+use tracing::warn;
+
 use super::listener::DEFAULT_BUFFER_LIMIT;
 use super::{ConfigError, audit_resource, join, opt_duration, port_value, socket_address};
 
@@ -72,6 +74,29 @@ pub struct EndpointConfig {
     /// The endpoint's `envoy.transport_socket_match` metadata, else its locality's: what `transport_socket_matches`
     /// test (sorted keys, canonical values).
     pub socket_labels: Option<Arc<[(String, String)]>>,
+    /// The locality's `load_balancing_weight`, and the sum of its endpoints' weights: what locality-weighted load
+    /// balancing needs.
+    pub locality_weight: Option<u32>,
+    pub locality_total: u32,
+}
+
+impl EndpointConfig {
+    /// The weight the load balancer gives this endpoint. With `locality_weighted_lb_config`, Envoy first picks a
+    /// locality by its weight, then a host inside it by host weight; scaling each host's weight by its locality's
+    /// share gives every host the same probability in one flat pick. A locality without a weight then gets no
+    /// traffic (0), as in Envoy.
+    pub fn lb_weight(&self, locality_weighted: bool) -> u32 {
+        if !locality_weighted {
+            return self.weight;
+        }
+        match self.locality_weight {
+            None | Some(0) => 0,
+            Some(lw) => {
+                let w = u64::from(self.weight) * u64::from(lw) * 1024 / u64::from(self.locality_total.max(1));
+                u32::try_from(w.max(1)).unwrap_or(u32::MAX)
+            }
+        }
+    }
 }
 
 /// The metadata namespace `transport_socket_matches` criteria are tested against.
@@ -107,6 +132,17 @@ pub struct ClusterConfig {
     /// The Unix socket of a STATIC cluster whose one endpoint is a `pipe` address. Such a cluster serves gRPC config
     /// sources only (Istio's `sds-grpc`); it has no hosts for tcp_proxy or HTTP.
     pub pipe: Option<std::path::PathBuf>,
+    /// `upstream_connection_options.tcp_keepalive`: TCP keepalive on every upstream connection (unset parts keep
+    /// the system's values, as in Envoy).
+    pub tcp_keepalive: Option<socket2::TcpKeepalive>,
+    /// `upstream_bind_config.source_address`: the local address upstream connections are made from (Istio's
+    /// inbound passthrough binds 127.0.0.6 so its own iptables rules let the connection through).
+    pub source_address: Option<SocketAddr>,
+    /// Istio's upstream metadata-exchange filters, skipped as on listeners (see
+    /// [`crate::config::listener::skippable_filter`]).
+    pub skipped_filters: Vec<String>,
+    /// `common_lb_config.locality_weighted_lb_config`: see [`EndpointConfig::lb_weight`].
+    pub locality_weighted: bool,
     pub proto: Arc<cpb::Cluster>,
 }
 
@@ -121,10 +157,9 @@ impl ClusterConfig {
             .find(|m| m.criteria.iter().all(|c| labels.contains(c)))
             .map_or(self.tls.as_ref(), |m| m.tls.as_ref())
     }
-}
 
-impl ClusterConfig {
-    /// Every TLS context of the cluster: its transport socket's and those of its transport socket matches.
+    /// Every TLS context the cluster may use (its own and its transport socket matches'), for secret binding and
+    /// warming.
     pub fn tls_contexts(&self) -> impl Iterator<Item = &Arc<crate::tls::UpstreamTls>> {
         self.tls.iter().chain(self.transport_socket_matches.iter().filter_map(|m| m.tls.as_ref()))
     }
@@ -142,6 +177,8 @@ pub struct HttpUpstream {
     pub max_pending_requests: u32,
     /// Retries outstanding at once across the cluster (Envoy's default 3), not a per-request cap.
     pub max_retries: u32,
+    /// `track_remaining` on the default thresholds: publish `circuit_breakers.default.remaining_*`.
+    pub track_remaining: bool,
 }
 
 impl Default for HttpUpstream {
@@ -153,6 +190,7 @@ impl Default for HttpUpstream {
             max_requests: 1024,
             max_pending_requests: 1024,
             max_retries: 3,
+            track_remaining: false,
         }
     }
 }
@@ -192,6 +230,33 @@ fn transport_socket_matches(c: &cpb::Cluster, http: &HttpUpstream) -> Result<Vec
         out.push(TransportSocketMatch { name: m.name.clone(), criteria: criteria.to_vec(), tls });
     }
     Ok(out)
+}
+
+/// The cluster's upstream network `filters`: Istio's telemetry ones are skipped with a warning, like on listeners;
+/// anything else would act on the bytes and is refused.
+fn upstream_filters(c: &cpb::Cluster) -> Result<Vec<String>, ConfigError> {
+    let mut skipped = Vec::new();
+    for (i, f) in c.filters.iter().enumerate() {
+        let as_listener_filter = envoy_types::pb::envoy::config::listener::v3::Filter {
+            name: f.name.clone(),
+            config_type: f
+                .typed_config
+                .clone()
+                .map(envoy_types::pb::envoy::config::listener::v3::filter::ConfigType::TypedConfig),
+        };
+        if !crate::config::listener::skippable_filter(&as_listener_filter) {
+            return Err(ConfigError::new(
+                format!("filters[{i}]"),
+                format!(
+                    "upstream network filter '{}' is not supported (only Istio telemetry filters are skipped)",
+                    f.name
+                ),
+            ));
+        }
+        warn!(cluster = %c.name, filter = %f.name, "skipping Istio telemetry upstream filter");
+        skipped.push(f.name.clone());
+    }
+    Ok(skipped)
 }
 
 /// A metadata struct as sorted (key, canonical value) pairs; values of different kinds never compare equal.
@@ -234,7 +299,12 @@ fn http_upstream(c: &cpb::Cluster) -> Result<HttpUpstream, ConfigError> {
         out.max_requests = t.max_requests.as_ref().map_or(out.max_requests, |v| v.value);
         out.max_pending_requests = t.max_pending_requests.as_ref().map_or(out.max_pending_requests, |v| v.value);
         out.max_retries = t.max_retries.as_ref().map_or(out.max_retries, |v| v.value);
+        out.track_remaining = t.track_remaining;
     }
+    // The cluster-level field Envoy deprecated in favour of the protocol options below, which override it.
+    #[allow(deprecated)]
+    let legacy = c.max_requests_per_connection.as_ref();
+    out.max_requests_per_connection = legacy.map(|v| v.value).filter(|v| *v > 0);
     for (key, any) in &c.typed_extension_protocol_options {
         let path = format!("typed_extension_protocol_options[\"{key}\"]");
         if crate::config::listener::type_name(&any.type_url) != TYPE_HTTP_PROTOCOL_OPTIONS {
@@ -249,8 +319,9 @@ fn http_upstream(c: &cpb::Cluster) -> Result<HttpUpstream, ConfigError> {
                 }
                 None => out.idle_timeout,
             };
-            out.max_requests_per_connection =
-                common.max_requests_per_connection.as_ref().map(|v| v.value).filter(|v| *v > 0);
+            if let Some(v) = &common.max_requests_per_connection {
+                out.max_requests_per_connection = Some(v.value).filter(|v| *v > 0);
+            }
         }
         out.protocol = match &o.upstream_protocol_options {
             Some(P::ExplicitHttpConfig(e)) => match &e.protocol_config {
@@ -372,6 +443,15 @@ impl TryFrom<cpb::Cluster> for ClusterConfig {
         #[allow(deprecated)]
         let refresh = c.dns_refresh_rate.as_ref();
         let dns_refresh_rate = opt_duration(refresh, DEFAULT_DNS_REFRESH, "dns_refresh_rate")?;
+        // Deprecated upstream like dns_refresh_rate, and sent by Istio all the same.
+        #[allow(deprecated)]
+        let respect_ttl = c.respect_dns_ttl;
+        if respect_ttl {
+            // The system resolver behind tokio's lookup_host reports no TTLs, so names are re-resolved every
+            // dns_refresh_rate instead; said once per cluster load rather than refused (Istio sets it on its DNS
+            // clusters).
+            warn!(cluster = %c.name, "respect_dns_ttl: TTLs are not available from the system resolver; re-resolving every dns_refresh_rate ({dns_refresh_rate:?})");
+        }
         if dns && dns_refresh_rate < Duration::from_millis(1) {
             return Err(ConfigError::new("dns_refresh_rate", "must be at least 1ms"));
         }
@@ -400,6 +480,42 @@ impl TryFrom<cpb::Cluster> for ClusterConfig {
             tls: upstream_tls(c.transport_socket.as_ref(), &http, "transport_socket")?,
             transport_socket_matches: transport_socket_matches(&c, &http)?,
             pipe,
+            source_address: match c.upstream_bind_config.as_ref() {
+                None => None,
+                Some(b) => {
+                    let path = "upstream_bind_config.source_address";
+                    let sa = b
+                        .source_address
+                        .as_ref()
+                        .ok_or_else(|| ConfigError::new(path, "a source address is required"))?;
+                    let port = port_value(sa, path)?;
+                    let ip = sa.address.parse().map_err(|_| {
+                        ConfigError::new(join(path, "address"), format!("malformed IP address: {}", sa.address))
+                    })?;
+                    Some(SocketAddr::new(ip, port))
+                }
+            },
+            skipped_filters: upstream_filters(&c)?,
+            locality_weighted: c.common_lb_config.as_ref().is_some_and(|l| {
+                matches!(
+                    l.locality_config_specifier,
+                    Some(cpb::cluster::common_lb_config::LocalityConfigSpecifier::LocalityWeightedLbConfig(_))
+                )
+            }),
+            tcp_keepalive: c.upstream_connection_options.as_ref().and_then(|o| o.tcp_keepalive.as_ref()).map(|k| {
+                let secs = |v: &Option<u32>| v.map(|s| Duration::from_secs(u64::from(s)));
+                let mut out = socket2::TcpKeepalive::new();
+                if let Some(t) = secs(&k.keepalive_time.as_ref().map(|v| v.value)) {
+                    out = out.with_time(t);
+                }
+                if let Some(i) = secs(&k.keepalive_interval.as_ref().map(|v| v.value)) {
+                    out = out.with_interval(i);
+                }
+                if let Some(p) = k.keepalive_probes.as_ref() {
+                    out = out.with_retries(p.value);
+                }
+                out
+            }),
             http,
             proto: Arc::new(c),
         })
@@ -455,6 +571,7 @@ pub fn endpoints(la: &epb::ClusterLoadAssignment, dns: bool, path: &str) -> Resu
     let mut out = Vec::new();
     for (i, locality) in la.endpoints.iter().enumerate() {
         let lpath = join(path, &format!("endpoints[{i}]"));
+        let first = out.len();
         for (j, lb) in locality.lb_endpoints.iter().enumerate() {
             let epath = join(&lpath, &format!("lb_endpoints[{j}]"));
             let ep = match &lb.host_identifier {
@@ -494,7 +611,13 @@ pub fn endpoints(la: &epb::ClusterLoadAssignment, dns: bool, path: &str) -> Resu
                 // Envoy looks at the endpoint's labels first, then its locality's.
                 socket_labels: socket_labels(lb.metadata.as_ref())
                     .or_else(|| socket_labels(locality.metadata.as_ref())),
+                locality_weight: locality.load_balancing_weight.as_ref().map(|w| w.value),
+                locality_total: 0,
             });
+        }
+        let total = out[first..].iter().map(|e| e.weight).fold(0u32, u32::saturating_add);
+        for e in &mut out[first..] {
+            e.locality_total = total;
         }
     }
     Ok(out)
@@ -504,6 +627,42 @@ pub fn endpoints(la: &epb::ClusterLoadAssignment, dns: bool, path: &str) -> Resu
 mod tests {
     use super::*;
     use crate::config::proto::{self, Format};
+
+    #[test]
+    fn istio_cluster_options_are_read() {
+        let c = convert(
+            r#"
+name: c
+type: STATIC
+max_requests_per_connection: 5
+upstream_bind_config: { source_address: { address: 127.0.0.6, port_value: 0 } }
+upstream_connection_options: { tcp_keepalive: { keepalive_time: 300 } }
+circuit_breakers: { thresholds: [ { max_connections: 7, track_remaining: true } ] }
+common_lb_config: { locality_weighted_lb_config: {} }
+load_assignment:
+  cluster_name: c
+  endpoints:
+  - load_balancing_weight: 3
+    lb_endpoints:
+    - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: 1 } } }
+  - load_balancing_weight: 1
+    lb_endpoints:
+    - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: 2 } } }
+    - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: 3 } } }
+  - lb_endpoints:
+    - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: 4 } } }
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.http.max_requests_per_connection, Some(5), "the deprecated cluster-level field");
+        assert_eq!(c.source_address, Some("127.0.0.6:0".parse().unwrap()));
+        assert!(c.tcp_keepalive.is_some() && c.http.track_remaining && c.locality_weighted);
+        // Locality weights 3 : 1, the second locality's share split between its two hosts; no weight, no traffic.
+        let w: Vec<u32> = c.endpoints.iter().map(|e| e.lb_weight(c.locality_weighted)).collect();
+        assert_eq!(w, [3072, 512, 512, 0]);
+        let flat: Vec<u32> = c.endpoints.iter().map(|e| e.lb_weight(false)).collect();
+        assert_eq!(flat, [1, 1, 1, 1]);
+    }
 
     #[test]
     fn transport_socket_matches_take_the_first_match_and_fall_back_to_locality_labels() {

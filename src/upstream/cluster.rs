@@ -30,9 +30,9 @@ impl Host {
         Host { address, weight, hostname, labels: None, active: AtomicU32::new(0) }
     }
 
-    /// A host of an endpoint, carrying the endpoint's transport socket labels.
-    pub fn of(address: SocketAddr, ep: &EndpointConfig, hostname: String) -> Self {
-        Host { labels: ep.socket_labels.clone(), ..Host::new(address, ep.weight, hostname) }
+    /// A host of an endpoint, carrying the endpoint's transport socket labels and its load-balancing weight.
+    pub fn of(address: SocketAddr, ep: &EndpointConfig, hostname: String, locality_weighted: bool) -> Self {
+        Host { labels: ep.socket_labels.clone(), ..Host::new(address, ep.lb_weight(locality_weighted), hostname) }
     }
 
     pub fn active(&self) -> u32 {
@@ -60,14 +60,17 @@ impl HostSet {
         HostSet { hosts, weights, total }
     }
 
-    /// Hosts of endpoints that already carry IPs (STATIC and EDS clusters).
-    pub fn from_endpoints(eps: &[EndpointConfig]) -> Self {
+    /// Hosts of endpoints that already carry IPs (STATIC and EDS clusters). A host whose weight is 0 (its
+    /// locality has none under locality-weighted balancing) takes no traffic, like an unhealthy one.
+    pub fn from_endpoints(eps: &[EndpointConfig], locality_weighted: bool) -> Self {
         use crate::config::cluster::EndpointAddress;
         Self::new(
             eps.iter()
                 .filter_map(|e| match &e.address {
                     EndpointAddress::Ip(a) => {
-                        Some((Arc::new(Host::of(*a, e, e.hostname.clone())), e.priority, e.healthy))
+                        let host = Host::of(*a, e, e.hostname.clone(), locality_weighted);
+                        let serving = e.healthy && host.weight > 0;
+                        Some((Arc::new(host), e.priority, serving))
                     }
                     EndpointAddress::Dns { .. } => None,
                 })
@@ -218,6 +221,37 @@ pub struct Cluster {
     /// Retries outstanding, for `max_retries`.
     retries: Arc<AtomicU32>,
     pub stats: ClusterStats,
+    breakers: BreakerGauges,
+}
+
+/// A TCP connection to `addr`, from `source` when the cluster binds one (`upstream_bind_config`).
+async fn connect_from(source: Option<SocketAddr>, addr: SocketAddr) -> io::Result<TcpStream> {
+    let Some(source) = source else { return TcpStream::connect(addr).await };
+    let socket = if source.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.bind(source)?;
+    socket.connect(addr).await
+}
+
+/// Envoy's `cluster.<name>.circuit_breakers.default.*` gauges: whether each breaker is open and, with
+/// `track_remaining`, how much room is left. They are derived from the breakers' counts when stats are read, so
+/// the request path pays nothing for them.
+#[derive(Debug)]
+struct BreakerGauges {
+    open: [Gauge; 4],
+    remaining: Option<[Gauge; 4]>,
+}
+
+impl BreakerGauges {
+    fn new(store: &Store, config: &ClusterConfig) -> Self {
+        let g = |s: &str| store.gauge(&format!("cluster.{}.circuit_breakers.default.{s}", config.stat_name));
+        BreakerGauges {
+            open: [g("cx_open"), g("rq_pending_open"), g("rq_open"), g("rq_retry_open")],
+            remaining: config
+                .http
+                .track_remaining
+                .then(|| [g("remaining_cx"), g("remaining_pending"), g("remaining_rq"), g("remaining_retries")]),
+        }
+    }
 }
 
 /// An open upstream connection; dropping it releases the circuit-breaker slot and the host's active count.
@@ -258,6 +292,7 @@ impl Cluster {
     /// A cluster starting with an existing host set (an updated cluster keeps its predecessor's hosts).
     pub fn with_hosts(config: Arc<ClusterConfig>, hosts: Arc<HostSet>, store: &Store) -> Self {
         let stats = ClusterStats::new(store, &config.stat_name);
+        let breakers = BreakerGauges::new(store, &config);
         let cluster = Cluster {
             config,
             hosts: ArcSwap::from_pointee(HostSet::default()),
@@ -266,6 +301,7 @@ impl Cluster {
             requests: Arc::new(AtomicU32::new(0)),
             pending: Arc::new(AtomicU32::new(0)),
             retries: Arc::new(AtomicU32::new(0)),
+            breakers,
             stats,
         };
         cluster.stats.membership_total.set(hosts.total as i64);
@@ -317,6 +353,24 @@ impl Cluster {
             return Err(ConnectError::NoHealthyUpstream(self.config.name.clone()));
         };
         self.connect_to(host).await
+    }
+
+    /// Sets the circuit-breaker gauges from the breakers' current counts (before stats are read).
+    pub fn publish_breakers(&self) {
+        let http = &self.config.http;
+        let counts = [
+            (&self.connections, self.config.max_connections),
+            (&self.pending, http.max_pending_requests),
+            (&self.requests, http.max_requests),
+            (&self.retries, http.max_retries),
+        ];
+        for (i, (count, limit)) in counts.into_iter().enumerate() {
+            let used = count.load(Ordering::Relaxed);
+            self.breakers.open[i].set(i64::from(used >= limit));
+            if let Some(remaining) = &self.breakers.remaining {
+                remaining[i].set(i64::from(limit.saturating_sub(used)));
+            }
+        }
     }
 
     /// Admits one more HTTP request under `max_requests`, or counts the overflow (Envoy answers it with 503).
@@ -377,10 +431,13 @@ impl Cluster {
         }
         self.stats.upstream_cx_total.inc();
         let addr = host.address;
-        match tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(addr)).await {
+        match tokio::time::timeout(self.config.connect_timeout, connect_from(self.config.source_address, addr)).await {
             Ok(Ok(stream)) => {
                 // Envoy sets TCP_NODELAY on every upstream connection.
                 let _ = stream.set_nodelay(true);
+                if let Some(keepalive) = &self.config.tcp_keepalive {
+                    let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(keepalive);
+                }
                 Ok(Upstream { stream, host, _slot: slot })
             }
             Ok(Err(e)) => {
@@ -415,8 +472,12 @@ mod tests {
             stat_name: "c".into(),
             http: Default::default(),
             tls: None,
-            pipe: None,
             transport_socket_matches: Vec::new(),
+            pipe: None,
+            tcp_keepalive: None,
+            source_address: None,
+            skipped_filters: Vec::new(),
+            locality_weighted: false,
             proto: Arc::default(),
         })
     }
@@ -429,6 +490,8 @@ mod tests {
             healthy,
             hostname: String::new(),
             socket_labels: None,
+            locality_weight: None,
+            locality_total: 1,
         }
     }
 
@@ -447,7 +510,7 @@ mod tests {
     #[test]
     fn traffic_goes_to_the_best_priority_with_healthy_hosts() {
         let eps = vec![ep(1, 0, false), ep(2, 1, true), ep(3, 1, true), ep(4, 2, true)];
-        let hosts = HostSet::from_endpoints(&eps);
+        let hosts = HostSet::from_endpoints(&eps, false);
         assert_eq!(hosts.total, 4);
         let c = Cluster::new(config(ClusterKind::Static, LbPolicy::RoundRobin, eps), hosts, &Store::default());
         let ports: Vec<u16> = (0..4).filter_map(|_| c.choose(None)).map(|h| h.address.port()).collect();
@@ -457,7 +520,7 @@ mod tests {
     #[test]
     fn least_request_avoids_the_busy_host() {
         let eps = vec![ep(1, 0, true), ep(2, 0, true)];
-        let hosts = HostSet::from_endpoints(&eps);
+        let hosts = HostSet::from_endpoints(&eps, false);
         hosts.hosts[0].active.store(100, Ordering::Relaxed);
         let c = Cluster::new(config(ClusterKind::Static, LbPolicy::LeastRequest, eps), hosts, &Store::default());
         // Two random choices per pick: the busy host only wins when both choices land on it.

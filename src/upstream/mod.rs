@@ -162,7 +162,7 @@ impl ClusterManager {
         });
         let hosts = match inherited {
             Some(o) => o.hosts(),
-            None => Arc::new(HostSet::from_endpoints(&config.endpoints)),
+            None => Arc::new(HostSet::from_endpoints(&config.endpoints, config.locality_weighted)),
         };
         if let Some(token) = old.as_ref().and_then(|o| o.refresh.as_ref()) {
             token.cancel();
@@ -325,7 +325,7 @@ impl ClusterManager {
         let clusters = self.eds_index.get(&la.cluster_name).map(Vec::as_slice).unwrap_or_default();
         for name in clusters {
             if let Some(e) = self.entries.get(name) {
-                e.cluster.set_hosts(HostSet::from_endpoints(&endpoints));
+                e.cluster.set_hosts(HostSet::from_endpoints(&endpoints, e.cluster.config.locality_weighted));
             }
         }
         Ok(clusters.len())

