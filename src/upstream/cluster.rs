@@ -20,11 +20,30 @@ pub struct Host {
     pub hostname: String,
     /// Connections (for tcp_proxy) or requests in flight: least request's measure.
     active: AtomicU32,
+    /// Outlier detection: 5xx answers in a row.
+    consecutive_5xx: AtomicU32,
+    /// Outlier detection: ejected until this many ms after [`epoch`]; 0 while in service.
+    ejected_until_ms: AtomicU64,
+    /// Outlier detection: how many times the host was ejected (the ejection time grows with it).
+    ejections: AtomicU32,
 }
 
 impl Host {
     pub fn new(address: SocketAddr, weight: u32, hostname: String) -> Self {
-        Host { address, weight, hostname, active: AtomicU32::new(0) }
+        Host {
+            address,
+            weight,
+            hostname,
+            active: AtomicU32::new(0),
+            consecutive_5xx: AtomicU32::new(0),
+            ejected_until_ms: AtomicU64::new(0),
+            ejections: AtomicU32::new(0),
+        }
+    }
+
+    /// Taken out of load balancing by outlier detection.
+    pub fn is_ejected(&self) -> bool {
+        self.ejected_until_ms.load(Ordering::Relaxed) != 0
     }
 
     pub fn active(&self) -> u32 {
@@ -99,6 +118,7 @@ pub struct ClusterStats {
     pub upstream_rq_time: Histogram,
     /// `upstream_rq_1xx` … `upstream_rq_5xx`.
     pub upstream_rq_class: [Counter; 5],
+    pub outlier: OutlierStats,
     /// `upstream_rq_<code>` for codes 100–599, each registered on first use; the table itself only exists once the
     /// cluster has served HTTP. Lock-free on the request path.
     codes: Arc<std::sync::OnceLock<Box<[std::sync::OnceLock<Counter>]>>>,
@@ -136,11 +156,34 @@ impl ClusterStats {
             upstream_rq_pending_active: g("upstream_rq_pending_active"),
             upstream_rq_time: store.histogram(&format!("cluster.{stat_name}.upstream_rq_time")),
             upstream_rq_class: [1, 2, 3, 4, 5].map(|n| c(&format!("upstream_rq_{n}xx"))),
+            outlier: OutlierStats {
+                ejections_active: g("outlier_detection.ejections_active"),
+                ejections_enforced_total: c("outlier_detection.ejections_enforced_total"),
+                ejections_overflow: c("outlier_detection.ejections_overflow"),
+                ejections_enforced_consecutive_5xx: c("outlier_detection.ejections_enforced_consecutive_5xx"),
+                ejections_detected_consecutive_5xx: c("outlier_detection.ejections_detected_consecutive_5xx"),
+            },
             codes: Arc::default(),
             store: store.clone(),
             prefix: format!("cluster.{stat_name}"),
         }
     }
+}
+
+/// `cluster.<name>.outlier_detection.*`, Envoy's names.
+#[derive(Debug, Clone)]
+pub struct OutlierStats {
+    pub ejections_active: Gauge,
+    pub ejections_enforced_total: Counter,
+    pub ejections_overflow: Counter,
+    pub ejections_enforced_consecutive_5xx: Counter,
+    pub ejections_detected_consecutive_5xx: Counter,
+}
+
+/// The clock ejection deadlines are kept on (milliseconds, so they fit an atomic).
+fn epoch_ms() -> u64 {
+    static EPOCH: std::sync::LazyLock<std::time::Instant> = std::sync::LazyLock::new(std::time::Instant::now);
+    EPOCH.elapsed().as_millis() as u64
 }
 
 impl ClusterStats {
@@ -209,6 +252,8 @@ pub struct Cluster {
     pending: Arc<AtomicU32>,
     /// Retries outstanding, for `max_retries`.
     retries: Arc<AtomicU32>,
+    /// Hosts ejected by outlier detection; while 0, choosing a host looks at no ejection.
+    ejected: AtomicU32,
     pub stats: ClusterStats,
 }
 
@@ -258,6 +303,7 @@ impl Cluster {
             requests: Arc::new(AtomicU32::new(0)),
             pending: Arc::new(AtomicU32::new(0)),
             retries: Arc::new(AtomicU32::new(0)),
+            ejected: AtomicU32::new(0),
             stats,
         };
         cluster.stats.membership_total.set(hosts.total as i64);
@@ -278,6 +324,10 @@ impl Cluster {
         self.stats.membership_total.set(hosts.total as i64);
         self.stats.membership_healthy.set(hosts.hosts.len() as i64);
         self.hosts.store(Arc::new(hosts));
+        if self.config.outlier.is_some() {
+            // New host objects start in service: the ejection count follows the new set.
+            self.uneject_expired();
+        }
     }
 
     /// Chooses a host. `original_dst` is the downstream connection's restored destination (None when no listener
@@ -288,7 +338,7 @@ impl Cluster {
             return original_dst.map(|dst| Arc::new(Host::new(dst, 1, String::new())));
         }
         let set = self.hosts.load();
-        let idx = match self.config.lb_policy {
+        let pick = || match self.config.lb_policy {
             LbPolicy::RoundRobin | LbPolicy::ClusterProvided => {
                 set.weights.pick(self.rr.fetch_add(1, Ordering::Relaxed))
             }
@@ -298,8 +348,81 @@ impl Cluster {
                 let b = set.weights.pick(rand::random());
                 a.zip(b).map(|(a, b)| least_of_two(a, b, |i| set.hosts[i].active()))
             }
-        }?;
+        };
+        let idx = pick()?;
+        let ejected = self.ejected.load(Ordering::Relaxed) as usize;
+        // Envoy's panic threshold (50%): with fewer than half the hosts in service, balance over all of them.
+        if ejected == 0 || (set.hosts.len() - ejected.min(set.hosts.len())) * 2 < set.hosts.len() {
+            return set.hosts.get(idx).cloned();
+        }
+        let in_service = |i: &usize| set.hosts.get(*i).is_some_and(|h| !h.is_ejected());
+        let idx = std::iter::once(idx)
+            .chain((0..set.hosts.len()).filter_map(|_| pick()))
+            .find(in_service)
+            .or_else(|| (0..set.hosts.len()).find(in_service))
+            .unwrap_or(idx);
         set.hosts.get(idx).cloned()
+    }
+
+    /// Notes how an exchange with `host` went, for outlier detection: a 5xx answer, or a failure to get one (Envoy
+    /// counts connect failures, resets and timeouts as 5xx too), or neither.
+    pub fn outlier_result(&self, host: &Host, five_xx: bool) {
+        let Some(o) = &self.config.outlier else { return };
+        if !five_xx {
+            if host.consecutive_5xx.load(Ordering::Relaxed) != 0 {
+                host.consecutive_5xx.store(0, Ordering::Relaxed);
+            }
+            return;
+        }
+        if host.consecutive_5xx.fetch_add(1, Ordering::Relaxed) + 1 < o.consecutive_5xx {
+            return;
+        }
+        host.consecutive_5xx.store(0, Ordering::Relaxed);
+        if host.is_ejected() {
+            return;
+        }
+        let stats = &self.stats.outlier;
+        stats.ejections_detected_consecutive_5xx.inc();
+        if rand::random_range(0..100) >= o.enforcing_consecutive_5xx {
+            return;
+        }
+        let total = self.hosts.load().hosts.len().max(1) as u64;
+        let ejected = u64::from(self.ejected.load(Ordering::Relaxed));
+        // Envoy ejects at least one host whatever max_ejection_percent says.
+        if ejected > 0 && (ejected + 1) * 100 > u64::from(o.max_ejection_percent) * total {
+            stats.ejections_overflow.inc();
+            return;
+        }
+        let times = host.ejections.load(Ordering::Relaxed).saturating_add(1);
+        let length = o.base_ejection_time.saturating_mul(times).min(o.max_ejection_time);
+        let until = (epoch_ms() + length.as_millis() as u64).max(1);
+        if host.ejected_until_ms.compare_exchange(0, until, Ordering::Relaxed, Ordering::Relaxed).is_err() {
+            return;
+        }
+        host.ejections.store(times, Ordering::Relaxed);
+        self.ejected.fetch_add(1, Ordering::Relaxed);
+        stats.ejections_active.inc();
+        stats.ejections_enforced_total.inc();
+        stats.ejections_enforced_consecutive_5xx.inc();
+        tracing::info!(cluster = %self.name(), host = %host.address, "outlier detection: ejected for {length:?} (consecutive 5xx)");
+    }
+
+    /// Returns hosts whose ejection time is over to service; Envoy does it on the detector's `interval` timer.
+    pub fn uneject_expired(&self) {
+        let now = epoch_ms();
+        let set = self.hosts.load();
+        let mut still = 0;
+        for h in &set.hosts {
+            let until = h.ejected_until_ms.load(Ordering::Relaxed);
+            if until != 0 && until <= now {
+                h.ejected_until_ms.store(0, Ordering::Relaxed);
+                tracing::info!(cluster = %self.name(), host = %h.address, "outlier detection: host returned to service");
+            } else if until != 0 {
+                still += 1;
+            }
+        }
+        self.ejected.store(still, Ordering::Relaxed);
+        self.stats.outlier.ejections_active.set(i64::from(still));
     }
 
     /// Picks a host and connects to it within `connect_timeout`, counting the outcome in the cluster's stats.
@@ -407,6 +530,7 @@ mod tests {
             stat_name: "c".into(),
             http: Default::default(),
             tls: None,
+            outlier: None,
             proto: Arc::default(),
         })
     }

@@ -1056,3 +1056,46 @@ fn health_check_filter_refuses_pass_through_mode_and_cluster_percentages() {
         ""
     );
 }
+
+/// Envoy's consecutive_5xx outlier detection: a host that answers 5xx that many times in a row leaves load balancing
+/// for base_ejection_time (at least one host even under max_ejection_percent's default 10%), and returns on the
+/// detector's interval timer once that time is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consecutive_5xx_ejects_the_host_until_its_ejection_time_is_over() {
+    let bad = flaky_upstream(usize::MAX).await;
+    let good = http_upstream("G").await;
+    let cluster = format!(
+        "{}\n    outlier_detection: {{ consecutive_5xx: 3, interval: 0.2s, base_ejection_time: 1s }}",
+        static_cluster("u", &[bad, good])
+    );
+    let server = start(&yaml(&http_listener("h", 0, &routes_to("u", ""), ""), &cluster), Duration::from_secs(1)).await;
+    let mut c = http1_client(listener_addr(&server, "h")).await;
+    let mut failures = 0;
+    for _ in 0..10 {
+        if http1_request(&mut c, "GET", "/", "x", &[]).await.0 == 503 {
+            failures += 1;
+        }
+        if failures == 3 {
+            break;
+        }
+    }
+    assert_eq!(failures, 3);
+    assert_eq!(counter(&server, "cluster.u.outlier_detection.ejections_enforced_consecutive_5xx"), 1);
+    assert_eq!(counter(&server, "cluster.u.outlier_detection.ejections_detected_consecutive_5xx"), 1);
+    assert_eq!(counter(&server, "cluster.u.outlier_detection.ejections_enforced_total"), 1);
+    assert_eq!(gauge(&server, "cluster.u.outlier_detection.ejections_active"), 1);
+    for _ in 0..4 {
+        let (status, _, body) = http1_request(&mut c, "GET", "/", "x", &[]).await;
+        assert_eq!(status, 200, "the ejected host gets no request: {body}");
+    }
+
+    eventually("the host returned to service", Duration::from_secs(5), async || {
+        gauge(&server, "cluster.u.outlier_detection.ejections_active") == 0
+    })
+    .await;
+    let mut statuses = Vec::new();
+    for _ in 0..2 {
+        statuses.push(http1_request(&mut c, "GET", "/", "x", &[]).await.0);
+    }
+    assert!(statuses.contains(&503), "back in the rotation: {statuses:?}");
+}

@@ -18,7 +18,7 @@ use super::route::{Action, HostRewrite, Matched, RequestHead, RetryPolicy, Route
 use crate::access_log::Flag;
 use crate::config::cluster::UpstreamProtocol;
 use crate::config::http::ServerHeader;
-use crate::upstream::cluster::{Cluster, Host};
+use crate::upstream::cluster::{Cluster, ConnectError, Host};
 use crate::upstream::pool::{Lease, PoolError, Protocol};
 
 const NO_HEALTHY_UPSTREAM: &str = "no healthy upstream";
@@ -537,6 +537,7 @@ async fn forward(
             Ok((resp, lease)) => {
                 let status = resp.status().as_u16();
                 cluster.count_response(status);
+                cluster.outlier_result(&host_entry, status >= 500);
                 let retriable = policy.is_some_and(|p| p.should_retry_status(status));
                 if can_retry && retriable {
                     if let Some(slot) = cluster.start_retry() {
@@ -571,6 +572,11 @@ async fn forward(
                     let mut resp = local_reply(conn, StatusCode::SERVICE_UNAVAILABLE, OVERFLOW);
                     resp.headers_mut().insert(X_OVERLOADED.clone(), HeaderValue::from_static("true"));
                     return resp;
+                }
+                // Envoy's outlier detection counts a failure to get an answer as a 5xx from the host (but not our own
+                // max_connections overflow).
+                if !matches!(failure, Failure::Pool(PoolError::Connect(ConnectError::Overflow(_)))) {
+                    cluster.outlier_result(&host_entry, true);
                 }
                 let (retryable, reply) = match &failure {
                     Failure::Pool(e) if e.is_connect_failure() => {
