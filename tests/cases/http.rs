@@ -660,6 +660,33 @@ async fn a_streaming_response_holds_its_request_slot_until_the_body_ends() {
     assert_eq!(status, 200, "the slot is free again");
 }
 
+/// A downstream connection streaming a response has an active stream, so the HCM's idle timeout (no active streams
+/// for that long, in Envoy) does not count it idle; once the response ended it does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_streaming_a_response_is_not_idle() {
+    use http_body_util::BodyExt;
+    let up = http_upstream("U").await;
+    let extra = "\n          common_http_protocol_options: { idle_timeout: 0.3s }";
+    let server = start(
+        &yaml(&http_listener("h", 0, &routes_to("u", ""), extra), &static_cluster("u", &[up])),
+        Duration::from_secs(1),
+    )
+    .await;
+    let mut c = http1_client(listener_addr(&server, "h")).await;
+    let req = hyper::Request::builder()
+        .uri("/drip/900")
+        .header("host", "x")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = c.send_request(req).await.unwrap();
+    assert!(resp.headers().get("connection").is_none());
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"ab");
+    assert_eq!(counter(&server, "http.h.downstream_cx_idle_timeout"), 0, "900 ms of streaming is not idle");
+    eventually("idle once the response ended", Duration::from_secs(5), async || c.is_closed()).await;
+    assert_eq!(counter(&server, "http.h.downstream_cx_idle_timeout"), 1);
+}
+
 /// Envoy records `upstream_rq_time` when the upstream response is complete, not when its headers arrive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_rq_time_is_recorded_when_the_response_is_complete() {
