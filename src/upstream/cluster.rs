@@ -323,9 +323,24 @@ impl Cluster {
     pub fn set_hosts(&self, hosts: HostSet) {
         self.stats.membership_total.set(hosts.total as i64);
         self.stats.membership_healthy.set(hosts.hosts.len() as i64);
+        if self.config.outlier.is_some() {
+            // An EDS update or DNS refresh builds new host objects: as in Envoy, a host that stays keeps its outlier
+            // state (an ejected host stays ejected).
+            let old = self.hosts.load();
+            let by_address: std::collections::HashMap<SocketAddr, &Arc<Host>> =
+                old.hosts.iter().map(|h| (h.address, h)).collect();
+            for h in &hosts.hosts {
+                if let Some(prior) = by_address.get(&h.address) {
+                    for (to, from) in [(&h.consecutive_5xx, &prior.consecutive_5xx), (&h.ejections, &prior.ejections)] {
+                        to.store(from.load(Ordering::Relaxed), Ordering::Relaxed);
+                    }
+                    h.ejected_until_ms.store(prior.ejected_until_ms.load(Ordering::Relaxed), Ordering::Relaxed);
+                }
+            }
+        }
         self.hosts.store(Arc::new(hosts));
         if self.config.outlier.is_some() {
-            // New host objects start in service: the ejection count follows the new set.
+            // The ejection count follows the new set.
             self.uneject_expired();
         }
     }
@@ -565,6 +580,40 @@ mod tests {
         let c = Cluster::new(config(ClusterKind::Static, LbPolicy::RoundRobin, eps), hosts, &Store::default());
         let ports: Vec<u16> = (0..4).filter_map(|_| c.choose(None)).map(|h| h.address.port()).collect();
         assert_eq!(ports, vec![2, 3, 2, 3]);
+    }
+
+    #[test]
+    fn consecutive_5xx_ejects_and_the_ejection_survives_a_host_set_update() {
+        let eps = vec![ep(1, 0, true), ep(2, 0, true)];
+        let mut cfg = (*config(ClusterKind::Static, LbPolicy::RoundRobin, eps.clone())).clone();
+        cfg.outlier = Some(crate::config::cluster::OutlierConfig {
+            consecutive_5xx: 2,
+            interval: std::time::Duration::from_secs(10),
+            base_ejection_time: std::time::Duration::from_secs(30),
+            max_ejection_time: std::time::Duration::from_secs(300),
+            max_ejection_percent: 10,
+            enforcing_consecutive_5xx: 100,
+        });
+        let c = Cluster::new(Arc::new(cfg), HostSet::from_endpoints(&eps), &Store::default());
+        let first = c.hosts().hosts[0].clone();
+        c.outlier_result(&first, true);
+        c.outlier_result(&first, false);
+        c.outlier_result(&first, true);
+        assert!(!first.is_ejected(), "a success in between starts the count again");
+        c.outlier_result(&first, true);
+        assert!(first.is_ejected());
+        let ports: Vec<u16> = (0..4).filter_map(|_| c.choose(None)).map(|h| h.address.port()).collect();
+        assert_eq!(ports, vec![2, 2, 2, 2]);
+
+        c.set_hosts(HostSet::from_endpoints(&eps));
+        assert!(c.hosts().hosts[0].is_ejected(), "the same address stays ejected");
+        assert_eq!(c.stats.outlier.ejections_active.value(), 1);
+        // The other host would be the second of two ejected: over 10%, but one is always allowed, not two.
+        let second = c.hosts().hosts[1].clone();
+        c.outlier_result(&second, true);
+        c.outlier_result(&second, true);
+        assert!(!second.is_ejected());
+        assert_eq!(c.stats.outlier.ejections_overflow.value(), 1);
     }
 
     #[test]
