@@ -2,7 +2,7 @@
 CARGO ?= cargo
 ARGS ?=
 
-.PHONY: all build run run-static test lint fmt fmt-check bench bench-http presubmit deps
+.PHONY: all build run run-static test lint fmt fmt-check bench bench-http bench-tls presubmit deps
 
 all: build
 
@@ -46,5 +46,11 @@ bench-http: build
 	@./.ci/deps.sh bench
 	@command -v h2load >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nghttp2-client; }
 	python3 bench/run.py http $(BENCH_ARGS)
+
+## bench-tls: TLS termination vs nginx and haproxy with the same ECDSA P-256 certificate: new TLS connections/s (one
+## request per handshake) and HTTPS req/s over keep-alive (wrk), then on to the origin as in bench-http.
+bench-tls: build
+	@./.ci/deps.sh bench
+	python3 bench/run.py http --loads tls-hs,https --systems xds-proxy,haproxy,nginx $(BENCH_ARGS)
 
 presubmit: fmt-check lint test

@@ -7,7 +7,9 @@ Two suites, chosen by the first argument:
                  nginx's stream module (`make bench`).
   http           http_connection_manager: wrk (HTTP/1.1, keep-alive) and h2load (h2c, prior knowledge) through each
                  system to a small-response nginx origin; requests/s, p50/p99 latency, the proxy's CPU per 1,000
-                 requests/s and its RSS (`make bench-http`).
+                 requests/s and its RSS (`make bench-http`). `--loads tls-hs,https` runs the TLS-terminating loads
+                 instead: new TLS connections/s (one request per handshake) and HTTPS requests/s over keep-alive,
+                 every proxy presenting the same ECDSA P-256 certificate (`make bench-tls`).
 
 Every system proxies the same upstreams, runs with 2 workers and no logging, and the systems are interleaved within
 each round so drift on the machine hits them alike. Prints medians and ratios as a markdown table. The Makefile
@@ -269,6 +271,9 @@ HTTP_PORTS = {  # system -> (http/1.1 port, h2c port)
     "haproxy": (19111, 19112),
     "nginx": (19211, 19212),
 }
+# TLS-terminating listeners (the tls-hs and https loads); the origin has none, so "direct" sits these loads out.
+TLS_PORTS = {"xds-proxy": 19013, "haproxy": 19113, "nginx": 19213}
+HTTP_LOADS = ("h1", "h2c", "tls-hs", "https")
 ORIGIN_BODY = "ok\n"
 ISTIO_VCPU_PER_1K, ISTIO_MB = 0.20, 60  # Istio 1.24 sidecar, per 1,000 requests/s (from the issue)
 TOOLS = {"wrk": "wrk", "h2load": "nghttp2-client", "nginx": "nginx", "haproxy": "haproxy"}
@@ -318,15 +323,52 @@ http {{
 """
 
 
-def http_bootstrap():
+def port_for(system, load):
+    if load in ("tls-hs", "https"):
+        return TLS_PORTS[system]
+    return HTTP_PORTS[system][0 if load == "h1" else 1]
+
+
+def make_cert(d):
+    """A self-signed ECDSA P-256 certificate for every TLS-terminating proxy (haproxy wants cert and key in one file)."""
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", f"{d}/key.pem", "-out", f"{d}/cert.pem", "-days", "2", "-subj", "/CN=bench.local",
+                    "-addext", "subjectAltName=DNS:bench.local"], check=True, capture_output=True)
+    with open(f"{d}/bundle.pem", "w") as out:
+        for part in ("cert.pem", "key.pem"):
+            with open(f"{d}/{part}") as f:
+                out.write(f.read())
+
+
+def http_bootstrap(d=None):
     port = HTTP_PORTS["xds-proxy"][0]
+    tls = "" if d is None else f"""
+  - name: https
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {TLS_PORTS["xds-proxy"]} }} }}
+    tcp_backlog_size: 4096
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          common_tls_context:
+            alpn_protocols: [h2, http/1.1]
+            tls_certificates:
+            - certificate_chain: {{ filename: {d}/cert.pem }}
+              private_key: {{ filename: {d}/key.pem }}
+      filters:{HCM}"""
     return f"""static_resources:
   listeners:
   - name: http
     address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
     tcp_backlog_size: 4096
     filter_chains:
-    - filters:
+    - filters:{HCM}{tls}
+  clusters:{ORIGIN_CLUSTER}"""
+
+
+# The HTTP connection manager every xds-proxy listener of the suite runs (plain and TLS alike).
+HCM = """
       - name: envoy.filters.network.http_connection_manager
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
@@ -334,16 +376,17 @@ def http_bootstrap():
           codec_type: AUTO
           http_filters:
           - name: envoy.filters.http.router
-            typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
+            typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }
           route_config:
             name: bench
             virtual_hosts:
             - name: origin
               domains: ["*"]
               routes:
-              - match: {{ prefix: "/" }}
-                route: {{ cluster: origin }}
-  clusters:
+              - match: { prefix: "/" }
+                route: { cluster: origin }"""
+
+ORIGIN_CLUSTER = f"""
   - name: origin
     type: STATIC
     connect_timeout: 5s
@@ -357,8 +400,9 @@ def http_bootstrap():
 """
 
 
-def haproxy_http_cfg():
+def haproxy_http_cfg(d=None):
     h1, h2 = HTTP_PORTS["haproxy"]
+    tls = "" if d is None else f"\n  bind 127.0.0.1:{TLS_PORTS['haproxy']} ssl crt {d}/bundle.pem alpn h2,http/1.1"
     # http-reuse always: idle upstream connections are shared between client connections, as Envoy's pools do.
     return f"""global
   nbthread 2
@@ -372,15 +416,21 @@ defaults
   http-reuse always
 frontend bench
   bind 127.0.0.1:{h1}
-  bind 127.0.0.1:{h2} proto h2
+  bind 127.0.0.1:{h2} proto h2{tls}
   default_backend origin
 backend origin
   server origin 127.0.0.1:{HTTP_ORIGIN[0]}
 """
 
 
-def nginx_proxy_cfg(d):
+def nginx_proxy_cfg(d, tls=False):
     h1, h2 = HTTP_PORTS["nginx"]
+    # nginx 1.22 leaves TLS 1.3 out unless told; every system then negotiates TLS 1.3 with wrk.
+    tls = "" if not tls else f"""    listen 127.0.0.1:{TLS_PORTS["nginx"]} ssl http2 reuseport backlog=4096;
+    ssl_certificate {d}/cert.pem;
+    ssl_certificate_key {d}/key.pem;
+    ssl_protocols TLSv1.2 TLSv1.3;
+"""
     # `listen ... http2` without ssl is h2c with prior knowledge only in nginx 1.22.
     return f"""worker_processes 2;
 worker_rlimit_nofile 20000;
@@ -400,7 +450,7 @@ http {{
   server {{
     listen 127.0.0.1:{h1} reuseport backlog=4096;
     listen 127.0.0.1:{h2} http2 reuseport backlog=4096;
-    location / {{
+{tls}    location / {{
       proxy_pass http://origin;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
@@ -461,6 +511,13 @@ def load_cmd(load, port, seconds, args, log_file=None):
     url = f"http://127.0.0.1:{port}/"
     if load == "h1":
         return ["wrk", "-t", "2", "-c", str(args.connections), "-d", f"{seconds}s", "--latency", url]
+    if load == "https":
+        return ["wrk", "-t", "2", "-c", str(args.connections), "-d", f"{seconds}s", "--latency",
+                f"https://127.0.0.1:{port}/"]
+    if load == "tls-hs":
+        # One request per connection, so every request costs a full handshake (wrk never resumes sessions).
+        return ["wrk", "-t", "2", "-c", "32", "-d", f"{seconds}s", "--latency", "-H", "Connection: close",
+                f"https://127.0.0.1:{port}/"]
     cmd = ["h2load", "-t", "2", "-c", str(args.connections), "-m", str(args.streams), "-D", str(seconds)]
     return cmd + (["--log-file", log_file] if log_file else []) + [url]
 
@@ -513,7 +570,18 @@ def parse_h2load(out, log_file):
 
 def http_check(load, port):
     """One request through the path must answer 200 with the origin's body (h2c: one h2load request)."""
-    if load == "h1":
+    if load in ("tls-hs", "https"):
+        import ssl
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, ctx.wrap_socket(raw) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := s.recv(4096):
+                data += chunk
+        ok = data.startswith(b"HTTP/1.1 200") and data.endswith(ORIGIN_BODY.encode())
+        head = data.split(b"\r\n", 1)[0].decode(errors="replace")
+    elif load == "h1":
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
             s.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
             data = b""
@@ -536,7 +604,7 @@ def http_check(load, port):
 def measure(load, system, server, origin, args, d):
     """One measured run of `load` against `system` after a warm-up run; `server` is the process under test (None for
     direct). CPU is sampled from /proc just before and after the load generator runs."""
-    port = HTTP_PORTS[system][0 if load == "h1" else 1]
+    port = port_for(system, load)
     if args.warmup > 0:
         subprocess.run(load_cmd(load, port, args.warmup, args), capture_output=True, timeout=args.warmup + 60)
     log_file = f"{d}/h2load.log"
@@ -561,7 +629,7 @@ def measure(load, system, server, origin, args, d):
         with open(f"{d}/{system}.err") as f:
             raise SystemExit(f"{system} exited ({server.returncode}) during the {load} run:\n{f.read()[-2000:]}\n"
                              f"load generator output:\n{out}")
-    rps, requests, p50, p99, errors = parse_wrk(out) if load == "h1" else parse_h2load(out, log_file)
+    rps, requests, p50, p99, errors = parse_h2load(out, log_file) if load == "h2c" else parse_wrk(out)
     if requests == 0:
         raise SystemExit(f"no request completed through {system} ({load}):\n{out}")
     return {"rps": rps, "p50": p50, "p99": p99, "errors": errors, "rss": rss / 1024, "vcpu": cpu / wall,
@@ -573,7 +641,9 @@ def report(args, systems, loads, results):
     med = {k: {f: statistics.median(x[f] for x in v) for f in v[0]} for k, v in results.items()}
     errs = {k: sum(x["errors"] for x in v) for k, v in results.items()}
     names = {"h1": f"wrk HTTP/1.1, {args.connections} conns",
-             "h2c": f"h2load h2c, {args.connections} conns × {args.streams} streams"}
+             "h2c": f"h2load h2c, {args.connections} conns × {args.streams} streams",
+             "tls-hs": "wrk HTTPS, 32 conns, one request per TLS handshake",
+             "https": f"wrk HTTPS keep-alive, {args.connections} conns"}
     model = subprocess.run(["sh", "-c", "lscpu | sed -n 's/^Model name: *//p'"], capture_output=True, text=True)
     warm = f" (each after a {args.warmup}s warm-up run)" if args.warmup else ""
     print(f"\ncommand: {shlex.join(['python3'] + sys.argv)}")
@@ -592,6 +662,8 @@ def report(args, systems, loads, results):
     print("|---|---|" + "---:|" * (len(cols) - 2))
     for load in loads:
         for s in systems:
+            if (load, s) not in med:
+                continue
             m = med[(load, s)]
             row = [names[load], "**xds-proxy**" if s == "xds-proxy" else s, f"{m['rps']:.0f}", f"{m['p50']:.2f}",
                    f"{m['p99']:.2f}", str(errs[(load, s)])]
@@ -604,6 +676,15 @@ def report(args, systems, loads, results):
     for load in loads:
         x = med[(load, "xds-proxy")]
         verdicts = []
+        if load in ("tls-hs", "https"):
+            # Issue 7's target: at least the better of the two on both TLS loads.
+            best = max((med[(load, p)]["rps"] for p in peers), default=0)
+            if best:
+                ratio = x["rps"] / best
+                verdicts.append(f"{ratio:.2f}× the better peer (target ≥ 1: {'met' if ratio >= 1 else 'NOT met'})")
+            verdicts.append(f"{x['vcpu_per_1k']:.4f} vCPU per 1,000 req/s; RSS {x['rss']:.1f} MiB")
+            print(f"- {names[load]}: " + "; ".join(verdicts))
+            continue
         for p, want in (("nginx", 1.2), ("haproxy", 1.0)):
             if p in peers:
                 ratio = x["rps"] / med[(load, p)]["rps"]
@@ -618,9 +699,14 @@ def report(args, systems, loads, results):
         print(f"- {names[load]}: " + "; ".join(verdicts))
 
 
+def applies(load, system):
+    """The origin terminates no TLS: "direct" has no TLS loads."""
+    return not (system == "direct" and load in ("tls-hs", "https"))
+
+
 def run_http(args):
     systems, loads = args.systems.split(","), args.loads.split(",")
-    unknown = [x for x in systems if x not in HTTP_PORTS] + [x for x in loads if x not in ("h1", "h2c")]
+    unknown = [x for x in systems if x not in HTTP_PORTS] + [x for x in loads if x not in HTTP_LOADS]
     if unknown:
         raise SystemExit(f"unknown systems or loads: {', '.join(unknown)}")
     missing = [f"{t} ({pkg})" for t, pkg in TOOLS.items() if not shutil.which(t)]
@@ -632,11 +718,15 @@ def run_http(args):
     d = tempfile.mkdtemp(prefix="xds-bench-http-", dir=shm)
     procs, servers = [], {}  # servers: system -> the process under test
     try:
+        tls = any(load in ("tls-hs", "https") for load in loads)
+        if tls:
+            make_cert(d)
+        td = d if tls else None
         cmds = {
-            "xds-proxy": [args.proxy, "--config-path", write(f"{d}/bootstrap.yaml", http_bootstrap()),
+            "xds-proxy": [args.proxy, "--config-path", write(f"{d}/bootstrap.yaml", http_bootstrap(td)),
                           "--concurrency", "2", "--log-level", "error"],
-            "haproxy": ["haproxy", "-f", write(f"{d}/haproxy.cfg", haproxy_http_cfg()), "-db"],
-            "nginx": ["nginx", "-c", write(f"{d}/nginx.conf", nginx_proxy_cfg(d)), "-g", "daemon off;"],
+            "haproxy": ["haproxy", "-f", write(f"{d}/haproxy.cfg", haproxy_http_cfg(td)), "-db"],
+            "nginx": ["nginx", "-c", write(f"{d}/nginx.conf", nginx_proxy_cfg(d, tls)), "-g", "daemon off;"],
         }
         origin = start_logged(["nginx", "-c", write(f"{d}/origin.conf", origin_cfg(d)), "-g", "daemon off;"],
                               f"{d}/direct.err")
@@ -646,17 +736,20 @@ def run_http(args):
                 servers[s] = start_logged(cmds[s], f"{d}/{s}.err")
                 procs.append(servers[s])
         for s in ["direct"] + [s for s in systems if s != "direct"]:
-            for port in sorted(set(HTTP_PORTS[s][0 if load == "h1" else 1] for load in loads)):
+            for port in sorted(set(port_for(s, load) for load in loads if applies(load, s))):
                 wait_up(s if s != "direct" else "origin nginx", servers.get(s, origin), port, f"{d}/{s}.err")
         time.sleep(0.5)
         for s in systems:
             for load in loads:
-                http_check(load, HTTP_PORTS[s][0 if load == "h1" else 1])
+                if applies(load, s):
+                    http_check(load, port_for(s, load))
 
         results = {}  # (load, system) -> [measure()]
         for r in range(args.rounds):
             for load in loads:
                 for s in systems:
+                    if not applies(load, s):
+                        continue
                     v = measure(load, s, servers.get(s), origin, args, d)
                     results.setdefault((load, s), []).append(v)
                     print(f"round {r + 1} {load:4} {s:10} {v['rps']:8.0f} req/s  p50 {v['p50']:6.2f} ms  "

@@ -13,6 +13,11 @@ use xds_proxy::config::proto;
 use xds_proxy::drain::DrainStrategy;
 use xds_proxy::server::{Options, Server};
 
+// mimalloc's per-thread free lists fit the worker model (each worker allocates and frees its own connections'
+// memory); glibc malloc's arena locking and consolidation showed as ~4% of CPU in the HTTP benchmark profile.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(name = "xds-proxy", version, about = "An Envoy-compatible proxy driven by xDS")]
 struct Cli {

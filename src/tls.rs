@@ -2,8 +2,10 @@
 //! the validated rustls server configuration, shared by every worker, and the peer checks rustls does not do
 //! itself (Envoy's `match_typed_subject_alt_names`).
 //!
-//! Certificates come inline or from files; SDS secrets, cipher suite lists and curve lists are refused by the field
-//! audit until they are implemented, so nothing configured is silently ignored.
+//! Certificates come inline or from files; SDS secrets are refused by the field audit until they are implemented, so
+//! nothing configured is silently ignored. Cipher suite and curve lists are read by [`params`].
+
+pub mod params;
 
 use std::sync::Arc;
 
@@ -36,7 +38,7 @@ impl UpstreamTls {
         let default = tlspb::CommonTlsContext::default();
         let common = ctx.common_tls_context.as_ref().unwrap_or(&default);
         let versions = versions(common.tls_params.as_ref(), &join(&cpath, "tls_params"))?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = params::provider(common.tls_params.as_ref(), &join(&cpath, "tls_params"))?;
         let mut san = Vec::new();
         let roots = match &common.validation_context_type {
             Some(tlspb::common_tls_context::ValidationContextType::ValidationContext(v)) => {
@@ -44,6 +46,7 @@ impl UpstreamTls {
                 for (i, m) in v.match_typed_subject_alt_names.iter().enumerate() {
                     san.push(san_matcher(m, &join(&vpath, &format!("match_typed_subject_alt_names[{i}]")))?);
                 }
+                san.extend(legacy_san_matchers(v, &vpath)?);
                 Some(Arc::new(roots(v.trusted_ca.as_ref(), &join(&vpath, "trusted_ca"))?))
             }
             // Envoy does not verify an upstream's certificate without a validation context.
@@ -134,7 +137,7 @@ impl rustls::client::danger::ServerCertVerifier for UpstreamVerifier {
         }
         if !self.san.is_empty() {
             let names = subject_alt_names(end_entity.as_ref());
-            let ok = self.san.iter().any(|m| names.iter().any(|(k, v)| *k == m.kind && m.value.matches(v)));
+            let ok = self.san.iter().any(|m| names.iter().any(|n| m.matches(n)));
             if !ok {
                 return Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName));
             }
@@ -191,11 +194,17 @@ pub struct DownstreamTls {
     san: Vec<SanMatcher>,
 }
 
-/// One `match_typed_subject_alt_names` entry.
+/// One `match_typed_subject_alt_names` entry, or one of the deprecated `match_subject_alt_names` (any name type).
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct SanMatcher {
-    kind: SanKind,
+    kind: Option<SanKind>,
     value: StringMatch,
+}
+
+impl SanMatcher {
+    fn matches(&self, (kind, value): &(SanKind, String)) -> bool {
+        self.kind.is_none_or(|k| k == *kind) && self.value.matches(value)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -277,7 +286,7 @@ impl DownstreamTls {
             }
         };
         let versions = versions(common.tls_params.as_ref(), &join(&cpath, "tls_params"))?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = params::provider(common.tls_params.as_ref(), &join(&cpath, "tls_params"))?;
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&versions)
             .map_err(|e| ConfigError::new(join(&cpath, "tls_params"), e.to_string()))?;
@@ -291,6 +300,7 @@ impl DownstreamTls {
                 for (i, m) in v.match_typed_subject_alt_names.iter().enumerate() {
                     san.push(san_matcher(m, &join(&vpath, &format!("match_typed_subject_alt_names[{i}]")))?);
                 }
+                san.extend(legacy_san_matchers(v, &vpath)?);
                 let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
                 // Envoy verifies a presented certificate even when it does not require one.
                 let verifier = if require_client { verifier } else { verifier.allow_unauthenticated() };
@@ -330,7 +340,7 @@ impl DownstreamTls {
             return Ok(());
         };
         let names = subject_alt_names(leaf.as_ref());
-        let ok = self.san.iter().any(|m| names.iter().any(|(kind, value)| *kind == m.kind && m.value.matches(value)));
+        let ok = self.san.iter().any(|m| names.iter().any(|n| m.matches(n)));
         if ok { Ok(()) } else { Err(PeerError::San) }
     }
 }
@@ -386,7 +396,6 @@ fn versions(
 }
 
 fn san_matcher(m: &tlspb::SubjectAltNameMatcher, path: &str) -> Result<SanMatcher, ConfigError> {
-    use matcher::string_matcher::MatchPattern;
     use tlspb::subject_alt_name_matcher::SanType;
     let kind = match SanType::try_from(m.san_type) {
         Ok(SanType::Dns) => SanKind::Dns,
@@ -396,21 +405,34 @@ fn san_matcher(m: &tlspb::SubjectAltNameMatcher, path: &str) -> Result<SanMatche
         }
     };
     let sm = m.matcher.as_ref().ok_or_else(|| ConfigError::new(join(path, "matcher"), "a matcher is required"))?;
+    Ok(SanMatcher { kind: Some(kind), value: string_match(sm, &join(path, "matcher"))? })
+}
+
+/// The deprecated `match_subject_alt_names`, which Istio still sends: each matches a name of any type.
+fn legacy_san_matchers(v: &tlspb::CertificateValidationContext, path: &str) -> Result<Vec<SanMatcher>, ConfigError> {
+    #[allow(deprecated)]
+    let legacy = &v.match_subject_alt_names;
+    legacy
+        .iter()
+        .enumerate()
+        .map(|(i, sm)| {
+            let value = string_match(sm, &join(path, &format!("match_subject_alt_names[{i}]")))?;
+            Ok(SanMatcher { kind: None, value })
+        })
+        .collect()
+}
+
+fn string_match(sm: &matcher::StringMatcher, path: &str) -> Result<StringMatch, ConfigError> {
+    use matcher::string_matcher::MatchPattern;
     if sm.ignore_case {
-        return Err(ConfigError::new(join(path, "matcher.ignore_case"), "ignore_case is not supported here"));
+        return Err(ConfigError::new(join(path, "ignore_case"), "ignore_case is not supported here"));
     }
-    let value = match &sm.match_pattern {
-        Some(MatchPattern::Exact(s)) => StringMatch::Exact(s.clone()),
-        Some(MatchPattern::Prefix(s)) => StringMatch::Prefix(s.clone()),
-        Some(MatchPattern::Suffix(s)) => StringMatch::Suffix(s.clone()),
-        _ => {
-            return Err(ConfigError::new(
-                join(path, "matcher"),
-                "only exact, prefix and suffix subject alt name matchers are supported",
-            ));
-        }
-    };
-    Ok(SanMatcher { kind, value })
+    match &sm.match_pattern {
+        Some(MatchPattern::Exact(s)) => Ok(StringMatch::Exact(s.clone())),
+        Some(MatchPattern::Prefix(s)) => Ok(StringMatch::Prefix(s.clone())),
+        Some(MatchPattern::Suffix(s)) => Ok(StringMatch::Suffix(s.clone())),
+        _ => Err(ConfigError::new(path, "only exact, prefix and suffix subject alt name matchers are supported")),
+    }
 }
 
 /// The DNS (`[2]`) and URI (`[6]`, SPIFFE IDs) subject alternative names of a DER certificate. The structure is
@@ -558,5 +580,29 @@ mod tests {
         assert_eq!(versions(Some(&p(TlsProtocol::TlSv13, TlsProtocol::TlsAuto)), "p").map(|v| v.len()).ok(), Some(1));
         let err = versions(Some(&p(TlsProtocol::TlSv11, TlsProtocol::TlsAuto)), "p").err();
         assert_eq!(err.map(|e| e.path), Some("p.tls_minimum_protocol_version".to_string()));
+    }
+
+    #[test]
+    fn deprecated_match_subject_alt_names_match_a_name_of_any_type() {
+        let exact = |s: &str| matcher::StringMatcher {
+            match_pattern: Some(matcher::string_matcher::MatchPattern::Exact(s.into())),
+            ..Default::default()
+        };
+        #[allow(deprecated)]
+        let v = tlspb::CertificateValidationContext {
+            match_subject_alt_names: vec![exact("spiffe://cluster.local/ns/a/sa/b"), exact("a.svc")],
+            ..Default::default()
+        };
+        let m = legacy_san_matchers(&v, "vc").unwrap_or_else(|e| panic!("{e}"));
+        assert!(m[0].matches(&(SanKind::Uri, "spiffe://cluster.local/ns/a/sa/b".into())));
+        assert!(m[1].matches(&(SanKind::Dns, "a.svc".into())));
+        assert!(!m[1].matches(&(SanKind::Dns, "b.svc".into())));
+        #[allow(deprecated)]
+        let bad = tlspb::CertificateValidationContext {
+            match_subject_alt_names: vec![matcher::StringMatcher { ignore_case: true, ..exact("x") }],
+            ..Default::default()
+        };
+        let e = legacy_san_matchers(&bad, "vc").err().map(|e| e.path);
+        assert_eq!(e.as_deref(), Some("vc.match_subject_alt_names[0].ignore_case"));
     }
 }

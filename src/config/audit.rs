@@ -136,7 +136,7 @@ const POLICIES: &[(&str, Policy)] = {
         // The conversion checks that the socket is raw_buffer.
         ("envoy.config.core.v3.TransportSocket", Only(&["name", "typed_config"])),
         ("envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer", All),
-        // Downstream TLS: what the rustls server honours; SDS secrets, cipher and curve lists are refused here.
+        // Downstream TLS: what the rustls server honours; SDS secrets are refused here.
         (
             "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
             Only(&["common_tls_context", "require_client_certificate"]),
@@ -147,13 +147,13 @@ const POLICIES: &[(&str, Policy)] = {
         ),
         (
             "envoy.extensions.transport_sockets.tls.v3.TlsParameters",
-            Only(&["tls_minimum_protocol_version", "tls_maximum_protocol_version"]),
+            Only(&["tls_minimum_protocol_version", "tls_maximum_protocol_version", "cipher_suites", "ecdh_curves"]),
         ),
         ("envoy.extensions.transport_sockets.tls.v3.TlsCertificate", Only(&["certificate_chain", "private_key"])),
         ("envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext", Only(&["common_tls_context", "sni"])),
         (
             "envoy.extensions.transport_sockets.tls.v3.CertificateValidationContext",
-            Only(&["trusted_ca", "match_typed_subject_alt_names"]),
+            Only(&["trusted_ca", "match_typed_subject_alt_names", "match_subject_alt_names"]),
         ),
         ("envoy.extensions.transport_sockets.tls.v3.SubjectAltNameMatcher", Only(&["san_type", "matcher"])),
         ("envoy.type.matcher.v3.StringMatcher", All),
@@ -348,6 +348,7 @@ const POLICIES: &[(&str, Policy)] = {
                 "typed_extension_protocol_options",
                 "transport_socket",
                 "outlier_detection",
+                "transport_socket_matches",
             ]),
         ),
         // Consecutive 5xx only; the conversion accepts the other detectors' enforcing_* fields when they disable them.
@@ -365,6 +366,7 @@ const POLICIES: &[(&str, Policy)] = {
                 "enforcing_failure_percentage",
             ]),
         ),
+        ("envoy.config.cluster.v3.Cluster.TransportSocketMatch", All),
         ("envoy.config.cluster.v3.Cluster.EdsClusterConfig", All),
         ("envoy.extensions.upstreams.http.v3.HttpProtocolOptions", All),
         ("envoy.config.cluster.v3.CircuitBreakers", Only(&["thresholds"])),
@@ -376,7 +378,7 @@ const POLICIES: &[(&str, Policy)] = {
         ("envoy.config.endpoint.v3.ClusterLoadAssignment", Only(&["cluster_name", "endpoints"])),
         (
             "envoy.config.endpoint.v3.LocalityLbEndpoints",
-            Only(&["locality", "lb_endpoints", "load_balancing_weight", "priority"]),
+            Only(&["locality", "lb_endpoints", "load_balancing_weight", "priority", "metadata"]),
         ),
         ("envoy.config.core.v3.Locality", All),
         (

@@ -69,6 +69,21 @@ pub struct EndpointConfig {
     /// False for hosts EDS marks UNHEALTHY, DRAINING or TIMEOUT: they receive no traffic.
     pub healthy: bool,
     pub hostname: String,
+    /// The endpoint's `envoy.transport_socket_match` metadata, else its locality's: what `transport_socket_matches`
+    /// test (sorted keys, canonical values).
+    pub socket_labels: Option<Arc<[(String, String)]>>,
+}
+
+/// The metadata namespace `transport_socket_matches` criteria are tested against.
+const SOCKET_MATCH_KEY: &str = "envoy.transport_socket_match";
+
+/// One entry of a cluster's `transport_socket_matches`: endpoints whose labels carry every criterion use `tls`
+/// (None: plaintext, a raw_buffer socket).
+#[derive(Debug, Clone)]
+pub struct TransportSocketMatch {
+    pub name: String,
+    pub criteria: Vec<(String, String)>,
+    pub tls: Option<Arc<crate::tls::UpstreamTls>>,
 }
 
 #[derive(Debug, Clone)]
@@ -85,11 +100,26 @@ pub struct ClusterConfig {
     /// `alt_stat_name`, else the name: the `cluster.<stat_name>.*` prefix.
     pub stat_name: String,
     pub http: HttpUpstream,
-    /// TLS to the hosts (`transport_socket` with an UpstreamTlsContext).
+    /// TLS to the hosts (`transport_socket` with an UpstreamTlsContext) unless a transport socket match says
+    /// otherwise.
     pub tls: Option<Arc<crate::tls::UpstreamTls>>,
+    pub transport_socket_matches: Vec<TransportSocketMatch>,
     /// `outlier_detection`: ejection of hosts that answer 5xx (and fail) several times in a row.
     pub outlier: Option<OutlierConfig>,
     pub proto: Arc<cpb::Cluster>,
+}
+
+impl ClusterConfig {
+    /// The transport socket for a host with these labels: the first `transport_socket_matches` entry whose every
+    /// criterion the labels carry (an empty match takes any host), else the cluster's `transport_socket` (Envoy's
+    /// rule; Istio labels mTLS-capable endpoints `tlsMode: istio`).
+    pub fn tls_for(&self, labels: Option<&[(String, String)]>) -> Option<&Arc<crate::tls::UpstreamTls>> {
+        let labels = labels.unwrap_or_default();
+        self.transport_socket_matches
+            .iter()
+            .find(|m| m.criteria.iter().all(|c| labels.contains(c)))
+            .map_or(self.tls.as_ref(), |m| m.tls.as_ref())
+    }
 }
 
 /// Envoy's consecutive-5xx outlier detection, with Envoy's defaults. Only this detector runs: the others' fields are
@@ -183,18 +213,58 @@ pub enum UpstreamProtocol {
     Downstream,
 }
 
-fn upstream_tls(c: &cpb::Cluster, http: &HttpUpstream) -> Result<Option<Arc<crate::tls::UpstreamTls>>, ConfigError> {
+fn upstream_tls(
+    ts: Option<&core::TransportSocket>,
+    http: &HttpUpstream,
+    path: &str,
+) -> Result<Option<Arc<crate::tls::UpstreamTls>>, ConfigError> {
     use envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType;
-    let Some(ts) = &c.transport_socket else { return Ok(None) };
+    let Some(ts) = ts else { return Ok(None) };
     let Some(ConfigType::TypedConfig(any)) = &ts.config_type else { return Ok(None) };
     match crate::config::listener::type_name(&any.type_url) {
         crate::tls::TYPE_UPSTREAM_TLS => {
             let alpn: &[&str] = if http.protocol == UpstreamProtocol::Http2 { &["h2"] } else { &[] };
-            Ok(Some(Arc::new(crate::tls::UpstreamTls::from_any(any, "transport_socket.typed_config", alpn)?)))
+            Ok(Some(Arc::new(crate::tls::UpstreamTls::from_any(any, &join(path, "typed_config"), alpn)?)))
         }
         "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer" => Ok(None),
-        other => Err(ConfigError::new("transport_socket", format!("transport socket '{other}' is not supported"))),
+        other => Err(ConfigError::new(path, format!("transport socket '{other}' is not supported"))),
     }
+}
+
+fn transport_socket_matches(c: &cpb::Cluster, http: &HttpUpstream) -> Result<Vec<TransportSocketMatch>, ConfigError> {
+    let mut out = Vec::new();
+    for (i, m) in c.transport_socket_matches.iter().enumerate() {
+        let path = format!("transport_socket_matches[{i}]");
+        let criteria = m.r#match.as_ref().map(struct_labels).unwrap_or_default();
+        let tls = upstream_tls(m.transport_socket.as_ref(), http, &join(&path, "transport_socket"))?;
+        out.push(TransportSocketMatch { name: m.name.clone(), criteria: criteria.to_vec(), tls });
+    }
+    Ok(out)
+}
+
+/// A metadata struct as sorted (key, canonical value) pairs; values of different kinds never compare equal.
+fn struct_labels(s: &envoy_types::pb::google::protobuf::Struct) -> Arc<[(String, String)]> {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    let mut labels: Vec<(String, String)> = s
+        .fields
+        .iter()
+        .map(|(k, v)| {
+            let canonical = match &v.kind {
+                Some(Kind::StringValue(s)) => format!("s:{s}"),
+                Some(Kind::NumberValue(n)) => format!("n:{n}"),
+                Some(Kind::BoolValue(b)) => format!("b:{b}"),
+                Some(Kind::NullValue(_)) | None => "null".to_string(),
+                Some(other) => format!("{other:?}"),
+            };
+            (k.clone(), canonical)
+        })
+        .collect();
+    labels.sort();
+    labels.into()
+}
+
+fn socket_labels(m: Option<&core::Metadata>) -> Option<Arc<[(String, String)]>> {
+    m.and_then(|m| m.filter_metadata.get(SOCKET_MATCH_KEY)).map(struct_labels)
 }
 
 const TYPE_HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
@@ -370,7 +440,8 @@ impl TryFrom<cpb::Cluster> for ClusterConfig {
                 .as_ref()
                 .map_or(DEFAULT_BUFFER_LIMIT, |v| v.value),
             stat_name: if c.alt_stat_name.is_empty() { c.name.clone() } else { c.alt_stat_name.clone() },
-            tls: upstream_tls(&c, &http)?,
+            tls: upstream_tls(c.transport_socket.as_ref(), &http, "transport_socket")?,
+            transport_socket_matches: transport_socket_matches(&c, &http)?,
             outlier: outlier(&c)?,
             http,
             proto: Arc::new(c),
@@ -419,6 +490,9 @@ pub fn endpoints(la: &epb::ClusterLoadAssignment, dns: bool, path: &str) -> Resu
                 priority: locality.priority,
                 healthy,
                 hostname: ep.hostname.clone(),
+                // Envoy looks at the endpoint's labels first, then its locality's.
+                socket_labels: socket_labels(lb.metadata.as_ref())
+                    .or_else(|| socket_labels(locality.metadata.as_ref())),
             });
         }
     }
@@ -429,6 +503,40 @@ pub fn endpoints(la: &epb::ClusterLoadAssignment, dns: bool, path: &str) -> Resu
 mod tests {
     use super::*;
     use crate::config::proto::{self, Format};
+
+    #[test]
+    fn transport_socket_matches_take_the_first_match_and_fall_back_to_locality_labels() {
+        let c = convert(
+            r#"
+name: c
+type: STATIC
+transport_socket_matches:
+- name: istio
+  match: { tlsMode: istio }
+  transport_socket: { name: tls, typed_config: { "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext, sni: a } }
+- name: any
+  match: {}
+  transport_socket: { name: raw, typed_config: { "@type": type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer } }
+load_assignment:
+  cluster_name: c
+  endpoints:
+  - metadata: { filter_metadata: { envoy.transport_socket_match: { tlsMode: istio } } }
+    lb_endpoints:
+    - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: 1 } } }
+    - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: 2 } } }
+      metadata: { filter_metadata: { envoy.transport_socket_match: { tlsMode: disabled } } }
+"#,
+        )
+        .unwrap();
+        let names: Vec<&str> = c.transport_socket_matches.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["istio", "any"]);
+        // Endpoint 1 has no labels of its own: its locality's say istio.
+        assert!(c.tls_for(c.endpoints[0].socket_labels.as_deref()).is_some());
+        // Endpoint 2's own labels win over the locality's and match only the catch-all raw_buffer.
+        assert!(c.tls_for(c.endpoints[1].socket_labels.as_deref()).is_none());
+        // A host with no labels at all (an ORIGINAL_DST one) takes the catch-all as well.
+        assert!(c.tls_for(None).is_none());
+    }
 
     fn convert(yaml: &str) -> Result<ClusterConfig, String> {
         let msg = proto::parse_dynamic(yaml, Format::Yaml, "envoy.config.cluster.v3.Cluster")

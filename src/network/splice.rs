@@ -1,8 +1,14 @@
-//! Zero-copy forwarding between two TCP sockets with splice(2): bytes go socket → pipe → socket inside the kernel,
-//! never through a user-space buffer. Each worker keeps a small pool of empty pipes, so a connection borrows one
-//! per direction only while data flows and connection set-up costs no pipe syscalls.
+//! Forwarding between two TCP sockets, zero-copy for bulk: bytes go socket → pipe → socket with splice(2) inside the
+//! kernel, never through a user-space buffer. Each worker keeps a small pool of empty pipes, so a connection borrows
+//! one per direction only while data flows and connection set-up costs no pipe syscalls.
+//!
+//! A direction starts in copy mode: recv into the worker's one buffer, send at once. Short request/response
+//! exchanges then cost one recv and one send per message, and a short recv proves the socket drained (it clears the
+//! readiness, as tokio's own reads do), which saves the read that would only return EAGAIN. Splicing a message
+//! costs the same two calls plus that extra one, because a short splice proves nothing (the pipe may have run out
+//! of slots). The first read that fills the buffer switches the direction to splice for good.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -21,8 +27,12 @@ pub struct Pipe {
     pending: usize,
 }
 
+/// The copy-mode buffer of a worker; a read that fills it marks the direction as bulk.
+const COPY_BUF: usize = 16 * 1024;
+
 thread_local! {
     static POOL: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
+    static BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; COPY_BUF].into_boxed_slice());
 }
 
 impl Pipe {
@@ -105,32 +115,55 @@ async fn forward_with(
     done: &std::sync::atomic::AtomicBool,
     on_bytes: &impl Fn(usize),
 ) -> io::Result<()> {
+    let mut bulk = false;
+    let mut at_eof = false;
     loop {
-        src.readable().await?;
-        // Borrow a pipe only once there is something to move: idle connections hold none.
-        let pipe = match slot {
-            Some(p) => p,
-            None => slot.insert(Pipe::take()?),
-        };
-        let n = match src.try_io(Interest::READABLE, || splice(src.as_raw_fd(), pipe.write.as_raw_fd(), chunk)) {
-            Ok(0) => {
-                // EOF: pass the half-close on; the other direction stays open. Second to finish: the close does it.
-                if !done.swap(true, std::sync::atomic::Ordering::AcqRel) {
-                    socket2::SockRef::from(dst).shutdown(Shutdown::Write)?;
-                }
-                return Ok(());
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        };
-        pipe.pending += n;
-        while pipe.pending > 0 {
-            dst.writable().await?;
-            match dst.try_io(Interest::WRITABLE, || splice(pipe.read.as_raw_fd(), dst.as_raw_fd(), pipe.pending)) {
-                Ok(m) => pipe.pending -= m,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+        if at_eof {
+            return half_close(dst, done);
+        }
+        let ready = src.ready(Interest::READABLE | Interest::ERROR).await?;
+        let n = if bulk {
+            match splice_in(src, chunk, slot) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
+            }
+        } else {
+            let len = chunk.min(COPY_BUF);
+            let (n, rest) = match copy_once(src, dst, len) {
+                Ok((n, rest)) => {
+                    // The peer's FIN was already in when this read began, so a short read took the last bytes before
+                    // it: the EOF is known without another recv that would return 0. (A reset shows as an error and
+                    // is read the normal way.)
+                    at_eof = n > 0 && n < len && ready.is_read_closed() && !ready.is_error();
+                    (n, rest)
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            };
+            let mut rest = &rest[..];
+            while !rest.is_empty() {
+                dst.writable().await?;
+                match dst.try_write(rest) {
+                    Ok(m) => rest = &rest[m..],
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            bulk = n == len;
+            n
+        };
+        if n == 0 {
+            return half_close(dst, done);
+        }
+        if bulk && let Some(pipe) = slot.as_mut() {
+            while pipe.pending > 0 {
+                dst.writable().await?;
+                match dst.try_io(Interest::WRITABLE, || splice(pipe.read.as_raw_fd(), dst.as_raw_fd(), pipe.pending)) {
+                    Ok(m) => pipe.pending -= m,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
             }
         }
         on_bytes(n);
@@ -139,4 +172,62 @@ async fn forward_with(
             p.give_back();
         }
     }
+}
+
+/// EOF read: pass the half-close on; the other direction stays open. Second to finish: the close does it.
+fn half_close(dst: &TcpStream, done: &std::sync::atomic::AtomicBool) -> io::Result<()> {
+    if !done.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        socket2::SockRef::from(dst).shutdown(Shutdown::Write)?;
+    }
+    Ok(())
+}
+
+/// One splice from `src` into the direction's pipe (borrowed now: idle connections hold none). 0 is EOF.
+fn splice_in(src: &TcpStream, chunk: usize, slot: &mut Option<Pipe>) -> io::Result<usize> {
+    let pipe = match slot {
+        Some(p) => p,
+        None => slot.insert(Pipe::take()?),
+    };
+    let n = src.try_io(Interest::READABLE, || splice(src.as_raw_fd(), pipe.write.as_raw_fd(), chunk))?;
+    pipe.pending += n;
+    Ok(n)
+}
+
+/// One recv of up to `len` bytes into the worker's buffer and one send of them to `dst`. Returns the bytes read (0 is
+/// EOF) and what `dst` did not take at once, to be written after waiting.
+fn copy_once(src: &TcpStream, dst: &TcpStream, len: usize) -> io::Result<(usize, Vec<u8>)> {
+    BUF.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        let buf = &mut buf[..len];
+        // A short read drained the socket: reporting WouldBlock to tokio clears the readiness (the closed state
+        // survives), so the next wait is for new bytes instead of a recv that returns EAGAIN. The bytes read are
+        // passed out beside the error.
+        let short = Cell::new(None);
+        let read = src.try_io(Interest::READABLE, || {
+            // SAFETY: `buf` is a valid, writable region of `buf.len()` bytes for the whole call.
+            let n = unsafe { libc::recv(src.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let n = n as usize;
+            if n > 0 && n < len {
+                short.set(Some(n));
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(n)
+        });
+        let n = match (read, short.get()) {
+            (_, Some(n)) => n,
+            (read, None) => read?,
+        };
+        let mut sent = 0;
+        while sent < n {
+            match dst.try_write(&buf[sent..n]) {
+                Ok(m) => sent += m,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((n, buf[sent..n].to_vec()))
+    })
 }

@@ -164,9 +164,12 @@ impl TcpProxy {
         };
         debug!(upstream.addr = %upstream.host.address, "upstream connected");
         log.upstream_host = Some(upstream.host.address);
-        log.upstream_local = upstream.stream.local_addr().ok().filter(|_| !self.config.access_log.is_empty());
+        // A getsockname per connection, so only when a log can print it.
+        if !self.config.access_log.is_empty() {
+            log.upstream_local = upstream.stream.local_addr().ok();
+        }
         let (up_stream, host, _slot) = upstream.into_parts();
-        let upstream = match &cluster.config.tls {
+        let upstream = match cluster.config.tls_for(host.labels.as_deref()) {
             None => Either::Left(up_stream),
             Some(tls) => {
                 let handshake =

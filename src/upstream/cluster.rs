@@ -18,11 +18,14 @@ pub struct Host {
     pub address: SocketAddr,
     pub weight: u32,
     pub hostname: String,
+    /// The endpoint's transport socket labels (see [`ClusterConfig::tls_for`]); read at connect time so a cluster
+    /// update that keeps its hosts still applies its new transport socket matches.
+    pub labels: Option<Arc<[(String, String)]>>,
     /// Connections (for tcp_proxy) or requests in flight: least request's measure.
     active: AtomicU32,
     /// Outlier detection: 5xx answers in a row.
     consecutive_5xx: AtomicU32,
-    /// Outlier detection: ejected until this many ms after [`epoch`]; 0 while in service.
+    /// Outlier detection: ejected until this many ms after [`epoch_ms`]'s epoch; 0 while in service.
     ejected_until_ms: AtomicU64,
     /// Outlier detection: how many times the host was ejected (the ejection time grows with it).
     ejections: AtomicU32,
@@ -34,11 +37,17 @@ impl Host {
             address,
             weight,
             hostname,
+            labels: None,
             active: AtomicU32::new(0),
             consecutive_5xx: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
         }
+    }
+
+    /// A host of an endpoint, carrying the endpoint's transport socket labels.
+    pub fn of(address: SocketAddr, ep: &EndpointConfig, hostname: String) -> Self {
+        Host { labels: ep.socket_labels.clone(), ..Host::new(address, ep.weight, hostname) }
     }
 
     /// Taken out of load balancing by outlier detection.
@@ -78,7 +87,7 @@ impl HostSet {
             eps.iter()
                 .filter_map(|e| match &e.address {
                     EndpointAddress::Ip(a) => {
-                        Some((Arc::new(Host::new(*a, e.weight, e.hostname.clone())), e.priority, e.healthy))
+                        Some((Arc::new(Host::of(*a, e, e.hostname.clone())), e.priority, e.healthy))
                     }
                     EndpointAddress::Dns { .. } => None,
                 })
@@ -546,6 +555,7 @@ mod tests {
             http: Default::default(),
             tls: None,
             outlier: None,
+            transport_socket_matches: Vec::new(),
             proto: Arc::default(),
         })
     }
@@ -557,6 +567,7 @@ mod tests {
             priority,
             healthy,
             hostname: String::new(),
+            socket_labels: None,
         }
     }
 

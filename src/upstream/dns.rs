@@ -39,7 +39,7 @@ pub async fn resolve(config: &ClusterConfig) -> (HostSet, Vec<String>) {
     for ep in &config.endpoints {
         let (host, port) = match &ep.address {
             EndpointAddress::Ip(a) => {
-                hosts.push((Arc::new(Host::new(*a, ep.weight, ep.hostname.clone())), ep.priority, ep.healthy));
+                hosts.push((Arc::new(Host::of(*a, ep, ep.hostname.clone())), ep.priority, ep.healthy));
                 continue;
             }
             EndpointAddress::Dns { host, port } => (host.clone(), *port),
@@ -57,7 +57,7 @@ pub async fn resolve(config: &ClusterConfig) -> (HostSet, Vec<String>) {
                 }
                 let hostname = if ep.hostname.is_empty() { host.clone() } else { ep.hostname.clone() };
                 for a in found {
-                    hosts.push((Arc::new(Host::new(a, ep.weight, hostname.clone())), ep.priority, ep.healthy));
+                    hosts.push((Arc::new(Host::of(a, ep, hostname.clone())), ep.priority, ep.healthy));
                 }
             }
             Err(e) => errors.push(format!("{host}: {e}")),

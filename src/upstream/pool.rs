@@ -462,8 +462,8 @@ impl HttpPools {
 
 type UpstreamIo = tokio_util::either::Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
 
-/// A new connection to `host`, with the cluster's TLS when it has an UpstreamTlsContext (the handshake shares the
-/// connect timeout).
+/// A new connection to `host`, with TLS when the host's transport socket is an UpstreamTlsContext (the handshake
+/// shares the connect timeout).
 async fn connect_io(
     cluster: &Arc<Cluster>,
     host: &Arc<Host>,
@@ -472,7 +472,7 @@ async fn connect_io(
     let upstream = cluster.connect_to(host.clone()).await?;
     let (stream, host, slot) = upstream.into_parts();
     let addr = host.address;
-    let io = match &cluster.config.tls {
+    let io = match cluster.config.tls_for(host.labels.as_deref()) {
         None => Either::Left(stream),
         Some(tls) => match tokio::time::timeout(cluster.config.connect_timeout, tls.connect(stream, addr)).await {
             Ok(Ok(s)) => Either::Right(Box::new(s)),

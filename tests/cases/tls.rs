@@ -416,3 +416,67 @@ async fn http_requests_go_upstream_over_tls() {
     }
     assert_eq!(counter(&proxy, "cluster.secure.upstream_cx_total"), 1, "the TLS connection is pooled and reused");
 }
+
+/// A plaintext server that greets each connection with "plain".
+async fn plain_greeter() -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let _ = s.write_all(b"plain\n").await;
+                let mut buf = [0u8; 64];
+                let _ = s.read(&mut buf).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transport_socket_matches_choose_tls_by_endpoint_labels_as_istio_does() {
+    let pki = Pki::new();
+    let backend = pki.leaf(&[], &["spiffe://cluster.local/ns/default/sa/backend"]);
+    let (mtls_host, plain_host) = (tls_echo_upstream(&backend).await, plain_greeter().await);
+    // Istio's shape: the mTLS-capable endpoint is labelled tlsMode: istio; a catch-all match keeps the rest
+    // plaintext. The cluster has no transport_socket of its own.
+    let cluster = format!(
+        r#"
+  - name: mixed
+    connect_timeout: 1s
+    transport_socket_matches:
+    - name: tlsMode-istio
+      match: {{ tlsMode: istio }}
+      transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config: {{ "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext, sni: "mesh", common_tls_context: {{ validation_context: {{ trusted_ca: {{ inline_string: {} }} }} }} }}
+    - name: tlsMode-disabled
+      match: {{}}
+      transport_socket: {{ name: envoy.transport_sockets.raw_buffer, typed_config: {{ "@type": type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer }} }}
+    load_assignment:
+      cluster_name: mixed
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {} }} }} }}
+          metadata: {{ filter_metadata: {{ envoy.transport_socket_match: {{ tlsMode: istio }} }} }}
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {} }} }} }}"#,
+        lit(&pki.ca_pem()),
+        mtls_host.port(),
+        plain_host.port()
+    );
+    let yaml = format!("static_resources:\n  listeners:{}\n  clusters:{cluster}\n", tcp_listener("l", 0, "mixed"));
+    let proxy = start(&yaml, Duration::from_secs(1)).await;
+    let mut greetings = Vec::new();
+    for _ in 0..2 {
+        // Round robin: one connection per host.
+        let mut s = TcpStream::connect(listener_addr(&proxy, "l")).await.unwrap();
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        while s.read(&mut b).await.unwrap() == 1 && b[0] != b'\n' {
+            line.push(b[0]);
+        }
+        greetings.push(String::from_utf8(line).unwrap());
+    }
+    greetings.sort();
+    assert_eq!(greetings, ["mesh", "plain"], "the labelled host got TLS with the match's SNI, the other plaintext");
+}

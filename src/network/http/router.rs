@@ -207,6 +207,20 @@ fn prepare_request_headers(conn: &Connection, headers: &mut HeaderMap) {
 
 /// Connection-specific headers never cross the proxy (RFC 9110 §7.6.1), except the ones an upgrade needs.
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none of these: one pass over the few names present is cheaper than a hashed removal of
+    // each hop-by-hop name.
+    let hop = |n: &HeaderName| {
+        n == header::CONNECTION
+            || n == header::UPGRADE
+            || n == header::TRANSFER_ENCODING
+            || n == header::TE
+            || n == header::TRAILER
+            || n == KEEP_ALIVE
+            || n == PROXY_CONNECTION
+    };
+    if !headers.keys().any(hop) {
+        return;
+    }
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
