@@ -1,5 +1,5 @@
 //! A cluster at runtime: its current hosts (swapped whole on DNS/EDS updates), its load balancer, its circuit
-//! breaker and its stats; and connecting to one of its hosts.
+//! breakers, its outlier detection and its stats; and connecting to one of its hosts.
 
 use std::io;
 use std::net::SocketAddr;

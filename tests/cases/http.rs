@@ -1004,7 +1004,7 @@ async fn admin_post(admin: std::net::SocketAddr, path: &str) {
 }
 
 /// Envoy's health_check HTTP filter without pass-through mode: requests its `headers` select are answered by the
-/// proxy, 200 while healthy and 503 (flag LH) after /healthcheck/fail; every other request goes to the router, and
+/// proxy, 200 while healthy and 503 after /healthcheck/fail; every other request goes to the router, and
 /// while failed its response says `x-envoy-immediate-health-check-fail: true`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_check_filter_answers_for_the_proxy_and_follows_healthcheck_fail() {
