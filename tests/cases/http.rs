@@ -983,6 +983,19 @@ async fn requests_with_bodies_are_retried_within_the_buffer_limit() {
     assert_eq!(counter(&server, "cluster.u.upstream_rq_retry"), 1);
     assert_eq!(counter(&server, "http.h.downstream_rq_2xx"), 1);
     assert_eq!(events.recv().await, Some((2, "data")));
+    // A body framed by content-length is replayed with the same framing.
+    let mut c = http1_client(listener_addr(&server, "h")).await;
+    let req = hyper::Request::builder()
+        .method("POST")
+        .uri("/1/0")
+        .header("host", "x")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(b"0123456789")))
+        .unwrap();
+    let resp = c.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = http_body_util::BodyExt::collect(resp.into_body()).await.unwrap().to_bytes();
+    assert_eq!(&text[..], b"attempt=2 received=10");
+    while events.try_recv().is_ok() {}
 
     let small_buffer = http_listener("h", 0, &retrying_routes(1), "").replacen(
         "    filter_chains:",
