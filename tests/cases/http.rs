@@ -1139,3 +1139,37 @@ async fn consecutive_5xx_ejects_the_host_until_its_ejection_time_is_over() {
     }
     assert!(statuses.contains(&503), "back in the rotation: {statuses:?}");
 }
+
+/// For a request with a body, Envoy's per-try timeout ends one attempt (retried) and the route timeout, counted once
+/// from the end of the request, ends them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_try_timeouts_retry_a_request_with_a_body_until_the_route_timeout() {
+    let (up, _events) = attempts_upstream().await;
+    let routes = r#"          route_config:
+            name: local
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              include_request_attempt_count: true
+              routes:
+              - match: { prefix: "/" }
+                route:
+                  cluster: u
+                  timeout: 1s
+                  retry_policy: { retry_on: 5xx, num_retries: 10, per_try_timeout: 0.3s, retry_back_off: { base_interval: 0.01s } }"#;
+    let server =
+        start(&yaml(&http_listener("h", 0, routes, ""), &static_cluster("u", &[up])), Duration::from_secs(1)).await;
+    let mut c = http1_client(listener_addr(&server, "h")).await;
+    let req = hyper::Request::builder()
+        .method("POST")
+        .uri("/0/5000")
+        .header("host", "x")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(b"payload")))
+        .unwrap();
+    let resp = c.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 504);
+    assert_eq!(counter(&server, "cluster.u.upstream_rq_timeout"), 1);
+    let per_try = counter(&server, "cluster.u.upstream_rq_per_try_timeout");
+    assert!((2..=4).contains(&per_try), "attempts cut by the per-try timeout, then the route's: {per_try}");
+    assert_eq!(counter(&server, "cluster.u.upstream_rq_retry"), per_try);
+}

@@ -491,29 +491,39 @@ async fn forward(
         let send = conn.ctx.http_pools.send(cluster, &host_entry, protocol, request);
         let outcome = if let Some(progress) = &request_progress {
             // A request with a body: as in Envoy, the route timeout (and the wait for a response under the idle
-            // timeout) counts from the end of the request, so a long upload is not cut short by either.
+            // timeout) counts from the end of the request, so a long upload is not cut short by either. The route
+            // timeout covers every attempt from there; a per-try timeout starts with its attempt (or the request's
+            // end, if later).
             let timers = async {
                 progress.finished().await;
-                let after = Instant::now();
-                let route = [action.timeout, per_try].into_iter().flatten().min().map(|t| after + t);
-                let until = [route, idle.map(|t| after + t)].into_iter().flatten().min();
-                match until {
+                let complete = progress.finished_at().unwrap_or_else(Instant::now);
+                let global = action.timeout.map(|t| complete + t);
+                let this_try = per_try.map(|t| complete.max(now) + t);
+                let waiting = idle.map(|t| Instant::now() + t);
+                match [global, this_try, waiting].into_iter().flatten().min() {
                     Some(d) => tokio::time::sleep_until(d).await,
                     None => std::future::pending::<()>().await,
                 }
-                route.is_some_and(|r| r <= Instant::now())
+                let passed = |at: Option<Instant>| at.is_some_and(|at| at <= Instant::now());
+                (passed(global), passed(this_try))
             };
             tokio::select! {
                 r = send => r.map_err(Failure::Pool),
-                route_timed_out = timers => {
-                    if route_timed_out {
+                fired = timers => match fired {
+                    (true, _) => {
                         stats.upstream_rq_timeout.inc();
                         trace.flags.push(Flag::UpstreamRequestTimeout);
                         return local_reply(conn, StatusCode::GATEWAY_TIMEOUT, TIMEOUT);
                     }
-                    trace.flags.push(Flag::StreamIdleTimeout);
-                    conn.hcm.stats.downstream_rq_idle_timeout.inc();
-                    return local_reply(conn, StatusCode::REQUEST_TIMEOUT, STREAM_TIMEOUT);
+                    (false, true) => {
+                        stats.upstream_rq_per_try_timeout.inc();
+                        Err(Failure::PerTryTimeout)
+                    }
+                    (false, false) => {
+                        trace.flags.push(Flag::StreamIdleTimeout);
+                        conn.hcm.stats.downstream_rq_idle_timeout.inc();
+                        return local_reply(conn, StatusCode::REQUEST_TIMEOUT, STREAM_TIMEOUT);
+                    }
                 }
             }
         } else {
