@@ -412,7 +412,7 @@ async fn forward(
 
     let retry = action.retry_policy.as_ref();
     let body_empty = http_body::Body::is_end_stream(&body);
-    let max_attempts = retry.map_or(1, |p| 1 + p.num_retries);
+    let max_attempts = retry.map_or(1, |p| p.num_retries.saturating_add(1));
     let deadline = action.timeout.map(|t| start + t);
     // A route's idle_timeout overrides the HCM's stream_idle_timeout; 0 disables it.
     let idle = match action.idle_timeout {
