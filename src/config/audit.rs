@@ -370,6 +370,7 @@ const POLICIES: &[(&str, Policy)] = {
                 // (in Envoy either); the HTTP issue honours them for HTTP upstreams.
                 "typed_extension_protocol_options",
                 "transport_socket",
+                "outlier_detection",
                 "transport_socket_matches",
                 "upstream_connection_options",
                 "upstream_bind_config",
@@ -377,6 +378,21 @@ const POLICIES: &[(&str, Policy)] = {
                 // ORIGINAL_DST hosts are made per connection and never cached, so there is nothing to clean up.
                 "cleanup_interval",
                 "common_lb_config",
+            ]),
+        ),
+        // Consecutive 5xx only; the conversion accepts the other detectors' enforcing_* fields when they disable them.
+        (
+            "envoy.config.cluster.v3.OutlierDetection",
+            Only(&[
+                "consecutive_5xx",
+                "interval",
+                "base_ejection_time",
+                "max_ejection_time",
+                "max_ejection_percent",
+                "enforcing_consecutive_5xx",
+                "enforcing_success_rate",
+                "enforcing_consecutive_gateway_failure",
+                "enforcing_failure_percentage",
             ]),
         ),
         ("envoy.config.cluster.v3.Cluster.TransportSocketMatch", All),

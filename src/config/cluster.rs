@@ -143,6 +143,8 @@ pub struct ClusterConfig {
     pub skipped_filters: Vec<String>,
     /// `common_lb_config.locality_weighted_lb_config`: see [`EndpointConfig::lb_weight`].
     pub locality_weighted: bool,
+    /// `outlier_detection`: ejection of hosts that answer 5xx (and fail) several times in a row.
+    pub outlier: Option<OutlierConfig>,
     pub proto: Arc<cpb::Cluster>,
 }
 
@@ -163,6 +165,62 @@ impl ClusterConfig {
     pub fn tls_contexts(&self) -> impl Iterator<Item = &Arc<crate::tls::UpstreamTls>> {
         self.tls.iter().chain(self.transport_socket_matches.iter().filter_map(|m| m.tls.as_ref()))
     }
+}
+
+/// Envoy's consecutive-5xx outlier detection, with Envoy's defaults. Only this detector runs: the others' fields are
+/// refused unless they disable them (`enforcing_*: 0`, as Istio sends). Envoy's success-rate detector, on by default,
+/// only acts on clusters of 5 or more hosts with 100 requests each per interval; it is not implemented.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutlierConfig {
+    pub consecutive_5xx: u32,
+    /// How often ejected hosts are looked at to be returned to service.
+    pub interval: Duration,
+    /// Ejection lasts this times the number of times the host was ejected, up to `max_ejection_time`.
+    pub base_ejection_time: Duration,
+    pub max_ejection_time: Duration,
+    pub max_ejection_percent: u32,
+    /// Percent chance that a detected host is ejected.
+    pub enforcing_consecutive_5xx: u32,
+}
+
+fn outlier(c: &cpb::Cluster) -> Result<Option<OutlierConfig>, ConfigError> {
+    let Some(o) = &c.outlier_detection else { return Ok(None) };
+    let at = |f: &str| join("outlier_detection", f);
+    for (field, value) in [
+        ("enforcing_success_rate", &o.enforcing_success_rate),
+        ("enforcing_consecutive_gateway_failure", &o.enforcing_consecutive_gateway_failure),
+        ("enforcing_failure_percentage", &o.enforcing_failure_percentage),
+    ] {
+        if value.as_ref().is_some_and(|v| v.value != 0) {
+            return Err(ConfigError::new(
+                at(field),
+                "only consecutive_5xx outlier detection is supported; this detector can only be disabled (0)",
+            ));
+        }
+    }
+    let percent = |v: &Option<envoy_types::pb::google::protobuf::UInt32Value>, default: u32, field: &str| {
+        let v = v.as_ref().map_or(default, |v| v.value);
+        if v > 100 { Err(ConfigError::new(at(field), "must be at most 100")) } else { Ok(v) }
+    };
+    let interval = opt_duration(o.interval.as_ref(), Duration::from_secs(10), &at("interval"))?;
+    if interval.is_zero() {
+        return Err(ConfigError::new(at("interval"), "must be greater than 0"));
+    }
+    let base_ejection_time =
+        opt_duration(o.base_ejection_time.as_ref(), Duration::from_secs(30), &at("base_ejection_time"))?;
+    Ok(Some(OutlierConfig {
+        consecutive_5xx: o.consecutive_5xx.as_ref().map_or(5, |v| v.value),
+        interval,
+        base_ejection_time,
+        // Envoy: the default ceiling is 300 s, or the base time if that is longer.
+        max_ejection_time: opt_duration(
+            o.max_ejection_time.as_ref(),
+            base_ejection_time.max(Duration::from_secs(300)),
+            &at("max_ejection_time"),
+        )?,
+        max_ejection_percent: percent(&o.max_ejection_percent, 10, "max_ejection_percent")?,
+        enforcing_consecutive_5xx: percent(&o.enforcing_consecutive_5xx, 100, "enforcing_consecutive_5xx")?,
+    }))
 }
 
 /// How HTTP requests go to this cluster's hosts: the cluster's `envoy.extensions.upstreams.http.v3.HttpProtocolOptions`
@@ -516,6 +574,7 @@ impl TryFrom<cpb::Cluster> for ClusterConfig {
                 }
                 out
             }),
+            outlier: outlier(&c)?,
             http,
             proto: Arc::new(c),
         })
@@ -758,11 +817,31 @@ load_assignment:
             ),
             (with_endpoints("lb_policy: MAGLEV", &["127.0.0.1"]), "lb_policy: MAGLEV is not supported"),
             ("name: c\ntype: EDS".to_string(), "eds_cluster_config: EDS clusters need eds_cluster_config"),
+            (
+                "name: c\noutlier_detection: { enforcing_success_rate: 100 }".to_string(),
+                "outlier_detection.enforcing_success_rate: only consecutive_5xx outlier detection is supported",
+            ),
+            (
+                "name: c\noutlier_detection: { success_rate_minimum_hosts: 3 }".to_string(),
+                "outlier_detection.success_rate_minimum_hosts: not supported",
+            ),
         ];
         for (yaml, expect) in cases {
             let err = convert(&yaml).err().unwrap_or_default();
             assert!(err.contains(expect), "expected '{expect}', got '{err}'");
         }
+    }
+
+    #[test]
+    fn outlier_detection_takes_envoys_defaults_and_istios_disabled_detectors() {
+        let yaml = "name: c\noutlier_detection: { consecutive_5xx: 7, enforcing_success_rate: 0, \
+                    enforcing_consecutive_gateway_failure: 0, base_ejection_time: 600s }";
+        let o = convert(yaml).unwrap_or_else(|e| panic!("{e}")).outlier.unwrap_or_else(|| panic!("no outlier"));
+        assert_eq!(o.consecutive_5xx, 7);
+        assert_eq!(o.interval, Duration::from_secs(10));
+        assert_eq!(o.max_ejection_percent, 10);
+        assert_eq!(o.enforcing_consecutive_5xx, 100);
+        assert_eq!(o.max_ejection_time, Duration::from_secs(600), "the base time when it exceeds 300 s");
     }
 
     #[test]

@@ -168,6 +168,9 @@ impl ClusterManager {
             token.cancel();
         }
         let cluster = Arc::new(Cluster::with_hosts(config.clone(), hosts, &self.stats));
+        if let Some(outlier) = &config.outlier {
+            tokio::spawn(outlier_interval(Arc::downgrade(&cluster), outlier.interval));
+        }
         let (refresh, ready) = match config.kind {
             ClusterKind::StrictDns | ClusterKind::LogicalDns => {
                 let token = CancellationToken::new();
@@ -371,6 +374,16 @@ impl Drop for ClusterManager {
 async fn join_all<F: std::future::Future<Output = ()>>(futs: impl Iterator<Item = F>) {
     for f in futs {
         f.await;
+    }
+}
+
+/// Outlier detection's `interval` timer: returns ejected hosts to service once their time is over, until the cluster
+/// is gone.
+async fn outlier_interval(cluster: std::sync::Weak<Cluster>, interval: std::time::Duration) {
+    loop {
+        tokio::time::sleep(interval).await;
+        let Some(c) = cluster.upgrade() else { return };
+        c.uneject_expired();
     }
 }
 

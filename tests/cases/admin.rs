@@ -950,3 +950,24 @@ async fn istio_cluster_options_bind_source_address_and_publish_breaker_gauges() 
         assert!(text.contains(line), "{line} missing from:\n{text}");
     }
 }
+
+/// The binary runs on mimalloc, counted: `/memory` reports the bytes in use, what mimalloc has committed as the heap
+/// size, and the resident set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_reports_mimallocs_memory() {
+    use envoy_types::pb::envoy::admin::v3::Memory;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("admin-address");
+    let _proxy = Proxy::spawn(BINARY, &["--concurrency", "1", "--admin-address-path", path.to_str().unwrap()]);
+    eventually("admin address written", WAIT, async || std::fs::read_to_string(&path).is_ok_and(|s| !s.is_empty()))
+        .await;
+    let a: SocketAddr = std::fs::read_to_string(&path).unwrap().parse().unwrap();
+    eventually("admin up", WAIT, async || TcpStream::connect(a).await.is_ok()).await;
+    let (code, text) = get(a, "/memory").await;
+    assert_eq!(code, 200, "{text}");
+    let memory: Memory =
+        proto::decode(&proto::parse_dynamic(&text, Format::Json, "envoy.admin.v3.Memory").unwrap()).unwrap();
+    assert!(memory.heap_size > 0, "mimalloc has committed memory: {memory:?}");
+    assert!(memory.total_physical_bytes > 0, "{memory:?}");
+    assert!(memory.allocated > 0 && memory.heap_size >= memory.allocated, "{memory:?}");
+}

@@ -660,6 +660,33 @@ async fn a_streaming_response_holds_its_request_slot_until_the_body_ends() {
     assert_eq!(status, 200, "the slot is free again");
 }
 
+/// A downstream connection streaming a response has an active stream, so the HCM's idle timeout (no active streams
+/// for that long, in Envoy) does not count it idle; once the response ended it does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_streaming_a_response_is_not_idle() {
+    use http_body_util::BodyExt;
+    let up = http_upstream("U").await;
+    let extra = "\n          common_http_protocol_options: { idle_timeout: 0.3s }";
+    let server = start(
+        &yaml(&http_listener("h", 0, &routes_to("u", ""), extra), &static_cluster("u", &[up])),
+        Duration::from_secs(1),
+    )
+    .await;
+    let mut c = http1_client(listener_addr(&server, "h")).await;
+    let req = hyper::Request::builder()
+        .uri("/drip/900")
+        .header("host", "x")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = c.send_request(req).await.unwrap();
+    assert!(resp.headers().get("connection").is_none());
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"ab");
+    assert_eq!(counter(&server, "http.h.downstream_cx_idle_timeout"), 0, "900 ms of streaming is not idle");
+    eventually("idle once the response ended", Duration::from_secs(5), async || c.is_closed()).await;
+    assert_eq!(counter(&server, "http.h.downstream_cx_idle_timeout"), 1);
+}
+
 /// Envoy records `upstream_rq_time` when the upstream response is complete, not when its headers arrive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_rq_time_is_recorded_when_the_response_is_complete() {
@@ -956,6 +983,19 @@ async fn requests_with_bodies_are_retried_within_the_buffer_limit() {
     assert_eq!(counter(&server, "cluster.u.upstream_rq_retry"), 1);
     assert_eq!(counter(&server, "http.h.downstream_rq_2xx"), 1);
     assert_eq!(events.recv().await, Some((2, "data")));
+    // A body framed by content-length is replayed with the same framing.
+    let mut c = http1_client(listener_addr(&server, "h")).await;
+    let req = hyper::Request::builder()
+        .method("POST")
+        .uri("/1/0")
+        .header("host", "x")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(b"0123456789")))
+        .unwrap();
+    let resp = c.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = http_body_util::BodyExt::collect(resp.into_body()).await.unwrap().to_bytes();
+    assert_eq!(&text[..], b"attempt=2 received=10");
+    while events.try_recv().is_ok() {}
 
     let small_buffer = http_listener("h", 0, &retrying_routes(1), "").replacen(
         "    filter_chains:",
@@ -977,7 +1017,7 @@ async fn admin_post(admin: std::net::SocketAddr, path: &str) {
 }
 
 /// Envoy's health_check HTTP filter without pass-through mode: requests its `headers` select are answered by the
-/// proxy, 200 while healthy and 503 (flag LH) after /healthcheck/fail; every other request goes to the router, and
+/// proxy, 200 while healthy and 503 after /healthcheck/fail; every other request goes to the router, and
 /// while failed its response says `x-envoy-immediate-health-check-fail: true`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_check_filter_answers_for_the_proxy_and_follows_healthcheck_fail() {
@@ -1055,4 +1095,81 @@ fn health_check_filter_refuses_pass_through_mode_and_cluster_percentages() {
         with("pass_through_mode: false, headers: [ { name: \":path\", string_match: { exact: /healthz } } ]"),
         ""
     );
+}
+
+/// Envoy's consecutive_5xx outlier detection: a host that answers 5xx that many times in a row leaves load balancing
+/// for base_ejection_time (at least one host even under max_ejection_percent's default 10%), and returns on the
+/// detector's interval timer once that time is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consecutive_5xx_ejects_the_host_until_its_ejection_time_is_over() {
+    let bad = flaky_upstream(usize::MAX).await;
+    let good = http_upstream("G").await;
+    let cluster = format!(
+        "{}\n    outlier_detection: {{ consecutive_5xx: 3, interval: 0.2s, base_ejection_time: 1s }}",
+        static_cluster("u", &[bad, good])
+    );
+    let server = start(&yaml(&http_listener("h", 0, &routes_to("u", ""), ""), &cluster), Duration::from_secs(1)).await;
+    let mut c = http1_client(listener_addr(&server, "h")).await;
+    let mut failures = 0;
+    for _ in 0..10 {
+        if http1_request(&mut c, "GET", "/", "x", &[]).await.0 == 503 {
+            failures += 1;
+        }
+        if failures == 3 {
+            break;
+        }
+    }
+    assert_eq!(failures, 3);
+    assert_eq!(counter(&server, "cluster.u.outlier_detection.ejections_enforced_consecutive_5xx"), 1);
+    assert_eq!(counter(&server, "cluster.u.outlier_detection.ejections_detected_consecutive_5xx"), 1);
+    assert_eq!(counter(&server, "cluster.u.outlier_detection.ejections_enforced_total"), 1);
+    assert_eq!(gauge(&server, "cluster.u.outlier_detection.ejections_active"), 1);
+    for _ in 0..4 {
+        let (status, _, body) = http1_request(&mut c, "GET", "/", "x", &[]).await;
+        assert_eq!(status, 200, "the ejected host gets no request: {body}");
+    }
+
+    eventually("the host returned to service", Duration::from_secs(5), async || {
+        gauge(&server, "cluster.u.outlier_detection.ejections_active") == 0
+    })
+    .await;
+    let mut statuses = Vec::new();
+    for _ in 0..2 {
+        statuses.push(http1_request(&mut c, "GET", "/", "x", &[]).await.0);
+    }
+    assert!(statuses.contains(&503), "back in the rotation: {statuses:?}");
+}
+
+/// For a request with a body, Envoy's per-try timeout ends one attempt (retried) and the route timeout, counted once
+/// from the end of the request, ends them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_try_timeouts_retry_a_request_with_a_body_until_the_route_timeout() {
+    let (up, _events) = attempts_upstream().await;
+    let routes = r#"          route_config:
+            name: local
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              include_request_attempt_count: true
+              routes:
+              - match: { prefix: "/" }
+                route:
+                  cluster: u
+                  timeout: 1s
+                  retry_policy: { retry_on: 5xx, num_retries: 10, per_try_timeout: 0.3s, retry_back_off: { base_interval: 0.01s } }"#;
+    let server =
+        start(&yaml(&http_listener("h", 0, routes, ""), &static_cluster("u", &[up])), Duration::from_secs(1)).await;
+    let mut c = http1_client(listener_addr(&server, "h")).await;
+    let req = hyper::Request::builder()
+        .method("POST")
+        .uri("/0/5000")
+        .header("host", "x")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(b"payload")))
+        .unwrap();
+    let resp = c.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 504);
+    assert_eq!(counter(&server, "cluster.u.upstream_rq_timeout"), 1);
+    let per_try = counter(&server, "cluster.u.upstream_rq_per_try_timeout");
+    assert!((2..=4).contains(&per_try), "attempts cut by the per-try timeout, then the route's: {per_try}");
+    assert_eq!(counter(&server, "cluster.u.upstream_rq_retry"), per_try);
 }

@@ -24,6 +24,7 @@ mod http_rds;
 mod istio_fixture;
 mod listener_filters;
 mod listener_updates;
+mod mesh;
 mod process;
 mod sds;
 mod sidecar;

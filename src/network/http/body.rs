@@ -256,17 +256,20 @@ pub struct Watched {
 pub struct StreamHold {
     pub slot: Option<RequestSlot>,
     pub active: Option<GaugeGuard>,
+    /// The request counted in flight on its downstream connection (for its idle timeout and drain).
+    pub(super) request: Option<super::ActiveRequest>,
     pub timing: Option<(Histogram, Instant)>,
 }
 
 impl StreamHold {
     fn is_empty(&self) -> bool {
-        self.slot.is_none() && self.active.is_none() && self.timing.is_none()
+        self.slot.is_none() && self.active.is_none() && self.request.is_none() && self.timing.is_none()
     }
 
     fn merge(&mut self, other: StreamHold) {
         self.slot = other.slot.or(self.slot.take());
         self.active = other.active.or(self.active.take());
+        self.request = other.request.or(self.request.take());
         self.timing = other.timing.or(self.timing.take());
     }
 
@@ -275,8 +278,7 @@ impl StreamHold {
         if let Some((histogram, since)) = self.timing.take() {
             histogram.record(since.elapsed().as_secs_f64() * 1000.0);
         }
-        self.slot = None;
-        self.active = None;
+        *self = StreamHold::default();
     }
 
     /// The stream was reset: released without a time (Envoy records none for an incomplete response).

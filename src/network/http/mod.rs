@@ -303,17 +303,19 @@ impl Drop for Unanswered<'_> {
     }
 }
 
-/// A request in flight on a connection, for the idle and drain checks.
-struct ActiveRequest<'a>(&'a Connection);
+/// A request in flight on a connection, for the idle and drain checks: it lives as long as its stream, so a
+/// connection streaming a long response is not idle.
+#[derive(Debug)]
+struct ActiveRequest(Arc<Connection>);
 
-impl<'a> ActiveRequest<'a> {
-    fn new(conn: &'a Connection) -> Self {
+impl ActiveRequest {
+    fn new(conn: Arc<Connection>) -> Self {
         conn.active.fetch_add(1, Ordering::Relaxed);
         ActiveRequest(conn)
     }
 }
 
-impl Drop for ActiveRequest<'_> {
+impl Drop for ActiveRequest {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::Relaxed);
         self.0.last_active_ms.store(self.0.born.elapsed().as_millis() as u64, Ordering::Relaxed);
@@ -321,6 +323,7 @@ impl Drop for ActiveRequest<'_> {
 }
 
 /// One downstream connection's state, shared by its requests.
+#[derive(Debug)]
 struct Connection {
     hcm: Arc<HttpConnectionManager>,
     ctx: Arc<WorkerContext>,
@@ -358,7 +361,7 @@ impl Connection {
         // moves into the response body.
         let rq = GaugeGuard::new(&stats.downstream_rq_active);
         // Counted down however the request ends, including when hyper drops it (an HTTP/2 reset).
-        let _active = ActiveRequest::new(&self);
+        let request = ActiveRequest::new(self.clone());
         router::prepare(&self, &mut req);
         let logs = &self.hcm.config.access_log;
         let request_timeout = self.hcm.config.request_timeout.filter(|_| !http_body::Body::is_end_stream(req.body()));
@@ -372,7 +375,7 @@ impl Connection {
             // Boxed: the observed path's state would otherwise make every request's future larger.
             Box::pin(self.handle_observed(req, h2, request_timeout)).await
         };
-        resp.body_mut().hold(StreamHold { active: Some(rq), ..Default::default() });
+        resp.body_mut().hold(StreamHold { active: Some(rq), request: Some(request), ..Default::default() });
         resp
     }
 

@@ -18,7 +18,7 @@ use super::route::{Action, HostRewrite, Matched, RequestHead, RetryPolicy, Route
 use crate::access_log::Flag;
 use crate::config::cluster::UpstreamProtocol;
 use crate::config::http::ServerHeader;
-use crate::upstream::cluster::{Cluster, Host};
+use crate::upstream::cluster::{Cluster, ConnectError, Host};
 use crate::upstream::pool::{Lease, PoolError, Protocol};
 
 const NO_HEALTHY_UPSTREAM: &str = "no healthy upstream";
@@ -412,7 +412,7 @@ async fn forward(
 
     let retry = action.retry_policy.as_ref();
     let body_empty = http_body::Body::is_end_stream(&body);
-    let max_attempts = retry.map_or(1, |p| 1 + p.num_retries);
+    let max_attempts = retry.map_or(1, |p| p.num_retries.saturating_add(1));
     let deadline = action.timeout.map(|t| start + t);
     // A route's idle_timeout overrides the HCM's stream_idle_timeout; 0 disables it.
     let idle = match action.idle_timeout {
@@ -491,29 +491,39 @@ async fn forward(
         let send = conn.ctx.http_pools.send(cluster, &host_entry, protocol, request);
         let outcome = if let Some(progress) = &request_progress {
             // A request with a body: as in Envoy, the route timeout (and the wait for a response under the idle
-            // timeout) counts from the end of the request, so a long upload is not cut short by either.
+            // timeout) counts from the end of the request, so a long upload is not cut short by either. The route
+            // timeout covers every attempt from there; a per-try timeout starts with its attempt (or the request's
+            // end, if later).
             let timers = async {
                 progress.finished().await;
-                let after = Instant::now();
-                let route = [action.timeout, per_try].into_iter().flatten().min().map(|t| after + t);
-                let until = [route, idle.map(|t| after + t)].into_iter().flatten().min();
-                match until {
+                let complete = progress.finished_at().unwrap_or_else(Instant::now);
+                let global = action.timeout.map(|t| complete + t);
+                let this_try = per_try.map(|t| complete.max(now) + t);
+                let waiting = idle.map(|t| Instant::now() + t);
+                match [global, this_try, waiting].into_iter().flatten().min() {
                     Some(d) => tokio::time::sleep_until(d).await,
                     None => std::future::pending::<()>().await,
                 }
-                route.is_some_and(|r| r <= Instant::now())
+                let passed = |at: Option<Instant>| at.is_some_and(|at| at <= Instant::now());
+                (passed(global), passed(this_try))
             };
             tokio::select! {
                 r = send => r.map_err(Failure::Pool),
-                route_timed_out = timers => {
-                    if route_timed_out {
+                fired = timers => match fired {
+                    (true, _) => {
                         stats.upstream_rq_timeout.inc();
                         trace.flags.push(Flag::UpstreamRequestTimeout);
                         return local_reply(conn, StatusCode::GATEWAY_TIMEOUT, TIMEOUT);
                     }
-                    trace.flags.push(Flag::StreamIdleTimeout);
-                    conn.hcm.stats.downstream_rq_idle_timeout.inc();
-                    return local_reply(conn, StatusCode::REQUEST_TIMEOUT, STREAM_TIMEOUT);
+                    (false, true) => {
+                        stats.upstream_rq_per_try_timeout.inc();
+                        Err(Failure::PerTryTimeout)
+                    }
+                    (false, false) => {
+                        trace.flags.push(Flag::StreamIdleTimeout);
+                        conn.hcm.stats.downstream_rq_idle_timeout.inc();
+                        return local_reply(conn, StatusCode::REQUEST_TIMEOUT, STREAM_TIMEOUT);
+                    }
                 }
             }
         } else {
@@ -551,6 +561,7 @@ async fn forward(
             Ok((resp, lease)) => {
                 let status = resp.status().as_u16();
                 cluster.count_response(status);
+                cluster.outlier_result(&host_entry, status >= 500);
                 let retriable = policy.is_some_and(|p| p.should_retry_status(status));
                 if can_retry && retriable {
                     if let Some(slot) = cluster.start_retry() {
@@ -585,6 +596,11 @@ async fn forward(
                     let mut resp = local_reply(conn, StatusCode::SERVICE_UNAVAILABLE, OVERFLOW);
                     resp.headers_mut().insert(X_OVERLOADED.clone(), HeaderValue::from_static("true"));
                     return resp;
+                }
+                // Envoy's outlier detection counts a failure to get an answer as a 5xx from the host (but not our own
+                // max_connections overflow).
+                if !matches!(failure, Failure::Pool(PoolError::Connect(ConnectError::Overflow(_)))) {
+                    cluster.outlier_result(&host_entry, true);
                 }
                 let (retryable, reply) = match &failure {
                     Failure::Pool(e) if e.is_connect_failure() => {
