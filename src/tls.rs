@@ -530,6 +530,10 @@ pub struct SslStats {
     pub handshake: Counter,
     pub connection_error: Counter,
     pub fail_verify_san: Counter,
+    /// The client's certificate did not verify against the trusted CA.
+    pub fail_verify_error: Counter,
+    /// A required client certificate was not presented.
+    pub fail_verify_no_cert: Counter,
     pub no_certificate: Counter,
 }
 
@@ -540,6 +544,8 @@ impl SslStats {
             handshake: c("handshake"),
             connection_error: c("connection_error"),
             fail_verify_san: c("fail_verify_san"),
+            fail_verify_error: c("fail_verify_error"),
+            fail_verify_no_cert: c("fail_verify_no_cert"),
             no_certificate: c("no_certificate"),
         }
     }

@@ -324,6 +324,12 @@ async fn handshake(
             Some(s)
         }
         Err(e) => {
+            // Envoy tells a peer certificate that fails verification from one that was required and missing.
+            match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+                Some(rustls::Error::InvalidCertificate(_)) => ssl.fail_verify_error.inc(),
+                Some(rustls::Error::NoCertificatesPresented) => ssl.fail_verify_no_cert.inc(),
+                _ => {}
+            }
             ssl.connection_error.inc();
             debug!("closing: TLS handshake failed: {e}");
             None

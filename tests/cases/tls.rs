@@ -219,8 +219,18 @@ async fn mutual_tls_checks_the_clients_spiffe_id() {
     if let Ok(mut s) = tls_connect(addr, client_config(&pki, &["istio"], None), "svc.local").await {
         assert!(!echoes(&mut s, b"x").await, "a client without a certificate must not be proxied");
     }
-    eventually("both refusals counted", Duration::from_secs(5), async || {
-        counter(&proxy, "listener.127.0.0.1_0.ssl.connection_error") >= 2
+    eventually("the missing certificate counted", Duration::from_secs(5), async || {
+        counter(&proxy, "listener.127.0.0.1_0.ssl.fail_verify_no_cert") == 1
+    })
+    .await;
+    // A certificate with the right SPIFFE ID from another CA: the chain does not verify.
+    let other = Pki::new().leaf(&[], &["spiffe://cluster.local/ns/default/sa/client"]);
+    if let Ok(mut s) = tls_connect(addr, client_config(&pki, &["istio"], Some(&other)), "svc.local").await {
+        assert!(!echoes(&mut s, b"x").await, "a client certificate from an unknown CA must not be proxied");
+    }
+    eventually("the unverified certificate counted", Duration::from_secs(5), async || {
+        counter(&proxy, "listener.127.0.0.1_0.ssl.fail_verify_error") == 1
+            && counter(&proxy, "listener.127.0.0.1_0.ssl.connection_error") >= 3
     })
     .await;
 }
