@@ -120,3 +120,54 @@ fn every_cluster_loads_with_its_transport_socket_matches() {
     }
     assert!(with_matches >= 10, "outbound clusters carry transport socket matches: {with_matches}");
 }
+
+/// The whole fixture served by xds-mock, as istiod and pilot-agent would serve it: LDS, CDS, EDS and RDS over ADS,
+/// the workload certificate and root CA over the agent's SDS socket (`sds-grpc`, a pipe cluster). Every listener
+/// goes active and every update is ACKed. virtualOutbound and virtualInbound bind 15001 and 15006 on 0.0.0.0, which
+/// nothing else in the suite binds in this network namespace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_whole_fixture_served_by_xds_mock_is_acked_and_every_listener_goes_active() {
+    use super::ads::{NODE, WAIT, bootstrap};
+    use super::tls::Pki;
+    use crate::common::*;
+    use xds_proxy::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET};
+
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures/istio-1.14-sidecar-config-dump.yaml");
+    let store = xds_mock::store::Store::new();
+    xds_mock::source::load_into(std::path::Path::new(path), &store).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("sds.sock");
+    let mock = xds_mock::server::MockServer::start_with_uds("127.0.0.1:0".parse().unwrap(), &uds, store).await.unwrap();
+    let pki = Pki::new();
+    let workload = pki.leaf(&[], &["spiffe://cluster.local/ns/cndt/sa/default"]);
+    let secrets_version = mock.set(SECRET, super::mesh::secrets(&workload, &pki)).unwrap();
+    let sds_cluster = format!(
+        r#"  - name: sds-grpc
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: sds-grpc
+      endpoints: [ {{ lb_endpoints: [ {{ endpoint: {{ address: {{ pipe: {{ path: "{}" }} }} }} }} ] }} ]
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{ http2_protocol_options: {{}} }}
+"#,
+        uds.display()
+    );
+    let server = start(&(bootstrap(mock.addr(), "GRPC") + &sds_cluster), std::time::Duration::from_millis(300)).await;
+
+    let snapshot = mock.store().snapshot();
+    for type_url in [CLUSTER, ENDPOINT, LISTENER, ROUTE] {
+        let version = snapshot.get(type_url).unwrap().version_string();
+        let ack = mock.wait_for(NODE, type_url, &version, WAIT).await;
+        assert!(ack.is_ok(), "{type_url} v{version}: {ack:?}");
+    }
+    let ack = mock.wait_for(NODE, SECRET, &secrets_version, WAIT).await;
+    assert!(ack.is_ok(), "secrets over the agent's socket: {ack:?}");
+    eventually("every listener active", WAIT, async || server.listener_manager().warming_names().is_empty()).await;
+    let active = server.listener_manager().active_listeners().len();
+    assert_eq!(active, snapshot.get(LISTENER).unwrap().resources.len(), "all of the fixture's listeners serve");
+    let inbound = server.listener_manager().get("virtualInbound").unwrap();
+    assert_eq!(inbound.local_address.port(), 15006);
+}

@@ -24,7 +24,7 @@ const SECRET_MSG: &str = "envoy.extensions.transport_sockets.tls.v3.Secret";
 const ADS: &str = ", sds_config: { ads: {}, resource_api_version: V3 }";
 const ISTIO_ALPN: &str = "[ istio-peer-exchange, istio ]";
 
-fn secrets(workload: &Leaf, pki: &Pki) -> Vec<Any> {
+pub(crate) fn secrets(workload: &Leaf, pki: &Pki) -> Vec<Any> {
     let cert = format!(
         "name: default\ntls_certificate: {{ certificate_chain: {{ inline_string: {} }}, private_key: {{ inline_string: {} }} }}",
         lit(&workload.cert),
