@@ -31,6 +31,10 @@ pub struct ListenerStats {
 impl ListenerStats {
     pub fn new(store: &Store, prefix: &str) -> Self {
         let c = |s: &str| store.counter(&format!("listener.{prefix}.{s}"));
+        // Envoy counts connections refused by the listener's connection limit here; that limit is a runtime key
+        // (`envoy.resource_limits.listener.<name>.connection_limit`) and we have no runtime layers, so it stays 0,
+        // as in an Envoy without that key.
+        c("downstream_cx_overflow");
         ListenerStats {
             downstream_cx_total: c("downstream_cx_total"),
             downstream_cx_active: store.gauge(&format!("listener.{prefix}.downstream_cx_active")),

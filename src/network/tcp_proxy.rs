@@ -59,6 +59,11 @@ enum End {
 impl TcpProxy {
     pub fn new(config: TcpProxyConfig, store: &Store) -> Self {
         let c = |s: &str| store.counter(&format!("tcp.{}.{s}", config.stat_prefix));
+        // Envoy's flush stats count connections that keep writing buffered bytes upstream after the downstream
+        // closed. A direction here writes everything it read before it reads again, so nothing is left to flush
+        // when the downstream's EOF or close is seen: both stay 0.
+        c("upstream_flush_total");
+        store.gauge(&format!("tcp.{}.upstream_flush_active", config.stat_prefix));
         let stats = TcpProxyStats {
             downstream_cx_total: c("downstream_cx_total"),
             downstream_cx_no_route: c("downstream_cx_no_route"),

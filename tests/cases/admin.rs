@@ -171,6 +171,14 @@ async fn http_endpoints_in_envoys_formats_and_mutations_are_post_only() {
     eventually("cx counted", WAIT, async || counter(&server, &stat) == 1).await;
     let (_, text) = get(a, "/stats").await;
     assert!(text.lines().any(|l| l == format!("{stat}: 1")), "{text}");
+    // Envoy's names that only a mechanism we lack would move are there at 0 (see ListenerStats and TcpProxy::new).
+    for zero in [
+        format!("listener.127.0.0.1_{}.downstream_cx_overflow: 0", inbound.port()),
+        "tcp.inbound.upstream_flush_total: 0".to_string(),
+        "tcp.inbound.upstream_flush_active: 0".to_string(),
+    ] {
+        assert!(text.lines().any(|l| l == zero), "{zero} missing from:\n{text}");
+    }
     // Counters and gauges sorted by name, then histograms (Envoy's order).
     let (scalars, histograms): (Vec<&str>, Vec<&str>) =
         text.lines().partition(|l| l.rsplit(": ").next().is_some_and(|v| v.parse::<i64>().is_ok()));
