@@ -49,8 +49,22 @@ pub async fn tagged_server(tag: &'static [u8]) -> SocketAddr {
 }
 
 /// A loopback port that was free a moment ago.
+/// A port for a test to bind later. It comes from below the kernel's ephemeral range (32768 and up by default), so
+/// no `connect()` or port-0 bind elsewhere in the suite can take it between this probe and the test's own bind; a
+/// per-process counter keeps tests in one binary apart.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const BASE: u32 = 20000;
+    const SPAN: u32 = 12000;
+    let start = std::process::id().wrapping_mul(7919) % SPAN;
+    for _ in 0..SPAN {
+        let port = (BASE + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port between {BASE} and {}", BASE + SPAN)
 }
 
 pub fn bootstrap(yaml: &str) -> BootstrapConfig {
