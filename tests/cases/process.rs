@@ -111,7 +111,8 @@ async fn sigterm_drains_open_connections_then_exits_0() {
     let bootstrap = GOOD
         .replace("port_value: 0", &format!("port_value: {port}"))
         .replace("port_value: 9", &format!("port_value: {}", up.port()));
-    let mut proxy = Proxy::spawn(&bootstrap, &["--drain-time-s", "2", "--concurrency", "2"]);
+    // The drain time leaves room for a loaded machine: the checks below must run before its deadline.
+    let mut proxy = Proxy::spawn(&bootstrap, &["--drain-time-s", "5", "--concurrency", "2"]);
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     wait_accepting(addr, Duration::from_secs(20)).await;
     let mut open = TcpStream::connect(addr).await.unwrap();
@@ -133,7 +134,7 @@ async fn sigterm_drains_open_connections_then_exits_0() {
     let (status, stderr) = tokio::task::spawn_blocking(move || proxy.wait_exit(Duration::from_secs(10))).await.unwrap();
     assert_eq!(status.code(), Some(0), "{stderr}");
     let took = t.elapsed();
-    assert!(took >= Duration::from_millis(1500) && took < Duration::from_secs(8), "exit after {took:?}");
+    assert!(took >= Duration::from_millis(4500) && took < Duration::from_secs(12), "exit after {took:?}");
 }
 
 #[test]
