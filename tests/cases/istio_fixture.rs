@@ -141,20 +141,7 @@ async fn the_whole_fixture_served_by_xds_mock_is_acked_and_every_listener_goes_a
     let pki = Pki::new();
     let workload = pki.leaf(&[], &["spiffe://cluster.local/ns/cndt/sa/default"]);
     let secrets_version = mock.set(SECRET, super::mesh::secrets(&workload, &pki)).unwrap();
-    let sds_cluster = format!(
-        r#"  - name: sds-grpc
-    type: STATIC
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: sds-grpc
-      endpoints: [ {{ lb_endpoints: [ {{ endpoint: {{ address: {{ pipe: {{ path: "{}" }} }} }} }} ] }} ]
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{ http2_protocol_options: {{}} }}
-"#,
-        uds.display()
-    );
+    let sds_cluster = super::sds::sds_grpc_cluster(&uds);
     let server = start(&(bootstrap(mock.addr(), "GRPC") + &sds_cluster), std::time::Duration::from_millis(300)).await;
 
     let snapshot = mock.store().snapshot();

@@ -67,6 +67,24 @@ filter_chains:
     any(&yaml, "envoy.config.listener.v3.Listener", LISTENER)
 }
 
+/// Istio's `sds-grpc` bootstrap cluster: a STATIC cluster whose endpoint is the agent's socket, spoken to over HTTP/2.
+pub(crate) fn sds_grpc_cluster(uds: &std::path::Path) -> String {
+    format!(
+        r#"  - name: sds-grpc
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: sds-grpc
+      endpoints: [ {{ lb_endpoints: [ {{ endpoint: {{ address: {{ pipe: {{ path: "{}" }} }} }} }} ] }} ]
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{ http2_protocol_options: {{}} }}
+"#,
+        uds.display()
+    )
+}
+
 fn cluster_any(list_item: &str) -> Any {
     any(&unlisted(list_item), "envoy.config.cluster.v3.Cluster", CLUSTER)
 }
@@ -258,21 +276,7 @@ async fn secrets_come_from_an_sds_server_on_a_unix_socket_as_from_istios_pilot_a
     let mock = xds_mock::server::MockServer::start_with_uds("127.0.0.1:0".parse().unwrap(), &uds, Default::default())
         .await
         .unwrap();
-    // Istio's sds-grpc cluster: a STATIC cluster whose endpoint is the agent's socket, spoken to over HTTP/2.
-    let sds_cluster = format!(
-        r#"  - name: sds-grpc
-    type: STATIC
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: sds-grpc
-      endpoints: [ {{ lb_endpoints: [ {{ endpoint: {{ address: {{ pipe: {{ path: "{}" }} }} }} }} ] }} ]
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{ http2_protocol_options: {{}} }}
-"#,
-        uds.display()
-    );
+    let sds_cluster = sds_grpc_cluster(&uds);
     let server = start(&with_admin(bootstrap(mock.addr(), "GRPC") + &sds_cluster), Duration::from_millis(300)).await;
     let pki = Pki::new();
     let cert1 = pki.leaf_with_serial(&["svc.local"], &[], Some(1));

@@ -564,10 +564,8 @@ async fn forward(
                 cluster.outlier_result(&host_entry, status >= 500);
                 let retriable = policy.is_some_and(|p| p.should_retry_status(status));
                 if can_retry && retriable {
-                    if let Some(slot) = cluster.start_retry() {
+                    if let Some(slot) = admit_retry(cluster, retry, attempt, deadline).await {
                         retry_slot = Some(slot);
-                        stats.upstream_rq_retry.inc();
-                        backoff(retry, attempt, deadline).await;
                         continue;
                     }
                     // The cluster's max_retries are all outstanding: Envoy passes this answer on, flagged UO.
@@ -624,10 +622,8 @@ async fn forward(
                     ),
                 };
                 if can_retry && retryable {
-                    if let Some(slot) = cluster.start_retry() {
+                    if let Some(slot) = admit_retry(cluster, retry, attempt, deadline).await {
                         retry_slot = Some(slot);
-                        stats.upstream_rq_retry.inc();
-                        backoff(retry, attempt, deadline).await;
                         continue;
                     }
                     // The cluster's max_retries are all outstanding: no retry, flagged UO as in Envoy.
@@ -669,6 +665,19 @@ fn choose_host(
 }
 
 /// Envoy's retry back-off: fully jittered exponential between `base` and `max`, never past the route's deadline.
+/// A retry under the cluster's `max_retries`, counted and after its back-off; None when the breaker is full.
+async fn admit_retry(
+    cluster: &Cluster,
+    retry: Option<&RetryPolicy>,
+    attempt: u32,
+    deadline: Option<Instant>,
+) -> Option<crate::upstream::cluster::RetrySlot> {
+    let slot = cluster.start_retry()?;
+    cluster.stats.upstream_rq_retry.inc();
+    backoff(retry, attempt, deadline).await;
+    Some(slot)
+}
+
 async fn backoff(retry: Option<&RetryPolicy>, attempt: u32, deadline: Option<Instant>) {
     let Some(p) = retry else { return };
     // Envoy's jittered back-off: a random wait in [0, base × (2^attempt − 1)], capped at max_interval.
