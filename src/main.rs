@@ -167,6 +167,9 @@ fn main() -> ExitCode {
         }
     };
     rt.block_on(async move {
+        // Handlers go in before anything binds: a SIGTERM that arrives while listeners are already accepting but
+        // start-up is still finishing must drain them, not kill the process by the default action.
+        let signals = Signals::install();
         let server = match Server::start(bootstrap, &options).await {
             Ok(s) => s,
             Err(e) => {
@@ -184,7 +187,7 @@ fn main() -> ExitCode {
             error!("cannot write the admin address to {}: {e}", path.display());
         }
         tokio::select! {
-            _ = wait_for_signal() => {}
+            _ = signals.wait() => {}
             _ = server.lifecycle.quit_requested() => info!("shutting down on /quitquitquit"),
         }
         server.shutdown().await;
@@ -192,15 +195,29 @@ fn main() -> ExitCode {
     })
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        error!("cannot install signal handlers; running until killed");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => info!("caught SIGTERM"),
-        _ = int.recv() => info!("caught SIGINT"),
+/// SIGTERM and SIGINT streams, registered at install time so a signal that arrives before `wait` is kept.
+struct Signals(Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>);
+
+impl Signals {
+    fn install() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(term), Ok(int)) => Signals(Some((term, int))),
+            _ => {
+                error!("cannot install signal handlers; running until killed");
+                Signals(None)
+            }
+        }
+    }
+
+    async fn wait(self) {
+        let Some((mut term, mut int)) = self.0 else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => info!("caught SIGTERM"),
+            _ = int.recv() => info!("caught SIGINT"),
+        }
     }
 }
 

@@ -73,6 +73,11 @@ async fn run(cli: Cli) -> Result<()> {
     let ansi = std::io::stderr().is_terminal();
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
 
+    // Registered before anything listens, so a SIGTERM sent as soon as the port answers stops us cleanly.
+    #[cfg(unix)]
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+    #[cfg(not(unix))]
+    let term = ();
     let store = Store::new();
     if let Some(file) = &cli.config {
         let changed = load_into(file, &store)?;
@@ -91,7 +96,7 @@ async fn run(cli: Cli) -> Result<()> {
     if let (true, Some(file)) = (cli.watch, &cli.config) {
         tokio::spawn(watch_file(file.clone(), store.clone(), WATCH_INTERVAL, shutdown.clone()));
     }
-    tokio::spawn(stop_on_signal(shutdown.clone()));
+    tokio::spawn(stop_on_signal(term, shutdown.clone()));
     let clients = Clients::new();
     if let Some(path) = &cli.uds {
         let uds = xds_mock::server::bind_uds(path)?;
@@ -109,26 +114,29 @@ async fn run(cli: Cli) -> Result<()> {
 }
 
 /// Cancels `shutdown` on Ctrl-C or SIGTERM.
-async fn stop_on_signal(shutdown: CancellationToken) {
+#[cfg(unix)]
+async fn stop_on_signal(term: std::io::Result<tokio::signal::unix::Signal>, shutdown: CancellationToken) {
     let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(term) => term,
-            Err(err) => {
-                tracing::warn!("cannot listen for SIGTERM: {err}");
-                let _ = ctrl_c.await;
-                shutdown.cancel();
-                return;
+    match term {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
             }
-        };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+        }
+        Err(err) => {
+            tracing::warn!("cannot listen for SIGTERM: {err}");
+            let _ = ctrl_c.await;
         }
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    tracing::info!("signal received, stopping");
+    shutdown.cancel();
+}
+
+/// Cancels `shutdown` on Ctrl-C.
+#[cfg(not(unix))]
+async fn stop_on_signal(_term: (), shutdown: CancellationToken) {
+    let _ = tokio::signal::ctrl_c().await;
     tracing::info!("signal received, stopping");
     shutdown.cancel();
 }
