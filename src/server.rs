@@ -101,9 +101,12 @@ impl Server {
         }
         clusters.wait_ready(DNS_WARM_TIMEOUT).await;
 
-        let workers =
-            Workers::start(options.concurrency.max(1), clusters.published(), &stats, lifecycle.health_check_flag())
-                .map_err(StartError::Workers)?;
+        let local = crate::listener::worker::LocalInfo {
+            health_check_failed: lifecycle.health_check_flag(),
+            cluster: bootstrap.node.cluster.as_str().into(),
+        };
+        let workers = Workers::start(options.concurrency.max(1), clusters.published(), &stats, local)
+            .map_err(StartError::Workers)?;
         let drain = DrainSettings { drain_time: options.drain_time, strategy: options.drain_strategy };
         let mut listeners = ListenerManager::new(workers, sockets, drain, stats.clone(), clusters.published());
         listeners.set_cluster_wait(bootstrap.cds_initial_fetch_timeout());

@@ -63,6 +63,15 @@ pub struct WorkerContext {
     pub http_pools: HttpPools,
     /// /healthcheck/fail is in force: HTTP connections on `drain_type: DEFAULT` listeners drain-close.
     pub health_check_failed: Arc<std::sync::atomic::AtomicBool>,
+    /// The node's cluster (`node.cluster` / `--service-cluster`), which the health check filter names in its answers.
+    pub local_cluster: Arc<str>,
+}
+
+/// What workers know of the proxy itself.
+#[derive(Debug, Clone, Default)]
+pub struct LocalInfo {
+    pub health_check_failed: Arc<std::sync::atomic::AtomicBool>,
+    pub cluster: Arc<str>,
 }
 
 /// The worker threads and the channel the manager publishes listener sets through.
@@ -81,7 +90,7 @@ impl Workers {
         count: usize,
         clusters: Arc<ArcSwap<ClusterSet>>,
         store: &Store,
-        health_check_failed: Arc<std::sync::atomic::AtomicBool>,
+        local: LocalInfo,
     ) -> io::Result<Workers> {
         let set = Arc::new(ArcSwap::from_pointee(ListenerSet::default()));
         let (version, _) = watch::channel(0u64);
@@ -96,7 +105,8 @@ impl Workers {
                 listeners: set.clone(),
                 filter_stats: FilterStats::new(store),
                 http_pools: HttpPools::default(),
-                health_check_failed: health_check_failed.clone(),
+                health_check_failed: local.health_check_failed.clone(),
+                local_cluster: local.cluster.clone(),
             });
             let set = set.clone();
             let rx = version.subscribe();

@@ -139,10 +139,23 @@ impl TcpProxy {
         let connect = async {
             let mut last = None;
             for _ in 0..self.config.max_connect_attempts {
-                match cluster.connect(info.local_restored.then_some(info.local)).await {
-                    Ok(up) => return Ok(up),
+                let Some(host) = cluster.choose(info.local_restored.then_some(info.local)) else {
+                    cluster.stats.upstream_cx_none_healthy.inc();
+                    last = Some(ConnectError::NoHealthyUpstream(cluster.name().to_string()));
+                    continue;
+                };
+                match cluster.connect_to(host.clone()).await {
+                    Ok(up) => {
+                        // Envoy's tcp_proxy reports a connect as a success to outlier detection (in the default,
+                        // non-split mode, the same as a 200) and a failed or timed-out connect as a 5xx.
+                        cluster.outlier_result(&host, false);
+                        return Ok(up);
+                    }
                     Err(e) => {
                         debug!("upstream connect failed: {e}");
+                        if matches!(e, ConnectError::Io(..) | ConnectError::Timeout(_)) {
+                            cluster.outlier_result(&host, true);
+                        }
                         last = Some(e);
                     }
                 }

@@ -123,6 +123,8 @@ pub struct ClusterStats {
     /// Requests whose body outgrew the retry buffer: they were not retried.
     pub retry_or_shadow_abandoned: Counter,
     pub upstream_rq_rx_reset: Counter,
+    /// Upstream requests we reset: timed out, or abandoned because the downstream went away.
+    pub upstream_rq_tx_reset: Counter,
     pub upstream_rq_pending_overflow: Counter,
     pub upstream_rq_pending_total: Counter,
     pub upstream_rq_pending_active: Gauge,
@@ -163,6 +165,7 @@ impl ClusterStats {
             upstream_rq_retry_success: c("upstream_rq_retry_success"),
             retry_or_shadow_abandoned: c("retry_or_shadow_abandoned"),
             upstream_rq_rx_reset: c("upstream_rq_rx_reset"),
+            upstream_rq_tx_reset: c("upstream_rq_tx_reset"),
             upstream_rq_pending_overflow: c("upstream_rq_pending_overflow"),
             upstream_rq_pending_total: c("upstream_rq_pending_total"),
             upstream_rq_pending_active: g("upstream_rq_pending_active"),

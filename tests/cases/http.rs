@@ -1033,7 +1033,8 @@ async fn health_check_filter_answers_for_the_proxy_and_follows_healthcheck_fail(
 "#,
     );
     let bootstrap = format!(
-        "{}admin: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }} }}\n",
+        "{}admin: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }} }}\n\
+         node: {{ id: n1, cluster: svc-a }}\n",
         yaml(&hcm, &static_cluster("u", &[up]))
     );
     let server = start(&bootstrap, Duration::from_secs(1)).await;
@@ -1042,8 +1043,9 @@ async fn health_check_filter_answers_for_the_proxy_and_follows_healthcheck_fail(
     // A fresh connection each time: /healthcheck/fail also closes connections after their next response.
     let get = async |path: &str| http1_request(&mut http1_client(addr).await, "GET", path, "x", &[]).await;
 
-    let (status, _, body) = get("/healthz").await;
+    let (status, headers, body) = get("/healthz").await;
     assert_eq!((status, body.as_str()), (200, ""));
+    assert_eq!(headers["x-envoy-upstream-healthchecked-cluster"], "svc-a", "Envoy names the node's cluster");
     assert_eq!(counter(&server, "cluster.u.upstream_rq_total"), 0, "answered by the proxy");
     let (status, headers, body) = get("/other").await;
     assert_eq!(status, 200);
@@ -1051,8 +1053,10 @@ async fn health_check_filter_answers_for_the_proxy_and_follows_healthcheck_fail(
     assert!(!headers.contains_key("x-envoy-immediate-health-check-fail"));
 
     admin_post(admin, "/healthcheck/fail").await;
-    let (status, _, body) = get("/healthz").await;
+    let (status, headers, body) = get("/healthz").await;
     assert_eq!((status, body.as_str()), (503, ""));
+    assert_eq!(headers["x-envoy-immediate-health-check-fail"], "true");
+    assert_eq!(headers["x-envoy-upstream-healthchecked-cluster"], "svc-a");
     let (status, headers, _) = get("/other").await;
     assert_eq!(status, 200, "other requests still pass through");
     assert_eq!(headers["x-envoy-immediate-health-check-fail"], "true");
@@ -1172,4 +1176,56 @@ async fn per_try_timeouts_retry_a_request_with_a_body_until_the_route_timeout() 
     let per_try = counter(&server, "cluster.u.upstream_rq_per_try_timeout");
     assert!((2..=4).contains(&per_try), "attempts cut by the per-try timeout, then the route's: {per_try}");
     assert_eq!(counter(&server, "cluster.u.upstream_rq_retry"), per_try);
+}
+
+/// Envoy's reset counters: a downstream that goes away before its response is complete is a stream reset received
+/// (`downstream_rq_rx_reset`) and the upstream request still in flight is reset by us (`upstream_rq_tx_reset`),
+/// whether the response had not begun or was streaming; a route timeout resets only the upstream request, and a
+/// completed exchange counts neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resets_are_counted_by_side_with_envoys_names() {
+    use http_body_util::BodyExt;
+    let up = http_upstream("U").await;
+    let routes = routes_to("u", "").replace("cluster: u", "cluster: u, timeout: 0.2s");
+    let server =
+        start(&yaml(&http_listener("h", 0, &routes, ""), &static_cluster("u", &[up])), Duration::from_secs(1)).await;
+    let addr = listener_addr(&server, "h");
+    let resets = || {
+        (
+            counter(&server, "http.h.downstream_rq_rx_reset"),
+            counter(&server, "http.h.downstream_rq_tx_reset"),
+            counter(&server, "cluster.u.upstream_rq_tx_reset"),
+        )
+    };
+
+    let mut c = http1_client(addr).await;
+    assert_eq!(http1_request(&mut c, "GET", "/", "x", &[]).await.0, 200);
+    assert_eq!(resets(), (0, 0, 0), "a completed exchange is no reset");
+
+    // Route timeout (0.2 s) against a 2 s answer: 504, the upstream request reset by us.
+    assert_eq!(http1_request(&mut c, "GET", "/sleep/2000", "x", &[]).await.0, 504);
+    assert_eq!(resets(), (0, 0, 1));
+
+    // Gone before the response began: the raw client writes a request and closes.
+    let mut raw = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut raw, b"GET /sleep/150 HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    drop(raw);
+    eventually("the abandoned request counted", Duration::from_secs(5), async || resets() == (1, 0, 2)).await;
+
+    // Gone while the response streams: headers and a first chunk arrive, then the client closes.
+    let mut d = http1_client(addr).await;
+    let req = hyper::Request::builder()
+        .uri("/drip/150")
+        .header("host", "x")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = d.send_request(req).await.unwrap();
+    let mut body = resp.into_body();
+    assert_eq!(&body.frame().await.unwrap().unwrap().into_data().unwrap()[..], b"a");
+    drop(body);
+    drop(d);
+    eventually("the abandoned response counted", Duration::from_secs(5), async || resets() == (2, 0, 3)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(resets(), (2, 0, 3), "counted once each");
 }

@@ -179,6 +179,39 @@ async fn round_robin_alternates_between_hosts() {
     assert_eq!(seen, b"ABAB");
 }
 
+/// Envoy's tcp_proxy reports connect failures to outlier detection as 5xx (non-split mode): a host that refuses
+/// `consecutive_5xx` connects in a row is ejected, and every later connection goes to the host that answers.
+#[tokio::test]
+async fn refused_connects_eject_the_host_by_consecutive_5xx() {
+    let dead = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let live = tagged_server(b"L").await;
+    let cluster = format!(
+        "{}\n    outlier_detection: {{ consecutive_5xx: 2, interval: 10s, base_ejection_time: 30s }}",
+        static_cluster("c", &[dead, live])
+    );
+    let server = start(&yaml(&tcp_listener("l", 0, "c"), &cluster), Duration::from_secs(1)).await;
+    let addr = listener_addr(&server, "l");
+    let mut refused = 0;
+    for _ in 0..4 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let mut first = [0u8; 1];
+        // The dead host's connection is closed with nothing sent; the live one sends its tag.
+        if tokio::time::timeout(Duration::from_secs(3), s.read(&mut first)).await.unwrap().unwrap() == 0 {
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 2, "round robin sends every other connection to the dead host until it is ejected");
+    assert_eq!(counter(&server, "cluster.c.outlier_detection.ejections_enforced_consecutive_5xx"), 1);
+    assert_eq!(gauge(&server, "cluster.c.outlier_detection.ejections_active"), 1);
+    for _ in 0..4 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let mut tag = [0u8; 1];
+        s.read_exact(&mut tag).await.unwrap();
+        assert_eq!(&tag, b"L");
+    }
+    assert_eq!(counter(&server, "cluster.c.upstream_cx_connect_fail"), 2);
+}
+
 #[tokio::test]
 async fn weighted_clusters_follow_weights() {
     let a = tagged_server(b"A").await;

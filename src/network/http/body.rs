@@ -259,18 +259,40 @@ pub struct StreamHold {
     /// The request counted in flight on its downstream connection (for its idle timeout and drain).
     pub(super) request: Option<super::ActiveRequest>,
     pub timing: Option<(Histogram, Instant)>,
+    /// `downstream_rq_rx_reset`, counted if the stream is dropped before its response is complete.
+    pub downstream_rx_reset: Option<CountOnDrop>,
+    /// `downstream_rq_tx_reset`, counted if we end the response early.
+    pub downstream_tx_reset: Option<Counter>,
+    /// The cluster's `upstream_rq_tx_reset`, counted if the upstream response is still streaming when the stream
+    /// is dropped or timed out (we reset the upstream request then).
+    pub upstream_tx_reset: Option<CountOnDrop>,
 }
 
 impl StreamHold {
     fn is_empty(&self) -> bool {
-        self.slot.is_none() && self.active.is_none() && self.request.is_none() && self.timing.is_none()
+        self.slot.is_none()
+            && self.active.is_none()
+            && self.request.is_none()
+            && self.timing.is_none()
+            && self.downstream_rx_reset.is_none()
+            && self.upstream_tx_reset.is_none()
     }
 
     fn merge(&mut self, other: StreamHold) {
-        self.slot = other.slot.or(self.slot.take());
-        self.active = other.active.or(self.active.take());
-        self.request = other.request.or(self.request.take());
-        self.timing = other.timing.or(self.timing.take());
+        fn keep<T>(mine: &mut Option<T>, theirs: Option<T>, retire: impl FnOnce(T)) {
+            if let Some(t) = theirs
+                && let Some(old) = mine.replace(t)
+            {
+                retire(old);
+            }
+        }
+        keep(&mut self.slot, other.slot, drop);
+        keep(&mut self.active, other.active, drop);
+        keep(&mut self.request, other.request, drop);
+        keep(&mut self.timing, other.timing, drop);
+        keep(&mut self.downstream_rx_reset, other.downstream_rx_reset, CountOnDrop::disarm);
+        keep(&mut self.downstream_tx_reset, other.downstream_tx_reset, drop);
+        keep(&mut self.upstream_tx_reset, other.upstream_tx_reset, CountOnDrop::disarm);
     }
 
     /// The response is complete: the request's time is recorded and what it held is released.
@@ -278,12 +300,50 @@ impl StreamHold {
         if let Some((histogram, since)) = self.timing.take() {
             histogram.record(since.elapsed().as_secs_f64() * 1000.0);
         }
+        if let Some(g) = self.downstream_rx_reset.take() {
+            g.disarm();
+        }
+        if let Some(g) = self.upstream_tx_reset.take() {
+            g.disarm();
+        }
         *self = StreamHold::default();
     }
 
-    /// The stream was reset: released without a time (Envoy records none for an incomplete response).
-    fn reset(&mut self) {
+    /// We end the stream early: released without a time (Envoy records none for an incomplete response), counted
+    /// as a reset we sent downstream, and upstream too unless the upstream is what failed.
+    fn reset(&mut self, upstream_failed: bool) {
+        if let Some(g) = self.downstream_rx_reset.take() {
+            g.disarm();
+        }
+        if let Some(c) = self.downstream_tx_reset.take() {
+            c.inc();
+        }
+        if upstream_failed && let Some(g) = self.upstream_tx_reset.take() {
+            g.disarm();
+        }
         *self = StreamHold::default();
+    }
+}
+
+/// A counter bumped if this is dropped still armed: a stream or upstream request that ended unfinished.
+#[derive(Debug)]
+pub struct CountOnDrop(Option<Counter>);
+
+impl CountOnDrop {
+    pub fn new(counter: &Counter) -> Self {
+        CountOnDrop(Some(counter.clone()))
+    }
+
+    pub fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for CountOnDrop {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.take() {
+            c.inc();
+        }
     }
 }
 
@@ -423,7 +483,7 @@ impl Body for ProxyBody {
                         l.give_back();
                     }
                     if failed {
-                        w.hold.reset();
+                        w.hold.reset(true);
                     } else if ended {
                         w.hold.complete();
                     }
@@ -432,7 +492,7 @@ impl Body for ProxyBody {
                 Poll::Pending => match &mut w.idle {
                     Some((_, sleep)) => match sleep.as_mut().poll(cx) {
                         Poll::Ready(()) => {
-                            w.hold.reset();
+                            w.hold.reset(false);
                             Poll::Ready(Some(Err(StreamIdleTimeout.into())))
                         }
                         Poll::Pending => Poll::Pending,

@@ -70,6 +70,10 @@ pub struct HttpStats {
     pub downstream_rq_class: [Counter; 5],
     pub downstream_rq_ws_on_non_ws_route: Counter,
     pub downstream_rq_idle_timeout: Counter,
+    /// Streams that ended without a complete response because the downstream went away (closed or reset).
+    pub downstream_rq_rx_reset: Counter,
+    /// Streams we reset mid-response: the upstream failed or a timeout fired after the headers went out.
+    pub downstream_rq_tx_reset: Counter,
     pub downstream_rq_timeout: Counter,
     pub no_route: Counter,
     pub no_cluster: Counter,
@@ -97,6 +101,8 @@ impl HttpStats {
             downstream_rq_class: [1, 2, 3, 4, 5].map(|n| c(&format!("downstream_rq_{n}xx"))),
             downstream_rq_ws_on_non_ws_route: c("downstream_rq_ws_on_non_ws_route"),
             downstream_rq_idle_timeout: c("downstream_rq_idle_timeout"),
+            downstream_rq_rx_reset: c("downstream_rq_rx_reset"),
+            downstream_rq_tx_reset: c("downstream_rq_tx_reset"),
             downstream_rq_timeout: c("downstream_rq_timeout"),
             no_route: c("no_route"),
             no_cluster: c("no_cluster"),
@@ -359,9 +365,16 @@ impl Connection {
         if h2 { &stats.downstream_rq_http2_total } else { &stats.downstream_rq_http1_total }.inc();
         // Envoy's stream lifetime: active until the response body is complete (or the stream is reset), so the guard
         // moves into the response body.
-        let rq = GaugeGuard::new(&stats.downstream_rq_active);
-        // Counted down however the request ends, including when hyper drops it (an HTTP/2 reset).
-        let request = ActiveRequest::new(self.clone());
+        // Made before routing so that a request hyper drops (the downstream went away) still counts as Envoy's
+        // stream reset; it moves into the response body, as the stream lives until that is complete.
+        let hold = StreamHold {
+            active: Some(GaugeGuard::new(&stats.downstream_rq_active)),
+            // Counted down however the request ends, including when hyper drops it (an HTTP/2 reset).
+            request: Some(ActiveRequest::new(self.clone())),
+            downstream_rx_reset: Some(body::CountOnDrop::new(&stats.downstream_rq_rx_reset)),
+            downstream_tx_reset: Some(stats.downstream_rq_tx_reset.clone()),
+            ..Default::default()
+        };
         router::prepare(&self, &mut req);
         let logs = &self.hcm.config.access_log;
         let request_timeout = self.hcm.config.request_timeout.filter(|_| !http_body::Body::is_end_stream(req.body()));
@@ -375,7 +388,7 @@ impl Connection {
             // Boxed: the observed path's state would otherwise make every request's future larger.
             Box::pin(self.handle_observed(req, h2, request_timeout)).await
         };
-        resp.body_mut().hold(StreamHold { active: Some(rq), request: Some(request), ..Default::default() });
+        resp.body_mut().hold(hold);
         resp
     }
 

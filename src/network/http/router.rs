@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::Connection;
-use super::body::{ProxyBody, StreamHold};
+use super::body::{CountOnDrop, ProxyBody, StreamHold};
 use super::route::{Action, HostRewrite, Matched, RequestHead, RetryPolicy, RouteAction, UpstreamFailure};
 use crate::access_log::Flag;
 use crate::config::cluster::UpstreamProtocol;
@@ -36,6 +36,7 @@ static X_UPSTREAM_SERVICE_TIME: HeaderName = HeaderName::from_static("x-envoy-up
 static X_ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count");
 static X_OVERLOADED: HeaderName = HeaderName::from_static("x-envoy-overloaded");
 static X_IMMEDIATE_HEALTH_CHECK_FAIL: HeaderName = HeaderName::from_static("x-envoy-immediate-health-check-fail");
+static X_UPSTREAM_HEALTHCHECKED_CLUSTER: HeaderName = HeaderName::from_static("x-envoy-upstream-healthchecked-cluster");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -60,12 +61,20 @@ pub(super) async fn route(conn: &Connection, req: Request<Incoming>, trace: &mut
     let authority = request_authority(&req);
     let head = RequestHead { method: req.method(), uri: req.uri(), authority: &authority, headers: req.headers() };
     if health_check.matches(&head) {
-        // Envoy's health_check filter, not in pass-through mode: the proxy answers for itself.
-        if failed {
+        // Envoy's health_check filter, not in pass-through mode: the proxy answers for itself, naming its own
+        // cluster so that a health-checking Envoy can tell it checked the service it meant to.
+        let mut resp = if failed {
             trace.flags.push(Flag::FailedLocalHealthCheck);
-            return local_reply(conn, StatusCode::SERVICE_UNAVAILABLE, "");
+            let mut resp = local_reply(conn, StatusCode::SERVICE_UNAVAILABLE, "");
+            resp.headers_mut().insert(X_IMMEDIATE_HEALTH_CHECK_FAIL.clone(), HeaderValue::from_static("true"));
+            resp
+        } else {
+            local_reply(conn, StatusCode::OK, "")
+        };
+        if let Ok(v) = HeaderValue::from_str(&conn.ctx.local_cluster) {
+            resp.headers_mut().insert(X_UPSTREAM_HEALTHCHECKED_CLUSTER.clone(), v);
         }
-        return local_reply(conn, StatusCode::OK, "");
+        return resp;
     }
     let mut resp = route_request(conn, req, trace).await;
     if failed {
@@ -489,6 +498,9 @@ async fn forward(
         let now = Instant::now();
         let try_deadline = [deadline, per_try.map(|t| now + t), idle.map(|t| now + t)].into_iter().flatten().min();
         let send = conn.ctx.http_pools.send(cluster, &host_entry, protocol, request);
+        // Dropped armed (a timeout fired, or hyper dropped this request because the downstream went away), the
+        // upstream request was reset by us: Envoy's upstream_rq_tx_reset.
+        let in_flight = CountOnDrop::new(&stats.upstream_rq_tx_reset);
         let outcome = if let Some(progress) = &request_progress {
             // A request with a body: as in Envoy, the route timeout (and the wait for a response under the idle
             // timeout) counts from the end of the request, so a long upload is not cut short by either. The route
@@ -552,6 +564,9 @@ async fn forward(
                 None => send.await.map_err(Failure::Pool),
             }
         };
+        if !matches!(outcome, Err(Failure::PerTryTimeout)) {
+            in_flight.disarm();
+        }
         // A body that outgrew the retry buffer ends retrying, as Envoy drops its retry state then.
         let policy = retry.filter(|_| replay.as_ref().is_none_or(|r| r.replayable()));
         let can_retry = attempt < max_attempts && policy.is_some();
@@ -585,7 +600,12 @@ async fn forward(
                     Some(p) => p.finished_at(),
                 };
                 let timing = complete.map(|t| (stats.upstream_rq_time.clone(), t));
-                let hold = StreamHold { slot: Some(rq_slot), timing, ..Default::default() };
+                let hold = StreamHold {
+                    slot: Some(rq_slot),
+                    timing,
+                    upstream_tx_reset: Some(CountOnDrop::new(&stats.upstream_rq_tx_reset)),
+                    ..Default::default()
+                };
                 return upstream_response(conn, resp, lease, hold, start, downstream_upgrade, parts.version, idle);
             }
             Err(failure) => {
