@@ -8,7 +8,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 use envoy_types::pb::google::protobuf::Any;
 
 use super::listener::{decode_any, type_name};
-use super::{ConfigError, join, opt_duration};
+use super::{ConfigError, duration, join, opt_duration};
 use crate::network::http::route::{HeaderMatchers, RouteTable};
 
 /// Envoy's default `stream_idle_timeout`.
@@ -82,8 +82,8 @@ pub struct HcmConfig {
     pub merge_slashes: bool,
     /// HTTP filters that run before the router and that we skip (Istio telemetry, empty fault/cors).
     pub skipped_filters: Vec<String>,
-    /// `envoy.filters.http.health_check` (not in pass-through mode): the requests it answers itself.
-    pub health_check: Option<Arc<HeaderMatchers>>,
+    /// `envoy.filters.http.health_check`: which requests are health checks and how they are answered.
+    pub health_check: Option<Arc<HealthCheckConfig>>,
     pub access_log: std::sync::Arc<[crate::access_log::AccessLog]>,
 }
 
@@ -240,14 +240,26 @@ use envoy_types::pb::envoy::config::core::v3::config_source::ConfigSourceSpecifi
 /// What the HTTP filter list leaves the connection manager to do besides routing.
 struct HttpFilters {
     skipped: Vec<String>,
-    health_check: Option<Arc<HeaderMatchers>>,
+    health_check: Option<Arc<HealthCheckConfig>>,
+}
+
+/// Envoy's `envoy.filters.http.health_check`. Without pass-through the proxy answers health checks itself: 200, or
+/// 503 after `/healthcheck/fail` or when a listed cluster has too few healthy hosts. With pass-through they go to
+/// the upstream like any request, unless the proxy is failed or an upstream answer is still cached (`cache_time`).
+#[derive(Debug)]
+pub struct HealthCheckConfig {
+    pub headers: HeaderMatchers,
+    pub pass_through: bool,
+    pub cache_time: Option<Duration>,
+    /// `cluster_min_healthy_percentages`: cluster name and the percent of its hosts that must be in service.
+    pub min_healthy: Vec<(String, f64)>,
 }
 
 /// Checks the HTTP filter list and returns the names of the filters that are skipped. The router must come last;
 /// before it, only filters that change nothing on this proxy's path are allowed: Istio's telemetry and peer-metadata
 /// plugins, `istio.alpn` (it only picks upstream ALPN for TLS origination), `grpc_stats` (counting only), and
 /// `fault`/`cors` with an empty config, which Envoy runs as pass-through until a route enables them; and the one
-/// filter we run, `health_check` without pass-through mode.
+/// filter we run, `health_check`.
 fn http_filters(filters: &[hcm::HttpFilter], path: &str) -> Result<HttpFilters, ConfigError> {
     use hcm::http_filter::ConfigType;
     let Some((last, before)) = filters.split_last() else {
@@ -308,31 +320,38 @@ fn http_filters(filters: &[hcm::HttpFilter], path: &str) -> Result<HttpFilters, 
     Ok(HttpFilters { skipped, health_check })
 }
 
-/// `envoy.filters.http.health_check`: answered by the proxy itself (200, or 503 after `/healthcheck/fail`), which is
-/// Envoy's non-pass-through mode. Pass-through mode, its cache and the cluster health percentages are refused.
-fn health_check_filter(any: &Any, path: &str) -> Result<HeaderMatchers, ConfigError> {
+/// `envoy.filters.http.health_check`, all of its fields.
+fn health_check_filter(any: &Any, path: &str) -> Result<HealthCheckConfig, ConfigError> {
     use envoy_types::pb::envoy::extensions::filters::http::health_check::v3::HealthCheck;
     let hc: HealthCheck = decode_any(any, path)?;
-    match &hc.pass_through_mode {
-        None => return Err(ConfigError::new(join(path, "pass_through_mode"), "pass_through_mode is required")),
-        Some(v) if v.value => {
+    let Some(pass_through) = hc.pass_through_mode.as_ref().map(|v| v.value) else {
+        return Err(ConfigError::new(join(path, "pass_through_mode"), "pass_through_mode is required"));
+    };
+    let cache_time = match &hc.cache_time {
+        None => None,
+        Some(d) => {
+            let d = duration(d, &join(path, "cache_time"))?;
+            (!d.is_zero()).then_some(d)
+        }
+    };
+    let mut min_healthy: Vec<(String, f64)> = Vec::new();
+    for (cluster, percent) in &hc.cluster_min_healthy_percentages {
+        if !(0.0..=100.0).contains(&percent.value) {
             return Err(ConfigError::new(
-                join(path, "pass_through_mode"),
-                "pass_through_mode: true is not supported (only the proxy's own answer)",
+                join(path, &format!("cluster_min_healthy_percentages.{cluster}")),
+                "must be between 0 and 100",
             ));
         }
-        Some(_) => {}
+        min_healthy.push((cluster.clone(), percent.value));
     }
-    if hc.cache_time.is_some() {
-        return Err(ConfigError::new(join(path, "cache_time"), "cache_time is not supported (pass-through mode only)"));
-    }
-    if !hc.cluster_min_healthy_percentages.is_empty() {
-        return Err(ConfigError::new(
-            join(path, "cluster_min_healthy_percentages"),
-            "cluster_min_healthy_percentages is not supported",
-        ));
-    }
-    HeaderMatchers::new(&hc.headers, &join(path, "headers"))
+    // A map in the proto: sorted so that equal configs compare equal.
+    min_healthy.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(HealthCheckConfig {
+        headers: HeaderMatchers::new(&hc.headers, &join(path, "headers"))?,
+        pass_through,
+        cache_time,
+        min_healthy,
+    })
 }
 
 fn skippable_http_filter(any: &Any) -> bool {

@@ -368,6 +368,13 @@ impl Cluster {
         self.hosts.load_full()
     }
 
+    /// Envoy's membership counts: every host, and those in service (healthy and not ejected by outlier detection).
+    pub fn membership(&self) -> (usize, usize) {
+        let set = self.hosts.load();
+        let ejected = self.ejected.load(Ordering::Relaxed) as usize;
+        (set.total, set.hosts.len().saturating_sub(ejected))
+    }
+
     pub fn set_hosts(&self, hosts: HostSet) {
         self.stats.membership_total.set(hosts.total as i64);
         self.stats.membership_healthy.set(hosts.hosts.len() as i64);

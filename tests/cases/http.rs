@@ -1068,7 +1068,7 @@ async fn health_check_filter_answers_for_the_proxy_and_follows_healthcheck_fail(
 }
 
 #[test]
-fn health_check_filter_refuses_pass_through_mode_and_cluster_percentages() {
+fn health_check_filter_config_errors_name_the_field() {
     let with = |config: &str| {
         let yaml = unlisted(&http_listener("h", 0, &routes_to("u", ""), "").replace(
             "          http_filters:\n",
@@ -1085,20 +1085,110 @@ fn health_check_filter_refuses_pass_through_mode_and_cluster_percentages() {
         let l: envoy_types::pb::envoy::config::listener::v3::Listener = xds_proxy::config::proto::decode(&msg).unwrap();
         xds_proxy::config::listener::ListenerConfig::try_from(l).err().map(|e| e.to_string()).unwrap_or_default()
     };
-    let err = with("pass_through_mode: true");
-    assert!(
-        err.contains("http_filters[0].typed_config.pass_through_mode: pass_through_mode: true is not supported"),
-        "{err}"
+    let err = with("headers: [ { name: x-hc, present_match: true } ]");
+    assert!(err.contains("http_filters[0].typed_config.pass_through_mode: pass_through_mode is required"), "{err}");
+    let err = with("pass_through_mode: false, cluster_min_healthy_percentages: { u: { value: 150 } }");
+    assert!(err.contains("typed_config.cluster_min_healthy_percentages.u: must be between 0 and 100"), "{err}");
+    assert_eq!(with("pass_through_mode: true, cache_time: 1s"), "");
+    assert_eq!(with("pass_through_mode: false, cluster_min_healthy_percentages: { u: { value: 50 } }"), "");
+}
+
+/// An HCM listener whose health check filter has this config (the inside of its typed_config).
+fn health_checked_listener(name: &str, cluster: &str, config: &str) -> String {
+    http_listener(name, 0, &routes_to(cluster, ""), "").replace(
+        "          http_filters:\n",
+        &format!(
+            "          http_filters:\n          - name: envoy.filters.http.health_check\n            typed_config:\n              \
+             \"@type\": type.googleapis.com/envoy.extensions.filters.http.health_check.v3.HealthCheck\n              \
+             {config}\n"
+        ),
+    )
+}
+
+/// Envoy's pass-through mode: health checks go to the upstream, whose answer is cached for `cache_time` and served
+/// from the cache meanwhile; while the proxy is failed (/healthcheck/fail) it answers 503 itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_check_pass_through_caches_the_upstreams_answer() {
+    let up = http_upstream("U").await;
+    let hc = "pass_through_mode: true\n              cache_time: 0.5s\n              \
+              headers: [ { name: x-hc, present_match: true } ]";
+    let bootstrap = format!(
+        "{}admin: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }} }}\n\
+         node: {{ id: n1, cluster: svc-b }}\n",
+        yaml(&health_checked_listener("h", "u", hc), &static_cluster("u", &[up]))
     );
-    let err = with("pass_through_mode: false, cluster_min_healthy_percentages: { u: { value: 50 } }");
-    assert!(
-        err.contains("typed_config.cluster_min_healthy_percentages: cluster_min_healthy_percentages is not supported"),
-        "{err}"
+    let server = start(&bootstrap, Duration::from_secs(1)).await;
+    let addr = listener_addr(&server, "h");
+    let get = async |path: &str| http1_request(&mut http1_client(addr).await, "GET", path, "x", &[("x-hc", "1")]).await;
+
+    let (status, headers, body) = get("/status/503").await;
+    assert_eq!(status, 503, "passed through: {body}");
+    assert_eq!(headers["x-envoy-upstream-healthchecked-cluster"], "svc-b");
+    assert_eq!(counter(&server, "cluster.u.upstream_rq_total"), 1);
+    let (status, _, _) = get("/status/200").await;
+    assert_eq!(status, 503, "the cached answer");
+    assert_eq!(counter(&server, "cluster.u.upstream_rq_total"), 1);
+    assert_eq!(counter(&server, "http.h.health_check.cached_response"), 1);
+
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (status, _, _) = get("/status/200").await;
+    assert_eq!(status, 200, "the cache expired: passed through again");
+    assert_eq!(counter(&server, "cluster.u.upstream_rq_total"), 2);
+
+    admin_post(server.admin_address().unwrap(), "/healthcheck/fail").await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (status, headers, _) = get("/status/200").await;
+    assert_eq!(status, 503);
+    assert_eq!(headers["x-envoy-immediate-health-check-fail"], "true");
+    assert_eq!(counter(&server, "cluster.u.upstream_rq_total"), 2, "a failed proxy answers itself");
+    assert_eq!(counter(&server, "http.h.health_check.request_total"), 4);
+    assert_eq!(counter(&server, "http.h.health_check.failed"), 2, "the cached 503 and the failed proxy's");
+}
+
+/// Envoy's `cluster_min_healthy_percentages`: the proxy answers 503 while a listed cluster has fewer hosts in service
+/// than its minimum (an outlier-ejected host is out of service), or does not exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_check_follows_cluster_min_healthy_percentages() {
+    let bad = flaky_upstream(usize::MAX).await;
+    let good = http_upstream("G").await;
+    let cluster = format!(
+        "{}\n    outlier_detection: {{ consecutive_5xx: 2, interval: 10s, base_ejection_time: 30s }}",
+        static_cluster("u", &[bad, good])
     );
-    assert_eq!(
-        with("pass_through_mode: false, headers: [ { name: \":path\", string_match: { exact: /healthz } } ]"),
-        ""
+    let hc = |min: &str| {
+        format!(
+            "pass_through_mode: false\n              cluster_min_healthy_percentages: {min}\n              \
+             headers: [ {{ name: \":path\", string_match: {{ exact: /healthz }} }} ]"
+        )
+    };
+    let listeners = format!(
+        "{}{}",
+        health_checked_listener("h", "u", &hc("{ u: { value: 60 } }")),
+        health_checked_listener("m", "u", &hc("{ missing: { value: 10 } }"))
     );
+    let server = start(&yaml(&listeners, &cluster), Duration::from_secs(1)).await;
+    let h = listener_addr(&server, "h");
+    let m = listener_addr(&server, "m");
+    let get = async |addr, path: &str| http1_request(&mut http1_client(addr).await, "GET", path, "x", &[]).await.0;
+
+    assert_eq!(get(h, "/healthz").await, 200, "2 of 2 hosts in service");
+    assert_eq!(get(m, "/healthz").await, 503);
+    assert_eq!(counter(&server, "http.m.health_check.failed_cluster_not_found"), 1);
+
+    let mut c = http1_client(h).await;
+    let mut failures = 0;
+    for _ in 0..6 {
+        if http1_request(&mut c, "GET", "/", "x", &[]).await.0 == 503 {
+            failures += 1;
+        }
+        if failures == 2 {
+            break;
+        }
+    }
+    assert_eq!(gauge(&server, "cluster.u.outlier_detection.ejections_active"), 1);
+    assert_eq!(get(h, "/healthz").await, 503, "1 of 2 hosts in service is under 60%");
+    assert_eq!(counter(&server, "http.h.health_check.failed_cluster_unhealthy"), 1);
+    assert_eq!(counter(&server, "http.h.health_check.ok"), 1);
 }
 
 /// Envoy's consecutive_5xx outlier detection: a host that answers 5xx that many times in a row leaves load balancing

@@ -113,11 +113,41 @@ impl HttpStats {
     }
 }
 
+/// `http.<stat_prefix>.health_check.*`, Envoy's names, when the health check filter is configured.
+#[derive(Debug, Clone)]
+pub struct HealthCheckStats {
+    pub request_total: Counter,
+    pub ok: Counter,
+    pub failed: Counter,
+    pub cached_response: Counter,
+    pub failed_cluster_not_found: Counter,
+    pub failed_cluster_empty: Counter,
+    pub failed_cluster_unhealthy: Counter,
+}
+
+impl HealthCheckStats {
+    fn new(store: &Store, prefix: &str) -> Self {
+        let c = |n: &str| store.counter(&format!("http.{prefix}.health_check.{n}"));
+        HealthCheckStats {
+            request_total: c("request_total"),
+            ok: c("ok"),
+            failed: c("failed"),
+            cached_response: c("cached_response"),
+            failed_cluster_not_found: c("failed_cluster_not_found"),
+            failed_cluster_empty: c("failed_cluster_empty"),
+            failed_cluster_unhealthy: c("failed_cluster_unhealthy"),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct HttpConnectionManager {
     pub config: Arc<HcmConfig>,
     routes: Routes,
     pub stats: HttpStats,
+    pub health_check_stats: Option<HealthCheckStats>,
+    /// The health check filter's `cache_time`: the last upstream answer to a health check and when it came.
+    pub health_check_cache: std::sync::Mutex<Option<(http::StatusCode, Instant)>>,
 }
 
 impl HttpConnectionManager {
@@ -127,7 +157,15 @@ impl HttpConnectionManager {
             RouteSource::Rds { name, .. } => Routes::Rds(registry.slot(name)),
         };
         let stats = HttpStats::new(store, &config.stat_prefix);
-        HttpConnectionManager { config: Arc::new(config), routes, stats }
+        let health_check_stats =
+            config.health_check.as_ref().map(|_| HealthCheckStats::new(store, &config.stat_prefix));
+        HttpConnectionManager {
+            config: Arc::new(config),
+            routes,
+            stats,
+            health_check_stats,
+            health_check_cache: std::sync::Mutex::new(None),
+        }
     }
 
     /// The route table requests see now; None while an RDS configuration has not arrived.

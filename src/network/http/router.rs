@@ -12,9 +12,9 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::Connection;
 use super::body::{CountOnDrop, ProxyBody, StreamHold};
 use super::route::{Action, HostRewrite, Matched, RequestHead, RetryPolicy, RouteAction, UpstreamFailure};
+use super::{Connection, HealthCheckStats};
 use crate::access_log::Flag;
 use crate::config::cluster::UpstreamProtocol;
 use crate::config::http::ServerHeader;
@@ -60,28 +60,90 @@ pub(super) async fn route(conn: &Connection, req: Request<Incoming>, trace: &mut
     let failed = conn.ctx.health_check_failed.load(Ordering::Relaxed);
     let authority = request_authority(&req);
     let head = RequestHead { method: req.method(), uri: req.uri(), authority: &authority, headers: req.headers() };
-    if health_check.matches(&head) {
-        // Envoy's health_check filter, not in pass-through mode: the proxy answers for itself, naming its own
-        // cluster so that a health-checking Envoy can tell it checked the service it meant to.
-        let mut resp = if failed {
-            trace.flags.push(Flag::FailedLocalHealthCheck);
-            let mut resp = local_reply(conn, StatusCode::SERVICE_UNAVAILABLE, "");
+    if !health_check.headers.matches(&head) {
+        let mut resp = route_request(conn, req, trace).await;
+        if failed {
+            // Envoy's filter marks every other response too, so that a downstream Envoy stops sending here at once.
             resp.headers_mut().insert(X_IMMEDIATE_HEALTH_CHECK_FAIL.clone(), HeaderValue::from_static("true"));
-            resp
-        } else {
-            local_reply(conn, StatusCode::OK, "")
-        };
-        if let Ok(v) = HeaderValue::from_str(&conn.ctx.local_cluster) {
-            resp.headers_mut().insert(X_UPSTREAM_HEALTHCHECKED_CLUSTER.clone(), v);
         }
         return resp;
     }
-    let mut resp = route_request(conn, req, trace).await;
+    let Some(stats) = &conn.hcm.health_check_stats else {
+        return route_request(conn, req, trace).await;
+    };
+    stats.request_total.inc();
+    // Envoy answers a health check itself unless in pass-through mode; in pass-through mode it still does when the
+    // proxy is failed or an upstream answer is cached.
+    let answer = if failed {
+        Some(StatusCode::SERVICE_UNAVAILABLE)
+    } else if let Some(code) = cached_health_answer(conn, health_check.cache_time) {
+        stats.cached_response.inc();
+        Some(code)
+    } else if !health_check.pass_through {
+        Some(cluster_health(conn, &health_check.min_healthy, stats))
+    } else {
+        None
+    };
+    let mut resp = match answer {
+        Some(code) => {
+            if code.is_success() {
+                stats.ok.inc();
+            } else {
+                stats.failed.inc();
+                trace.flags.push(Flag::FailedLocalHealthCheck);
+            }
+            local_reply(conn, code, "")
+        }
+        None => {
+            let resp = route_request(conn, req, trace).await;
+            if health_check.cache_time.is_some() {
+                *conn.hcm.health_check_cache.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((resp.status(), Instant::now()));
+            }
+            resp
+        }
+    };
     if failed {
-        // Envoy's filter marks every other response too, so that a downstream Envoy stops sending here at once.
         resp.headers_mut().insert(X_IMMEDIATE_HEALTH_CHECK_FAIL.clone(), HeaderValue::from_static("true"));
     }
+    // Named so that a health-checking Envoy can tell it reached the service it meant to.
+    if let Ok(v) = HeaderValue::from_str(&conn.ctx.local_cluster) {
+        resp.headers_mut().insert(X_UPSTREAM_HEALTHCHECKED_CLUSTER.clone(), v);
+    }
     resp
+}
+
+/// The upstream's last answer to a health check while it is younger than `cache_time` (pass-through mode).
+fn cached_health_answer(conn: &Connection, cache_time: Option<Duration>) -> Option<StatusCode> {
+    let cache_time = cache_time?;
+    let cached = *conn.hcm.health_check_cache.lock().unwrap_or_else(|p| p.into_inner());
+    cached.filter(|(_, at)| at.elapsed() < cache_time).map(|(code, _)| code)
+}
+
+/// Envoy's `cluster_min_healthy_percentages`: 503 if a listed cluster is unknown, empty (unless its minimum is 0) or
+/// has fewer hosts in service than its minimum percent (compared in whole percents, as Envoy does).
+fn cluster_health(conn: &Connection, min_healthy: &[(String, f64)], stats: &HealthCheckStats) -> StatusCode {
+    let clusters = conn.ctx.clusters.load();
+    for (name, percent) in min_healthy {
+        let minimum = *percent as u64;
+        let Some(cluster) = clusters.get(name) else {
+            stats.failed_cluster_not_found.inc();
+            return StatusCode::SERVICE_UNAVAILABLE;
+        };
+        let (total, healthy) = cluster.membership();
+        if total == 0 {
+            if minimum == 0 {
+                continue;
+            }
+            stats.failed_cluster_empty.inc();
+            return StatusCode::SERVICE_UNAVAILABLE;
+        }
+        if 100 * (healthy as u64) < (total as u64) * minimum {
+            stats.failed_cluster_unhealthy.inc();
+            return StatusCode::SERVICE_UNAVAILABLE;
+        }
+    }
+    StatusCode::OK
 }
 
 /// Routes one request (already [`prepare`]d) and returns the response to send downstream: the upstream's, or a local
