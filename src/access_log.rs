@@ -49,6 +49,10 @@ pub enum Flag {
     StreamIdleTimeout,
     /// LH: the local health check failed (`/healthcheck/fail`).
     FailedLocalHealthCheck,
+    /// DI: the fault filter delayed the request.
+    DelayInjected,
+    /// FI: the fault filter aborted the request.
+    FaultInjected,
 }
 
 impl Flag {
@@ -65,6 +69,8 @@ impl Flag {
             Flag::DownstreamConnectionTermination => "DC",
             Flag::StreamIdleTimeout => "SI",
             Flag::FailedLocalHealthCheck => "LH",
+            Flag::DelayInjected => "DI",
+            Flag::FaultInjected => "FI",
         }
     }
 }

@@ -258,11 +258,12 @@ const POLICIES: &[(&str, Policy)] = {
         ("envoy.config.core.v3.Http2ProtocolOptions", Only(&[])),
         // Route configurations: the route table refuses the values it reads and does not honour (a path rewrite
         // policy, an unknown retry_on token…); these lists keep the fields it never reads from being ignored.
-        // typed_per_filter_config is refused: it would configure filters (fault, cors…) that only run pass-through.
+        // typed_per_filter_config: the route table reads it (the fault filter's per-route config; others refused).
         (
             "envoy.config.route.v3.RouteConfiguration",
             Only(&[
                 "name",
+                "typed_per_filter_config",
                 "virtual_hosts",
                 "request_headers_to_add",
                 "request_headers_to_remove",
@@ -282,6 +283,7 @@ const POLICIES: &[(&str, Policy)] = {
             "envoy.config.route.v3.VirtualHost",
             Only(&[
                 "name",
+                "typed_per_filter_config",
                 "domains",
                 "routes",
                 "matcher",
@@ -299,6 +301,7 @@ const POLICIES: &[(&str, Policy)] = {
             "envoy.config.route.v3.Route",
             Only(&[
                 "name",
+                "typed_per_filter_config",
                 "match",
                 "route",
                 "redirect",
@@ -314,6 +317,9 @@ const POLICIES: &[(&str, Policy)] = {
             ]),
         ),
         ("envoy.config.route.v3.RouteMatch", All),
+        // Per-route filter configs, read whole by the route table (fault::per_filter_configs).
+        ("envoy.config.route.v3.FilterConfig", All),
+        ("envoy.extensions.filters.http.fault.v3.HTTPFault", All),
         (
             "envoy.config.route.v3.RouteAction",
             Only(&[

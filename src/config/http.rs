@@ -9,6 +9,7 @@ use envoy_types::pb::google::protobuf::Any;
 
 use super::listener::{decode_any, type_name};
 use super::{ConfigError, duration, join, opt_duration};
+use crate::network::http::fault::FaultConfig;
 use crate::network::http::route::{HeaderMatchers, RouteTable};
 
 /// Envoy's default `stream_idle_timeout`.
@@ -84,6 +85,9 @@ pub struct HcmConfig {
     pub skipped_filters: Vec<String>,
     /// `envoy.filters.http.health_check`: which requests are health checks and how they are answered.
     pub health_check: Option<Arc<HealthCheckConfig>>,
+    /// `envoy.filters.http.fault`: its name in `http_filters` (routes' `typed_per_filter_config` is keyed by it)
+    /// and its own config, which a route's replaces.
+    pub fault: Option<(String, Arc<FaultConfig>)>,
     pub access_log: std::sync::Arc<[crate::access_log::AccessLog]>,
 }
 
@@ -143,7 +147,7 @@ impl HcmConfig {
             }
             None => return Err(ConfigError::new(path, "either rds or route_config is required")),
         };
-        let HttpFilters { skipped: skipped_filters, health_check } =
+        let HttpFilters { skipped: skipped_filters, health_check, fault } =
             http_filters(&h.http_filters, &at("http_filters"))?;
 
         let server_header = match ServerHeaderTransformation::try_from(h.server_header_transformation) {
@@ -229,6 +233,7 @@ impl HcmConfig {
             merge_slashes: h.merge_slashes,
             skipped_filters,
             health_check,
+            fault,
             access_log: super::access_log::access_logs(&h.access_log, &at("access_log"))?.into(),
         })
     }
@@ -241,6 +246,7 @@ use envoy_types::pb::envoy::config::core::v3::config_source::ConfigSourceSpecifi
 struct HttpFilters {
     skipped: Vec<String>,
     health_check: Option<Arc<HealthCheckConfig>>,
+    fault: Option<(String, Arc<FaultConfig>)>,
 }
 
 /// Envoy's `envoy.filters.http.health_check`. Without pass-through the proxy answers health checks itself: 200, or
@@ -287,6 +293,7 @@ fn http_filters(filters: &[hcm::HttpFilter], path: &str) -> Result<HttpFilters, 
     }
     let mut skipped = Vec::new();
     let mut health_check = None;
+    let mut fault = None;
     for (i, f) in before.iter().enumerate() {
         let fpath = join(path, &format!("[{i}]"));
         if f.disabled {
@@ -311,13 +318,21 @@ fn http_filters(filters: &[hcm::HttpFilter], path: &str) -> Result<HttpFilters, 
             health_check = Some(Arc::new(health_check_filter(&any, &tpath)?));
             continue;
         }
+        if type_name(&any.type_url) == crate::network::http::fault::TYPE_HTTP_FAULT {
+            let tpath = join(&fpath, "typed_config");
+            if fault.is_some() {
+                return Err(ConfigError::new(tpath, "only one fault filter is supported"));
+            }
+            fault = Some((f.name.clone(), Arc::new(FaultConfig::from_any(&any, &tpath)?)));
+            continue;
+        }
         let optional = if f.is_optional { " (is_optional only covers unknown types)" } else { "" };
         return Err(ConfigError::new(
             join(&fpath, "typed_config"),
             format!("HTTP filter '{}' ({}) is not supported{optional}", f.name, type_name(&any.type_url)),
         ));
     }
-    Ok(HttpFilters { skipped, health_check })
+    Ok(HttpFilters { skipped, health_check, fault })
 }
 
 /// `envoy.filters.http.health_check`, all of its fields.
@@ -358,11 +373,8 @@ fn skippable_http_filter(any: &Any) -> bool {
     match type_name(&any.type_url) {
         "istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig" => true,
         "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig" => true,
-        // Empty configs: no fault injected, no CORS policy until a route's per-filter config adds one (which we ignore
-        // along with all typed_per_filter_config).
-        "envoy.extensions.filters.http.fault.v3.HTTPFault" | "envoy.extensions.filters.http.cors.v3.Cors" => {
-            any.value.is_empty()
-        }
+        // An empty config: no CORS policy until a route's adds one (which we refuse).
+        "envoy.extensions.filters.http.cors.v3.Cors" => any.value.is_empty(),
         "envoy.extensions.filters.http.wasm.v3.Wasm" | "udpa.type.v1.TypedStruct" | "xds.type.v3.TypedStruct" => {
             super::listener::istio_null_vm_plugin(any)
         }

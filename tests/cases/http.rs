@@ -1319,3 +1319,105 @@ async fn resets_are_counted_by_side_with_envoys_names() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(resets(), (2, 0, 3), "counted once each");
 }
+
+/// Istio's fault injection: the HCM carries an empty `envoy.filters.http.fault` and each route that injects faults
+/// carries its own `HTTPFault` in `typed_per_filter_config`, which replaces the filter's: an abort answers with its
+/// status and Envoy's body without reaching the upstream (a gRPC abort as a trailers-only gRPC answer), a delay
+/// holds the request, and a route with none passes untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_injection_from_route_configs_as_istio_sends_it() {
+    let up = http_upstream("U").await;
+    let fault = |config: &str| {
+        format!(
+            "\n                typed_per_filter_config:\n                  envoy.filters.http.fault:\n                    \
+             \"@type\": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault\n                    {config}"
+        )
+    };
+    let routes = format!(
+        r#"          route_config:
+            name: local
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: "/abort" }}
+                route: {{ cluster: u }}{}
+              - match: {{ prefix: "/grpc" }}
+                route: {{ cluster: u }}{}
+              - match: {{ prefix: "/delay" }}
+                route: {{ cluster: u }}{}
+              - match: {{ prefix: "/" }}
+                route: {{ cluster: u }}"#,
+        fault("abort: { http_status: 418, percentage: { numerator: 100 } }"),
+        fault("abort: { grpc_status: 14, percentage: { numerator: 100 } }"),
+        fault("delay: { fixed_delay: 0.3s, percentage: { numerator: 100 } }"),
+    );
+    let listener = http_listener("h", 0, &routes, "").replace(
+        "          http_filters:\n",
+        "          http_filters:\n          - name: envoy.filters.http.fault\n            typed_config: { \"@type\": \
+         type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault }\n",
+    );
+    let server = start(&yaml(&listener, &static_cluster("u", &[up])), Duration::from_secs(1)).await;
+    let mut c = http1_client(listener_addr(&server, "h")).await;
+
+    let (status, _, body) = http1_request(&mut c, "GET", "/abort", "x", &[]).await;
+    assert_eq!((status, body.as_str()), (418, "fault filter abort"));
+    let (status, headers, _) = http1_request(&mut c, "GET", "/grpc", "x", &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["grpc-status"], "14");
+    assert_eq!(headers["content-type"], "application/grpc");
+    assert_eq!(counter(&server, "cluster.u.upstream_rq_total"), 0, "aborted before the router");
+
+    let t = std::time::Instant::now();
+    let (status, _, body) = http1_request(&mut c, "GET", "/delay", "x", &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(t.elapsed() >= Duration::from_millis(290), "delayed {:?}", t.elapsed());
+    let t = std::time::Instant::now();
+    let (status, _, body) = http1_request(&mut c, "GET", "/plain", "x", &[]).await;
+    assert_eq!(status, 200);
+    assert!(body.starts_with("U\nGET /plain\n"), "{body}");
+    assert!(t.elapsed() < Duration::from_millis(290), "no fault on this route");
+
+    assert_eq!(counter(&server, "http.h.fault.aborts_injected"), 2);
+    assert_eq!(counter(&server, "http.h.fault.delays_injected"), 1);
+    assert_eq!(gauge(&server, "http.h.fault.active_faults"), 0);
+    assert_eq!(counter(&server, "cluster.u.upstream_rq_total"), 2);
+}
+
+/// A per-route config for a filter we do not run per route is refused with its path, as is one of the fault
+/// filter's fields we do not implement.
+#[test]
+fn per_route_filter_configs_other_than_fault_are_refused() {
+    let rc = |per_filter: &str| {
+        format!(
+            "name: r\nvirtual_hosts:\n- name: v\n  domains: ['*']\n  routes:\n  - match: {{ prefix: / }}\n    \
+             route: {{ cluster: u }}\n    typed_per_filter_config:\n{per_filter}"
+        )
+    };
+    let build = |yaml: &str| {
+        let msg = xds_proxy::config::proto::parse_dynamic(
+            yaml,
+            xds_proxy::config::proto::Format::Yaml,
+            "envoy.config.route.v3.RouteConfiguration",
+        )
+        .unwrap();
+        let rc: envoy_types::pb::envoy::config::route::v3::RouteConfiguration =
+            xds_proxy::config::proto::decode(&msg).unwrap();
+        xds_proxy::network::http::route::RouteTable::new(&rc).err().map(|e| e.to_string()).unwrap_or_default()
+    };
+    let err = build(&rc(
+        "      envoy.filters.http.cors:\n        \"@type\": type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy\n",
+    ));
+    assert!(
+        err.contains("virtual_hosts[0].routes[0].typed_per_filter_config[\"envoy.filters.http.cors\"]: per-route config for envoy.extensions.filters.http.cors.v3.CorsPolicy is not supported"),
+        "{err}"
+    );
+    let err = build(&rc(
+        "      envoy.filters.http.fault:\n        \"@type\": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault\n        response_rate_limit: { fixed_limit: { limit_kbps: 1 } }\n",
+    ));
+    assert!(err.contains("typed_per_filter_config[\"envoy.filters.http.fault\"].response_rate_limit: response_rate_limit is not supported"), "{err}");
+    let ok = build(&rc(
+        "      envoy.filters.http.fault:\n        \"@type\": type.googleapis.com/envoy.config.route.v3.FilterConfig\n        disabled: true\n",
+    ));
+    assert_eq!(ok, "");
+}

@@ -5,8 +5,9 @@
 //! is plain data (`Send + Sync`) and matching allocates nothing in the common case: exact domains sit in a hash map,
 //! wildcards in per-length maps, regexes are compiled once. Every conversion error names its field relative to the
 //! `RouteConfiguration`; a value we read and do not honour is refused rather than ignored. Fields that are only
-//! metadata or telemetry (`name`, `decorator`, `metadata`, `typed_per_filter_config`, `validate_clusters`,
-//! `max_stream_duration`, `max_grpc_timeout`) are accepted and ignored; fields this
+//! metadata or telemetry (`name`, `decorator`, `metadata`, `validate_clusters`,
+//! `max_stream_duration`, `max_grpc_timeout`) are accepted and ignored; `typed_per_filter_config` carries the fault
+//! filter's per-route config (any other filter's is refused); fields this
 //! module never reads are left to the descriptor-driven field audit.
 
 use std::borrow::Cow;
@@ -45,7 +46,12 @@ pub struct RouteTable {
     response_headers: HeaderMutations,
     /// Every cluster named by a route, sorted and deduplicated.
     cluster_names: Vec<String>,
+    per_filter: PerFilter,
 }
+
+/// A `typed_per_filter_config`: the per-route configs of the filters we run (only the fault filter reads one), by
+/// filter name; `None` where the filter is disabled.
+pub type PerFilter = Vec<(String, Option<std::sync::Arc<super::fault::FaultConfig>>)>;
 
 /// What a request carries that routing looks at.
 #[derive(Debug, Clone, Copy)]
@@ -74,6 +80,7 @@ pub struct VirtualHost {
     pub include_attempt_count: bool,
     request_headers: HeaderMutations,
     response_headers: HeaderMutations,
+    per_filter: PerFilter,
 }
 
 #[derive(Debug)]
@@ -86,6 +93,7 @@ pub struct Route {
     action: Action,
     request_headers: HeaderMutations,
     response_headers: HeaderMutations,
+    per_filter: PerFilter,
 }
 
 #[derive(Debug)]
@@ -265,6 +273,7 @@ impl RouteTable {
             request_headers,
             response_headers,
             cluster_names: names.into_iter().collect(),
+            per_filter: super::fault::per_filter_configs(&rc.typed_per_filter_config, "")?,
         })
     }
 
@@ -414,6 +423,7 @@ impl VirtualHost {
             name: vh.name.clone(),
             routes,
             include_attempt_count: vh.include_request_attempt_count,
+            per_filter: super::fault::per_filter_configs(&vh.typed_per_filter_config, path)?,
             request_headers: HeaderMutations::new(
                 &vh.request_headers_to_add,
                 &vh.request_headers_to_remove,
@@ -470,6 +480,7 @@ impl Route {
         };
         Ok(Route {
             name: r.name.clone(),
+            per_filter: super::fault::per_filter_configs(&r.typed_per_filter_config, path)?,
             path: path_match,
             grpc: m.grpc.is_some(),
             headers,
@@ -1069,6 +1080,15 @@ impl RetryOn {
 impl<'a> Matched<'a> {
     pub fn action(&self) -> &'a Action {
         &self.route.action
+    }
+
+    /// The per-route config of the filter named `filter`, most specific first (route, virtual host, route
+    /// configuration), as Envoy resolves it: `Some(None)` if the filter is disabled there, `None` if none is set.
+    pub fn per_filter_config(&self, filter: &str) -> Option<Option<&'a std::sync::Arc<super::fault::FaultConfig>>> {
+        [&self.route.per_filter, &self.vhost.per_filter, &self.table.per_filter]
+            .into_iter()
+            .find_map(|p| p.iter().find(|(name, _)| name == filter))
+            .map(|(_, c)| c.as_ref())
     }
 
     /// The path (with query) to send upstream after the route's `prefix_rewrite` / `regex_rewrite`, or `None`
@@ -3172,7 +3192,6 @@ mod tests {
         let mut r = to("c", prefix("/"));
         r.decorator = Some(rpb::Decorator { operation: "op".into(), ..Default::default() });
         r.metadata = Some(core::Metadata::default());
-        r.typed_per_filter_config.insert("envoy.filters.http.fault".into(), Any::default());
         if let Some(rpb::route::Action::Route(a)) = &mut r.action {
             a.max_stream_duration = Some(rpb::route_action::MaxStreamDuration::default());
         }

@@ -13,6 +13,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::body::{CountOnDrop, ProxyBody, StreamHold};
+use super::fault::AbortWith;
 use super::route::{Action, HostRewrite, Matched, RequestHead, RetryPolicy, RouteAction, UpstreamFailure};
 use super::{Connection, HealthCheckStats};
 use crate::access_log::Flag;
@@ -36,6 +37,8 @@ static X_UPSTREAM_SERVICE_TIME: HeaderName = HeaderName::from_static("x-envoy-up
 static X_ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count");
 static X_OVERLOADED: HeaderName = HeaderName::from_static("x-envoy-overloaded");
 static X_IMMEDIATE_HEALTH_CHECK_FAIL: HeaderName = HeaderName::from_static("x-envoy-immediate-health-check-fail");
+static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+static GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 static X_UPSTREAM_HEALTHCHECKED_CLUSTER: HeaderName = HeaderName::from_static("x-envoy-upstream-healthchecked-cluster");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
@@ -169,6 +172,29 @@ async fn route_request(conn: &Connection, req: Request<Incoming>, trace: &mut Tr
     if trace.logging {
         trace.route_name = Some(matched.route.name().to_string());
     }
+    // Chosen once: a weighted choice must be the same for the fault filter's upstream_cluster and the router.
+    let cluster_name = match matched.action() {
+        Action::Route(_) => matched.cluster_name(req.headers()),
+        Action::Redirect(_) | Action::DirectResponse { .. } => None,
+    };
+    // The fault filter runs before the router, as Envoy requires it to: its delay holds the request, its abort
+    // answers it.
+    if let (Some((filter, own)), Some(stats)) = (&config.fault, &hcm.fault_stats) {
+        let fault = match matched.per_filter_config(filter) {
+            Some(route_config) => route_config,
+            None => Some(own),
+        };
+        if let Some(plan) = fault.and_then(|f| f.plan(&head, cluster_name.as_deref(), stats)) {
+            if let Some(delay) = plan.delay {
+                trace.flags.push(Flag::DelayInjected);
+                tokio::time::sleep(delay).await;
+            }
+            if let Some(with) = plan.abort {
+                trace.flags.push(Flag::FaultInjected);
+                return fault_abort_reply(conn, with);
+            }
+        }
+    }
     let action = match matched.action() {
         Action::DirectResponse { status, body } => {
             hcm.stats.rq_direct_response.inc();
@@ -206,8 +232,7 @@ async fn route_request(conn: &Connection, req: Request<Incoming>, trace: &mut Tr
     }
     // A cluster_header route without its header finds no cluster, like a name that does not exist: both get the
     // route's cluster_not_found_response_code (503 unless configured).
-    let cluster =
-        matched.cluster_name(req.headers()).and_then(|name| conn.ctx.clusters.load().get(name.as_ref()).cloned());
+    let cluster = cluster_name.and_then(|name| conn.ctx.clusters.load().get(name.as_ref()).cloned());
     let Some(cluster) = cluster else {
         hcm.stats.no_cluster.inc();
         trace.flags.push(Flag::NoClusterFound);
@@ -221,6 +246,21 @@ async fn route_request(conn: &Connection, req: Request<Incoming>, trace: &mut Tr
     let mut resp = forward(conn, &chosen, &cluster, req, trace).await;
     matched.apply_response_headers(resp.headers_mut());
     resp
+}
+
+/// The fault filter's answer: its HTTP status with Envoy's body, or for a gRPC abort a trailers-only gRPC response.
+fn fault_abort_reply(conn: &Connection, with: AbortWith) -> Response<ProxyBody> {
+    match with {
+        AbortWith::Http(status) => local_reply(conn, status, "fault filter abort"),
+        AbortWith::Grpc(code) => {
+            let mut resp = local_reply(conn, StatusCode::OK, "");
+            let h = resp.headers_mut();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+            h.insert(GRPC_STATUS.clone(), HeaderValue::from(code));
+            h.insert(GRPC_MESSAGE.clone(), HeaderValue::from_static("fault filter abort"));
+            resp
+        }
+    }
 }
 
 /// The request's authority: `:authority` on HTTP/2, else the Host header.
