@@ -366,7 +366,7 @@ async fn dispatch(
                 secure: false,
                 buffer_limit: limit,
             };
-            hcm.clone().serve(s, det, drain, ctx.clone(), chain).await
+            Box::pin(hcm.clone().serve(s, det, drain, ctx.clone(), chain)).await
         }
         (NetworkFilter::Http(hcm), Downstream::Tls(s)) => {
             let chain = ChainContext {
@@ -375,10 +375,12 @@ async fn dispatch(
                 secure: true,
                 buffer_limit: limit,
             };
-            hcm.clone().serve(*s, det, drain, ctx.clone(), chain).await
+            Box::pin(hcm.clone().serve(*s, det, drain, ctx.clone(), chain)).await
         }
         (NetworkFilter::DirectResponse(body), Downstream::Plain(s)) => direct_response::serve(s, body, drain).await,
-        (NetworkFilter::DirectResponse(body), Downstream::Tls(s)) => direct_response::serve(*s, body, drain).await,
+        (NetworkFilter::DirectResponse(body), Downstream::Tls(s)) => {
+            Box::pin(direct_response::serve(*s, body, drain)).await
+        }
     }
 }
 
@@ -485,9 +487,14 @@ async fn serve_on(listener: &ListenerCore, stream: TcpStream, det: &Detected, ct
     debug!(filter_chain = %chain.name(), transport = det.transport, "connection open");
     match (&chain.config.tls, &chain.ssl) {
         (Some(tls), Some(ssl)) => {
-            if let Some(stream) = handshake(stream, tls, ssl, drain.clone()).await {
-                dispatch(Downstream::Tls(Box::new(stream)), &chain, listener, det, drain, ctx).await;
-            }
+            // Boxed, as are the HTTP paths in `dispatch`: the task of every connection is as large as its largest
+            // path, and a plain tcp_proxy connection should not allocate and copy the TLS and HTTP states (kilobytes).
+            Box::pin(async {
+                if let Some(stream) = handshake(stream, tls, ssl, drain.clone()).await {
+                    dispatch(Downstream::Tls(Box::new(stream)), &chain, listener, det, drain, ctx).await;
+                }
+            })
+            .await;
         }
         _ => dispatch(Downstream::Plain(stream), &chain, listener, det, drain, ctx).await,
     }
