@@ -630,12 +630,7 @@ async fn a_streaming_response_holds_its_request_slot_until_the_body_ends() {
     let server = start(&yaml(&http_listener("h", 0, &routes_to("u", ""), ""), &cluster), Duration::from_secs(1)).await;
     let addr = listener_addr(&server, "h");
     let mut a = http1_client(addr).await;
-    let req = hyper::Request::builder()
-        .uri("/drip/1000")
-        .header("host", "x")
-        .body(http_body_util::Full::new(bytes::Bytes::new()))
-        .unwrap();
-    let resp = a.send_request(req).await.unwrap();
+    let resp = get_response(&mut a, "/drip/1000").await;
     assert_eq!(resp.status(), 200);
     let mut body = resp.into_body();
     let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
@@ -673,12 +668,7 @@ async fn a_connection_streaming_a_response_is_not_idle() {
     )
     .await;
     let mut c = http1_client(listener_addr(&server, "h")).await;
-    let req = hyper::Request::builder()
-        .uri("/drip/900")
-        .header("host", "x")
-        .body(http_body_util::Full::new(bytes::Bytes::new()))
-        .unwrap();
-    let resp = c.send_request(req).await.unwrap();
+    let resp = get_response(&mut c, "/drip/900").await;
     assert!(resp.headers().get("connection").is_none());
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(&body[..], b"ab");
@@ -702,12 +692,7 @@ async fn upstream_rq_time_is_recorded_when_the_response_is_complete() {
         other => panic!("upstream_rq_time: {other:?}"),
     };
     let mut c = http1_client(listener_addr(&server, "h")).await;
-    let req = hyper::Request::builder()
-        .uri("/drip/600")
-        .header("host", "x")
-        .body(http_body_util::Full::new(bytes::Bytes::new()))
-        .unwrap();
-    let mut body = c.send_request(req).await.unwrap().into_body();
+    let mut body = get_response(&mut c, "/drip/600").await.into_body();
     let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
     assert_eq!(&first[..], b"a");
     assert_eq!(rq_time(&server).0, 0, "headers and a first chunk are not a complete response");
@@ -1149,12 +1134,7 @@ async fn health_check_pass_through_caches_the_upstreams_answer() {
 /// than its minimum (an outlier-ejected host is out of service), or does not exist.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_check_follows_cluster_min_healthy_percentages() {
-    let bad = flaky_upstream(usize::MAX).await;
-    let good = http_upstream("G").await;
-    let cluster = format!(
-        "{}\n    outlier_detection: {{ consecutive_5xx: 2, interval: 10s, base_ejection_time: 30s }}",
-        static_cluster("u", &[bad, good])
-    );
+    let cluster = flaky_and_good_cluster("consecutive_5xx: 2, interval: 10s, base_ejection_time: 30s").await;
     let hc = |min: &str| {
         format!(
             "pass_through_mode: false\n              cluster_min_healthy_percentages: {min}\n              \
@@ -1175,20 +1155,49 @@ async fn health_check_follows_cluster_min_healthy_percentages() {
     assert_eq!(get(m, "/healthz").await, 503);
     assert_eq!(counter(&server, "http.m.health_check.failed_cluster_not_found"), 1);
 
-    let mut c = http1_client(h).await;
-    let mut failures = 0;
-    for _ in 0..6 {
-        if http1_request(&mut c, "GET", "/", "x", &[]).await.0 == 503 {
-            failures += 1;
-        }
-        if failures == 2 {
-            break;
-        }
-    }
+    assert_eq!(requests_until_503s(&mut http1_client(h).await, 2, 6).await, 2);
     assert_eq!(gauge(&server, "cluster.u.outlier_detection.ejections_active"), 1);
     assert_eq!(get(h, "/healthz").await, 503, "1 of 2 hosts in service is under 60%");
     assert_eq!(counter(&server, "http.h.health_check.failed_cluster_unhealthy"), 1);
     assert_eq!(counter(&server, "http.h.health_check.ok"), 1);
+}
+
+/// Sends `GET path` (host `x`) and returns the response as soon as its head arrives, its body still to read.
+async fn get_response(
+    c: &mut hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    path: &str,
+) -> hyper::Response<hyper::body::Incoming> {
+    let req = hyper::Request::builder()
+        .uri(path)
+        .header("host", "x")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    c.send_request(req).await.unwrap()
+}
+
+/// Cluster `u`: a host that always answers 503 and one that answers 200, with this `outlier_detection`.
+async fn flaky_and_good_cluster(outlier: &str) -> String {
+    let bad = flaky_upstream(usize::MAX).await;
+    let good = http_upstream("G").await;
+    format!("{}\n    outlier_detection: {{ {outlier} }}", static_cluster("u", &[bad, good]))
+}
+
+/// Sends at most `tries` requests, stopping once `wanted` of them were answered 503; returns how many were.
+async fn requests_until_503s(
+    c: &mut hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    wanted: usize,
+    tries: usize,
+) -> usize {
+    let mut failures = 0;
+    for _ in 0..tries {
+        if http1_request(c, "GET", "/", "x", &[]).await.0 == 503 {
+            failures += 1;
+        }
+        if failures == wanted {
+            break;
+        }
+    }
+    failures
 }
 
 /// Envoy's consecutive_5xx outlier detection: a host that answers 5xx that many times in a row leaves load balancing
@@ -1196,24 +1205,10 @@ async fn health_check_follows_cluster_min_healthy_percentages() {
 /// detector's interval timer once that time is over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consecutive_5xx_ejects_the_host_until_its_ejection_time_is_over() {
-    let bad = flaky_upstream(usize::MAX).await;
-    let good = http_upstream("G").await;
-    let cluster = format!(
-        "{}\n    outlier_detection: {{ consecutive_5xx: 3, interval: 0.2s, base_ejection_time: 1s }}",
-        static_cluster("u", &[bad, good])
-    );
+    let cluster = flaky_and_good_cluster("consecutive_5xx: 3, interval: 0.2s, base_ejection_time: 1s").await;
     let server = start(&yaml(&http_listener("h", 0, &routes_to("u", ""), ""), &cluster), Duration::from_secs(1)).await;
     let mut c = http1_client(listener_addr(&server, "h")).await;
-    let mut failures = 0;
-    for _ in 0..10 {
-        if http1_request(&mut c, "GET", "/", "x", &[]).await.0 == 503 {
-            failures += 1;
-        }
-        if failures == 3 {
-            break;
-        }
-    }
-    assert_eq!(failures, 3);
+    assert_eq!(requests_until_503s(&mut c, 3, 10).await, 3);
     assert_eq!(counter(&server, "cluster.u.outlier_detection.ejections_enforced_consecutive_5xx"), 1);
     assert_eq!(counter(&server, "cluster.u.outlier_detection.ejections_detected_consecutive_5xx"), 1);
     assert_eq!(counter(&server, "cluster.u.outlier_detection.ejections_enforced_total"), 1);
@@ -1305,12 +1300,7 @@ async fn resets_are_counted_by_side_with_envoys_names() {
 
     // Gone while the response streams: headers and a first chunk arrive, then the client closes.
     let mut d = http1_client(addr).await;
-    let req = hyper::Request::builder()
-        .uri("/drip/150")
-        .header("host", "x")
-        .body(http_body_util::Full::new(bytes::Bytes::new()))
-        .unwrap();
-    let resp = d.send_request(req).await.unwrap();
+    let resp = get_response(&mut d, "/drip/150").await;
     let mut body = resp.into_body();
     assert_eq!(&body.frame().await.unwrap().unwrap().into_data().unwrap()[..], b"a");
     drop(body);
