@@ -1095,7 +1095,7 @@ fn health_checked_listener(name: &str, cluster: &str, config: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_check_pass_through_caches_the_upstreams_answer() {
     let up = http_upstream("U").await;
-    let hc = "pass_through_mode: true\n              cache_time: 0.5s\n              \
+    let hc = "pass_through_mode: true\n              cache_time: 2s\n              \
               headers: [ { name: x-hc, present_match: true } ]";
     let bootstrap = format!(
         "{}admin: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }} }}\n\
@@ -1115,13 +1115,12 @@ async fn health_check_pass_through_caches_the_upstreams_answer() {
     assert_eq!(counter(&server, "cluster.u.upstream_rq_total"), 1);
     assert_eq!(counter(&server, "http.h.health_check.cached_response"), 1);
 
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
     let (status, _, _) = get("/status/200").await;
     assert_eq!(status, 200, "the cache expired: passed through again");
     assert_eq!(counter(&server, "cluster.u.upstream_rq_total"), 2);
 
     admin_post(server.admin_address().unwrap(), "/healthcheck/fail").await;
-    tokio::time::sleep(Duration::from_millis(600)).await;
     let (status, headers, _) = get("/status/200").await;
     assert_eq!(status, 503);
     assert_eq!(headers["x-envoy-immediate-health-check-fail"], "true");
@@ -1293,14 +1292,17 @@ async fn resets_are_counted_by_side_with_envoys_names() {
 
     // Gone before the response began: the raw client writes a request and closes.
     let mut raw = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tokio::io::AsyncWriteExt::write_all(&mut raw, b"GET /sleep/150 HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    tokio::io::AsyncWriteExt::write_all(&mut raw, b"GET /sleep/3000 HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    eventually("the request reached the upstream", Duration::from_secs(5), async || {
+        counter(&server, "cluster.u.upstream_rq_total") == 3
+    })
+    .await;
     drop(raw);
     eventually("the abandoned request counted", Duration::from_secs(5), async || resets() == (1, 0, 2)).await;
 
     // Gone while the response streams: headers and a first chunk arrive, then the client closes.
     let mut d = http1_client(addr).await;
-    let resp = get_response(&mut d, "/drip/150").await;
+    let resp = get_response(&mut d, "/drip/2000").await;
     let mut body = resp.into_body();
     assert_eq!(&body.frame().await.unwrap().unwrap().into_data().unwrap()[..], b"a");
     drop(body);
@@ -1340,7 +1342,7 @@ async fn fault_injection_from_route_configs_as_istio_sends_it() {
                 route: {{ cluster: u }}"#,
         fault("abort: { http_status: 418, percentage: { numerator: 100 } }"),
         fault("abort: { grpc_status: 14, percentage: { numerator: 100 } }"),
-        fault("delay: { fixed_delay: 0.3s, percentage: { numerator: 100 } }"),
+        fault("delay: { fixed_delay: 1s, percentage: { numerator: 100 } }"),
     );
     let listener = http_listener("h", 0, &routes, "").replace(
         "          http_filters:\n",
@@ -1361,12 +1363,12 @@ async fn fault_injection_from_route_configs_as_istio_sends_it() {
     let t = std::time::Instant::now();
     let (status, _, body) = http1_request(&mut c, "GET", "/delay", "x", &[]).await;
     assert_eq!(status, 200, "{body}");
-    assert!(t.elapsed() >= Duration::from_millis(290), "delayed {:?}", t.elapsed());
+    assert!(t.elapsed() >= Duration::from_millis(990), "delayed {:?}", t.elapsed());
     let t = std::time::Instant::now();
     let (status, _, body) = http1_request(&mut c, "GET", "/plain", "x", &[]).await;
     assert_eq!(status, 200);
     assert!(body.starts_with("U\nGET /plain\n"), "{body}");
-    assert!(t.elapsed() < Duration::from_millis(290), "no fault on this route");
+    assert!(t.elapsed() < Duration::from_millis(990), "no fault on this route");
 
     assert_eq!(counter(&server, "http.h.fault.aborts_injected"), 2);
     assert_eq!(counter(&server, "http.h.fault.delays_injected"), 1);
