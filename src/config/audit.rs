@@ -283,6 +283,7 @@ const POLICIES: &[(&str, Policy)] = {
             "envoy.config.route.v3.VirtualHost",
             Only(&[
                 "name",
+                "cors",
                 "typed_per_filter_config",
                 "domains",
                 "routes",
@@ -320,10 +321,14 @@ const POLICIES: &[(&str, Policy)] = {
         // Per-route filter configs, read whole by the route table (fault::per_filter_configs).
         ("envoy.config.route.v3.FilterConfig", All),
         ("envoy.extensions.filters.http.fault.v3.HTTPFault", All),
+        // CORS policies (a route's or virtual host's `cors`, or a per-filter config), read whole by cors.rs.
+        ("envoy.config.route.v3.CorsPolicy", All),
+        ("envoy.extensions.filters.http.cors.v3.CorsPolicy", All),
         (
             "envoy.config.route.v3.RouteAction",
             Only(&[
                 "cluster",
+                "cors",
                 "cluster_header",
                 "weighted_clusters",
                 "cluster_specifier_plugin",

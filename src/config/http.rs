@@ -88,6 +88,8 @@ pub struct HcmConfig {
     /// `envoy.filters.http.fault`: its name in `http_filters` (routes' `typed_per_filter_config` is keyed by it)
     /// and its own config, which a route's replaces.
     pub fault: Option<(String, Arc<FaultConfig>)>,
+    /// `envoy.filters.http.cors`, by its name in `http_filters` (its policies are the routes').
+    pub cors: Option<String>,
     pub access_log: std::sync::Arc<[crate::access_log::AccessLog]>,
 }
 
@@ -147,7 +149,7 @@ impl HcmConfig {
             }
             None => return Err(ConfigError::new(path, "either rds or route_config is required")),
         };
-        let HttpFilters { skipped: skipped_filters, health_check, fault } =
+        let HttpFilters { skipped: skipped_filters, health_check, fault, cors } =
             http_filters(&h.http_filters, &at("http_filters"))?;
 
         let server_header = match ServerHeaderTransformation::try_from(h.server_header_transformation) {
@@ -234,6 +236,7 @@ impl HcmConfig {
             skipped_filters,
             health_check,
             fault,
+            cors,
             access_log: super::access_log::access_logs(&h.access_log, &at("access_log"))?.into(),
         })
     }
@@ -247,6 +250,7 @@ struct HttpFilters {
     skipped: Vec<String>,
     health_check: Option<Arc<HealthCheckConfig>>,
     fault: Option<(String, Arc<FaultConfig>)>,
+    cors: Option<String>,
 }
 
 /// Envoy's `envoy.filters.http.health_check`. Without pass-through the proxy answers health checks itself: 200, or
@@ -294,6 +298,7 @@ fn http_filters(filters: &[hcm::HttpFilter], path: &str) -> Result<HttpFilters, 
     let mut skipped = Vec::new();
     let mut health_check = None;
     let mut fault = None;
+    let mut cors = None;
     for (i, f) in before.iter().enumerate() {
         let fpath = join(path, &format!("[{i}]"));
         if f.disabled {
@@ -318,6 +323,13 @@ fn http_filters(filters: &[hcm::HttpFilter], path: &str) -> Result<HttpFilters, 
             health_check = Some(Arc::new(health_check_filter(&any, &tpath)?));
             continue;
         }
+        if type_name(&any.type_url) == "envoy.extensions.filters.http.cors.v3.Cors" {
+            if cors.is_some() {
+                return Err(ConfigError::new(join(&fpath, "typed_config"), "only one CORS filter is supported"));
+            }
+            cors = Some(f.name.clone());
+            continue;
+        }
         if type_name(&any.type_url) == crate::network::http::fault::TYPE_HTTP_FAULT {
             let tpath = join(&fpath, "typed_config");
             if fault.is_some() {
@@ -332,7 +344,7 @@ fn http_filters(filters: &[hcm::HttpFilter], path: &str) -> Result<HttpFilters, 
             format!("HTTP filter '{}' ({}) is not supported{optional}", f.name, type_name(&any.type_url)),
         ));
     }
-    Ok(HttpFilters { skipped, health_check, fault })
+    Ok(HttpFilters { skipped, health_check, fault, cors })
 }
 
 /// `envoy.filters.http.health_check`, all of its fields.
@@ -373,8 +385,6 @@ fn skippable_http_filter(any: &Any) -> bool {
     match type_name(&any.type_url) {
         "istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig" => true,
         "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig" => true,
-        // An empty config: no CORS policy until a route's adds one (which we refuse).
-        "envoy.extensions.filters.http.cors.v3.Cors" => any.value.is_empty(),
         "envoy.extensions.filters.http.wasm.v3.Wasm" | "udpa.type.v1.TypedStruct" | "xds.type.v3.TypedStruct" => {
             super::listener::istio_null_vm_plugin(any)
         }

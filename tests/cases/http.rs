@@ -1376,10 +1376,10 @@ async fn fault_injection_from_route_configs_as_istio_sends_it() {
     assert_eq!(counter(&server, "cluster.u.upstream_rq_total"), 2);
 }
 
-/// A per-route config for a filter we do not run per route is refused with its path, as is one of the fault
-/// filter's fields we do not implement.
+/// A per-route config for a filter that reads none is refused with its path, as is one of the fault filter's fields
+/// we do not implement.
 #[test]
-fn per_route_filter_configs_other_than_fault_are_refused() {
+fn per_route_filter_configs_other_than_fault_and_cors_are_refused() {
     let rc = |per_filter: &str| {
         format!(
             "name: r\nvirtual_hosts:\n- name: v\n  domains: ['*']\n  routes:\n  - match: {{ prefix: / }}\n    \
@@ -1398,10 +1398,13 @@ fn per_route_filter_configs_other_than_fault_are_refused() {
         xds_proxy::network::http::route::RouteTable::new(&rc).err().map(|e| e.to_string()).unwrap_or_default()
     };
     let err = build(&rc(
-        "      envoy.filters.http.cors:\n        \"@type\": type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy\n",
+        "      envoy.filters.http.router:\n        \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router\n",
     ));
     assert!(
-        err.contains("virtual_hosts[0].routes[0].typed_per_filter_config[\"envoy.filters.http.cors\"]: per-route config for envoy.extensions.filters.http.cors.v3.CorsPolicy is not supported"),
+        err.contains(
+            "virtual_hosts[0].routes[0].typed_per_filter_config[\"envoy.filters.http.router\"]: per-route config for \
+             envoy.extensions.filters.http.router.v3.Router is not supported"
+        ),
         "{err}"
     );
     let err = build(&rc(
@@ -1412,4 +1415,56 @@ fn per_route_filter_configs_other_than_fault_are_refused() {
         "      envoy.filters.http.fault:\n        \"@type\": type.googleapis.com/envoy.config.route.v3.FilterConfig\n        disabled: true\n",
     ));
     assert_eq!(ok, "");
+    let cors = build(&rc("      envoy.filters.http.cors:\n        \"@type\": \
+                          type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy\n        \
+                          allow_origin_string_match: [ { exact: '*' } ]\n"));
+    assert_eq!(cors, "", "a CORS policy per route is read");
+}
+
+/// Istio 1.14's CORS: the HCM carries an empty `envoy.filters.http.cors` and a VirtualService's corsPolicy arrives as
+/// the route's `cors`. A preflight from an allowed origin is answered by the proxy with the policy's headers; a
+/// request from an allowed origin goes upstream and its response says which origin may read it; another origin's
+/// requests, preflights included, pass untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_policies_answer_preflights_and_mark_allowed_origins() {
+    let up = http_upstream("U").await;
+    let routes = routes_to(
+        "u",
+        ", cors: { allow_origin_string_match: [ { exact: 'https://app.example' } ], allow_methods: 'GET,PUT', \
+         allow_headers: x-token, expose_headers: x-trace, max_age: '300', allow_credentials: true }",
+    );
+    let listener = http_listener("h", 0, &routes, "").replace(
+        "          http_filters:\n",
+        "          http_filters:\n          - name: envoy.filters.http.cors\n            typed_config: { \"@type\": \
+         type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors }\n",
+    );
+    let server = start(&yaml(&listener, &static_cluster("u", &[up])), Duration::from_secs(1)).await;
+    let mut c = http1_client(listener_addr(&server, "h")).await;
+
+    let preflight = [("origin", "https://app.example"), ("access-control-request-method", "PUT")];
+    let (status, headers, body) = http1_request(&mut c, "OPTIONS", "/doc", "x", &preflight).await;
+    assert_eq!((status, body.as_str()), (200, ""));
+    assert_eq!(headers["access-control-allow-origin"], "https://app.example");
+    assert_eq!(headers["access-control-allow-methods"], "GET,PUT");
+    assert_eq!(headers["access-control-allow-headers"], "x-token");
+    assert_eq!(headers["access-control-max-age"], "300");
+    assert_eq!(headers["access-control-allow-credentials"], "true");
+    assert_eq!(counter(&server, "cluster.u.upstream_rq_total"), 0, "answered by the proxy");
+
+    let (status, headers, body) = http1_request(&mut c, "GET", "/doc", "x", &[("origin", "https://app.example")]).await;
+    assert_eq!(status, 200);
+    assert!(body.starts_with("U\nGET /doc\n"), "{body}");
+    assert_eq!(headers["access-control-allow-origin"], "https://app.example");
+    assert_eq!(headers["access-control-expose-headers"], "x-trace");
+
+    let (status, headers, _) = http1_request(&mut c, "GET", "/doc", "x", &[("origin", "https://evil.example")]).await;
+    assert_eq!(status, 200);
+    assert!(!headers.contains_key("access-control-allow-origin"));
+    let evil_preflight = [("origin", "https://evil.example"), ("access-control-request-method", "PUT")];
+    let (status, headers, body) = http1_request(&mut c, "OPTIONS", "/doc", "x", &evil_preflight).await;
+    assert_eq!(status, 200);
+    assert!(body.starts_with("U\nOPTIONS /doc\n"), "a preflight from another origin goes upstream: {body}");
+    assert!(!headers.contains_key("access-control-allow-origin"));
+    assert_eq!(counter(&server, "http.h.cors.origin_valid"), 2);
+    assert_eq!(counter(&server, "http.h.cors.origin_invalid"), 2);
 }

@@ -77,9 +77,10 @@ fn every_listener_loads_including_the_mtls_chains_of_virtual_inbound() {
     let (_, http) = loaded.iter().find(|(n, _)| n == "0.0.0.0_8080").unwrap();
     let NetworkFilterConfig::HttpConnectionManager(h) = http.filter_chains[0].terminal() else { panic!() };
     assert_eq!(h.rds_name(), Some("8080"));
-    assert_eq!(h.skipped_filters, ["istio.metadata_exchange", "istio.alpn", "envoy.filters.http.cors", "istio.stats"]);
-    // The fault filter runs (empty here: routes' typed_per_filter_config turns faults on).
+    assert_eq!(h.skipped_filters, ["istio.metadata_exchange", "istio.alpn", "istio.stats"]);
+    // The fault and CORS filters run (empty here: routes' fault configs and CORS policies turn them on).
     assert_eq!(h.fault.as_ref().map(|(name, _)| name.as_str()), Some("envoy.filters.http.fault"));
+    assert_eq!(h.cors.as_deref(), Some("envoy.filters.http.cors"));
 }
 
 #[test]

@@ -1,5 +1,5 @@
 //! Envoy's fault injection filter (`envoy.filters.http.fault`): compiles an `HTTPFault` (the filter's own config or
-//! a route's `typed_per_filter_config`, which replaces it for that route) and decides, per request, whether to delay
+//! a route's `typed_per_filter_config`, which replaces it for that route; see [`super::route::FilterOverride`]) and decides, per request, whether to delay
 //! it and whether to abort it with a chosen status, as Envoy does: the request must match `headers`,
 //! `upstream_cluster` and `downstream_nodes`; each fault is drawn against its `percentage`; `header_delay` and
 //! `header_abort` take their values from the request's `x-envoy-fault-*` headers; `max_active_faults` caps the
@@ -17,12 +17,11 @@ use envoy_types::pb::google::protobuf::Any;
 use http::{HeaderMap, StatusCode};
 
 use super::route::{HeaderMatchers, RequestHead};
-use crate::config::listener::{decode_any, type_name};
+use crate::config::listener::decode_any;
 use crate::config::{ConfigError, duration, join};
 use crate::stats::{Counter, Gauge, Store};
 
 pub const TYPE_HTTP_FAULT: &str = "envoy.extensions.filters.http.fault.v3.HTTPFault";
-const TYPE_FILTER_CONFIG: &str = "envoy.config.route.v3.FilterConfig";
 
 /// A compiled `HTTPFault`.
 #[derive(Debug, Default)]
@@ -148,41 +147,6 @@ fn abort(a: &fpb::FaultAbort, path: &str) -> Result<Abort, ConfigError> {
 
 fn http_status(code: u64) -> Option<StatusCode> {
     (200..600).contains(&code).then(|| StatusCode::from_u16(code as u16).ok()).flatten()
-}
-
-/// A route's, virtual host's or route configuration's `typed_per_filter_config`: the fault configs it holds, by
-/// filter name. `None` for a filter disabled there (`FilterConfig.disabled`). Any other filter's config is refused:
-/// no other filter we run reads per-route config.
-pub fn per_filter_configs(
-    map: &std::collections::HashMap<String, Any>,
-    path: &str,
-) -> Result<super::route::PerFilter, ConfigError> {
-    let mut out = Vec::new();
-    let mut names: Vec<&String> = map.keys().collect();
-    names.sort();
-    for name in names {
-        let at = join(path, &format!("typed_per_filter_config[\"{name}\"]"));
-        let mut any = map[name].clone();
-        if type_name(&any.type_url) == TYPE_FILTER_CONFIG {
-            let fc: envoy_types::pb::envoy::config::route::v3::FilterConfig = decode_any(&any, &at)?;
-            if fc.disabled {
-                out.push((name.clone(), None));
-                continue;
-            }
-            match fc.config {
-                Some(inner) => any = inner,
-                None => return Err(ConfigError::new(join(&at, "config"), "a filter config is required")),
-            }
-        }
-        if type_name(&any.type_url) != TYPE_HTTP_FAULT {
-            return Err(ConfigError::new(
-                at,
-                format!("per-route config for {} is not supported (only the fault filter's)", type_name(&any.type_url)),
-            ));
-        }
-        out.push((name.clone(), Some(Arc::new(FaultConfig::from_any(&any, &at)?))));
-    }
-    Ok(out)
 }
 
 /// `http.<stat_prefix>.fault.*`, Envoy's names, and the faults in progress for `max_active_faults`.

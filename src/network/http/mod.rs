@@ -3,6 +3,7 @@
 //! (`Connection: close` on HTTP/1, GOAWAY on HTTP/2).
 
 pub mod body;
+pub mod cors;
 pub mod fault;
 pub mod rds;
 pub mod route;
@@ -148,6 +149,7 @@ pub struct HttpConnectionManager {
     pub stats: HttpStats,
     pub health_check_stats: Option<HealthCheckStats>,
     pub fault_stats: Option<fault::FaultStats>,
+    pub cors_stats: Option<cors::CorsStats>,
     /// The health check filter's `cache_time`: the last upstream answer to a health check and when it came.
     pub health_check_cache: std::sync::Mutex<Option<(http::StatusCode, Instant)>>,
 }
@@ -162,12 +164,14 @@ impl HttpConnectionManager {
         let health_check_stats =
             config.health_check.as_ref().map(|_| HealthCheckStats::new(store, &config.stat_prefix));
         let fault_stats = config.fault.as_ref().map(|_| fault::FaultStats::new(store, &config.stat_prefix));
+        let cors_stats = config.cors.as_ref().map(|_| cors::CorsStats::new(store, &config.stat_prefix));
         HttpConnectionManager {
             config: Arc::new(config),
             routes,
             stats,
             health_check_stats,
             fault_stats,
+            cors_stats,
             health_check_cache: std::sync::Mutex::new(None),
         }
     }

@@ -49,9 +49,62 @@ pub struct RouteTable {
     per_filter: PerFilter,
 }
 
-/// A `typed_per_filter_config`: the per-route configs of the filters we run (only the fault filter reads one), by
-/// filter name; `None` where the filter is disabled.
-pub type PerFilter = Vec<(String, Option<std::sync::Arc<super::fault::FaultConfig>>)>;
+/// A `typed_per_filter_config`: the per-route configs of the filters we run that read one (fault, CORS), by
+/// filter name.
+pub type PerFilter = Vec<(String, FilterOverride)>;
+
+/// One filter's per-route config.
+#[derive(Debug)]
+pub enum FilterOverride {
+    /// `FilterConfig.disabled`: the filter does nothing here.
+    Disabled,
+    Fault(std::sync::Arc<super::fault::FaultConfig>),
+    Cors(std::sync::Arc<super::cors::CorsPolicy>),
+}
+
+/// Compiles a route's, virtual host's or route configuration's `typed_per_filter_config`. A config for any filter
+/// other than fault and CORS is refused: no other filter we run reads per-route config.
+fn per_filter_configs(
+    map: &std::collections::HashMap<String, envoy_types::pb::google::protobuf::Any>,
+    path: &str,
+) -> Result<PerFilter, ConfigError> {
+    use crate::config::listener::{decode_any, type_name};
+    let mut out = Vec::new();
+    let mut names: Vec<&String> = map.keys().collect();
+    names.sort();
+    for name in names {
+        let at = join(path, &format!("typed_per_filter_config[\"{name}\"]"));
+        let mut any = map[name].clone();
+        if type_name(&any.type_url) == "envoy.config.route.v3.FilterConfig" {
+            let fc: rpb::FilterConfig = decode_any(&any, &at)?;
+            if fc.disabled {
+                out.push((name.clone(), FilterOverride::Disabled));
+                continue;
+            }
+            match fc.config {
+                Some(inner) => any = inner,
+                None => return Err(ConfigError::new(join(&at, "config"), "a filter config is required")),
+            }
+        }
+        let config = match type_name(&any.type_url) {
+            super::fault::TYPE_HTTP_FAULT => {
+                FilterOverride::Fault(std::sync::Arc::new(super::fault::FaultConfig::from_any(&any, &at)?))
+            }
+            super::cors::TYPE_CORS_POLICY => {
+                let c = decode_any(&any, &at)?;
+                FilterOverride::Cors(std::sync::Arc::new(super::cors::CorsPolicy::from_filter(&c, &at)?))
+            }
+            other => {
+                return Err(ConfigError::new(
+                    at,
+                    format!("per-route config for {other} is not supported (only the fault and CORS filters')"),
+                ));
+            }
+        };
+        out.push((name.clone(), config));
+    }
+    Ok(out)
+}
 
 /// What a request carries that routing looks at.
 #[derive(Debug, Clone, Copy)]
@@ -81,6 +134,8 @@ pub struct VirtualHost {
     request_headers: HeaderMutations,
     response_headers: HeaderMutations,
     per_filter: PerFilter,
+    /// The deprecated `cors` field, which Istio 1.14 still sends.
+    cors: Option<std::sync::Arc<super::cors::CorsPolicy>>,
 }
 
 #[derive(Debug)]
@@ -118,6 +173,8 @@ pub struct RouteAction {
     pub retry_policy: Option<RetryPolicy>,
     pub host_rewrite: HostRewrite,
     rewrite: PathRewrite,
+    /// The deprecated `cors` field, which Istio 1.14 still sends.
+    cors: Option<std::sync::Arc<super::cors::CorsPolicy>>,
 }
 
 #[derive(Debug)]
@@ -273,7 +330,7 @@ impl RouteTable {
             request_headers,
             response_headers,
             cluster_names: names.into_iter().collect(),
-            per_filter: super::fault::per_filter_configs(&rc.typed_per_filter_config, "")?,
+            per_filter: per_filter_configs(&rc.typed_per_filter_config, "")?,
         })
     }
 
@@ -423,7 +480,14 @@ impl VirtualHost {
             name: vh.name.clone(),
             routes,
             include_attempt_count: vh.include_request_attempt_count,
-            per_filter: super::fault::per_filter_configs(&vh.typed_per_filter_config, path)?,
+            per_filter: per_filter_configs(&vh.typed_per_filter_config, path)?,
+            // Deprecated in Envoy's API, still what Istio 1.14 sends for a VirtualService's corsPolicy.
+            #[allow(deprecated)]
+            cors: vh
+                .cors
+                .as_ref()
+                .map(|c| super::cors::CorsPolicy::from_route(c, &join(path, "cors")).map(std::sync::Arc::new))
+                .transpose()?,
             request_headers: HeaderMutations::new(
                 &vh.request_headers_to_add,
                 &vh.request_headers_to_remove,
@@ -480,7 +544,7 @@ impl Route {
         };
         Ok(Route {
             name: r.name.clone(),
-            per_filter: super::fault::per_filter_configs(&r.typed_per_filter_config, path)?,
+            per_filter: per_filter_configs(&r.typed_per_filter_config, path)?,
             path: path_match,
             grpc: m.grpc.is_some(),
             headers,
@@ -692,6 +756,13 @@ impl RouteAction {
             retry_policy,
             host_rewrite,
             rewrite,
+            // Deprecated in Envoy's API, still what Istio 1.14 sends for a VirtualService's corsPolicy.
+            #[allow(deprecated)]
+            cors: a
+                .cors
+                .as_ref()
+                .map(|c| super::cors::CorsPolicy::from_route(c, &join(path, "cors")).map(std::sync::Arc::new))
+                .transpose()?,
         })
     }
 }
@@ -1083,12 +1154,39 @@ impl<'a> Matched<'a> {
     }
 
     /// The per-route config of the filter named `filter`, most specific first (route, virtual host, route
-    /// configuration), as Envoy resolves it: `Some(None)` if the filter is disabled there, `None` if none is set.
-    pub fn per_filter_config(&self, filter: &str) -> Option<Option<&'a std::sync::Arc<super::fault::FaultConfig>>> {
+    /// configuration), as Envoy resolves it.
+    pub fn per_filter_config(&self, filter: &str) -> Option<&'a FilterOverride> {
         [&self.route.per_filter, &self.vhost.per_filter, &self.table.per_filter]
             .into_iter()
             .find_map(|p| p.iter().find(|(name, _)| name == filter))
-            .map(|(_, c)| c.as_ref())
+            .map(|(_, c)| c)
+    }
+
+    /// The CORS policy for this request as Envoy's filter named `filter` finds it: the route's (its per-filter
+    /// config, else its action's `cors`), else the virtual host's (the same way), else the route configuration's
+    /// per-filter config. None where there is none or the filter is disabled.
+    pub fn cors_policy(&self, filter: &str) -> Option<&'a super::cors::CorsPolicy> {
+        let own = |p: &'a PerFilter| p.iter().find(|(name, _)| name == filter).map(|(_, c)| c);
+        let route_field = match &self.route.action {
+            Action::Route(a) => a.cors.as_deref(),
+            Action::Redirect(_) | Action::DirectResponse { .. } => None,
+        };
+        let levels = [
+            (own(&self.route.per_filter), route_field),
+            (own(&self.vhost.per_filter), self.vhost.cors.as_deref()),
+            (own(&self.table.per_filter), None),
+        ];
+        for (per_filter, field) in levels {
+            match per_filter {
+                Some(FilterOverride::Cors(c)) => return Some(c),
+                Some(FilterOverride::Disabled) => return None,
+                Some(FilterOverride::Fault(_)) | None => {}
+            }
+            if field.is_some() {
+                return field;
+            }
+        }
+        None
     }
 
     /// The path (with query) to send upstream after the route's `prefix_rewrite` / `regex_rewrite`, or `None`
@@ -1123,19 +1221,22 @@ impl<'a> Matched<'a> {
 
     /// The cluster for this request: weighted clusters pick at random by weight; `cluster_header` reads the
     /// header's first value (`None` when absent or not text: answer with `cluster_not_found_status`, as Envoy does).
-    pub fn cluster_name<'h>(&'h self, headers: &'h HeaderMap) -> Option<Cow<'h, str>> {
+    pub fn cluster_name(&self, headers: &HeaderMap) -> Option<Cow<'a, str>> {
         self.cluster_name_with_random(headers, rand::random())
     }
 
     /// [`Matched::cluster_name`] with the random value given, for tests and for callers that draw one per request.
-    pub fn cluster_name_with_random<'h>(&'h self, headers: &'h HeaderMap, random: u64) -> Option<Cow<'h, str>> {
+    /// Borrowed from the route table (so the request stays free to move on), copied only from a `cluster_header`.
+    pub fn cluster_name_with_random(&self, headers: &HeaderMap, random: u64) -> Option<Cow<'a, str>> {
         let Action::Route(a) = &self.route.action else { return None };
         match &a.cluster {
             ClusterSpecifier::Cluster(c) => Some(Cow::Borrowed(c)),
             ClusterSpecifier::Weighted(w) => Some(Cow::Borrowed(w.pick(random))),
-            ClusterSpecifier::Header(h) => {
-                headers.get(h).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty()).map(Cow::Borrowed)
-            }
+            ClusterSpecifier::Header(h) => headers
+                .get(h)
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| !v.is_empty())
+                .map(|v| Cow::Owned(v.to_string())),
         }
     }
 }
@@ -1551,7 +1652,7 @@ impl QueryParameterMatcher {
 
 /// `envoy.type.matcher.v3.StringMatcher` over bytes (header values need not be UTF-8).
 #[derive(Debug)]
-struct StringMatcher {
+pub(crate) struct StringMatcher {
     kind: StringMatch,
     /// ASCII case folding for exact/prefix/suffix/contains; patterns are stored lower-cased.
     ignore_case: bool,
@@ -1571,7 +1672,7 @@ impl StringMatcher {
         StringMatcher { kind: StringMatch::Prefix(Box::default()), ignore_case: false }
     }
 
-    fn new(m: &matcher::StringMatcher, path: &str) -> Result<StringMatcher, ConfigError> {
+    pub(crate) fn new(m: &matcher::StringMatcher, path: &str) -> Result<StringMatcher, ConfigError> {
         use matcher::string_matcher::MatchPattern as P;
         let ignore_case = m.ignore_case;
         let pattern = |s: &str, field: &str| -> Result<Box<[u8]>, ConfigError> {
@@ -1600,7 +1701,7 @@ impl StringMatcher {
         Ok(StringMatcher { kind, ignore_case })
     }
 
-    fn matches(&self, v: &[u8]) -> bool {
+    pub(crate) fn matches(&self, v: &[u8]) -> bool {
         let eq = |a: &[u8], b: &[u8]| if self.ignore_case { a.eq_ignore_ascii_case(b) } else { a == b };
         match &self.kind {
             StringMatch::Exact(p) => eq(v, p),

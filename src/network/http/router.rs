@@ -13,8 +13,11 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::body::{CountOnDrop, ProxyBody, StreamHold};
+use super::cors;
 use super::fault::AbortWith;
-use super::route::{Action, HostRewrite, Matched, RequestHead, RetryPolicy, RouteAction, UpstreamFailure};
+use super::route::{
+    Action, FilterOverride, HostRewrite, Matched, RequestHead, RetryPolicy, RouteAction, UpstreamFailure,
+};
 use super::{Connection, HealthCheckStats};
 use crate::access_log::Flag;
 use crate::config::cluster::UpstreamProtocol;
@@ -181,8 +184,9 @@ async fn route_request(conn: &Connection, req: Request<Incoming>, trace: &mut Tr
     // answers it.
     if let (Some((filter, own)), Some(stats)) = (&config.fault, &hcm.fault_stats) {
         let fault = match matched.per_filter_config(filter) {
-            Some(route_config) => route_config,
-            None => Some(own),
+            Some(FilterOverride::Fault(route_config)) => Some(route_config),
+            Some(FilterOverride::Disabled) => None,
+            Some(FilterOverride::Cors(_)) | None => Some(own),
         };
         if let Some(plan) = fault.and_then(|f| f.plan(&head, cluster_name.as_deref(), stats)) {
             if let Some(delay) = plan.delay {
@@ -195,6 +199,41 @@ async fn route_request(conn: &Connection, req: Request<Incoming>, trace: &mut Tr
             }
         }
     }
+    // Then the CORS filter (Istio's order): it answers a preflight, and marks the response of an allowed origin.
+    let mut decorate = None;
+    if let (Some(filter), Some(stats)) = (&config.cors, &hcm.cors_stats)
+        && let Some(policy) = matched.cors_policy(filter)
+    {
+        match cors::decide(policy, req.method(), req.headers(), stats) {
+            cors::Decision::Pass => {}
+            cors::Decision::Preflight(answer) => {
+                let (parts, ()) = answer.into_parts();
+                let mut resp = Response::from_parts(parts, ProxyBody::Empty);
+                set_server(conn, resp.headers_mut());
+                return resp;
+            }
+            cors::Decision::Decorate { policy, origin } => decorate = Some((policy, origin)),
+        }
+    }
+    let mut resp = act(conn, &matched, cluster_name, req, trace, &authority, upgrade).await;
+    if let Some((policy, origin)) = decorate {
+        policy.decorate(origin, resp.headers_mut());
+    }
+    resp
+}
+
+/// The matched route's action: a direct response, a redirect, or the request forwarded to its cluster.
+async fn act(
+    conn: &Connection,
+    matched: &Matched<'_>,
+    cluster_name: Option<std::borrow::Cow<'_, str>>,
+    req: Request<Incoming>,
+    trace: &mut Trace,
+    authority: &str,
+    upgrade: bool,
+) -> Response<ProxyBody> {
+    let hcm = &conn.hcm;
+    let config = &hcm.config;
     let action = match matched.action() {
         Action::DirectResponse { status, body } => {
             hcm.stats.rq_direct_response.inc();
@@ -216,7 +255,7 @@ async fn route_request(conn: &Connection, req: Request<Incoming>, trace: &mut Tr
                 .or_else(|| req.headers().get(&X_FORWARDED_PROTO).and_then(|v| v.to_str().ok()))
                 .unwrap_or("http")
                 .to_string();
-            let location = r.location(&scheme, &authority, path);
+            let location = r.location(&scheme, authority, path);
             let mut resp = local_reply(conn, r.status(), "");
             if let Ok(v) = HeaderValue::from_str(&location) {
                 resp.headers_mut().insert(header::LOCATION, v);
@@ -242,7 +281,7 @@ async fn route_request(conn: &Connection, req: Request<Incoming>, trace: &mut Tr
     if trace.logging {
         trace.cluster = Some(cluster.name().to_string());
     }
-    let chosen = Chosen { matched: &matched, action, authority: &authority, upgrade };
+    let chosen = Chosen { matched, action, authority, upgrade };
     let mut resp = forward(conn, &chosen, &cluster, req, trace).await;
     matched.apply_response_headers(resp.headers_mut());
     resp
