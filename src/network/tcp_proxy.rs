@@ -243,7 +243,8 @@ impl TcpProxy {
                     reset(&downstream);
                     reset(&upstream);
                 }
-                end
+                // Counted before the sockets close, so that whoever sees the close sees the count.
+                self.count_end(end)
             }
             // TLS on either side: decrypted bytes cannot be spliced, so they are copied through user space, a chunk
             // at a time.
@@ -260,17 +261,24 @@ impl TcpProxy {
                         copy(&mut up_r, &mut down_w, chunk, |n| count(tx, sent, n)),
                     )
                 };
-                tokio::select! {
+                let end = tokio::select! {
                     r = both => if r.is_ok() { End::Closed } else { End::Reset },
                     _ = activity.idle(self.config.idle_timeout) => End::IdleTimeout,
                     _ = drain.closed() => End::Drained,
-                }
+                };
+                self.count_end(end)
             }
         };
+        debug!(?end, "proxied connection ended");
+    }
+}
+
+impl TcpProxy {
+    fn count_end(&self, end: End) -> End {
         if end == End::IdleTimeout {
             self.stats.idle_timeout.inc();
         }
-        debug!(?end, "proxied connection ended");
+        end
     }
 }
 
