@@ -323,11 +323,15 @@ const POLICIES: &[(&str, Policy)] = {
         ("envoy.extensions.filters.http.fault.v3.HTTPFault", All),
         // CORS policies (a route's or virtual host's `cors`, or a per-filter config), read whole by cors.rs.
         ("envoy.config.route.v3.CorsPolicy", All),
+        // Read whole by the route table, which refuses what it does not honour (regex_rewrite, cookie ttl, filter
+        // state).
+        ("envoy.config.route.v3.RouteAction.HashPolicy", All),
         ("envoy.extensions.filters.http.cors.v3.CorsPolicy", All),
         (
             "envoy.config.route.v3.RouteAction",
             Only(&[
                 "cluster",
+                "hash_policy",
                 "cors",
                 "cluster_header",
                 "weighted_clusters",
@@ -389,6 +393,7 @@ const POLICIES: &[(&str, Policy)] = {
                 // ORIGINAL_DST hosts are made per connection and never cached, so there is nothing to clean up.
                 "cleanup_interval",
                 "common_lb_config",
+                "ring_hash_lb_config",
             ]),
         ),
         // Consecutive 5xx only; the conversion accepts the other detectors' enforcing_* fields when they disable them.
@@ -414,6 +419,7 @@ const POLICIES: &[(&str, Policy)] = {
         ("envoy.config.cluster.v3.Filter", Only(&["name", "typed_config"])),
         ("envoy.config.cluster.v3.Cluster.CommonLbConfig", Only(&["locality_weighted_lb_config"])),
         ("envoy.config.cluster.v3.Cluster.CommonLbConfig.LocalityWeightedLbConfig", All),
+        ("envoy.config.cluster.v3.Cluster.RingHashLbConfig", All),
         ("envoy.config.cluster.v3.Cluster.EdsClusterConfig", All),
         ("envoy.extensions.upstreams.http.v3.HttpProtocolOptions", All),
         ("envoy.config.cluster.v3.CircuitBreakers", Only(&["thresholds"])),

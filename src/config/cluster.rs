@@ -41,6 +41,11 @@ pub enum LbPolicy {
     Random,
     /// ORIGINAL_DST clusters pick their host themselves.
     ClusterProvided,
+    /// Consistent hashing on a ring of at least `min` and at most `max` points (`ring_hash_lb_config`).
+    RingHash {
+        min: u64,
+        max: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,6 +170,33 @@ impl ClusterConfig {
     pub fn tls_contexts(&self) -> impl Iterator<Item = &Arc<crate::tls::UpstreamTls>> {
         self.tls.iter().chain(self.transport_socket_matches.iter().filter_map(|m| m.tls.as_ref()))
     }
+}
+
+/// `ring_hash_lb_config`, with Envoy's defaults (1,024 and 8M points) and limits.
+fn ring_hash(c: &cpb::Cluster) -> Result<LbPolicy, ConfigError> {
+    use cpb::cluster::LbConfig;
+    use cpb::cluster::ring_hash_lb_config::HashFunction;
+    const MAX: u64 = 8 * 1024 * 1024;
+    let config = match &c.lb_config {
+        Some(LbConfig::RingHashLbConfig(r)) => Some(r),
+        Some(_) => return Err(ConfigError::new("lb_config", "only ring_hash_lb_config goes with RING_HASH")),
+        None => None,
+    };
+    let min = config.and_then(|r| r.minimum_ring_size.as_ref()).map_or(1024, |v| v.value);
+    let max = config.and_then(|r| r.maximum_ring_size.as_ref()).map_or(MAX, |v| v.value);
+    if max > MAX {
+        return Err(ConfigError::new("ring_hash_lb_config.maximum_ring_size", "must be at most 8388608"));
+    }
+    if min == 0 || min > max {
+        return Err(ConfigError::new(
+            "ring_hash_lb_config.minimum_ring_size",
+            format!("must be at least 1 and at most maximum_ring_size ({max})"),
+        ));
+    }
+    if config.is_some_and(|r| r.hash_function != HashFunction::XxHash as i32) {
+        return Err(ConfigError::new("ring_hash_lb_config.hash_function", "only XX_HASH is supported"));
+    }
+    Ok(LbPolicy::RingHash { min, max })
 }
 
 /// Envoy's consecutive-5xx outlier detection, with Envoy's defaults. Only this detector runs: the others' fields are
@@ -436,6 +468,7 @@ impl TryFrom<cpb::Cluster> for ClusterConfig {
             Ok(P::LeastRequest) => LbPolicy::LeastRequest,
             Ok(P::Random) => LbPolicy::Random,
             Ok(P::ClusterProvided) => LbPolicy::ClusterProvided,
+            Ok(P::RingHash) => ring_hash(&c)?,
             Ok(other) => {
                 return Err(ConfigError::new("lb_policy", format!("{} is not supported", other.as_str_name())));
             }
@@ -794,6 +827,28 @@ load_assignment:
         let c = convert("name: c\ntype: EDS\neds_cluster_config: { service_name: s, eds_config: { ads: {} } }")
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.kind, ClusterKind::Eds { service_name: "s".into() });
+    }
+
+    #[test]
+    fn ring_hash_takes_envoys_sizes_and_limits() {
+        let c = convert("name: c\nlb_policy: RING_HASH").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.lb_policy, LbPolicy::RingHash { min: 1024, max: 8 * 1024 * 1024 });
+        let c = convert(
+            "name: c\nlb_policy: RING_HASH\nring_hash_lb_config: { minimum_ring_size: 64, maximum_ring_size: 128 }",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.lb_policy, LbPolicy::RingHash { min: 64, max: 128 });
+        let err = |yaml: &str| convert(yaml).err().unwrap_or_default();
+        assert!(
+            err(
+                "name: c\nlb_policy: RING_HASH\nring_hash_lb_config: { minimum_ring_size: 256, maximum_ring_size: 128 }"
+            )
+            .contains("ring_hash_lb_config.minimum_ring_size: must be at least 1 and at most maximum_ring_size (128)")
+        );
+        assert!(
+            err("name: c\nlb_policy: RING_HASH\nring_hash_lb_config: { hash_function: MURMUR_HASH_2 }")
+                .contains("ring_hash_lb_config.hash_function: only XX_HASH is supported")
+        );
     }
 
     #[test]

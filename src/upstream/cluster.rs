@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use arc_swap::ArcSwap;
 use tokio::net::TcpStream;
 
-use super::lb::{Weights, least_of_two};
+use super::lb::{Ring, Weights, least_of_two};
 use crate::config::cluster::{ClusterConfig, ClusterKind, EndpointConfig, LbPolicy};
 use crate::stats::{Counter, Gauge, GaugeGuard, Histogram, Store};
 
@@ -62,12 +62,38 @@ impl Host {
 
 /// The hosts traffic may go to: the healthy hosts of the lowest priority that has any (no health checking yet, so
 /// priority failover only happens when a priority has no healthy host at all).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct HostSet {
     pub hosts: Vec<Arc<Host>>,
     weights: Weights,
     /// Every host of every priority, for `membership_total`.
     pub total: usize,
+    /// RING_HASH clusters: the ring over `hosts`, and the (minimum, maximum) size it was built for.
+    ring: Option<(Arc<Ring>, (u64, u64))>,
+}
+
+impl HostSet {
+    /// The set with the ring its cluster's policy needs (built once per host set, on the control thread).
+    fn for_policy(mut self, policy: LbPolicy) -> HostSet {
+        let LbPolicy::RingHash { min, max } = policy else {
+            self.ring = None;
+            return self;
+        };
+        if self.ring.as_ref().is_some_and(|(_, size)| *size == (min, max)) {
+            return self;
+        }
+        let addresses: Vec<String> = self.hosts.iter().map(|h| h.address.to_string()).collect();
+        let ring = Ring::build(addresses.iter().map(String::as_str).zip(self.hosts.iter().map(|h| h.weight)), min, max);
+        self.ring = Some((Arc::new(ring), (min, max)));
+        self
+    }
+
+    fn ring_matches(&self, policy: LbPolicy) -> bool {
+        match policy {
+            LbPolicy::RingHash { min, max } => self.ring.as_ref().is_some_and(|(_, size)| *size == (min, max)),
+            _ => self.ring.is_none(),
+        }
+    }
 }
 
 impl HostSet {
@@ -77,7 +103,7 @@ impl HostSet {
         let hosts: Vec<Arc<Host>> =
             all.into_iter().filter(|(_, p, healthy)| *healthy && Some(*p) == priority).map(|(h, _, _)| h).collect();
         let weights = Weights::new(hosts.iter().map(|h| h.weight));
-        HostSet { hosts, weights, total }
+        HostSet { hosts, weights, total, ring: None }
     }
 
     /// Hosts of endpoints that already carry IPs (STATIC and EDS clusters). A host whose weight is 0 (its
@@ -356,6 +382,12 @@ impl Cluster {
         };
         cluster.stats.membership_total.set(hosts.total as i64);
         cluster.stats.membership_healthy.set(hosts.hosts.len() as i64);
+        // A predecessor's hosts are shared as they are unless this version balances differently.
+        let hosts = if hosts.ring_matches(cluster.config.lb_policy) {
+            hosts
+        } else {
+            Arc::new((*hosts).clone().for_policy(cluster.config.lb_policy))
+        };
         cluster.hosts.store(hosts);
         cluster
     }
@@ -393,7 +425,7 @@ impl Cluster {
                 }
             }
         }
-        self.hosts.store(Arc::new(hosts));
+        self.hosts.store(Arc::new(hosts.for_policy(self.config.lb_policy)));
         if self.config.outlier.is_some() {
             // The ejection count follows the new set.
             self.uneject_expired();
@@ -404,15 +436,37 @@ impl Cluster {
     /// filter restored one): the host of an ORIGINAL_DST cluster, which, as in Envoy, has no host without it rather
     /// than connecting to the proxy's own listener.
     pub fn choose(&self, original_dst: Option<SocketAddr>) -> Option<Arc<Host>> {
+        self.choose_hashed(original_dst, None)
+    }
+
+    /// As [`Cluster::choose`], with the request's hash for a RING_HASH cluster: the host that owns the hash on the
+    /// ring, or the next one in service after it. Without a hash a RING_HASH cluster picks at random, as Envoy does.
+    pub fn choose_hashed(&self, original_dst: Option<SocketAddr>, hash: Option<u64>) -> Option<Arc<Host>> {
         if self.config.kind == ClusterKind::OriginalDst {
             return original_dst.map(|dst| Arc::new(Host::new(dst, 1, String::new())));
         }
         let set = self.hosts.load();
+        if let (Some(hash), Some((ring, _))) = (hash, &set.ring)
+            && !ring.is_empty()
+        {
+            let ejected = self.ejected.load(Ordering::Relaxed) as usize;
+            let mut owners = ring.from(hash);
+            let first = owners.next()?;
+            if ejected == 0 {
+                return set.hosts.get(first).cloned();
+            }
+            return std::iter::once(first)
+                .chain(owners)
+                .take(ring.len())
+                .find(|i| set.hosts.get(*i).is_some_and(|h| !h.is_ejected()))
+                .or(Some(first))
+                .and_then(|i| set.hosts.get(i).cloned());
+        }
         let pick = || match self.config.lb_policy {
             LbPolicy::RoundRobin | LbPolicy::ClusterProvided => {
                 set.weights.pick(self.rr.fetch_add(1, Ordering::Relaxed))
             }
-            LbPolicy::Random => set.weights.pick(rand::random()),
+            LbPolicy::Random | LbPolicy::RingHash { .. } => set.weights.pick(rand::random()),
             LbPolicy::LeastRequest => {
                 let a = set.weights.pick(rand::random());
                 let b = set.weights.pick(rand::random());

@@ -1,5 +1,5 @@
-//! Load-balancer selection as pure functions over a host list: weighted round robin, random and least request
-//! (power of two choices, Envoy's default `choice_count: 2`).
+//! Load-balancer selection as pure functions over a host list: weighted round robin, random, least request
+//! (power of two choices, Envoy's default `choice_count: 2`) and Envoy's ring hash (consistent hashing).
 
 /// Cumulative weights of a host list; `pick` maps a number in `0..total` to the host whose range holds it.
 #[derive(Debug, Clone, Default)]
@@ -56,6 +56,67 @@ impl Weights {
     }
 }
 
+/// Envoy's RING_HASH ring: each host owns points on a 64-bit circle, as many as its share of the weight scaled to the
+/// ring size, at the xxHash64 of `<address>_<n>`; a request's hash goes to the first point at or after it. Built the
+/// way Envoy builds it (cumulative targets, so the total is what the scale asks for), so a host keeps its points when
+/// others come and go.
+#[derive(Debug, Clone, Default)]
+pub struct Ring {
+    /// (point, host index), sorted by point.
+    points: Vec<(u64, u32)>,
+}
+
+impl Ring {
+    /// `hosts` are (address text, weight); `min` and `max` are `minimum_ring_size` and `maximum_ring_size`.
+    pub fn build<'a>(hosts: impl IntoIterator<Item = (&'a str, u32)> + Clone, min: u64, max: u64) -> Ring {
+        let total: u64 = hosts.clone().into_iter().map(|(_, w)| u64::from(w)).sum();
+        let Some(min_weight) = hosts.clone().into_iter().map(|(_, w)| w).filter(|w| *w > 0).min() else {
+            return Ring::default();
+        };
+        let min_normalized = f64::from(min_weight) / total as f64;
+        let scale = ((min_normalized * min as f64).ceil() / min_normalized).min(max as f64);
+        let mut points = Vec::with_capacity(scale as usize + 1);
+        let (mut current, mut target) = (0.0f64, 0.0f64);
+        for (index, (address, weight)) in hosts.into_iter().enumerate() {
+            target += scale * f64::from(weight) / total as f64;
+            let mut n = 0u64;
+            while current < target {
+                let key = format!("{address}_{n}");
+                points.push((xxhash_rust::xxh64::xxh64(key.as_bytes(), 0), index as u32));
+                n += 1;
+                current += 1.0;
+            }
+        }
+        points.sort_unstable();
+        Ring { points }
+    }
+
+    pub fn len(&self) -> usize {
+        self.points.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.points.is_empty()
+    }
+
+    /// The hosts in ring order from the point that owns `hash` (the owner first), for walking past hosts out of
+    /// service.
+    pub fn from(&self, hash: u64) -> impl Iterator<Item = usize> + '_ {
+        let start = self.points.partition_point(|(p, _)| *p < hash) % self.points.len().max(1);
+        self.points[start..].iter().chain(&self.points[..start]).map(|(_, h)| *h as usize)
+    }
+}
+
+/// The hash of a request's value, as Envoy's hash policies compute it.
+pub fn hash_value(v: &[u8]) -> u64 {
+    xxhash_rust::xxh64::xxh64(v, 0)
+}
+
+/// Folds one more policy's hash into a request's, as Envoy does (rotate left by one, then xor).
+pub fn combine(so_far: Option<u64>, next: u64) -> u64 {
+    so_far.map_or(next, |h| h.rotate_left(1) ^ next)
+}
+
 /// Least request with two choices: of the two candidate indexes, the one with fewer active requests; ties go to
 /// the first.
 pub fn least_of_two(a: usize, b: usize, active: impl Fn(usize) -> u32) -> usize {
@@ -65,6 +126,38 @@ pub fn least_of_two(a: usize, b: usize, active: impl Fn(usize) -> u32) -> usize 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ring_hash_spreads_by_weight_and_keeps_keys_when_a_host_leaves() {
+        let three = [("10.0.0.1:80", 1), ("10.0.0.2:80", 1), ("10.0.0.3:80", 2)];
+        let ring = Ring::build(three.iter().copied(), 1024, 8 * 1024 * 1024);
+        assert!(ring.len() >= 1024, "{}", ring.len());
+        let mut counts = [0u32; 3];
+        for k in 0..4000u32 {
+            counts[ring.from(hash_value(&k.to_le_bytes())).next().unwrap()] += 1;
+        }
+        // Weight 2 gets about half the keys; the others about a quarter each.
+        assert!((1700..2300).contains(&counts[2]), "{counts:?}");
+        assert!(counts[0] > 700 && counts[1] > 700, "{counts:?}");
+        // Consistency: without host 1 the others keep their points (they gain some, as the ring is rescaled), so
+        // most keys that were not on host 1 stay where they were; round robin over two hosts would keep half.
+        let two = [("10.0.0.1:80", 1), ("10.0.0.3:80", 2)];
+        let smaller = Ring::build(two.iter().copied(), 1024, 8 * 1024 * 1024);
+        let (mut kept, mut elsewhere) = (0, 0);
+        for k in 0..2000u32 {
+            let h = hash_value(&k.to_le_bytes());
+            let before = ring.from(h).next().unwrap();
+            let after = smaller.from(h).next().unwrap();
+            if before != 1 {
+                elsewhere += 1;
+                kept += u32::from((before, after) == (0, 0) || (before, after) == (2, 1));
+            }
+        }
+        assert!(kept * 10 >= elsewhere * 8, "{kept} of {elsewhere} kept");
+        assert!(Ring::build([("a", 0)].iter().copied(), 1024, 2048).is_empty());
+        assert_eq!(combine(None, 5), 5);
+        assert_eq!(combine(Some(1), 1), 3);
+    }
 
     #[test]
     fn uniform_round_robin_cycles() {

@@ -175,6 +175,104 @@ pub struct RouteAction {
     rewrite: PathRewrite,
     /// The deprecated `cors` field, which Istio 1.14 still sends.
     cors: Option<std::sync::Arc<super::cors::CorsPolicy>>,
+    /// `hash_policy`: what a RING_HASH cluster hashes to pick a host for this route's requests.
+    hash_policy: Vec<HashPolicy>,
+}
+
+/// One of a route's `hash_policy` entries.
+#[derive(Debug)]
+struct HashPolicy {
+    on: HashOn,
+    /// Stop here if this or an earlier policy produced a hash.
+    terminal: bool,
+}
+
+#[derive(Debug)]
+enum HashOn {
+    Header(HeaderName),
+    Cookie(String),
+    SourceIp,
+    QueryParameter(String),
+}
+
+fn hash_policies(list: &[rpb::route_action::HashPolicy], path: &str) -> Result<Vec<HashPolicy>, ConfigError> {
+    use rpb::route_action::hash_policy::PolicySpecifier as S;
+    let mut out = Vec::new();
+    for (i, p) in list.iter().enumerate() {
+        let at = join(path, &format!("hash_policy[{i}]"));
+        let on = match &p.policy_specifier {
+            Some(S::Header(h)) => {
+                if h.regex_rewrite.is_some() {
+                    return Err(ConfigError::new(join(&at, "header.regex_rewrite"), "regex_rewrite is not supported"));
+                }
+                HashOn::Header(
+                    HeaderName::from_bytes(h.header_name.to_ascii_lowercase().as_bytes())
+                        .map_err(|_| ConfigError::new(join(&at, "header.header_name"), "not a valid header name"))?,
+                )
+            }
+            Some(S::Cookie(c)) => {
+                // With a ttl Envoy makes up the cookie when the request has none; we only hash one that is there.
+                if c.ttl.is_some() {
+                    return Err(ConfigError::new(
+                        join(&at, "cookie.ttl"),
+                        "generating the cookie (ttl) is not supported",
+                    ));
+                }
+                HashOn::Cookie(c.name.clone())
+            }
+            Some(S::ConnectionProperties(c)) if c.source_ip => HashOn::SourceIp,
+            Some(S::ConnectionProperties(_)) => continue,
+            Some(S::QueryParameter(q)) => HashOn::QueryParameter(q.name.clone()),
+            Some(S::FilterState(_)) => {
+                return Err(ConfigError::new(join(&at, "filter_state"), "filter_state hashing is not supported"));
+            }
+            None => {
+                return Err(ConfigError::new(
+                    at,
+                    "a hash policy needs header, cookie, connection_properties or query_parameter",
+                ));
+            }
+        };
+        out.push(HashPolicy { on, terminal: p.terminal });
+    }
+    Ok(out)
+}
+
+impl RouteAction {
+    /// The request's hash under the route's `hash_policy`, combined as Envoy combines them; None when no policy
+    /// applies (a RING_HASH cluster then picks at random).
+    pub fn request_hash(&self, headers: &HeaderMap, uri: &http::Uri, peer: std::net::IpAddr) -> Option<u64> {
+        use crate::upstream::lb::{combine, hash_value};
+        let mut hash = None;
+        for p in &self.hash_policy {
+            let value = match &p.on {
+                HashOn::Header(name) => headers.get(name).map(|v| hash_value(v.as_bytes())),
+                HashOn::Cookie(name) => cookie(headers, name).map(|v| hash_value(v.as_bytes())),
+                HashOn::SourceIp => Some(hash_value(peer.to_string().as_bytes())),
+                HashOn::QueryParameter(name) => uri
+                    .query()
+                    .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix(name.as_str())?.strip_prefix('=')))
+                    .map(|v| hash_value(v.as_bytes())),
+            };
+            if let Some(v) = value {
+                hash = Some(combine(hash, v));
+            }
+            if p.terminal && hash.is_some() {
+                break;
+            }
+        }
+        hash
+    }
+}
+
+/// A cookie's value from the request's `Cookie` headers.
+fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers.get_all(http::header::COOKIE).iter().filter_map(|v| v.to_str().ok()).find_map(|line| {
+        line.split(';').find_map(|pair| {
+            let (k, v) = pair.trim().split_once('=')?;
+            (k == name).then_some(v)
+        })
+    })
 }
 
 #[derive(Debug)]
@@ -756,6 +854,7 @@ impl RouteAction {
             retry_policy,
             host_rewrite,
             rewrite,
+            hash_policy: hash_policies(&a.hash_policy, path)?,
             // Deprecated in Envoy's API, still what Istio 1.14 sends for a VirtualService's corsPolicy.
             #[allow(deprecated)]
             cors: a
@@ -3286,6 +3385,49 @@ mod tests {
         );
         let rc = rpb::RouteConfiguration { vhost_header: "x-host".into(), ..single(to("c", prefix("/"))) };
         assert_eq!(error(&rc), "vhost_header: vhost_header is not supported");
+    }
+
+    #[test]
+    fn hash_policies_hash_what_envoy_hashes_and_stop_at_a_terminal_one() {
+        use rpb::route_action::HashPolicy;
+        use rpb::route_action::hash_policy::{self as hp, PolicySpecifier as S};
+        let policy = |spec: S, terminal: bool| HashPolicy { policy_specifier: Some(spec), terminal };
+        let header = |n: &str| S::Header(hp::Header { header_name: n.into(), ..Default::default() });
+        let mut ra = to_cluster("c");
+        ra.hash_policy = vec![
+            policy(header("x-user"), true),
+            policy(S::Cookie(hp::Cookie { name: "sid".into(), ..Default::default() }), false),
+            policy(S::QueryParameter(hp::QueryParameter { name: "q".into() }), false),
+            policy(S::ConnectionProperties(hp::ConnectionProperties { source_ip: true }), false),
+        ];
+        let t = table(&single(route("r", prefix("/"), action(ra))));
+        let uri: Uri = "/x?a=1&q=7".parse().unwrap();
+        let headers = HeaderMap::new();
+        let head = RequestHead { method: &Method::GET, uri: &uri, authority: "h", headers: &headers };
+        let Action::Route(a) = t.route(&head).unwrap().action() else { panic!() };
+        let ip: std::net::IpAddr = [10, 0, 0, 1].into();
+        let hash = |h: &[(&'static str, &'static str)]| {
+            let map: HeaderMap =
+                h.iter().map(|(k, v)| (HeaderName::from_static(k), HeaderValue::from_static(v))).collect();
+            a.request_hash(&map, &uri, ip)
+        };
+        use crate::upstream::lb::{combine, hash_value};
+        // The terminal header policy stops the rest when it hashes.
+        assert_eq!(hash(&[("x-user", "ann")]), Some(hash_value(b"ann")));
+        // Without it: cookie, query parameter and source IP, folded in order.
+        let folded = combine(Some(combine(Some(hash_value(b"s1")), hash_value(b"7"))), hash_value(b"10.0.0.1"));
+        assert_eq!(hash(&[("cookie", "a=b; sid=s1")]), Some(folded));
+        assert_ne!(hash(&[("x-user", "ann")]), hash(&[("x-user", "bob")]));
+
+        let mut bad = to_cluster("c");
+        bad.hash_policy = vec![policy(
+            S::Cookie(hp::Cookie { name: "sid".into(), ttl: Some(pb_duration(1000)), ..Default::default() }),
+            false,
+        )];
+        assert_eq!(
+            error(&single(route("r", prefix("/"), action(bad)))),
+            "virtual_hosts[0].routes[0].route.hash_policy[0].cookie.ttl: generating the cookie (ttl) is not supported"
+        );
     }
 
     #[test]

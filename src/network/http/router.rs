@@ -527,6 +527,7 @@ async fn forward(
 ) -> Response<ProxyBody> {
     let Chosen { matched, action, authority, upgrade } = *chosen;
     let start = Instant::now();
+    let hash = action.request_hash(req.headers(), req.uri(), conn.peer.ip());
     let downstream_h2 = req.version() == Version::HTTP_2;
     let protocol = match (cluster.config.http.protocol, upgrade) {
         (_, true) | (UpstreamProtocol::Http1, _) => Protocol::Http1,
@@ -592,7 +593,7 @@ async fn forward(
     let stats = &cluster.stats;
     loop {
         attempt += 1;
-        let Some(host_entry) = choose_host(conn, cluster, retry, &tried) else {
+        let Some(host_entry) = choose_host(conn, cluster, retry, &tried, hash) else {
             stats.upstream_cx_none_healthy.inc();
             trace.flags.push(Flag::NoHealthyUpstream);
             return local_reply(conn, StatusCode::SERVICE_UNAVAILABLE, NO_HEALTHY_UPSTREAM);
@@ -811,15 +812,17 @@ fn choose_host(
     cluster: &Cluster,
     retry: Option<&RetryPolicy>,
     tried: &[SocketAddr],
+    hash: Option<u64>,
 ) -> Option<Arc<Host>> {
     let avoid = retry.is_some_and(|p| p.avoid_previous_hosts) && !tried.is_empty();
-    let mut pick = cluster.choose(conn.original_dst)?;
+    let mut pick = cluster.choose_hashed(conn.original_dst, hash)?;
     if avoid {
-        for _ in 0..3 {
+        for attempt in 1..=3u64 {
             if !tried.contains(&pick.address) {
                 break;
             }
-            pick = cluster.choose(conn.original_dst)?;
+            // The same hash would find the same host again: a retry that must avoid it hashes elsewhere.
+            pick = cluster.choose_hashed(conn.original_dst, hash.map(|h| h.wrapping_add(attempt << 40)))?;
         }
     }
     Some(pick)
