@@ -190,8 +190,11 @@ const POLICIES: &[(&str, Policy)] = {
                 "idle_timeout",
                 "max_connect_attempts",
                 "access_log",
+                "hash_policy",
             ]),
         ),
+        // The conversion takes source_ip and refuses the rest.
+        ("envoy.type.v3.HashPolicy", All),
         ("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy.WeightedCluster", Only(&["clusters"])),
         (
             "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy.WeightedCluster.ClusterWeight",
@@ -745,7 +748,7 @@ stats_flush_interval: 5s
     #[test]
     fn unsupported_network_filter_and_filter_fields_are_rejected() {
         let text = TCP_LISTENER
-            .replace("      idle_timeout: 10s\n", "      idle_timeout: 10s\n      hash_policy: [{ source_ip: {} }]\n")
+            .replace("      idle_timeout: 10s\n", "      idle_timeout: 10s\n      downstream_idle_timeout: 5s\n")
             + r#"- name: http
   filters:
   - name: envoy.filters.network.rbac
@@ -757,7 +760,7 @@ stats_flush_interval: 5s
         assert_eq!(
             audit_errors(&listener, LISTENER),
             [
-                "filter_chains[0].filters[0].typed_config.hash_policy: not supported",
+                "filter_chains[0].filters[0].typed_config.downstream_idle_timeout: not supported",
                 "filter_chains[1].filters[0].typed_config: envoy.extensions.filters.network.rbac.v3.RBAC is not \
                  supported",
             ]

@@ -561,6 +561,8 @@ pub struct TcpProxyConfig {
     pub idle_timeout: Option<Duration>,
     pub max_connect_attempts: u32,
     pub access_log: Vec<crate::access_log::AccessLog>,
+    /// `hash_policy: [{ source_ip: {} }]`: a RING_HASH cluster hashes the downstream address.
+    pub hash_source_ip: bool,
 }
 
 impl TcpProxyConfig {
@@ -596,11 +598,25 @@ impl TcpProxyConfig {
         if attempts == 0 {
             return Err(ConfigError::new(join(path, "max_connect_attempts"), "must be at least 1"));
         }
+        let mut hash_source_ip = false;
+        for (i, h) in t.hash_policy.iter().enumerate() {
+            use envoy_types::pb::envoy::r#type::v3::hash_policy::PolicySpecifier;
+            match &h.policy_specifier {
+                Some(PolicySpecifier::SourceIp(_)) => hash_source_ip = true,
+                _ => {
+                    return Err(ConfigError::new(
+                        join(path, &format!("hash_policy[{i}]")),
+                        "only source_ip hashing is supported",
+                    ));
+                }
+            }
+        }
         Ok(TcpProxyConfig {
             stat_prefix: t.stat_prefix.clone(),
             clusters,
             idle_timeout: (!idle.is_zero()).then_some(idle),
             max_connect_attempts: attempts,
+            hash_source_ip,
             access_log: super::access_log::access_logs(&t.access_log, &join(path, "access_log"))?,
         })
     }

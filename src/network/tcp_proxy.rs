@@ -139,7 +139,13 @@ impl TcpProxy {
         let connect = async {
             let mut last = None;
             for _ in 0..self.config.max_connect_attempts {
-                let Some(host) = cluster.choose(info.local_restored.then_some(info.local)) else {
+                // Envoy's source_ip hash policy: the same client address goes to the same host of a RING_HASH
+                // cluster.
+                let hash = self
+                    .config
+                    .hash_source_ip
+                    .then(|| crate::upstream::lb::hash_value(info.peer.ip().to_string().as_bytes()));
+                let Some(host) = cluster.choose_hashed(info.local_restored.then_some(info.local), hash) else {
                     cluster.stats.upstream_cx_none_healthy.inc();
                     last = Some(ConnectError::NoHealthyUpstream(cluster.name().to_string()));
                     continue;

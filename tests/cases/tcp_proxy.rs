@@ -212,6 +212,30 @@ async fn refused_connects_eject_the_host_by_consecutive_5xx() {
     assert_eq!(counter(&server, "cluster.c.upstream_cx_connect_fail"), 2);
 }
 
+/// Envoy's tcp_proxy `hash_policy: source_ip` over a RING_HASH cluster: every connection from one client address
+/// goes to the same host, where the cluster without the policy spreads them.
+#[tokio::test]
+async fn source_ip_hashing_keeps_a_client_on_one_host() {
+    let hosts = [tagged_server(b"A").await, tagged_server(b"B").await, tagged_server(b"C").await];
+    let cluster = format!("{}\n    lb_policy: RING_HASH", static_cluster("c", &hosts));
+    let hashed =
+        tcp_listener("h", 0, "c").replace("cluster: c", "cluster: c\n          hash_policy: [ { source_ip: {} } ]");
+    let listeners = format!("{hashed}{}", tcp_listener("r", 0, "c"));
+    let server = start(&yaml(&listeners, &cluster), Duration::from_secs(1)).await;
+    let tags = async |listener: &str| {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..24 {
+            let mut s = TcpStream::connect(listener_addr(&server, listener)).await.unwrap();
+            let mut tag = [0u8; 1];
+            s.read_exact(&mut tag).await.unwrap();
+            seen.insert(tag[0]);
+        }
+        seen
+    };
+    assert_eq!(tags("h").await.len(), 1, "one client address, one host");
+    assert!(tags("r").await.len() >= 2, "without a hash policy the ring picks at random");
+}
+
 #[tokio::test]
 async fn weighted_clusters_follow_weights() {
     let a = tagged_server(b"A").await;
