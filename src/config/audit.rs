@@ -397,6 +397,7 @@ const POLICIES: &[(&str, Policy)] = {
                 "cleanup_interval",
                 "common_lb_config",
                 "ring_hash_lb_config",
+                "maglev_lb_config",
             ]),
         ),
         // Consecutive 5xx only; the conversion accepts the other detectors' enforcing_* fields when they disable them.
@@ -423,6 +424,7 @@ const POLICIES: &[(&str, Policy)] = {
         ("envoy.config.cluster.v3.Cluster.CommonLbConfig", Only(&["locality_weighted_lb_config"])),
         ("envoy.config.cluster.v3.Cluster.CommonLbConfig.LocalityWeightedLbConfig", All),
         ("envoy.config.cluster.v3.Cluster.RingHashLbConfig", All),
+        ("envoy.config.cluster.v3.Cluster.MaglevLbConfig", All),
         ("envoy.config.cluster.v3.Cluster.EdsClusterConfig", All),
         ("envoy.extensions.upstreams.http.v3.HttpProtocolOptions", All),
         ("envoy.config.cluster.v3.CircuitBreakers", Only(&["thresholds"])),

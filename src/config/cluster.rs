@@ -46,6 +46,10 @@ pub enum LbPolicy {
         min: u64,
         max: u64,
     },
+    /// Consistent hashing on a Maglev table of `table_size` slots (`maglev_lb_config`).
+    Maglev {
+        table_size: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -197,6 +201,21 @@ fn ring_hash(c: &cpb::Cluster) -> Result<LbPolicy, ConfigError> {
         return Err(ConfigError::new("ring_hash_lb_config.hash_function", "only XX_HASH is supported"));
     }
     Ok(LbPolicy::RingHash { min, max })
+}
+
+/// `maglev_lb_config`: Envoy's default table of 65,537 slots; the size must be a prime (at most 5,000,011).
+fn maglev(c: &cpb::Cluster) -> Result<LbPolicy, ConfigError> {
+    use cpb::cluster::LbConfig;
+    let table_size = match &c.lb_config {
+        Some(LbConfig::MaglevLbConfig(m)) => m.table_size.as_ref().map_or(65537, |v| v.value),
+        Some(_) => return Err(ConfigError::new("lb_config", "only maglev_lb_config goes with MAGLEV")),
+        None => 65537,
+    };
+    let prime = table_size >= 2 && (2..).take_while(|d| d * d <= table_size).all(|d| table_size % d != 0);
+    if !prime || table_size > 5_000_011 {
+        return Err(ConfigError::new("maglev_lb_config.table_size", "must be a prime of at most 5000011"));
+    }
+    Ok(LbPolicy::Maglev { table_size })
 }
 
 /// Envoy's consecutive-5xx outlier detection, with Envoy's defaults. Only this detector runs: the others' fields are
@@ -469,6 +488,7 @@ impl TryFrom<cpb::Cluster> for ClusterConfig {
             Ok(P::Random) => LbPolicy::Random,
             Ok(P::ClusterProvided) => LbPolicy::ClusterProvided,
             Ok(P::RingHash) => ring_hash(&c)?,
+            Ok(P::Maglev) => maglev(&c)?,
             Ok(other) => {
                 return Err(ConfigError::new("lb_policy", format!("{} is not supported", other.as_str_name())));
             }
@@ -831,6 +851,8 @@ load_assignment:
 
     #[test]
     fn ring_hash_takes_envoys_sizes_and_limits() {
+        let c = convert("name: c\nlb_policy: MAGLEV").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.lb_policy, LbPolicy::Maglev { table_size: 65537 });
         let c = convert("name: c\nlb_policy: RING_HASH").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.lb_policy, LbPolicy::RingHash { min: 1024, max: 8 * 1024 * 1024 });
         let c = convert(
@@ -870,7 +892,10 @@ load_assignment:
                 with_endpoints("lb_policy: CLUSTER_PROVIDED", &["127.0.0.1"]),
                 "lb_policy: CLUSTER_PROVIDED is only valid for cluster type ORIGINAL_DST",
             ),
-            (with_endpoints("lb_policy: MAGLEV", &["127.0.0.1"]), "lb_policy: MAGLEV is not supported"),
+            (
+                with_endpoints("lb_policy: MAGLEV\nmaglev_lb_config: { table_size: 65536 }", &["127.0.0.1"]),
+                "maglev_lb_config.table_size: must be a prime of at most 5000011",
+            ),
             ("name: c\ntype: EDS".to_string(), "eds_cluster_config: EDS clusters need eds_cluster_config"),
             (
                 "name: c\noutlier_detection: { enforcing_success_rate: 100 }".to_string(),

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use arc_swap::ArcSwap;
 use tokio::net::TcpStream;
 
-use super::lb::{Ring, Weights, least_of_two};
+use super::lb::{HashTable, Maglev, Ring, Weights, least_of_two};
 use crate::config::cluster::{ClusterConfig, ClusterKind, EndpointConfig, LbPolicy};
 use crate::stats::{Counter, Gauge, GaugeGuard, Histogram, Store};
 
@@ -68,30 +68,33 @@ pub struct HostSet {
     weights: Weights,
     /// Every host of every priority, for `membership_total`.
     pub total: usize,
-    /// RING_HASH clusters: the ring over `hosts`, and the (minimum, maximum) size it was built for.
-    ring: Option<(Arc<Ring>, (u64, u64))>,
+    /// RING_HASH and MAGLEV clusters: the table over `hosts`, and the policy it was built for.
+    table: Option<(Arc<HashTable>, LbPolicy)>,
 }
 
 impl HostSet {
-    /// The set with the ring its cluster's policy needs (built once per host set, on the control thread).
+    /// The set with the hashing table its cluster's policy needs (built once per host set, on the control thread).
     fn for_policy(mut self, policy: LbPolicy) -> HostSet {
-        let LbPolicy::RingHash { min, max } = policy else {
-            self.ring = None;
-            return self;
-        };
-        if self.ring.as_ref().is_some_and(|(_, size)| *size == (min, max)) {
+        if self.table_matches(policy) {
             return self;
         }
         let addresses: Vec<String> = self.hosts.iter().map(|h| h.address.to_string()).collect();
-        let ring = Ring::build(addresses.iter().map(String::as_str).zip(self.hosts.iter().map(|h| h.weight)), min, max);
-        self.ring = Some((Arc::new(ring), (min, max)));
+        let hosts = || addresses.iter().map(String::as_str).zip(self.hosts.iter().map(|h| h.weight));
+        let table = match policy {
+            LbPolicy::RingHash { min, max } => Some(HashTable::Ring(Ring::build(hosts(), min, max))),
+            LbPolicy::Maglev { table_size } => Some(HashTable::Maglev(Maglev::build(hosts(), table_size))),
+            LbPolicy::RoundRobin | LbPolicy::LeastRequest | LbPolicy::Random | LbPolicy::ClusterProvided => None,
+        };
+        self.table = table.map(|t| (Arc::new(t), policy));
         self
     }
 
-    fn ring_matches(&self, policy: LbPolicy) -> bool {
+    fn table_matches(&self, policy: LbPolicy) -> bool {
         match policy {
-            LbPolicy::RingHash { min, max } => self.ring.as_ref().is_some_and(|(_, size)| *size == (min, max)),
-            _ => self.ring.is_none(),
+            LbPolicy::RingHash { .. } | LbPolicy::Maglev { .. } => {
+                self.table.as_ref().is_some_and(|(_, built_for)| *built_for == policy)
+            }
+            _ => self.table.is_none(),
         }
     }
 }
@@ -103,7 +106,7 @@ impl HostSet {
         let hosts: Vec<Arc<Host>> =
             all.into_iter().filter(|(_, p, healthy)| *healthy && Some(*p) == priority).map(|(h, _, _)| h).collect();
         let weights = Weights::new(hosts.iter().map(|h| h.weight));
-        HostSet { hosts, weights, total, ring: None }
+        HostSet { hosts, weights, total, table: None }
     }
 
     /// Hosts of endpoints that already carry IPs (STATIC and EDS clusters). A host whose weight is 0 (its
@@ -383,7 +386,7 @@ impl Cluster {
         cluster.stats.membership_total.set(hosts.total as i64);
         cluster.stats.membership_healthy.set(hosts.hosts.len() as i64);
         // A predecessor's hosts are shared as they are unless this version balances differently.
-        let hosts = if hosts.ring_matches(cluster.config.lb_policy) {
+        let hosts = if hosts.table_matches(cluster.config.lb_policy) {
             hosts
         } else {
             Arc::new((*hosts).clone().for_policy(cluster.config.lb_policy))
@@ -446,27 +449,18 @@ impl Cluster {
             return original_dst.map(|dst| Arc::new(Host::new(dst, 1, String::new())));
         }
         let set = self.hosts.load();
-        if let (Some(hash), Some((ring, _))) = (hash, &set.ring)
-            && !ring.is_empty()
+        if let (Some(hash), Some((table, _))) = (hash, &set.table)
+            && !table.is_empty()
         {
-            let ejected = self.ejected.load(Ordering::Relaxed) as usize;
-            let mut owners = ring.from(hash);
-            let first = owners.next()?;
-            if ejected == 0 {
-                return set.hosts.get(first).cloned();
-            }
-            return std::iter::once(first)
-                .chain(owners)
-                .take(ring.len())
-                .find(|i| set.hosts.get(*i).is_some_and(|h| !h.is_ejected()))
-                .or(Some(first))
-                .and_then(|i| set.hosts.get(i).cloned());
+            let ejected = self.ejected.load(Ordering::Relaxed) != 0;
+            let idx = table.pick(hash, |i| !ejected || set.hosts.get(i).is_some_and(|h| !h.is_ejected()))?;
+            return set.hosts.get(idx).cloned();
         }
         let pick = || match self.config.lb_policy {
             LbPolicy::RoundRobin | LbPolicy::ClusterProvided => {
                 set.weights.pick(self.rr.fetch_add(1, Ordering::Relaxed))
             }
-            LbPolicy::Random | LbPolicy::RingHash { .. } => set.weights.pick(rand::random()),
+            LbPolicy::Random | LbPolicy::RingHash { .. } | LbPolicy::Maglev { .. } => set.weights.pick(rand::random()),
             LbPolicy::LeastRequest => {
                 let a = set.weights.pick(rand::random());
                 let b = set.weights.pick(rand::random());

@@ -107,6 +107,121 @@ impl Ring {
     }
 }
 
+/// Envoy's MAGLEV table: `size` (a prime) slots filled in turns, each host taking the next free slot of its own
+/// permutation (offset and skip from two xxHash64s of its address) as often as its weight allows; a request's hash
+/// picks slot `hash % size`.
+#[derive(Debug, Clone, Default)]
+pub struct Maglev {
+    table: Vec<u32>,
+}
+
+impl Maglev {
+    pub fn build<'a>(hosts: impl IntoIterator<Item = (&'a str, u32)>, size: u64) -> Maglev {
+        struct Entry {
+            /// The host's index in the caller's list.
+            index: u32,
+            offset: u64,
+            skip: u64,
+            weight: f64,
+            target: f64,
+            next: u64,
+        }
+        // A host of weight 0 takes no slot.
+        let hosts: Vec<(usize, &str, u32)> =
+            hosts.into_iter().enumerate().filter(|(_, (_, w))| *w > 0).map(|(i, (a, w))| (i, a, w)).collect();
+        let Some(max_weight) = hosts.iter().map(|(_, _, w)| *w).max() else { return Maglev::default() };
+        if size < 2 {
+            return Maglev::default();
+        }
+        let mut entries: Vec<Entry> = hosts
+            .iter()
+            .map(|(index, address, weight)| Entry {
+                index: *index as u32,
+                offset: xxhash_rust::xxh64::xxh64(address.as_bytes(), 0) % size,
+                skip: xxhash_rust::xxh64::xxh64(address.as_bytes(), 1) % (size - 1) + 1,
+                weight: f64::from(*weight) / f64::from(max_weight),
+                target: 0.0,
+                next: 0,
+            })
+            .collect();
+        let mut table = vec![u32::MAX; size as usize];
+        let mut filled = 0u64;
+        let mut round = 1u64;
+        while filled < size {
+            for e in entries.iter_mut() {
+                if filled >= size {
+                    break;
+                }
+                // A host of the largest weight takes a slot every round, a lighter one in proportion.
+                if e.weight * (round as f64) < e.target {
+                    continue;
+                }
+                e.target += 1.0;
+                let mut slot = (e.offset + e.skip * e.next) % size;
+                while table[slot as usize] != u32::MAX {
+                    e.next += 1;
+                    slot = (e.offset + e.skip * e.next) % size;
+                }
+                table[slot as usize] = e.index;
+                e.next += 1;
+                filled += 1;
+            }
+            round += 1;
+        }
+        Maglev { table }
+    }
+
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.table.is_empty()
+    }
+
+    /// The host of the hash's slot, then those of the slots after it, for walking past hosts out of service.
+    pub fn from(&self, hash: u64) -> impl Iterator<Item = usize> + '_ {
+        let start = (hash % self.table.len().max(1) as u64) as usize;
+        self.table[start..].iter().chain(&self.table[..start]).map(|h| *h as usize)
+    }
+}
+
+/// A consistent-hashing table: Envoy's ring or its Maglev table.
+#[derive(Debug, Clone)]
+pub enum HashTable {
+    Ring(Ring),
+    Maglev(Maglev),
+}
+
+impl HashTable {
+    pub fn len(&self) -> usize {
+        match self {
+            HashTable::Ring(r) => r.len(),
+            HashTable::Maglev(m) => m.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The first host from the owner of `hash` on (in table order) that `usable` accepts; the owner itself if
+    /// none does.
+    pub fn pick(&self, hash: u64, usable: impl Fn(usize) -> bool) -> Option<usize> {
+        fn first(mut owners: impl Iterator<Item = usize>, usable: impl Fn(usize) -> bool) -> Option<usize> {
+            let owner = owners.next()?;
+            if usable(owner) {
+                return Some(owner);
+            }
+            owners.find(|i| usable(*i)).or(Some(owner))
+        }
+        match self {
+            HashTable::Ring(r) => first(r.from(hash), usable),
+            HashTable::Maglev(m) => first(m.from(hash), usable),
+        }
+    }
+}
+
 /// The hash of a request's value, as Envoy's hash policies compute it.
 pub fn hash_value(v: &[u8]) -> u64 {
     xxhash_rust::xxh64::xxh64(v, 0)
@@ -155,6 +270,19 @@ mod tests {
         }
         assert!(kept * 10 >= elsewhere * 8, "{kept} of {elsewhere} kept");
         assert!(Ring::build([("a", 0)].iter().copied(), 1024, 2048).is_empty());
+
+        // Maglev: every slot filled, shares by weight, a lookup is the hash's slot.
+        let maglev = Maglev::build(three.iter().copied(), 65537);
+        let mut slots = [0u32; 3];
+        for k in 0..65537u64 {
+            slots[maglev.from(k).next().unwrap()] += 1;
+        }
+        assert_eq!(slots.iter().sum::<u32>(), 65537);
+        assert!((32000..33600).contains(&slots[2]), "{slots:?}");
+        assert!((16000..16800).contains(&slots[0]) && (16000..16800).contains(&slots[1]), "{slots:?}");
+        let table = HashTable::Maglev(maglev);
+        let owner = table.pick(12345, |_| true).unwrap();
+        assert_ne!(table.pick(12345, |i| i != owner), Some(owner), "walks past a host out of service");
         assert_eq!(combine(None, 5), 5);
         assert_eq!(combine(Some(1), 1), 3);
     }

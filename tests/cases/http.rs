@@ -1469,33 +1469,35 @@ async fn cors_policies_answer_preflights_and_mark_allowed_origins() {
     assert_eq!(counter(&server, "http.h.cors.origin_invalid"), 2);
 }
 
-/// Envoy's consistent hashing, as Istio's DestinationRule `consistentHash` sets it up: a RING_HASH cluster and the
-/// route's `hash_policy`. Every request of a user goes to the same host, users spread over the hosts, and a
+/// Envoy's consistent hashing, as Istio's DestinationRule `consistentHash` sets it up: a RING_HASH (or MAGLEV) cluster
+/// and the route's `hash_policy`. Every request of a user goes to the same host, users spread over the hosts, and a
 /// request without the header is balanced at random.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ring_hash_sends_each_user_to_one_host() {
+async fn ring_hash_and_maglev_send_each_user_to_one_host() {
     let hosts = [http_upstream("A").await, http_upstream("B").await, http_upstream("C").await];
-    let cluster = format!("{}\n    lb_policy: RING_HASH", static_cluster("u", &hosts));
-    let routes = routes_to("u", ", hash_policy: [ { header: { header_name: x-user } } ]");
-    let server = start(&yaml(&http_listener("h", 0, &routes, ""), &cluster), Duration::from_secs(1)).await;
-    let mut c = http1_client(listener_addr(&server, "h")).await;
-    let mut seen = std::collections::BTreeSet::new();
-    for user in 0..24 {
-        let user = format!("user-{user}");
-        let mut tags = std::collections::BTreeSet::new();
-        for _ in 0..3 {
-            let (status, _, body) = http1_request(&mut c, "GET", "/", "x", &[("x-user", user.as_str())]).await;
-            assert_eq!(status, 200);
-            tags.insert(body.lines().next().unwrap_or_default().to_string());
+    for policy in ["RING_HASH", "MAGLEV"] {
+        let cluster = format!("{}\n    lb_policy: {policy}", static_cluster("u", &hosts));
+        let routes = routes_to("u", ", hash_policy: [ { header: { header_name: x-user } } ]");
+        let server = start(&yaml(&http_listener("h", 0, &routes, ""), &cluster), Duration::from_secs(1)).await;
+        let mut c = http1_client(listener_addr(&server, "h")).await;
+        let mut seen = std::collections::BTreeSet::new();
+        for user in 0..24 {
+            let user = format!("user-{user}");
+            let mut tags = std::collections::BTreeSet::new();
+            for _ in 0..3 {
+                let (status, _, body) = http1_request(&mut c, "GET", "/", "x", &[("x-user", user.as_str())]).await;
+                assert_eq!(status, 200);
+                tags.insert(body.lines().next().unwrap_or_default().to_string());
+            }
+            assert_eq!(tags.len(), 1, "{policy}: {user} went to {tags:?}");
+            seen.extend(tags);
         }
-        assert_eq!(tags.len(), 1, "{user} went to {tags:?}");
-        seen.extend(tags);
+        assert!(seen.len() >= 2, "{policy}: 24 users all went to {seen:?}");
+        let mut anonymous = std::collections::BTreeSet::new();
+        for _ in 0..30 {
+            let (_, _, body) = http1_request(&mut c, "GET", "/", "x", &[]).await;
+            anonymous.insert(body.lines().next().unwrap_or_default().to_string());
+        }
+        assert!(anonymous.len() >= 2, "{policy}: no hash means random hosts, got {anonymous:?}");
     }
-    assert!(seen.len() >= 2, "24 users all went to {seen:?}");
-    let mut anonymous = std::collections::BTreeSet::new();
-    for _ in 0..30 {
-        let (_, _, body) = http1_request(&mut c, "GET", "/", "x", &[]).await;
-        anonymous.insert(body.lines().next().unwrap_or_default().to_string());
-    }
-    assert!(anonymous.len() >= 2, "no hash: random hosts, got {anonymous:?}");
 }
