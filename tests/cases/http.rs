@@ -1078,6 +1078,18 @@ fn health_check_filter_config_errors_name_the_field() {
     assert_eq!(with("pass_through_mode: false, cluster_min_healthy_percentages: { u: { value: 50 } }"), "");
 }
 
+/// The listener with `envoy.filters.http.<name>` (typed config `envoy.extensions.filters.http.<type>`, empty)
+/// first in its HTTP filters, as Istio sends fault and CORS.
+fn with_empty_http_filter(listener: String, name: &str, type_name: &str) -> String {
+    listener.replace(
+        "          http_filters:\n",
+        &format!(
+            "          http_filters:\n          - name: envoy.filters.http.{name}\n            typed_config: {{ \"@type\": \
+             type.googleapis.com/envoy.extensions.filters.http.{type_name} }}\n"
+        ),
+    )
+}
+
 /// An HCM listener whose health check filter has this config (the inside of its typed_config).
 fn health_checked_listener(name: &str, cluster: &str, config: &str) -> String {
     http_listener(name, 0, &routes_to(cluster, ""), "").replace(
@@ -1344,11 +1356,7 @@ async fn fault_injection_from_route_configs_as_istio_sends_it() {
         fault("abort: { grpc_status: 14, percentage: { numerator: 100 } }"),
         fault("delay: { fixed_delay: 1s, percentage: { numerator: 100 } }"),
     );
-    let listener = http_listener("h", 0, &routes, "").replace(
-        "          http_filters:\n",
-        "          http_filters:\n          - name: envoy.filters.http.fault\n            typed_config: { \"@type\": \
-         type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault }\n",
-    );
+    let listener = with_empty_http_filter(http_listener("h", 0, &routes, ""), "fault", "fault.v3.HTTPFault");
     let server = start(&yaml(&listener, &static_cluster("u", &[up])), Duration::from_secs(1)).await;
     let mut c = http1_client(listener_addr(&server, "h")).await;
 
@@ -1433,11 +1441,7 @@ async fn cors_policies_answer_preflights_and_mark_allowed_origins() {
         ", cors: { allow_origin_string_match: [ { exact: 'https://app.example' } ], allow_methods: 'GET,PUT', \
          allow_headers: x-token, expose_headers: x-trace, max_age: '300', allow_credentials: true }",
     );
-    let listener = http_listener("h", 0, &routes, "").replace(
-        "          http_filters:\n",
-        "          http_filters:\n          - name: envoy.filters.http.cors\n            typed_config: { \"@type\": \
-         type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors }\n",
-    );
+    let listener = with_empty_http_filter(http_listener("h", 0, &routes, ""), "cors", "cors.v3.Cors");
     let server = start(&yaml(&listener, &static_cluster("u", &[up])), Duration::from_secs(1)).await;
     let mut c = http1_client(listener_addr(&server, "h")).await;
 

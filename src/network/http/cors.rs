@@ -46,46 +46,35 @@ struct Fields<'a> {
     forward_not_matching_preflights: Option<&'a BoolValue>,
 }
 
+/// The shared fields of either proto's `CorsPolicy` (two types with the same field names).
+macro_rules! fields {
+    ($c:expr, $enabled:expr) => {
+        Fields {
+            origins: &$c.allow_origin_string_match,
+            allow_methods: &$c.allow_methods,
+            allow_headers: &$c.allow_headers,
+            expose_headers: &$c.expose_headers,
+            max_age: &$c.max_age,
+            allow_credentials: $c.allow_credentials.as_ref(),
+            filter_enabled: $enabled,
+            shadow_enabled: $c.shadow_enabled.as_ref(),
+            allow_private_network_access: $c.allow_private_network_access.as_ref(),
+            forward_not_matching_preflights: $c.forward_not_matching_preflights.as_ref(),
+        }
+    };
+}
+
 impl CorsPolicy {
     /// The `cors` field of a route action or virtual host.
     pub fn from_route(c: &rpb::CorsPolicy, path: &str) -> Result<Self, ConfigError> {
         use rpb::cors_policy::EnabledSpecifier;
-        let Some(EnabledSpecifier::FilterEnabled(enabled)) = &c.enabled_specifier else {
-            return Self::new(&Self::route_fields(c, None), path);
-        };
-        Self::new(&Self::route_fields(c, Some(enabled)), path)
-    }
-
-    fn route_fields<'a>(c: &'a rpb::CorsPolicy, enabled: Option<&'a RuntimeFractionalPercent>) -> Fields<'a> {
-        Fields {
-            origins: &c.allow_origin_string_match,
-            allow_methods: &c.allow_methods,
-            allow_headers: &c.allow_headers,
-            expose_headers: &c.expose_headers,
-            max_age: &c.max_age,
-            allow_credentials: c.allow_credentials.as_ref(),
-            filter_enabled: enabled,
-            shadow_enabled: c.shadow_enabled.as_ref(),
-            allow_private_network_access: c.allow_private_network_access.as_ref(),
-            forward_not_matching_preflights: c.forward_not_matching_preflights.as_ref(),
-        }
+        let enabled = c.enabled_specifier.as_ref().map(|EnabledSpecifier::FilterEnabled(e)| e);
+        Self::new(&fields!(c, enabled), path)
     }
 
     /// A `CorsPolicy` from a `typed_per_filter_config`.
     pub fn from_filter(c: &cpb::CorsPolicy, path: &str) -> Result<Self, ConfigError> {
-        let fields = Fields {
-            origins: &c.allow_origin_string_match,
-            allow_methods: &c.allow_methods,
-            allow_headers: &c.allow_headers,
-            expose_headers: &c.expose_headers,
-            max_age: &c.max_age,
-            allow_credentials: c.allow_credentials.as_ref(),
-            filter_enabled: c.filter_enabled.as_ref(),
-            shadow_enabled: c.shadow_enabled.as_ref(),
-            allow_private_network_access: c.allow_private_network_access.as_ref(),
-            forward_not_matching_preflights: c.forward_not_matching_preflights.as_ref(),
-        };
-        Self::new(&fields, path)
+        Self::new(&fields!(c, c.filter_enabled.as_ref()), path)
     }
 
     fn new(f: &Fields<'_>, path: &str) -> Result<Self, ConfigError> {
