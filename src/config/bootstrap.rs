@@ -153,67 +153,59 @@ impl BootstrapConfig {
     }
 }
 
-/// A cluster whose endpoint is a Unix socket serves gRPC config sources only: tcp_proxy and routes cannot use it.
-fn check_pipe_use(l: &ListenerConfig, pipe_clusters: &HashSet<String>) -> Result<(), ConfigError> {
+/// Every network filter of a listener's chains, with the path of its `typed_config`. Skipped Istio filters are not
+/// in `filters`, so the path names the chain's last proto filter: the terminal one, the only kind that names clusters.
+fn chain_filters(l: &ListenerConfig) -> impl Iterator<Item = (String, &NetworkFilterConfig)> {
     let chains = l
         .filter_chains
         .iter()
         .enumerate()
         .map(|(i, c)| (format!("filter_chains[{i}]"), c))
         .chain(l.default_filter_chain.iter().map(|c| ("default_filter_chain".to_string(), c)));
-    for (path, chain) in chains {
+    chains.flat_map(|(path, chain)| {
         let j = chain.proto().filters.len().saturating_sub(1);
-        for f in &chain.filters {
-            let used: Vec<&str> = match f {
-                NetworkFilterConfig::TcpProxy(tp) => tp.clusters.iter().map(|(n, _)| n.as_str()).collect(),
-                NetworkFilterConfig::HttpConnectionManager(h) => match &h.routes {
-                    RouteSource::Inline(table) => table.cluster_names().collect(),
-                    _ => Vec::new(),
-                },
+        let at = format!("{path}.filters[{j}].typed_config");
+        chain.filters.iter().map(move |f| (at.clone(), f))
+    })
+}
+
+/// A cluster whose endpoint is a Unix socket serves gRPC config sources only: tcp_proxy and routes cannot use it.
+fn check_pipe_use(l: &ListenerConfig, pipe_clusters: &HashSet<String>) -> Result<(), ConfigError> {
+    for (at, f) in chain_filters(l) {
+        let used: Vec<&str> = match f {
+            NetworkFilterConfig::TcpProxy(tp) => tp.clusters.iter().map(|(n, _)| n.as_str()).collect(),
+            NetworkFilterConfig::HttpConnectionManager(h) => match &h.routes {
+                RouteSource::Inline(table) => table.cluster_names().collect(),
                 _ => Vec::new(),
-            };
-            if let Some(name) = used.into_iter().find(|n| pipe_clusters.contains(*n)) {
-                return Err(ConfigError::new(
-                    format!("{path}.filters[{j}].typed_config"),
-                    format!("{}", crate::listener::manager::ListenerError::PipeCluster(name.to_string())),
-                ));
-            }
+            },
+            _ => Vec::new(),
+        };
+        if let Some(name) = used.into_iter().find(|n| pipe_clusters.contains(*n)) {
+            return Err(ConfigError::new(
+                at,
+                format!("{}", crate::listener::manager::ListenerError::PipeCluster(name.to_string())),
+            ));
         }
     }
     Ok(())
 }
 
 fn check_clusters(l: &ListenerConfig, known: &HashSet<String>) -> Result<(), ConfigError> {
-    let chains = l
-        .filter_chains
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (format!("filter_chains[{i}]"), c))
-        .chain(l.default_filter_chain.iter().map(|c| ("default_filter_chain".to_string(), c)));
-    for (path, chain) in chains {
-        // Skipped Istio filters are not in `filters`: the terminal filter is the proto's last one.
-        let j = chain.proto().filters.len().saturating_sub(1);
-        for f in &chain.filters {
-            if let NetworkFilterConfig::TcpProxy(tp) = f {
-                for (name, _) in &tp.clusters {
-                    if !known.contains(name) {
-                        return Err(ConfigError::new(
-                            format!("{path}.filters[{j}].typed_config.cluster"),
-                            format!("unknown cluster '{name}'"),
-                        ));
-                    }
-                }
-            }
-            // Envoy's validate_clusters defaults to true for an inline route_config.
-            if let NetworkFilterConfig::HttpConnectionManager(h) = f
-                && let RouteSource::Inline(table) = &h.routes
-                && let Some(name) = table.cluster_names().find(|n| !known.contains(*n))
-            {
-                return Err(ConfigError::new(
-                    format!("{path}.filters[{j}].typed_config.route_config"),
-                    format!("route points at unknown cluster '{name}'"),
-                ));
-            }
+    for (at, f) in chain_filters(l) {
+        if let NetworkFilterConfig::TcpProxy(tp) = f
+            && let Some((name, _)) = tp.clusters.iter().find(|(n, _)| !known.contains(n))
+        {
+            return Err(ConfigError::new(format!("{at}.cluster"), format!("unknown cluster '{name}'")));
+        }
+        // Envoy's validate_clusters defaults to true for an inline route_config.
+        if let NetworkFilterConfig::HttpConnectionManager(h) = f
+            && let RouteSource::Inline(table) = &h.routes
+            && let Some(name) = table.cluster_names().find(|n| !known.contains(*n))
+        {
+            return Err(ConfigError::new(
+                format!("{at}.route_config"),
+                format!("route points at unknown cluster '{name}'"),
+            ));
         }
     }
     Ok(())

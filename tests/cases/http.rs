@@ -65,6 +65,15 @@ async fn routes_by_host_and_path_with_envoys_headers() {
     assert_eq!(counter(&server, "cluster.a.upstream_cx_total"), 1);
 }
 
+/// A proxy whose HCM listener `h` (with `extra` on the connection manager) routes everything to cluster `u` = `up`.
+async fn proxy_to(up: std::net::SocketAddr, extra: &str) -> xds_proxy::server::Server {
+    start(
+        &yaml(&http_listener("h", 0, &routes_to("u", ""), extra), &static_cluster("u", &[up])),
+        Duration::from_secs(1),
+    )
+    .await
+}
+
 fn routes_to(cluster: &str, route_extra: &str) -> String {
     format!(
         r#"          route_config:
@@ -94,11 +103,7 @@ async fn h2c_client(
 async fn h2c_multiplexes_100_concurrent_streams_on_one_connection() {
     use http_body_util::BodyExt;
     let up = http_upstream("U").await;
-    let server = start(
-        &yaml(&http_listener("h", 0, &routes_to("u", ""), ""), &static_cluster("u", &[up])),
-        Duration::from_secs(1),
-    )
-    .await;
+    let server = proxy_to(up, "").await;
     let send = h2c_client(listener_addr(&server, "h")).await;
     let mut tasks = Vec::new();
     for i in 0..100 {
@@ -485,11 +490,7 @@ async fn oversized_headers_get_431_and_request_limits_close_connections() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let up = http_upstream("U").await;
     let extra = "\n          max_request_headers_kb: 8\n          common_http_protocol_options: { max_requests_per_connection: 2 }";
-    let server = start(
-        &yaml(&http_listener("h", 0, &routes_to("u", ""), extra), &static_cluster("u", &[up])),
-        Duration::from_secs(1),
-    )
-    .await;
+    let server = proxy_to(up, extra).await;
     let addr = listener_addr(&server, "h");
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let big = "a".repeat(16 * 1024);
@@ -519,11 +520,7 @@ async fn oversized_headers_get_431_and_request_limits_close_connections() {
 async fn expect_100_continue_and_http2_only_codec() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let up = http_upstream("U").await;
-    let server = start(
-        &yaml(&http_listener("h", 0, &routes_to("u", ""), ""), &static_cluster("u", &[up])),
-        Duration::from_secs(1),
-    )
-    .await;
+    let server = proxy_to(up, "").await;
     let mut s = tokio::net::TcpStream::connect(listener_addr(&server, "h")).await.unwrap();
     s.write_all(b"POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\n")
         .await
@@ -569,11 +566,7 @@ async fn request_timeout_answers_408_when_the_body_is_late() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let up = http_upstream("U").await;
     let extra = "\n          request_timeout: 0.3s";
-    let server = start(
-        &yaml(&http_listener("h", 0, &routes_to("u", ""), extra), &static_cluster("u", &[up])),
-        Duration::from_secs(1),
-    )
-    .await;
+    let server = proxy_to(up, extra).await;
     let addr = listener_addr(&server, "h");
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(b"POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nhalf!").await.unwrap();
@@ -662,11 +655,7 @@ async fn a_connection_streaming_a_response_is_not_idle() {
     use http_body_util::BodyExt;
     let up = http_upstream("U").await;
     let extra = "\n          common_http_protocol_options: { idle_timeout: 0.3s }";
-    let server = start(
-        &yaml(&http_listener("h", 0, &routes_to("u", ""), extra), &static_cluster("u", &[up])),
-        Duration::from_secs(1),
-    )
-    .await;
+    let server = proxy_to(up, extra).await;
     let mut c = http1_client(listener_addr(&server, "h")).await;
     let resp = get_response(&mut c, "/drip/900").await;
     assert!(resp.headers().get("connection").is_none());
@@ -682,11 +671,7 @@ async fn a_connection_streaming_a_response_is_not_idle() {
 async fn upstream_rq_time_is_recorded_when_the_response_is_complete() {
     use http_body_util::BodyExt;
     let up = http_upstream("U").await;
-    let server = start(
-        &yaml(&http_listener("h", 0, &routes_to("u", ""), ""), &static_cluster("u", &[up])),
-        Duration::from_secs(1),
-    )
-    .await;
+    let server = proxy_to(up, "").await;
     let rq_time = |server: &xds_proxy::server::Server| match server.stats.get("cluster.u.upstream_rq_time") {
         Some(xds_proxy::stats::Value::Histogram(h)) => (h.count, h.sum),
         other => panic!("upstream_rq_time: {other:?}"),
@@ -970,13 +955,7 @@ async fn requests_with_bodies_are_retried_within_the_buffer_limit() {
     assert_eq!(events.recv().await, Some((2, "data")));
     // A body framed by content-length is replayed with the same framing.
     let mut c = http1_client(listener_addr(&server, "h")).await;
-    let req = hyper::Request::builder()
-        .method("POST")
-        .uri("/1/0")
-        .header("host", "x")
-        .body(http_body_util::Full::new(bytes::Bytes::from_static(b"0123456789")))
-        .unwrap();
-    let resp = c.send_request(req).await.unwrap();
+    let resp = send_request(&mut c, "POST", "/1/0", b"0123456789").await;
     assert_eq!(resp.status(), 200);
     let text = http_body_util::BodyExt::collect(resp.into_body()).await.unwrap().to_bytes();
     assert_eq!(&text[..], b"attempt=2 received=10");
@@ -1178,10 +1157,21 @@ async fn get_response(
     c: &mut hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
     path: &str,
 ) -> hyper::Response<hyper::body::Incoming> {
+    send_request(c, "GET", path, b"").await
+}
+
+/// Sends `method path` (host `x`) with `body`, and returns the response as soon as its head arrives.
+async fn send_request(
+    c: &mut hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    method: &str,
+    path: &str,
+    body: &'static [u8],
+) -> hyper::Response<hyper::body::Incoming> {
     let req = hyper::Request::builder()
+        .method(method)
         .uri(path)
         .header("host", "x")
-        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(body)))
         .unwrap();
     c.send_request(req).await.unwrap()
 }
@@ -1260,13 +1250,7 @@ async fn per_try_timeouts_retry_a_request_with_a_body_until_the_route_timeout() 
     let server =
         start(&yaml(&http_listener("h", 0, routes, ""), &static_cluster("u", &[up])), Duration::from_secs(1)).await;
     let mut c = http1_client(listener_addr(&server, "h")).await;
-    let req = hyper::Request::builder()
-        .method("POST")
-        .uri("/0/5000")
-        .header("host", "x")
-        .body(http_body_util::Full::new(bytes::Bytes::from_static(b"payload")))
-        .unwrap();
-    let resp = c.send_request(req).await.unwrap();
+    let resp = send_request(&mut c, "POST", "/0/5000", b"payload").await;
     assert_eq!(resp.status(), 504);
     assert_eq!(counter(&server, "cluster.u.upstream_rq_timeout"), 1);
     let per_try = counter(&server, "cluster.u.upstream_rq_per_try_timeout");

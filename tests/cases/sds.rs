@@ -43,6 +43,14 @@ const SDS_GRPC: &str = "{ api_config_source: { api_type: GRPC, grpc_services: [ 
 
 /// A listener terminating mutual TLS with Istio's secret names: the certificate `default` and the CA `ROOTCA`, both
 /// over ADS, and the client's SPIFFE ID checked; then tcp_proxy to `cluster`.
+/// Has xds-mock serve cluster `up` (the echo server at `up`) and then `listener`, each ACKed.
+async fn serve_through(mock: &xds_mock::server::MockHandle, up: std::net::SocketAddr, listener: Any) {
+    let v = mock.set(CLUSTER, vec![cluster_any(&static_cluster("up", &[up]))]).unwrap();
+    acked(mock, CLUSTER, &v).await;
+    let v = mock.set(LISTENER, vec![listener]).unwrap();
+    acked(mock, LISTENER, &v).await;
+}
+
 fn mtls_listener(name: &str, port: u16, cluster: &str) -> Any {
     mtls_listener_from(name, port, cluster, ADS)
 }
@@ -118,10 +126,7 @@ async fn listener_warms_until_its_secrets_arrive_and_rotation_reaches_only_new_h
     let port = free_port();
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
 
-    let v = mock.set(CLUSTER, vec![cluster_any(&static_cluster("up", &[up]))]).unwrap();
-    acked(&mock, CLUSTER, &v).await;
-    let v = mock.set(LISTENER, vec![mtls_listener("sds", port, "up")]).unwrap();
-    acked(&mock, LISTENER, &v).await;
+    serve_through(&mock, up, mtls_listener("sds", port, "up")).await;
     // Envoy: a listener whose certificate comes from SDS is not active before the secret is fetched.
     assert_eq!(server.listener_manager().warming_names(), ["sds"]);
     let dump = admin_get(&server, "/config_dump?resource=dynamic_warming_secrets").await;
@@ -205,10 +210,7 @@ async fn a_bad_secret_is_nacked_by_name_and_the_previous_one_keeps_serving(api: 
     let server = start(&bootstrap(mock.addr(), api), Duration::from_millis(300)).await;
     let port = free_port();
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
-    let v = mock.set(CLUSTER, vec![cluster_any(&static_cluster("up", &[up]))]).unwrap();
-    acked(&mock, CLUSTER, &v).await;
-    let v = mock.set(LISTENER, vec![mtls_listener("sds", port, "up")]).unwrap();
-    acked(&mock, LISTENER, &v).await;
+    serve_through(&mock, up, mtls_listener("sds", port, "up")).await;
     let ca = ca_secret("ROOTCA", &pki.ca_pem());
     let v = mock.set(SECRET, vec![cert_secret("default", &good), ca.clone()]).unwrap();
     acked(&mock, SECRET, &v).await;
@@ -286,10 +288,7 @@ async fn secrets_come_from_an_sds_server_on_a_unix_socket_as_from_istios_pilot_a
     let port = free_port();
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
 
-    let v = mock.set(CLUSTER, vec![cluster_any(&static_cluster("up", &[up]))]).unwrap();
-    acked(&mock, CLUSTER, &v).await;
-    let v = mock.set(LISTENER, vec![mtls_listener_from("inbound", port, "up", SDS_GRPC)]).unwrap();
-    acked(&mock, LISTENER, &v).await;
+    serve_through(&mock, up, mtls_listener_from("inbound", port, "up", SDS_GRPC)).await;
     assert_eq!(server.listener_manager().warming_names(), ["inbound"], "initial_fetch_timeout 0s: waits for ever");
 
     let v = mock.set(SECRET, vec![cert_secret("default", &cert1), ca_secret("ROOTCA", &pki.ca_pem())]).unwrap();
@@ -362,11 +361,8 @@ async fn past_the_initial_fetch_timeout_the_listener_serves_and_fails_handshakes
     let server = start(&bootstrap(mock.addr(), "GRPC"), Duration::from_millis(300)).await;
     let port = free_port();
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
-    let v = mock.set(CLUSTER, vec![cluster_any(&static_cluster("up", &[up]))]).unwrap();
-    acked(&mock, CLUSTER, &v).await;
     let quick = "{ ads: {}, initial_fetch_timeout: 0.2s }";
-    let v = mock.set(LISTENER, vec![mtls_listener_from("sds", port, "up", quick)]).unwrap();
-    acked(&mock, LISTENER, &v).await;
+    serve_through(&mock, up, mtls_listener_from("sds", port, "up", quick)).await;
     eventually("listener active without its secrets", WAIT, async || {
         server.listener_manager().warming_names().is_empty()
     })

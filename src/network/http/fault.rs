@@ -6,8 +6,6 @@
 //! faults in progress. Runtime keys (`*_runtime`) only name runtime overrides, and this proxy's runtime has none, so
 //! the configured values apply. `response_rate_limit` is refused.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use envoy_types::pb::envoy::extensions::filters::common::fault::v3 as common_fault;
@@ -158,7 +156,6 @@ pub struct FaultStats {
     pub aborts_injected: Counter,
     pub faults_overflow: Counter,
     active_faults: Gauge,
-    active: Arc<AtomicU64>,
 }
 
 impl FaultStats {
@@ -170,7 +167,6 @@ impl FaultStats {
             aborts_injected: c("aborts_injected"),
             faults_overflow: c("faults_overflow"),
             active_faults: store.gauge(&format!("{prefix}.active_faults")),
-            active: Arc::default(),
             store: store.clone(),
             prefix,
         }
@@ -188,15 +184,11 @@ impl FaultStats {
 
 /// A fault in progress, counted in `active_faults` until dropped.
 #[derive(Debug)]
-pub struct ActiveFault {
-    active: Arc<AtomicU64>,
-    gauge: Gauge,
-}
+pub struct ActiveFault(Gauge);
 
 impl Drop for ActiveFault {
     fn drop(&mut self) {
-        self.active.fetch_sub(1, Ordering::Relaxed);
-        self.gauge.dec();
+        self.0.dec();
     }
 }
 
@@ -275,9 +267,10 @@ impl FaultConfig {
         if delay.is_none() && abort.is_none() {
             return None;
         }
-        let prior = stats.active.fetch_add(1, Ordering::Relaxed);
+        // The gauge sums every worker's count: the faults in progress across the proxy, as Envoy counts them.
+        let prior = u64::try_from(stats.active_faults.value()).unwrap_or(0);
         stats.active_faults.inc();
-        let active = ActiveFault { active: stats.active.clone(), gauge: stats.active_faults.clone() };
+        let active = ActiveFault(stats.active_faults.clone());
         if self.max_active_faults.is_some_and(|max| prior >= max) {
             stats.faults_overflow.inc();
             return None;
@@ -336,7 +329,7 @@ mod tests {
         let never = parse("{ abort: { http_status: 503 } }").unwrap();
         assert!(never.plan(&head(&headers, &uri), Some("c"), &stats).is_none(), "no percentage means 0%");
         assert_eq!(stats.aborts_injected.value(), 1);
-        assert_eq!(stats.active.load(Ordering::Relaxed), 0);
+        assert_eq!(stats.active_faults.value(), 0);
     }
 
     #[test]
