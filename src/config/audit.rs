@@ -195,6 +195,7 @@ const POLICIES: &[(&str, Policy)] = {
         ),
         // The conversion takes source_ip and refuses the rest.
         ("envoy.type.v3.HashPolicy", All),
+        ("envoy.type.v3.Percent", All),
         ("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy.WeightedCluster", Only(&["clusters"])),
         (
             "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy.WeightedCluster.ClusterWeight",
@@ -400,28 +401,19 @@ const POLICIES: &[(&str, Policy)] = {
                 "maglev_lb_config",
             ]),
         ),
-        // Consecutive 5xx only; the conversion accepts the other detectors' enforcing_* fields when they disable them.
-        (
-            "envoy.config.cluster.v3.OutlierDetection",
-            Only(&[
-                "consecutive_5xx",
-                "interval",
-                "base_ejection_time",
-                "max_ejection_time",
-                "max_ejection_percent",
-                "enforcing_consecutive_5xx",
-                "enforcing_success_rate",
-                "enforcing_consecutive_gateway_failure",
-                "enforcing_failure_percentage",
-            ]),
-        ),
+        // Every detector runs. `monitors` (extensions) is refused by the conversion; without active health
+        // checking, successful_active_health_check_uneject_host has nothing to act on.
+        ("envoy.config.cluster.v3.OutlierDetection", All),
         ("envoy.config.cluster.v3.Cluster.TransportSocketMatch", All),
         ("envoy.config.cluster.v3.UpstreamConnectionOptions", Only(&["tcp_keepalive"])),
         ("envoy.config.core.v3.TcpKeepalive", All),
         ("envoy.config.core.v3.BindConfig", Only(&["source_address"])),
         // The conversion skips Istio's telemetry filters and refuses any other.
         ("envoy.config.cluster.v3.Filter", Only(&["name", "typed_config"])),
-        ("envoy.config.cluster.v3.Cluster.CommonLbConfig", Only(&["locality_weighted_lb_config"])),
+        (
+            "envoy.config.cluster.v3.Cluster.CommonLbConfig",
+            Only(&["locality_weighted_lb_config", "healthy_panic_threshold"]),
+        ),
         ("envoy.config.cluster.v3.Cluster.CommonLbConfig.LocalityWeightedLbConfig", All),
         ("envoy.config.cluster.v3.Cluster.RingHashLbConfig", All),
         ("envoy.config.cluster.v3.Cluster.MaglevLbConfig", All),

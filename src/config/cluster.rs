@@ -152,8 +152,10 @@ pub struct ClusterConfig {
     pub skipped_filters: Vec<String>,
     /// `common_lb_config.locality_weighted_lb_config`: see [`EndpointConfig::lb_weight`].
     pub locality_weighted: bool,
-    /// `outlier_detection`: ejection of hosts that answer 5xx (and fail) several times in a row.
+    /// `outlier_detection`: ejection of hosts that fail more than the others (see [`OutlierConfig`]).
     pub outlier: Option<OutlierConfig>,
+    /// `common_lb_config.healthy_panic_threshold`, a percentage (see [`panic_threshold`]).
+    pub healthy_panic_threshold: f64,
     pub proto: Arc<cpb::Cluster>,
 }
 
@@ -218,39 +220,54 @@ fn maglev(c: &cpb::Cluster) -> Result<LbPolicy, ConfigError> {
     Ok(LbPolicy::Maglev { table_size })
 }
 
-/// Envoy's consecutive-5xx outlier detection, with Envoy's defaults. Only this detector runs: the others' fields are
-/// refused unless they disable them (`enforcing_*: 0`, as Istio sends). Envoy's success-rate detector, on by default,
-/// only acts on clusters of 5 or more hosts with 100 requests each per interval; it is not implemented.
+/// Envoy's outlier detection, every detector of `envoy.config.cluster.v3.OutlierDetection` with Envoy's defaults:
+/// consecutive 5xx, consecutive gateway failures and (with `split_external_local_origin_errors`) consecutive
+/// local-origin failures, counted as results arrive; success rate and failure percentage over each `interval`.
+/// Percentages are whole percents (0–100), as in the proto.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutlierConfig {
-    pub consecutive_5xx: u32,
-    /// How often ejected hosts are looked at to be returned to service.
+    /// How often the sweep runs: hosts back to service, success rate and failure percentage, backoff decay.
     pub interval: Duration,
-    /// Ejection lasts this times the number of times the host was ejected, up to `max_ejection_time`.
+    /// Ejection lasts this times the host's backoff (which grows with each ejection and decays while it is healthy),
+    /// up to `max_ejection_time`, plus a random jitter up to `max_ejection_time_jitter`.
     pub base_ejection_time: Duration,
     pub max_ejection_time: Duration,
+    pub max_ejection_time_jitter: Duration,
     pub max_ejection_percent: u32,
-    /// Percent chance that a detected host is ejected.
+    /// Eject one host even when that alone exceeds `max_ejection_percent` (Envoy's default is false).
+    pub always_eject_one_host: bool,
+    /// Count connect failures, resets and timeouts apart from the hosts' own answers.
+    pub split_external_local_origin_errors: bool,
+    pub consecutive_5xx: u32,
     pub enforcing_consecutive_5xx: u32,
+    pub consecutive_gateway_failure: u32,
+    pub enforcing_consecutive_gateway_failure: u32,
+    pub consecutive_local_origin_failure: u32,
+    pub enforcing_consecutive_local_origin_failure: u32,
+    pub success_rate_minimum_hosts: u32,
+    pub success_rate_request_volume: u32,
+    /// Hosts below mean − factor/1000 × stdev of the cluster's success rates are outliers.
+    pub success_rate_stdev_factor: u32,
+    pub enforcing_success_rate: u32,
+    pub enforcing_local_origin_success_rate: u32,
+    pub failure_percentage_threshold: u32,
+    pub failure_percentage_minimum_hosts: u32,
+    pub failure_percentage_request_volume: u32,
+    pub enforcing_failure_percentage: u32,
+    pub enforcing_failure_percentage_local_origin: u32,
 }
 
 fn outlier(c: &cpb::Cluster) -> Result<Option<OutlierConfig>, ConfigError> {
     let Some(o) = &c.outlier_detection else { return Ok(None) };
     let at = |f: &str| join("outlier_detection", f);
-    for (field, value) in [
-        ("enforcing_success_rate", &o.enforcing_success_rate),
-        ("enforcing_consecutive_gateway_failure", &o.enforcing_consecutive_gateway_failure),
-        ("enforcing_failure_percentage", &o.enforcing_failure_percentage),
-    ] {
-        if value.as_ref().is_some_and(|v| v.value != 0) {
-            return Err(ConfigError::new(
-                at(field),
-                "only consecutive_5xx outlier detection is supported; this detector can only be disabled (0)",
-            ));
-        }
+    if !o.monitors.is_empty() {
+        return Err(ConfigError::new(at("monitors"), "not supported (outlier detection extensions)"));
     }
+    let count = |v: &Option<envoy_types::pb::google::protobuf::UInt32Value>, default: u32| {
+        v.as_ref().map_or(default, |v| v.value)
+    };
     let percent = |v: &Option<envoy_types::pb::google::protobuf::UInt32Value>, default: u32, field: &str| {
-        let v = v.as_ref().map_or(default, |v| v.value);
+        let v = count(v, default);
         if v > 100 { Err(ConfigError::new(at(field), "must be at most 100")) } else { Ok(v) }
     };
     let interval = opt_duration(o.interval.as_ref(), Duration::from_secs(10), &at("interval"))?;
@@ -259,19 +276,72 @@ fn outlier(c: &cpb::Cluster) -> Result<Option<OutlierConfig>, ConfigError> {
     }
     let base_ejection_time =
         opt_duration(o.base_ejection_time.as_ref(), Duration::from_secs(30), &at("base_ejection_time"))?;
+    // Envoy: the default ceiling is 300 s, or the base time if that is longer; a smaller ceiling is an error.
+    let max_ejection_time = opt_duration(
+        o.max_ejection_time.as_ref(),
+        base_ejection_time.max(Duration::from_secs(300)),
+        &at("max_ejection_time"),
+    )?;
+    if max_ejection_time < base_ejection_time {
+        return Err(ConfigError::new(at("max_ejection_time"), "cannot be smaller than base_ejection_time"));
+    }
     Ok(Some(OutlierConfig {
-        consecutive_5xx: o.consecutive_5xx.as_ref().map_or(5, |v| v.value),
         interval,
         base_ejection_time,
-        // Envoy: the default ceiling is 300 s, or the base time if that is longer.
-        max_ejection_time: opt_duration(
-            o.max_ejection_time.as_ref(),
-            base_ejection_time.max(Duration::from_secs(300)),
-            &at("max_ejection_time"),
+        max_ejection_time,
+        max_ejection_time_jitter: opt_duration(
+            o.max_ejection_time_jitter.as_ref(),
+            Duration::ZERO,
+            &at("max_ejection_time_jitter"),
         )?,
         max_ejection_percent: percent(&o.max_ejection_percent, 10, "max_ejection_percent")?,
+        always_eject_one_host: o.always_eject_one_host.as_ref().is_some_and(|v| v.value),
+        split_external_local_origin_errors: o.split_external_local_origin_errors,
+        consecutive_5xx: count(&o.consecutive_5xx, 5),
         enforcing_consecutive_5xx: percent(&o.enforcing_consecutive_5xx, 100, "enforcing_consecutive_5xx")?,
+        consecutive_gateway_failure: count(&o.consecutive_gateway_failure, 5),
+        enforcing_consecutive_gateway_failure: percent(
+            &o.enforcing_consecutive_gateway_failure,
+            0,
+            "enforcing_consecutive_gateway_failure",
+        )?,
+        consecutive_local_origin_failure: count(&o.consecutive_local_origin_failure, 5),
+        enforcing_consecutive_local_origin_failure: percent(
+            &o.enforcing_consecutive_local_origin_failure,
+            100,
+            "enforcing_consecutive_local_origin_failure",
+        )?,
+        success_rate_minimum_hosts: count(&o.success_rate_minimum_hosts, 5),
+        success_rate_request_volume: count(&o.success_rate_request_volume, 100),
+        success_rate_stdev_factor: count(&o.success_rate_stdev_factor, 1900),
+        enforcing_success_rate: percent(&o.enforcing_success_rate, 100, "enforcing_success_rate")?,
+        enforcing_local_origin_success_rate: percent(
+            &o.enforcing_local_origin_success_rate,
+            100,
+            "enforcing_local_origin_success_rate",
+        )?,
+        failure_percentage_threshold: percent(&o.failure_percentage_threshold, 85, "failure_percentage_threshold")?,
+        failure_percentage_minimum_hosts: count(&o.failure_percentage_minimum_hosts, 5),
+        failure_percentage_request_volume: count(&o.failure_percentage_request_volume, 50),
+        enforcing_failure_percentage: percent(&o.enforcing_failure_percentage, 0, "enforcing_failure_percentage")?,
+        enforcing_failure_percentage_local_origin: percent(
+            &o.enforcing_failure_percentage_local_origin,
+            0,
+            "enforcing_failure_percentage_local_origin",
+        )?,
     }))
+}
+
+/// `common_lb_config.healthy_panic_threshold`: below this percentage of hosts in service, the load balancer ignores
+/// outlier ejections and balances over every host (Envoy's panic mode); 0 turns panic mode off. Default 50.
+fn panic_threshold(c: &cpb::Cluster) -> Result<f64, ConfigError> {
+    let Some(p) = c.common_lb_config.as_ref().and_then(|l| l.healthy_panic_threshold.as_ref()) else {
+        return Ok(50.0);
+    };
+    if !(0.0..=100.0).contains(&p.value) {
+        return Err(ConfigError::new("common_lb_config.healthy_panic_threshold.value", "must be between 0 and 100"));
+    }
+    Ok(p.value)
 }
 
 /// How HTTP requests go to this cluster's hosts: the cluster's `envoy.extensions.upstreams.http.v3.HttpProtocolOptions`
@@ -628,6 +698,7 @@ impl TryFrom<cpb::Cluster> for ClusterConfig {
                 out
             }),
             outlier: outlier(&c)?,
+            healthy_panic_threshold: panic_threshold(&c)?,
             http,
             proto: Arc::new(c),
         })
@@ -898,12 +969,20 @@ load_assignment:
             ),
             ("name: c\ntype: EDS".to_string(), "eds_cluster_config: EDS clusters need eds_cluster_config"),
             (
-                "name: c\noutlier_detection: { enforcing_success_rate: 100 }".to_string(),
-                "outlier_detection.enforcing_success_rate: only consecutive_5xx outlier detection is supported",
+                "name: c\noutlier_detection: { base_ejection_time: 60s, max_ejection_time: 30s }".to_string(),
+                "outlier_detection.max_ejection_time: cannot be smaller than base_ejection_time",
             ),
             (
-                "name: c\noutlier_detection: { success_rate_minimum_hosts: 3 }".to_string(),
-                "outlier_detection.success_rate_minimum_hosts: not supported",
+                "name: c\noutlier_detection: { failure_percentage_threshold: 101 }".to_string(),
+                "outlier_detection.failure_percentage_threshold: must be at most 100",
+            ),
+            (
+                "name: c\noutlier_detection: { monitors: [ { name: m } ] }".to_string(),
+                "outlier_detection.monitors: not supported",
+            ),
+            (
+                "name: c\ncommon_lb_config: { healthy_panic_threshold: { value: 150 } }".to_string(),
+                "common_lb_config.healthy_panic_threshold.value: must be between 0 and 100",
             ),
         ];
         for (yaml, expect) in cases {
@@ -913,15 +992,43 @@ load_assignment:
     }
 
     #[test]
-    fn outlier_detection_takes_envoys_defaults_and_istios_disabled_detectors() {
-        let yaml = "name: c\noutlier_detection: { consecutive_5xx: 7, enforcing_success_rate: 0, \
-                    enforcing_consecutive_gateway_failure: 0, base_ejection_time: 600s }";
-        let o = convert(yaml).unwrap_or_else(|e| panic!("{e}")).outlier.unwrap_or_else(|| panic!("no outlier"));
-        assert_eq!(o.consecutive_5xx, 7);
-        assert_eq!(o.interval, Duration::from_secs(10));
-        assert_eq!(o.max_ejection_percent, 10);
-        assert_eq!(o.enforcing_consecutive_5xx, 100);
+    fn outlier_detection_takes_envoys_defaults() {
+        let o = convert("name: c\noutlier_detection: { base_ejection_time: 600s }")
+            .unwrap_or_else(|e| panic!("{e}"))
+            .outlier
+            .unwrap_or_else(|| panic!("no outlier"));
+        assert_eq!((o.consecutive_5xx, o.enforcing_consecutive_5xx), (5, 100));
+        assert_eq!((o.consecutive_gateway_failure, o.enforcing_consecutive_gateway_failure), (5, 0));
+        assert_eq!((o.consecutive_local_origin_failure, o.enforcing_consecutive_local_origin_failure), (5, 100));
+        assert_eq!((o.success_rate_minimum_hosts, o.success_rate_request_volume), (5, 100));
+        assert_eq!((o.success_rate_stdev_factor, o.enforcing_success_rate), (1900, 100));
+        assert_eq!(o.enforcing_local_origin_success_rate, 100);
+        assert_eq!((o.failure_percentage_threshold, o.failure_percentage_minimum_hosts), (85, 5));
+        assert_eq!((o.failure_percentage_request_volume, o.enforcing_failure_percentage), (50, 0));
+        assert_eq!(o.enforcing_failure_percentage_local_origin, 0);
+        assert_eq!((o.interval, o.max_ejection_percent), (Duration::from_secs(10), 10));
+        assert!(!o.always_eject_one_host && !o.split_external_local_origin_errors);
+        assert_eq!(o.max_ejection_time_jitter, Duration::ZERO);
         assert_eq!(o.max_ejection_time, Duration::from_secs(600), "the base time when it exceeds 300 s");
+    }
+
+    /// What Istio 1.14 generates for a DestinationRule's outlierDetection (consecutiveGatewayErrors,
+    /// consecutive5xxErrors, minHealthPercent left at 0): every field is honoured, none refused.
+    #[test]
+    fn istios_outlier_detection_loads() {
+        let yaml = "name: c\noutlier_detection: { consecutive_5xx: 7, enforcing_consecutive_5xx: 100, \
+                    consecutive_gateway_failure: 3, enforcing_consecutive_gateway_failure: 100, \
+                    enforcing_success_rate: 0, interval: 5s, base_ejection_time: 15s, max_ejection_percent: 100, \
+                    split_external_local_origin_errors: true, consecutive_local_origin_failure: 2, \
+                    enforcing_consecutive_local_origin_failure: 100, enforcing_local_origin_success_rate: 0 }\n\
+                    common_lb_config: { healthy_panic_threshold: {} }";
+        let c = convert(yaml).unwrap_or_else(|e| panic!("{e}"));
+        let o = c.outlier.unwrap_or_else(|| panic!("no outlier"));
+        assert_eq!((o.consecutive_gateway_failure, o.enforcing_consecutive_gateway_failure), (3, 100));
+        assert_eq!((o.enforcing_success_rate, o.consecutive_local_origin_failure), (0, 2));
+        assert!(o.split_external_local_origin_errors);
+        assert_eq!(c.healthy_panic_threshold, 0.0);
+        assert_eq!(convert("name: c").map(|c| c.healthy_panic_threshold), Ok(50.0));
     }
 
     #[test]

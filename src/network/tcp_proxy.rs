@@ -24,6 +24,7 @@ use crate::listener::worker::WorkerContext;
 use crate::stats::{Counter, Store};
 use crate::upstream::cluster::ConnectError;
 use crate::upstream::lb::Weights;
+use crate::upstream::outlier::Outcome as HostOutcome;
 
 /// Largest chunk per splice: the default pipe capacity, so a chunk always fits the pipe.
 pub const MAX_CHUNK: usize = 64 * 1024;
@@ -152,15 +153,18 @@ impl TcpProxy {
                 };
                 match cluster.connect_to(host.clone()).await {
                     Ok(up) => {
-                        // Envoy's tcp_proxy reports a connect as a success to outlier detection (in the default,
-                        // non-split mode, the same as a 200) and a failed or timed-out connect as a 5xx.
-                        cluster.outlier_result(&host, false);
+                        // Envoy's tcp_proxy reports a connect as the whole outcome it can judge (a 200 unless
+                        // local-origin errors are split), a refused connect as a connect failure (503) and a
+                        // timed-out one as a timeout (504).
+                        cluster.report(&host, HostOutcome::Connected);
                         return Ok(up);
                     }
                     Err(e) => {
                         debug!("upstream connect failed: {e}");
-                        if matches!(e, ConnectError::Io(..) | ConnectError::Timeout(_)) {
-                            cluster.outlier_result(&host, true);
+                        match e {
+                            ConnectError::Io(..) => cluster.report(&host, HostOutcome::ConnectFailed),
+                            ConnectError::Timeout(_) => cluster.report(&host, HostOutcome::Timeout),
+                            ConnectError::NoHealthyUpstream(_) | ConnectError::Overflow(_) => {}
                         }
                         last = Some(e);
                     }

@@ -10,6 +10,7 @@ use arc_swap::ArcSwap;
 use tokio::net::TcpStream;
 
 use super::lb::{HashTable, Maglev, Ring, Weights, least_of_two};
+use super::outlier::{self, HostOutlier, Outcome, OutlierStats};
 use crate::config::cluster::{ClusterConfig, ClusterKind, EndpointConfig, LbPolicy};
 use crate::stats::{Counter, Gauge, GaugeGuard, Histogram, Store};
 
@@ -23,26 +24,12 @@ pub struct Host {
     pub labels: Option<Arc<[(String, String)]>>,
     /// Connections (for tcp_proxy) or requests in flight: least request's measure.
     active: AtomicU32,
-    /// Outlier detection: 5xx answers in a row.
-    consecutive_5xx: AtomicU32,
-    /// Outlier detection: ejected until this many ms after [`epoch_ms`]'s epoch; 0 while in service.
-    ejected_until_ms: AtomicU64,
-    /// Outlier detection: how many times the host was ejected (the ejection time grows with it).
-    ejections: AtomicU32,
+    pub(super) outlier: HostOutlier,
 }
 
 impl Host {
     pub fn new(address: SocketAddr, weight: u32, hostname: String) -> Self {
-        Host {
-            address,
-            weight,
-            hostname,
-            labels: None,
-            active: AtomicU32::new(0),
-            consecutive_5xx: AtomicU32::new(0),
-            ejected_until_ms: AtomicU64::new(0),
-            ejections: AtomicU32::new(0),
-        }
+        Host { address, weight, hostname, labels: None, active: AtomicU32::new(0), outlier: HostOutlier::default() }
     }
 
     /// A host of an endpoint, carrying the endpoint's transport socket labels and its load-balancing weight.
@@ -52,7 +39,7 @@ impl Host {
 
     /// Taken out of load balancing by outlier detection.
     pub fn is_ejected(&self) -> bool {
-        self.ejected_until_ms.load(Ordering::Relaxed) != 0
+        self.outlier.is_ejected()
     }
 
     pub fn active(&self) -> u32 {
@@ -200,34 +187,12 @@ impl ClusterStats {
             upstream_rq_pending_active: g("upstream_rq_pending_active"),
             upstream_rq_time: store.histogram(&format!("cluster.{stat_name}.upstream_rq_time")),
             upstream_rq_class: [1, 2, 3, 4, 5].map(|n| c(&format!("upstream_rq_{n}xx"))),
-            outlier: OutlierStats {
-                ejections_active: g("outlier_detection.ejections_active"),
-                ejections_enforced_total: c("outlier_detection.ejections_enforced_total"),
-                ejections_overflow: c("outlier_detection.ejections_overflow"),
-                ejections_enforced_consecutive_5xx: c("outlier_detection.ejections_enforced_consecutive_5xx"),
-                ejections_detected_consecutive_5xx: c("outlier_detection.ejections_detected_consecutive_5xx"),
-            },
+            outlier: OutlierStats::new(store, &format!("cluster.{stat_name}")),
             codes: Arc::default(),
             store: store.clone(),
             prefix: format!("cluster.{stat_name}"),
         }
     }
-}
-
-/// `cluster.<name>.outlier_detection.*`, Envoy's names.
-#[derive(Debug, Clone)]
-pub struct OutlierStats {
-    pub ejections_active: Gauge,
-    pub ejections_enforced_total: Counter,
-    pub ejections_overflow: Counter,
-    pub ejections_enforced_consecutive_5xx: Counter,
-    pub ejections_detected_consecutive_5xx: Counter,
-}
-
-/// The clock ejection deadlines are kept on (milliseconds, so they fit an atomic).
-fn epoch_ms() -> u64 {
-    static EPOCH: std::sync::LazyLock<std::time::Instant> = std::sync::LazyLock::new(std::time::Instant::now);
-    EPOCH.elapsed().as_millis() as u64
 }
 
 impl ClusterStats {
@@ -297,7 +262,7 @@ pub struct Cluster {
     /// Retries outstanding, for `max_retries`.
     retries: Arc<AtomicU32>,
     /// Hosts ejected by outlier detection; while 0, choosing a host looks at no ejection.
-    ejected: AtomicU32,
+    pub(super) ejected: AtomicU32,
     pub stats: ClusterStats,
     breakers: BreakerGauges,
 }
@@ -421,17 +386,14 @@ impl Cluster {
                 old.hosts.iter().map(|h| (h.address, h)).collect();
             for h in &hosts.hosts {
                 if let Some(prior) = by_address.get(&h.address) {
-                    for (to, from) in [(&h.consecutive_5xx, &prior.consecutive_5xx), (&h.ejections, &prior.ejections)] {
-                        to.store(from.load(Ordering::Relaxed), Ordering::Relaxed);
-                    }
-                    h.ejected_until_ms.store(prior.ejected_until_ms.load(Ordering::Relaxed), Ordering::Relaxed);
+                    h.outlier.inherit(&prior.outlier);
                 }
             }
         }
         self.hosts.store(Arc::new(hosts.for_policy(self.config.lb_policy)));
         if self.config.outlier.is_some() {
             // The ejection count follows the new set.
-            self.uneject_expired();
+            outlier::recount(self, &self.hosts.load().hosts);
         }
     }
 
@@ -449,11 +411,17 @@ impl Cluster {
             return original_dst.map(|dst| Arc::new(Host::new(dst, 1, String::new())));
         }
         let set = self.hosts.load();
+        let ejected = self.ejected.load(Ordering::Relaxed) as usize;
+        // Envoy's panic mode: with fewer hosts in service than healthy_panic_threshold percent, balance over all of
+        // them; with the threshold at 0, never (and with every host ejected there is then no host).
+        let any = ejected == 0 || {
+            let in_service = set.hosts.len().saturating_sub(ejected) as f64;
+            in_service * 100.0 < self.config.healthy_panic_threshold * set.hosts.len() as f64
+        };
         if let (Some(hash), Some((table, _))) = (hash, &set.table)
             && !table.is_empty()
         {
-            let ejected = self.ejected.load(Ordering::Relaxed) != 0;
-            let idx = table.pick(hash, |i| !ejected || set.hosts.get(i).is_some_and(|h| !h.is_ejected()))?;
+            let idx = table.pick(hash, |i| any || set.hosts.get(i).is_some_and(|h| !h.is_ejected()))?;
             return set.hosts.get(idx).cloned();
         }
         let pick = || match self.config.lb_policy {
@@ -468,79 +436,29 @@ impl Cluster {
             }
         };
         let idx = pick()?;
-        let ejected = self.ejected.load(Ordering::Relaxed) as usize;
-        // Envoy's panic threshold (50%): with fewer than half the hosts in service, balance over all of them.
-        if ejected == 0 || (set.hosts.len() - ejected.min(set.hosts.len())) * 2 < set.hosts.len() {
+        if any {
             return set.hosts.get(idx).cloned();
         }
         let in_service = |i: &usize| set.hosts.get(*i).is_some_and(|h| !h.is_ejected());
         let idx = std::iter::once(idx)
             .chain((0..set.hosts.len()).filter_map(|_| pick()))
             .find(in_service)
-            .or_else(|| (0..set.hosts.len()).find(in_service))
-            .unwrap_or(idx);
+            .or_else(|| (0..set.hosts.len()).find(in_service))?;
         set.hosts.get(idx).cloned()
     }
 
-    /// Notes how an exchange with `host` went, for outlier detection: a 5xx answer, or a failure to get one (Envoy
-    /// counts connect failures, resets and timeouts as 5xx too), or neither.
-    pub fn outlier_result(&self, host: &Host, five_xx: bool) {
-        let Some(o) = &self.config.outlier else { return };
-        if !five_xx {
-            if host.consecutive_5xx.load(Ordering::Relaxed) != 0 {
-                host.consecutive_5xx.store(0, Ordering::Relaxed);
-            }
-            return;
+    /// Notes how an exchange with `host` went, for outlier detection (nothing without it).
+    pub fn report(&self, host: &Host, outcome: Outcome) {
+        if let Some(o) = &self.config.outlier {
+            outlier::report(self, o, host, outcome);
         }
-        if host.consecutive_5xx.fetch_add(1, Ordering::Relaxed) + 1 < o.consecutive_5xx {
-            return;
-        }
-        host.consecutive_5xx.store(0, Ordering::Relaxed);
-        if host.is_ejected() {
-            return;
-        }
-        let stats = &self.stats.outlier;
-        stats.ejections_detected_consecutive_5xx.inc();
-        if rand::random_range(0..100) >= o.enforcing_consecutive_5xx {
-            return;
-        }
-        let total = self.hosts.load().hosts.len().max(1) as u64;
-        let ejected = u64::from(self.ejected.load(Ordering::Relaxed));
-        // Envoy ejects at least one host whatever max_ejection_percent says.
-        if ejected > 0 && (ejected + 1) * 100 > u64::from(o.max_ejection_percent) * total {
-            stats.ejections_overflow.inc();
-            return;
-        }
-        let times = host.ejections.load(Ordering::Relaxed).saturating_add(1);
-        let length = o.base_ejection_time.saturating_mul(times).min(o.max_ejection_time);
-        let until = (epoch_ms() + length.as_millis() as u64).max(1);
-        if host.ejected_until_ms.compare_exchange(0, until, Ordering::Relaxed, Ordering::Relaxed).is_err() {
-            return;
-        }
-        host.ejections.store(times, Ordering::Relaxed);
-        self.ejected.fetch_add(1, Ordering::Relaxed);
-        stats.ejections_active.inc();
-        stats.ejections_enforced_total.inc();
-        stats.ejections_enforced_consecutive_5xx.inc();
-        tracing::info!(cluster = %self.name(), host = %host.address, "outlier detection: ejected for {length:?} (consecutive 5xx)");
     }
 
-    /// Returns hosts whose ejection time is over to service; Envoy does it on the detector's `interval` timer.
-    pub fn uneject_expired(&self) {
-        let now = epoch_ms();
-        let set = self.hosts.load();
-        let mut still = 0;
-        for h in &set.hosts {
-            let until = h.ejected_until_ms.load(Ordering::Relaxed);
-            if until != 0 && until <= now {
-                h.ejected_until_ms.store(0, Ordering::Relaxed);
-                tracing::info!(cluster = %self.name(), host = %h.address, "outlier detection: host returned to service");
-            } else if until != 0 {
-                still += 1;
-            }
+    /// Outlier detection's interval sweep (see [`outlier::sweep`]).
+    pub fn outlier_sweep(&self) {
+        if let Some(o) = &self.config.outlier {
+            outlier::sweep(self, o);
         }
-        self.ejected.store(still, Ordering::Relaxed);
-        self.stats.outlier.ejections_active.set(i64::from(still));
     }
 
     /// Picks a host and connects to it within `connect_timeout`, counting the outcome in the cluster's stats.
@@ -670,6 +588,7 @@ mod tests {
             http: Default::default(),
             tls: None,
             outlier: None,
+            healthy_panic_threshold: 50.0,
             transport_socket_matches: Vec::new(),
             pipe: None,
             tcp_keepalive: None,
@@ -713,40 +632,6 @@ mod tests {
         let c = Cluster::new(config(ClusterKind::Static, LbPolicy::RoundRobin, eps), hosts, &Store::default());
         let ports: Vec<u16> = (0..4).filter_map(|_| c.choose(None)).map(|h| h.address.port()).collect();
         assert_eq!(ports, vec![2, 3, 2, 3]);
-    }
-
-    #[test]
-    fn consecutive_5xx_ejects_and_the_ejection_survives_a_host_set_update() {
-        let eps = vec![ep(1, 0, true), ep(2, 0, true)];
-        let mut cfg = (*config(ClusterKind::Static, LbPolicy::RoundRobin, eps.clone())).clone();
-        cfg.outlier = Some(crate::config::cluster::OutlierConfig {
-            consecutive_5xx: 2,
-            interval: std::time::Duration::from_secs(10),
-            base_ejection_time: std::time::Duration::from_secs(30),
-            max_ejection_time: std::time::Duration::from_secs(300),
-            max_ejection_percent: 10,
-            enforcing_consecutive_5xx: 100,
-        });
-        let c = Cluster::new(Arc::new(cfg), HostSet::from_endpoints(&eps, false), &Store::default());
-        let first = c.hosts().hosts[0].clone();
-        c.outlier_result(&first, true);
-        c.outlier_result(&first, false);
-        c.outlier_result(&first, true);
-        assert!(!first.is_ejected(), "a success in between starts the count again");
-        c.outlier_result(&first, true);
-        assert!(first.is_ejected());
-        let ports: Vec<u16> = (0..4).filter_map(|_| c.choose(None)).map(|h| h.address.port()).collect();
-        assert_eq!(ports, vec![2, 2, 2, 2]);
-
-        c.set_hosts(HostSet::from_endpoints(&eps, false));
-        assert!(c.hosts().hosts[0].is_ejected(), "the same address stays ejected");
-        assert_eq!(c.stats.outlier.ejections_active.value(), 1);
-        // The other host would be the second of two ejected: over 10%, but one is always allowed, not two.
-        let second = c.hosts().hosts[1].clone();
-        c.outlier_result(&second, true);
-        c.outlier_result(&second, true);
-        assert!(!second.is_ejected());
-        assert_eq!(c.stats.outlier.ejections_overflow.value(), 1);
     }
 
     #[test]

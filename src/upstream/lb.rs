@@ -205,19 +205,12 @@ impl HashTable {
         self.len() == 0
     }
 
-    /// The first host from the owner of `hash` on (in table order) that `usable` accepts; the owner itself if
-    /// none does.
+    /// The first host from the owner of `hash` on (in table order) that `usable` accepts; None if none does (the
+    /// caller's panic mode decides whether ejected hosts are usable).
     pub fn pick(&self, hash: u64, usable: impl Fn(usize) -> bool) -> Option<usize> {
-        fn first(mut owners: impl Iterator<Item = usize>, usable: impl Fn(usize) -> bool) -> Option<usize> {
-            let owner = owners.next()?;
-            if usable(owner) {
-                return Some(owner);
-            }
-            owners.find(|i| usable(*i)).or(Some(owner))
-        }
         match self {
-            HashTable::Ring(r) => first(r.from(hash), usable),
-            HashTable::Maglev(m) => first(m.from(hash), usable),
+            HashTable::Ring(r) => r.from(hash).find(|i| usable(*i)),
+            HashTable::Maglev(m) => m.from(hash).find(|i| usable(*i)),
         }
     }
 }
@@ -283,6 +276,7 @@ mod tests {
         let table = HashTable::Maglev(maglev);
         let owner = table.pick(12345, |_| true).unwrap();
         assert_ne!(table.pick(12345, |i| i != owner), Some(owner), "walks past a host out of service");
+        assert_eq!(table.pick(12345, |_| false), None, "no host in service and no panic: none");
         assert_eq!(combine(None, 5), 5);
         assert_eq!(combine(Some(1), 1), 3);
     }

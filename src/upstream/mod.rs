@@ -4,6 +4,7 @@
 pub mod cluster;
 pub mod dns;
 pub mod lb;
+pub mod outlier;
 pub mod pool;
 
 use std::collections::HashMap;
@@ -377,13 +378,12 @@ async fn join_all<F: std::future::Future<Output = ()>>(futs: impl Iterator<Item 
     }
 }
 
-/// Outlier detection's `interval` timer: returns ejected hosts to service once their time is over, until the cluster
-/// is gone.
+/// Outlier detection's `interval` timer: the detector's sweep, until the cluster is gone.
 async fn outlier_interval(cluster: std::sync::Weak<Cluster>, interval: std::time::Duration) {
     loop {
         tokio::time::sleep(interval).await;
         let Some(c) = cluster.upgrade() else { return };
-        c.uneject_expired();
+        c.outlier_sweep();
     }
 }
 

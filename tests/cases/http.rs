@@ -1124,7 +1124,9 @@ async fn health_check_pass_through_caches_the_upstreams_answer() {
 /// than its minimum (an outlier-ejected host is out of service), or does not exist.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_check_follows_cluster_min_healthy_percentages() {
-    let cluster = flaky_and_good_cluster("consecutive_5xx: 2, interval: 10s, base_ejection_time: 30s").await;
+    let cluster =
+        flaky_and_good_cluster("consecutive_5xx: 2, interval: 10s, base_ejection_time: 30s, max_ejection_percent: 50")
+            .await;
     let hc = |min: &str| {
         format!(
             "pass_through_mode: false\n              cluster_min_healthy_percentages: {min}\n              \
@@ -1202,11 +1204,13 @@ async fn requests_until_503s(
 }
 
 /// Envoy's consecutive_5xx outlier detection: a host that answers 5xx that many times in a row leaves load balancing
-/// for base_ejection_time (at least one host even under max_ejection_percent's default 10%), and returns on the
-/// detector's interval timer once that time is over.
+/// for base_ejection_time (one host of two is 50% of the cluster, so max_ejection_percent must allow it), and returns
+/// on the detector's interval timer once that time is over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consecutive_5xx_ejects_the_host_until_its_ejection_time_is_over() {
-    let cluster = flaky_and_good_cluster("consecutive_5xx: 3, interval: 0.2s, base_ejection_time: 1s").await;
+    let cluster =
+        flaky_and_good_cluster("consecutive_5xx: 3, interval: 0.2s, base_ejection_time: 1s, max_ejection_percent: 50")
+            .await;
     let server = start(&yaml(&http_listener("h", 0, &routes_to("u", ""), ""), &cluster), Duration::from_secs(1)).await;
     let mut c = http1_client(listener_addr(&server, "h")).await;
     assert_eq!(requests_until_503s(&mut c, 3, 10).await, 3);
@@ -1228,6 +1232,59 @@ async fn consecutive_5xx_ejects_the_host_until_its_ejection_time_is_over() {
         statuses.push(http1_request(&mut c, "GET", "/", "x", &[]).await.0);
     }
     assert!(statuses.contains(&503), "back in the rotation: {statuses:?}");
+}
+
+/// What Istio sends for a DestinationRule with `consecutiveGatewayErrors: 2` and `minHealthPercent` unset: gateway
+/// errors eject, and with `healthy_panic_threshold` 0 a cluster whose every host is ejected has no host at all
+/// (Envoy's 503 "no healthy upstream") instead of panicking back onto the failing hosts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_gateway_errors_eject_and_panic_threshold_zero_leaves_no_host() {
+    let bad = flaky_upstream(usize::MAX).await;
+    let cluster = format!(
+        "{}\n    outlier_detection: {{ consecutive_gateway_failure: 2, enforcing_consecutive_gateway_failure: 100, \
+         enforcing_consecutive_5xx: 0, enforcing_success_rate: 0, interval: 10s, base_ejection_time: 30s, \
+         max_ejection_percent: 100 }}\n    common_lb_config: {{ healthy_panic_threshold: {{}} }}",
+        static_cluster("u", &[bad])
+    );
+    let server = start(&yaml(&http_listener("h", 0, &routes_to("u", ""), ""), &cluster), Duration::from_secs(1)).await;
+    let mut c = http1_client(listener_addr(&server, "h")).await;
+    for _ in 0..2 {
+        let (status, _, body) = http1_request(&mut c, "GET", "/", "x", &[]).await;
+        assert_eq!((status, body.starts_with("attempt")), (503, true), "the host's own 503: {body}");
+    }
+    assert_eq!(counter(&server, "cluster.u.outlier_detection.ejections_enforced_consecutive_gateway_failure"), 1);
+    assert_eq!(counter(&server, "cluster.u.outlier_detection.ejections_detected_consecutive_5xx"), 0);
+    let (status, _, body) = http1_request(&mut c, "GET", "/", "x", &[]).await;
+    assert_eq!((status, body.as_str()), (503, "no healthy upstream"));
+    assert_eq!(counter(&server, "cluster.u.upstream_rq_total"), 2, "the ejected host got nothing more");
+}
+
+/// Envoy's failure-percentage detector works on the interval sweep: a host whose share of 5xx over the last interval
+/// reaches the threshold is ejected, though its failures never came consecutive_5xx in a row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failure_percentage_ejects_at_the_interval_sweep() {
+    let cluster = flaky_and_good_cluster(
+        "consecutive_5xx: 1000, enforcing_failure_percentage: 100, failure_percentage_threshold: 90, \
+         failure_percentage_minimum_hosts: 2, failure_percentage_request_volume: 5, interval: 0.5s, \
+         base_ejection_time: 30s, max_ejection_percent: 50",
+    )
+    .await;
+    let server = start(&yaml(&http_listener("h", 0, &routes_to("u", ""), ""), &cluster), Duration::from_secs(1)).await;
+    let mut c = http1_client(listener_addr(&server, "h")).await;
+    let mut failures = 0;
+    for _ in 0..40 {
+        failures += usize::from(http1_request(&mut c, "GET", "/", "x", &[]).await.0 == 503);
+    }
+    assert!(failures >= 10, "round robin reached the failing host: {failures} of 40");
+    eventually("the sweep ejected the failing host", Duration::from_secs(5), async || {
+        gauge(&server, "cluster.u.outlier_detection.ejections_active") == 1
+    })
+    .await;
+    assert_eq!(counter(&server, "cluster.u.outlier_detection.ejections_enforced_failure_percentage"), 1);
+    assert_eq!(counter(&server, "cluster.u.outlier_detection.ejections_enforced_consecutive_5xx"), 0);
+    for _ in 0..4 {
+        assert_eq!(http1_request(&mut c, "GET", "/", "x", &[]).await.0, 200);
+    }
 }
 
 /// For a request with a body, Envoy's per-try timeout ends one attempt (retried) and the route timeout, counted once

@@ -179,14 +179,14 @@ async fn round_robin_alternates_between_hosts() {
     assert_eq!(seen, b"ABAB");
 }
 
-/// Envoy's tcp_proxy reports connect failures to outlier detection as 5xx (non-split mode): a host that refuses
+/// Envoy's tcp_proxy reports a refused connect to outlier detection as a 503 (non-split mode): a host that refuses
 /// `consecutive_5xx` connects in a row is ejected, and every later connection goes to the host that answers.
 #[tokio::test]
 async fn refused_connects_eject_the_host_by_consecutive_5xx() {
     let dead = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
     let live = tagged_server(b"L").await;
     let cluster = format!(
-        "{}\n    outlier_detection: {{ consecutive_5xx: 2, interval: 10s, base_ejection_time: 30s }}",
+        "{}\n    outlier_detection: {{ consecutive_5xx: 2, interval: 10s, base_ejection_time: 30s, max_ejection_percent: 50 }}",
         static_cluster("c", &[dead, live])
     );
     let server = start(&yaml(&tcp_listener("l", 0, "c"), &cluster), Duration::from_secs(1)).await;

@@ -23,6 +23,7 @@ use crate::access_log::Flag;
 use crate::config::cluster::UpstreamProtocol;
 use crate::config::http::ServerHeader;
 use crate::upstream::cluster::{Cluster, ConnectError, Host};
+use crate::upstream::outlier::Outcome;
 use crate::upstream::pool::{Lease, PoolError, Protocol};
 
 const NO_HEALTHY_UPSTREAM: &str = "no healthy upstream";
@@ -667,6 +668,8 @@ async fn forward(
                     (true, _) => {
                         stats.upstream_rq_timeout.inc();
                         trace.flags.push(Flag::UpstreamRequestTimeout);
+                        // Envoy reports the route timeout to outlier detection as a timeout of this host.
+                        cluster.report(&host_entry, Outcome::Timeout);
                         return local_reply(conn, StatusCode::GATEWAY_TIMEOUT, TIMEOUT);
                     }
                     (false, true) => {
@@ -687,6 +690,8 @@ async fn forward(
                     Err(_) if deadline.is_some_and(|g| g <= Instant::now()) => {
                         stats.upstream_rq_timeout.inc();
                         trace.flags.push(Flag::UpstreamRequestTimeout);
+                        // Envoy reports the route timeout to outlier detection as a timeout of this host.
+                        cluster.report(&host_entry, Outcome::Timeout);
                         return local_reply(conn, StatusCode::GATEWAY_TIMEOUT, TIMEOUT);
                     }
                     Err(_)
@@ -718,7 +723,7 @@ async fn forward(
             Ok((resp, lease)) => {
                 let status = resp.status().as_u16();
                 cluster.count_response(status);
-                cluster.outlier_result(&host_entry, status >= 500);
+                cluster.report(&host_entry, Outcome::Status(status));
                 let retriable = policy.is_some_and(|p| p.should_retry_status(status));
                 if can_retry && retriable {
                     if let Some(slot) = admit_retry(cluster, retry, attempt, deadline).await {
@@ -757,10 +762,13 @@ async fn forward(
                     resp.headers_mut().insert(X_OVERLOADED.clone(), HeaderValue::from_static("true"));
                     return resp;
                 }
-                // Envoy's outlier detection counts a failure to get an answer as a 5xx from the host (but not our own
-                // max_connections overflow).
-                if !matches!(failure, Failure::Pool(PoolError::Connect(ConnectError::Overflow(_)))) {
-                    cluster.outlier_result(&host_entry, true);
+                // Envoy's router reports a failure to get an answer to outlier detection: a per-try timeout as a
+                // timeout, a refused connection or a reset as a connect failure; never our own max_connections
+                // overflow.
+                match &failure {
+                    Failure::Pool(PoolError::Connect(ConnectError::Overflow(_))) => {}
+                    Failure::PerTryTimeout => cluster.report(&host_entry, Outcome::Timeout),
+                    Failure::Pool(_) => cluster.report(&host_entry, Outcome::ConnectFailed),
                 }
                 let (retryable, reply) = match &failure {
                     Failure::Pool(e) if e.is_connect_failure() => {
