@@ -399,6 +399,8 @@ const POLICIES: &[(&str, Policy)] = {
                 "common_lb_config",
                 "ring_hash_lb_config",
                 "maglev_lb_config",
+                "round_robin_lb_config",
+                "least_request_lb_config",
             ]),
         ),
         // Every detector runs. `monitors` (extensions) is refused by the conversion; without active health
@@ -417,6 +419,8 @@ const POLICIES: &[(&str, Policy)] = {
         ("envoy.config.cluster.v3.Cluster.CommonLbConfig.LocalityWeightedLbConfig", All),
         ("envoy.config.cluster.v3.Cluster.RingHashLbConfig", All),
         ("envoy.config.cluster.v3.Cluster.MaglevLbConfig", All),
+        ("envoy.config.cluster.v3.Cluster.RoundRobinLbConfig", All),
+        ("envoy.config.cluster.v3.Cluster.LeastRequestLbConfig", All),
         ("envoy.config.cluster.v3.Cluster.EdsClusterConfig", All),
         ("envoy.extensions.upstreams.http.v3.HttpProtocolOptions", All),
         ("envoy.config.cluster.v3.CircuitBreakers", Only(&["thresholds"])),

@@ -52,6 +52,33 @@ pub enum LbPolicy {
     },
 }
 
+/// The tuning of the ROUND_ROBIN and LEAST_REQUEST balancers (`round_robin_lb_config`, `least_request_lb_config`),
+/// with Envoy's defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Balancing {
+    /// LEAST_REQUEST over equally weighted hosts: this many are drawn per pick and the least busy wins.
+    pub choice_count: u32,
+    /// LEAST_REQUEST over unequal weights: a host weighs weight / (active requests + 1)^bias.
+    pub active_request_bias: f64,
+    pub slow_start: Option<SlowStart>,
+}
+
+impl Default for Balancing {
+    fn default() -> Self {
+        Balancing { choice_count: 2, active_request_bias: 1.0, slow_start: None }
+    }
+}
+
+/// Envoy's slow start: for `window` after a host joins the cluster its weight is scaled by
+/// max(min_weight, time_factor^(1/aggression)), time_factor = max(seconds in the cluster, 1) / window seconds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SlowStart {
+    pub window: Duration,
+    pub aggression: f64,
+    /// A fraction (Envoy's `min_weight_percent` / 100, default 10%).
+    pub min_weight: f64,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DnsFamily {
     /// Envoy's AUTO: IPv6 if any, else IPv4.
@@ -156,6 +183,7 @@ pub struct ClusterConfig {
     pub outlier: Option<OutlierConfig>,
     /// `common_lb_config.healthy_panic_threshold`, a percentage (see [`panic_threshold`]).
     pub healthy_panic_threshold: f64,
+    pub balancing: Balancing,
     pub proto: Arc<cpb::Cluster>,
 }
 
@@ -330,6 +358,58 @@ fn outlier(c: &cpb::Cluster) -> Result<Option<OutlierConfig>, ConfigError> {
             "enforcing_failure_percentage_local_origin",
         )?,
     }))
+}
+
+/// `round_robin_lb_config` and `least_request_lb_config`, each only with its own policy. A `RuntimeDouble`'s runtime
+/// key names an override in a runtime this proxy does not have, so its default value applies.
+fn balancing(c: &cpb::Cluster, policy: LbPolicy) -> Result<Balancing, ConfigError> {
+    use cpb::cluster::LbConfig;
+    let mut out = Balancing::default();
+    let slow = match (&c.lb_config, policy) {
+        (Some(LbConfig::RoundRobinLbConfig(rr)), LbPolicy::RoundRobin) => {
+            slow_start(rr.slow_start_config.as_ref(), "round_robin_lb_config.slow_start_config")?
+        }
+        (Some(LbConfig::RoundRobinLbConfig(_)), _) => {
+            return Err(ConfigError::new("round_robin_lb_config", "only goes with lb_policy ROUND_ROBIN"));
+        }
+        (Some(LbConfig::LeastRequestLbConfig(lr)), LbPolicy::LeastRequest) => {
+            let at = |f: &str| join("least_request_lb_config", f);
+            if let Some(n) = &lr.choice_count {
+                if n.value < 2 {
+                    return Err(ConfigError::new(at("choice_count"), "must be at least 2"));
+                }
+                out.choice_count = n.value;
+            }
+            if let Some(bias) = &lr.active_request_bias {
+                if !(bias.default_value >= 0.0 && bias.default_value.is_finite()) {
+                    return Err(ConfigError::new(at("active_request_bias"), "must be a finite value of at least 0"));
+                }
+                out.active_request_bias = bias.default_value;
+            }
+            slow_start(lr.slow_start_config.as_ref(), &at("slow_start_config"))?
+        }
+        (Some(LbConfig::LeastRequestLbConfig(_)), _) => {
+            return Err(ConfigError::new("least_request_lb_config", "only goes with lb_policy LEAST_REQUEST"));
+        }
+        _ => None,
+    };
+    out.slow_start = slow;
+    Ok(out)
+}
+
+fn slow_start(s: Option<&cpb::cluster::SlowStartConfig>, at: &str) -> Result<Option<SlowStart>, ConfigError> {
+    let Some(s) = s else { return Ok(None) };
+    let window = opt_duration(s.slow_start_window.as_ref(), Duration::ZERO, &join(at, "slow_start_window"))?;
+    let aggression = s.aggression.as_ref().map_or(1.0, |a| a.default_value);
+    if !(aggression > 0.0 && aggression.is_finite()) {
+        return Err(ConfigError::new(join(at, "aggression"), "must be greater than 0"));
+    }
+    let min = s.min_weight_percent.as_ref().map_or(10.0, |p| p.value);
+    if !(0.0..=100.0).contains(&min) {
+        return Err(ConfigError::new(join(at, "min_weight_percent"), "must be between 0 and 100"));
+    }
+    // A zero window is no slow start at all.
+    Ok((!window.is_zero()).then_some(SlowStart { window, aggression, min_weight: min / 100.0 }))
 }
 
 /// `common_lb_config.healthy_panic_threshold`: below this percentage of hosts in service, the load balancer ignores
@@ -699,6 +779,7 @@ impl TryFrom<cpb::Cluster> for ClusterConfig {
             }),
             outlier: outlier(&c)?,
             healthy_panic_threshold: panic_threshold(&c)?,
+            balancing: balancing(&c, lb_policy)?,
             http,
             proto: Arc::new(c),
         })
@@ -981,6 +1062,20 @@ load_assignment:
                 "outlier_detection.monitors: not supported",
             ),
             (
+                "name: c\nlb_policy: ROUND_ROBIN\nleast_request_lb_config: {}".to_string(),
+                "least_request_lb_config: only goes with lb_policy LEAST_REQUEST",
+            ),
+            (
+                "name: c\nlb_policy: LEAST_REQUEST\nleast_request_lb_config: { choice_count: 1 }".to_string(),
+                "least_request_lb_config.choice_count: must be at least 2",
+            ),
+            (
+                "name: c\nround_robin_lb_config: { slow_start_config: { slow_start_window: 10s, \
+                 aggression: { default_value: 0, runtime_key: k } } }"
+                    .to_string(),
+                "round_robin_lb_config.slow_start_config.aggression: must be greater than 0",
+            ),
+            (
                 "name: c\ncommon_lb_config: { healthy_panic_threshold: { value: 150 } }".to_string(),
                 "common_lb_config.healthy_panic_threshold.value: must be between 0 and 100",
             ),
@@ -1029,6 +1124,31 @@ load_assignment:
         assert!(o.split_external_local_origin_errors);
         assert_eq!(c.healthy_panic_threshold, 0.0);
         assert_eq!(convert("name: c").map(|c| c.healthy_panic_threshold), Ok(50.0));
+    }
+
+    /// Istio's DestinationRule `warmupDurationSecs` becomes a slow_start_config on the policy's own lb config.
+    #[test]
+    fn balancer_configs_take_envoys_defaults() {
+        let c = convert(
+            "name: c\nlb_policy: LEAST_REQUEST\nleast_request_lb_config: { choice_count: 3, \
+             slow_start_config: { slow_start_window: 45s } }",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((c.balancing.choice_count, c.balancing.active_request_bias), (3, 1.0));
+        assert_eq!(
+            c.balancing.slow_start,
+            Some(SlowStart { window: Duration::from_secs(45), aggression: 1.0, min_weight: 0.1 })
+        );
+        let c = convert(
+            "name: c\nround_robin_lb_config: { slow_start_config: { slow_start_window: 10s, \
+             aggression: { default_value: 2, runtime_key: k }, min_weight_percent: { value: 25 } } }",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            c.balancing.slow_start,
+            Some(SlowStart { window: Duration::from_secs(10), aggression: 2.0, min_weight: 0.25 })
+        );
+        assert_eq!(convert("name: c").map(|c| c.balancing), Ok(Balancing::default()));
     }
 
     #[test]

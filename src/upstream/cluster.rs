@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 
 use super::lb::{HashTable, Maglev, Ring, Weights, least_of_two};
 use super::outlier::{self, HostOutlier, Outcome, OutlierStats};
-use crate::config::cluster::{ClusterConfig, ClusterKind, EndpointConfig, LbPolicy};
+use crate::config::cluster::{ClusterConfig, ClusterKind, EndpointConfig, LbPolicy, SlowStart};
 use crate::stats::{Counter, Gauge, GaugeGuard, Histogram, Store};
 
 #[derive(Debug)]
@@ -25,11 +25,21 @@ pub struct Host {
     /// Connections (for tcp_proxy) or requests in flight: least request's measure.
     active: AtomicU32,
     pub(super) outlier: HostOutlier,
+    /// When the host's address joined the cluster ([`epoch_ms`]), for slow start; kept across host set updates.
+    added_ms: AtomicU64,
 }
 
 impl Host {
     pub fn new(address: SocketAddr, weight: u32, hostname: String) -> Self {
-        Host { address, weight, hostname, labels: None, active: AtomicU32::new(0), outlier: HostOutlier::default() }
+        Host {
+            address,
+            weight,
+            hostname,
+            labels: None,
+            active: AtomicU32::new(0),
+            outlier: HostOutlier::default(),
+            added_ms: AtomicU64::new(epoch_ms()),
+        }
     }
 
     /// A host of an endpoint, carrying the endpoint's transport socket labels and its load-balancing weight.
@@ -57,6 +67,12 @@ pub struct HostSet {
     pub total: usize,
     /// RING_HASH and MAGLEV clusters: the table over `hosts`, and the policy it was built for.
     table: Option<(Arc<HashTable>, LbPolicy)>,
+}
+
+/// The clock host join times and ejection deadlines are kept on (milliseconds, so they fit an atomic).
+pub(crate) fn epoch_ms() -> u64 {
+    static EPOCH: std::sync::LazyLock<std::time::Instant> = std::sync::LazyLock::new(std::time::Instant::now);
+    EPOCH.elapsed().as_millis() as u64
 }
 
 impl HostSet {
@@ -263,6 +279,8 @@ pub struct Cluster {
     retries: Arc<AtomicU32>,
     /// Hosts ejected by outlier detection; while 0, choosing a host looks at no ejection.
     pub(super) ejected: AtomicU32,
+    /// With slow start: until when ([`epoch_ms`]) some host is still in its window; picks before then scale weights.
+    slow_start_until_ms: AtomicU64,
     pub stats: ClusterStats,
     breakers: BreakerGauges,
 }
@@ -346,8 +364,10 @@ impl Cluster {
             retries: Arc::new(AtomicU32::new(0)),
             breakers,
             ejected: AtomicU32::new(0),
+            slow_start_until_ms: AtomicU64::new(0),
             stats,
         };
+        cluster.note_slow_start(&hosts);
         cluster.stats.membership_total.set(hosts.total as i64);
         cluster.stats.membership_healthy.set(hosts.hosts.len() as i64);
         // A predecessor's hosts are shared as they are unless this version balances differently.
@@ -378,18 +398,22 @@ impl Cluster {
     pub fn set_hosts(&self, hosts: HostSet) {
         self.stats.membership_total.set(hosts.total as i64);
         self.stats.membership_healthy.set(hosts.hosts.len() as i64);
-        if self.config.outlier.is_some() {
-            // An EDS update or DNS refresh builds new host objects: as in Envoy, a host that stays keeps its outlier
-            // state (an ejected host stays ejected).
-            let old = self.hosts.load();
-            let by_address: std::collections::HashMap<SocketAddr, &Arc<Host>> =
-                old.hosts.iter().map(|h| (h.address, h)).collect();
-            for h in &hosts.hosts {
-                if let Some(prior) = by_address.get(&h.address) {
+        // An EDS update or DNS refresh builds new host objects: as in Envoy, a host that stays keeps its outlier
+        // state (an ejected host stays ejected) and its time in the cluster (slow start does not begin again).
+        let old = self.hosts.load();
+        let by_address: std::collections::HashMap<SocketAddr, &Arc<Host>> =
+            old.hosts.iter().map(|h| (h.address, h)).collect();
+        for h in &hosts.hosts {
+            if let Some(prior) = by_address.get(&h.address) {
+                h.added_ms.store(prior.added_ms.load(Ordering::Relaxed), Ordering::Relaxed);
+                if self.config.outlier.is_some() {
                     h.outlier.inherit(&prior.outlier);
                 }
             }
         }
+        drop(by_address);
+        drop(old);
+        self.note_slow_start(&hosts);
         self.hosts.store(Arc::new(hosts.for_policy(self.config.lb_policy)));
         if self.config.outlier.is_some() {
             // The ejection count follows the new set.
@@ -424,15 +448,23 @@ impl Cluster {
             let idx = table.pick(hash, |i| any || set.hosts.get(i).is_some_and(|h| !h.is_ejected()))?;
             return set.hosts.get(idx).cloned();
         }
+        let slow_start = self.slow_start_now();
+        let scaled =
+            slow_start.is_some() || (self.config.lb_policy == LbPolicy::LeastRequest && !set.weights.uniform());
         let pick = || match self.config.lb_policy {
+            _ if scaled => self.pick_scaled(&set, slow_start),
             LbPolicy::RoundRobin | LbPolicy::ClusterProvided => {
                 set.weights.pick(self.rr.fetch_add(1, Ordering::Relaxed))
             }
             LbPolicy::Random | LbPolicy::RingHash { .. } | LbPolicy::Maglev { .. } => set.weights.pick(rand::random()),
             LbPolicy::LeastRequest => {
-                let a = set.weights.pick(rand::random());
-                let b = set.weights.pick(rand::random());
-                a.zip(b).map(|(a, b)| least_of_two(a, b, |i| set.hosts[i].active()))
+                // Envoy's choice of the least busy of choice_count draws, over equal weights.
+                let first = set.weights.pick(rand::random())?;
+                Some((1..self.config.balancing.choice_count).fold(first, |best, _| {
+                    set.weights
+                        .pick(rand::random())
+                        .map_or(best, |other| least_of_two(best, other, |i| set.hosts[i].active()))
+                }))
             }
         };
         let idx = pick()?;
@@ -445,6 +477,60 @@ impl Cluster {
             .find(in_service)
             .or_else(|| (0..set.hosts.len()).find(in_service))?;
         set.hosts.get(idx).cloned()
+    }
+
+    /// Records when the newest host of `hosts` leaves its slow start window.
+    fn note_slow_start(&self, hosts: &HostSet) {
+        if let Some(s) = &self.config.balancing.slow_start {
+            let newest = hosts.hosts.iter().map(|h| h.added_ms.load(Ordering::Relaxed)).max().unwrap_or(0);
+            self.slow_start_until_ms.store(newest + s.window.as_millis() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// The slow start config and the time now, while some host is in its window (ROUND_ROBIN and LEAST_REQUEST
+    /// only, as in Envoy).
+    fn slow_start_now(&self) -> Option<(&SlowStart, u64)> {
+        let s = self.config.balancing.slow_start.as_ref()?;
+        if !matches!(self.config.lb_policy, LbPolicy::RoundRobin | LbPolicy::LeastRequest) {
+            return None;
+        }
+        let now = epoch_ms();
+        (now < self.slow_start_until_ms.load(Ordering::Relaxed)).then_some((s, now))
+    }
+
+    /// A pick in proportion to weights that change per pick: Envoy's slow start scaling, and for LEAST_REQUEST
+    /// over unequal weights, weight / (active + 1)^active_request_bias. Envoy runs its EDF scheduler over these
+    /// weights; this draws at random in the same proportions. Two passes over the hosts, no allocation.
+    fn pick_scaled(&self, set: &HostSet, slow_start: Option<(&SlowStart, u64)>) -> Option<usize> {
+        let bias = self.config.balancing.active_request_bias;
+        let weight = |h: &Host| {
+            let mut w = f64::from(h.weight);
+            if let Some((s, now)) = slow_start {
+                let in_cluster = now.saturating_sub(h.added_ms.load(Ordering::Relaxed));
+                let window = s.window.as_millis() as u64;
+                if in_cluster < window {
+                    let factor = (in_cluster.max(1000) as f64 / window as f64).powf(1.0 / s.aggression);
+                    w *= factor.max(s.min_weight);
+                }
+            }
+            if self.config.lb_policy == LbPolicy::LeastRequest && bias != 0.0 {
+                w /= (f64::from(h.active()) + 1.0).powf(bias);
+            }
+            w
+        };
+        let total: f64 = set.hosts.iter().map(|h| weight(h)).sum();
+        if total <= 0.0 {
+            return None;
+        }
+        let mut x = rand::random::<f64>() * total;
+        for (i, h) in set.hosts.iter().enumerate() {
+            x -= weight(h);
+            if x < 0.0 {
+                return Some(i);
+            }
+        }
+        // Rounding left a sliver past the last host: it goes to the last host that has any weight.
+        set.hosts.iter().rposition(|h| h.weight > 0)
     }
 
     /// Notes how an exchange with `host` went, for outlier detection (nothing without it).
@@ -570,6 +656,8 @@ impl Cluster {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::config::cluster::{DnsFamily, EndpointAddress};
 
@@ -589,6 +677,7 @@ mod tests {
             tls: None,
             outlier: None,
             healthy_panic_threshold: 50.0,
+            balancing: Default::default(),
             transport_socket_matches: Vec::new(),
             pipe: None,
             tcp_keepalive: None,
@@ -632,6 +721,86 @@ mod tests {
         let c = Cluster::new(config(ClusterKind::Static, LbPolicy::RoundRobin, eps), hosts, &Store::default());
         let ports: Vec<u16> = (0..4).filter_map(|_| c.choose(None)).map(|h| h.address.port()).collect();
         assert_eq!(ports, vec![2, 3, 2, 3]);
+    }
+
+    /// How often each host (by port) is picked in `n` picks.
+    fn shares(n: usize, mut pick: impl FnMut() -> Option<usize>, c: &Cluster) -> std::collections::HashMap<u16, usize> {
+        let mut out = std::collections::HashMap::new();
+        for _ in 0..n {
+            if let Some(i) = pick() {
+                *out.entry(c.hosts().hosts[i].address.port()).or_default() += 1;
+            }
+        }
+        out
+    }
+
+    fn with_balancing(eps: Vec<EndpointConfig>, policy: LbPolicy, b: crate::config::cluster::Balancing) -> Cluster {
+        let mut cfg = (*config(ClusterKind::Static, policy, eps.clone())).clone();
+        cfg.balancing = b;
+        Cluster::new(Arc::new(cfg), HostSet::from_endpoints(&eps, false), &Store::default())
+    }
+
+    /// Envoy's least_request_lb_config.choice_count: more draws per pick find the one idle host more often.
+    #[test]
+    fn choice_count_sets_how_many_hosts_least_request_compares() {
+        let eps: Vec<_> = (1..=4).map(|p| ep(p, 0, true)).collect();
+        let idle_share = |choice_count| {
+            let b = crate::config::cluster::Balancing { choice_count, ..Default::default() };
+            let c = with_balancing(eps.clone(), LbPolicy::LeastRequest, b);
+            for h in &c.hosts().hosts[1..] {
+                h.active.store(100, Ordering::Relaxed);
+            }
+            (0..1000).filter_map(|_| c.choose(None)).filter(|h| h.address.port() == 1).count()
+        };
+        // 1 − (3/4)^n: 44% with 2 draws, 94% with 10.
+        let (two, ten) = (idle_share(2), idle_share(10));
+        assert!((340..540).contains(&two), "{two}");
+        assert!(ten > 880, "{ten}");
+    }
+
+    /// Envoy's least request over unequal weights: weight / (active + 1)^active_request_bias.
+    #[test]
+    fn least_request_over_unequal_weights_divides_by_active_requests() {
+        let mut heavy = ep(2, 0, true);
+        heavy.weight = 3;
+        let eps = vec![ep(1, 0, true), heavy];
+        for (bias, range) in [(1.0, 150..350), (0.0, 650..850)] {
+            let b = crate::config::cluster::Balancing { active_request_bias: bias, ..Default::default() };
+            let c = with_balancing(eps.clone(), LbPolicy::LeastRequest, b);
+            c.hosts().hosts[1].active.store(8, Ordering::Relaxed);
+            // bias 1: 3/9 against 1, a quarter of the picks; bias 0: the weights alone, three quarters.
+            let heavy = (0..1000).filter_map(|_| c.choose(None)).filter(|h| h.address.port() == 2).count();
+            assert!(range.contains(&heavy), "bias {bias}: {heavy}");
+        }
+    }
+
+    /// Envoy's slow start: a host that joined 5 s into a 60 s window weighs max(10%, 5/60) of its weight; hosts that
+    /// joined before the window are whole. A host that stays across an update keeps its join time.
+    #[test]
+    fn slow_start_scales_a_new_hosts_weight_by_its_time_in_the_cluster() {
+        let slow =
+            crate::config::cluster::SlowStart { window: Duration::from_secs(60), aggression: 1.0, min_weight: 0.1 };
+        let b = crate::config::cluster::Balancing { slow_start: Some(slow.clone()), ..Default::default() };
+        let eps: Vec<_> = (1..=3).map(|p| ep(p, 0, true)).collect();
+        let c = with_balancing(eps.clone(), LbPolicy::RoundRobin, b);
+        assert!(c.slow_start_now().is_some(), "every host just joined");
+        let set = c.hosts();
+        let base = 1_000_000;
+        set.hosts[0].added_ms.store(0, Ordering::Relaxed);
+        set.hosts[1].added_ms.store(0, Ordering::Relaxed);
+        set.hosts[2].added_ms.store(base, Ordering::Relaxed);
+        // 20 s in: 1/3 of its weight; 1 s in: the 10% floor (1/60 is below it).
+        for (since, expect) in [(20_000, 1.0 / 7.0), (1_000, 0.1 / 2.1)] {
+            let picks = shares(6000, || c.pick_scaled(&set, Some((&slow, base + since))), &c);
+            let got = picks.get(&3).copied().unwrap_or(0) as f64 / 6000.0;
+            assert!((got - expect).abs() < 0.03, "{since} ms in: share {got}, expected {expect}");
+        }
+        let picks = shares(3000, || c.pick_scaled(&set, Some((&slow, base + 60_000))), &c);
+        assert!(picks.get(&3).copied().unwrap_or(0) > 800, "out of the window: a full third: {picks:?}");
+
+        let joined = c.hosts().hosts[2].added_ms.load(Ordering::Relaxed);
+        c.set_hosts(HostSet::from_endpoints(&eps, false));
+        assert_eq!(c.hosts().hosts[2].added_ms.load(Ordering::Relaxed), joined);
     }
 
     #[test]

@@ -39,6 +39,11 @@ impl Weights {
     }
 
     /// The host for the `n`th pick of a round robin, or for a random `n`. Equal weights skip the search.
+    /// Every weight the same: the balancers' simple paths apply.
+    pub fn uniform(&self) -> bool {
+        self.uniform
+    }
+
     pub fn pick(&self, n: u64) -> Option<usize> {
         let len = self.cumulative.len();
         if len == 0 {

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use super::cluster::{Cluster, Host};
+use super::cluster::{Cluster, Host, epoch_ms};
 use crate::config::cluster::OutlierConfig;
 use crate::stats::{Counter, Gauge, Store};
 
@@ -100,12 +100,6 @@ impl OutlierStats {
     fn enforced(&self, kind: Kind) -> &Counter {
         &self.enforced[kind as usize]
     }
-}
-
-/// The clock ejection deadlines are kept on (milliseconds, so they fit an atomic).
-fn epoch_ms() -> u64 {
-    static EPOCH: std::sync::LazyLock<std::time::Instant> = std::sync::LazyLock::new(std::time::Instant::now);
-    EPOCH.elapsed().as_millis() as u64
 }
 
 /// One request counted in a success-rate bucket: the total in the high half, successes in the low half, so both move
