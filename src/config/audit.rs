@@ -39,6 +39,12 @@ pub enum Policy {
     Skip,
 }
 
+/// The codec options honoured inside an upstream `HttpProtocolOptions` (explicit, downstream-following or auto).
+const UPSTREAM_CODECS: &[(&str, Policy)] = &[
+    ("http_protocol_options", Policy::Only(&[])),
+    ("http2_protocol_options", Policy::Only(&["max_concurrent_streams"])),
+];
+
 /// The single table of what is honoured, by proto type name. A message type reached through a
 /// set field and missing here is rejected, so a new Envoy field or type can never be ignored
 /// silently. Field names are proto (snake_case) names.
@@ -422,7 +428,18 @@ const POLICIES: &[(&str, Policy)] = {
         ("envoy.config.cluster.v3.Cluster.RoundRobinLbConfig", All),
         ("envoy.config.cluster.v3.Cluster.LeastRequestLbConfig", All),
         ("envoy.config.cluster.v3.Cluster.EdsClusterConfig", All),
-        ("envoy.extensions.upstreams.http.v3.HttpProtocolOptions", All),
+        // The upstream protocol choice and the pool's limits. Of the codecs' own options only HTTP/2's
+        // max_concurrent_streams (Istio sends it; the conversion judges the value); the rest, upstream HTTP filters,
+        // header validation and the response-code outlier matcher are refused.
+        (
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            Fields(&[
+                ("common_http_protocol_options", Only(&["idle_timeout", "max_requests_per_connection"])),
+                ("explicit_http_config", Fields(UPSTREAM_CODECS)),
+                ("use_downstream_protocol_config", Fields(UPSTREAM_CODECS)),
+                ("auto_config", Fields(UPSTREAM_CODECS)),
+            ]),
+        ),
         ("envoy.config.cluster.v3.CircuitBreakers", Only(&["thresholds"])),
         // max_pending_requests, max_requests and max_retries are honoured by the HTTP path.
         (

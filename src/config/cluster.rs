@@ -582,6 +582,28 @@ fn http_upstream(c: &cpb::Cluster) -> Result<HttpUpstream, ConfigError> {
                 out.max_requests_per_connection = Some(v.value).filter(|v| *v > 0);
             }
         }
+        // Istio sends 2^30: our upstream HTTP/2 connections open as many streams as the server's SETTINGS allow,
+        // one connection per host, so only a cap at least that high is what we do.
+        let h2 = match &o.upstream_protocol_options {
+            Some(P::ExplicitHttpConfig(e)) => match &e.protocol_config {
+                Some(E::Http2ProtocolOptions(h2)) => Some(("explicit_http_config", h2)),
+                _ => None,
+            },
+            Some(P::UseDownstreamProtocolConfig(d)) => {
+                d.http2_protocol_options.as_ref().map(|h2| ("use_downstream_protocol_config", h2))
+            }
+            Some(P::AutoConfig(a)) => a.http2_protocol_options.as_ref().map(|h2| ("auto_config", h2)),
+            None => None,
+        };
+        if let Some((at, h2)) = h2
+            && let Some(max) = &h2.max_concurrent_streams
+            && max.value < 1 << 30
+        {
+            return Err(ConfigError::new(
+                join(&path, &format!("{at}.http2_protocol_options.max_concurrent_streams")),
+                "a cap below 1073741824 is not supported (upstream HTTP/2 follows the server's own limit)",
+            ));
+        }
         out.protocol = match &o.upstream_protocol_options {
             Some(P::ExplicitHttpConfig(e)) => match &e.protocol_config {
                 Some(E::Http2ProtocolOptions(_)) => UpstreamProtocol::Http2,
@@ -1149,6 +1171,42 @@ load_assignment:
             Some(SlowStart { window: Duration::from_secs(10), aggression: 2.0, min_weight: 0.25 })
         );
         assert_eq!(convert("name: c").map(|c| c.balancing), Ok(Balancing::default()));
+    }
+
+    /// The upstream HttpProtocolOptions are audited field by field: what Istio 1.14 sends loads, anything we would
+    /// not honour (connection lifetime limits, upstream HTTP filters, codec tuning) is refused by its path.
+    #[test]
+    fn upstream_http_protocol_options_refuse_what_is_not_honoured() {
+        let with = |options: &str| {
+            convert(&format!(
+                "name: c\ntyped_extension_protocol_options:\n  envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n    \
+                 '@type': type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n    {options}"
+            ))
+        };
+        let istio = with(
+            "use_downstream_protocol_config: { http_protocol_options: {}, \
+             http2_protocol_options: { max_concurrent_streams: 1073741824 } }",
+        );
+        assert_eq!(istio.map(|c| c.http.protocol), Ok(UpstreamProtocol::Downstream));
+        let at = "typed_extension_protocol_options[\"envoy.extensions.upstreams.http.v3.HttpProtocolOptions\"]";
+        for (options, expect) in [
+            (
+                "common_http_protocol_options: { max_connection_duration: 60s }",
+                "common_http_protocol_options.max_connection_duration: not supported",
+            ),
+            ("http_filters: [ { name: f } ]", "http_filters: not supported"),
+            (
+                "explicit_http_config: { http2_protocol_options: { initial_stream_window_size: 65536 } }",
+                "explicit_http_config.http2_protocol_options.initial_stream_window_size: not supported",
+            ),
+            (
+                "explicit_http_config: { http2_protocol_options: { max_concurrent_streams: 100 } }",
+                "explicit_http_config.http2_protocol_options.max_concurrent_streams: a cap below 1073741824",
+            ),
+        ] {
+            let err = with(options).err().unwrap_or_default();
+            assert!(err.contains(at) && err.contains(expect), "{options}: expected '{expect}', got '{err}'");
+        }
     }
 
     #[test]
