@@ -64,8 +64,9 @@ fn thresholds(c: &Cluster) -> [(&'static str, RoutingPriority, Limits); 2] {
     ]
 }
 
-/// Envoy's text: breakers, `added_via_api`, then per host its stats and attributes. Hosts are the ones traffic may
-/// go to (healthy, of the priority in use), so their health flags read `healthy`.
+/// Envoy's text: breakers, `added_via_api`, outlier detection's success-rate thresholds, then per host its stats and
+/// attributes. Hosts are the ones traffic may go to (healthy, of the priority in use), so their health flags read
+/// `healthy` unless outlier detection ejected them (`/failed_outlier_check`).
 pub fn text(clusters: &[Entry]) -> String {
     let mut out = String::new();
     for e in clusters {
@@ -78,20 +79,29 @@ pub fn text(clusters: &[Entry]) -> String {
             let _ = writeln!(out, "{name}::{prio}_priority::max_retries::{retries}");
         }
         let _ = writeln!(out, "{name}::added_via_api::{}", e.added_via_api);
+        if c.config.outlier.is_some() {
+            for (origin, prefix) in [(0, ""), (1, "local_origin_")] {
+                let (average, threshold) = c.outlier_thresholds.get(origin);
+                let _ = writeln!(out, "{name}::outlier::{prefix}success_rate_average::{average}");
+                let _ = writeln!(out, "{name}::outlier::{prefix}success_rate_ejection_threshold::{threshold}");
+            }
+        }
         for host in &c.hosts().hosts {
             let addr = host.address;
             let (priority, locality) = e.placement.get(&addr).cloned().unwrap_or_default();
             let _ = writeln!(out, "{name}::{addr}::cx_active::{}", host.active());
             let _ = writeln!(out, "{name}::{addr}::hostname::{}", host.hostname);
-            let _ = writeln!(out, "{name}::{addr}::health_flags::healthy");
+            let flags = if host.is_ejected() { "/failed_outlier_check" } else { "healthy" };
+            let _ = writeln!(out, "{name}::{addr}::health_flags::{flags}");
             let _ = writeln!(out, "{name}::{addr}::weight::{}", host.weight);
             let _ = writeln!(out, "{name}::{addr}::region::{}", locality.region);
             let _ = writeln!(out, "{name}::{addr}::zone::{}", locality.zone);
             let _ = writeln!(out, "{name}::{addr}::sub_zone::{}", locality.sub_zone);
             let _ = writeln!(out, "{name}::{addr}::canary::false");
             let _ = writeln!(out, "{name}::{addr}::priority::{priority}");
-            let _ = writeln!(out, "{name}::{addr}::success_rate::-1");
-            let _ = writeln!(out, "{name}::{addr}::local_origin_success_rate::-1");
+            let (rate, local_rate) = host.success_rates();
+            let _ = writeln!(out, "{name}::{addr}::success_rate::{rate}");
+            let _ = writeln!(out, "{name}::{addr}::local_origin_success_rate::{local_rate}");
         }
     }
     out
@@ -133,15 +143,20 @@ pub fn json(clusters: &[Entry]) -> admin::Clusters {
                     }],
                     health_status: Some(admin::HostHealthStatus {
                         eds_health_status: HealthStatus::Healthy as i32,
+                        failed_outlier_check: h.is_ejected(),
                         ..Default::default()
                     }),
+                    success_rate: percent(h.success_rates().0),
+                    local_origin_success_rate: percent(h.success_rates().1),
                     weight: h.weight,
-                    ..Default::default()
                 })
                 .collect();
+            let ((_, threshold), (_, local_threshold)) = (c.outlier_thresholds.get(0), c.outlier_thresholds.get(1));
             admin::ClusterStatus {
                 name: c.name().to_string(),
                 added_via_api: e.added_via_api,
+                success_rate_ejection_threshold: percent(threshold),
+                local_origin_success_rate_ejection_threshold: percent(local_threshold),
                 host_statuses,
                 circuit_breakers: Some(circuit_breakers),
                 ..Default::default()
@@ -151,6 +166,11 @@ pub fn json(clusters: &[Entry]) -> admin::Clusters {
     admin::Clusters { cluster_statuses }
 }
 
+/// Envoy leaves a success rate out of the JSON when there is none (-1).
+fn percent(v: f64) -> Option<envoy_types::pb::envoy::r#type::v3::Percent> {
+    (v >= 0.0).then_some(envoy_types::pb::envoy::r#type::v3::Percent { value: v })
+}
+
 pub fn socket_address(a: std::net::SocketAddr) -> core::Address {
     core::Address {
         address: Some(core::address::Address::SocketAddress(core::SocketAddress {
@@ -158,5 +178,53 @@ pub fn socket_address(a: std::net::SocketAddr) -> core::Address {
             port_specifier: Some(core::socket_address::PortSpecifier::PortValue(u32::from(a.port()))),
             ..Default::default()
         })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::outlier::{Outcome, test_cluster};
+
+    /// Envoy's `/clusters` shows an ejected host's `/failed_outlier_check` flag, each host's success rate from the
+    /// last sweep (-1 without enough requests) and the cluster's success-rate average and ejection threshold.
+    #[test]
+    fn clusters_show_outlier_ejections_and_success_rates() {
+        let c = Arc::new(test_cluster(
+            2,
+            "consecutive_5xx: 3, max_ejection_percent: 50, success_rate_minimum_hosts: 2, \
+             success_rate_request_volume: 4, success_rate_stdev_factor: 1000",
+            "",
+        ));
+        let hosts = c.hosts();
+        for _ in 0..4 {
+            c.report(&hosts.hosts[0], Outcome::Status(200));
+            c.report(&hosts.hosts[1], Outcome::Status(200));
+            c.report(&hosts.hosts[1], Outcome::Status(503));
+        }
+        // Rates 100 and 50: mean 75, stdev 25, threshold 50 (not below it: nobody ejected by success rate).
+        c.outlier_sweep();
+        for _ in 0..3 {
+            c.report(&hosts.hosts[1], Outcome::Status(503));
+        }
+        let entry = Entry { cluster: c.clone(), added_via_api: true, placement: HashMap::new() };
+        let out = text(std::slice::from_ref(&entry));
+        for line in [
+            "c::outlier::success_rate_average::75",
+            "c::outlier::success_rate_ejection_threshold::50",
+            "c::outlier::local_origin_success_rate_ejection_threshold::-1",
+            "c::127.0.0.1:1::health_flags::healthy",
+            "c::127.0.0.1:1::success_rate::100",
+            "c::127.0.0.1:2::health_flags::/failed_outlier_check",
+            "c::127.0.0.1:2::success_rate::50",
+        ] {
+            assert!(out.lines().any(|l| l == line), "{line} missing from:\n{out}");
+        }
+        let status = &json(&[entry]).cluster_statuses[0];
+        assert_eq!(status.success_rate_ejection_threshold.as_ref().map(|p| p.value), Some(50.0));
+        assert_eq!(status.local_origin_success_rate_ejection_threshold, None);
+        let ejected = &status.host_statuses[1];
+        assert!(ejected.health_status.as_ref().is_some_and(|h| h.failed_outlier_check));
+        assert_eq!(ejected.success_rate.as_ref().map(|p| p.value), Some(50.0));
     }
 }

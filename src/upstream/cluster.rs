@@ -52,6 +52,11 @@ impl Host {
         self.outlier.is_ejected()
     }
 
+    /// Outlier detection's last judged success rates, (external, local origin); -1 for none.
+    pub fn success_rates(&self) -> (f64, f64) {
+        self.outlier.success_rates()
+    }
+
     pub fn active(&self) -> u32 {
         self.active.load(Ordering::Relaxed)
     }
@@ -281,6 +286,8 @@ pub struct Cluster {
     pub(super) ejected: AtomicU32,
     /// With slow start: until when ([`epoch_ms`]) some host is still in its window; picks before then scale weights.
     slow_start_until_ms: AtomicU64,
+    /// The success-rate ejection thresholds of the last outlier sweep, for `/clusters`.
+    pub outlier_thresholds: outlier::Thresholds,
     pub stats: ClusterStats,
     breakers: BreakerGauges,
 }
@@ -365,6 +372,7 @@ impl Cluster {
             breakers,
             ejected: AtomicU32::new(0),
             slow_start_until_ms: AtomicU64::new(0),
+            outlier_thresholds: Default::default(),
             stats,
         };
         cluster.note_slow_start(&hosts);

@@ -107,7 +107,7 @@ impl OutlierStats {
 const ONE_TOTAL: u64 = 1 << 32;
 
 /// A host's outlier state, shared by every worker (atomics: results are counted where they happen).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct HostOutlier {
     consecutive_5xx: AtomicU32,
     consecutive_gateway: AtomicU32,
@@ -121,11 +121,66 @@ pub struct HostOutlier {
     backoff: AtomicU32,
     /// When the host last came back to service (epoch ms); 0 if it never did.
     returned_at_ms: AtomicU64,
+    /// The success rates (f64 bits) the last sweep judged, external and local origin, for `/clusters`; [`NO_RATE`]
+    /// when the host had too few requests.
+    rates: [AtomicU64; 2],
+}
+
+/// Envoy's "no success rate" (-1) as stored f64 bits.
+const NO_RATE: u64 = 0xbff0_0000_0000_0000;
+
+impl Default for HostOutlier {
+    fn default() -> Self {
+        HostOutlier {
+            consecutive_5xx: AtomicU32::new(0),
+            consecutive_gateway: AtomicU32::new(0),
+            consecutive_local: AtomicU32::new(0),
+            external: AtomicU64::new(0),
+            local: AtomicU64::new(0),
+            ejected_until_ms: AtomicU64::new(0),
+            backoff: AtomicU32::new(0),
+            returned_at_ms: AtomicU64::new(0),
+            rates: [AtomicU64::new(NO_RATE), AtomicU64::new(NO_RATE)],
+        }
+    }
+}
+
+/// A cluster's last success-rate average and ejection threshold per origin (external, local), for `/clusters`.
+#[derive(Debug)]
+pub struct Thresholds([[AtomicU64; 2]; 2]);
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        let none = || [AtomicU64::new(NO_RATE), AtomicU64::new(NO_RATE)];
+        Thresholds([none(), none()])
+    }
+}
+
+impl Thresholds {
+    /// (average, ejection threshold) of `origin` (0 external, 1 local); -1 where the last sweep computed none.
+    pub fn get(&self, origin: usize) -> (f64, f64) {
+        let get = |a: &AtomicU64| f64::from_bits(a.load(Ordering::Relaxed));
+        self.0.get(origin).map_or((-1.0, -1.0), |[mean, threshold]| (get(mean), get(threshold)))
+    }
+
+    fn set(&self, origin: usize, mean: f64, threshold: f64) {
+        if let Some([m, t]) = self.0.get(origin) {
+            m.store(mean.to_bits(), Ordering::Relaxed);
+            t.store(threshold.to_bits(), Ordering::Relaxed);
+        }
+    }
 }
 
 impl HostOutlier {
     pub fn is_ejected(&self) -> bool {
         self.ejected_until_ms.load(Ordering::Relaxed) != 0
+    }
+
+    /// The success rates of the last sweep, (external, local origin) in percent; -1 where there was too little
+    /// traffic (Envoy's `/clusters` values).
+    pub fn success_rates(&self) -> (f64, f64) {
+        let get = |a: &AtomicU64| f64::from_bits(a.load(Ordering::Relaxed));
+        (get(&self.rates[0]), get(&self.rates[1]))
     }
 
     /// Carries a host's state over to its successor object after an EDS update or DNS refresh.
@@ -298,14 +353,17 @@ pub fn sweep(c: &Cluster, o: &OutlierConfig) {
     let mut external = Vec::with_capacity(hosts.len());
     let mut local = Vec::with_capacity(hosts.len());
     for h in hosts.iter() {
+        for r in &h.outlier.rates {
+            r.store(NO_RATE, Ordering::Relaxed);
+        }
         let (e, l) = (HostOutlier::take(&h.outlier.external), HostOutlier::take(&h.outlier.local));
         if !h.outlier.is_ejected() {
             external.extend(e.map(|(n, rate)| (h, n, rate)));
             local.extend(l.map(|(n, rate)| (h, n, rate)));
         }
     }
-    rates(c, o, total, &external, Kind::SuccessRate, Kind::FailurePercentage);
-    rates(c, o, total, &local, Kind::LocalOriginSuccessRate, Kind::LocalOriginFailurePercentage);
+    rates(c, o, total, &external, 0, Kind::SuccessRate, Kind::FailurePercentage);
+    rates(c, o, total, &local, 1, Kind::LocalOriginSuccessRate, Kind::LocalOriginFailurePercentage);
 
     let interval = o.interval.as_millis() as u64;
     for h in hosts.iter() {
@@ -335,12 +393,20 @@ fn rates(
     o: &OutlierConfig,
     total: usize,
     samples: &[(&Arc<Host>, u64, f64)],
+    origin: usize,
     success_rate: Kind,
     failure_percentage: Kind,
 ) {
+    c.outlier_thresholds.set(origin, -1.0, -1.0);
     let (sr_hosts, fp_hosts) = (o.success_rate_minimum_hosts as usize, o.failure_percentage_minimum_hosts as usize);
     if total < sr_hosts && total < fp_hosts {
         return;
+    }
+    let shown = o.success_rate_request_volume.min(o.failure_percentage_request_volume);
+    for (h, n, rate) in samples {
+        if *n >= u64::from(shown) {
+            h.outlier.rates[origin].store(rate.to_bits(), Ordering::Relaxed);
+        }
     }
     let valid = |volume: u32| samples.iter().filter(move |(_, n, _)| *n >= u64::from(volume));
     let sr: Vec<_> = valid(o.success_rate_request_volume).collect();
@@ -348,6 +414,7 @@ fn rates(
         let mean = sr.iter().map(|(_, _, r)| r).sum::<f64>() / sr.len() as f64;
         let variance = sr.iter().map(|(_, _, r)| (r - mean).powi(2)).sum::<f64>() / sr.len() as f64;
         let threshold = mean - f64::from(o.success_rate_stdev_factor) / 1000.0 * variance.sqrt();
+        c.outlier_thresholds.set(origin, mean, threshold);
         for (h, _, rate) in &sr {
             if *rate < threshold {
                 flagged(c, o, h, success_rate);
@@ -372,39 +439,38 @@ fn flagged(c: &Cluster, o: &OutlierConfig, host: &Host, kind: Kind) {
     }
 }
 
+/// For tests here and in the admin handlers: a STATIC cluster of `hosts` endpoints (127.0.0.1, ports 1…) with
+/// these `outlier_detection` fields (and any further cluster fields in `extra`).
+#[cfg(test)]
+pub(crate) fn test_cluster(hosts: u16, outlier: &str, extra: &str) -> Cluster {
+    use crate::config::cluster::ClusterConfig;
+    use crate::config::proto::{self, Format};
+    use crate::upstream::cluster::HostSet;
+    let eps: Vec<String> = (1..=hosts)
+        .map(|p| {
+            format!("{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {p} }} }} }} }}")
+        })
+        .collect();
+    let yaml = format!(
+        "name: c\n{extra}\noutlier_detection: {{ {outlier} }}\nload_assignment: {{ cluster_name: c, endpoints: [ {{ lb_endpoints: [ {} ] }} ] }}",
+        eps.join(", ")
+    );
+    let msg =
+        proto::parse_dynamic(&yaml, Format::Yaml, "envoy.config.cluster.v3.Cluster").unwrap_or_else(|e| panic!("{e}"));
+    let cfg = ClusterConfig::try_from(
+        proto::decode::<envoy_types::pb::envoy::config::cluster::v3::Cluster>(&msg).unwrap_or_else(|e| panic!("{e}")),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let hosts = HostSet::from_endpoints(&cfg.endpoints, false);
+    Cluster::new(Arc::new(cfg), hosts, &Store::default())
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::config::cluster::ClusterConfig;
-    use crate::config::proto::{self, Format};
     use crate::upstream::cluster::HostSet;
-
-    /// A STATIC cluster of `hosts` endpoints (127.0.0.1, ports 1…) with these `outlier_detection` fields (and any
-    /// further cluster fields in `extra`).
-    fn cluster(hosts: u16, outlier: &str, extra: &str) -> Cluster {
-        let eps: Vec<String> = (1..=hosts)
-            .map(|p| {
-                format!(
-                    "{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {p} }} }} }} }}"
-                )
-            })
-            .collect();
-        let yaml = format!(
-            "name: c\n{extra}\noutlier_detection: {{ {outlier} }}\nload_assignment: {{ cluster_name: c, endpoints: [ {{ lb_endpoints: [ {} ] }} ] }}",
-            eps.join(", ")
-        );
-        let msg = proto::parse_dynamic(&yaml, Format::Yaml, "envoy.config.cluster.v3.Cluster")
-            .unwrap_or_else(|e| panic!("{e}"));
-        let cfg = ClusterConfig::try_from(
-            proto::decode::<envoy_types::pb::envoy::config::cluster::v3::Cluster>(&msg)
-                .unwrap_or_else(|e| panic!("{e}")),
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        let hosts = HostSet::from_endpoints(&cfg.endpoints, false);
-        Cluster::new(Arc::new(cfg), hosts, &Store::default())
-    }
 
     fn host(c: &Cluster, port: u16) -> Arc<Host> {
         c.hosts().hosts.iter().find(|h| h.address.port() == port).cloned().unwrap_or_else(|| panic!("no host {port}"))
@@ -422,7 +488,7 @@ mod tests {
 
     #[test]
     fn consecutive_5xx_counts_a_run_and_survives_a_host_set_update() {
-        let c = cluster(2, "consecutive_5xx: 2, max_ejection_percent: 50", "");
+        let c = test_cluster(2, "consecutive_5xx: 2, max_ejection_percent: 50", "");
         let first = host(&c, 1);
         c.report(&first, Outcome::Status(500));
         c.report(&first, Outcome::Status(200));
@@ -446,13 +512,13 @@ mod tests {
     /// Envoy's always_eject_one_host (default false): without it, one host of two is 50%, over the default 10%.
     #[test]
     fn max_ejection_percent_holds_unless_always_eject_one_host() {
-        let c = cluster(2, "consecutive_5xx: 2", "");
+        let c = test_cluster(2, "consecutive_5xx: 2", "");
         times(&c, &host(&c, 1), 2, Outcome::Status(500));
         assert!(!host(&c, 1).is_ejected());
         assert_eq!(c.stats.outlier.ejections_overflow.value(), 1);
         assert_eq!(stat(&c, Kind::Consecutive5xx), (1, 0));
 
-        let c = cluster(2, "consecutive_5xx: 2, always_eject_one_host: true", "");
+        let c = test_cluster(2, "consecutive_5xx: 2, always_eject_one_host: true", "");
         times(&c, &host(&c, 1), 2, Outcome::Status(500));
         assert!(host(&c, 1).is_ejected());
         times(&c, &host(&c, 2), 2, Outcome::Status(500));
@@ -463,7 +529,7 @@ mod tests {
     /// failures and timeouts, mapped to 503 and 504) count, and any other answer ends the run.
     #[test]
     fn consecutive_gateway_failure_counts_only_gateway_errors() {
-        let c = cluster(
+        let c = test_cluster(
             2,
             "consecutive_gateway_failure: 3, enforcing_consecutive_gateway_failure: 100, enforcing_consecutive_5xx: 0, \
              max_ejection_percent: 100",
@@ -482,7 +548,7 @@ mod tests {
         // Six 5xx in a row also reached consecutive_5xx (5): detected, but enforcing 0 never ejects for it.
         assert_eq!(stat(&c, Kind::Consecutive5xx), (1, 0));
         // The default enforcing_consecutive_gateway_failure is 0: detected, never enforced.
-        let c = cluster(2, "consecutive_gateway_failure: 2, max_ejection_percent: 100", "");
+        let c = test_cluster(2, "consecutive_gateway_failure: 2, max_ejection_percent: 100", "");
         times(&c, &host(&c, 1), 2, Outcome::Status(503));
         assert!(!host(&c, 1).is_ejected());
         assert_eq!(stat(&c, Kind::ConsecutiveGatewayFailure), (1, 0));
@@ -490,7 +556,7 @@ mod tests {
 
     #[test]
     fn split_mode_counts_local_origin_failures_apart_from_answers() {
-        let c = cluster(
+        let c = test_cluster(
             2,
             "split_external_local_origin_errors: true, consecutive_local_origin_failure: 3, consecutive_5xx: 3, \
              max_ejection_percent: 100",
@@ -517,9 +583,9 @@ mod tests {
     /// 100 answers with `fails` (a divisor of 100) 500s spread evenly among them, so no consecutive detector fires.
     fn hundred(c: &Cluster, port: u16, fails: usize) {
         let h = host(c, port);
-        let every = 100usize.checked_div(fails).unwrap_or(usize::MAX);
+        let every = 100 / fails.max(1);
         for i in 0..100 {
-            c.report(&h, Outcome::Status(if i % every == 0 { 500 } else { 200 }));
+            c.report(&h, Outcome::Status(if fails > 0 && i % every == 0 { 500 } else { 200 }));
         }
     }
 
@@ -528,7 +594,7 @@ mod tests {
     /// 3.7, threshold 88.9) eject none.
     #[test]
     fn success_rate_ejects_the_host_below_mean_minus_stdev_factor() {
-        let c = cluster(5, "max_ejection_percent: 20", "");
+        let c = test_cluster(5, "max_ejection_percent: 20", "");
         for (port, fails) in [(1, 10), (2, 0), (3, 0), (4, 5), (5, 5)] {
             hundred(&c, port, fails);
         }
@@ -541,12 +607,14 @@ mod tests {
         c.outlier_sweep();
         assert!(host(&c, 1).is_ejected());
         assert_eq!(stat(&c, Kind::SuccessRate), (1, 1));
+        assert_eq!(c.outlier_thresholds.get(0), (90.0, 52.0), "mean 90, stdev 20");
+        assert_eq!(host(&c, 1).success_rates(), (50.0, -1.0), "no local-origin rates unless split");
         assert!((2..=5).all(|p| !host(&c, p).is_ejected()));
     }
 
     #[test]
     fn success_rate_needs_request_volume_and_minimum_hosts() {
-        let c = cluster(5, "max_ejection_percent: 100", "");
+        let c = test_cluster(5, "max_ejection_percent: 100", "");
         for port in 2..=5 {
             times(&c, &host(&c, port), 99, Outcome::Status(200));
         }
@@ -557,7 +625,7 @@ mod tests {
         c.outlier_sweep();
         assert_eq!(stat(&c, Kind::SuccessRate), (0, 0), "under success_rate_request_volume (100)");
 
-        let c = cluster(4, "max_ejection_percent: 100", "");
+        let c = test_cluster(4, "max_ejection_percent: 100", "");
         for (port, fails) in [(1, 50), (2, 0), (3, 0), (4, 0)] {
             hundred(&c, port, fails);
         }
@@ -567,7 +635,7 @@ mod tests {
 
     #[test]
     fn failure_percentage_ejects_over_a_flat_threshold() {
-        let c = cluster(
+        let c = test_cluster(
             3,
             "enforcing_success_rate: 0, enforcing_failure_percentage: 100, failure_percentage_threshold: 50, \
              failure_percentage_minimum_hosts: 3, failure_percentage_request_volume: 10, consecutive_5xx: 100, \
@@ -597,7 +665,7 @@ mod tests {
     /// one for each interval the host stays in service after coming back.
     #[test]
     fn ejection_time_backs_off_and_decays() {
-        let c = cluster(
+        let c = test_cluster(
             1,
             "consecutive_5xx: 1, base_ejection_time: 0.001s, interval: 0.001s, always_eject_one_host: true",
             "",
@@ -624,7 +692,7 @@ mod tests {
 
     #[test]
     fn an_ejection_that_is_not_over_stays_at_the_sweep() {
-        let c = cluster(2, "consecutive_5xx: 1, base_ejection_time: 60s, max_ejection_percent: 50", "");
+        let c = test_cluster(2, "consecutive_5xx: 1, base_ejection_time: 60s, max_ejection_percent: 50", "");
         c.report(&host(&c, 1), Outcome::Status(500));
         c.outlier_sweep();
         assert!(host(&c, 1).is_ejected());
@@ -638,7 +706,7 @@ mod tests {
         for (extra, expect_host) in [("common_lb_config: { healthy_panic_threshold: { value: 0 } }", false), ("", true)]
         {
             for policy in ["", "lb_policy: RING_HASH"] {
-                let c = cluster(2, "consecutive_5xx: 1, max_ejection_percent: 100", &format!("{extra}\n{policy}"));
+                let c = test_cluster(2, "consecutive_5xx: 1, max_ejection_percent: 100", &format!("{extra}\n{policy}"));
                 c.report(&host(&c, 1), Outcome::Status(500));
                 assert_eq!(
                     (0..20).filter_map(|n| c.choose_hashed(None, Some(n))).map(|h| h.address.port()).max(),
