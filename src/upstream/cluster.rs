@@ -385,6 +385,10 @@ impl Cluster {
             Arc::new((*hosts).clone().for_policy(cluster.config.lb_policy))
         };
         cluster.hosts.store(hosts);
+        if cluster.config.outlier.is_some() {
+            // A predecessor's hosts keep their ejections: count them, so balancing skips them from the start.
+            outlier::recount(&cluster, &cluster.hosts.load().hosts);
+        }
         cluster
     }
 

@@ -509,6 +509,17 @@ mod tests {
         assert_eq!(c.stats.outlier.ejections_overflow.value(), 1);
     }
 
+    /// A CDS update of the cluster keeps its hosts, and with them their ejections: the new version balances around
+    /// an ejected host at once, not only after its first sweep.
+    #[test]
+    fn an_updated_cluster_keeps_its_ejections() {
+        let c = test_cluster(2, "consecutive_5xx: 1, max_ejection_percent: 50", "");
+        c.report(&host(&c, 1), Outcome::Status(500));
+        let updated = Cluster::with_hosts(c.config.clone(), c.hosts(), &Store::default());
+        assert_eq!(updated.stats.outlier.ejections_active.value(), 1);
+        assert!((0..10).filter_map(|_| updated.choose(None)).all(|h| h.address.port() == 2));
+    }
+
     /// Envoy's always_eject_one_host (default false): without it, one host of two is 50%, over the default 10%.
     #[test]
     fn max_ejection_percent_holds_unless_always_eject_one_host() {
