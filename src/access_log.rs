@@ -53,6 +53,8 @@ pub enum Flag {
     DelayInjected,
     /// FI: the fault filter aborted the request.
     FaultInjected,
+    /// DT: the stream outlived its max_stream_duration.
+    DurationTimeout,
 }
 
 impl Flag {
@@ -71,6 +73,7 @@ impl Flag {
             Flag::FailedLocalHealthCheck => "LH",
             Flag::DelayInjected => "DI",
             Flag::FaultInjected => "FI",
+            Flag::DurationTimeout => "DT",
         }
     }
 }

@@ -263,7 +263,11 @@ const POLICIES: &[(&str, Policy)] = {
             "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.SetCurrentClientCertDetails",
             All,
         ),
-        ("envoy.config.core.v3.HttpProtocolOptions", Only(&["idle_timeout", "max_requests_per_connection"])),
+        // The HCM's; a cluster's are audited by their own field list under HttpProtocolOptions below.
+        (
+            "envoy.config.core.v3.HttpProtocolOptions",
+            Only(&["idle_timeout", "max_requests_per_connection", "max_stream_duration"]),
+        ),
         ("envoy.config.core.v3.Http1ProtocolOptions", Only(&[])),
         ("envoy.config.core.v3.Http2ProtocolOptions", Only(&[])),
         // Route configurations: the route table refuses the values it reads and does not honour (a path rewrite

@@ -77,6 +77,9 @@ pub struct HcmConfig {
     pub drain_timeout: Duration,
     pub max_request_headers_kb: u32,
     pub max_requests_per_connection: Option<u32>,
+    /// `common_http_protocol_options.max_stream_duration`: the longest a stream may last unless its route says
+    /// otherwise; None when unset or 0.
+    pub max_stream_duration: Option<Duration>,
     pub websocket: bool,
     /// `normalize_path`: RFC 3986 dot-segment removal before routing.
     pub normalize_path: bool,
@@ -179,6 +182,11 @@ impl HcmConfig {
         )?;
         let max_requests_per_connection =
             common.and_then(|c| c.max_requests_per_connection.as_ref()).map(|v| v.value).filter(|v| *v > 0);
+        let max_stream_duration = opt_duration(
+            common.and_then(|c| c.max_stream_duration.as_ref()),
+            Duration::ZERO,
+            &at("common_http_protocol_options.max_stream_duration"),
+        )?;
         let stream_idle =
             opt_duration(h.stream_idle_timeout.as_ref(), DEFAULT_STREAM_IDLE_TIMEOUT, &at("stream_idle_timeout"))?;
         let request_timeout = opt_duration(h.request_timeout.as_ref(), Duration::ZERO, &at("request_timeout"))?;
@@ -230,6 +238,7 @@ impl HcmConfig {
             drain_timeout: opt_duration(h.drain_timeout.as_ref(), DEFAULT_DRAIN_TIMEOUT, &at("drain_timeout"))?,
             max_request_headers_kb,
             max_requests_per_connection,
+            max_stream_duration: (!max_stream_duration.is_zero()).then_some(max_stream_duration),
             websocket,
             normalize_path: h.normalize_path.as_ref().is_some_and(|v| v.value),
             merge_slashes: h.merge_slashes,

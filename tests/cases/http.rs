@@ -786,6 +786,85 @@ async fn the_route_timeout_starts_when_the_request_is_complete() {
     assert_eq!((status, body.as_str()), (504, "upstream request timeout"));
 }
 
+/// Envoy's max_stream_duration as Istio sends it on every route (`max_stream_duration: 0s`,
+/// `grpc_timeout_header_max: 0s`, `timeout: 0s`): a gRPC request's `grpc-timeout` bounds its stream (a trailers-only
+/// DEADLINE_EXCEEDED when no response began), other requests have no limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_timeout_headers_bound_the_stream_on_istio_routes() {
+    let up = http_upstream("U").await;
+    let route = ", timeout: 0s, max_stream_duration: { max_stream_duration: 0s, grpc_timeout_header_max: 0s }";
+    let server = proxy_to_with_route(up, route, "").await;
+    let mut c = http1_client(listener_addr(&server, "h")).await;
+    let grpc = [("content-type", "application/grpc"), ("grpc-timeout", "200m")];
+    let began = std::time::Instant::now();
+    let (status, headers, body) = http1_request(&mut c, "POST", "/sleep/3000", "x", &grpc).await;
+    assert!(began.elapsed() < Duration::from_secs(2), "ended at the 200 ms deadline: {:?}", began.elapsed());
+    assert_eq!((status, body.as_str()), (200, ""));
+    assert_eq!(headers.get("grpc-status").map(|v| v.to_str().unwrap()), Some("4"));
+    assert_eq!(headers.get("grpc-message").map(|v| v.to_str().unwrap()), Some("downstream duration timeout"));
+    assert_eq!(counter(&server, "http.h.downstream_rq_max_duration_reached"), 1);
+
+    let mut c = http1_client(listener_addr(&server, "h")).await;
+    let (status, _, body) = http1_request(&mut c, "GET", "/sleep/500", "x", &[("grpc-timeout", "100m")]).await;
+    assert_eq!(status, 200, "not gRPC: the header means nothing and the route has no limit: {body}");
+    assert_eq!(counter(&server, "http.h.downstream_rq_max_duration_reached"), 1);
+}
+
+/// A route's max_stream_duration (or else the HCM's common_http_protocol_options.max_stream_duration) ends the stream:
+/// 504 "downstream duration timeout" before the response began, a reset body after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_stream_duration_ends_streams_before_and_after_the_response_begins() {
+    let up = http_upstream("U").await;
+    let route = ", timeout: 0s, max_stream_duration: { max_stream_duration: 0.3s }";
+    let server = proxy_to_with_route(up, route, "").await;
+    let mut c = http1_client(listener_addr(&server, "h")).await;
+    let (status, _, body) = http1_request(&mut c, "GET", "/sleep/3000", "x", &[]).await;
+    assert_eq!((status, body.as_str()), (504, "downstream duration timeout"));
+
+    let hcm = "\n          common_http_protocol_options: { max_stream_duration: 0.3s }";
+    let server = proxy_to_with_route(up, ", timeout: 0s", hcm).await;
+    let mut c = http1_client(listener_addr(&server, "h")).await;
+    let resp = get_response(&mut c, "/drip/2000").await;
+    assert_eq!(resp.status(), 200, "the response began before the deadline");
+    let body = tokio::time::timeout(Duration::from_secs(5), http_body_util::BodyExt::collect(resp.into_body())).await;
+    assert!(body.unwrap().is_err(), "the body is cut at the deadline, not completed after 2 s");
+    assert_eq!(counter(&server, "http.h.downstream_rq_max_duration_reached"), 1);
+    // A route's own 0 turns the HCM's limit off.
+    let server = proxy_to_with_route(up, ", timeout: 0s, max_stream_duration: { max_stream_duration: 0s }", hcm).await;
+    let mut c = http1_client(listener_addr(&server, "h")).await;
+    assert_eq!(http1_request(&mut c, "GET", "/sleep/600", "x", &[]).await.0, 200);
+}
+
+/// The deprecated max_grpc_timeout (without max_stream_duration): a gRPC request's grpc-timeout becomes its route
+/// timeout, capped by max_grpc_timeout unless that is 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_max_grpc_timeout_turns_grpc_timeout_into_the_route_timeout() {
+    let up = http_upstream("U").await;
+    let server = proxy_to_with_route(up, ", timeout: 0s, max_grpc_timeout: 0.3s", "").await;
+    let mut c = http1_client(listener_addr(&server, "h")).await;
+    let grpc = [("content-type", "application/grpc"), ("grpc-timeout", "10S")];
+    let (status, _, body) = http1_request(&mut c, "POST", "/sleep/3000", "x", &grpc).await;
+    assert_eq!((status, body.as_str()), (504, "upstream request timeout"), "capped at 0.3 s");
+    let grpc = [("content-type", "application/grpc"), ("grpc-timeout", "100m")];
+    let (status, ..) = http1_request(&mut c, "POST", "/sleep/3000", "x", &grpc).await;
+    assert_eq!(status, 504);
+    assert_eq!(counter(&server, "cluster.u.upstream_rq_timeout"), 2);
+}
+
+/// A proxy whose HCM listener `h` (`hcm_extra` on the connection manager) routes everything to `up` with
+/// `route_extra` on the route action.
+async fn proxy_to_with_route(
+    up: std::net::SocketAddr,
+    route_extra: &str,
+    hcm_extra: &str,
+) -> xds_proxy::server::Server {
+    start(
+        &yaml(&http_listener("h", 0, &routes_to("u", route_extra), hcm_extra), &static_cluster("u", &[up])),
+        Duration::from_secs(1),
+    )
+    .await
+}
+
 /// An upstream that reads the attempt number Envoy sends (`x-envoy-attempt-count`) and the path `/<fails>/<ms>`:
 /// attempts up to `fails` get 503 at once, later ones 200 after `ms`. Request bodies are read and counted; `events`
 /// hears `(attempt, "data")` when an attempt's first body bytes arrive.

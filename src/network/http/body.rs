@@ -243,6 +243,8 @@ impl Drop for Logged {
 pub struct Watched {
     inner: Incoming,
     idle: Option<(Duration, Pin<Box<Sleep>>)>,
+    /// The stream's max_stream_duration, and the counter its expiry bumps.
+    deadline: Option<(Pin<Box<Sleep>>, Counter)>,
     lease: Option<Lease>,
     count: Option<Arc<Progress>>,
     hold: StreamHold,
@@ -386,6 +388,10 @@ impl Progress {
 #[error("stream idle timeout")]
 pub struct StreamIdleTimeout;
 
+#[derive(Debug, thiserror::Error)]
+#[error("downstream duration timeout")]
+pub struct DurationTimeout;
+
 impl ProxyBody {
     pub fn text(s: impl Into<Bytes>) -> Self {
         let b = s.into();
@@ -409,7 +415,28 @@ impl ProxyBody {
             return ProxyBody::Stream(inner);
         }
         let idle = idle.map(|t| (t, Box::pin(tokio::time::sleep(t))));
-        ProxyBody::Watched(Box::new(Watched { inner, idle, lease, count, hold: StreamHold::default() }))
+        ProxyBody::Watched(Box::new(Watched { inner, idle, deadline: None, lease, count, hold: StreamHold::default() }))
+    }
+
+    /// Ends this (response) body with an error at `at`, counting `expired`, if it is still streaming then: the rest
+    /// of Envoy's max_stream_duration once the response has begun (the stream is reset).
+    pub fn deadline(&mut self, at: Instant, expired: Counter) {
+        match self {
+            ProxyBody::Watched(w) => w.deadline = Some((Box::pin(tokio::time::sleep_until(at)), expired)),
+            ProxyBody::Logged(l) => l.inner.deadline(at, expired),
+            ProxyBody::Stream(s) if !s.is_end_stream() => {
+                let ProxyBody::Stream(inner) = std::mem::replace(self, ProxyBody::Empty) else { return };
+                *self = ProxyBody::Watched(Box::new(Watched {
+                    inner,
+                    idle: None,
+                    deadline: Some((Box::pin(tokio::time::sleep_until(at)), expired)),
+                    lease: None,
+                    count: None,
+                    hold: StreamHold::default(),
+                }));
+            }
+            ProxyBody::Stream(_) | ProxyBody::Empty | ProxyBody::Bytes(_) | ProxyBody::Replay(_) => {}
+        }
     }
 
     /// Keeps `hold` until this (response) body has been sent to its end, or released when it is dropped unfinished.
@@ -425,7 +452,14 @@ impl ProxyBody {
                 // Rare (no stream_idle_timeout and no pooled connection to give back): only then does holding cost
                 // a box of its own.
                 let ProxyBody::Stream(inner) = std::mem::replace(self, ProxyBody::Empty) else { return };
-                *self = ProxyBody::Watched(Box::new(Watched { inner, idle: None, lease: None, count: None, hold }));
+                *self = ProxyBody::Watched(Box::new(Watched {
+                    inner,
+                    idle: None,
+                    deadline: None,
+                    lease: None,
+                    count: None,
+                    hold,
+                }));
             }
             ProxyBody::Stream(_) | ProxyBody::Empty | ProxyBody::Bytes(_) | ProxyBody::Replay(_) => {
                 let mut hold = hold;
@@ -458,6 +492,14 @@ impl Body for ProxyBody {
                 polled
             }
             ProxyBody::Watched(w) => match Pin::new(&mut w.inner).poll_frame(cx) {
+                // A body that never waits still ends at its deadline.
+                Poll::Ready(Some(Ok(_))) if w.deadline.as_ref().is_some_and(|(at, _)| at.is_elapsed()) => {
+                    if let Some((_, expired)) = w.deadline.take() {
+                        expired.inc();
+                    }
+                    w.hold.reset(false);
+                    Poll::Ready(Some(Err(DurationTimeout.into())))
+                }
                 Poll::Ready(frame) => {
                     if let Some((timeout, sleep)) = &mut w.idle {
                         sleep.as_mut().reset(Instant::now() + *timeout);
@@ -490,6 +532,13 @@ impl Body for ProxyBody {
                     Poll::Ready(frame.map(|f| f.map_err(Into::into)))
                 }
                 Poll::Pending => match &mut w.idle {
+                    _ if w.deadline.as_mut().is_some_and(|(at, _)| at.as_mut().poll(cx).is_ready()) => {
+                        if let Some((_, expired)) = w.deadline.take() {
+                            expired.inc();
+                        }
+                        w.hold.reset(false);
+                        Poll::Ready(Some(Err(DurationTimeout.into())))
+                    }
                     Some((_, sleep)) => match sleep.as_mut().poll(cx) {
                         Poll::Ready(()) => {
                             w.hold.reset(false);

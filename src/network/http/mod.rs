@@ -64,6 +64,8 @@ pub struct HttpStats {
     pub downstream_cx_drain_close: Counter,
     pub downstream_cx_idle_timeout: Counter,
     pub downstream_cx_max_requests_reached: Counter,
+    /// Streams ended by their max_stream_duration.
+    pub downstream_rq_max_duration_reached: Counter,
     pub downstream_rq_total: Counter,
     pub downstream_rq_active: Gauge,
     pub downstream_rq_http1_total: Counter,
@@ -96,6 +98,7 @@ impl HttpStats {
             downstream_cx_drain_close: c("downstream_cx_drain_close"),
             downstream_cx_idle_timeout: c("downstream_cx_idle_timeout"),
             downstream_cx_max_requests_reached: c("downstream_cx_max_requests_reached"),
+            downstream_rq_max_duration_reached: c("downstream_rq_max_duration_reached"),
             downstream_rq_total: c("downstream_rq_total"),
             downstream_rq_active: g("downstream_rq_active"),
             downstream_rq_http1_total: c("downstream_rq_http1_total"),

@@ -5,10 +5,9 @@
 //! is plain data (`Send + Sync`) and matching allocates nothing in the common case: exact domains sit in a hash map,
 //! wildcards in per-length maps, regexes are compiled once. Every conversion error names its field relative to the
 //! `RouteConfiguration`; a value we read and do not honour is refused rather than ignored. Fields that are only
-//! metadata or telemetry (`name`, `decorator`, `metadata`, `validate_clusters`,
-//! `max_stream_duration`, `max_grpc_timeout`) are accepted and ignored; `typed_per_filter_config` carries the fault
-//! filter's per-route config (any other filter's is refused); fields this
-//! module never reads are left to the descriptor-driven field audit.
+//! metadata or telemetry (`name`, `decorator`, `metadata`, `validate_clusters`) are accepted and ignored;
+//! `typed_per_filter_config` carries the fault and CORS filters' per-route configs (any other filter's is refused);
+//! fields this module never reads are left to the descriptor-driven field audit.
 
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
@@ -177,6 +176,84 @@ pub struct RouteAction {
     cors: Option<std::sync::Arc<super::cors::CorsPolicy>>,
     /// `hash_policy`: what a RING_HASH cluster hashes to pick a host for this route's requests.
     hash_policy: Vec<HashPolicy>,
+    /// How long a stream on this route may last (see [`StreamDuration`]).
+    pub stream_duration: StreamDuration,
+}
+
+/// Envoy's limits on a stream's whole duration for one route. With a `max_stream_duration` message (Envoy's "new
+/// timeouts", what Istio sends): the connection manager ends the stream at the route's `max_stream_duration` (0
+/// disables; absent, the HCM's), or, for a gRPC request with a `grpc-timeout` header when `grpc_timeout_header_max`
+/// is set, at that header's deadline (capped unless the max is 0, less the offset). Without it, the deprecated
+/// `max_grpc_timeout` (and `grpc_timeout_offset`) turn a gRPC request's `grpc-timeout` into the route timeout.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StreamDuration {
+    /// No `max_stream_duration` message and no `max_grpc_timeout`: the HCM's `max_stream_duration` applies.
+    #[default]
+    Hcm,
+    New {
+        /// None: the HCM's; Some(ZERO): none at all.
+        max: Option<Duration>,
+        grpc_header_max: Option<Duration>,
+        grpc_header_offset: Duration,
+    },
+    /// The legacy gRPC route timeout: `max_grpc_timeout` (0: uncapped) and `grpc_timeout_offset`.
+    LegacyGrpc { max: Duration, offset: Duration },
+}
+
+impl StreamDuration {
+    /// The stream's duration limit for a request with these headers (None: no limit), given the HCM's.
+    pub fn limit(&self, headers: &http::HeaderMap, hcm: Option<Duration>) -> Option<Duration> {
+        let grpc_timeout = || is_grpc(headers).then(|| grpc_timeout(headers)).flatten();
+        match *self {
+            StreamDuration::New { grpc_header_max: Some(cap), grpc_header_offset, .. } if grpc_timeout().is_some() => {
+                let t = grpc_timeout().unwrap_or_default();
+                let t = if !cap.is_zero() && t > cap { cap } else { t };
+                Some(t.saturating_sub(grpc_header_offset)).filter(|t| !t.is_zero())
+            }
+            StreamDuration::New { max: Some(max), .. } => Some(max).filter(|t| !t.is_zero()),
+            StreamDuration::New { max: None, .. } | StreamDuration::Hcm | StreamDuration::LegacyGrpc { .. } => {
+                hcm.filter(|t| !t.is_zero())
+            }
+        }
+    }
+
+    /// The route timeout for this request under the legacy gRPC settings (None: the route's own timeout stands).
+    /// Envoy: the header's value less the offset (unless that would reach 0), capped by `max_grpc_timeout` unless
+    /// it is 0; no header means no timeout, or the cap.
+    pub fn grpc_route_timeout(&self, headers: &http::HeaderMap) -> Option<Option<Duration>> {
+        let StreamDuration::LegacyGrpc { max, offset } = *self else { return None };
+        if !is_grpc(headers) {
+            return None;
+        }
+        let mut t = grpc_timeout(headers).unwrap_or_default();
+        if offset < t {
+            t -= offset;
+        }
+        if !max.is_zero() && (t.is_zero() || t > max) {
+            t = max;
+        }
+        Some(Some(t).filter(|t| !t.is_zero()))
+    }
+}
+
+/// The `grpc-timeout` header: up to 8 digits and a unit (H, M, S, m, u, n), per the gRPC wire spec; None if absent or
+/// malformed.
+pub fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
+    let v = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 /// One of a route's `hash_policy` entries.
@@ -842,6 +919,29 @@ impl RouteAction {
             Some(t) => Some(duration(t, &join(path, "timeout"))?).filter(|t| !t.is_zero()),
         };
         let idle_timeout = a.idle_timeout.as_ref().map(|t| duration(t, &join(path, "idle_timeout"))).transpose()?;
+        let opt = |d: Option<&envoy_types::pb::google::protobuf::Duration>, field: &str| {
+            d.map(|d| duration(d, &join(path, field))).transpose()
+        };
+        #[allow(deprecated)]
+        let stream_duration = match (&a.max_stream_duration, &a.max_grpc_timeout) {
+            (Some(m), _) => StreamDuration::New {
+                max: opt(m.max_stream_duration.as_ref(), "max_stream_duration.max_stream_duration")?,
+                grpc_header_max: opt(
+                    m.grpc_timeout_header_max.as_ref(),
+                    "max_stream_duration.grpc_timeout_header_max",
+                )?,
+                grpc_header_offset: opt(
+                    m.grpc_timeout_header_offset.as_ref(),
+                    "max_stream_duration.grpc_timeout_header_offset",
+                )?
+                .unwrap_or_default(),
+            },
+            (None, Some(max)) => StreamDuration::LegacyGrpc {
+                max: duration(max, &join(path, "max_grpc_timeout"))?,
+                offset: opt(a.grpc_timeout_offset.as_ref(), "grpc_timeout_offset")?.unwrap_or_default(),
+            },
+            (None, None) => StreamDuration::Hcm,
+        };
         let retry_policy = match &a.retry_policy {
             Some(p) => Some(RetryPolicy::new(p, &join(path, "retry_policy"))?),
             None => vhost_retry.cloned(),
@@ -855,6 +955,7 @@ impl RouteAction {
             host_rewrite,
             rewrite,
             hash_policy: hash_policies(&a.hash_policy, path)?,
+            stream_duration,
             // Deprecated in Envoy's API, still what Istio 1.14 sends for a VirtualService's corsPolicy.
             #[allow(deprecated)]
             cors: a
@@ -1812,7 +1913,8 @@ impl StringMatcher {
     }
 }
 
-fn is_grpc(headers: &HeaderMap) -> bool {
+/// A gRPC request, as Envoy tells them.
+pub fn is_grpc(headers: &HeaderMap) -> bool {
     // Envoy: exactly application/grpc or application/grpc+<codec>; application/grpc-web is not gRPC.
     headers
         .get(CONTENT_TYPE)
@@ -3428,6 +3530,47 @@ mod tests {
             error(&single(route("r", prefix("/"), action(bad)))),
             "virtual_hosts[0].routes[0].route.hash_policy[0].cookie.ttl: generating the cookie (ttl) is not supported"
         );
+    }
+
+    /// The gRPC wire spec's `grpc-timeout` (digits and a unit) and how a route's max_stream_duration uses it.
+    #[test]
+    fn grpc_timeout_headers_and_stream_duration_limits() {
+        let headers = |timeout: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(CONTENT_TYPE, http::HeaderValue::from_static("application/grpc+proto"));
+            h.insert("grpc-timeout", http::HeaderValue::from_str(timeout).unwrap());
+            h
+        };
+        for (v, want) in [
+            ("1H", Some(Duration::from_secs(3600))),
+            ("2M", Some(Duration::from_secs(120))),
+            ("3S", Some(Duration::from_secs(3))),
+            ("250m", Some(Duration::from_millis(250))),
+            ("7u", Some(Duration::from_micros(7))),
+            ("9n", Some(Duration::from_nanos(9))),
+            ("123456789S", None),
+            ("S", None),
+            ("5x", None),
+            ("-1S", None),
+        ] {
+            assert_eq!(grpc_timeout(&headers(v)), want, "{v}");
+        }
+        let ms = Duration::from_millis;
+        let istio = StreamDuration::New {
+            max: Some(Duration::ZERO),
+            grpc_header_max: Some(Duration::ZERO),
+            grpc_header_offset: Duration::ZERO,
+        };
+        assert_eq!(istio.limit(&headers("20S"), Some(ms(5))), Some(Duration::from_secs(20)), "uncapped header");
+        assert_eq!(istio.limit(&HeaderMap::new(), Some(ms(5))), None, "a route's 0 turns the HCM's off");
+        let capped = StreamDuration::New { max: None, grpc_header_max: Some(ms(100)), grpc_header_offset: ms(30) };
+        assert_eq!(capped.limit(&headers("20S"), None), Some(ms(70)), "capped, then the offset");
+        assert_eq!(capped.limit(&HeaderMap::new(), Some(ms(5))), Some(ms(5)), "no header: the HCM's");
+        assert_eq!(StreamDuration::Hcm.limit(&headers("1S"), Some(ms(5))), Some(ms(5)));
+        let legacy = StreamDuration::LegacyGrpc { max: ms(300), offset: ms(50) };
+        assert_eq!(legacy.grpc_route_timeout(&headers("10S")), Some(Some(ms(300))));
+        assert_eq!(legacy.grpc_route_timeout(&headers("100m")), Some(Some(ms(50))));
+        assert_eq!(legacy.grpc_route_timeout(&HeaderMap::new()), None, "not gRPC: the route timeout stands");
     }
 
     #[test]

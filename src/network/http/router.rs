@@ -176,6 +176,58 @@ async fn route_request(conn: &Connection, req: Request<Incoming>, trace: &mut Tr
     if trace.logging {
         trace.route_name = Some(matched.route.name().to_string());
     }
+    // Envoy's max_stream_duration (the route's, a gRPC request's grpc-timeout under it, or the HCM's) bounds the
+    // whole stream from here, fault delays included.
+    let limit = match matched.action() {
+        Action::Route(a) => a.stream_duration.limit(req.headers(), config.max_stream_duration),
+        Action::Redirect(_) | Action::DirectResponse { .. } => None,
+    };
+    let Some(limit) = limit else {
+        return after_match(conn, &matched, req, trace, &authority, upgrade).await;
+    };
+    let grpc = super::route::is_grpc(req.headers());
+    let deadline = Instant::now() + limit;
+    match tokio::time::timeout_at(deadline, after_match(conn, &matched, req, trace, &authority, upgrade)).await {
+        Ok(mut resp) => {
+            resp.body_mut().deadline(deadline, hcm.stats.downstream_rq_max_duration_reached.clone());
+            resp
+        }
+        Err(_) => {
+            hcm.stats.downstream_rq_max_duration_reached.inc();
+            trace.flags.push(Flag::DurationTimeout);
+            duration_timeout_reply(conn, grpc, trace.received.as_ref().is_none_or(|p| p.done.load(Ordering::Relaxed)))
+        }
+    }
+}
+
+/// Envoy's reply when a stream outlives its max_stream_duration before its response began: for gRPC a trailers-only
+/// DEADLINE_EXCEEDED, otherwise 504 once the request was complete and 408 while it was still arriving.
+fn duration_timeout_reply(conn: &Connection, grpc: bool, request_complete: bool) -> Response<ProxyBody> {
+    const BODY: &str = "downstream duration timeout";
+    if grpc {
+        let mut resp = local_reply(conn, StatusCode::OK, "");
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        h.insert(GRPC_STATUS.clone(), HeaderValue::from_static("4"));
+        h.insert(GRPC_MESSAGE.clone(), HeaderValue::from_static(BODY));
+        return resp;
+    }
+    let status = if request_complete { StatusCode::GATEWAY_TIMEOUT } else { StatusCode::REQUEST_TIMEOUT };
+    local_reply(conn, status, BODY)
+}
+
+/// The HTTP filters after routing (fault, then CORS) and the router's action.
+async fn after_match(
+    conn: &Connection,
+    matched: &Matched<'_>,
+    req: Request<Incoming>,
+    trace: &mut Trace,
+    authority: &str,
+    upgrade: bool,
+) -> Response<ProxyBody> {
+    let config = &conn.hcm.config;
+    let hcm = &conn.hcm;
+    let head = RequestHead { method: req.method(), uri: req.uri(), authority, headers: req.headers() };
     // Chosen once: a weighted choice must be the same for the fault filter's upstream_cluster and the router.
     let cluster_name = match matched.action() {
         Action::Route(_) => matched.cluster_name(req.headers()),
@@ -216,7 +268,7 @@ async fn route_request(conn: &Connection, req: Request<Incoming>, trace: &mut Tr
             cors::Decision::Decorate { policy, origin } => decorate = Some((policy, origin)),
         }
     }
-    let mut resp = act(conn, &matched, cluster_name, req, trace, &authority, upgrade).await;
+    let mut resp = act(conn, matched, cluster_name, req, trace, authority, upgrade).await;
     if let Some((policy, origin)) = decorate {
         policy.decorate(origin, resp.headers_mut());
     }
@@ -529,6 +581,8 @@ async fn forward(
     let Chosen { matched, action, authority, upgrade } = *chosen;
     let start = Instant::now();
     let hash = action.request_hash(req.headers(), req.uri(), conn.peer.ip());
+    // The legacy max_grpc_timeout turns a gRPC request's grpc-timeout into its route timeout.
+    let route_timeout = action.stream_duration.grpc_route_timeout(req.headers()).unwrap_or(action.timeout);
     let downstream_h2 = req.version() == Version::HTTP_2;
     let protocol = match (cluster.config.http.protocol, upgrade) {
         (_, true) | (UpstreamProtocol::Http1, _) => Protocol::Http1,
@@ -565,7 +619,7 @@ async fn forward(
     let retry = action.retry_policy.as_ref();
     let body_empty = http_body::Body::is_end_stream(&body);
     let max_attempts = retry.map_or(1, |p| p.num_retries.saturating_add(1));
-    let deadline = action.timeout.map(|t| start + t);
+    let deadline = route_timeout.map(|t| start + t);
     // A route's idle_timeout overrides the HCM's stream_idle_timeout; 0 disables it.
     let idle = match action.idle_timeout {
         Some(t) if t.is_zero() => None,
@@ -652,7 +706,7 @@ async fn forward(
             let timers = async {
                 progress.finished().await;
                 let complete = progress.finished_at().unwrap_or_else(Instant::now);
-                let global = action.timeout.map(|t| complete + t);
+                let global = route_timeout.map(|t| complete + t);
                 let this_try = per_try.map(|t| complete.max(now) + t);
                 let waiting = idle.map(|t| Instant::now() + t);
                 match [global, this_try, waiting].into_iter().flatten().min() {
