@@ -266,7 +266,7 @@ const POLICIES: &[(&str, Policy)] = {
         // The HCM's; a cluster's are audited by their own field list under HttpProtocolOptions below.
         (
             "envoy.config.core.v3.HttpProtocolOptions",
-            Only(&["idle_timeout", "max_requests_per_connection", "max_stream_duration"]),
+            Only(&["idle_timeout", "max_requests_per_connection", "max_stream_duration", "max_connection_duration"]),
         ),
         ("envoy.config.core.v3.Http1ProtocolOptions", Only(&[])),
         ("envoy.config.core.v3.Http2ProtocolOptions", Only(&[])),
@@ -438,7 +438,10 @@ const POLICIES: &[(&str, Policy)] = {
         (
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
             Fields(&[
-                ("common_http_protocol_options", Only(&["idle_timeout", "max_requests_per_connection"])),
+                (
+                    "common_http_protocol_options",
+                    Only(&["idle_timeout", "max_requests_per_connection", "max_connection_duration"]),
+                ),
                 ("explicit_http_config", Fields(UPSTREAM_CODECS)),
                 ("use_downstream_protocol_config", Fields(UPSTREAM_CODECS)),
                 ("auto_config", Fields(UPSTREAM_CODECS)),

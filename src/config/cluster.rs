@@ -432,6 +432,9 @@ pub struct HttpUpstream {
     pub max_requests_per_connection: Option<u32>,
     /// How long an unused pooled connection is kept (`common_http_protocol_options.idle_timeout`, default 1 h).
     pub idle_timeout: Option<Duration>,
+    /// `common_http_protocol_options.max_connection_duration`: a connection this old takes no new request and
+    /// closes once its exchanges end.
+    pub max_connection_duration: Option<Duration>,
     pub max_requests: u32,
     pub max_pending_requests: u32,
     /// Retries outstanding at once across the cluster (Envoy's default 3), not a per-request cap.
@@ -446,6 +449,7 @@ impl Default for HttpUpstream {
             protocol: UpstreamProtocol::Http1,
             max_requests_per_connection: None,
             idle_timeout: Some(Duration::from_secs(3600)),
+            max_connection_duration: None,
             max_requests: 1024,
             max_pending_requests: 1024,
             max_retries: 3,
@@ -580,6 +584,10 @@ fn http_upstream(c: &cpb::Cluster) -> Result<HttpUpstream, ConfigError> {
             };
             if let Some(v) = &common.max_requests_per_connection {
                 out.max_requests_per_connection = Some(v.value).filter(|v| *v > 0);
+            }
+            if let Some(d) = &common.max_connection_duration {
+                let d = super::duration(d, &join(&path, "common_http_protocol_options.max_connection_duration"))?;
+                out.max_connection_duration = (!d.is_zero()).then_some(d);
             }
         }
         // Istio sends 2^30: our upstream HTTP/2 connections open as many streams as the server's SETTINGS allow,

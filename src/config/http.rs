@@ -80,6 +80,8 @@ pub struct HcmConfig {
     /// `common_http_protocol_options.max_stream_duration`: the longest a stream may last unless its route says
     /// otherwise; None when unset or 0.
     pub max_stream_duration: Option<Duration>,
+    /// `common_http_protocol_options.max_connection_duration`: a connection this old is drained; None when unset or 0.
+    pub max_connection_duration: Option<Duration>,
     pub websocket: bool,
     /// `normalize_path`: RFC 3986 dot-segment removal before routing.
     pub normalize_path: bool,
@@ -182,6 +184,11 @@ impl HcmConfig {
         )?;
         let max_requests_per_connection =
             common.and_then(|c| c.max_requests_per_connection.as_ref()).map(|v| v.value).filter(|v| *v > 0);
+        let max_connection_duration = opt_duration(
+            common.and_then(|c| c.max_connection_duration.as_ref()),
+            Duration::ZERO,
+            &at("common_http_protocol_options.max_connection_duration"),
+        )?;
         let max_stream_duration = opt_duration(
             common.and_then(|c| c.max_stream_duration.as_ref()),
             Duration::ZERO,
@@ -239,6 +246,7 @@ impl HcmConfig {
             max_request_headers_kb,
             max_requests_per_connection,
             max_stream_duration: (!max_stream_duration.is_zero()).then_some(max_stream_duration),
+            max_connection_duration: (!max_connection_duration.is_zero()).then_some(max_connection_duration),
             websocket,
             normalize_path: h.normalize_path.as_ref().is_some_and(|v| v.value),
             merge_slashes: h.merge_slashes,

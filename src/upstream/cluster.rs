@@ -145,6 +145,8 @@ pub struct ClusterStats {
     pub upstream_cx_overflow: Counter,
     pub upstream_cx_none_healthy: Counter,
     pub upstream_cx_idle_timeout: Counter,
+    /// Upstream connections retired by the cluster's max_connection_duration.
+    pub upstream_cx_max_duration_reached: Counter,
     pub membership_total: Gauge,
     pub membership_healthy: Gauge,
     pub upstream_rq_total: Counter,
@@ -189,6 +191,7 @@ impl ClusterStats {
             upstream_cx_overflow: c("upstream_cx_overflow"),
             upstream_cx_none_healthy: c("upstream_cx_none_healthy"),
             upstream_cx_idle_timeout: c("upstream_cx_idle_timeout"),
+            upstream_cx_max_duration_reached: c("upstream_cx_max_duration_reached"),
             membership_total: g("membership_total"),
             membership_healthy: g("membership_healthy"),
             upstream_rq_total: c("upstream_rq_total"),
@@ -489,6 +492,11 @@ impl Cluster {
             .find(in_service)
             .or_else(|| (0..set.hosts.len()).find(in_service))?;
         set.hosts.get(idx).cloned()
+    }
+
+    /// Whether an upstream connection opened at `born` is past the cluster's max_connection_duration.
+    pub fn connection_expired(&self, born: tokio::time::Instant) -> bool {
+        self.config.http.max_connection_duration.is_some_and(|d| born.elapsed() >= d)
     }
 
     /// Records when the newest host of `hosts` leaves its slow start window.

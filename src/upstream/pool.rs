@@ -56,6 +56,8 @@ struct Http1Conn {
     sender: http1::SendRequest<ProxyBody>,
     /// Requests sent on this connection so far.
     uses: u32,
+    /// When it was opened, for `max_connection_duration`.
+    born: Instant,
     idle_since: Instant,
     /// Tells the connection's task which pooled entry is its own.
     id: u64,
@@ -176,6 +178,10 @@ impl Http1Lease {
         if self.request.as_ref().is_some_and(|p| !p.done.load(std::sync::atomic::Ordering::Relaxed)) {
             // The response ended while the request was still uploading (an early 4xx): Envoy does not reuse such a
             // connection, and hyper would not take a new request on it until the upload ends.
+            return;
+        }
+        if self.cluster.connection_expired(self.conn.born) {
+            // Its max_connection_duration passed while it was lent: it closes now that its exchange is over.
             return;
         }
         self.conn.idle_since = Instant::now();
@@ -318,6 +324,8 @@ impl HttpPools {
             if expired {
                 // Its timer has not fired yet; the connection closes as it is dropped here.
                 cluster.stats.upstream_cx_idle_timeout.inc();
+            } else if cluster.connection_expired(conn.born) {
+                // Likewise for its max_connection_duration.
             } else if !conn.sender.is_closed() {
                 return Some(conn);
             }
@@ -336,7 +344,8 @@ impl HttpPools {
         let mut clusters = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
         let pool = host_pool(&mut clusters, cluster, addr)?;
         let conn = pool.http2.as_mut()?;
-        if conn.sender.is_closed() {
+        if conn.sender.is_closed() || cluster.connection_expired(conn.streams.born) {
+            // An expired connection takes no new stream and closes once its streams end.
             pool.http2 = None;
             return None;
         }
@@ -358,16 +367,18 @@ impl HttpPools {
         static IDS: AtomicU64 = AtomicU64::new(0);
         let id = IDS.fetch_add(1, Ordering::Relaxed);
         let idle = self.idle_timer(cluster, addr, Pooled::Http1(id));
+        let aged = self.age_timer(cluster, addr, Pooled::Http1(id));
         tokio::spawn(async move {
             tokio::select! {
                 r = conn.with_upgrades() => if let Err(e) = r {
                     debug!(upstream = %addr, "upstream connection ended: {e}");
                 },
                 () = idle => debug!(upstream = %addr, "upstream connection closed by its idle timeout"),
+                () = aged => debug!(upstream = %addr, "upstream connection closed at its max_connection_duration"),
             }
             drop(slot);
         });
-        Ok(Http1Conn { sender, uses: 0, idle_since: Instant::now(), id })
+        Ok(Http1Conn { sender, uses: 0, born: Instant::now(), idle_since: Instant::now(), id })
     }
 
     async fn connect_http2(
@@ -382,12 +393,14 @@ impl HttpPools {
             builder.handshake::<_, ProxyBody>(TokioIo::new(io)).await.map_err(|e| PoolError::Handshake(addr, e))?;
         let streams = Streams::new();
         let idle = self.idle_timer(cluster, addr, Pooled::Http2(streams.clone()));
+        let aged = self.age_timer(cluster, addr, Pooled::Http2(streams.clone()));
         tokio::spawn(async move {
             tokio::select! {
                 r = conn => if let Err(e) = r {
                     debug!(upstream = %addr, "upstream connection ended: {e}");
                 },
                 () = idle => debug!(upstream = %addr, "upstream connection closed by its idle timeout"),
+                () = aged => debug!(upstream = %addr, "upstream connection closed at its max_connection_duration"),
             }
             drop(slot);
         });
@@ -459,6 +472,59 @@ impl HttpPools {
         }
     }
 }
+
+impl HttpPools {
+    /// Resolves when the connection should close for its max_connection_duration, counting
+    /// `upstream_cx_max_duration_reached`: at once if it sits idle in the pool then, else once its exchanges are
+    /// over (it takes no new one). Never without a limit.
+    fn age_timer(&self, cluster: &Arc<Cluster>, addr: SocketAddr, conn: Pooled) -> impl Future<Output = ()> + use<> {
+        let pools = self.clusters.clone();
+        let version = Arc::downgrade(cluster);
+        let name = cluster.name().to_string();
+        let limit = cluster.config.http.max_connection_duration;
+        let counter = cluster.stats.upstream_cx_max_duration_reached.clone();
+        let born = Instant::now();
+        async move {
+            let Some(limit) = limit else { return std::future::pending().await };
+            tokio::time::sleep_until(born + limit).await;
+            counter.inc();
+            loop {
+                {
+                    let mut clusters = pools.lock().unwrap_or_else(|p| p.into_inner());
+                    let pool = clusters
+                        .get_mut(&name)
+                        .filter(|p| Weak::ptr_eq(&p.cluster, &version))
+                        .and_then(|p| p.hosts.get_mut(&addr));
+                    match (&conn, pool) {
+                        (Pooled::Http1(id), Some(pool)) => {
+                            if let Some(i) = pool.http1.iter().position(|c| c.id == *id) {
+                                pool.http1.remove(i);
+                                return;
+                            }
+                        }
+                        (Pooled::Http2(streams), pool) => {
+                            if let Some(pool) = pool
+                                && pool.http2.as_ref().is_some_and(|c| Arc::ptr_eq(&c.streams, streams))
+                            {
+                                pool.http2 = None;
+                            }
+                            if streams.open.load(Ordering::Relaxed) == 0 {
+                                return;
+                            }
+                        }
+                        (Pooled::Http1(_), None) => {}
+                    }
+                }
+                // Lent to an exchange (HTTP/1.1, closed when it comes back) or streams still open (HTTP/2): the
+                // connection's own end or this check, whichever comes first.
+                tokio::time::sleep(AGED_POLL).await;
+            }
+        }
+    }
+}
+
+/// How often a connection past its max_connection_duration looks whether its last exchange is over.
+const AGED_POLL: Duration = Duration::from_millis(250);
 
 type UpstreamIo = tokio_util::either::Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
 

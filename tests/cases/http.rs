@@ -851,6 +851,41 @@ async fn legacy_max_grpc_timeout_turns_grpc_timeout_into_the_route_timeout() {
     assert_eq!(counter(&server, "cluster.u.upstream_rq_timeout"), 2);
 }
 
+/// Envoy's max_connection_duration: downstream (the HCM's), a connection that old is drained (its response in flight
+/// still arrives) and closed; upstream (the cluster's), a pooled connection that old is retired and the next request
+/// opens a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connection_duration_retires_downstream_and_upstream_connections() {
+    let up = http_upstream("U").await;
+    let hcm = "\n          common_http_protocol_options: { max_connection_duration: 0.4s }";
+    let server = proxy_to(up, hcm).await;
+    let mut c = http1_client(listener_addr(&server, "h")).await;
+    assert_eq!(http1_request(&mut c, "GET", "/", "x", &[]).await.0, 200);
+    let (status, ..) = http1_request(&mut c, "GET", "/sleep/700", "x", &[]).await;
+    assert_eq!(status, 200, "the response in flight at the deadline is delivered");
+    eventually("the proxy closed the connection", Duration::from_secs(3), async || c.is_closed()).await;
+    assert_eq!(counter(&server, "http.h.downstream_cx_max_duration_reached"), 1);
+
+    let cluster = format!(
+        "{}\n    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \
+         \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        \
+         common_http_protocol_options: {{ max_connection_duration: 0.3s }}\n        \
+         explicit_http_config: {{ http_protocol_options: {{}} }}",
+        static_cluster("u", &[up])
+    );
+    let server = start(&yaml(&http_listener("h", 0, &routes_to("u", ""), ""), &cluster), Duration::from_secs(1)).await;
+    let mut c = http1_client(listener_addr(&server, "h")).await;
+    assert_eq!(http1_request(&mut c, "GET", "/", "x", &[]).await.0, 200);
+    assert_eq!(http1_request(&mut c, "GET", "/", "x", &[]).await.0, 200);
+    assert_eq!(counter(&server, "cluster.u.upstream_cx_total"), 1, "reused while young");
+    eventually("the pooled connection was retired", Duration::from_secs(3), async || {
+        counter(&server, "cluster.u.upstream_cx_max_duration_reached") == 1
+    })
+    .await;
+    assert_eq!(http1_request(&mut c, "GET", "/", "x", &[]).await.0, 200);
+    assert_eq!(counter(&server, "cluster.u.upstream_cx_total"), 2);
+}
+
 /// A proxy whose HCM listener `h` (`hcm_extra` on the connection manager) routes everything to `up` with
 /// `route_extra` on the route action.
 async fn proxy_to_with_route(

@@ -66,6 +66,8 @@ pub struct HttpStats {
     pub downstream_cx_max_requests_reached: Counter,
     /// Streams ended by their max_stream_duration.
     pub downstream_rq_max_duration_reached: Counter,
+    /// Connections drained by their max_connection_duration.
+    pub downstream_cx_max_duration_reached: Counter,
     pub downstream_rq_total: Counter,
     pub downstream_rq_active: Gauge,
     pub downstream_rq_http1_total: Counter,
@@ -99,6 +101,7 @@ impl HttpStats {
             downstream_cx_idle_timeout: c("downstream_cx_idle_timeout"),
             downstream_cx_max_requests_reached: c("downstream_cx_max_requests_reached"),
             downstream_rq_max_duration_reached: c("downstream_rq_max_duration_reached"),
+            downstream_cx_max_duration_reached: c("downstream_cx_max_duration_reached"),
             downstream_rq_total: c("downstream_rq_total"),
             downstream_rq_active: g("downstream_rq_active"),
             downstream_rq_http1_total: c("downstream_rq_http1_total"),
@@ -271,6 +274,11 @@ async fn drive<C, E>(
     let mut shutting_down = false;
     let mut forced = drain.clone();
     let mut idle_check = Box::pin(tokio::time::sleep(idle.unwrap_or(Duration::from_secs(86_400 * 365))));
+    let max_age = hcm.config.max_connection_duration;
+    let far = || Instant::now() + Duration::from_secs(86_400 * 365);
+    let mut age_check = Box::pin(tokio::time::sleep_until(max_age.map_or_else(far, |d| conn.born + d)));
+    // Envoy's drain after max_connection_duration: a connection still busy is closed drain_timeout later.
+    let mut forced_close: Option<Pin<Box<tokio::time::Sleep>>> = None;
     loop {
         tokio::select! {
             r = served.as_mut() => {
@@ -292,6 +300,16 @@ async fn drive<C, E>(
             }
             _ = forced.closed() => {
                 debug!(peer = %conn.peer, "HTTP connection closed by the drain deadline");
+                break;
+            }
+            _ = &mut age_check, if max_age.is_some() && !shutting_down => {
+                stats.downstream_cx_max_duration_reached.inc();
+                shutting_down = true;
+                shut_down(served.as_mut());
+                forced_close = Some(Box::pin(tokio::time::sleep(hcm.config.drain_timeout)));
+            }
+            _ = async { if let Some(f) = forced_close.as_mut() { f.await } }, if forced_close.is_some() => {
+                debug!(peer = %conn.peer, "HTTP connection closed drain_timeout after its max_connection_duration");
                 break;
             }
             _ = &mut idle_check, if idle.is_some() && !shutting_down => {
