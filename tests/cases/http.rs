@@ -886,6 +886,28 @@ async fn max_connection_duration_retires_downstream_and_upstream_connections() {
     assert_eq!(counter(&server, "cluster.u.upstream_cx_total"), 2);
 }
 
+/// Envoy answers a gRPC request's local replies in gRPC terms: 200, trailers-only, `grpc-status` mapped from the
+/// HTTP status (503 → UNAVAILABLE, 404 → UNIMPLEMENTED) and the reply's text as `grpc-message`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_replies_to_grpc_requests_are_grpc_statuses() {
+    let server = start(
+        &yaml(&http_listener("h", 0, &routes_to("u", ""), ""), &static_cluster("u", &[])),
+        Duration::from_secs(1),
+    )
+    .await;
+    let mut c = http1_client(listener_addr(&server, "h")).await;
+    let grpc = [("content-type", "application/grpc")];
+    let (status, headers, body) = http1_request(&mut c, "POST", "/pkg.Svc/Call", "x", &grpc).await;
+    let header = |h: &hyper::HeaderMap, name: &str| h.get(name).map(|v| v.to_str().unwrap().to_string());
+    assert_eq!((status, body.as_str()), (200, ""));
+    assert_eq!(header(&headers, "grpc-status").as_deref(), Some("14"));
+    assert_eq!(header(&headers, "grpc-message").as_deref(), Some("no healthy upstream"));
+    assert_eq!(header(&headers, "content-type").as_deref(), Some("application/grpc"));
+    let (status, headers, _) = http1_request(&mut c, "POST", "/pkg.Svc/Call", "x", &[]).await;
+    assert_eq!((status, header(&headers, "grpc-status")), (503, None), "not gRPC: plain HTTP");
+    assert_eq!(counter(&server, "http.h.downstream_rq_5xx"), 1, "counted as what the client got");
+}
+
 /// A proxy whose HCM listener `h` (`hcm_extra` on the connection manager) routes everything to `up` with
 /// `route_extra` on the route action.
 async fn proxy_to_with_route(

@@ -442,6 +442,7 @@ impl Connection {
             downstream_tx_reset: Some(stats.downstream_rq_tx_reset.clone()),
             ..Default::default()
         };
+        let grpc = route::is_grpc(req.headers());
         router::prepare(&self, &mut req);
         let logs = &self.hcm.config.access_log;
         let request_timeout = self.hcm.config.request_timeout.filter(|_| !http_body::Body::is_end_stream(req.body()));
@@ -450,10 +451,10 @@ impl Connection {
             // Boxed once: hyper moves the service future around (HTTP/2 spawns it as a task), and the router's state
             // is kilobytes; moving a pointer is cheaper than copying that several times per request.
             let resp = Box::pin(router::route(&self, req, &mut trace)).await;
-            self.finish(resp, h2)
+            self.finish(resp, h2, grpc)
         } else {
             // Boxed: the observed path's state would otherwise make every request's future larger.
-            Box::pin(self.handle_observed(req, h2, request_timeout)).await
+            Box::pin(self.handle_observed(req, h2, grpc, request_timeout)).await
         };
         resp.body_mut().hold(hold);
         resp
@@ -464,6 +465,7 @@ impl Connection {
         &self,
         req: Request<Incoming>,
         h2: bool,
+        grpc: bool,
         request_timeout: Option<Duration>,
     ) -> Response<ProxyBody> {
         let stats = &self.hcm.stats;
@@ -491,9 +493,9 @@ impl Connection {
             }
         };
         let Some(mut entry) = pending.entry.take() else {
-            return self.finish(resp, h2);
+            return self.finish(resp, h2, grpc);
         };
-        let mut resp = self.finish(resp, h2);
+        let mut resp = self.finish(resp, h2, grpc);
         entry.response_code = Some(resp.status().as_u16());
         entry.response_headers = Some(resp.headers().clone());
         pending.trace.fill(&mut entry);
@@ -528,7 +530,10 @@ impl Connection {
         }
     }
 
-    fn finish(&self, mut resp: Response<ProxyBody>, h2: bool) -> Response<ProxyBody> {
+    fn finish(&self, mut resp: Response<ProxyBody>, h2: bool, grpc: bool) -> Response<ProxyBody> {
+        if grpc {
+            router::grpc_local_reply(&mut resp);
+        }
         let status = resp.status().as_u16();
         if let Some(c) = self.hcm.stats.downstream_rq_class.get(usize::from(status / 100).wrapping_sub(1)) {
             c.inc();

@@ -509,10 +509,41 @@ pub(super) fn request_timeout_reply(conn: &Connection) -> Response<ProxyBody> {
     local_reply(conn, StatusCode::REQUEST_TIMEOUT, "request timeout")
 }
 
+/// Marks a reply the proxy made itself, with its text, so that a gRPC request's can be turned into a gRPC answer.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct LocalReply(pub &'static str);
+
+/// Envoy answers a gRPC request's local reply in gRPC's terms: a trailers-only 200 whose `grpc-status` is the HTTP
+/// status mapped as Envoy maps it (httpToGrpcStatus) and whose `grpc-message` is the reply's text. Replies that are
+/// already gRPC answers (a 200) are left alone.
+pub(super) fn grpc_local_reply(resp: &mut Response<ProxyBody>) {
+    let Some(LocalReply(text)) = resp.extensions().get::<LocalReply>().copied() else { return };
+    if resp.status() == StatusCode::OK {
+        return;
+    }
+    let code: u16 = match resp.status().as_u16() {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502 | 503 | 504 => 14,
+        _ => 2,
+    };
+    *resp.status_mut() = StatusCode::OK;
+    *resp.body_mut() = ProxyBody::Empty;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    h.insert(GRPC_STATUS.clone(), HeaderValue::from(code));
+    if !text.is_empty() {
+        h.insert(GRPC_MESSAGE.clone(), HeaderValue::from_static(text));
+    }
+}
+
 /// A reply made by the proxy itself, with Envoy's headers.
 fn local_reply(conn: &Connection, status: StatusCode, body: &'static str) -> Response<ProxyBody> {
     let mut resp = Response::new(ProxyBody::text(body));
     *resp.status_mut() = status;
+    resp.extensions_mut().insert(LocalReply(body));
     if !body.is_empty() {
         resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     }
