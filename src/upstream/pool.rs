@@ -414,14 +414,47 @@ enum Pooled {
     Http2(Arc<Streams>),
 }
 
+/// A connection task's way back to its pool: this very cluster version's pool for its host (a removed cluster's
+/// pools are still found by name; a replaced cluster's are not its own any more).
+struct PoolRef {
+    pools: Shared,
+    version: Weak<Cluster>,
+    name: String,
+    addr: SocketAddr,
+}
+
+impl PoolRef {
+    fn new(pools: &Shared, cluster: &Arc<Cluster>, addr: SocketAddr) -> Self {
+        PoolRef { pools: pools.clone(), version: Arc::downgrade(cluster), name: cluster.name().to_string(), addr }
+    }
+
+    fn with<R>(&self, f: impl FnOnce(Option<&mut HostPool>) -> R) -> R {
+        let mut clusters = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        let pool = clusters
+            .get_mut(&self.name)
+            .filter(|p| Weak::ptr_eq(&p.cluster, &self.version))
+            .and_then(|p| p.hosts.get_mut(&self.addr));
+        f(pool)
+    }
+}
+
+impl Pooled {
+    /// Takes this HTTP/2 connection out of `pool` if it is the pooled one, so no new stream goes to it.
+    fn unpool_http2(streams: &Arc<Streams>, pool: Option<&mut HostPool>) {
+        if let Some(pool) = pool
+            && pool.http2.as_ref().is_some_and(|c| Arc::ptr_eq(&c.streams, streams))
+        {
+            pool.http2 = None;
+        }
+    }
+}
+
 impl HttpPools {
     /// Resolves once the connection has had no request for the cluster's idle timeout, after taking it out of the
     /// pool and counting `upstream_cx_idle_timeout`; never while an exchange uses it, never without a timeout. It
     /// only sleeps and looks when the deadline comes, so a busy connection costs it nothing per request.
     fn idle_timer(&self, cluster: &Arc<Cluster>, addr: SocketAddr, conn: Pooled) -> impl Future<Output = ()> + use<> {
-        let pools = self.clusters.clone();
-        let version = Arc::downgrade(cluster);
-        let name = cluster.name().to_string();
+        let home = PoolRef::new(&self.clusters, cluster, addr);
         let timeout = cluster.config.http.idle_timeout;
         let counter = cluster.stats.upstream_cx_idle_timeout.clone();
         async move {
@@ -430,13 +463,7 @@ impl HttpPools {
             loop {
                 tokio::time::sleep_until(deadline).await;
                 let now = Instant::now();
-                let mut clusters = pools.lock().unwrap_or_else(|p| p.into_inner());
-                // This very cluster version's pool for the host (a removed cluster's pools are still found by name).
-                let pool = clusters
-                    .get_mut(&name)
-                    .filter(|p| Weak::ptr_eq(&p.cluster, &version))
-                    .and_then(|p| p.hosts.get_mut(&addr));
-                let idle_since = match (&conn, pool) {
+                let idle_since = home.with(|pool| match (&conn, pool) {
                     (Pooled::Http1(id), Some(pool)) => match pool.http1.iter().position(|c| c.id == *id) {
                         Some(i) if now.duration_since(pool.http1[i].idle_since) >= timeout => {
                             pool.http1.remove(i);
@@ -450,17 +477,13 @@ impl HttpPools {
                     (Pooled::Http1(_), None) => Some(now),
                     (Pooled::Http2(streams), pool) => match streams.idle_since() {
                         Some(since) if now.duration_since(since) >= timeout => {
-                            if let Some(pool) = pool
-                                && pool.http2.as_ref().is_some_and(|c| Arc::ptr_eq(&c.streams, streams))
-                            {
-                                pool.http2 = None;
-                            }
+                            Pooled::unpool_http2(streams, pool);
                             None
                         }
                         Some(since) => Some(since),
                         None => Some(now),
                     },
-                };
+                });
                 match idle_since {
                     Some(since) => deadline = since + timeout,
                     None => {
@@ -478,9 +501,7 @@ impl HttpPools {
     /// `upstream_cx_max_duration_reached`: at once if it sits idle in the pool then, else once its exchanges are
     /// over (it takes no new one). Never without a limit.
     fn age_timer(&self, cluster: &Arc<Cluster>, addr: SocketAddr, conn: Pooled) -> impl Future<Output = ()> + use<> {
-        let pools = self.clusters.clone();
-        let version = Arc::downgrade(cluster);
-        let name = cluster.name().to_string();
+        let home = PoolRef::new(&self.clusters, cluster, addr);
         let limit = cluster.config.http.max_connection_duration;
         let counter = cluster.stats.upstream_cx_max_duration_reached.clone();
         let born = Instant::now();
@@ -489,31 +510,22 @@ impl HttpPools {
             tokio::time::sleep_until(born + limit).await;
             counter.inc();
             loop {
-                {
-                    let mut clusters = pools.lock().unwrap_or_else(|p| p.into_inner());
-                    let pool = clusters
-                        .get_mut(&name)
-                        .filter(|p| Weak::ptr_eq(&p.cluster, &version))
-                        .and_then(|p| p.hosts.get_mut(&addr));
-                    match (&conn, pool) {
-                        (Pooled::Http1(id), Some(pool)) => {
-                            if let Some(i) = pool.http1.iter().position(|c| c.id == *id) {
-                                pool.http1.remove(i);
-                                return;
-                            }
+                let done = home.with(|pool| match (&conn, pool) {
+                    (Pooled::Http1(id), Some(pool)) => match pool.http1.iter().position(|c| c.id == *id) {
+                        Some(i) => {
+                            pool.http1.remove(i);
+                            true
                         }
-                        (Pooled::Http2(streams), pool) => {
-                            if let Some(pool) = pool
-                                && pool.http2.as_ref().is_some_and(|c| Arc::ptr_eq(&c.streams, streams))
-                            {
-                                pool.http2 = None;
-                            }
-                            if streams.open.load(Ordering::Relaxed) == 0 {
-                                return;
-                            }
-                        }
-                        (Pooled::Http1(_), None) => {}
+                        None => false,
+                    },
+                    (Pooled::Http1(_), None) => false,
+                    (Pooled::Http2(streams), pool) => {
+                        Pooled::unpool_http2(streams, pool);
+                        streams.open.load(Ordering::Relaxed) == 0
                     }
+                });
+                if done {
+                    return;
                 }
                 // Lent to an exchange (HTTP/1.1, closed when it comes back) or streams still open (HTTP/2): the
                 // connection's own end or this check, whichever comes first.
