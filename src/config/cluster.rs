@@ -1182,7 +1182,7 @@ load_assignment:
     }
 
     /// The upstream HttpProtocolOptions are audited field by field: what Istio 1.14 sends loads, anything we would
-    /// not honour (connection lifetime limits, upstream HTTP filters, codec tuning) is refused by its path.
+    /// not honour (header count limits, upstream HTTP filters, codec tuning) is refused by its path.
     #[test]
     fn upstream_http_protocol_options_refuse_what_is_not_honoured() {
         let with = |options: &str| {
@@ -1199,8 +1199,8 @@ load_assignment:
         let at = "typed_extension_protocol_options[\"envoy.extensions.upstreams.http.v3.HttpProtocolOptions\"]";
         for (options, expect) in [
             (
-                "common_http_protocol_options: { max_connection_duration: 60s }",
-                "common_http_protocol_options.max_connection_duration: not supported",
+                "common_http_protocol_options: { max_headers_count: 50 }",
+                "common_http_protocol_options.max_headers_count: not supported",
             ),
             ("http_filters: [ { name: f } ]", "http_filters: not supported"),
             (
