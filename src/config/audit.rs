@@ -366,6 +366,7 @@ const POLICIES: &[(&str, Policy)] = {
                 "retry_policy",
                 "retry_policy_typed_config",
                 "max_grpc_timeout",
+                "grpc_timeout_offset",
                 "max_stream_duration",
             ]),
         ),

@@ -70,7 +70,8 @@ impl Default for Balancing {
 }
 
 /// Envoy's slow start: for `window` after a host joins the cluster its weight is scaled by
-/// max(min_weight, time_factor^(1/aggression)), time_factor = max(seconds in the cluster, 1) / window seconds.
+/// max(min_weight, time_factor^(1/aggression)), time_factor = max(time in the cluster, 1 ms) / window (Envoy's
+/// code; its docs say 1 s).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SlowStart {
     pub window: Duration,

@@ -81,6 +81,11 @@ pub(crate) fn duration(d: &protobuf::Duration, path: &str) -> Result<Duration, C
     if d.seconds < 0 || d.nanos < 0 || d.nanos >= 1_000_000_000 {
         return Err(ConfigError::new(path, "duration must be non-negative"));
     }
+    // google.protobuf.Duration's own range (10,000 years): beyond it the value is malformed, and a deadline that far
+    // out would overflow the clock.
+    if d.seconds > 315_576_000_000 {
+        return Err(ConfigError::new(path, "duration must be at most 315576000000 s"));
+    }
     Ok(Duration::new(d.seconds as u64, d.nanos as u32))
 }
 

@@ -287,6 +287,10 @@ pub struct Cluster {
     retries: Arc<AtomicU32>,
     /// Hosts ejected by outlier detection; while 0, choosing a host looks at no ejection.
     pub(super) ejected: AtomicU32,
+    /// Held while an ejection is decided and counted, or ejections are recounted: workers may eject different hosts at
+    /// the same moment, and max_ejection_percent must hold across them. Ejections are rare; results are counted
+    /// without it.
+    pub(super) ejecting: std::sync::Mutex<()>,
     /// With slow start: until when ([`epoch_ms`]) some host is still in its window; picks before then scale weights.
     slow_start_until_ms: AtomicU64,
     /// The success-rate ejection thresholds of the last outlier sweep, for `/clusters`.
@@ -374,6 +378,7 @@ impl Cluster {
             retries: Arc::new(AtomicU32::new(0)),
             breakers,
             ejected: AtomicU32::new(0),
+            ejecting: std::sync::Mutex::new(()),
             slow_start_until_ms: AtomicU64::new(0),
             outlier_thresholds: Default::default(),
             stats,
@@ -391,6 +396,12 @@ impl Cluster {
         if cluster.config.outlier.is_some() {
             // A predecessor's hosts keep their ejections: count them, so balancing skips them from the start.
             outlier::recount(&cluster, &cluster.hosts.load().hosts);
+        } else {
+            // Without outlier detection nothing would ever return them: the ejections end with the version that made
+            // them.
+            for h in cluster.hosts.load().hosts.iter() {
+                h.outlier.forget();
+            }
         }
         cluster
     }
@@ -467,7 +478,7 @@ impl Cluster {
         let scaled =
             slow_start.is_some() || (self.config.lb_policy == LbPolicy::LeastRequest && !set.weights.uniform());
         let pick = || match self.config.lb_policy {
-            _ if scaled => self.pick_scaled(&set, slow_start),
+            _ if scaled => self.pick_scaled(&set, slow_start, any),
             LbPolicy::RoundRobin | LbPolicy::ClusterProvided => {
                 set.weights.pick(self.rr.fetch_add(1, Ordering::Relaxed))
             }
@@ -520,37 +531,61 @@ impl Cluster {
 
     /// A pick in proportion to weights that change per pick: Envoy's slow start scaling, and for LEAST_REQUEST
     /// over unequal weights, weight / (active + 1)^active_request_bias. Envoy runs its EDF scheduler over these
-    /// weights; this draws at random in the same proportions. Two passes over the hosts, no allocation.
-    fn pick_scaled(&self, set: &HostSet, slow_start: Option<(&SlowStart, u64)>) -> Option<usize> {
+    /// weights; this draws at random in the same proportions. Each weight is computed once (so a busy count that
+    /// moves meanwhile cannot skew the draw), ejected hosts weigh nothing unless `with_ejected` (panic mode), and
+    /// weights that all come to nothing (an enormous bias) fall back to an even draw.
+    fn pick_scaled(&self, set: &HostSet, slow_start: Option<(&SlowStart, u64)>, with_ejected: bool) -> Option<usize> {
+        const ON_STACK: usize = 64;
         let bias = self.config.balancing.active_request_bias;
+        let least_request = self.config.lb_policy == LbPolicy::LeastRequest;
+        let usable = |h: &Host| h.weight > 0 && (with_ejected || !h.is_ejected());
         let weight = |h: &Host| {
+            if !usable(h) {
+                return 0.0;
+            }
             let mut w = f64::from(h.weight);
             if let Some((s, now)) = slow_start {
                 let in_cluster = now.saturating_sub(h.added_ms.load(Ordering::Relaxed));
                 let window = s.window.as_millis() as u64;
                 if in_cluster < window {
-                    let factor = (in_cluster.max(1000) as f64 / window as f64).powf(1.0 / s.aggression);
+                    let factor = (in_cluster.max(1) as f64 / window as f64).powf(1.0 / s.aggression);
                     w *= factor.max(s.min_weight);
                 }
             }
-            if self.config.lb_policy == LbPolicy::LeastRequest && bias != 0.0 {
-                w /= (f64::from(h.active()) + 1.0).powf(bias);
+            if least_request && bias != 0.0 {
+                let load = f64::from(h.active()) + 1.0;
+                w /= if bias == 1.0 { load } else { load.powf(bias) };
             }
-            w
+            if w.is_finite() { w } else { 0.0 }
         };
-        let total: f64 = set.hosts.iter().map(|h| weight(h)).sum();
-        if total <= 0.0 {
-            return None;
+        let mut stack = [0f64; ON_STACK];
+        let mut heap: Vec<f64>;
+        let weights: &mut [f64] = match stack.get_mut(..set.hosts.len()) {
+            Some(w) => w,
+            None => {
+                heap = vec![0.0; set.hosts.len()];
+                &mut heap
+            }
+        };
+        let mut total = 0.0;
+        for (w, h) in weights.iter_mut().zip(&set.hosts) {
+            *w = weight(h);
+            total += *w;
+        }
+        if total <= 0.0 || !total.is_finite() {
+            let candidates = set.hosts.iter().filter(|h| usable(h)).count();
+            let nth = rand::random_range(0..candidates.max(1));
+            return set.hosts.iter().enumerate().filter(|(_, h)| usable(h)).nth(nth).map(|(i, _)| i);
         }
         let mut x = rand::random::<f64>() * total;
-        for (i, h) in set.hosts.iter().enumerate() {
-            x -= weight(h);
+        for (i, w) in weights.iter().enumerate() {
+            x -= w;
             if x < 0.0 {
                 return Some(i);
             }
         }
         // Rounding left a sliver past the last host: it goes to the last host that has any weight.
-        set.hosts.iter().rposition(|h| h.weight > 0)
+        weights.iter().rposition(|w| *w > 0.0)
     }
 
     /// Notes how an exchange with `host` went, for outlier detection (nothing without it).
@@ -811,11 +846,11 @@ mod tests {
         set.hosts[2].added_ms.store(base, Ordering::Relaxed);
         // 20 s in: 1/3 of its weight; 1 s in: the 10% floor (1/60 is below it).
         for (since, expect) in [(20_000, 1.0 / 7.0), (1_000, 0.1 / 2.1)] {
-            let picks = shares(6000, || c.pick_scaled(&set, Some((&slow, base + since))), &c);
+            let picks = shares(6000, || c.pick_scaled(&set, Some((&slow, base + since)), true), &c);
             let got = picks.get(&3).copied().unwrap_or(0) as f64 / 6000.0;
             assert!((got - expect).abs() < 0.03, "{since} ms in: share {got}, expected {expect}");
         }
-        let picks = shares(3000, || c.pick_scaled(&set, Some((&slow, base + 60_000))), &c);
+        let picks = shares(3000, || c.pick_scaled(&set, Some((&slow, base + 60_000)), true), &c);
         assert!(picks.get(&3).copied().unwrap_or(0) > 800, "out of the window: a full third: {picks:?}");
 
         let joined = c.hosts().hosts[2].added_ms.load(Ordering::Relaxed);

@@ -35,8 +35,9 @@ impl ClusterSet {
 #[derive(Debug)]
 struct Entry {
     cluster: Arc<Cluster>,
-    /// Stops the DNS refresh loop of a replaced or removed cluster.
-    refresh: Option<CancellationToken>,
+    /// Stops the DNS refresh loop and the outlier sweep of a replaced or removed cluster (a replaced version lives
+    /// on for its connections, but it must not keep sweeping the hosts it shares with its successor).
+    stop: CancellationToken,
     /// Becomes true once the first resolution finished (always true for non-DNS clusters).
     ready: watch::Receiver<bool>,
 }
@@ -165,27 +166,27 @@ impl ClusterManager {
             Some(o) => o.hosts(),
             None => Arc::new(HostSet::from_endpoints(&config.endpoints, config.locality_weighted)),
         };
-        if let Some(token) = old.as_ref().and_then(|o| o.refresh.as_ref()) {
-            token.cancel();
+        if let Some(old) = &old {
+            old.stop.cancel();
         }
         let cluster = Arc::new(Cluster::with_hosts(config.clone(), hosts, &self.stats));
+        let stop = CancellationToken::new();
         if let Some(outlier) = &config.outlier {
-            tokio::spawn(outlier_interval(Arc::downgrade(&cluster), outlier.interval));
+            tokio::spawn(outlier_interval(Arc::downgrade(&cluster), outlier.interval, stop.clone()));
         }
-        let (refresh, ready) = match config.kind {
+        let ready = match config.kind {
             ClusterKind::StrictDns | ClusterKind::LogicalDns => {
-                let token = CancellationToken::new();
                 let (tx, rx) = watch::channel(false);
-                tokio::spawn(dns_refresh(Arc::downgrade(&cluster), token.clone(), tx));
-                (Some(token), rx)
+                tokio::spawn(dns_refresh(Arc::downgrade(&cluster), stop.clone(), tx));
+                rx
             }
-            _ => (None, watch::channel(true).1),
+            _ => watch::channel(true).1,
         };
         info!(cluster = %name, "cluster {}", if old.is_some() { "updated" } else { "added" });
         if let Some(path) = &config.pipe {
             info!(cluster = %name, path = %path.display(), "the cluster's endpoint is a Unix socket: it serves gRPC config sources (SDS) only; tcp_proxy and HTTP find no host in it");
         }
-        self.entries.insert(name, Entry { cluster, refresh, ready });
+        self.entries.insert(name, Entry { cluster, stop, ready });
         true
     }
 
@@ -313,9 +314,7 @@ impl ClusterManager {
     fn take(&mut self, name: &str) -> bool {
         let was_warming = self.warming.remove(name).is_some();
         let Some(old) = self.entries.remove(name) else { return was_warming };
-        if let Some(token) = old.refresh {
-            token.cancel();
-        }
+        old.stop.cancel();
         info!(cluster = %name, "cluster removed");
         true
     }
@@ -364,9 +363,7 @@ impl ClusterManager {
 impl Drop for ClusterManager {
     fn drop(&mut self) {
         for e in self.entries.values() {
-            if let Some(t) = &e.refresh {
-                t.cancel();
-            }
+            e.stop.cancel();
         }
     }
 }
@@ -379,9 +376,12 @@ async fn join_all<F: std::future::Future<Output = ()>>(futs: impl Iterator<Item 
 }
 
 /// Outlier detection's `interval` timer: the detector's sweep, until the cluster is gone.
-async fn outlier_interval(cluster: std::sync::Weak<Cluster>, interval: std::time::Duration) {
+async fn outlier_interval(cluster: std::sync::Weak<Cluster>, interval: std::time::Duration, stop: CancellationToken) {
     loop {
-        tokio::time::sleep(interval).await;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
         let Some(c) = cluster.upgrade() else { return };
         c.outlier_sweep();
     }

@@ -183,6 +183,14 @@ impl HostOutlier {
         (get(&self.rates[0]), get(&self.rates[1]))
     }
 
+    /// Forgets every judgement: a cluster version without outlier detection takes over the host.
+    pub fn forget(&self) {
+        self.inherit(&HostOutlier::default());
+        for r in &self.rates {
+            r.store(NO_RATE, Ordering::Relaxed);
+        }
+    }
+
     /// Carries a host's state over to its successor object after an EDS update or DNS refresh.
     pub fn inherit(&self, prior: &HostOutlier) {
         for (to, from) in [
@@ -298,6 +306,12 @@ fn consecutive(c: &Cluster, o: &OutlierConfig, host: &Host, kind: Kind, run: &At
 /// Envoy's ejectHost: within max_ejection_percent (or the first ejection with always_eject_one_host), and with the
 /// detector's enforcing chance, the host leaves load balancing for min(base × backoff, max) plus jitter.
 fn eject(c: &Cluster, o: &OutlierConfig, host: &Host, kind: Kind) {
+    let _decide = c.ejecting.lock().unwrap_or_else(|p| p.into_inner());
+    // A request may still hold a host object an EDS update or DNS refresh has since replaced (its successor carries
+    // the state on): only the current set's hosts are ejected and counted.
+    if !c.hosts().hosts.iter().any(|h| std::ptr::eq(h.as_ref(), host)) {
+        return;
+    }
     let stats = &c.stats.outlier;
     let total = c.hosts().total;
     let active = u64::from(c.ejected.load(Ordering::Relaxed));
@@ -315,9 +329,10 @@ fn eject(c: &Cluster, o: &OutlierConfig, host: &Host, kind: Kind) {
     if base.saturating_mul(backoff) < o.max_ejection_time.saturating_add(base) {
         backoff = backoff.saturating_add(1);
     }
-    let jitter = rand::random_range(0..=o.max_ejection_time_jitter.as_millis() as u64);
+    let jitter = rand::random_range(0..=u64::try_from(o.max_ejection_time_jitter.as_millis()).unwrap_or(u64::MAX));
     let length = base.saturating_mul(backoff).min(o.max_ejection_time);
-    let until = (epoch_ms() + length.as_millis() as u64 + jitter).max(1);
+    let length_ms = u64::try_from(length.as_millis()).unwrap_or(u64::MAX);
+    let until = epoch_ms().saturating_add(length_ms).saturating_add(jitter).max(1);
     if m.ejected_until_ms.compare_exchange(0, until, Ordering::Relaxed, Ordering::Relaxed).is_err() {
         return;
     }
@@ -336,6 +351,7 @@ pub fn sweep(c: &Cluster, o: &OutlierConfig) {
     let now = epoch_ms();
     let set = c.hosts();
     let (hosts, total) = (&set.hosts, set.total);
+    let returning = c.ejecting.lock().unwrap_or_else(|p| p.into_inner());
     for h in hosts.iter() {
         let m = &h.outlier;
         let until = m.ejected_until_ms.load(Ordering::Relaxed);
@@ -348,7 +364,8 @@ pub fn sweep(c: &Cluster, o: &OutlierConfig) {
             tracing::info!(cluster = %c.name(), host = %h.address, "outlier detection: host returned to service");
         }
     }
-    recount(c, hosts);
+    count_ejected(c, hosts);
+    drop(returning);
 
     let mut external = Vec::with_capacity(hosts.len());
     let mut local = Vec::with_capacity(hosts.len());
@@ -378,8 +395,14 @@ pub fn sweep(c: &Cluster, o: &OutlierConfig) {
     }
 }
 
-/// Sets the cluster's ejection count (and the gauge) from the hosts themselves, after a sweep or a host set change.
+/// Sets the cluster's ejection count (and the gauge) from the hosts themselves, after a host set change.
 pub fn recount(c: &Cluster, hosts: &[Arc<Host>]) {
+    let _counting = c.ejecting.lock().unwrap_or_else(|p| p.into_inner());
+    count_ejected(c, hosts);
+}
+
+/// The count itself; the caller holds the cluster's `ejecting` lock.
+fn count_ejected(c: &Cluster, hosts: &[Arc<Host>]) {
     let still = hosts.iter().filter(|h| h.outlier.is_ejected()).count() as u32;
     c.ejected.store(still, Ordering::Relaxed);
     c.stats.outlier.ejections_active.set(i64::from(still));

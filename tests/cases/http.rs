@@ -295,6 +295,24 @@ async fn websocket_upgrade_passes_through_when_configured() {
         assert_eq!(got, msg);
     }
 
+    // A route's max_stream_duration bounds the tunnel too, as Envoy caps WebSocket lifetimes with it.
+    let server = start(
+        &yaml(
+            &http_listener("h", 0, &routes_to("ws", ", max_stream_duration: { max_stream_duration: 0.5s }"), extra),
+            &static_cluster("ws", &[up]),
+        ),
+        Duration::from_secs(1),
+    )
+    .await;
+    let mut s = tokio::net::TcpStream::connect(listener_addr(&server, "h")).await.unwrap();
+    s.write_all(b"GET /chat HTTP/1.1\r\nhost: x\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\r\n").await.unwrap();
+    let began = std::time::Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&rest).to_lowercase().starts_with("http/1.1 101"));
+    assert!(began.elapsed() >= Duration::from_millis(400), "closed at the deadline: {:?}", began.elapsed());
+    assert_eq!(counter(&server, "http.h.downstream_rq_max_duration_reached"), 1);
+
     // Without upgrade_configs the same request is refused, as Envoy does (403).
     let server = start(
         &yaml(&http_listener("h", 0, &routes_to("ws", ""), ""), &static_cluster("ws", &[up])),

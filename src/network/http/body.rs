@@ -493,7 +493,9 @@ impl Body for ProxyBody {
             }
             ProxyBody::Watched(w) => match Pin::new(&mut w.inner).poll_frame(cx) {
                 // A body that never waits still ends at its deadline.
-                Poll::Ready(Some(Ok(_))) if w.deadline.as_ref().is_some_and(|(at, _)| at.is_elapsed()) => {
+                Poll::Ready(Some(Ok(_)))
+                    if w.deadline.as_ref().is_some_and(|(at, _)| at.deadline() <= Instant::now()) =>
+                {
                     if let Some((_, expired)) = w.deadline.take() {
                         expired.inc();
                     }

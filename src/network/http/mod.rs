@@ -275,8 +275,7 @@ async fn drive<C, E>(
     let mut forced = drain.clone();
     let mut idle_check = Box::pin(tokio::time::sleep(idle.unwrap_or(Duration::from_secs(86_400 * 365))));
     let max_age = hcm.config.max_connection_duration;
-    let far = || Instant::now() + Duration::from_secs(86_400 * 365);
-    let mut age_check = Box::pin(tokio::time::sleep_until(max_age.map_or_else(far, |d| conn.born + d)));
+    let mut age_check = max_age.map(|d| Box::pin(tokio::time::sleep_until(conn.born + d)));
     // Envoy's drain after max_connection_duration: a connection still busy is closed drain_timeout later.
     let mut forced_close: Option<Pin<Box<tokio::time::Sleep>>> = None;
     loop {
@@ -302,7 +301,7 @@ async fn drive<C, E>(
                 debug!(peer = %conn.peer, "HTTP connection closed by the drain deadline");
                 break;
             }
-            _ = &mut age_check, if max_age.is_some() && !shutting_down => {
+            _ = async { if let Some(a) = age_check.as_mut() { a.await } }, if age_check.is_some() && !shutting_down => {
                 stats.downstream_cx_max_duration_reached.inc();
                 shutting_down = true;
                 shut_down(served.as_mut());

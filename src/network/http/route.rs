@@ -201,14 +201,17 @@ pub enum StreamDuration {
 }
 
 impl StreamDuration {
-    /// The stream's duration limit for a request with these headers (None: no limit), given the HCM's.
+    /// The stream's duration limit for a request with these headers (None: no limit; zero: already over), given the
+    /// HCM's.
     pub fn limit(&self, headers: &http::HeaderMap, hcm: Option<Duration>) -> Option<Duration> {
         let grpc_timeout = || is_grpc(headers).then(|| grpc_timeout(headers)).flatten();
         match *self {
             StreamDuration::New { grpc_header_max: Some(cap), grpc_header_offset, .. } if grpc_timeout().is_some() => {
                 let t = grpc_timeout().unwrap_or_default();
                 let t = if !cap.is_zero() && t > cap { cap } else { t };
-                Some(t.saturating_sub(grpc_header_offset)).filter(|t| !t.is_zero())
+                // Envoy: an offset that eats the whole deadline (or a 0 header) leaves none, and the stream ends at
+                // once.
+                Some(t.saturating_sub(grpc_header_offset))
             }
             StreamDuration::New { max: Some(max), .. } => Some(max).filter(|t| !t.is_zero()),
             StreamDuration::New { max: None, .. } | StreamDuration::Hcm | StreamDuration::LegacyGrpc { .. } => {
@@ -3565,6 +3568,7 @@ mod tests {
         assert_eq!(istio.limit(&HeaderMap::new(), Some(ms(5))), None, "a route's 0 turns the HCM's off");
         let capped = StreamDuration::New { max: None, grpc_header_max: Some(ms(100)), grpc_header_offset: ms(30) };
         assert_eq!(capped.limit(&headers("20S"), None), Some(ms(70)), "capped, then the offset");
+        assert_eq!(capped.limit(&headers("20m"), None), Some(Duration::ZERO), "the offset ate it: over at once");
         assert_eq!(capped.limit(&HeaderMap::new(), Some(ms(5))), Some(ms(5)), "no header: the HCM's");
         assert_eq!(StreamDuration::Hcm.limit(&headers("1S"), Some(ms(5))), Some(ms(5)));
         let legacy = StreamDuration::LegacyGrpc { max: ms(300), offset: ms(50) };

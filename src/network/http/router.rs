@@ -187,6 +187,7 @@ async fn route_request(conn: &Connection, req: Request<Incoming>, trace: &mut Tr
     };
     let grpc = super::route::is_grpc(req.headers());
     let deadline = Instant::now() + limit;
+    trace.stream_deadline = Some(deadline);
     match tokio::time::timeout_at(deadline, after_match(conn, &matched, req, trace, &authority, upgrade)).await {
         Ok(mut resp) => {
             resp.body_mut().deadline(deadline, hcm.stats.downstream_rq_max_duration_reached.clone());
@@ -290,8 +291,13 @@ async fn act(
     let action = match matched.action() {
         Action::DirectResponse { status, body } => {
             hcm.stats.rq_direct_response.inc();
+            let body = bytes::Bytes::from(body.clone());
             let mut resp = local_reply(conn, *status, "");
             *resp.body_mut() = ProxyBody::text(body.clone());
+            // Its own text is what a gRPC client gets as grpc-message.
+            if super::route::is_grpc(req.headers()) {
+                resp.extensions_mut().insert(DirectText(body.clone()));
+            }
             if !body.is_empty() {
                 resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
             }
@@ -509,9 +515,31 @@ pub(super) fn request_timeout_reply(conn: &Connection) -> Response<ProxyBody> {
     local_reply(conn, StatusCode::REQUEST_TIMEOUT, "request timeout")
 }
 
+/// Envoy's grpcToHttpStatus: the HTTP status a gRPC status stands for (500 for one it does not know).
+fn grpc_to_http(status: &[u8]) -> u16 {
+    match std::str::from_utf8(status).ok().and_then(|s| s.trim().parse::<u8>().ok()) {
+        Some(0) => 200,
+        Some(1) => 499,
+        Some(3 | 9 | 11) => 400,
+        Some(4) => 504,
+        Some(5) => 404,
+        Some(6 | 10) => 409,
+        Some(7) => 403,
+        Some(8) => 429,
+        Some(12) => 501,
+        Some(14) => 503,
+        Some(16) => 401,
+        _ => 500,
+    }
+}
+
 /// Marks a reply the proxy made itself, with its text, so that a gRPC request's can be turned into a gRPC answer.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct LocalReply(pub &'static str);
+
+/// A direct response's configured body, the text of its gRPC form.
+#[derive(Debug, Clone)]
+struct DirectText(bytes::Bytes);
 
 /// Envoy answers a gRPC request's local reply in gRPC's terms: a trailers-only 200 whose `grpc-status` is the HTTP
 /// status mapped as Envoy maps it (httpToGrpcStatus) and whose `grpc-message` is the reply's text. Replies that are
@@ -529,13 +557,17 @@ pub(super) fn grpc_local_reply(resp: &mut Response<ProxyBody>) {
         429 | 502 | 503 | 504 => 14,
         _ => 2,
     };
+    let message = match resp.extensions_mut().remove::<DirectText>() {
+        Some(DirectText(body)) => HeaderValue::from_maybe_shared(body).ok(),
+        None => Some(HeaderValue::from_static(text)),
+    };
     *resp.status_mut() = StatusCode::OK;
     *resp.body_mut() = ProxyBody::Empty;
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
     h.insert(GRPC_STATUS.clone(), HeaderValue::from(code));
-    if !text.is_empty() {
-        h.insert(GRPC_MESSAGE.clone(), HeaderValue::from_static(text));
+    if let Some(m) = message.filter(|m| !m.is_empty()) {
+        h.insert(GRPC_MESSAGE.clone(), m);
     }
 }
 
@@ -574,6 +606,8 @@ pub(super) struct Trace {
     pub upstream_host: Option<SocketAddr>,
     /// Request body bytes, counted as they are forwarded.
     pub received: Option<Arc<super::body::Progress>>,
+    /// When the stream's max_stream_duration runs out (an upgraded connection's tunnel ends then too).
+    pub stream_deadline: Option<Instant>,
 }
 
 impl Trace {
@@ -627,6 +661,7 @@ async fn forward(
 
     // Build the upstream request's head once.
     let mut headers = std::mem::take(&mut parts.headers);
+    let grpc = super::route::is_grpc(&headers);
     strip_hop_by_hop(&mut headers, upgrade);
     matched.apply_request_headers(&mut headers);
     if let Some(via) = &conn.hcm.config.via {
@@ -808,7 +843,12 @@ async fn forward(
             Ok((resp, lease)) => {
                 let status = resp.status().as_u16();
                 cluster.count_response(status);
-                cluster.report(&host_entry, Outcome::Status(status));
+                // Envoy judges a gRPC answer by the grpc-status of a trailers-only response, mapped to HTTP.
+                let judged = match resp.headers().get(&GRPC_STATUS) {
+                    Some(v) if grpc => grpc_to_http(v.as_bytes()),
+                    _ => status,
+                };
+                cluster.report(&host_entry, Outcome::Status(judged));
                 let retriable = policy.is_some_and(|p| p.should_retry_status(status));
                 if can_retry && retriable {
                     if let Some(slot) = admit_retry(cluster, retry, attempt, deadline).await {
@@ -838,7 +878,8 @@ async fn forward(
                     upstream_tx_reset: Some(CountOnDrop::new(&stats.upstream_rq_tx_reset)),
                     ..Default::default()
                 };
-                return upstream_response(conn, resp, lease, hold, start, downstream_upgrade, parts.version, idle);
+                let tunnel = Tunnel { downstream: downstream_upgrade, deadline: trace.stream_deadline };
+                return upstream_response(conn, resp, lease, hold, start, tunnel, parts.version, idle);
             }
             Err(failure) => {
                 if matches!(failure, Failure::Pool(PoolError::PendingOverflow)) {
@@ -976,6 +1017,12 @@ fn build_request(
     Ok(req)
 }
 
+/// An upgrade's downstream side and when its tunnel must end (max_stream_duration).
+struct Tunnel {
+    downstream: Option<hyper::upgrade::OnUpgrade>,
+    deadline: Option<Instant>,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn upstream_response(
     conn: &Connection,
@@ -983,19 +1030,33 @@ fn upstream_response(
     lease: Option<Lease>,
     hold: StreamHold,
     start: Instant,
-    downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    tunnel: Tunnel,
     downstream_version: Version,
     idle: Option<Duration>,
 ) -> Response<ProxyBody> {
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-    if switching && let Some(down) = downstream_upgrade {
+    if switching && let Some(down) = tunnel.downstream {
         let up = hyper::upgrade::on(&mut resp);
+        let expired = tunnel.deadline.map(|at| (at, conn.hcm.stats.downstream_rq_max_duration_reached.clone()));
         tokio::spawn(async move {
             match (down.await, up.await) {
                 (Ok(d), Ok(u)) => {
                     let mut d = hyper_util::rt::TokioIo::new(d);
                     let mut u = hyper_util::rt::TokioIo::new(u);
-                    if let Err(e) = tokio::io::copy_bidirectional(&mut d, &mut u).await {
+                    let copy = tokio::io::copy_bidirectional(&mut d, &mut u);
+                    let ended = match &expired {
+                        None => copy.await.map(|_| ()),
+                        Some((at, counter)) => match tokio::time::timeout_at(*at, copy).await {
+                            Ok(r) => r.map(|_| ()),
+                            Err(_) => {
+                                // The stream's max_stream_duration covers the tunnel too (how Envoy caps WebSocket
+                                // lifetimes): both sides close.
+                                counter.inc();
+                                Ok(())
+                            }
+                        },
+                    };
+                    if let Err(e) = ended {
                         debug!("upgraded connection ended: {e}");
                     }
                 }
@@ -1023,6 +1084,28 @@ fn upstream_response(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Envoy's grpcToHttpStatus, which outlier detection judges a trailers-only gRPC answer by.
+    #[test]
+    fn grpc_statuses_map_to_envoys_http_statuses() {
+        for (grpc, http) in [
+            ("0", 200),
+            ("1", 499),
+            ("3", 400),
+            ("4", 504),
+            ("5", 404),
+            ("7", 403),
+            ("8", 429),
+            ("12", 501),
+            ("13", 500),
+        ] {
+            assert_eq!(grpc_to_http(grpc.as_bytes()), http, "{grpc}");
+        }
+        assert_eq!(grpc_to_http(b"14"), 503);
+        assert_eq!(grpc_to_http(b"16"), 401);
+        assert_eq!(grpc_to_http(b"99"), 500, "unknown");
+        assert_eq!(grpc_to_http(b"x"), 500, "malformed");
+    }
 
     fn norm(p: &str) -> String {
         let uri: Uri = p.parse().unwrap_or_else(|e| panic!("{p}: {e}"));
