@@ -415,6 +415,9 @@ pub struct RetryPolicy {
     pub backoff_max: Duration,
     /// `envoy.retry_host_predicates.previous_hosts`: a retry avoids the hosts already tried.
     pub avoid_previous_hosts: bool,
+    /// `host_selection_retry_max_attempts`: how many more picks a retry makes to find a host the predicate accepts
+    /// before it takes the last one (Envoy's default 1; Istio sends 5).
+    pub host_selection_attempts: u32,
 }
 
 /// The `retry_on` conditions, one flag per token.
@@ -1213,6 +1216,14 @@ impl RetryPolicy {
             return unsupported("retriable_request_headers");
         }
         let retry_on = RetryOn::parse(&p.retry_on, &join(path, "retry_on"))?;
+        // Unset (0) means once, as in Envoy. Bounded so a config cannot make one retry spin.
+        let host_selection_attempts = match p.host_selection_retry_max_attempts {
+            ..=0 => 1,
+            n @ 1..=1000 => n as u32,
+            _ => {
+                return Err(ConfigError::new(join(path, "host_selection_retry_max_attempts"), "must be at most 1000"));
+            }
+        };
         let mut avoid_previous_hosts = false;
         for (i, pred) in p.retry_host_predicate.iter().enumerate() {
             use rpb::retry_policy::retry_host_predicate::ConfigType;
@@ -1278,6 +1289,7 @@ impl RetryPolicy {
             backoff_base,
             backoff_max,
             avoid_previous_hosts,
+            host_selection_attempts,
         })
     }
 
@@ -3334,6 +3346,7 @@ mod tests {
             backoff_base: DEFAULT_RETRY_BACKOFF_BASE,
             backoff_max: DEFAULT_RETRY_BACKOFF_BASE * 10,
             avoid_previous_hosts: false,
+            host_selection_attempts: 1,
         };
         assert!(policy.should_retry_failure(UpstreamFailure::ConnectFailure));
         assert!(policy.should_retry_failure(UpstreamFailure::RefusedStream));
@@ -3406,6 +3419,7 @@ mod tests {
         };
         let t = table(&with_route_retry(p));
         assert!(route_action(&t).retry_policy.as_ref().is_some_and(|p| p.avoid_previous_hosts));
+        assert_eq!(route_action(&t).retry_policy.as_ref().map(|p| p.host_selection_attempts), Some(5));
         let by_name = RetryHostPredicate { name: PREVIOUS_HOSTS_NAME.into(), config_type: None };
         let t = table(&with_route_retry(rpb::RetryPolicy { retry_host_predicate: vec![by_name], ..retry("") }));
         assert!(route_action(&t).retry_policy.as_ref().is_some_and(|p| p.avoid_previous_hosts));

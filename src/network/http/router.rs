@@ -948,10 +948,10 @@ fn choose_host(
     tried: &[SocketAddr],
     hash: Option<u64>,
 ) -> Option<Arc<Host>> {
-    let avoid = retry.is_some_and(|p| p.avoid_previous_hosts) && !tried.is_empty();
+    let avoid = retry.filter(|p| p.avoid_previous_hosts && !tried.is_empty());
     let mut pick = cluster.choose_hashed(conn.original_dst, hash)?;
-    if avoid {
-        for attempt in 1..=3u64 {
+    if let Some(policy) = avoid {
+        for attempt in 1..=u64::from(policy.host_selection_attempts) {
             if !tried.contains(&pick.address) {
                 break;
             }
