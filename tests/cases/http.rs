@@ -1555,11 +1555,14 @@ async fn fault_injection_from_route_configs_as_istio_sends_it() {
                 route: {{ cluster: u }}{}
               - match: {{ prefix: "/delay" }}
                 route: {{ cluster: u }}{}
+              - match: {{ prefix: "/bytes" }}
+                route: {{ cluster: u }}{}
               - match: {{ prefix: "/" }}
                 route: {{ cluster: u }}"#,
         fault("abort: { http_status: 418, percentage: { numerator: 100 } }"),
         fault("abort: { grpc_status: 14, percentage: { numerator: 100 } }"),
         fault("delay: { fixed_delay: 1s, percentage: { numerator: 100 } }"),
+        fault("response_rate_limit: { header_limit: {}, percentage: { numerator: 100 } }"),
     );
     let listener = with_empty_http_filter(http_listener("h", 0, &routes, ""), "fault", "fault.v3.HTTPFault");
     let server = start(&yaml(&listener, &static_cluster("u", &[up])), Duration::from_secs(1)).await;
@@ -1572,6 +1575,20 @@ async fn fault_injection_from_route_configs_as_istio_sends_it() {
     assert_eq!(headers["grpc-status"], "14");
     assert_eq!(headers["content-type"], "application/grpc");
     assert_eq!(counter(&server, "cluster.u.upstream_rq_total"), 0, "aborted before the router");
+
+    // response_rate_limit from x-envoy-fault-throttle-response (KiB/s): Envoy's token bucket sends 1/16 of the limit
+    // at once and 1/16 more every 62.5 ms, so 32 KiB at 64 KiB/s takes about 7 refills (0.44 s).
+    let t = std::time::Instant::now();
+    let throttled = [("x-envoy-fault-throttle-response", "64")];
+    let (status, _, body) = http1_request(&mut c, "GET", "/bytes/32768", "x", &throttled).await;
+    assert_eq!((status, body.len()), (200, 32768));
+    assert!(t.elapsed() >= Duration::from_millis(380), "throttled to 64 KiB/s: {:?}", t.elapsed());
+    assert_eq!(counter(&server, "http.h.fault.response_rl_injected"), 1);
+    let t = std::time::Instant::now();
+    let (_, _, body) = http1_request(&mut c, "GET", "/bytes/32768", "x", &[]).await;
+    assert_eq!(body.len(), 32768);
+    assert!(t.elapsed() < Duration::from_millis(300), "no header, no limit: {:?}", t.elapsed());
+    assert_eq!(counter(&server, "http.h.fault.response_rl_injected"), 1);
 
     let t = std::time::Instant::now();
     let (status, _, body) = http1_request(&mut c, "GET", "/delay", "x", &[]).await;
@@ -1586,7 +1603,7 @@ async fn fault_injection_from_route_configs_as_istio_sends_it() {
     assert_eq!(counter(&server, "http.h.fault.aborts_injected"), 2);
     assert_eq!(counter(&server, "http.h.fault.delays_injected"), 1);
     assert_eq!(gauge(&server, "http.h.fault.active_faults"), 0);
-    assert_eq!(counter(&server, "cluster.u.upstream_rq_total"), 2);
+    assert_eq!(counter(&server, "cluster.u.upstream_rq_total"), 4);
 }
 
 /// A per-route config for a filter that reads none is refused with its path, as is one of the fault filter's fields
@@ -1621,9 +1638,14 @@ fn per_route_filter_configs_other_than_fault_and_cors_are_refused() {
         "{err}"
     );
     let err = build(&rc(
-        "      envoy.filters.http.fault:\n        \"@type\": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault\n        response_rate_limit: { fixed_limit: { limit_kbps: 1 } }\n",
+        "      envoy.filters.http.fault:\n        \"@type\": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault\n        filter_metadata: {}\n",
     ));
-    assert!(err.contains("typed_per_filter_config[\"envoy.filters.http.fault\"].response_rate_limit: response_rate_limit is not supported"), "{err}");
+    assert!(
+        err.contains(
+            "typed_per_filter_config[\"envoy.filters.http.fault\"].filter_metadata: filter_metadata is not supported"
+        ),
+        "{err}"
+    );
     let ok = build(&rc(
         "      envoy.filters.http.fault:\n        \"@type\": type.googleapis.com/envoy.config.route.v3.FilterConfig\n        disabled: true\n",
     ));

@@ -33,6 +33,59 @@ pub enum ProxyBody {
     Logged(Box<Logged>),
     /// One attempt's view of a request body kept for retries.
     Replay(Box<Attempt>),
+    /// A response body under the fault filter's `response_rate_limit`.
+    Throttled(Box<Throttle>),
+}
+
+/// Envoy's StreamRateLimiter for the fault filter's `response_rate_limit`: a token bucket refilled 16 times a second
+/// with a sixteenth of the limit, starting with one refill's worth; data frames go out as the tokens allow, split
+/// where a frame is larger than what is left. Other frames (trailers) pass in order.
+#[derive(Debug)]
+pub struct Throttle {
+    inner: ProxyBody,
+    per_tick: usize,
+    tokens: usize,
+    tick: Pin<Box<Sleep>>,
+    pending: Option<Bytes>,
+    _active: super::fault::ActiveFault,
+}
+
+/// The refill period: Envoy's 1/16 s.
+const THROTTLE_TICK: Duration = Duration::from_micros(62_500);
+
+impl Throttle {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        loop {
+            if self.pending.is_none() {
+                match Pin::new(&mut self.inner).poll_frame(cx) {
+                    Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                        Ok(data) if data.is_empty() => continue,
+                        Ok(data) => self.pending = Some(data),
+                        Err(other) => return Poll::Ready(Some(Ok(other))),
+                    },
+                    other => return other,
+                }
+            }
+            if self.tokens == 0 {
+                match self.tick.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        self.tokens = self.per_tick;
+                        let next = self.tick.deadline() + THROTTLE_TICK;
+                        self.tick.as_mut().reset(next.max(Instant::now()));
+                    }
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            let Some(data) = self.pending.as_mut() else { continue };
+            let chunk = if data.len() <= self.tokens {
+                self.pending.take().unwrap_or_default()
+            } else {
+                data.split_to(self.tokens)
+            };
+            self.tokens -= chunk.len();
+            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+        }
+    }
 }
 
 /// A request body kept for retries while it streams to the first attempt: Envoy buffers a request body for retries
@@ -418,12 +471,28 @@ impl ProxyBody {
         ProxyBody::Watched(Box::new(Watched { inner, idle, deadline: None, lease, count, hold: StreamHold::default() }))
     }
 
+    /// This (response) body at most `kbps` KiB/s (the fault filter's `response_rate_limit`); `active` counts the fault
+    /// until the body is done.
+    pub fn throttle(&mut self, kbps: u64, active: super::fault::ActiveFault) {
+        let inner = std::mem::replace(self, ProxyBody::Empty);
+        let per_tick = usize::try_from(kbps.saturating_mul(1024) / 16).unwrap_or(usize::MAX).max(1);
+        *self = ProxyBody::Throttled(Box::new(Throttle {
+            inner,
+            per_tick,
+            tokens: per_tick,
+            tick: Box::pin(tokio::time::sleep(THROTTLE_TICK)),
+            pending: None,
+            _active: active,
+        }));
+    }
+
     /// Ends this (response) body with an error at `at`, counting `expired`, if it is still streaming then: the rest
     /// of Envoy's max_stream_duration once the response has begun (the stream is reset).
     pub fn deadline(&mut self, at: Instant, expired: Counter) {
         match self {
             ProxyBody::Watched(w) => w.deadline = Some((Box::pin(tokio::time::sleep_until(at)), expired)),
             ProxyBody::Logged(l) => l.inner.deadline(at, expired),
+            ProxyBody::Throttled(t) => t.inner.deadline(at, expired),
             ProxyBody::Stream(s) if !s.is_end_stream() => {
                 let ProxyBody::Stream(inner) = std::mem::replace(self, ProxyBody::Empty) else { return };
                 *self = ProxyBody::Watched(Box::new(Watched {
@@ -448,6 +517,7 @@ impl ProxyBody {
         match self {
             ProxyBody::Watched(w) => w.hold.merge(hold),
             ProxyBody::Logged(l) => l.inner.hold(hold),
+            ProxyBody::Throttled(t) => t.inner.hold(hold),
             ProxyBody::Stream(s) if !s.is_end_stream() => {
                 // Rare (no stream_idle_timeout and no pooled connection to give back): only then does holding cost
                 // a box of its own.
@@ -479,6 +549,7 @@ impl Body for ProxyBody {
             ProxyBody::Bytes(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             ProxyBody::Stream(s) => Pin::new(s).poll_frame(cx).map_err(Into::into),
             ProxyBody::Replay(a) => a.poll_frame(cx),
+            ProxyBody::Throttled(t) => t.poll_frame(cx),
             ProxyBody::Logged(l) => {
                 let polled = Pin::new(&mut l.inner).poll_frame(cx);
                 match &polled {
@@ -562,6 +633,7 @@ impl Body for ProxyBody {
             ProxyBody::Watched(w) => w.inner.is_end_stream(),
             ProxyBody::Logged(l) => l.inner.is_end_stream(),
             ProxyBody::Replay(a) => a.is_end_stream(),
+            ProxyBody::Throttled(t) => t.pending.is_none() && t.inner.is_end_stream(),
         }
     }
 
@@ -573,6 +645,17 @@ impl Body for ProxyBody {
             ProxyBody::Watched(w) => w.inner.size_hint(),
             ProxyBody::Logged(l) => l.inner.size_hint(),
             ProxyBody::Replay(a) => a.size_hint(),
+            ProxyBody::Throttled(t) => {
+                let inner = t.inner.size_hint();
+                let pending = t.pending.as_ref().map_or(0, |p| p.len() as u64);
+                // Upper first: a fresh hint's lower bound is 0, so neither call can cross the other.
+                let mut hint = SizeHint::new();
+                if let Some(upper) = inner.upper() {
+                    hint.set_upper(upper.saturating_add(pending));
+                }
+                hint.set_lower(inner.lower().saturating_add(pending));
+                hint
+            }
         }
     }
 }

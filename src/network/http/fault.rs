@@ -3,8 +3,8 @@
 //! it and whether to abort it with a chosen status, as Envoy does: the request must match `headers`,
 //! `upstream_cluster` and `downstream_nodes`; each fault is drawn against its `percentage`; `header_delay` and
 //! `header_abort` take their values from the request's `x-envoy-fault-*` headers; `max_active_faults` caps the
-//! faults in progress. Runtime keys (`*_runtime`) only name runtime overrides, and this proxy's runtime has none, so
-//! the configured values apply. `response_rate_limit` is refused.
+//! faults in progress; `response_rate_limit` throttles the response body (see [`super::body::Throttle`]). Runtime
+//! keys (`*_runtime`) only name runtime overrides, and this proxy's runtime has none, so the configured values apply.
 
 use std::time::Duration;
 
@@ -26,6 +26,7 @@ pub const TYPE_HTTP_FAULT: &str = "envoy.extensions.filters.http.fault.v3.HTTPFa
 pub struct FaultConfig {
     delay: Option<Delay>,
     abort: Option<Abort>,
+    throttle: Option<Throttle>,
     upstream_cluster: Option<String>,
     headers: Option<HeaderMatchers>,
     downstream_nodes: Vec<String>,
@@ -37,6 +38,14 @@ pub struct FaultConfig {
 struct Delay {
     /// None: the delay comes from `x-envoy-fault-delay-request` (milliseconds).
     fixed: Option<Duration>,
+    percent: Percent,
+}
+
+/// `response_rate_limit`: the response body at most this fast.
+#[derive(Debug)]
+struct Throttle {
+    /// KiB/s; None: from `x-envoy-fault-throttle-response`.
+    fixed_kbps: Option<u64>,
     percent: Percent,
 }
 
@@ -95,19 +104,19 @@ impl FaultConfig {
     }
 
     pub fn from_proto(f: &fpb::HttpFault, path: &str) -> Result<Self, ConfigError> {
-        if f.response_rate_limit.is_some() {
-            return Err(ConfigError::new(join(path, "response_rate_limit"), "response_rate_limit is not supported"));
-        }
         if f.filter_metadata.is_some() {
             return Err(ConfigError::new(join(path, "filter_metadata"), "filter_metadata is not supported"));
         }
         let delay = f.delay.as_ref().map(|d| delay(d, &join(path, "delay"))).transpose()?;
         let abort = f.abort.as_ref().map(|a| abort(a, &join(path, "abort"))).transpose()?;
+        let throttle =
+            f.response_rate_limit.as_ref().map(|r| throttle(r, &join(path, "response_rate_limit"))).transpose()?;
         let headers =
             if f.headers.is_empty() { None } else { Some(HeaderMatchers::new(&f.headers, &join(path, "headers"))?) };
         Ok(FaultConfig {
             delay,
             abort,
+            throttle,
             upstream_cluster: (!f.upstream_cluster.is_empty()).then(|| f.upstream_cluster.clone()),
             headers,
             downstream_nodes: f.downstream_nodes.clone(),
@@ -125,6 +134,19 @@ fn delay(d: &common_fault::FaultDelay, path: &str) -> Result<Delay, ConfigError>
         None => return Err(ConfigError::new(path, "one of fixed_delay or header_delay is required")),
     };
     Ok(Delay { fixed, percent: Percent::of(d.percentage.as_ref()) })
+}
+
+fn throttle(r: &common_fault::FaultRateLimit, path: &str) -> Result<Throttle, ConfigError> {
+    use common_fault::fault_rate_limit::LimitType;
+    let fixed_kbps = match &r.limit_type {
+        Some(LimitType::FixedLimit(f)) if f.limit_kbps == 0 => {
+            return Err(ConfigError::new(join(path, "fixed_limit.limit_kbps"), "must be at least 1"));
+        }
+        Some(LimitType::FixedLimit(f)) => Some(f.limit_kbps),
+        Some(LimitType::HeaderLimit(_)) => None,
+        None => return Err(ConfigError::new(path, "one of fixed_limit or header_limit is required")),
+    };
+    Ok(Throttle { fixed_kbps, percent: Percent::of(r.percentage.as_ref()) })
 }
 
 fn abort(a: &fpb::FaultAbort, path: &str) -> Result<Abort, ConfigError> {
@@ -154,6 +176,7 @@ pub struct FaultStats {
     prefix: String,
     pub delays_injected: Counter,
     pub aborts_injected: Counter,
+    pub response_rl_injected: Counter,
     pub faults_overflow: Counter,
     active_faults: Gauge,
 }
@@ -165,6 +188,7 @@ impl FaultStats {
         FaultStats {
             delays_injected: c("delays_injected"),
             aborts_injected: c("aborts_injected"),
+            response_rl_injected: c("response_rl_injected"),
             faults_overflow: c("faults_overflow"),
             active_faults: store.gauge(&format!("{prefix}.active_faults")),
             store: store.clone(),
@@ -192,12 +216,15 @@ impl Drop for ActiveFault {
     }
 }
 
-/// What the filter does to one request: wait `delay`, then answer with `abort` (either may be absent).
+/// What the filter does to one request: wait `delay`, then answer with `abort`, or let the response body through at
+/// `throttle_kbps` (any may be absent). `active` counts the fault in progress until the plan, or the throttled body
+/// it is handed to, is dropped.
 #[derive(Debug)]
 pub struct Plan {
     pub delay: Option<Duration>,
     pub abort: Option<AbortWith>,
-    pub _active: ActiveFault,
+    pub throttle_kbps: Option<u64>,
+    pub active: ActiveFault,
 }
 
 impl FaultConfig {
@@ -256,15 +283,29 @@ impl FaultConfig {
         percent.draw().then_some(with)
     }
 
+    /// The response body's rate limit in KiB/s, if one is drawn.
+    fn draw_throttle(&self, headers: &HeaderMap) -> Option<u64> {
+        let t = self.throttle.as_ref()?;
+        let (kbps, percent) = match t.fixed_kbps {
+            Some(k) => (k, t.percent),
+            None => (
+                header_number(headers, "x-envoy-fault-throttle-response").filter(|k| *k > 0)?,
+                t.percent.capped_by(header_number(headers, "x-envoy-fault-throttle-response-percentage")),
+            ),
+        };
+        percent.draw().then_some(kbps)
+    }
+
     /// Decides this request's faults and counts them; None when it gets none. The abort is drawn now too: the only
     /// thing between them in Envoy is the delay's timer.
     pub fn plan(&self, head: &RequestHead<'_>, cluster: Option<&str>, stats: &FaultStats) -> Option<Plan> {
-        if (self.delay.is_none() && self.abort.is_none()) || !self.applies(head, cluster) {
+        if (self.delay.is_none() && self.abort.is_none() && self.throttle.is_none()) || !self.applies(head, cluster) {
             return None;
         }
         let delay = self.draw_delay(head.headers);
         let abort = self.draw_abort(head.headers);
-        if delay.is_none() && abort.is_none() {
+        let throttle_kbps = self.draw_throttle(head.headers);
+        if delay.is_none() && abort.is_none() && throttle_kbps.is_none() {
             return None;
         }
         // The gauge sums every worker's count: the faults in progress across the proxy, as Envoy counts them.
@@ -287,7 +328,10 @@ impl FaultConfig {
                 stats.downstream(head.headers, "aborts_injected");
             }
         }
-        Some(Plan { delay, abort, _active: active })
+        if throttle_kbps.is_some() {
+            stats.response_rl_injected.inc();
+        }
+        Some(Plan { delay, abort, throttle_kbps, active })
     }
 }
 
@@ -357,6 +401,27 @@ mod tests {
     }
 
     #[test]
+    fn response_rate_limits_are_drawn_like_other_faults() {
+        let stats = FaultStats::new(&Store::default(), "t");
+        let uri: http::Uri = "/".parse().unwrap();
+        let mut headers = HeaderMap::new();
+        let fixed =
+            parse("{ response_rate_limit: { fixed_limit: { limit_kbps: 8 }, percentage: { numerator: 100 } } }")
+                .unwrap();
+        let plan = fixed.plan(&head(&headers, &uri), None, &stats).unwrap();
+        assert_eq!((plan.delay, plan.abort, plan.throttle_kbps), (None, None, Some(8)));
+        assert_eq!(stats.active_faults.value(), 1, "active while the body is throttled");
+        drop(plan);
+        let by_header = parse("{ response_rate_limit: { header_limit: {}, percentage: { numerator: 100 } } }").unwrap();
+        assert!(by_header.plan(&head(&headers, &uri), None, &stats).is_none(), "no header, no limit");
+        headers.insert("x-envoy-fault-throttle-response", "16".parse().unwrap());
+        assert_eq!(by_header.plan(&head(&headers, &uri), None, &stats).unwrap().throttle_kbps, Some(16));
+        headers.insert("x-envoy-fault-throttle-response-percentage", "0".parse().unwrap());
+        assert!(by_header.plan(&head(&headers, &uri), None, &stats).is_none(), "the header lowers the percentage");
+        assert_eq!(stats.response_rl_injected.value(), 2);
+    }
+
+    #[test]
     fn max_active_faults_overflows() {
         let stats = FaultStats::new(&Store::default(), "t");
         let uri: http::Uri = "/".parse().unwrap();
@@ -376,8 +441,8 @@ mod tests {
             "fault.abort.http_status: must be in the range [200, 600)"
         );
         assert_eq!(
-            parse("{ response_rate_limit: { fixed_limit: { limit_kbps: 1 } } }").unwrap_err(),
-            "fault.response_rate_limit: response_rate_limit is not supported"
+            parse("{ response_rate_limit: { fixed_limit: { limit_kbps: 0 } } }").unwrap_err(),
+            "fault.response_rate_limit.fixed_limit.limit_kbps: must be at least 1"
         );
         assert_eq!(
             parse("{ delay: { percentage: { numerator: 1 } } }").unwrap_err(),

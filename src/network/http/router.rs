@@ -235,7 +235,8 @@ async fn after_match(
         Action::Redirect(_) | Action::DirectResponse { .. } => None,
     };
     // The fault filter runs before the router, as Envoy requires it to: its delay holds the request, its abort
-    // answers it.
+    // answers it, its rate limit throttles the response body.
+    let mut throttle = None;
     if let (Some((filter, own)), Some(stats)) = (&config.fault, &hcm.fault_stats) {
         let fault = match matched.per_filter_config(filter) {
             Some(FilterOverride::Fault(route_config)) => Some(route_config),
@@ -251,6 +252,7 @@ async fn after_match(
                 trace.flags.push(Flag::FaultInjected);
                 return fault_abort_reply(conn, with);
             }
+            throttle = plan.throttle_kbps.map(|kbps| (kbps, plan.active));
         }
     }
     // Then the CORS filter (Istio's order): it answers a preflight, and marks the response of an allowed origin.
@@ -272,6 +274,9 @@ async fn after_match(
     let mut resp = act(conn, matched, cluster_name, req, trace, authority, upgrade).await;
     if let Some((policy, origin)) = decorate {
         policy.decorate(origin, resp.headers_mut());
+    }
+    if let Some((kbps, active)) = throttle {
+        resp.body_mut().throttle(kbps, active);
     }
     resp
 }
