@@ -82,6 +82,8 @@ pub struct HcmConfig {
     pub max_stream_duration: Option<Duration>,
     /// `common_http_protocol_options.max_connection_duration`: a connection this old is drained; None when unset or 0.
     pub max_connection_duration: Option<Duration>,
+    /// The router's `suppress_envoy_headers`: no `x-envoy-upstream-service-time` or `x-envoy-overloaded`.
+    pub suppress_envoy_headers: bool,
     pub websocket: bool,
     /// `normalize_path`: RFC 3986 dot-segment removal before routing.
     pub normalize_path: bool,
@@ -154,7 +156,7 @@ impl HcmConfig {
             }
             None => return Err(ConfigError::new(path, "either rds or route_config is required")),
         };
-        let HttpFilters { skipped: skipped_filters, health_check, fault, cors } =
+        let HttpFilters { suppress_envoy_headers, skipped: skipped_filters, health_check, fault, cors } =
             http_filters(&h.http_filters, &at("http_filters"))?;
 
         let server_header = match ServerHeaderTransformation::try_from(h.server_header_transformation) {
@@ -247,6 +249,7 @@ impl HcmConfig {
             max_requests_per_connection,
             max_stream_duration: (!max_stream_duration.is_zero()).then_some(max_stream_duration),
             max_connection_duration: (!max_connection_duration.is_zero()).then_some(max_connection_duration),
+            suppress_envoy_headers,
             websocket,
             normalize_path: h.normalize_path.as_ref().is_some_and(|v| v.value),
             merge_slashes: h.merge_slashes,
@@ -264,6 +267,8 @@ use envoy_types::pb::envoy::config::core::v3::config_source::ConfigSourceSpecifi
 
 /// What the HTTP filter list leaves the connection manager to do besides routing.
 struct HttpFilters {
+    /// The router's `suppress_envoy_headers`.
+    suppress_envoy_headers: bool,
     skipped: Vec<String>,
     health_check: Option<Arc<HealthCheckConfig>>,
     fault: Option<(String, Arc<FaultConfig>)>,
@@ -361,7 +366,46 @@ fn http_filters(filters: &[hcm::HttpFilter], path: &str) -> Result<HttpFilters, 
             format!("HTTP filter '{}' ({}) is not supported{optional}", f.name, type_name(&any.type_url)),
         ));
     }
-    Ok(HttpFilters { skipped, health_check, fault, cors })
+    let suppress_envoy_headers = match &router {
+        Some(any) => router_filter(any, &join(path, &format!("[{last_i}].typed_config")))?,
+        None => false,
+    };
+    Ok(HttpFilters { suppress_envoy_headers, skipped, health_check, fault, cors })
+}
+
+/// `envoy.filters.http.router`'s own config: `suppress_envoy_headers` is honoured; `dynamic_stats` only at its
+/// default (true), and `suppress_grpc_request_failure_code_stats` is moot (no gRPC failure-code stats are made);
+/// anything else set is refused by its path.
+fn router_filter(any: &Any, path: &str) -> Result<bool, ConfigError> {
+    use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+    let r: Router = decode_any(any, path)?;
+    let refuse = |field: &str| Err(ConfigError::new(join(path, field), "not supported"));
+    if r.dynamic_stats.as_ref().is_some_and(|v| !v.value) {
+        return refuse("dynamic_stats");
+    }
+    #[allow(deprecated)]
+    if r.start_child_span {
+        return refuse("start_child_span");
+    }
+    if r.reject_connect_request_early_data.as_ref().is_some_and(|v| v.value) {
+        return refuse("reject_connect_request_early_data");
+    }
+    if !r.upstream_log.is_empty() {
+        return refuse("upstream_log");
+    }
+    if r.upstream_log_options.is_some() {
+        return refuse("upstream_log_options");
+    }
+    if !r.strict_check_headers.is_empty() {
+        return refuse("strict_check_headers");
+    }
+    if r.respect_expected_rq_timeout {
+        return refuse("respect_expected_rq_timeout");
+    }
+    if !r.upstream_http_filters.is_empty() {
+        return refuse("upstream_http_filters");
+    }
+    Ok(r.suppress_envoy_headers)
 }
 
 /// `envoy.filters.http.health_check`, all of its fields.

@@ -936,6 +936,47 @@ async fn local_replies_to_grpc_requests_are_grpc_statuses() {
     assert_eq!(counter(&server, "http.h.downstream_rq_5xx"), 1, "counted as what the client got");
 }
 
+/// The router's own config: `suppress_envoy_headers` drops the router's x-envoy headers; a field we do not honour
+/// (`upstream_log`) is refused with its path instead of being ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_config_suppresses_envoy_headers_and_refuses_the_rest() {
+    let up = http_upstream("U").await;
+    let listener = |router: &str| {
+        http_listener("h", 0, &routes_to("u", ""), "")
+            .replace("router.v3.Router }", &format!("router.v3.Router, {router} }}"))
+    };
+    let server =
+        start(&yaml(&listener("suppress_envoy_headers: false"), &static_cluster("u", &[up])), Duration::from_secs(1))
+            .await;
+    let mut c = http1_client(listener_addr(&server, "h")).await;
+    let (_, headers, _) = http1_request(&mut c, "GET", "/", "x", &[]).await;
+    assert!(headers.contains_key("x-envoy-upstream-service-time"));
+    let server =
+        start(&yaml(&listener("suppress_envoy_headers: true"), &static_cluster("u", &[up])), Duration::from_secs(1))
+            .await;
+    let mut c = http1_client(listener_addr(&server, "h")).await;
+    let (status, headers, _) = http1_request(&mut c, "GET", "/", "x", &[]).await;
+    assert_eq!(status, 200);
+    assert!(!headers.contains_key("x-envoy-upstream-service-time"), "{headers:?}");
+
+    let bad = listener("upstream_log: [ { name: envoy.access_loggers.stdout } ]");
+    let err = xds_proxy::config::listener::ListenerConfig::try_from(
+        xds_proxy::config::proto::decode::<envoy_types::pb::envoy::config::listener::v3::Listener>(
+            &xds_proxy::config::proto::parse_dynamic(
+                &unlisted(&bad),
+                xds_proxy::config::proto::Format::Yaml,
+                "envoy.config.listener.v3.Listener",
+            )
+            .unwrap(),
+        )
+        .unwrap(),
+    )
+    .err()
+    .map(|e| e.to_string())
+    .unwrap_or_default();
+    assert!(err.contains("http_filters[0].typed_config.upstream_log: not supported"), "{err}");
+}
+
 /// A proxy whose HCM listener `h` (`hcm_extra` on the connection manager) routes everything to `up` with
 /// `route_extra` on the route action.
 async fn proxy_to_with_route(

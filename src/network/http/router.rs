@@ -731,7 +731,9 @@ async fn forward(
         let Some(rq_slot) = cluster.start_request() else {
             trace.flags.push(Flag::UpstreamOverflow);
             let mut resp = local_reply(conn, StatusCode::SERVICE_UNAVAILABLE, OVERFLOW);
-            resp.headers_mut().insert(X_OVERLOADED.clone(), HeaderValue::from_static("true"));
+            if !conn.hcm.config.suppress_envoy_headers {
+                resp.headers_mut().insert(X_OVERLOADED.clone(), HeaderValue::from_static("true"));
+            }
             return resp;
         };
         // The last possible attempt takes the headers; earlier ones copy them for a retry.
@@ -890,7 +892,9 @@ async fn forward(
                 if matches!(failure, Failure::Pool(PoolError::PendingOverflow)) {
                     trace.flags.push(Flag::UpstreamOverflow);
                     let mut resp = local_reply(conn, StatusCode::SERVICE_UNAVAILABLE, OVERFLOW);
-                    resp.headers_mut().insert(X_OVERLOADED.clone(), HeaderValue::from_static("true"));
+                    if !conn.hcm.config.suppress_envoy_headers {
+                        resp.headers_mut().insert(X_OVERLOADED.clone(), HeaderValue::from_static("true"));
+                    }
                     return resp;
                 }
                 // Envoy's router reports a failure to get an answer to outlier detection: a per-try timeout as a
@@ -1074,7 +1078,9 @@ fn upstream_response(
     // keep-alive HTTP/1.1 client connection into a closing one).
     parts.version = downstream_version;
     strip_hop_by_hop(&mut parts.headers, switching);
-    parts.headers.insert(X_UPSTREAM_SERVICE_TIME.clone(), HeaderValue::from(start.elapsed().as_millis() as u64));
+    if !conn.hcm.config.suppress_envoy_headers {
+        parts.headers.insert(X_UPSTREAM_SERVICE_TIME.clone(), HeaderValue::from(start.elapsed().as_millis() as u64));
+    }
     if let Some(via) = &conn.hcm.config.via {
         parts.headers.append(header::VIA, via.clone());
     }
