@@ -82,7 +82,8 @@ pub struct HcmConfig {
     pub max_stream_duration: Option<Duration>,
     /// `common_http_protocol_options.max_connection_duration`: a connection this old is drained; None when unset or 0.
     pub max_connection_duration: Option<Duration>,
-    /// The router's `suppress_envoy_headers`: no `x-envoy-upstream-service-time` or `x-envoy-overloaded`.
+    /// The router's `suppress_envoy_headers`: no `x-envoy-upstream-service-time`, `x-envoy-overloaded` or
+    /// `x-envoy-expected-rq-timeout-ms`.
     pub suppress_envoy_headers: bool,
     pub websocket: bool,
     /// `normalize_path`: RFC 3986 dot-segment removal before routing.

@@ -936,7 +936,8 @@ async fn local_replies_to_grpc_requests_are_grpc_statuses() {
     assert_eq!(counter(&server, "http.h.downstream_rq_5xx"), 1, "counted as what the client got");
 }
 
-/// The router's own config: `suppress_envoy_headers` drops the router's x-envoy headers; a field we do not honour
+/// The router's own config: `suppress_envoy_headers` drops the router's x-envoy headers (the upstream otherwise hears
+/// `x-envoy-expected-rq-timeout-ms`, and the client `x-envoy-upstream-service-time`); a field we do not honour
 /// (`upstream_log`) is refused with its path instead of being ignored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn router_config_suppresses_envoy_headers_and_refuses_the_rest() {
@@ -949,15 +950,17 @@ async fn router_config_suppresses_envoy_headers_and_refuses_the_rest() {
         start(&yaml(&listener("suppress_envoy_headers: false"), &static_cluster("u", &[up])), Duration::from_secs(1))
             .await;
     let mut c = http1_client(listener_addr(&server, "h")).await;
-    let (_, headers, _) = http1_request(&mut c, "GET", "/", "x", &[]).await;
+    let (_, headers, body) = http1_request(&mut c, "GET", "/", "x", &[]).await;
     assert!(headers.contains_key("x-envoy-upstream-service-time"));
+    assert!(body.contains("x-envoy-expected-rq-timeout-ms=15000\n"), "the route's default 15 s told upstream: {body}");
     let server =
         start(&yaml(&listener("suppress_envoy_headers: true"), &static_cluster("u", &[up])), Duration::from_secs(1))
             .await;
     let mut c = http1_client(listener_addr(&server, "h")).await;
-    let (status, headers, _) = http1_request(&mut c, "GET", "/", "x", &[]).await;
+    let (status, headers, body) = http1_request(&mut c, "GET", "/", "x", &[]).await;
     assert_eq!(status, 200);
     assert!(!headers.contains_key("x-envoy-upstream-service-time"), "{headers:?}");
+    assert!(!body.contains("x-envoy-expected-rq-timeout-ms"), "{body}");
 
     let bad = listener("upstream_log: [ { name: envoy.access_loggers.stdout } ]");
     let err = xds_proxy::config::listener::ListenerConfig::try_from(

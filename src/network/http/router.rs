@@ -39,6 +39,7 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_UPSTREAM_SERVICE_TIME: HeaderName = HeaderName::from_static("x-envoy-upstream-service-time");
 static X_ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count");
+static X_EXPECTED_RQ_TIMEOUT: HeaderName = HeaderName::from_static("x-envoy-expected-rq-timeout-ms");
 static X_OVERLOADED: HeaderName = HeaderName::from_static("x-envoy-overloaded");
 static X_IMMEDIATE_HEALTH_CHECK_FAIL: HeaderName = HeaderName::from_static("x-envoy-immediate-health-check-fail");
 static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
@@ -691,6 +692,13 @@ async fn forward(
     let body_empty = http_body::Body::is_end_stream(&body);
     let max_attempts = retry.map_or(1, |p| p.num_retries.saturating_add(1));
     let deadline = route_timeout.map(|t| start + t);
+    // Envoy's router tells the upstream how long it will wait for this attempt: the per-try timeout, else the route's.
+    if !conn.hcm.config.suppress_envoy_headers
+        && let Some(t) = retry.and_then(|p| p.per_try_timeout).or(route_timeout)
+    {
+        headers
+            .insert(X_EXPECTED_RQ_TIMEOUT.clone(), HeaderValue::from(u64::try_from(t.as_millis()).unwrap_or(u64::MAX)));
+    }
     // A route's idle_timeout overrides the HCM's stream_idle_timeout; 0 disables it.
     let idle = match action.idle_timeout {
         Some(t) if t.is_zero() => None,
