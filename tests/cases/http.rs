@@ -67,11 +67,13 @@ async fn routes_by_host_and_path_with_envoys_headers() {
 
 /// A proxy whose HCM listener `h` (with `extra` on the connection manager) routes everything to cluster `u` = `up`.
 async fn proxy_to(up: std::net::SocketAddr, extra: &str) -> xds_proxy::server::Server {
-    start(
-        &yaml(&http_listener("h", 0, &routes_to("u", ""), extra), &static_cluster("u", &[up])),
-        Duration::from_secs(1),
-    )
-    .await
+    proxy_to_with_route(up, "", extra).await
+}
+
+/// A response's `grpc-status` and `grpc-message`, as text.
+fn grpc_status(h: &hyper::HeaderMap) -> (Option<String>, Option<String>) {
+    let text = |name: &str| h.get(name).map(|v| v.to_str().unwrap().to_string());
+    (text("grpc-status"), text("grpc-message"))
 }
 
 fn routes_to(cluster: &str, route_extra: &str) -> String {
@@ -818,8 +820,7 @@ async fn grpc_timeout_headers_bound_the_stream_on_istio_routes() {
     let (status, headers, body) = http1_request(&mut c, "POST", "/sleep/3000", "x", &grpc).await;
     assert!(began.elapsed() < Duration::from_secs(2), "ended at the 200 ms deadline: {:?}", began.elapsed());
     assert_eq!((status, body.as_str()), (200, ""));
-    assert_eq!(headers.get("grpc-status").map(|v| v.to_str().unwrap()), Some("4"));
-    assert_eq!(headers.get("grpc-message").map(|v| v.to_str().unwrap()), Some("downstream duration timeout"));
+    assert_eq!(grpc_status(&headers), (Some("4".into()), Some("downstream duration timeout".into())));
     assert_eq!(counter(&server, "http.h.downstream_rq_max_duration_reached"), 1);
 
     let mut c = http1_client(listener_addr(&server, "h")).await;
@@ -861,21 +862,15 @@ async fn legacy_max_grpc_timeout_turns_grpc_timeout_into_the_route_timeout() {
     let server = proxy_to_with_route(up, ", timeout: 0s, max_grpc_timeout: 0.3s", "").await;
     let mut c = http1_client(listener_addr(&server, "h")).await;
     // The route timeout's 504 reaches a gRPC client as UNAVAILABLE, as Envoy maps it.
-    let status = |h: &hyper::HeaderMap| {
-        (h.get("grpc-status").map(|v| v.to_str().unwrap().to_string()), h.get("grpc-message").cloned())
-    };
     let grpc = [("content-type", "application/grpc"), ("grpc-timeout", "10S")];
     let began = std::time::Instant::now();
     let (code, headers, _) = http1_request(&mut c, "POST", "/sleep/3000", "x", &grpc).await;
     assert!(began.elapsed() < Duration::from_secs(2), "capped at 0.3 s: {:?}", began.elapsed());
     assert_eq!(code, 200);
-    assert_eq!(
-        status(&headers),
-        (Some("14".into()), Some(hyper::header::HeaderValue::from_static("upstream request timeout")))
-    );
+    assert_eq!(grpc_status(&headers), (Some("14".into()), Some("upstream request timeout".into())));
     let grpc = [("content-type", "application/grpc"), ("grpc-timeout", "100m")];
     let (_, headers, _) = http1_request(&mut c, "POST", "/sleep/3000", "x", &grpc).await;
-    assert_eq!(status(&headers).0.as_deref(), Some("14"));
+    assert_eq!(grpc_status(&headers).0.as_deref(), Some("14"));
     assert_eq!(counter(&server, "cluster.u.upstream_rq_timeout"), 2);
 }
 
@@ -926,13 +921,11 @@ async fn local_replies_to_grpc_requests_are_grpc_statuses() {
     let mut c = http1_client(listener_addr(&server, "h")).await;
     let grpc = [("content-type", "application/grpc")];
     let (status, headers, body) = http1_request(&mut c, "POST", "/pkg.Svc/Call", "x", &grpc).await;
-    let header = |h: &hyper::HeaderMap, name: &str| h.get(name).map(|v| v.to_str().unwrap().to_string());
     assert_eq!((status, body.as_str()), (200, ""));
-    assert_eq!(header(&headers, "grpc-status").as_deref(), Some("14"));
-    assert_eq!(header(&headers, "grpc-message").as_deref(), Some("no healthy upstream"));
-    assert_eq!(header(&headers, "content-type").as_deref(), Some("application/grpc"));
+    assert_eq!(grpc_status(&headers), (Some("14".into()), Some("no healthy upstream".into())));
+    assert_eq!(headers.get("content-type").map(|v| v.to_str().unwrap()), Some("application/grpc"));
     let (status, headers, _) = http1_request(&mut c, "POST", "/pkg.Svc/Call", "x", &[]).await;
-    assert_eq!((status, header(&headers, "grpc-status")), (503, None), "not gRPC: plain HTTP");
+    assert_eq!((status, grpc_status(&headers).0), (503, None), "not gRPC: plain HTTP");
     assert_eq!(counter(&server, "http.h.downstream_rq_5xx"), 1, "counted as what the client got");
 }
 

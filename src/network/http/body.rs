@@ -37,6 +37,17 @@ pub enum ProxyBody {
     Throttled(Box<Throttle>),
 }
 
+impl Watched {
+    /// The stream's max_stream_duration ran out: counted, its hold released as a reset, the body failed.
+    fn expire(&mut self) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some((_, expired)) = self.deadline.take() {
+            expired.inc();
+        }
+        self.hold.reset(false);
+        Poll::Ready(Some(Err(DurationTimeout.into())))
+    }
+}
+
 /// Envoy's StreamRateLimiter for the fault filter's `response_rate_limit`: a token bucket refilled 16 times a second
 /// with a sixteenth of the limit, starting with one refill's worth; data frames go out as the tokens allow, split
 /// where a frame is larger than what is left. Other frames (trailers) pass in order.
@@ -567,11 +578,7 @@ impl Body for ProxyBody {
                 Poll::Ready(Some(Ok(_)))
                     if w.deadline.as_ref().is_some_and(|(at, _)| at.deadline() <= Instant::now()) =>
                 {
-                    if let Some((_, expired)) = w.deadline.take() {
-                        expired.inc();
-                    }
-                    w.hold.reset(false);
-                    Poll::Ready(Some(Err(DurationTimeout.into())))
+                    w.expire()
                 }
                 Poll::Ready(frame) => {
                     if let Some((timeout, sleep)) = &mut w.idle {
@@ -605,13 +612,7 @@ impl Body for ProxyBody {
                     Poll::Ready(frame.map(|f| f.map_err(Into::into)))
                 }
                 Poll::Pending => match &mut w.idle {
-                    _ if w.deadline.as_mut().is_some_and(|(at, _)| at.as_mut().poll(cx).is_ready()) => {
-                        if let Some((_, expired)) = w.deadline.take() {
-                            expired.inc();
-                        }
-                        w.hold.reset(false);
-                        Poll::Ready(Some(Err(DurationTimeout.into())))
-                    }
+                    _ if w.deadline.as_mut().is_some_and(|(at, _)| at.as_mut().poll(cx).is_ready()) => w.expire(),
                     Some((_, sleep)) => match sleep.as_mut().poll(cx) {
                         Poll::Ready(()) => {
                             w.hold.reset(false);

@@ -446,7 +446,7 @@ impl Connection {
         let logs = &self.hcm.config.access_log;
         let request_timeout = self.hcm.config.request_timeout.filter(|_| !http_body::Body::is_end_stream(req.body()));
         let mut resp = if logs.is_empty() && request_timeout.is_none() {
-            let mut trace = router::Trace::default();
+            let mut trace = router::Trace { grpc, ..Default::default() };
             // Boxed once: hyper moves the service future around (HTTP/2 spawns it as a task), and the router's state
             // is kilobytes; moving a pointer is cheaper than copying that several times per request.
             let resp = Box::pin(router::route(&self, req, &mut trace)).await;
@@ -471,7 +471,8 @@ impl Connection {
         let logs = &self.hcm.config.access_log;
         let began = Instant::now();
         let entry = if logs.is_empty() { None } else { Some(self.log_entry(&req)) };
-        let trace = router::Trace { logging: !logs.is_empty(), received: Some(Arc::default()), ..Default::default() };
+        let trace =
+            router::Trace { logging: !logs.is_empty(), received: Some(Arc::default()), grpc, ..Default::default() };
         // Declared before the routing future borrows its trace, so that it is dropped after it: if hyper drops this
         // request (the downstream went away before the response began), the guard still logs it.
         let mut pending = Unanswered { entry, trace, began, logs };

@@ -204,15 +204,14 @@ impl StreamDuration {
     /// The stream's duration limit for a request with these headers (None: no limit; zero: already over), given the
     /// HCM's.
     pub fn limit(&self, headers: &http::HeaderMap, hcm: Option<Duration>) -> Option<Duration> {
-        let grpc_timeout = || is_grpc(headers).then(|| grpc_timeout(headers)).flatten();
+        if let StreamDuration::New { grpc_header_max: Some(cap), grpc_header_offset, .. } = *self
+            && let Some(t) = is_grpc(headers).then(|| grpc_timeout(headers)).flatten()
+        {
+            let t = if !cap.is_zero() && t > cap { cap } else { t };
+            // Envoy: an offset that eats the whole deadline (or a 0 header) leaves none, and the stream ends at once.
+            return Some(t.saturating_sub(grpc_header_offset));
+        }
         match *self {
-            StreamDuration::New { grpc_header_max: Some(cap), grpc_header_offset, .. } if grpc_timeout().is_some() => {
-                let t = grpc_timeout().unwrap_or_default();
-                let t = if !cap.is_zero() && t > cap { cap } else { t };
-                // Envoy: an offset that eats the whole deadline (or a 0 header) leaves none, and the stream ends at
-                // once.
-                Some(t.saturating_sub(grpc_header_offset))
-            }
             StreamDuration::New { max: Some(max), .. } => Some(max).filter(|t| !t.is_zero()),
             StreamDuration::New { max: None, .. } | StreamDuration::Hcm | StreamDuration::LegacyGrpc { .. } => {
                 hcm.filter(|t| !t.is_zero())

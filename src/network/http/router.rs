@@ -186,7 +186,6 @@ async fn route_request(conn: &Connection, req: Request<Incoming>, trace: &mut Tr
     let Some(limit) = limit else {
         return after_match(conn, &matched, req, trace, &authority, upgrade).await;
     };
-    let grpc = super::route::is_grpc(req.headers());
     let deadline = Instant::now() + limit;
     trace.stream_deadline = Some(deadline);
     match tokio::time::timeout_at(deadline, after_match(conn, &matched, req, trace, &authority, upgrade)).await {
@@ -197,25 +196,21 @@ async fn route_request(conn: &Connection, req: Request<Incoming>, trace: &mut Tr
         Err(_) => {
             hcm.stats.downstream_rq_max_duration_reached.inc();
             trace.flags.push(Flag::DurationTimeout);
-            duration_timeout_reply(conn, grpc, trace.received.as_ref().is_none_or(|p| p.done.load(Ordering::Relaxed)))
+            duration_timeout_reply(conn, trace.received.as_ref().is_none_or(|p| p.done.load(Ordering::Relaxed)))
         }
     }
 }
 
 /// Envoy's reply when a stream outlives its max_stream_duration before its response began: for gRPC a trailers-only
 /// DEADLINE_EXCEEDED, otherwise 504 once the request was complete and 408 while it was still arriving.
-fn duration_timeout_reply(conn: &Connection, grpc: bool, request_complete: bool) -> Response<ProxyBody> {
-    const BODY: &str = "downstream duration timeout";
-    if grpc {
-        let mut resp = local_reply(conn, StatusCode::OK, "");
-        let h = resp.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-        h.insert(GRPC_STATUS.clone(), HeaderValue::from_static("4"));
-        h.insert(GRPC_MESSAGE.clone(), HeaderValue::from_static(BODY));
-        return resp;
-    }
+fn duration_timeout_reply(conn: &Connection, request_complete: bool) -> Response<ProxyBody> {
     let status = if request_complete { StatusCode::GATEWAY_TIMEOUT } else { StatusCode::REQUEST_TIMEOUT };
-    local_reply(conn, status, BODY)
+    let mut resp = local_reply(conn, status, "downstream duration timeout");
+    // Envoy names the gRPC status itself rather than mapping the HTTP one (which would say UNAVAILABLE).
+    if let Some(r) = resp.extensions_mut().get_mut::<LocalReply>() {
+        r.grpc_status = Some(4);
+    }
+    resp
 }
 
 /// The HTTP filters after routing (fault, then CORS) and the router's action.
@@ -301,7 +296,7 @@ async fn act(
             let mut resp = local_reply(conn, *status, "");
             *resp.body_mut() = ProxyBody::text(body.clone());
             // Its own text is what a gRPC client gets as grpc-message.
-            if super::route::is_grpc(req.headers()) {
+            if trace.grpc {
                 resp.extensions_mut().insert(DirectText(body.clone()));
             }
             if !body.is_empty() {
@@ -358,10 +353,7 @@ fn fault_abort_reply(conn: &Connection, with: AbortWith) -> Response<ProxyBody> 
         AbortWith::Http(status) => local_reply(conn, status, "fault filter abort"),
         AbortWith::Grpc(code) => {
             let mut resp = local_reply(conn, StatusCode::OK, "");
-            let h = resp.headers_mut();
-            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-            h.insert(GRPC_STATUS.clone(), HeaderValue::from(code));
-            h.insert(GRPC_MESSAGE.clone(), HeaderValue::from_static("fault filter abort"));
+            grpc_answer(&mut resp, code, Some(HeaderValue::from_static("fault filter abort")));
             resp
         }
     }
@@ -539,9 +531,13 @@ fn grpc_to_http(status: &[u8]) -> u16 {
     }
 }
 
-/// Marks a reply the proxy made itself, with its text, so that a gRPC request's can be turned into a gRPC answer.
+/// Marks a reply the proxy made itself, with its text, so that a gRPC request's can be turned into a gRPC answer;
+/// `grpc_status` when Envoy names one rather than mapping the HTTP status.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct LocalReply(pub &'static str);
+pub(super) struct LocalReply {
+    text: &'static str,
+    grpc_status: Option<u32>,
+}
 
 /// A direct response's configured body, the text of its gRPC form.
 #[derive(Debug, Clone)]
@@ -551,22 +547,27 @@ struct DirectText(bytes::Bytes);
 /// status mapped as Envoy maps it (httpToGrpcStatus) and whose `grpc-message` is the reply's text. Replies that are
 /// already gRPC answers (a 200) are left alone.
 pub(super) fn grpc_local_reply(resp: &mut Response<ProxyBody>) {
-    let Some(LocalReply(text)) = resp.extensions().get::<LocalReply>().copied() else { return };
+    let Some(LocalReply { text, grpc_status }) = resp.extensions().get::<LocalReply>().copied() else { return };
     if resp.status() == StatusCode::OK {
         return;
     }
-    let code: u16 = match resp.status().as_u16() {
+    let code = grpc_status.unwrap_or(match resp.status().as_u16() {
         400 => 13,
         401 => 16,
         403 => 7,
         404 => 12,
         429 | 502 | 503 | 504 => 14,
         _ => 2,
-    };
+    });
     let message = match resp.extensions_mut().remove::<DirectText>() {
         Some(DirectText(body)) => HeaderValue::from_maybe_shared(body).ok(),
         None => Some(HeaderValue::from_static(text)),
     };
+    grpc_answer(resp, code, message);
+}
+
+/// Makes `resp` a trailers-only gRPC answer: 200, `application/grpc`, this `grpc-status` and, if any, `grpc-message`.
+fn grpc_answer(resp: &mut Response<ProxyBody>, code: u32, message: Option<HeaderValue>) {
     *resp.status_mut() = StatusCode::OK;
     *resp.body_mut() = ProxyBody::Empty;
     let h = resp.headers_mut();
@@ -581,7 +582,7 @@ pub(super) fn grpc_local_reply(resp: &mut Response<ProxyBody>) {
 fn local_reply(conn: &Connection, status: StatusCode, body: &'static str) -> Response<ProxyBody> {
     let mut resp = Response::new(ProxyBody::text(body));
     *resp.status_mut() = status;
-    resp.extensions_mut().insert(LocalReply(body));
+    resp.extensions_mut().insert(LocalReply { text: body, grpc_status: None });
     if !body.is_empty() {
         resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     }
@@ -614,6 +615,8 @@ pub(super) struct Trace {
     pub received: Option<Arc<super::body::Progress>>,
     /// When the stream's max_stream_duration runs out (an upgraded connection's tunnel ends then too).
     pub stream_deadline: Option<Instant>,
+    /// A gRPC request (its content type), read once by the connection manager.
+    pub grpc: bool,
 }
 
 impl Trace {
@@ -667,7 +670,7 @@ async fn forward(
 
     // Build the upstream request's head once.
     let mut headers = std::mem::take(&mut parts.headers);
-    let grpc = super::route::is_grpc(&headers);
+    let grpc = trace.grpc;
     strip_hop_by_hop(&mut headers, upgrade);
     matched.apply_request_headers(&mut headers);
     if let Some(via) = &conn.hcm.config.via {
