@@ -232,6 +232,7 @@ const POLICIES: &[(&str, Policy)] = {
                 "use_remote_address",
                 "xff_num_trusted_hops",
                 "skip_xff_append",
+                "internal_address_config",
                 "via",
                 "generate_request_id",
                 "preserve_external_request_id",
@@ -256,6 +257,12 @@ const POLICIES: &[(&str, Policy)] = {
         // The conversion checks the filter list (router last; skippable filters before it).
         ("envoy.extensions.filters.network.http_connection_manager.v3.HttpFilter", Skip),
         ("envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.Tracing", Skip),
+        // unix_sockets is refused: a request from a unix socket peer has no IP, and we never treat it as internal.
+        (
+            "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.InternalAddressConfig",
+            Only(&["cidr_ranges"]),
+        ),
+        ("envoy.config.core.v3.CidrRange", All),
         ("envoy.extensions.filters.network.http_connection_manager.v3.RequestIDExtension", Skip),
         ("envoy.extensions.filters.network.http_connection_manager.v3.Rds", All),
         ("envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.UpgradeConfig", All),

@@ -9,6 +9,7 @@ use envoy_types::pb::google::protobuf::Any;
 
 use super::listener::{decode_any, type_name};
 use super::{ConfigError, duration, join, opt_duration};
+use crate::listener::chain_match::{Cidr, cidrs};
 use crate::network::http::fault::FaultConfig;
 use crate::network::http::route::{HeaderMatchers, RouteTable};
 
@@ -64,6 +65,9 @@ pub struct HcmConfig {
     pub use_remote_address: bool,
     pub xff_num_trusted_hops: u32,
     pub skip_xff_append: bool,
+    /// `internal_address_config.cidr_ranges`: which trusted client addresses make a request internal. Empty when
+    /// unset: since Envoy 1.33 (the API we embed) no address is internal unless listed.
+    pub internal_addresses: Vec<Cidr>,
     pub server_name: String,
     pub server_header: ServerHeader,
     pub via: Option<http::HeaderValue>,
@@ -179,6 +183,11 @@ impl HcmConfig {
                     .map_err(|_| ConfigError::new(at("via"), "not a valid header value"))?,
             )
         };
+        let internal_addresses = match &h.internal_address_config {
+            Some(c) => cidrs(&at("internal_address_config.cidr_ranges"), &c.cidr_ranges)
+                .map_err(|e| ConfigError::new(e.path, e.message))?,
+            None => Vec::new(),
+        };
         let common = h.common_http_protocol_options.as_ref();
         let connection_idle = opt_duration(
             common.and_then(|c| c.idle_timeout.as_ref()),
@@ -236,6 +245,7 @@ impl HcmConfig {
             use_remote_address: h.use_remote_address.as_ref().is_some_and(|v| v.value),
             xff_num_trusted_hops: h.xff_num_trusted_hops,
             skip_xff_append: h.skip_xff_append,
+            internal_addresses,
             server_name: if h.server_name.is_empty() { DEFAULT_SERVER_NAME.into() } else { h.server_name.clone() },
             server_header,
             via,

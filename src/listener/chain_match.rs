@@ -262,7 +262,8 @@ fn port(path: &str, value: u32) -> Result<u16, MatchError> {
     }
 }
 
-fn cidrs(field: &str, ranges: &[CidrRange]) -> Result<Vec<Cidr>, MatchError> {
+/// Envoy's `CidrRange` list, each range masked; errors name `field[i]` and the bad part.
+pub fn cidrs(field: &str, ranges: &[CidrRange]) -> Result<Vec<Cidr>, MatchError> {
     ranges
         .iter()
         .enumerate()

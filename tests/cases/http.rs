@@ -1769,3 +1769,176 @@ async fn ring_hash_and_maglev_send_each_user_to_one_host() {
         assert!(anonymous.len() >= 2, "{policy}: no hash means random hosts, got {anonymous:?}");
     }
 }
+
+/// Routes shared by the header-sanitizing tests: `/echo` and `/sleep/<ms>` to the echoing upstream (the latter with a
+/// 5 s route timeout), `/nt/<ms>` to its `/sleep/<ms>` under Envoy's "new timeouts" (a route max_stream_duration, so
+/// the route's own 0.2 s timeout is not read), everything else to `attempts_upstream`.
+fn sanitizing_routes() -> &'static str {
+    r#"          route_config:
+            name: local
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              include_request_attempt_count: true
+              routes:
+              - match: { prefix: "/echo" }
+                route: { cluster: echo }
+              - match: { prefix: "/sleep/" }
+                route: { cluster: echo, timeout: 5s }
+              - match: { prefix: "/nt/" }
+                route:
+                  cluster: echo
+                  prefix_rewrite: "/sleep/"
+                  timeout: 0.2s
+                  max_stream_duration: { max_stream_duration: 0s }
+              - match: { prefix: "/" }
+                route: { cluster: tries }"#
+}
+
+/// Envoy's header sanitizing (`mutateRequestHeaders`) and the router's request headers. Listener `int` trusts
+/// loopback clients (internal_address_config), `ext` trusts nobody (the default since Envoy 1.33), `xff` takes the
+/// client from x-forwarded-for (use_remote_address false).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x_envoy_request_headers_are_honoured_from_internal_clients_only() {
+    let echo = http_upstream("E").await;
+    let (tries, _events) = attempts_upstream().await;
+    let internal =
+        "\n          internal_address_config: { cidr_ranges: [ { address_prefix: 127.0.0.0, prefix_len: 8 } ] }";
+    let listeners = format!(
+        "{}{}{}",
+        http_listener("int", 0, sanitizing_routes(), &format!("\n          use_remote_address: true{internal}")),
+        http_listener("ext", 0, sanitizing_routes(), "\n          use_remote_address: true"),
+        http_listener(
+            "xff",
+            0,
+            sanitizing_routes(),
+            "\n          internal_address_config: { cidr_ranges: [ { address_prefix: 10.0.0.0, prefix_len: 8 } ] }"
+        ),
+    );
+    let clusters = format!("{}{}", static_cluster("echo", &[echo]), static_cluster("tries", &[tries]));
+    let server = start(&yaml(&listeners, &clusters), Duration::from_secs(1)).await;
+    let claims = [
+        ("x-envoy-internal", "false"),
+        ("x-envoy-retry-on", "5xx"),
+        ("x-envoy-upstream-rq-timeout-ms", "4000"),
+        ("x-envoy-decorator-operation", "op"),
+        ("x-request-id", "abc"),
+    ];
+
+    // Internal: the proxy says so, keeps what only internal requests may carry, and consumes its own headers.
+    let mut c = http1_client(listener_addr(&server, "int")).await;
+    let (status, _, body) = http1_request(&mut c, "GET", "/echo", "x", &claims).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("x-envoy-internal=true\n"), "{body}");
+    assert!(body.contains("x-envoy-decorator-operation=op\n") && body.contains("x-request-id=abc\n"), "{body}");
+    assert!(body.contains("x-envoy-expected-rq-timeout-ms=4000\n"), "the header's timeout is the route's: {body}");
+    assert!(!body.contains("x-envoy-retry-on") && !body.contains("x-envoy-upstream-rq-timeout-ms"), "{body}");
+    assert!(!body.contains("x-envoy-external-address"), "{body}");
+
+    let began = std::time::Instant::now();
+    let (status, _, body) =
+        http1_request(&mut c, "GET", "/sleep/2000", "x", &[("x-envoy-upstream-rq-timeout-ms", "200")]).await;
+    assert_eq!((status, body.as_str()), (504, "upstream request timeout"));
+    assert!(began.elapsed() < Duration::from_millis(1500), "{:?}", began.elapsed());
+    let alt = [("x-envoy-upstream-rq-timeout-ms", "200"), ("x-envoy-upstream-rq-timeout-alt-response", "")];
+    let (status, _, body) = http1_request(&mut c, "GET", "/sleep/2000", "x", &alt).await;
+    assert_eq!((status, body.as_str()), (204, ""), "the alternative timeout answer");
+
+    // The route has no retry policy; the headers switch one on and say how many retries.
+    let (status, _, body) = http1_request(&mut c, "GET", "/1/0", "x", &[]).await;
+    assert_eq!((status, body.as_str()), (503, "attempt=1 received=0"));
+    let retry = [("x-envoy-retry-on", "5xx"), ("x-envoy-max-retries", "2")];
+    let (status, _, body) = http1_request(&mut c, "GET", "/2/0", "x", &retry).await;
+    assert_eq!((status, body.as_str()), (200, "attempt=3 received=0"));
+    let codes = [("x-envoy-retry-on", "retriable-status-codes"), ("x-envoy-retriable-status-codes", "418, 503")];
+    let (status, _, body) = http1_request(&mut c, "GET", "/1/0", "x", &codes).await;
+    assert_eq!((status, body.as_str()), (200, "attempt=2 received=0"), "one retry by default");
+    // Each try gets 200 ms; one retry, then the last try's timeout is the answer.
+    let per_try = [("x-envoy-retry-on", "5xx"), ("x-envoy-upstream-rq-per-try-timeout-ms", "200")];
+    let (status, _, _) = http1_request(&mut c, "GET", "/0/1000", "x", &per_try).await;
+    assert_eq!(status, 504);
+    assert_eq!(counter(&server, "cluster.tries.upstream_rq_per_try_timeout"), 2);
+
+    // Under a route max_stream_duration Envoy reads no route timeout: the 0.2 s one does not cut a 0.5 s answer.
+    let (status, _, body) = http1_request(&mut c, "GET", "/nt/500", "x", &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(!body.contains("x-envoy-expected-rq-timeout-ms"), "no timeout to announce: {body}");
+
+    // External, at the edge: nothing it claims is taken, its request id is replaced, its address is recorded.
+    let mut c = http1_client(listener_addr(&server, "ext")).await;
+    let (status, _, body) = http1_request(&mut c, "GET", "/echo", "x", &claims).await;
+    assert_eq!(status, 200, "{body}");
+    for gone in
+        ["x-envoy-internal", "x-envoy-retry-on", "x-envoy-upstream-rq-timeout-ms", "x-envoy-decorator-operation"]
+    {
+        assert!(!body.contains(gone), "{gone} is stripped: {body}");
+    }
+    assert!(!body.contains("x-request-id=abc\n"), "{body}");
+    assert!(body.contains("x-envoy-external-address=127.0.0.1\n"), "{body}");
+    let (status, _, _) =
+        http1_request(&mut c, "GET", "/sleep/600", "x", &[("x-envoy-upstream-rq-timeout-ms", "100")]).await;
+    assert_eq!(status, 200, "an external request sets no timeout");
+    let (status, _, _) = http1_request(&mut c, "GET", "/1/0", "x", &retry).await;
+    assert_eq!(status, 503, "nor retries");
+
+    // use_remote_address false: the client is the one address x-forwarded-for names, when there is exactly one.
+    let mut c = http1_client(listener_addr(&server, "xff")).await;
+    let (_, _, body) = http1_request(&mut c, "GET", "/echo", "x", &[("x-forwarded-for", "10.1.2.3")]).await;
+    assert!(body.contains("x-envoy-internal=true\n"), "{body}");
+    let (status, _, _) =
+        http1_request(&mut c, "GET", "/2/0", "x", &[("x-forwarded-for", "10.1.2.3"), retry[0], retry[1]]).await;
+    assert_eq!(status, 200);
+    let chain = [("x-forwarded-for", "192.0.2.1, 10.1.2.3"), retry[0], retry[1]];
+    let (status, _, _) = http1_request(&mut c, "GET", "/2/0", "x", &chain).await;
+    assert_eq!(status, 503, "two addresses: external");
+    let (_, _, body) = http1_request(&mut c, "GET", "/echo", "x", &[("x-envoy-retry-on", "5xx")]).await;
+    assert!(!body.contains("x-envoy-internal") && !body.contains("x-envoy-retry-on"), "no XFF: external: {body}");
+    assert!(!body.contains("x-envoy-external-address"), "not an edge proxy: {body}");
+}
+
+/// xff_num_trusted_hops with use_remote_address: the client is the address the trusted proxies recorded, and their
+/// x-forwarded-proto stands.
+#[tokio::test]
+async fn xff_num_trusted_hops_names_the_client_behind_trusted_proxies() {
+    let up = http_upstream("U").await;
+    let server = proxy_to(up, "\n          use_remote_address: true\n          xff_num_trusted_hops: 1").await;
+    let mut c = http1_client(listener_addr(&server, "h")).await;
+    let headers = [("x-forwarded-for", "192.0.2.7, 198.51.100.1"), ("x-forwarded-proto", "https")];
+    let (_, _, body) = http1_request(&mut c, "GET", "/", "x", &headers).await;
+    assert!(body.contains("x-envoy-external-address=198.51.100.1\n"), "{body}");
+    assert!(body.contains("x-forwarded-for=192.0.2.7, 198.51.100.1,127.0.0.1\n"), "{body}");
+    assert!(body.contains("x-forwarded-proto=https\n"), "{body}");
+    let (_, _, body) = http1_request(&mut c, "GET", "/", "x", &[]).await;
+    assert!(body.contains("x-envoy-external-address=127.0.0.1\n"), "no XFF: the peer: {body}");
+    assert!(body.contains("x-forwarded-proto=http\n"), "{body}");
+}
+
+#[test]
+fn internal_address_config_errors_name_the_field() {
+    let with = |config: &str| {
+        let yaml = unlisted(&http_listener(
+            "h",
+            0,
+            &routes_to("u", ""),
+            &format!("\n          internal_address_config: {config}"),
+        ));
+        let msg = xds_proxy::config::proto::parse_dynamic(
+            &yaml,
+            xds_proxy::config::proto::Format::Yaml,
+            "envoy.config.listener.v3.Listener",
+        )
+        .unwrap();
+        let l: envoy_types::pb::envoy::config::listener::v3::Listener = xds_proxy::config::proto::decode(&msg).unwrap();
+        xds_proxy::config::listener::ListenerConfig::try_from(l).err().map(|e| e.to_string()).unwrap_or_default()
+    };
+    assert_eq!(
+        with(
+            "{ cidr_ranges: [ { address_prefix: 10.0.0.0, prefix_len: 8 }, { address_prefix: \"fd00::\", prefix_len: 8 } ] }"
+        ),
+        ""
+    );
+    let err = with("{ cidr_ranges: [ { address_prefix: ten, prefix_len: 8 } ] }");
+    assert!(err.contains("internal_address_config.cidr_ranges[0].address_prefix: malformed IP address"), "{err}");
+    let err = with("{ unix_sockets: true }");
+    assert!(err.contains("internal_address_config.unix_sockets"), "{err}");
+}

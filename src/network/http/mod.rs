@@ -442,18 +442,18 @@ impl Connection {
             ..Default::default()
         };
         let grpc = route::is_grpc(req.headers());
-        router::prepare(&self, &mut req);
+        let remote = router::prepare(&self, &mut req);
         let logs = &self.hcm.config.access_log;
         let request_timeout = self.hcm.config.request_timeout.filter(|_| !http_body::Body::is_end_stream(req.body()));
         let mut resp = if logs.is_empty() && request_timeout.is_none() {
-            let mut trace = router::Trace { grpc, ..Default::default() };
+            let mut trace = router::Trace { grpc, remote, ..Default::default() };
             // Boxed once: hyper moves the service future around (HTTP/2 spawns it as a task), and the router's state
             // is kilobytes; moving a pointer is cheaper than copying that several times per request.
             let resp = Box::pin(router::route(&self, req, &mut trace)).await;
             self.finish(resp, h2, grpc)
         } else {
             // Boxed: the observed path's state would otherwise make every request's future larger.
-            Box::pin(self.handle_observed(req, h2, grpc, request_timeout)).await
+            Box::pin(self.handle_observed(req, h2, grpc, remote, request_timeout)).await
         };
         resp.body_mut().hold(hold);
         resp
@@ -465,14 +465,20 @@ impl Connection {
         req: Request<Incoming>,
         h2: bool,
         grpc: bool,
+        remote: Option<std::net::SocketAddr>,
         request_timeout: Option<Duration>,
     ) -> Response<ProxyBody> {
         let stats = &self.hcm.stats;
         let logs = &self.hcm.config.access_log;
         let began = Instant::now();
-        let entry = if logs.is_empty() { None } else { Some(self.log_entry(&req)) };
-        let trace =
-            router::Trace { logging: !logs.is_empty(), received: Some(Arc::default()), grpc, ..Default::default() };
+        let entry = if logs.is_empty() { None } else { Some(self.log_entry(&req, remote)) };
+        let trace = router::Trace {
+            logging: !logs.is_empty(),
+            received: Some(Arc::default()),
+            grpc,
+            remote,
+            ..Default::default()
+        };
         // Declared before the routing future borrows its trace, so that it is dropped after it: if hyper drops this
         // request (the downstream went away before the response began), the guard still logs it.
         let mut pending = Unanswered { entry, trace, began, logs };
@@ -505,10 +511,11 @@ impl Connection {
     }
 
     /// The request half of an access log entry.
-    fn log_entry(&self, req: &Request<Incoming>) -> access_log::Entry {
+    fn log_entry(&self, req: &Request<Incoming>, remote: Option<std::net::SocketAddr>) -> access_log::Entry {
         access_log::Entry {
             start: Some(std::time::SystemTime::now()),
-            downstream_remote: Some(self.peer),
+            // Envoy's downstream remote address is the trusted client address x-forwarded-for named, if any.
+            downstream_remote: Some(remote.unwrap_or(self.peer)),
             downstream_local: Some(self.local),
             downstream_direct_remote: Some(self.direct_peer),
             requested_server_name: self.server_name.clone(),

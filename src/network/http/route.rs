@@ -201,6 +201,12 @@ pub enum StreamDuration {
 }
 
 impl StreamDuration {
+    /// Envoy's "new timeouts": a route with a `max_stream_duration` message has no route timeout (its `timeout` is
+    /// not read); the stream's duration limit takes its place.
+    pub fn replaces_route_timeout(&self) -> bool {
+        matches!(self, StreamDuration::New { .. })
+    }
+
     /// The stream's duration limit for a request with these headers (None: no limit; zero: already over), given the
     /// HCM's.
     pub fn limit(&self, headers: &http::HeaderMap, hcm: Option<Duration>) -> Option<Duration> {
@@ -1194,6 +1200,21 @@ fn direct_response(d: &rpb::DirectResponseAction, path: &str, max_body: u32) -> 
 }
 
 impl RetryPolicy {
+    /// Envoy's policy for a route without one, which a request's `x-envoy-retry-on` can still switch on: one retry,
+    /// 25 ms backoff up to 250 ms.
+    pub fn envoy_default() -> RetryPolicy {
+        RetryPolicy {
+            retry_on: RetryOn::default(),
+            num_retries: 1,
+            per_try_timeout: None,
+            retriable_status_codes: Vec::new(),
+            backoff_base: DEFAULT_RETRY_BACKOFF_BASE,
+            backoff_max: DEFAULT_RETRY_BACKOFF_BASE * 10,
+            avoid_previous_hosts: false,
+            host_selection_attempts: 1,
+        }
+    }
+
     fn new(p: &rpb::RetryPolicy, path: &str) -> Result<RetryPolicy, ConfigError> {
         let unsupported = |field: &str| Err(ConfigError::new(join(path, field), format!("{field} is not supported")));
         if p.per_try_idle_timeout.is_some() {
@@ -1335,6 +1356,65 @@ fn whole_millis(d: Duration) -> Duration {
 }
 
 impl RetryOn {
+    /// Adds `other`'s conditions to these.
+    pub fn merge(&mut self, other: RetryOn) {
+        let RetryOn {
+            five_xx,
+            gateway_error,
+            connect_failure,
+            reset,
+            retriable_status_codes,
+            refused_stream,
+            retriable_4xx,
+            grpc_cancelled,
+            grpc_deadline_exceeded,
+            grpc_resource_exhausted,
+            grpc_internal,
+            grpc_unavailable,
+        } = other;
+        self.five_xx |= five_xx;
+        self.gateway_error |= gateway_error;
+        self.connect_failure |= connect_failure;
+        self.reset |= reset;
+        self.retriable_status_codes |= retriable_status_codes;
+        self.refused_stream |= refused_stream;
+        self.retriable_4xx |= retriable_4xx;
+        self.grpc_cancelled |= grpc_cancelled;
+        self.grpc_deadline_exceeded |= grpc_deadline_exceeded;
+        self.grpc_resource_exhausted |= grpc_resource_exhausted;
+        self.grpc_internal |= grpc_internal;
+        self.grpc_unavailable |= grpc_unavailable;
+    }
+
+    /// Whether any condition is set.
+    pub fn any(&self) -> bool {
+        *self != RetryOn::default()
+    }
+
+    /// Adds the conditions an `x-envoy-retry-on` header (`grpc` false: the HTTP ones) or `x-envoy-retry-grpc-on`
+    /// header (`grpc` true) names. A request cannot be refused for its header as a config is, so names we do not
+    /// know or do not act on are skipped, as Envoy skips unknown ones.
+    pub fn add_header(&mut self, value: &str, grpc: bool) {
+        for token in value.split(',').map(str::trim) {
+            let flag = match (grpc, token) {
+                (false, "5xx") => &mut self.five_xx,
+                (false, "gateway-error") => &mut self.gateway_error,
+                (false, "connect-failure") => &mut self.connect_failure,
+                (false, "reset") => &mut self.reset,
+                (false, "retriable-status-codes") => &mut self.retriable_status_codes,
+                (false, "refused-stream") => &mut self.refused_stream,
+                (false, "retriable-4xx") => &mut self.retriable_4xx,
+                (true, "cancelled") => &mut self.grpc_cancelled,
+                (true, "deadline-exceeded") => &mut self.grpc_deadline_exceeded,
+                (true, "resource-exhausted") => &mut self.grpc_resource_exhausted,
+                (true, "internal") => &mut self.grpc_internal,
+                (true, "unavailable") => &mut self.grpc_unavailable,
+                _ => continue,
+            };
+            *flag = true;
+        }
+    }
+
     fn parse(s: &str, path: &str) -> Result<RetryOn, ConfigError> {
         let mut on = RetryOn::default();
         for token in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {

@@ -1,7 +1,7 @@
 //! `envoy.filters.http.router`: picks the route, then the cluster and host, forwards the request over the worker's
 //! connection pool with Envoy's header handling, retries and timeouts, and turns failures into Envoy's local replies.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -16,7 +16,7 @@ use super::body::{CountOnDrop, ProxyBody, StreamHold};
 use super::cors;
 use super::fault::AbortWith;
 use super::route::{
-    Action, FilterOverride, HostRewrite, Matched, RequestHead, RetryPolicy, RouteAction, UpstreamFailure,
+    Action, FilterOverride, HostRewrite, Matched, RequestHead, RetryOn, RetryPolicy, RouteAction, UpstreamFailure,
 };
 use super::{Connection, HealthCheckStats};
 use crate::access_log::Flag;
@@ -35,6 +35,8 @@ const TIMEOUT: &str = "upstream request timeout";
 const STREAM_TIMEOUT: &str = "stream timeout";
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_ENVOY_INTERNAL: HeaderName = HeaderName::from_static("x-envoy-internal");
+static X_ENVOY_EXTERNAL_ADDRESS: HeaderName = HeaderName::from_static("x-envoy-external-address");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_UPSTREAM_SERVICE_TIME: HeaderName = HeaderName::from_static("x-envoy-upstream-service-time");
@@ -50,14 +52,16 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 
 /// What the connection manager does to every request before routing (and before the access log looks at it):
 /// x-request-id, x-forwarded-for/-proto, and path normalization.
-pub(super) fn prepare(conn: &Connection, req: &mut Request<Incoming>) {
+/// Returns the trusted client address when x-forwarded-for, not the connection, names it.
+pub(super) fn prepare(conn: &Connection, req: &mut Request<Incoming>) -> Option<SocketAddr> {
     let config = &conn.hcm.config;
-    prepare_request_headers(conn, req.headers_mut());
+    let remote = prepare_request_headers(conn, req.headers_mut());
     if (config.normalize_path || config.merge_slashes)
         && let Some(uri) = normalized_uri(req.uri(), config.normalize_path, config.merge_slashes)
     {
         *req.uri_mut() = uri;
     }
+    remote
 }
 
 /// Runs the HTTP filters before the router (the health check filter, when configured), then routes.
@@ -378,20 +382,28 @@ fn is_websocket_upgrade<B>(req: &Request<B>) -> bool {
     req.version() <= Version::HTTP_11 && has(header::CONNECTION, "upgrade") && has(header::UPGRADE, "websocket")
 }
 
-/// Envoy's request header handling before routing: x-request-id, x-forwarded-for and x-forwarded-proto.
-fn prepare_request_headers(conn: &Connection, headers: &mut HeaderMap) {
+/// Envoy's request header handling before routing (its `mutateRequestHeaders`): x-forwarded-for/-proto, whether the
+/// request is internal, the sanitizing of x-envoy-* headers, x-envoy-external-address and x-request-id. Returns the
+/// client address the x-forwarded-for header names when that, not the connection's peer, is the trusted one.
+fn prepare_request_headers(conn: &Connection, headers: &mut HeaderMap) -> Option<SocketAddr> {
     let config = &conn.hcm.config;
     let scheme = HeaderValue::from_static(if conn.secure { "https" } else { "http" });
-    if config.generate_request_id {
-        // Edge proxies (use_remote_address) don't trust a client's id unless told to preserve it.
-        let regenerate = config.use_remote_address && !config.preserve_external_request_id;
-        if (regenerate || !headers.contains_key(&X_REQUEST_ID))
-            && let Ok(v) = HeaderValue::from_str(&uuid_v4())
-        {
-            headers.insert(X_REQUEST_ID.clone(), v);
-        }
+    // Most requests carry no x-envoy-* header: one pass over the names present saves a hashed removal of each.
+    let has_envoy_headers = headers.keys().any(|n| n.as_str().starts_with("x-envoy-"));
+    if has_envoy_headers {
+        // A client's claim to be internal is never taken; the proxy decides below.
+        headers.remove(&X_ENVOY_INTERNAL);
     }
+    let hops = config.xff_num_trusted_hops;
+    let mut from_xff: Option<IpAddr> = None;
+    // Envoy judges a request internal only when exactly one address is in play, and that address is internal.
+    let single_address;
     if config.use_remote_address {
+        single_address = !headers.contains_key(&X_FORWARDED_FOR);
+        // With trusted proxies in front, the client is the address they recorded, read before we append.
+        if hops > 0 {
+            from_xff = xff_address(headers, hops - 1).map(|(ip, _)| ip);
+        }
         if !config.skip_xff_append {
             let ip = conn.peer.ip().to_canonical().to_string();
             // Several x-forwarded-for headers are one list, as Envoy joins them.
@@ -406,9 +418,157 @@ fn prepare_request_headers(conn: &Connection, headers: &mut HeaderMap) {
                 headers.insert(X_FORWARDED_FOR.clone(), v);
             }
         }
-        headers.insert(X_FORWARDED_PROTO.clone(), scheme);
-    } else if !headers.contains_key(&X_FORWARDED_PROTO) {
-        headers.insert(X_FORWARDED_PROTO.clone(), scheme);
+        // A trusted proxy's x-forwarded-proto stands; an untrusted one's is overwritten.
+        if hops == 0 || !headers.contains_key(&X_FORWARDED_PROTO) {
+            headers.insert(X_FORWARDED_PROTO.clone(), scheme);
+        }
+    } else {
+        // Envoy's default original-IP detection: the address xff_num_trusted_hops from the right of x-forwarded-for.
+        let found = xff_address(headers, hops);
+        single_address = found.is_some_and(|(_, single)| single);
+        from_xff = found.map(|(ip, _)| ip);
+        if !headers.contains_key(&X_FORWARDED_PROTO) {
+            headers.insert(X_FORWARDED_PROTO.clone(), scheme);
+        }
+    }
+    let remote = from_xff.unwrap_or_else(|| conn.peer.ip().to_canonical());
+    let trusted = if config.use_remote_address { Some(remote) } else { from_xff };
+    let internal = single_address && trusted.is_some_and(|ip| config.internal_addresses.iter().any(|c| c.contains(ip)));
+    // An edge request: from an external client straight to us (we use its connection's address).
+    let edge = !internal && config.use_remote_address;
+    if internal {
+        headers.insert(X_ENVOY_INTERNAL.clone(), HeaderValue::from_static("true"));
+    } else if has_envoy_headers {
+        clean_internal_headers(headers, edge);
+    }
+    if edge && let Ok(v) = HeaderValue::from_str(&remote.to_string()) {
+        headers.insert(X_ENVOY_EXTERNAL_ADDRESS.clone(), v);
+    }
+    if config.generate_request_id {
+        // An edge request's id is replaced unless told to preserve it; any other request keeps the one it has.
+        let regenerate = edge && !config.preserve_external_request_id;
+        if (regenerate || !headers.contains_key(&X_REQUEST_ID))
+            && let Ok(v) = HeaderValue::from_str(&uuid_v4())
+        {
+            headers.insert(X_REQUEST_ID.clone(), v);
+        }
+    }
+    from_xff.map(|ip| SocketAddr::new(ip, 0))
+}
+
+/// The x-envoy-* headers only an internal request may carry (Envoy's `cleanInternalHeaders`); an edge request also
+/// loses the ones naming a downstream Envoy.
+fn clean_internal_headers(headers: &mut HeaderMap, edge: bool) {
+    if edge {
+        for name in
+            ["x-envoy-decorator-operation", "x-envoy-downstream-service-cluster", "x-envoy-downstream-service-node"]
+        {
+            headers.remove(name);
+        }
+    }
+    for name in [
+        "x-envoy-retriable-status-codes",
+        "x-envoy-retriable-header-names",
+        "x-envoy-retry-on",
+        "x-envoy-retry-grpc-on",
+        "x-envoy-max-retries",
+        "x-envoy-upstream-alt-stat-name",
+        "x-envoy-upstream-rq-timeout-ms",
+        "x-envoy-upstream-rq-per-try-timeout-ms",
+        "x-envoy-upstream-rq-timeout-alt-response",
+        "x-envoy-expected-rq-timeout-ms",
+        "x-envoy-force-trace",
+        "x-envoy-ip-tags",
+        "x-envoy-original-url",
+        "x-envoy-hedge-on-per-try-timeout",
+    ] {
+        headers.remove(name);
+    }
+}
+
+/// The address `skip` entries from the right end of the x-forwarded-for list (several headers are one list), and
+/// whether it is the list's only entry; None when the list is shorter or that entry is not an IP address. Envoy's
+/// `getLastAddressFromXFF`.
+fn xff_address(headers: &HeaderMap, skip: u32) -> Option<(IpAddr, bool)> {
+    let mut entries: Vec<&str> = Vec::new();
+    for v in headers.get_all(&X_FORWARDED_FOR) {
+        entries.extend(v.to_str().ok()?.split(','));
+    }
+    let skip = usize::try_from(skip).ok()?;
+    let at = entries.len().checked_sub(skip.checked_add(1)?)?;
+    let ip: IpAddr = entries[at].trim().parse().ok()?;
+    Some((ip.to_canonical(), entries.len() == 1))
+}
+
+/// The router's own request headers, honoured when the connection manager let them through (an internal request)
+/// and consumed so that they go no further: Envoy's `x-envoy-upstream-rq-timeout-ms`,
+/// `x-envoy-upstream-rq-per-try-timeout-ms`, `x-envoy-upstream-rq-timeout-alt-response` and the retry headers.
+#[derive(Debug, Default)]
+struct RequestOverrides {
+    /// The route timeout; zero: none.
+    timeout: Option<Duration>,
+    /// The per-try timeout; zero: none.
+    per_try_timeout: Option<Duration>,
+    /// A timeout answers 204 instead of 504.
+    alt_response: bool,
+    retry_on: RetryOn,
+    max_retries: Option<u32>,
+    retriable_status_codes: Vec<u16>,
+    /// Whether any retry header was present.
+    retry: bool,
+}
+
+impl RequestOverrides {
+    /// Takes the router's headers out of `headers`; None (and nothing removed) when there are none.
+    fn take(headers: &mut HeaderMap) -> Option<RequestOverrides> {
+        if !headers.keys().any(|n| n.as_str().starts_with("x-envoy-")) {
+            return None;
+        }
+        let mut o = RequestOverrides::default();
+        let mut take = |name: &str| headers.remove(name).and_then(|v| v.to_str().ok().map(|s| s.trim().to_string()));
+        let millis = |v: Option<String>| v.and_then(|s| s.parse::<u64>().ok()).map(Duration::from_millis);
+        o.timeout = millis(take("x-envoy-upstream-rq-timeout-ms"));
+        o.per_try_timeout = millis(take("x-envoy-upstream-rq-per-try-timeout-ms"));
+        o.alt_response = take("x-envoy-upstream-rq-timeout-alt-response").is_some();
+        if let Some(v) = take("x-envoy-retry-on") {
+            o.retry = true;
+            o.retry_on.add_header(&v, false);
+        }
+        if let Some(v) = take("x-envoy-retry-grpc-on") {
+            o.retry = true;
+            o.retry_on.add_header(&v, true);
+        }
+        if let Some(v) = take("x-envoy-max-retries") {
+            o.retry = true;
+            o.max_retries = v.parse::<u64>().ok().map(|n| u32::try_from(n).unwrap_or(u32::MAX));
+        }
+        if let Some(v) = take("x-envoy-retriable-status-codes") {
+            o.retry = true;
+            o.retriable_status_codes = v.split(',').filter_map(|c| c.trim().parse().ok()).collect();
+        }
+        // Consumed as Envoy consumes them, though not acted on here (no hedging; header-name retries need a
+        // response header matcher list we only take from config).
+        take("x-envoy-retriable-header-names");
+        take("x-envoy-hedge-on-per-try-timeout");
+        Some(o)
+    }
+
+    /// The route's retry policy with the headers' conditions, retry count and status codes merged in, as Envoy's
+    /// RetryState merges them; None when the headers change nothing or switch nothing on.
+    fn retry_policy(&self, route: Option<&RetryPolicy>) -> Option<RetryPolicy> {
+        if !self.retry {
+            return None;
+        }
+        let mut p = route.cloned().unwrap_or_else(RetryPolicy::envoy_default);
+        p.retry_on.merge(self.retry_on);
+        if !p.retry_on.any() {
+            return None;
+        }
+        if let Some(n) = self.max_retries {
+            p.num_retries = n;
+        }
+        p.retriable_status_codes.extend(&self.retriable_status_codes);
+        Some(p)
     }
 }
 
@@ -617,6 +777,8 @@ pub(super) struct Trace {
     pub stream_deadline: Option<Instant>,
     /// A gRPC request (its content type), read once by the connection manager.
     pub grpc: bool,
+    /// The trusted client address when x-forwarded-for named it (Envoy's downstream remote address then).
+    pub remote: Option<SocketAddr>,
 }
 
 impl Trace {
@@ -654,9 +816,38 @@ async fn forward(
 ) -> Response<ProxyBody> {
     let Chosen { matched, action, authority, upgrade } = *chosen;
     let start = Instant::now();
-    let hash = action.request_hash(req.headers(), req.uri(), conn.peer.ip());
-    // The legacy max_grpc_timeout turns a gRPC request's grpc-timeout into its route timeout.
-    let route_timeout = action.stream_duration.grpc_route_timeout(req.headers()).unwrap_or(action.timeout);
+    let hash = action.request_hash(req.headers(), req.uri(), trace.remote.map_or(conn.peer.ip(), |a| a.ip()));
+    let mut req = req;
+    let overrides = RequestOverrides::take(req.headers_mut());
+    // Envoy's route timeout: none under the "new timeouts" (a route max_stream_duration), else the legacy
+    // max_grpc_timeout's reading of a gRPC request's grpc-timeout, else the route's; an internal request's
+    // x-envoy-upstream-rq-timeout-ms replaces it.
+    let mut route_timeout = if action.stream_duration.replaces_route_timeout() {
+        None
+    } else {
+        action.stream_duration.grpc_route_timeout(req.headers()).unwrap_or(action.timeout)
+    };
+    let retry_owned = overrides.as_ref().and_then(|o| o.retry_policy(action.retry_policy.as_ref()));
+    let retry = retry_owned.as_ref().or(action.retry_policy.as_ref());
+    let mut per_try = retry.and_then(|p| p.per_try_timeout);
+    let mut timeout_status = StatusCode::GATEWAY_TIMEOUT;
+    if let Some(o) = &overrides {
+        if let Some(t) = o.timeout {
+            route_timeout = Some(t).filter(|t| !t.is_zero());
+        }
+        if let Some(t) = o.per_try_timeout {
+            per_try = Some(t).filter(|t| !t.is_zero());
+        }
+        if o.alt_response {
+            timeout_status = StatusCode::NO_CONTENT;
+        }
+    }
+    // A per-try timeout at or past the route's is no limit of its own.
+    if let (Some(p), Some(r)) = (per_try, route_timeout)
+        && p >= r
+    {
+        per_try = None;
+    }
     let downstream_h2 = req.version() == Version::HTTP_2;
     let protocol = match (cluster.config.http.protocol, upgrade) {
         (_, true) | (UpstreamProtocol::Http1, _) => Protocol::Http1,
@@ -664,7 +855,6 @@ async fn forward(
         (UpstreamProtocol::Downstream, _) if downstream_h2 => Protocol::Http2,
         (UpstreamProtocol::Downstream, _) => Protocol::Http1,
     };
-    let mut req = req;
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
 
@@ -691,13 +881,12 @@ async fn forward(
         None => None,
     };
 
-    let retry = action.retry_policy.as_ref();
     let body_empty = http_body::Body::is_end_stream(&body);
     let max_attempts = retry.map_or(1, |p| p.num_retries.saturating_add(1));
     let deadline = route_timeout.map(|t| start + t);
     // Envoy's router tells the upstream how long it will wait for this attempt: the per-try timeout, else the route's.
     if !conn.hcm.config.suppress_envoy_headers
-        && let Some(t) = retry.and_then(|p| p.per_try_timeout).or(route_timeout)
+        && let Some(t) = per_try.or(route_timeout)
     {
         headers
             .insert(X_EXPECTED_RQ_TIMEOUT.clone(), HeaderValue::from(u64::try_from(t.as_millis()).unwrap_or(u64::MAX)));
@@ -775,7 +964,6 @@ async fn forward(
             }
         };
         stats.upstream_rq_total.inc();
-        let per_try = retry.and_then(|p| p.per_try_timeout);
         let now = Instant::now();
         let try_deadline = [deadline, per_try.map(|t| now + t), idle.map(|t| now + t)].into_iter().flatten().min();
         let send = conn.ctx.http_pools.send(cluster, &host_entry, protocol, request);
@@ -808,7 +996,7 @@ async fn forward(
                         trace.flags.push(Flag::UpstreamRequestTimeout);
                         // Envoy reports the route timeout to outlier detection as a timeout of this host.
                         cluster.report(&host_entry, Outcome::Timeout);
-                        return local_reply(conn, StatusCode::GATEWAY_TIMEOUT, TIMEOUT);
+                        return timeout_reply(conn, timeout_status);
                     }
                     (false, true) => {
                         stats.upstream_rq_per_try_timeout.inc();
@@ -830,7 +1018,7 @@ async fn forward(
                         trace.flags.push(Flag::UpstreamRequestTimeout);
                         // Envoy reports the route timeout to outlier detection as a timeout of this host.
                         cluster.report(&host_entry, Outcome::Timeout);
-                        return local_reply(conn, StatusCode::GATEWAY_TIMEOUT, TIMEOUT);
+                        return timeout_reply(conn, timeout_status);
                     }
                     Err(_)
                         if idle.is_some_and(|t| now + t <= Instant::now())
@@ -934,7 +1122,7 @@ async fn forward(
                     }
                     Failure::PerTryTimeout => (
                         policy.is_some_and(|p| p.retry_on.five_xx || p.retry_on.gateway_error || p.retry_on.reset),
-                        (StatusCode::GATEWAY_TIMEOUT, TIMEOUT),
+                        (timeout_status, if timeout_status == StatusCode::NO_CONTENT { "" } else { TIMEOUT }),
                     ),
                 };
                 if can_retry && retryable {
@@ -958,6 +1146,15 @@ async fn forward(
             }
         }
     }
+}
+
+/// Envoy's answer to a route or per-try timeout: 504 "upstream request timeout", or with
+/// `x-envoy-upstream-rq-timeout-alt-response` a 204, which carries no body.
+fn timeout_reply(conn: &Connection, status: StatusCode) -> Response<ProxyBody> {
+    if status == StatusCode::NO_CONTENT {
+        return local_reply(conn, status, "");
+    }
+    local_reply(conn, status, TIMEOUT)
 }
 
 /// A host for this attempt; with `previous_hosts`, one not tried yet when the cluster has another.
