@@ -872,6 +872,13 @@ async fn legacy_max_grpc_timeout_turns_grpc_timeout_into_the_route_timeout() {
     let (_, headers, _) = http1_request(&mut c, "POST", "/sleep/3000", "x", &grpc).await;
     assert_eq!(grpc_status(&headers).0.as_deref(), Some("14"));
     assert_eq!(counter(&server, "cluster.u.upstream_rq_timeout"), 2);
+    // The upstream's grpc-timeout is the time the router will wait (Envoy's setTimeoutHeaders).
+    let grpc = [("content-type", "application/grpc"), ("grpc-timeout", "10S")];
+    let (_, _, body) = http1_request(&mut c, "POST", "/", "x", &grpc).await;
+    assert!(body.contains("grpc-timeout=300m\n") && body.contains("x-envoy-expected-rq-timeout-ms=300\n"), "{body}");
+    let grpc = [("content-type", "application/grpc"), ("grpc-timeout", "100m")];
+    let (_, _, body) = http1_request(&mut c, "POST", "/", "x", &grpc).await;
+    assert!(body.contains("grpc-timeout=100m\n"), "{body}");
 }
 
 /// Envoy's max_connection_duration: downstream (the HCM's), a connection that old is drained (its response in flight

@@ -207,6 +207,12 @@ impl StreamDuration {
         matches!(self, StreamDuration::New { .. })
     }
 
+    /// Whether a gRPC request's upstream `grpc-timeout` is rewritten to the time the router will wait (the legacy
+    /// `max_grpc_timeout` only).
+    pub fn rewrites_grpc_timeout(&self) -> bool {
+        matches!(self, StreamDuration::LegacyGrpc { .. })
+    }
+
     /// The stream's duration limit for a request with these headers (None: no limit; zero: already over), given the
     /// HCM's.
     pub fn limit(&self, headers: &http::HeaderMap, hcm: Option<Duration>) -> Option<Duration> {

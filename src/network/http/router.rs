@@ -44,6 +44,7 @@ static X_ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-co
 static X_EXPECTED_RQ_TIMEOUT: HeaderName = HeaderName::from_static("x-envoy-expected-rq-timeout-ms");
 static X_OVERLOADED: HeaderName = HeaderName::from_static("x-envoy-overloaded");
 static X_IMMEDIATE_HEALTH_CHECK_FAIL: HeaderName = HeaderName::from_static("x-envoy-immediate-health-check-fail");
+static GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 static GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 static X_UPSTREAM_HEALTHCHECKED_CLUSTER: HeaderName = HeaderName::from_static("x-envoy-upstream-healthchecked-cluster");
@@ -884,13 +885,18 @@ async fn forward(
     let body_empty = http_body::Body::is_end_stream(&body);
     let max_attempts = retry.map_or(1, |p| p.num_retries.saturating_add(1));
     let deadline = route_timeout.map(|t| start + t);
-    // Envoy's router tells the upstream how long it will wait for this attempt: the per-try timeout, else the route's.
-    if !conn.hcm.config.suppress_envoy_headers
-        && let Some(t) = per_try.or(route_timeout)
-    {
-        headers
-            .insert(X_EXPECTED_RQ_TIMEOUT.clone(), HeaderValue::from(u64::try_from(t.as_millis()).unwrap_or(u64::MAX)));
-    }
+    // Envoy's router tells the upstream how long it will wait for an attempt (its setTimeoutHeaders): the per-try
+    // timeout, else the route's, never past what is left of the route's; under the legacy max_grpc_timeout a gRPC
+    // request's grpc-timeout says the same.
+    let announce = !conn.hcm.config.suppress_envoy_headers;
+    let grpc_deadline = grpc && action.stream_duration.rewrites_grpc_timeout();
+    let expected_ms = |elapsed: Duration| -> Option<u64> {
+        let mut t = per_try.or(route_timeout)?;
+        if let Some(global) = route_timeout {
+            t = t.min(global.saturating_sub(elapsed));
+        }
+        Some(u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1))
+    };
     // A route's idle_timeout overrides the HCM's stream_idle_timeout; 0 disables it.
     let idle = match action.idle_timeout {
         Some(t) if t.is_zero() => None,
@@ -940,6 +946,17 @@ async fn forward(
         let mut h = if attempt < max_attempts { headers.clone() } else { std::mem::take(&mut headers) };
         if matched.vhost.include_attempt_count {
             h.insert(X_ATTEMPT_COUNT.clone(), HeaderValue::from(attempt));
+        }
+        if (announce || grpc_deadline)
+            // A retry is told what is left; the first attempt the whole (Envoy counts from the request's end).
+            && let Some(ms) = expected_ms(if attempt == 1 { Duration::ZERO } else { start.elapsed() })
+        {
+            if announce {
+                h.insert(X_EXPECTED_RQ_TIMEOUT.clone(), HeaderValue::from(ms));
+            }
+            if grpc_deadline && let Ok(v) = HeaderValue::from_str(&format!("{ms}m")) {
+                h.insert(GRPC_TIMEOUT.clone(), v);
+            }
         }
         if matches!(action.host_rewrite, HostRewrite::Auto) {
             h.insert(header::HOST, host_value(&host_entry.address, &host_entry.hostname));
