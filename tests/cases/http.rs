@@ -1949,3 +1949,37 @@ fn internal_address_config_errors_name_the_field() {
     let err = with("{ unix_sockets: true }");
     assert!(err.contains("internal_address_config.unix_sockets"), "{err}");
 }
+
+/// Istio's `consistentHash.httpCookie` (a cookie hash policy with a ttl): a client without the cookie gets one made
+/// up from its connection, in a Set-Cookie on the upstream's answer, and with it keeps going to the same host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cookie_hash_policy_with_a_ttl_makes_clients_sticky() {
+    let hosts = [http_upstream("A").await, http_upstream("B").await, http_upstream("C").await];
+    let cluster = format!("{}\n    lb_policy: RING_HASH", static_cluster("u", &hosts));
+    let routes = routes_to("u", ", hash_policy: [ { cookie: { name: sticky, ttl: 60s, path: / } } ]");
+    let server = start(&yaml(&http_listener("h", 0, &routes, ""), &cluster), Duration::from_secs(1)).await;
+    let mut hosts_seen = std::collections::BTreeSet::new();
+    let mut cookies = std::collections::BTreeSet::new();
+    for _ in 0..12 {
+        let mut c = http1_client(listener_addr(&server, "h")).await;
+        let (status, headers, body) = http1_request(&mut c, "GET", "/", "x", &[]).await;
+        assert_eq!(status, 200);
+        let first = body.lines().next().unwrap_or_default().to_string();
+        let set = headers["set-cookie"].to_str().unwrap().to_string();
+        let value = set.strip_prefix("sticky=\"").and_then(|v| v.split_once('"')).map(|(v, _)| v.to_string());
+        let value = value.unwrap_or_else(|| panic!("{set}"));
+        assert!(set.ends_with("\"; Max-Age=60; Path=/; HttpOnly"), "{set}");
+        assert_eq!(value.len(), 16, "{set}");
+        let jar = format!("sticky=\"{value}\"");
+        for _ in 0..3 {
+            let mut other = http1_client(listener_addr(&server, "h")).await;
+            let (_, headers, body) = http1_request(&mut other, "GET", "/", "x", &[("cookie", jar.as_str())]).await;
+            assert_eq!(body.lines().next().unwrap_or_default(), first, "the cookie keeps its host");
+            assert!(!headers.contains_key("set-cookie"), "a client with the cookie gets no new one");
+        }
+        hosts_seen.insert(first);
+        cookies.insert(value);
+    }
+    assert_eq!(cookies.len(), 12, "each connection gets its own cookie");
+    assert!(hosts_seen.len() >= 2, "12 clients all went to {hosts_seen:?}");
+}

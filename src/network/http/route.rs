@@ -281,9 +281,56 @@ struct HashPolicy {
 #[derive(Debug)]
 enum HashOn {
     Header(HeaderName),
-    Cookie(String),
+    Cookie(CookiePolicy),
     SourceIp,
     QueryParameter(String),
+}
+
+/// A `cookie` hash policy. With a `ttl` the router makes the cookie up when the request has none, as Envoy does: its
+/// value is the hex xxHash64 of the connection's remote and local addresses (so requests on one connection agree),
+/// sent back in a `Set-Cookie` on the upstream's response.
+#[derive(Debug)]
+struct CookiePolicy {
+    name: String,
+    /// The `Set-Cookie` to send with a generated value: everything but the value (`name="` and the attributes).
+    generate: Option<(String, String)>,
+}
+
+impl CookiePolicy {
+    fn new(c: &rpb::route_action::hash_policy::Cookie) -> CookiePolicy {
+        let generate = c.ttl.as_ref().map(|ttl| {
+            // Envoy's makeSetCookieValue: a quoted value, Max-Age unless 0 (a session cookie), Path, the listed
+            // attributes, HttpOnly.
+            let mut rest = String::from("\"");
+            if ttl.seconds > 0 {
+                rest.push_str(&format!("; Max-Age={}", ttl.seconds));
+            }
+            if !c.path.is_empty() {
+                rest.push_str(&format!("; Path={}", c.path));
+            }
+            for a in &c.attributes {
+                rest.push_str("; ");
+                rest.push_str(&a.name);
+                if !a.value.is_empty() {
+                    rest.push('=');
+                    rest.push_str(&a.value);
+                }
+            }
+            rest.push_str("; HttpOnly");
+            (format!("{}=\"", c.name), rest)
+        });
+        CookiePolicy { name: c.name.clone(), generate }
+    }
+}
+
+/// The downstream connection a request came on, for hash policies that look at it.
+#[derive(Debug, Clone, Copy)]
+pub struct HashSource {
+    /// The trusted client address (Envoy's downstream remote address): what `source_ip` hashes.
+    pub client: std::net::IpAddr,
+    /// The connection's own addresses, which a generated cookie's value is made of.
+    pub peer: std::net::SocketAddr,
+    pub local: std::net::SocketAddr,
 }
 
 fn hash_policies(list: &[rpb::route_action::HashPolicy], path: &str) -> Result<Vec<HashPolicy>, ConfigError> {
@@ -302,14 +349,21 @@ fn hash_policies(list: &[rpb::route_action::HashPolicy], path: &str) -> Result<V
                 )
             }
             Some(S::Cookie(c)) => {
-                // With a ttl Envoy makes up the cookie when the request has none; we only hash one that is there.
-                if c.ttl.is_some() {
-                    return Err(ConfigError::new(
-                        join(&at, "cookie.ttl"),
-                        "generating the cookie (ttl) is not supported",
-                    ));
+                for (j, a) in c.attributes.iter().enumerate() {
+                    let bad = a.name.is_empty()
+                        || HeaderValue::from_str(&format!("{}={}", a.name, a.value)).is_err()
+                        || a.name.contains([';', '=']);
+                    if bad {
+                        return Err(ConfigError::new(
+                            join(&at, &format!("cookie.attributes[{j}]")),
+                            "not a valid cookie attribute",
+                        ));
+                    }
                 }
-                HashOn::Cookie(c.name.clone())
+                if HeaderValue::from_str(&format!("{}={}", c.name, c.path)).is_err() || c.path.contains(';') {
+                    return Err(ConfigError::new(join(&at, "cookie"), "name or path not valid in a Set-Cookie header"));
+                }
+                HashOn::Cookie(CookiePolicy::new(c))
             }
             Some(S::ConnectionProperties(c)) if c.source_ip => HashOn::SourceIp,
             Some(S::ConnectionProperties(_)) => continue,
@@ -332,14 +386,33 @@ fn hash_policies(list: &[rpb::route_action::HashPolicy], path: &str) -> Result<V
 impl RouteAction {
     /// The request's hash under the route's `hash_policy`, combined as Envoy combines them; None when no policy
     /// applies (a RING_HASH cluster then picks at random).
-    pub fn request_hash(&self, headers: &HeaderMap, uri: &http::Uri, peer: std::net::IpAddr) -> Option<u64> {
+    /// A cookie policy with a `ttl` whose cookie the request lacks adds the `Set-Cookie` for the upstream's
+    /// response to `set_cookies`.
+    pub fn request_hash(
+        &self,
+        headers: &HeaderMap,
+        uri: &http::Uri,
+        source: &HashSource,
+        set_cookies: &mut Vec<HeaderValue>,
+    ) -> Option<u64> {
         use crate::upstream::lb::{combine, hash_value};
         let mut hash = None;
         for p in &self.hash_policy {
             let value = match &p.on {
                 HashOn::Header(name) => headers.get(name).map(|v| hash_value(v.as_bytes())),
-                HashOn::Cookie(name) => cookie(headers, name).map(|v| hash_value(v.as_bytes())),
-                HashOn::SourceIp => Some(hash_value(peer.to_string().as_bytes())),
+                HashOn::Cookie(c) => match (cookie(headers, &c.name), &c.generate) {
+                    (Some(v), _) => Some(hash_value(v.as_bytes())),
+                    (None, Some((head, tail))) => {
+                        let made =
+                            format!("{:016x}", hash_value(format!("{}{}", source.peer, source.local).as_bytes()));
+                        if let Ok(v) = HeaderValue::from_str(&format!("{head}{made}{tail}")) {
+                            set_cookies.push(v);
+                        }
+                        Some(hash_value(made.as_bytes()))
+                    }
+                    (None, None) => None,
+                },
+                HashOn::SourceIp => Some(hash_value(source.client.to_string().as_bytes())),
                 HashOn::QueryParameter(name) => uri
                     .query()
                     .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix(name.as_str())?.strip_prefix('=')))
@@ -356,11 +429,16 @@ impl RouteAction {
     }
 }
 
-/// A cookie's value from the request's `Cookie` headers.
+/// A cookie's value from the request's `Cookie` headers, without the double quotes it may be wrapped in (as Envoy's
+/// parseCookieValue reads it, so a generated `name="value"` cookie comes back as the same value).
 fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
     headers.get_all(http::header::COOKIE).iter().filter_map(|v| v.to_str().ok()).find_map(|line| {
         line.split(';').find_map(|pair| {
             let (k, v) = pair.trim().split_once('=')?;
+            let v = match v.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
+                Some(unquoted) => unquoted,
+                None => v,
+            };
             (k == name).then_some(v)
         })
     })
@@ -3610,10 +3688,15 @@ mod tests {
         let head = RequestHead { method: &Method::GET, uri: &uri, authority: "h", headers: &headers };
         let Action::Route(a) = t.route(&head).unwrap().action() else { panic!() };
         let ip: std::net::IpAddr = [10, 0, 0, 1].into();
+        let source =
+            HashSource { client: ip, peer: "192.0.2.1:4000".parse().unwrap(), local: "192.0.2.2:80".parse().unwrap() };
         let hash = |h: &[(&'static str, &'static str)]| {
             let map: HeaderMap =
                 h.iter().map(|(k, v)| (HeaderName::from_static(k), HeaderValue::from_static(v))).collect();
-            a.request_hash(&map, &uri, ip)
+            let mut set = Vec::new();
+            let hash = a.request_hash(&map, &uri, &source, &mut set);
+            assert!(set.is_empty(), "no ttl: no cookie is made up");
+            hash
         };
         use crate::upstream::lb::{combine, hash_value};
         // The terminal header policy stops the rest when it hashes.
@@ -3624,14 +3707,51 @@ mod tests {
         assert_ne!(hash(&[("x-user", "ann")]), hash(&[("x-user", "bob")]));
 
         let mut bad = to_cluster("c");
+        let attribute = |name: &str| hp::CookieAttribute { name: name.into(), value: "x".into() };
         bad.hash_policy = vec![policy(
-            S::Cookie(hp::Cookie { name: "sid".into(), ttl: Some(pb_duration(1000)), ..Default::default() }),
+            S::Cookie(hp::Cookie { name: "sid".into(), attributes: vec![attribute("a;b")], ..Default::default() }),
             false,
         )];
         assert_eq!(
             error(&single(route("r", prefix("/"), action(bad)))),
-            "virtual_hosts[0].routes[0].route.hash_policy[0].cookie.ttl: generating the cookie (ttl) is not supported"
+            "virtual_hosts[0].routes[0].route.hash_policy[0].cookie.attributes[0]: not a valid cookie attribute"
         );
+    }
+
+    /// Envoy's cookie with a ttl: made up from the connection's addresses when the request has none, sent back
+    /// quoted with Max-Age, Path, the attributes and HttpOnly, and read back without its quotes.
+    #[test]
+    fn a_cookie_policy_with_a_ttl_makes_the_cookie_up() {
+        use rpb::route_action::HashPolicy;
+        use rpb::route_action::hash_policy::{self as hp, PolicySpecifier as S};
+        let mut ra = to_cluster("c");
+        let cookie = hp::Cookie {
+            name: "sid".into(),
+            ttl: Some(pb_duration(3_600_000)),
+            path: "/".into(),
+            attributes: vec![hp::CookieAttribute { name: "SameSite".into(), value: "Strict".into() }],
+        };
+        ra.hash_policy = vec![HashPolicy { policy_specifier: Some(S::Cookie(cookie)), terminal: false }];
+        let t = table(&single(route("r", prefix("/"), action(ra))));
+        let uri: Uri = "/".parse().unwrap();
+        let none = HeaderMap::new();
+        let head = RequestHead { method: &Method::GET, uri: &uri, authority: "h", headers: &none };
+        let Action::Route(a) = t.route(&head).unwrap().action() else { panic!() };
+        let source = HashSource {
+            client: [10, 0, 0, 1].into(),
+            peer: "192.0.2.1:4000".parse().unwrap(),
+            local: "192.0.2.2:80".parse().unwrap(),
+        };
+        use crate::upstream::lb::hash_value;
+        let made = format!("{:016x}", hash_value(b"192.0.2.1:4000192.0.2.2:80"));
+        let mut set = Vec::new();
+        assert_eq!(a.request_hash(&none, &uri, &source, &mut set), Some(hash_value(made.as_bytes())));
+        assert_eq!(set, [format!("sid=\"{made}\"; Max-Age=3600; Path=/; SameSite=Strict; HttpOnly")]);
+        let mut back = HeaderMap::new();
+        back.insert(http::header::COOKIE, HeaderValue::from_str(&format!("other=1; sid=\"{made}\"")).unwrap());
+        let mut set = Vec::new();
+        assert_eq!(a.request_hash(&back, &uri, &source, &mut set), Some(hash_value(made.as_bytes())));
+        assert!(set.is_empty(), "the request has the cookie");
     }
 
     /// The gRPC wire spec's `grpc-timeout` (digits and a unit) and how a route's max_stream_duration uses it.

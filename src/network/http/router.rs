@@ -16,7 +16,8 @@ use super::body::{CountOnDrop, ProxyBody, StreamHold};
 use super::cors;
 use super::fault::AbortWith;
 use super::route::{
-    Action, FilterOverride, HostRewrite, Matched, RequestHead, RetryOn, RetryPolicy, RouteAction, UpstreamFailure,
+    Action, FilterOverride, HashSource, HostRewrite, Matched, RequestHead, RetryOn, RetryPolicy, RouteAction,
+    UpstreamFailure,
 };
 use super::{Connection, HealthCheckStats};
 use crate::access_log::Flag;
@@ -817,7 +818,10 @@ async fn forward(
 ) -> Response<ProxyBody> {
     let Chosen { matched, action, authority, upgrade } = *chosen;
     let start = Instant::now();
-    let hash = action.request_hash(req.headers(), req.uri(), trace.remote.map_or(conn.peer.ip(), |a| a.ip()));
+    let source =
+        HashSource { client: trace.remote.map_or(conn.peer.ip(), |a| a.ip()), peer: conn.peer, local: conn.local };
+    let mut set_cookies = Vec::new();
+    let hash = action.request_hash(req.headers(), req.uri(), &source, &mut set_cookies);
     let mut req = req;
     let overrides = RequestOverrides::take(req.headers_mut());
     // Envoy's route timeout: none under the "new timeouts" (a route max_stream_duration), else the legacy
@@ -1102,7 +1106,12 @@ async fn forward(
                     ..Default::default()
                 };
                 let tunnel = Tunnel { downstream: downstream_upgrade, deadline: trace.stream_deadline };
-                return upstream_response(conn, resp, lease, hold, start, tunnel, parts.version, idle);
+                let mut resp = upstream_response(conn, resp, lease, hold, start, tunnel, parts.version, idle);
+                // A cookie the hash policy made up goes back with the upstream's answer, as Envoy's router adds it.
+                for v in set_cookies {
+                    resp.headers_mut().append(header::SET_COOKIE, v);
+                }
+                return resp;
             }
             Err(failure) => {
                 if matches!(failure, Failure::Pool(PoolError::PendingOverflow)) {
