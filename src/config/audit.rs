@@ -316,6 +316,7 @@ const POLICIES: &[(&str, Policy)] = {
                 "response_headers_to_remove",
                 "retry_policy",
                 "include_request_attempt_count",
+                "request_mirror_policies",
                 "metadata",
             ]),
         ),
@@ -375,9 +376,13 @@ const POLICIES: &[(&str, Policy)] = {
                 "max_grpc_timeout",
                 "grpc_timeout_offset",
                 "max_stream_duration",
+                "request_mirror_policies",
             ]),
         ),
         ("envoy.config.route.v3.RouteAction.MaxStreamDuration", All),
+        // Read whole by the route table, which refuses request_headers_mutations. trace_sampled has no effect: no
+        // span leaves this proxy.
+        ("envoy.config.route.v3.RouteAction.RequestMirrorPolicy", All),
         ("envoy.config.route.v3.RetryPolicy", All),
         ("envoy.config.route.v3.WeightedCluster", All),
         ("envoy.config.route.v3.RedirectAction", All),

@@ -1983,3 +1983,115 @@ async fn a_cookie_hash_policy_with_a_ttl_makes_clients_sticky() {
     assert_eq!(cookies.len(), 12, "each connection gets its own cookie");
     assert!(hosts_seen.len() >= 2, "12 clients all went to {hosts_seen:?}");
 }
+
+/// An upstream that reports each request it gets as "METHOD path host body" and answers 200 after `delay`.
+async fn recording_upstream(delay: Duration) -> (std::net::SocketAddr, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    use http_body_util::BodyExt;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let tx = tx.clone();
+                    async move {
+                        let line = format!(
+                            "{} {} {}",
+                            req.method(),
+                            req.uri().path(),
+                            req.headers().get("host").map(|h| h.to_str().unwrap().to_string()).unwrap_or_default()
+                        );
+                        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                        let _ = tx.send(format!("{line} {}", String::from_utf8_lossy(&body)));
+                        tokio::time::sleep(delay).await;
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from_static(b"shadowed"),
+                        )))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// Istio's `mirror` (Envoy's request_mirror_policies): the shadow cluster gets a copy of each request, body included,
+/// with `-shadow` on its host, once the request is complete; the client gets the primary's answer without waiting
+/// for the shadow's; runtime_fraction picks the share mirrored; a policy's cluster_header naming no cluster sends
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_mirror_policies_send_a_copy_to_the_shadow_cluster() {
+    let up = http_upstream("U").await;
+    let (shadow, mut seen) = recording_upstream(Duration::from_secs(2)).await;
+    let routes = r#"          route_config:
+            name: local
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              request_mirror_policies: [ { cluster: shadow, disable_shadow_host_suffix_append: true } ]
+              routes:
+              - match: { prefix: "/none" }
+                route:
+                  cluster: u
+                  request_mirror_policies:
+                  - { cluster: shadow, runtime_fraction: { default_value: { numerator: 0 } } }
+                  - { cluster_header: x-mirror-to }
+              - match: { prefix: "/vhost" }
+                route: { cluster: u }
+              - match: { prefix: "/" }
+                route:
+                  cluster: u
+                  request_mirror_policies: [ { cluster: shadow, runtime_fraction: { default_value: { numerator: 100 } } } ]"#;
+    let clusters = format!("{}{}", static_cluster("u", &[up]), static_cluster("shadow", &[shadow]));
+    let server = start(&yaml(&http_listener("h", 0, routes, ""), &clusters), Duration::from_secs(1)).await;
+    let mut c = http1_client(listener_addr(&server, "h")).await;
+    let next = |seen: &mut tokio::sync::mpsc::UnboundedReceiver<String>| {
+        let got = seen.try_recv();
+        got.ok()
+    };
+
+    let began = std::time::Instant::now();
+    let (status, _, body) = http1_request(&mut c, "GET", "/a", "app.example:8080", &[]).await;
+    assert_eq!(status, 200);
+    assert!(body.starts_with("U\nGET /a\nhost=app.example:8080\n"), "the primary's answer: {body}");
+    assert!(began.elapsed() < Duration::from_secs(1), "not held by the 2 s shadow: {:?}", began.elapsed());
+    let got = tokio::time::timeout(Duration::from_secs(5), seen.recv()).await.unwrap().unwrap();
+    assert_eq!(got, "GET /a app.example-shadow:8080 ");
+
+    let mut post = http1_client(listener_addr(&server, "h")).await;
+    let req = hyper::Request::post("/upload")
+        .header("host", "app")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(b"the body")))
+        .unwrap();
+    let resp = post.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let got = tokio::time::timeout(Duration::from_secs(5), seen.recv()).await.unwrap().unwrap();
+    assert_eq!(got, "POST /upload app-shadow the body");
+
+    // The virtual host's policy, for a route without its own.
+    let (status, _, _) = http1_request(&mut c, "GET", "/vhost", "app", &[]).await;
+    assert_eq!(status, 200);
+    let got = tokio::time::timeout(Duration::from_secs(5), seen.recv()).await.unwrap().unwrap();
+    assert_eq!(got, "GET /vhost app ", "suffix disabled");
+
+    // 0% and a header naming no cluster: nothing goes out.
+    for _ in 0..5 {
+        let (status, _, _) = http1_request(&mut c, "GET", "/none", "app", &[("x-mirror-to", "nowhere")]).await;
+        assert_eq!(status, 200);
+    }
+    let (status, _, _) = http1_request(&mut c, "GET", "/none", "app", &[("x-mirror-to", "shadow")]).await;
+    assert_eq!(status, 200);
+    let got = tokio::time::timeout(Duration::from_secs(5), seen.recv()).await.unwrap().unwrap();
+    assert_eq!(got, "GET /none app-shadow ", "the header's cluster");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(next(&mut seen), None, "nothing else was mirrored");
+    assert_eq!(counter(&server, "cluster.u.upstream_rq_total"), 9);
+    // Counted in the shadow cluster's own stats, once each answer arrived.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(counter(&server, "cluster.shadow.upstream_rq_200"), 4);
+}

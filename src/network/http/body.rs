@@ -35,6 +35,83 @@ pub enum ProxyBody {
     Replay(Box<Attempt>),
     /// A response body under the fault filter's `response_rate_limit`.
     Throttled(Box<Throttle>),
+    /// A request body a mirror policy copies.
+    Mirrored(Box<Tee>),
+}
+
+/// A request body passed on frame by frame while a copy is kept (up to the buffer limit) for the shadow requests,
+/// which go out once the request is complete, as Envoy's router shadows it. Past the limit nothing is kept, the
+/// shadows are abandoned and `retry_or_shadow_abandoned` counts it; a body that fails or is dropped unfinished
+/// sends no shadow.
+#[derive(Debug)]
+pub struct Tee {
+    inner: ProxyBody,
+    kept: bytes::BytesMut,
+    limit: usize,
+    shadows: Vec<tokio::sync::oneshot::Sender<Option<Bytes>>>,
+    abandoned: Counter,
+}
+
+impl Tee {
+    /// Wraps `inner`; each receiver gets the whole body when it has been read, or None if it outgrew `limit`.
+    pub fn wrap(inner: ProxyBody, limit: u32, abandoned: Counter, shadows: usize) -> (ProxyBody, Vec<ShadowBody>) {
+        let mut senders = Vec::with_capacity(shadows);
+        let mut receivers = Vec::with_capacity(shadows);
+        for _ in 0..shadows {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            senders.push(tx);
+            receivers.push(ShadowBody(rx));
+        }
+        let tee = Tee { inner, kept: bytes::BytesMut::new(), limit: limit as usize, shadows: senders, abandoned };
+        (ProxyBody::Mirrored(Box::new(tee)), receivers)
+    }
+
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref()
+                    && !self.shadows.is_empty()
+                {
+                    if self.kept.len() + data.len() > self.limit {
+                        tracing::debug!(limit = self.limit, "request body exceeds the buffer limit: no shadow");
+                        self.abandoned.inc();
+                        for tx in self.shadows.drain(..) {
+                            let _ = tx.send(None);
+                        }
+                        self.kept = bytes::BytesMut::new();
+                    } else {
+                        self.kept.extend_from_slice(data);
+                    }
+                }
+                if self.inner.is_end_stream() {
+                    self.finish();
+                }
+            }
+            Poll::Ready(None) => self.finish(),
+            Poll::Ready(Some(Err(_))) => self.shadows.clear(),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn finish(&mut self) {
+        let body = std::mem::take(&mut self.kept).freeze();
+        for tx in self.shadows.drain(..) {
+            let _ = tx.send(Some(body.clone()));
+        }
+    }
+}
+
+/// A shadow request's body: the whole request body once it is complete (see [`Tee`]).
+#[derive(Debug)]
+pub struct ShadowBody(tokio::sync::oneshot::Receiver<Option<Bytes>>);
+
+impl ShadowBody {
+    /// The body, or None when there will be none to send (too large, or the request failed).
+    pub async fn wait(self) -> Option<Bytes> {
+        self.0.await.ok().flatten()
+    }
 }
 
 impl Watched {
@@ -515,7 +592,11 @@ impl ProxyBody {
                     hold: StreamHold::default(),
                 }));
             }
-            ProxyBody::Stream(_) | ProxyBody::Empty | ProxyBody::Bytes(_) | ProxyBody::Replay(_) => {}
+            ProxyBody::Stream(_)
+            | ProxyBody::Empty
+            | ProxyBody::Bytes(_)
+            | ProxyBody::Replay(_)
+            | ProxyBody::Mirrored(_) => {}
         }
     }
 
@@ -542,7 +623,11 @@ impl ProxyBody {
                     hold,
                 }));
             }
-            ProxyBody::Stream(_) | ProxyBody::Empty | ProxyBody::Bytes(_) | ProxyBody::Replay(_) => {
+            ProxyBody::Stream(_)
+            | ProxyBody::Empty
+            | ProxyBody::Bytes(_)
+            | ProxyBody::Replay(_)
+            | ProxyBody::Mirrored(_) => {
                 let mut hold = hold;
                 hold.complete();
             }
@@ -561,6 +646,7 @@ impl Body for ProxyBody {
             ProxyBody::Stream(s) => Pin::new(s).poll_frame(cx).map_err(Into::into),
             ProxyBody::Replay(a) => a.poll_frame(cx),
             ProxyBody::Throttled(t) => t.poll_frame(cx),
+            ProxyBody::Mirrored(t) => t.poll_frame(cx),
             ProxyBody::Logged(l) => {
                 let polled = Pin::new(&mut l.inner).poll_frame(cx);
                 match &polled {
@@ -635,6 +721,7 @@ impl Body for ProxyBody {
             ProxyBody::Logged(l) => l.inner.is_end_stream(),
             ProxyBody::Replay(a) => a.is_end_stream(),
             ProxyBody::Throttled(t) => t.pending.is_none() && t.inner.is_end_stream(),
+            ProxyBody::Mirrored(t) => t.inner.is_end_stream(),
         }
     }
 
@@ -646,6 +733,7 @@ impl Body for ProxyBody {
             ProxyBody::Watched(w) => w.inner.size_hint(),
             ProxyBody::Logged(l) => l.inner.size_hint(),
             ProxyBody::Replay(a) => a.size_hint(),
+            ProxyBody::Mirrored(t) => t.inner.size_hint(),
             ProxyBody::Throttled(t) => {
                 let inner = t.inner.size_hint();
                 let pending = t.pending.as_ref().map_or(0, |p| p.len() as u64);

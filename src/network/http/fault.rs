@@ -66,13 +66,13 @@ pub enum AbortWith {
 
 /// A `FractionalPercent`: `numerator` out of `denominator`.
 #[derive(Debug, Clone, Copy)]
-struct Percent {
+pub(crate) struct Percent {
     numerator: u64,
     denominator: u64,
 }
 
 impl Percent {
-    fn of(p: Option<&FractionalPercent>) -> Self {
+    pub(crate) fn of(p: Option<&FractionalPercent>) -> Self {
         // Envoy reads an absent percentage as the proto default: 0 of 100, so nothing is injected.
         let Some(p) = p else { return Percent { numerator: 0, denominator: 100 } };
         let denominator = match p.denominator {
@@ -91,7 +91,7 @@ impl Percent {
         }
     }
 
-    fn draw(self) -> bool {
+    pub(crate) fn draw(self) -> bool {
         self.numerator > 0 && rand::random_range(0..self.denominator) < self.numerator
     }
 }

@@ -150,6 +150,9 @@ pub struct Route {
     per_filter: PerFilter,
 }
 
+// One per route, built once and only read: boxing the large variant would add an indirection per request and save
+// nothing that matters.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Action {
     Route(RouteAction),
@@ -178,6 +181,116 @@ pub struct RouteAction {
     hash_policy: Vec<HashPolicy>,
     /// How long a stream on this route may last (see [`StreamDuration`]).
     pub stream_duration: StreamDuration,
+    /// `request_mirror_policies`: the route's, else the virtual host's (never merged, as in Envoy).
+    pub mirrors: Vec<MirrorPolicy>,
+}
+
+/// One of Envoy's `request_mirror_policies`: a copy of the request goes to another cluster, fire and forget (its
+/// answer is dropped), with `-shadow` appended to its host.
+#[derive(Debug, Clone)]
+pub struct MirrorPolicy {
+    pub cluster: MirrorCluster,
+    /// `runtime_fraction`'s default: the share of requests mirrored; None: all of them.
+    fraction: Option<super::fault::Percent>,
+    pub host: ShadowHost,
+}
+
+#[derive(Debug, Clone)]
+pub enum MirrorCluster {
+    Name(String),
+    /// The cluster named by this request header's first value; no header, no copy.
+    Header(HeaderName),
+}
+
+/// The mirrored request's Host.
+#[derive(Debug, Clone)]
+pub enum ShadowHost {
+    /// The request's, with `-shadow` before any port (Envoy's default).
+    Suffixed,
+    /// `disable_shadow_host_suffix_append`: the request's as it is.
+    Unchanged,
+    /// `host_rewrite_literal`.
+    Literal(HeaderValue),
+}
+
+impl MirrorPolicy {
+    fn new(m: &rpb::route_action::RequestMirrorPolicy, path: &str) -> Result<MirrorPolicy, ConfigError> {
+        let cluster = match (m.cluster.as_str(), m.cluster_header.as_str()) {
+            ("", "") => {
+                return Err(ConfigError::new(join(path, "cluster"), "a mirror policy needs cluster or cluster_header"));
+            }
+            (c, "") => MirrorCluster::Name(c.to_string()),
+            ("", h) => MirrorCluster::Header(header_name(h, &join(path, "cluster_header"))?),
+            _ => {
+                return Err(ConfigError::new(
+                    join(path, "cluster_header"),
+                    "only one of cluster and cluster_header may be set",
+                ));
+            }
+        };
+        if !m.request_headers_mutations.is_empty() {
+            return Err(ConfigError::new(join(path, "request_headers_mutations"), "not supported"));
+        }
+        if m.runtime_fraction.as_ref().is_some_and(|f| !f.runtime_key.is_empty()) {
+            // Without a runtime there is no key to read: its default_value is what Envoy uses then.
+            tracing::debug!("mirror policy runtime_key ignored: no runtime, the default_value applies");
+        }
+        let fraction = m.runtime_fraction.as_ref().map(|f| super::fault::Percent::of(f.default_value.as_ref()));
+        let host = if !m.host_rewrite_literal.is_empty() {
+            ShadowHost::Literal(
+                HeaderValue::from_str(&m.host_rewrite_literal)
+                    .map_err(|_| ConfigError::new(join(path, "host_rewrite_literal"), "not a valid header value"))?,
+            )
+        } else if m.disable_shadow_host_suffix_append {
+            ShadowHost::Unchanged
+        } else {
+            ShadowHost::Suffixed
+        };
+        Ok(MirrorPolicy { cluster, fraction, host })
+    }
+
+    /// Whether this request is mirrored (the `runtime_fraction` draw).
+    pub fn draw(&self) -> bool {
+        self.fraction.is_none_or(super::fault::Percent::draw)
+    }
+
+    /// The shadow cluster for a request with these headers.
+    pub fn cluster_name<'h>(&'h self, headers: &'h HeaderMap) -> Option<&'h str> {
+        match &self.cluster {
+            MirrorCluster::Name(n) => Some(n),
+            MirrorCluster::Header(h) => headers.get(h).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty()),
+        }
+    }
+
+    /// The mirrored request's Host, given the one the request goes upstream with.
+    pub fn host(&self, host: &str) -> Option<HeaderValue> {
+        match &self.host {
+            ShadowHost::Literal(v) => Some(v.clone()),
+            ShadowHost::Unchanged => HeaderValue::from_str(host).ok(),
+            // Envoy's shadow host: "name:port" becomes "name-shadow:port" (an IPv6 literal keeps its brackets).
+            ShadowHost::Suffixed => {
+                let name_end = match host.strip_prefix('[') {
+                    Some(rest) => rest.find(']').map_or(host.len(), |i| i + 2),
+                    None => host
+                        .rfind(':')
+                        .filter(|&i| host[i + 1..].bytes().all(|b| b.is_ascii_digit()))
+                        .unwrap_or(host.len()),
+                };
+                let (name, port) = host.split_at(name_end);
+                HeaderValue::from_str(&format!("{name}-shadow{port}")).ok()
+            }
+        }
+    }
+}
+
+fn mirror_policies(
+    list: &[rpb::route_action::RequestMirrorPolicy],
+    path: &str,
+) -> Result<Vec<MirrorPolicy>, ConfigError> {
+    list.iter()
+        .enumerate()
+        .map(|(i, m)| MirrorPolicy::new(m, &join(path, &format!("request_mirror_policies[{i}]"))))
+        .collect()
 }
 
 /// Envoy's limits on a stream's whole duration for one route. With a `max_stream_duration` message (Envoy's "new
@@ -589,6 +702,11 @@ impl RouteTable {
                     ClusterSpecifier::Weighted(w) => names.extend(w.clusters.iter().map(|(c, _)| c.clone())),
                     ClusterSpecifier::Header(_) => {}
                 }
+                // Envoy validates shadow clusters as it does the route's own.
+                names.extend(a.mirrors.iter().filter_map(|m| match &m.cluster {
+                    MirrorCluster::Name(n) => Some(n.clone()),
+                    MirrorCluster::Header(_) => None,
+                }));
             }
         }
         Ok(RouteTable {
@@ -740,11 +858,13 @@ impl VirtualHost {
         }
         let retry_policy =
             vh.retry_policy.as_ref().map(|p| RetryPolicy::new(p, &join(path, "retry_policy"))).transpose()?;
+        let inherited =
+            Inherited { retry: retry_policy.as_ref(), mirrors: &mirror_policies(&vh.request_mirror_policies, path)? };
         let routes = vh
             .routes
             .iter()
             .enumerate()
-            .map(|(i, r)| Route::new(r, &join(path, &format!("routes[{i}]")), retry_policy.as_ref(), max_body))
+            .map(|(i, r)| Route::new(r, &join(path, &format!("routes[{i}]")), &inherited, max_body))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(VirtualHost {
             name: vh.name.clone(),
@@ -782,8 +902,14 @@ impl VirtualHost {
     }
 }
 
+/// What a virtual host gives the routes that do not set their own.
+struct Inherited<'a> {
+    retry: Option<&'a RetryPolicy>,
+    mirrors: &'a [MirrorPolicy],
+}
+
 impl Route {
-    fn new(r: &rpb::Route, path: &str, vhost_retry: Option<&RetryPolicy>, max_body: u32) -> Result<Route, ConfigError> {
+    fn new(r: &rpb::Route, path: &str, vhost: &Inherited<'_>, max_body: u32) -> Result<Route, ConfigError> {
         let mpath = join(path, "match");
         let m = r.r#match.as_ref().ok_or_else(|| ConfigError::new(&mpath, "a route needs a match"))?;
         let (path_match, headers, query_parameters) = route_match(m, &mpath)?;
@@ -792,9 +918,7 @@ impl Route {
         }
         let matched = path_match.matched_part();
         let action = match &r.action {
-            Some(rpb::route::Action::Route(a)) => {
-                Action::Route(RouteAction::new(a, &join(path, "route"), vhost_retry)?)
-            }
+            Some(rpb::route::Action::Route(a)) => Action::Route(RouteAction::new(a, &join(path, "route"), vhost)?),
             Some(rpb::route::Action::Redirect(a)) => {
                 Action::Redirect(Redirect::new(a, &join(path, "redirect"), matched)?)
             }
@@ -911,7 +1035,7 @@ fn route_match(
 }
 
 impl RouteAction {
-    fn new(a: &rpb::RouteAction, path: &str, vhost_retry: Option<&RetryPolicy>) -> Result<RouteAction, ConfigError> {
+    fn new(a: &rpb::RouteAction, path: &str, vhost: &Inherited<'_>) -> Result<RouteAction, ConfigError> {
         use rpb::route_action::{ClusterNotFoundResponseCode as Nf, ClusterSpecifier as C, HostRewriteSpecifier as H};
         let cluster = match &a.cluster_specifier {
             Some(C::Cluster(c)) if c.is_empty() => {
@@ -1039,9 +1163,14 @@ impl RouteAction {
         };
         let retry_policy = match &a.retry_policy {
             Some(p) => Some(RetryPolicy::new(p, &join(path, "retry_policy"))?),
-            None => vhost_retry.cloned(),
+            None => vhost.retry.cloned(),
+        };
+        let mirrors = match mirror_policies(&a.request_mirror_policies, path)? {
+            own if own.is_empty() => vhost.mirrors.to_vec(),
+            own => own,
         };
         Ok(RouteAction {
+            mirrors,
             cluster,
             cluster_not_found_status,
             timeout,
@@ -3716,6 +3845,44 @@ mod tests {
             error(&single(route("r", prefix("/"), action(bad)))),
             "virtual_hosts[0].routes[0].route.hash_policy[0].cookie.attributes[0]: not a valid cookie attribute"
         );
+    }
+
+    #[test]
+    fn shadow_hosts_get_their_suffix_before_the_port() {
+        let policy = |host: ShadowHost| MirrorPolicy { cluster: MirrorCluster::Name("s".into()), fraction: None, host };
+        let suffixed = policy(ShadowHost::Suffixed);
+        for (host, want) in [
+            ("app", "app-shadow"),
+            ("app.example:8080", "app.example-shadow:8080"),
+            ("[::1]:80", "[::1]-shadow:80"),
+            ("[::1]", "[::1]-shadow"),
+            ("10.0.0.1", "10.0.0.1-shadow"),
+        ] {
+            assert_eq!(suffixed.host(host).unwrap(), want, "{host}");
+        }
+        assert_eq!(policy(ShadowHost::Unchanged).host("app:1").unwrap(), "app:1");
+        assert_eq!(policy(ShadowHost::Literal(HeaderValue::from_static("m"))).host("app").unwrap(), "m");
+    }
+
+    #[test]
+    fn mirror_policy_errors_name_the_field() {
+        use rpb::route_action::RequestMirrorPolicy as M;
+        let with = |m: M| {
+            let mut ra = to_cluster("c");
+            ra.request_mirror_policies = vec![m];
+            error(&single(route("r", prefix("/"), action(ra))))
+        };
+        let at = "virtual_hosts[0].routes[0].route.request_mirror_policies[0]";
+        assert_eq!(with(M::default()), format!("{at}.cluster: a mirror policy needs cluster or cluster_header"));
+        let both = M { cluster: "s".into(), cluster_header: "x-c".into(), ..Default::default() };
+        assert_eq!(with(both), format!("{at}.cluster_header: only one of cluster and cluster_header may be set"));
+        let mutations =
+            M { cluster: "s".into(), request_headers_mutations: vec![Default::default()], ..Default::default() };
+        assert_eq!(with(mutations), format!("{at}.request_headers_mutations: not supported"));
+        let mut ra = to_cluster("c");
+        ra.request_mirror_policies = vec![M { cluster: "s".into(), ..Default::default() }];
+        let t = table(&single(route("r", prefix("/"), action(ra))));
+        assert_eq!(t.cluster_names().collect::<Vec<_>>(), ["c", "s"], "shadow clusters are validated too");
     }
 
     /// Envoy's cookie with a ttl: made up from the connection's addresses when the request has none, sent back

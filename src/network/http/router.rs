@@ -12,12 +12,12 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::body::{CountOnDrop, ProxyBody, StreamHold};
+use super::body::{CountOnDrop, ProxyBody, ShadowBody, StreamHold, Tee};
 use super::cors;
 use super::fault::AbortWith;
 use super::route::{
-    Action, FilterOverride, HashSource, HostRewrite, Matched, RequestHead, RetryOn, RetryPolicy, RouteAction,
-    UpstreamFailure,
+    Action, FilterOverride, HashSource, HostRewrite, Matched, MirrorPolicy, RequestHead, RetryOn, RetryPolicy,
+    RouteAction, UpstreamFailure,
 };
 use super::{Connection, HealthCheckStats};
 use crate::access_log::Flag;
@@ -909,14 +909,50 @@ async fn forward(
     };
     // Tracks the request body as it is sent (for BYTES_RECEIVED, request_timeout and connection reuse).
     let request_progress = if body_empty { None } else { Some(trace.received.clone().unwrap_or_default()) };
-    let mut body = Some(body);
+    let mut body = (!body_empty).then(|| ProxyBody::stream(body, idle, None, request_progress.clone()));
+    // Envoy's request mirroring: each drawn policy gets a copy of the request, sent once the request is complete.
+    if !upgrade && !action.mirrors.is_empty() {
+        let shadows: Vec<&MirrorPolicy> = action.mirrors.iter().filter(|m| m.draw()).collect();
+        let mut bodies: Vec<Option<ShadowBody>> = match body.take() {
+            Some(b) if !shadows.is_empty() => {
+                let (b, rx) =
+                    Tee::wrap(b, conn.buffer_limit, cluster.stats.retry_or_shadow_abandoned.clone(), shadows.len());
+                body = Some(b);
+                rx.into_iter().map(Some).collect()
+            }
+            b => {
+                body = b;
+                Vec::new()
+            }
+        };
+        let request_host = match &host {
+            Some(v) => v.to_str().unwrap_or(authority),
+            None => headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or(authority),
+        };
+        for (i, policy) in shadows.into_iter().enumerate() {
+            let Some(name) = policy.cluster_name(&headers) else { continue };
+            let mut h = headers.clone();
+            if let Some(v) = policy.host(request_host) {
+                h.insert(header::HOST, v);
+            }
+            let shadow = Shadow {
+                cluster: name.to_string(),
+                method: parts.method.clone(),
+                uri: parts.uri.clone(),
+                path: path.clone(),
+                headers: h,
+                downstream_h2,
+                timeout: route_timeout,
+                hash,
+            };
+            spawn_shadow(conn, shadow, bodies.get_mut(i).and_then(Option::take));
+        }
+    }
     // A body that a retry may need again is kept as it streams to the first attempt (never collected before it).
     let replay = match body.take() {
-        Some(b) if max_attempts > 1 && !body_empty => Some(super::body::Replay::new(
-            ProxyBody::stream(b, idle, None, request_progress.clone()),
-            conn.buffer_limit,
-            cluster.stats.retry_or_shadow_abandoned.clone(),
-        )),
+        Some(b) if max_attempts > 1 => {
+            Some(super::body::Replay::new(b, conn.buffer_limit, cluster.stats.retry_or_shadow_abandoned.clone()))
+        }
         b => {
             body = b;
             None
@@ -972,10 +1008,8 @@ async fn forward(
                 let (b, sent) = r.attempt();
                 (b, Some(sent))
             }
-            (None, Some(b)) if !body_empty => {
-                (ProxyBody::stream(b, idle, None, request_progress.clone()), request_progress.clone())
-            }
-            _ => (ProxyBody::Empty, None),
+            (None, Some(b)) => (b, request_progress.clone()),
+            (None, None) => (ProxyBody::Empty, None),
         };
         let request = match build_request(&parts.method, &parts.uri, path.as_deref(), protocol, h, upstream_body) {
             Ok(r) => r,
@@ -1258,6 +1292,86 @@ fn build_request(
     let mut req = Request::builder().method(method.clone()).uri(uri).version(version).body(body)?;
     *req.headers_mut() = headers;
     Ok(req)
+}
+
+/// A mirrored copy of a request (see [`spawn_shadow`]).
+struct Shadow {
+    cluster: String,
+    method: http::Method,
+    uri: Uri,
+    path: Option<String>,
+    headers: HeaderMap,
+    downstream_h2: bool,
+    /// The route timeout, which bounds the shadow too (Envoy's global timeout); None: none.
+    timeout: Option<Duration>,
+    hash: Option<u64>,
+}
+
+/// Sends a shadow request on its own task, as Envoy's shadow writer does: once the request body is complete (with
+/// it, or not at all if it outgrew the buffer), to a host of the shadow cluster as it is then (a cluster that is gone
+/// gets nothing), under its circuit breakers, counted in its stats and its outlier detection. The answer is read
+/// and dropped; nobody waits for it.
+fn spawn_shadow(conn: &Connection, shadow: Shadow, body: Option<ShadowBody>) {
+    let ctx = conn.ctx.clone();
+    let original_dst = conn.original_dst;
+    tokio::spawn(async move {
+        let body = match body {
+            None => ProxyBody::Empty,
+            Some(b) => match b.wait().await {
+                Some(bytes) => ProxyBody::Bytes(Some(bytes)),
+                None => return,
+            },
+        };
+        let Some(cluster) = ctx.clusters.load().get(shadow.cluster.as_str()).cloned() else {
+            debug!(cluster = %shadow.cluster, "shadow cluster does not exist");
+            return;
+        };
+        let Some(host) = cluster.choose_hashed(original_dst, shadow.hash) else {
+            cluster.stats.upstream_cx_none_healthy.inc();
+            return;
+        };
+        let Some(_slot) = cluster.start_request() else { return };
+        let protocol = match cluster.config.http.protocol {
+            UpstreamProtocol::Http1 => Protocol::Http1,
+            UpstreamProtocol::Http2 => Protocol::Http2,
+            UpstreamProtocol::Downstream if shadow.downstream_h2 => Protocol::Http2,
+            UpstreamProtocol::Downstream => Protocol::Http1,
+        };
+        let Ok(request) =
+            build_request(&shadow.method, &shadow.uri, shadow.path.as_deref(), protocol, shadow.headers, body)
+        else {
+            return;
+        };
+        let stats = &cluster.stats;
+        stats.upstream_rq_total.inc();
+        let send = ctx.http_pools.send(&cluster, &host, protocol, request);
+        let outcome = match shadow.timeout {
+            Some(t) => tokio::time::timeout(t, send).await,
+            None => Ok(send.await),
+        };
+        match outcome {
+            Ok(Ok((resp, lease))) => {
+                let status = resp.status().as_u16();
+                cluster.count_response(status);
+                cluster.report(&host, Outcome::Status(status));
+                let mut rest = ProxyBody::stream(resp.into_body(), None, lease, None);
+                while let Some(frame) = http_body_util::BodyExt::frame(&mut rest).await {
+                    if frame.is_err() {
+                        break;
+                    }
+                }
+            }
+            Ok(Err(PoolError::Connect(ConnectError::Overflow(_)))) => {}
+            Ok(Err(e)) => {
+                debug!(cluster = %cluster.name(), "shadow request failed: {e}");
+                cluster.report(&host, Outcome::ConnectFailed);
+            }
+            Err(_) => {
+                stats.upstream_rq_timeout.inc();
+                cluster.report(&host, Outcome::Timeout);
+            }
+        }
+    });
 }
 
 /// An upgrade's downstream side and when its tunnel must end (max_stream_duration).
