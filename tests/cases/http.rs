@@ -2095,3 +2095,27 @@ async fn request_mirror_policies_send_a_copy_to_the_shadow_cluster() {
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(counter(&server, "cluster.shadow.upstream_rq_200"), 4);
 }
+
+/// Istio 1.24's default inbound route retries `reset-before-request` twice: a request whose connection could not
+/// be made is tried again (here on the other host), one that reached its upstream is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_before_request_retries_what_never_left_the_proxy() {
+    let up = http_upstream("U").await;
+    let dead: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let route = ", retry_policy: { retry_on: reset-before-request, num_retries: 2 }";
+    let server = start(
+        &yaml(&http_listener("h", 0, &routes_to("u", route), ""), &static_cluster("u", &[dead, up])),
+        Duration::from_secs(1),
+    )
+    .await;
+    let mut c = http1_client(listener_addr(&server, "h")).await;
+    for _ in 0..6 {
+        let (status, _, body) = http1_request(&mut c, "GET", "/", "x", &[]).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    assert!(counter(&server, "cluster.u.upstream_rq_retry") >= 1);
+    // An answer, even a 503, reached the proxy: not retried.
+    let (status, _, _) = http1_request(&mut c, "GET", "/status/503", "x", &[]).await;
+    assert_eq!(status, 503);
+    assert_eq!(counter(&server, "cluster.u.upstream_rq_503"), 1);
+}

@@ -649,6 +649,9 @@ pub struct RetryOn {
     pub grpc_internal: bool,
     /// gRPC `unavailable` (14).
     pub grpc_unavailable: bool,
+    /// `reset-before-request`: the attempt failed before any of the request went upstream (a connect failure).
+    /// Istio 1.24 puts it on every inbound route.
+    pub reset_before_request: bool,
 }
 
 /// Why an upstream attempt produced no response, for [`RetryPolicy::should_retry_failure`].
@@ -1544,7 +1547,7 @@ impl RetryPolicy {
             || on.gateway_error
             || on.reset
             || match failure {
-                UpstreamFailure::ConnectFailure => on.connect_failure,
+                UpstreamFailure::ConnectFailure => on.connect_failure || on.reset_before_request,
                 UpstreamFailure::RefusedStream => on.refused_stream,
                 UpstreamFailure::Reset => false,
             }
@@ -1584,6 +1587,7 @@ impl RetryOn {
             grpc_resource_exhausted,
             grpc_internal,
             grpc_unavailable,
+            reset_before_request,
         } = other;
         self.five_xx |= five_xx;
         self.gateway_error |= gateway_error;
@@ -1597,6 +1601,7 @@ impl RetryOn {
         self.grpc_resource_exhausted |= grpc_resource_exhausted;
         self.grpc_internal |= grpc_internal;
         self.grpc_unavailable |= grpc_unavailable;
+        self.reset_before_request |= reset_before_request;
     }
 
     /// Whether any condition is set.
@@ -1617,6 +1622,7 @@ impl RetryOn {
                 (false, "retriable-status-codes") => &mut self.retriable_status_codes,
                 (false, "refused-stream") => &mut self.refused_stream,
                 (false, "retriable-4xx") => &mut self.retriable_4xx,
+                (false, "reset-before-request") => &mut self.reset_before_request,
                 (true, "cancelled") => &mut self.grpc_cancelled,
                 (true, "deadline-exceeded") => &mut self.grpc_deadline_exceeded,
                 (true, "resource-exhausted") => &mut self.grpc_resource_exhausted,
@@ -1644,7 +1650,8 @@ impl RetryOn {
                 "resource-exhausted" => &mut on.grpc_resource_exhausted,
                 "internal" => &mut on.grpc_internal,
                 "unavailable" => &mut on.grpc_unavailable,
-                "envoy-ratelimited" | "retriable-headers" | "reset-before-request" | "http3-post-connect-failure" => {
+                "reset-before-request" => &mut on.reset_before_request,
+                "envoy-ratelimited" | "retriable-headers" | "http3-post-connect-failure" => {
                     return Err(ConfigError::new(path, format!("retry condition \"{token}\" is not supported")));
                 }
                 _ => return Err(ConfigError::new(path, format!("unknown retry condition \"{token}\""))),
@@ -3644,6 +3651,15 @@ mod tests {
         assert!(policy.should_retry_failure(UpstreamFailure::RefusedStream));
         assert!(!policy.should_retry_failure(UpstreamFailure::Reset));
         assert!(!policy.should_retry_status(503));
+        // Istio 1.24's inbound default: only an attempt that sent nothing (a connect failure) is tried again.
+        let before = RetryPolicy {
+            retry_on: RetryOn::parse("reset-before-request", "").unwrap_or_else(|e| panic!("{e}")),
+            ..policy.clone()
+        };
+        assert!(before.should_retry_failure(UpstreamFailure::ConnectFailure));
+        assert!(!before.should_retry_failure(UpstreamFailure::RefusedStream));
+        assert!(!before.should_retry_failure(UpstreamFailure::Reset));
+        assert!(!before.should_retry_status(503));
         assert!(policy.should_retry_grpc_status(14) && policy.should_retry_grpc_status(1));
         assert!(!policy.should_retry_grpc_status(13));
         let all = RetryOn::parse("5xx,reset,internal,deadline-exceeded,resource-exhausted", "")
