@@ -134,6 +134,7 @@ const POLICIES: &[(&str, Policy)] = {
         ),
         // Istio's telemetry filters: the filter-chain conversion decides whether one is skipped or refused.
         ("envoy.tcp.metadataexchange.config.MetadataExchange", All),
+        ("stats.PluginConfig", All),
         ("udpa.type.v1.TypedStruct", All),
         ("xds.type.v3.TypedStruct", All),
         ("envoy.extensions.filters.network.wasm.v3.Wasm", All),

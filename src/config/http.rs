@@ -457,9 +457,15 @@ fn skippable_http_filter(any: &Any) -> bool {
     match type_name(&any.type_url) {
         "istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig" => true,
         "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig" => true,
-        "envoy.extensions.filters.http.wasm.v3.Wasm" | "udpa.type.v1.TypedStruct" | "xds.type.v3.TypedStruct" => {
-            super::listener::istio_null_vm_plugin(any)
+        super::listener::ISTIO_STATS => true,
+        "udpa.type.v1.TypedStruct" | "xds.type.v3.TypedStruct" => {
+            // Newer istiod's native peer metadata filter (it only adds Istio's peer metadata headers), in a
+            // TypedStruct.
+            super::listener::typed_struct_type(any)
+                .is_some_and(|t| type_name(&t) == "io.istio.http.peer_metadata.Config")
+                || super::listener::istio_null_vm_plugin(any)
         }
+        "envoy.extensions.filters.http.wasm.v3.Wasm" => super::listener::istio_null_vm_plugin(any),
         _ => false,
     }
 }

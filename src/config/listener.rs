@@ -492,12 +492,27 @@ impl FilterChainConfig {
 pub fn skippable_filter(f: &lpb::Filter) -> bool {
     let Some(lpb::filter::ConfigType::TypedConfig(any)) = &f.config_type else { return false };
     match type_name(&any.type_url) {
-        "envoy.tcp.metadataexchange.config.MetadataExchange" => true,
-        "udpa.type.v1.TypedStruct" | "xds.type.v3.TypedStruct" | "envoy.extensions.filters.network.wasm.v3.Wasm" => {
-            istio_null_vm_plugin(any)
+        // Metadata exchange, and the native stats filter of the Istio versions that stopped using Wasm for it.
+        ISTIO_MX | ISTIO_STATS => true,
+        "udpa.type.v1.TypedStruct" | "xds.type.v3.TypedStruct" => {
+            // Newer istiod wraps metadata exchange in a TypedStruct.
+            typed_struct_type(any).is_some_and(|t| type_name(&t) == ISTIO_MX) || istio_null_vm_plugin(any)
         }
+        "envoy.extensions.filters.network.wasm.v3.Wasm" => istio_null_vm_plugin(any),
         _ => false,
     }
+}
+
+/// Istio's TCP metadata exchange filter config.
+const ISTIO_MX: &str = "envoy.tcp.metadataexchange.config.MetadataExchange";
+/// Istio's native stats filter config (network and HTTP).
+pub(crate) const ISTIO_STATS: &str = "stats.PluginConfig";
+
+/// The type a TypedStruct says its contents are (`type_url`), if `any` is one.
+pub(crate) fn typed_struct_type(any: &Any) -> Option<String> {
+    let json = super::proto::to_json_value(any, "google.protobuf.Any").ok()?;
+    let url = json.get("type_url").or_else(|| json.get("typeUrl"))?;
+    url.as_str().map(str::to_owned)
 }
 
 /// A Wasm filter running one of Istio's built-in (null VM) telemetry plugins.

@@ -2119,3 +2119,47 @@ async fn reset_before_request_retries_what_never_left_the_proxy() {
     assert_eq!(status, 503);
     assert_eq!(counter(&server, "cluster.u.upstream_rq_503"), 1);
 }
+
+/// Istio's native telemetry filters (istiod after it stopped using Wasm for them): `istio.stats`
+/// (`stats.PluginConfig`) on TCP and HTTP chains, metadata exchange in a TypedStruct on listeners and clusters, and
+/// the `io.istio.http.peer_metadata.Config` HTTP filter. They only count and exchange peer metadata, so they are
+/// skipped (and counted) and the chains carry traffic.
+#[tokio::test]
+async fn istios_native_telemetry_filters_are_skipped() {
+    let up = http_upstream("U").await;
+    let stats = "\"@type\": type.googleapis.com/stats.PluginConfig, disable_host_header_fallback: true, \
+                 tcp_reporting_duration: 15s, metrics: [ { dimensions: { a: b }, name: requests_total } ]";
+    let mx = "\"@type\": type.googleapis.com/udpa.type.v1.TypedStruct, type_url: \
+              type.googleapis.com/envoy.tcp.metadataexchange.config.MetadataExchange, value: { protocol: \
+              istio-peer-exchange, enable_discovery: true }";
+    let peer = "\"@type\": type.googleapis.com/udpa.type.v1.TypedStruct, type_url: \
+                type.googleapis.com/io.istio.http.peer_metadata.Config, value: { upstream_discovery: [ { \
+                istio_headers: {} }, { workload_discovery: {} } ], upstream_propagation: [ { istio_headers: {} } ] }";
+    let http = http_listener("h", 0, &routes_to("u", ""), "").replace(
+        "          http_filters:\n",
+        &format!(
+            "          http_filters:\n          - name: istio.metadata_exchange\n            typed_config: {{ {peer} }}\n          \
+             - name: istio.stats\n            typed_config: {{ {stats} }}\n"
+        ),
+    );
+    let tcp = tcp_listener("t", 0, "u").replace(
+        "    - filters:\n",
+        &format!(
+            "    - filters:\n      - name: istio.metadata_exchange\n        typed_config: {{ {mx} }}\n      - name: \
+             istio.stats\n        typed_config: {{ {stats} }}\n"
+        ),
+    );
+    let cluster = format!(
+        "{}\n    filters: [ {{ name: istio.metadata_exchange, typed_config: {{ {mx} }} }} ]",
+        static_cluster("u", &[up])
+    );
+    let server = start(&yaml(&format!("{http}{tcp}"), &cluster), Duration::from_secs(1)).await;
+    let mut c = http1_client(listener_addr(&server, "h")).await;
+    let (status, _, body) = http1_request(&mut c, "GET", "/", "x", &[]).await;
+    assert_eq!(status, 200, "{body}");
+    let mut c = http1_client(listener_addr(&server, "t")).await;
+    let (status, _, _) = http1_request(&mut c, "GET", "/", "x", &[]).await;
+    assert_eq!(status, 200);
+    // The cluster (with its skipped upstream filter) carried both; the listeners' skipped filters are counted.
+    assert_eq!(counter(&server, "listener_manager.filters_skipped"), 4, "two HTTP and two TCP filters");
+}
