@@ -239,6 +239,7 @@ const POLICIES: &[(&str, Policy)] = {
                 "preserve_external_request_id",
                 "always_set_request_id_in_response",
                 "upgrade_configs",
+                "proxy_100_continue",
                 "normalize_path",
                 "merge_slashes",
                 "path_with_escaped_slashes_action",

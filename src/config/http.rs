@@ -90,6 +90,8 @@ pub struct HcmConfig {
     /// `x-envoy-expected-rq-timeout-ms`.
     pub suppress_envoy_headers: bool,
     pub websocket: bool,
+    /// `proxy_100_continue`: a request's `Expect: 100-continue` goes upstream (else it is answered here and removed).
+    pub proxy_100_continue: bool,
     /// `normalize_path`: RFC 3986 dot-segment removal before routing.
     pub normalize_path: bool,
     pub merge_slashes: bool,
@@ -262,6 +264,7 @@ impl HcmConfig {
             max_connection_duration: (!max_connection_duration.is_zero()).then_some(max_connection_duration),
             suppress_envoy_headers,
             websocket,
+            proxy_100_continue: h.proxy_100_continue,
             normalize_path: h.normalize_path.as_ref().is_some_and(|v| v.value),
             merge_slashes: h.merge_slashes,
             skipped_filters,

@@ -541,18 +541,24 @@ async fn expect_100_continue_and_http2_only_codec() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let up = http_upstream("U").await;
     let server = proxy_to(up, "").await;
-    let mut s = tokio::net::TcpStream::connect(listener_addr(&server, "h")).await.unwrap();
-    s.write_all(b"POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = vec![0u8; 25];
-    s.read_exact(&mut buf).await.unwrap();
-    assert!(buf.starts_with(b"HTTP/1.1 100 Continue\r\n\r\n"), "{:?}", String::from_utf8_lossy(&buf));
-    s.write_all(b"hello").await.unwrap();
-    let mut out = vec![0u8; 4096];
-    let n = s.read(&mut out).await.unwrap();
-    let text = String::from_utf8_lossy(&out[..n]);
-    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    // Envoy answers the Expect itself and removes it; with proxy_100_continue (Istio 1.23+) it goes upstream.
+    let proxied = proxy_to(up, "\n          proxy_100_continue: true").await;
+    for (server, upstream_sees) in [(&server, false), (&proxied, true)] {
+        let mut s = tokio::net::TcpStream::connect(listener_addr(server, "h")).await.unwrap();
+        s.write_all(b"POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 25];
+        s.read_exact(&mut buf).await.unwrap();
+        assert!(buf.starts_with(b"HTTP/1.1 100 Continue\r\n\r\n"), "{:?}", String::from_utf8_lossy(&buf));
+        s.write_all(b"hello").await.unwrap();
+        let mut out = vec![0u8; 4096];
+        let n = s.read(&mut out).await.unwrap();
+        let text = String::from_utf8_lossy(&out[..n]);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(text.contains("received=5"), "{text}");
+        assert_eq!(text.contains("expect=100-continue"), upstream_sees, "{text}");
+    }
 
     // codec_type HTTP2: h2c prior knowledge works, HTTP/1 does not.
     let server = start(

@@ -308,7 +308,8 @@ pub async fn http_upstream(tag: &'static str) -> SocketAddr {
                         rid.unwrap_or_default()
                     );
                     for (k, v) in req.headers() {
-                        if (k.as_str().starts_with("x-") || k == "grpc-timeout") && k != "x-request-id" {
+                        if (k.as_str().starts_with("x-") || k == "grpc-timeout" || k == "expect") && k != "x-request-id"
+                        {
                             text.push_str(&format!("{k}={}\n", v.to_str().unwrap_or("")));
                         }
                     }

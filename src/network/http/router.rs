@@ -867,6 +867,10 @@ async fn forward(
     let mut headers = std::mem::take(&mut parts.headers);
     let grpc = trace.grpc;
     strip_hop_by_hop(&mut headers, upgrade);
+    // Envoy answers `Expect: 100-continue` itself and removes it, unless proxy_100_continue passes it upstream.
+    if !conn.hcm.config.proxy_100_continue {
+        headers.remove(header::EXPECT);
+    }
     matched.apply_request_headers(&mut headers);
     if let Some(via) = &conn.hcm.config.via {
         headers.append(header::VIA, via.clone());
