@@ -540,22 +540,104 @@ struct Writer {
     tx: SyncSender<String>,
 }
 
-/// One configured access log: where it writes and what a line looks like.
+/// One configured access log: where it writes, what a line looks like, and which entries it writes.
 #[derive(Debug, Clone)]
 pub struct AccessLog {
     writer: Arc<Writer>,
     format: Arc<LogFormat>,
+    filter: Option<Arc<LogFilter>>,
     dropped: Counter,
 }
+
+/// Envoy's access log `filter`: whether an entry is written.
+#[derive(Debug)]
+pub enum LogFilter {
+    /// `status_code_filter`: the response code (0 when there was none).
+    Status(Comparison),
+    /// `duration_filter`: the entry's duration in milliseconds.
+    Duration(Comparison),
+    /// `response_flag_filter`: any of these flag codes; empty, any flag at all.
+    Flags(Vec<String>),
+    /// `header_filter`: the request's headers match.
+    Header(crate::network::http::route::HeaderMatchers),
+    And(Vec<LogFilter>),
+    Or(Vec<LogFilter>),
+}
+
+/// `ComparisonFilter`: `op` against `value`.
+#[derive(Debug, Clone, Copy)]
+pub struct Comparison {
+    pub op: CompareOp,
+    pub value: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompareOp {
+    Eq,
+    Ge,
+    Le,
+    Ne,
+}
+
+impl Comparison {
+    fn holds(self, actual: u64) -> bool {
+        match self.op {
+            CompareOp::Eq => actual == self.value,
+            CompareOp::Ge => actual >= self.value,
+            CompareOp::Le => actual <= self.value,
+            CompareOp::Ne => actual != self.value,
+        }
+    }
+}
+
+impl LogFilter {
+    pub fn admits(&self, e: &Entry) -> bool {
+        match self {
+            LogFilter::Status(c) => c.holds(u64::from(e.response_code.unwrap_or(0))),
+            LogFilter::Duration(c) => c.holds(u64::try_from(e.duration.as_millis()).unwrap_or(u64::MAX)),
+            LogFilter::Flags(codes) if codes.is_empty() => !e.flags.is_empty(),
+            LogFilter::Flags(codes) => e.flags.iter().any(|f| codes.iter().any(|c| c == f.code())),
+            LogFilter::Header(m) => {
+                let empty = HeaderMap::new();
+                let uri: http::Uri = e.path.as_deref().and_then(|p| p.parse().ok()).unwrap_or_default();
+                let method: http::Method = e.method.as_deref().and_then(|m| m.parse().ok()).unwrap_or_default();
+                let head = crate::network::http::route::RequestHead {
+                    method: &method,
+                    uri: &uri,
+                    authority: e.authority.as_deref().unwrap_or(""),
+                    headers: e.request_headers.as_ref().unwrap_or(&empty),
+                };
+                m.matches(&head)
+            }
+            LogFilter::And(all) => all.iter().all(|f| f.admits(e)),
+            LogFilter::Or(any) => any.iter().any(|f| f.admits(e)),
+        }
+    }
+}
+
+/// Every response flag code Envoy's `response_flag_filter` accepts (its proto's list).
+pub const RESPONSE_FLAG_CODES: &[&str] = &[
+    "LH", "UH", "UT", "LR", "UR", "UF", "UC", "UO", "NR", "DI", "FI", "RL", "UAEX", "RLSE", "DC", "URX", "SI", "IH",
+    "DPE", "UMSDR", "RFCF", "NFCF", "DT", "UPE", "NC", "OM", "DF", "DO", "DR", "UDO",
+];
 
 impl AccessLog {
     /// Opens (or shares) the destination's writer; a file that cannot be opened is an error, as in Envoy.
     pub fn new(destination: Destination, format: LogFormat, dropped: Counter) -> Result<AccessLog, String> {
-        Ok(AccessLog { writer: writer(destination)?, format: Arc::new(format), dropped })
+        Ok(AccessLog { writer: writer(destination)?, format: Arc::new(format), filter: None, dropped })
     }
 
-    /// Renders and queues one line; never blocks.
+    /// Writes only the entries `filter` admits.
+    pub fn with_filter(mut self, filter: LogFilter) -> AccessLog {
+        self.filter = Some(Arc::new(filter));
+        self
+    }
+
+    /// Renders and queues one line, if the filter admits the entry; never blocks.
     pub fn log(&self, e: &Entry) {
+        if self.filter.as_ref().is_some_and(|f| !f.admits(e)) {
+            return;
+        }
         let line = self.format.render(e);
         match self.writer.tx.try_send(line) {
             Ok(()) => {}

@@ -9,7 +9,9 @@ use envoy_types::pb::envoy::extensions::access_loggers::stream::v3 as stream;
 
 use super::listener::{data_source, decode_any, type_name};
 use super::{ConfigError, join};
-use crate::access_log::{AccessLog, DEFAULT_FORMAT, Destination, LogFormat};
+use crate::access_log::{
+    AccessLog, CompareOp, Comparison, DEFAULT_FORMAT, Destination, LogFilter, LogFormat, RESPONSE_FLAG_CODES,
+};
 
 /// Lines dropped because a writer's queue was full, over every access log of the process.
 pub static DROPPED: std::sync::LazyLock<crate::stats::Counter> = std::sync::LazyLock::new(Default::default);
@@ -19,9 +21,7 @@ pub fn access_logs(list: &[alpb::AccessLog], path: &str) -> Result<Vec<AccessLog
 }
 
 fn access_log(l: &alpb::AccessLog, path: &str) -> Result<AccessLog, ConfigError> {
-    if l.filter.is_some() {
-        return Err(ConfigError::new(join(path, "filter"), "access log filters are not supported"));
-    }
+    let filter = l.filter.as_ref().map(|f| log_filter(f, &join(path, "filter"))).transpose()?;
     let Some(alpb::access_log::ConfigType::TypedConfig(any)) = &l.config_type else {
         return Err(ConfigError::new(join(path, "typed_config"), "an access log needs a typed_config"));
     };
@@ -64,7 +64,84 @@ fn access_log(l: &alpb::AccessLog, path: &str) -> Result<AccessLog, ConfigError>
         }
         other => return Err(ConfigError::new(&tpath, format!("access logger '{other}' is not supported"))),
     };
-    AccessLog::new(destination, format, DROPPED.clone()).map_err(|e| ConfigError::new(&tpath, e))
+    let log = AccessLog::new(destination, format, DROPPED.clone()).map_err(|e| ConfigError::new(&tpath, e))?;
+    Ok(match filter {
+        Some(f) => log.with_filter(f),
+        None => log,
+    })
+}
+
+/// Envoy's `AccessLogFilter`. The filters that need what this proxy does not have (runtime, tracing, metadata,
+/// gRPC status, extensions such as CEL) are refused with their path.
+fn log_filter(f: &alpb::AccessLogFilter, path: &str) -> Result<LogFilter, ConfigError> {
+    use alpb::access_log_filter::FilterSpecifier as F;
+    let comparison = |c: Option<&alpb::ComparisonFilter>, at: &str| -> Result<Comparison, ConfigError> {
+        let c = c.ok_or_else(|| ConfigError::new(join(path, at), "a comparison is required"))?;
+        let op = match alpb::comparison_filter::Op::try_from(c.op) {
+            Ok(alpb::comparison_filter::Op::Eq) => CompareOp::Eq,
+            Ok(alpb::comparison_filter::Op::Ge) => CompareOp::Ge,
+            Ok(alpb::comparison_filter::Op::Le) => CompareOp::Le,
+            Ok(alpb::comparison_filter::Op::Ne) => CompareOp::Ne,
+            Err(_) => return Err(ConfigError::new(join(path, &format!("{at}.op")), format!("unknown op {}", c.op))),
+        };
+        let value = c
+            .value
+            .as_ref()
+            .ok_or_else(|| ConfigError::new(join(path, &format!("{at}.value")), "a comparison needs a value"))?;
+        if !value.runtime_key.is_empty() {
+            // No runtime here: the default is what Envoy uses when the key is absent.
+            tracing::debug!(key = %value.runtime_key, "access log filter runtime_key: the default_value applies");
+        }
+        Ok(Comparison { op, value: u64::from(value.default_value) })
+    };
+    let list = |filters: &[alpb::AccessLogFilter], at: &str| -> Result<Vec<LogFilter>, ConfigError> {
+        filters.iter().enumerate().map(|(i, f)| log_filter(f, &join(path, &format!("{at}.filters[{i}]")))).collect()
+    };
+    Ok(match &f.filter_specifier {
+        Some(F::StatusCodeFilter(s)) => {
+            LogFilter::Status(comparison(s.comparison.as_ref(), "status_code_filter.comparison")?)
+        }
+        Some(F::DurationFilter(d)) => {
+            LogFilter::Duration(comparison(d.comparison.as_ref(), "duration_filter.comparison")?)
+        }
+        Some(F::ResponseFlagFilter(r)) => {
+            for (i, flag) in r.flags.iter().enumerate() {
+                if !RESPONSE_FLAG_CODES.contains(&flag.as_str()) {
+                    return Err(ConfigError::new(
+                        join(path, &format!("response_flag_filter.flags[{i}]")),
+                        format!("unknown response flag \"{flag}\""),
+                    ));
+                }
+            }
+            LogFilter::Flags(r.flags.clone())
+        }
+        Some(F::HeaderFilter(h)) => {
+            let matcher = h
+                .header
+                .as_ref()
+                .ok_or_else(|| ConfigError::new(join(path, "header_filter.header"), "a header matcher is required"))?;
+            LogFilter::Header(crate::network::http::route::HeaderMatchers::new(
+                std::slice::from_ref(matcher),
+                &join(path, "header_filter.header"),
+            )?)
+        }
+        Some(F::AndFilter(a)) => LogFilter::And(list(&a.filters, "and_filter")?),
+        Some(F::OrFilter(o)) => LogFilter::Or(list(&o.filters, "or_filter")?),
+        Some(other) => {
+            let name = match other {
+                F::NotHealthCheckFilter(_) => "not_health_check_filter",
+                F::TraceableFilter(_) => "traceable_filter",
+                F::RuntimeFilter(_) => "runtime_filter",
+                F::GrpcStatusFilter(_) => "grpc_status_filter",
+                F::ExtensionFilter(_) => "extension_filter",
+                F::MetadataFilter(_) => "metadata_filter",
+                F::LogTypeFilter(_) => "log_type_filter",
+                _ => "filter",
+            };
+            return Err(ConfigError::new(join(path, name), "this access log filter is not supported"));
+        }
+        None => return Err(ConfigError::new(path, "an access log filter needs one of its filters")),
+    })
 }
 
 fn substitution(f: &core::SubstitutionFormatString, path: &str) -> Result<Result<LogFormat, String>, ConfigError> {

@@ -274,3 +274,90 @@ async fn abandoned_requests_are_logged_with_dc_and_cancel_the_upstream_request()
     assert_eq!(lines(&path, 2).await[1], format!("0 DC {up} /slow-h2 HTTP/2"));
     assert!(!h2.is_closed(), "a reset stream leaves its connection open");
 }
+
+/// Envoy's access log filters, as Istio sends them (`response_flag_filter` NR on the listener's log once
+/// `accessLogFile` is set) and as users write them: status code and duration comparisons, response flags, request
+/// headers, and/or.
+#[tokio::test]
+async fn access_log_filters_pick_the_entries_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let (errors, tagged, slow) =
+        (dir.path().join("errors.log"), dir.path().join("tagged.log"), dir.path().join("slow.log"));
+    let up = http_upstream("U").await;
+    let format = r#", log_format: { text_format: "%RESPONSE_CODE% %RESPONSE_FLAGS% %REQ(:PATH)%\n" }"#;
+    let with_filter = |path: &std::path::Path, filter: &str| {
+        file_log(path, format).replace("typed_config:", &format!("filter: {filter}, typed_config:"))
+    };
+    let errors_log = with_filter(
+        &errors,
+        "{ or_filter: { filters: [ { status_code_filter: { comparison: { op: GE, value: { default_value: 500, \
+         runtime_key: access_log.errors } } } }, { response_flag_filter: { flags: [ NR ] } } ] } }",
+    );
+    let tagged_log = with_filter(&tagged, "{ header_filter: { header: { name: x-log, present_match: true } } }");
+    let slow_log = with_filter(
+        &slow,
+        "{ and_filter: { filters: [ { duration_filter: { comparison: { op: GE, value: { default_value: 300 } } } }, \
+         { status_code_filter: { comparison: { op: EQ, value: { default_value: 200 } } } } ] } }",
+    );
+    let routes = r#"          route_config:
+            name: local
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: { prefix: "/s" }
+                route: { cluster: u }"#;
+    let hcm = format!(
+        "\n          access_log: [ {}, {}, {} ]",
+        &errors_log[2..errors_log.len() - 2],
+        &tagged_log[2..tagged_log.len() - 2],
+        &slow_log[2..slow_log.len() - 2]
+    );
+    let server = start(
+        &format!(
+            "static_resources:\n  listeners:{}\n  clusters:{}\n",
+            http_listener("h", 0, routes, &hcm),
+            static_cluster("u", &[up])
+        ),
+        Duration::from_secs(1),
+    )
+    .await;
+    let mut c = http1_client(listener_addr(&server, "h")).await;
+    for (path, headers) in [
+        ("/status/200", &[][..]),
+        ("/status/503", &[][..]),
+        ("/elsewhere", &[][..]),
+        ("/sleep/400", &[][..]),
+        ("/status/201", &[("x-log", "1")][..]),
+    ] {
+        http1_request(&mut c, "GET", path, "x", headers).await;
+    }
+    assert_eq!(lines(&errors, 2).await, ["503 - /status/503", "404 NR /elsewhere"]);
+    assert_eq!(lines(&tagged, 1).await, ["201 - /status/201"]);
+    assert_eq!(lines(&slow, 1).await, ["200 - /sleep/400"]);
+    // Nothing else was written (the lines above were awaited first, so later writes would have landed by now).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(std::fs::read_to_string(&errors).unwrap().lines().count(), 2);
+    assert_eq!(std::fs::read_to_string(&tagged).unwrap().lines().count(), 1);
+    assert_eq!(std::fs::read_to_string(&slow).unwrap().lines().count(), 1);
+}
+
+#[test]
+fn access_log_filter_errors_name_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let with = |filter: &str| {
+        let log = file_log(&dir.path().join("x.log"), "")
+            .replace("typed_config:", &format!("filter: {filter}, typed_config:"));
+        let yaml = format!(
+            "static_resources:\n  listeners:{}\n",
+            tcp_listener("l", 0, "c").replace("cluster: c", &format!("cluster: c\n          access_log: {log}"))
+        );
+        let (status, err, _) = run_proxy("bad.yaml", &yaml, &["--mode", "validate"]);
+        assert!(!status.success());
+        err
+    };
+    let err = with("{ response_flag_filter: { flags: [ NR, XX ] } }");
+    assert!(err.contains("access_log[0].filter.response_flag_filter.flags[1]: unknown response flag \"XX\""), "{err}");
+    let err = with("{ runtime_filter: { runtime_key: k } }");
+    assert!(err.contains("access_log[0].filter.runtime_filter: this access log filter is not supported"), "{err}");
+}
