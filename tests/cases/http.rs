@@ -2169,3 +2169,46 @@ async fn istios_native_telemetry_filters_are_skipped() {
     // The cluster (with its skipped upstream filter) carried both; the listeners' skipped filters are counted.
     assert_eq!(counter(&server, "listener_manager.filters_skipped"), 4, "two HTTP and two TCP filters");
 }
+
+/// A virtual host's require_tls (what Istio makes of a Gateway's `httpsRedirect`): a request that did not come over
+/// TLS gets Envoy's 301 to the same host and path over https; EXTERNAL_ONLY lets internal requests through; an
+/// `x-forwarded-proto: https` the connection manager trusts counts as TLS.
+#[tokio::test]
+async fn require_tls_redirects_plaintext_requests_to_https() {
+    let up = http_upstream("U").await;
+    let routes = r#"          route_config:
+            name: local
+            virtual_hosts:
+            - name: secure
+              domains: ["secure.example", "secure.example:*"]
+              require_tls: ALL
+              routes: [ { match: { prefix: "/" }, route: { cluster: u } } ]
+            - name: ext
+              domains: ["ext.example"]
+              require_tls: EXTERNAL_ONLY
+              routes: [ { match: { prefix: "/" }, route: { cluster: u } } ]
+            - name: plain
+              domains: ["*"]
+              routes: [ { match: { prefix: "/" }, route: { cluster: u } } ]"#;
+    let internal = "\n          use_remote_address: true\n          internal_address_config: { cidr_ranges: [ { \
+                    address_prefix: 127.0.0.1, prefix_len: 32 } ] }";
+    let listeners = format!("{}{}", http_listener("h", 0, routes, ""), http_listener("int", 0, routes, internal));
+    let server = start(&yaml(&listeners, &static_cluster("u", &[up])), Duration::from_secs(1)).await;
+    let mut c = http1_client(listener_addr(&server, "h")).await;
+    let (status, headers, body) = http1_request(&mut c, "GET", "/p?q=1", "secure.example:8080", &[]).await;
+    assert_eq!((status, body.as_str()), (301, ""));
+    assert_eq!(headers["location"], "https://secure.example:8080/p?q=1");
+    let (status, _, _) = http1_request(&mut c, "GET", "/nothing/routes/here", "secure.example", &[]).await;
+    assert_eq!(status, 301, "redirected before any route is matched");
+    let (status, _, _) = http1_request(&mut c, "GET", "/p", "secure.example", &[("x-forwarded-proto", "https")]).await;
+    assert_eq!(status, 200, "TLS ended before this hop");
+    let (status, _, _) = http1_request(&mut c, "GET", "/p", "ext.example", &[]).await;
+    assert_eq!(status, 301, "external");
+    let (status, _, _) = http1_request(&mut c, "GET", "/p", "other", &[]).await;
+    assert_eq!(status, 200);
+    let mut c = http1_client(listener_addr(&server, "int")).await;
+    let (status, _, _) = http1_request(&mut c, "GET", "/p", "ext.example", &[]).await;
+    assert_eq!(status, 200, "internal requests pass EXTERNAL_ONLY");
+    let (status, _, _) = http1_request(&mut c, "GET", "/p", "secure.example", &[]).await;
+    assert_eq!(status, 301);
+}

@@ -46,6 +46,18 @@ pub struct RouteTable {
     /// Every cluster named by a route, sorted and deduplicated.
     cluster_names: Vec<String>,
     per_filter: PerFilter,
+    /// Some virtual host has `require_tls`.
+    any_require_tls: bool,
+}
+
+/// A virtual host's `require_tls`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsRequirement {
+    None,
+    /// `ALL`: every request that did not come over TLS is redirected to https.
+    All,
+    /// `EXTERNAL_ONLY`: only external requests (not marked `x-envoy-internal`).
+    ExternalOnly,
 }
 
 /// A `typed_per_filter_config`: the per-route configs of the filters we run that read one (fault, CORS), by
@@ -130,6 +142,7 @@ pub struct VirtualHost {
     routes: Vec<Route>,
     /// `include_request_attempt_count`: upstream requests carry `x-envoy-attempt-count`.
     pub include_attempt_count: bool,
+    require_tls: TlsRequirement,
     request_headers: HeaderMutations,
     response_headers: HeaderMutations,
     per_filter: PerFilter,
@@ -712,11 +725,13 @@ impl RouteTable {
                 }));
             }
         }
+        let any_require_tls = vhosts.iter().any(|v| v.require_tls != TlsRequirement::None);
         Ok(RouteTable {
             name: rc.name.clone(),
             vhosts,
             domains,
             ignore_port_in_host_matching: rc.ignore_port_in_host_matching,
+            any_require_tls,
             most_specific_header_mutations_wins: rc.most_specific_header_mutations_wins,
             request_headers,
             response_headers,
@@ -737,6 +752,27 @@ impl RouteTable {
 
     pub fn virtual_hosts(&self) -> &[VirtualHost] {
         &self.vhosts
+    }
+
+    /// Envoy's `require_tls`: where a request must be redirected to https instead of routed, the `Location`
+    /// (`https://` + its host and path, as Envoy's SSL redirect builds it). A request counts as TLS when its
+    /// `x-forwarded-proto` (set or trusted by the connection manager) says https.
+    pub fn tls_redirect(&self, req: &RequestHead<'_>) -> Option<String> {
+        if !self.any_require_tls {
+            return None;
+        }
+        let vhost = self.vhosts.get(self.virtual_host_index(req.authority.as_bytes())?)?;
+        let proto = req.headers.get("x-forwarded-proto").map(http::HeaderValue::as_bytes);
+        if proto == Some(b"https".as_slice()) {
+            return None;
+        }
+        let internal = req.headers.get("x-envoy-internal").is_some_and(|v| v == "true");
+        match vhost.require_tls {
+            TlsRequirement::All => {}
+            TlsRequirement::ExternalOnly if !internal => {}
+            TlsRequirement::ExternalOnly | TlsRequirement::None => return None,
+        }
+        Some(format!("https://{}{}", req.authority, path_and_query(req.uri)))
     }
 
     /// The route for a request, or `None` when no virtual host or no route matches (Envoy answers 404, flag NR).
@@ -853,9 +889,15 @@ impl VirtualHost {
         if vh.matcher.is_some() {
             return Err(ConfigError::new(join(path, "matcher"), "matcher trees are not supported; use routes"));
         }
-        if vh.require_tls != rpb::virtual_host::TlsRequirementType::None as i32 {
-            return Err(ConfigError::new(join(path, "require_tls"), "require_tls is not supported"));
-        }
+        use rpb::virtual_host::TlsRequirementType as Tls;
+        let require_tls = match Tls::try_from(vh.require_tls) {
+            Ok(Tls::None) => TlsRequirement::None,
+            Ok(Tls::All) => TlsRequirement::All,
+            Ok(Tls::ExternalOnly) => TlsRequirement::ExternalOnly,
+            Err(_) => {
+                return Err(ConfigError::new(join(path, "require_tls"), format!("unknown value {}", vh.require_tls)));
+            }
+        };
         if !vh.route_specifiers.is_empty() {
             return Err(ConfigError::new(join(path, "route_specifiers"), "route_specifiers are not supported"));
         }
@@ -873,6 +915,7 @@ impl VirtualHost {
             name: vh.name.clone(),
             routes,
             include_attempt_count: vh.include_request_attempt_count,
+            require_tls,
             per_filter: per_filter_configs(&vh.typed_per_filter_config, path)?,
             // Deprecated in Envoy's API, still what Istio 1.14 sends for a VirtualService's corsPolicy.
             #[allow(deprecated)]
