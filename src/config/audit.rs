@@ -195,6 +195,7 @@ const POLICIES: &[(&str, Policy)] = {
                 "cluster",
                 "weighted_clusters",
                 "idle_timeout",
+                "max_downstream_connection_duration",
                 "max_connect_attempts",
                 "access_log",
                 "hash_policy",

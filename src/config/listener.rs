@@ -574,6 +574,9 @@ pub struct TcpProxyConfig {
     pub clusters: Vec<(String, u32)>,
     /// None when disabled (`idle_timeout: 0s`).
     pub idle_timeout: Option<Duration>,
+    /// `max_downstream_connection_duration` (Istio's connectionPool.tcp.maxConnectionDuration): the connection is
+    /// closed this long after it began; None when unset or 0.
+    pub max_downstream_connection_duration: Option<Duration>,
     pub max_connect_attempts: u32,
     pub access_log: Vec<crate::access_log::AccessLog>,
     /// `hash_policy: [{ source_ip: {} }]`: a RING_HASH cluster hashes the downstream address.
@@ -630,6 +633,12 @@ impl TcpProxyConfig {
             stat_prefix: t.stat_prefix.clone(),
             clusters,
             idle_timeout: (!idle.is_zero()).then_some(idle),
+            max_downstream_connection_duration: Some(opt_duration(
+                t.max_downstream_connection_duration.as_ref(),
+                Duration::ZERO,
+                &join(path, "max_downstream_connection_duration"),
+            )?)
+            .filter(|d| !d.is_zero()),
             max_connect_attempts: attempts,
             hash_source_ip,
             access_log: super::access_log::access_logs(&t.access_log, &join(path, "access_log"))?,

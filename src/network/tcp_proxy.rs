@@ -36,6 +36,7 @@ pub struct TcpProxyStats {
     pub downstream_cx_rx_bytes_total: Counter,
     pub downstream_cx_tx_bytes_total: Counter,
     pub idle_timeout: Counter,
+    pub max_downstream_connection_duration: Counter,
     pub upstream_connect_failed: Counter,
 }
 
@@ -54,6 +55,8 @@ enum End {
     /// A side failed or reset: reset the other so the failure is visible end to end.
     Reset,
     IdleTimeout,
+    /// `max_downstream_connection_duration` ran out.
+    MaxDuration,
     Drained,
 }
 
@@ -71,6 +74,7 @@ impl TcpProxy {
             downstream_cx_rx_bytes_total: c("downstream_cx_rx_bytes_total"),
             downstream_cx_tx_bytes_total: c("downstream_cx_tx_bytes_total"),
             idle_timeout: c("idle_timeout"),
+            max_downstream_connection_duration: c("max_downstream_connection_duration"),
             upstream_connect_failed: c("upstream_cx_connect_attempts_exceeded"),
         };
         let weights = Weights::new(config.clusters.iter().map(|(_, w)| *w));
@@ -128,6 +132,15 @@ impl TcpProxy {
         log: &mut Outcome,
     ) {
         self.stats.downstream_cx_total.inc();
+        // Envoy's max_downstream_connection_duration counts from the connection's start, connecting included.
+        let deadline = self.config.max_downstream_connection_duration.map(|d| Instant::now() + d);
+        let lifetime = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(lifetime);
         let name = self.pick_cluster();
         let Some(cluster) = ctx.clusters.load().get(name).cloned() else {
             self.stats.downstream_cx_no_route.inc();
@@ -189,6 +202,10 @@ impl TcpProxy {
                 }
             },
             _ = drain.closed() => return,
+            () = &mut lifetime => {
+                self.count_end(End::MaxDuration);
+                return;
+            }
         };
         debug!(upstream.addr = %upstream.host.address, "upstream connected");
         log.upstream_host = Some(upstream.host.address);
@@ -246,6 +263,7 @@ impl TcpProxy {
                     tokio::select! {
                         r = both => if r.is_ok() { End::Closed } else { End::Reset },
                         _ = activity.idle(self.config.idle_timeout) => End::IdleTimeout,
+                        () = &mut lifetime => End::MaxDuration,
                         _ = drain.closed() => End::Drained,
                     }
                 };
@@ -274,6 +292,7 @@ impl TcpProxy {
                 let end = tokio::select! {
                     r = both => if r.is_ok() { End::Closed } else { End::Reset },
                     _ = activity.idle(self.config.idle_timeout) => End::IdleTimeout,
+                    () = &mut lifetime => End::MaxDuration,
                     _ = drain.closed() => End::Drained,
                 };
                 self.count_end(end)
@@ -285,8 +304,10 @@ impl TcpProxy {
 
 impl TcpProxy {
     fn count_end(&self, end: End) -> End {
-        if end == End::IdleTimeout {
-            self.stats.idle_timeout.inc();
+        match end {
+            End::IdleTimeout => self.stats.idle_timeout.inc(),
+            End::MaxDuration => self.stats.max_downstream_connection_duration.inc(),
+            End::Closed | End::Reset | End::Drained => {}
         }
         end
     }

@@ -162,6 +162,29 @@ async fn idle_timeout_closes_a_quiet_connection() {
     assert_eq!(counter(&server, "tcp.l.idle_timeout"), 1);
 }
 
+/// Envoy's max_downstream_connection_duration (Istio's connectionPool.tcp.maxConnectionDuration): a busy connection
+/// is closed anyway once it is that old.
+#[tokio::test]
+async fn max_downstream_connection_duration_closes_a_busy_connection() {
+    let up = echo_server().await;
+    let listeners = tcp_listener("l", 0, "echo")
+        .replace("cluster: echo", "cluster: echo\n          max_downstream_connection_duration: 0.6s");
+    let server = start(&yaml(&listeners, &static_cluster("echo", &[up])), Duration::from_secs(1)).await;
+    let mut s = TcpStream::connect(listener_addr(&server, "l")).await.unwrap();
+    let t = Instant::now();
+    // Never idle: an echo every 100 ms, until the proxy closes the connection.
+    let mut echoed = 0;
+    while t.elapsed() < Duration::from_secs(5) && echo_ok(&mut s, b"x").await {
+        echoed += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(t.elapsed() >= Duration::from_millis(500), "closed too early: {:?}", t.elapsed());
+    assert!(t.elapsed() < Duration::from_secs(3), "not closed: {:?}", t.elapsed());
+    assert!(echoed >= 3, "{echoed}");
+    assert_eq!(counter(&server, "tcp.l.max_downstream_connection_duration"), 1);
+    assert_eq!(counter(&server, "tcp.l.idle_timeout"), 0);
+}
+
 #[tokio::test]
 async fn round_robin_alternates_between_hosts() {
     let a = tagged_server(b"A").await;
