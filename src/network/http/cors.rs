@@ -30,6 +30,9 @@ pub struct CorsPolicy {
     allow_credentials: bool,
     /// `filter_enabled` as a fraction (numerator, denominator); Envoy's default is 100%.
     enabled: (u64, u64),
+    /// `forward_not_matching_preflights` (default true): a preflight from an origin the policy does not allow goes
+    /// upstream; false, the filter answers it, without `access-control-allow-origin`.
+    forward_not_matching_preflights: bool,
 }
 
 /// The fields the route's `CorsPolicy` and the filter's per-route `CorsPolicy` share.
@@ -87,13 +90,6 @@ impl CorsPolicy {
                 "allow_private_network_access is not supported",
             ));
         }
-        // Envoy's default (true) is what we do: a preflight from an origin the policy does not allow goes upstream.
-        if f.forward_not_matching_preflights.is_some_and(|v| !v.value) {
-            return Err(ConfigError::new(
-                join(path, "forward_not_matching_preflights"),
-                "forward_not_matching_preflights: false is not supported",
-            ));
-        }
         let origins = f
             .origins
             .iter()
@@ -127,6 +123,7 @@ impl CorsPolicy {
             max_age: value(f.max_age, "max_age")?,
             allow_credentials: f.allow_credentials.is_some_and(|v| v.value),
             enabled,
+            forward_not_matching_preflights: f.forward_not_matching_preflights.is_none_or(|v| v.value),
         })
     }
 
@@ -173,20 +170,23 @@ pub fn decide<'a>(policy: &'a CorsPolicy, method: &Method, headers: &HeaderMap, 
     if !policy.is_enabled() {
         return Decision::Pass;
     }
-    if !policy.allows(origin.as_bytes()) {
-        stats.origin_invalid.inc();
-        return Decision::Pass;
-    }
-    stats.origin_valid.inc();
+    let allowed = policy.allows(origin.as_bytes());
+    if allowed { &stats.origin_valid } else { &stats.origin_invalid }.inc();
     let preflight =
         method == Method::OPTIONS && headers.get(&ACCESS_CONTROL_REQUEST_METHOD).is_some_and(|m| !m.is_empty());
-    if !preflight {
-        return Decision::Decorate { policy, origin: origin.clone() };
+    match (allowed, preflight) {
+        (true, false) => return Decision::Decorate { policy, origin: origin.clone() },
+        (false, false) => return Decision::Pass,
+        (false, true) if policy.forward_not_matching_preflights => return Decision::Pass,
+        (_, true) => {}
     }
     let mut resp = Response::new(());
     *resp.status_mut() = StatusCode::OK;
     let h = resp.headers_mut();
-    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+    // Envoy answers a preflight it does not forward with the policy's headers, naming the origin only if allowed.
+    if allowed {
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+    }
     if policy.allow_credentials {
         h.insert(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, HeaderValue::from_static("true"));
     }
@@ -256,6 +256,26 @@ mod tests {
         let get = headers(&[("origin", "https://a.example")]);
         assert!(matches!(decide(&p, &Method::GET, &get, &stats), Decision::Decorate { .. }));
         assert_eq!((stats.origin_valid.value(), stats.origin_invalid.value()), (2, 1));
+    }
+
+    /// Istio's `unmatchedPreflights: IGNORE`: a preflight from an origin not allowed is answered here (the policy's
+    /// headers, no `access-control-allow-origin`) instead of going upstream; a plain request still passes.
+    #[test]
+    fn preflights_not_matching_are_answered_when_not_forwarded() {
+        let stats = CorsStats::new(&Store::default(), "t");
+        let p = policy(
+            "{ allow_origin_string_match: [ { exact: 'https://a.example' } ], allow_methods: GET, \
+             forward_not_matching_preflights: false }",
+        )
+        .unwrap();
+        let other = headers(&[("origin", "https://b.example"), ("access-control-request-method", "POST")]);
+        let Decision::Preflight(resp) = decide(&p, &Method::OPTIONS, &other, &stats) else { panic!("forwarded") };
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(!resp.headers().contains_key("access-control-allow-origin"));
+        assert_eq!(resp.headers()["access-control-allow-methods"], "GET");
+        let get = headers(&[("origin", "https://b.example")]);
+        assert!(matches!(decide(&p, &Method::GET, &get, &stats), Decision::Pass));
+        assert_eq!(stats.origin_invalid.value(), 2);
     }
 
     #[test]
