@@ -62,8 +62,10 @@ impl Host {
     }
 }
 
-/// The hosts traffic may go to: the healthy hosts of the lowest priority that has any (no health checking yet, so
-/// priority failover only happens when a priority has no healthy host at all).
+/// The hosts traffic may go to: every healthy host (EDS may mark some otherwise), ordered by priority, with one
+/// [`Level`] per priority that has any. As in Envoy, each request first picks a priority by the levels' health
+/// (with the overprovisioning factor 1.4, so the best priority keeps all traffic until fewer than 1/1.4 of its hosts are
+/// in service), then a host inside it.
 #[derive(Debug, Default, Clone)]
 pub struct HostSet {
     pub hosts: Vec<Arc<Host>>,
@@ -72,7 +74,26 @@ pub struct HostSet {
     pub total: usize,
     /// RING_HASH and MAGLEV clusters: the table over `hosts`, and the policy it was built for.
     table: Option<(Arc<HashTable>, LbPolicy)>,
+    /// One per priority with a healthy host, best first. With one, the whole set is that level (and `table` its
+    /// table).
+    levels: Vec<Level>,
 }
+
+/// One priority's share of a [`HostSet`].
+#[derive(Debug, Clone)]
+struct Level {
+    /// Its hosts: `hosts[start..end]`.
+    start: usize,
+    end: usize,
+    /// Every host of this priority, EDS-unhealthy ones included: a level's health is healthy / all, as in Envoy.
+    total: usize,
+    weights: Weights,
+    table: Option<Arc<HashTable>>,
+}
+
+/// Envoy's default overprovisioning factor (140%): a priority with at least 1/1.4 of its hosts healthy counts as
+/// fully healthy.
+const OVERPROVISIONING: usize = 140;
 
 /// The clock host join times and ejection deadlines are kept on (milliseconds, so they fit an atomic).
 pub(crate) fn epoch_ms() -> u64 {
@@ -80,20 +101,28 @@ pub(crate) fn epoch_ms() -> u64 {
     EPOCH.elapsed().as_millis() as u64
 }
 
+fn hash_table(hosts: &[Arc<Host>], policy: LbPolicy) -> Option<HashTable> {
+    let addresses: Vec<String> = hosts.iter().map(|h| h.address.to_string()).collect();
+    let pairs = || addresses.iter().map(String::as_str).zip(hosts.iter().map(|h| h.weight));
+    match policy {
+        LbPolicy::RingHash { min, max } => Some(HashTable::Ring(Ring::build(pairs(), min, max))),
+        LbPolicy::Maglev { table_size } => Some(HashTable::Maglev(Maglev::build(pairs(), table_size))),
+        LbPolicy::RoundRobin | LbPolicy::LeastRequest | LbPolicy::Random | LbPolicy::ClusterProvided => None,
+    }
+}
+
 impl HostSet {
-    /// The set with the hashing table its cluster's policy needs (built once per host set, on the control thread).
+    /// The set with the hashing tables its cluster's policy needs (built once per host set, on the control thread).
     fn for_policy(mut self, policy: LbPolicy) -> HostSet {
         if self.table_matches(policy) {
             return self;
         }
-        let addresses: Vec<String> = self.hosts.iter().map(|h| h.address.to_string()).collect();
-        let hosts = || addresses.iter().map(String::as_str).zip(self.hosts.iter().map(|h| h.weight));
-        let table = match policy {
-            LbPolicy::RingHash { min, max } => Some(HashTable::Ring(Ring::build(hosts(), min, max))),
-            LbPolicy::Maglev { table_size } => Some(HashTable::Maglev(Maglev::build(hosts(), table_size))),
-            LbPolicy::RoundRobin | LbPolicy::LeastRequest | LbPolicy::Random | LbPolicy::ClusterProvided => None,
-        };
-        self.table = table.map(|t| (Arc::new(t), policy));
+        self.table = hash_table(&self.hosts, policy).map(|t| (Arc::new(t), policy));
+        if self.levels.len() > 1 {
+            for level in &mut self.levels {
+                level.table = hash_table(&self.hosts[level.start..level.end], policy).map(Arc::new);
+            }
+        }
         self
     }
 
@@ -105,16 +134,35 @@ impl HostSet {
             _ => self.table.is_none(),
         }
     }
+
+    /// Whether the hosts span several priorities.
+    pub fn has_priorities(&self) -> bool {
+        self.levels.len() > 1
+    }
 }
 
 impl HostSet {
     pub fn new(all: Vec<(Arc<Host>, u32, bool)>) -> Self {
         let total = all.len();
-        let priority = all.iter().filter(|(_, _, healthy)| *healthy).map(|(_, p, _)| *p).min();
-        let hosts: Vec<Arc<Host>> =
-            all.into_iter().filter(|(_, p, healthy)| *healthy && Some(*p) == priority).map(|(h, _, _)| h).collect();
+        let mut all = all;
+        // Stable: hosts keep their configured order inside a priority.
+        all.sort_by_key(|(_, p, _)| *p);
+        let mut levels = Vec::new();
+        let mut hosts: Vec<Arc<Host>> = Vec::new();
+        let mut i = 0;
+        while i < all.len() {
+            let priority = all[i].1;
+            let same = all[i..].iter().take_while(|(_, p, _)| *p == priority).count();
+            let start = hosts.len();
+            hosts.extend(all[i..i + same].iter().filter(|(_, _, healthy)| *healthy).map(|(h, _, _)| h.clone()));
+            if hosts.len() > start {
+                let weights = Weights::new(hosts[start..].iter().map(|h| h.weight));
+                levels.push(Level { start, end: hosts.len(), total: same, weights, table: None });
+            }
+            i += same;
+        }
         let weights = Weights::new(hosts.iter().map(|h| h.weight));
-        HostSet { hosts, weights, total, table: None }
+        HostSet { hosts, weights, total, table: None, levels }
     }
 
     /// Hosts of endpoints that already carry IPs (STATIC and EDS clusters). A host whose weight is 0 (its
@@ -462,47 +510,113 @@ impl Cluster {
         }
         let set = self.hosts.load();
         let ejected = self.ejected.load(Ordering::Relaxed) as usize;
-        // Envoy's panic mode: with fewer hosts in service than healthy_panic_threshold percent, balance over all of
-        // them; with the threshold at 0, never (and with every host ejected there is then no host).
-        let any = ejected == 0 || {
-            let in_service = set.hosts.len().saturating_sub(ejected) as f64;
-            in_service * 100.0 < self.config.healthy_panic_threshold * set.hosts.len() as f64
+        // The priority level to pick in, and whether it is in Envoy's panic mode: with fewer of its hosts in service
+        // than healthy_panic_threshold percent it balances over all of them, ejected ones too; at 0, never (so with
+        // every host ejected there is then no host).
+        let (hosts, weights, table, any) = if set.levels.len() <= 1 {
+            let total = set.levels.first().map_or(set.hosts.len(), |l| l.total);
+            let any = ejected == 0 || {
+                let in_service = set.hosts.len().saturating_sub(ejected) as f64;
+                in_service * 100.0 < self.config.healthy_panic_threshold * total as f64
+            };
+            (&set.hosts[..], &set.weights, set.table.as_ref().map(|(t, _)| t.as_ref()), any)
+        } else {
+            let (i, panic) = self.choose_level(&set, ejected > 0, hash);
+            let l = &set.levels[i];
+            (&set.hosts[l.start..l.end], &l.weights, l.table.as_deref(), ejected == 0 || panic)
         };
-        if let (Some(hash), Some((table, _))) = (hash, &set.table)
+        if let (Some(hash), Some(table)) = (hash, table)
             && !table.is_empty()
         {
-            let idx = table.pick(hash, |i| any || set.hosts.get(i).is_some_and(|h| !h.is_ejected()))?;
-            return set.hosts.get(idx).cloned();
+            let idx = table.pick(hash, |i| any || hosts.get(i).is_some_and(|h| !h.is_ejected()))?;
+            return hosts.get(idx).cloned();
         }
         let slow_start = self.slow_start_now();
-        let scaled =
-            slow_start.is_some() || (self.config.lb_policy == LbPolicy::LeastRequest && !set.weights.uniform());
+        let scaled = slow_start.is_some() || (self.config.lb_policy == LbPolicy::LeastRequest && !weights.uniform());
         let pick = || match self.config.lb_policy {
-            _ if scaled => self.pick_scaled(&set, slow_start, any),
-            LbPolicy::RoundRobin | LbPolicy::ClusterProvided => {
-                set.weights.pick(self.rr.fetch_add(1, Ordering::Relaxed))
-            }
-            LbPolicy::Random | LbPolicy::RingHash { .. } | LbPolicy::Maglev { .. } => set.weights.pick(rand::random()),
+            _ if scaled => self.pick_scaled(hosts, slow_start, any),
+            LbPolicy::RoundRobin | LbPolicy::ClusterProvided => weights.pick(self.rr.fetch_add(1, Ordering::Relaxed)),
+            LbPolicy::Random | LbPolicy::RingHash { .. } | LbPolicy::Maglev { .. } => weights.pick(rand::random()),
             LbPolicy::LeastRequest => {
                 // Envoy's choice of the least busy of choice_count draws, over equal weights.
-                let first = set.weights.pick(rand::random())?;
+                let first = weights.pick(rand::random())?;
                 Some((1..self.config.balancing.choice_count).fold(first, |best, _| {
-                    set.weights
-                        .pick(rand::random())
-                        .map_or(best, |other| least_of_two(best, other, |i| set.hosts[i].active()))
+                    weights.pick(rand::random()).map_or(best, |other| least_of_two(best, other, |i| hosts[i].active()))
                 }))
             }
         };
         let idx = pick()?;
         if any {
-            return set.hosts.get(idx).cloned();
+            return hosts.get(idx).cloned();
         }
-        let in_service = |i: &usize| set.hosts.get(*i).is_some_and(|h| !h.is_ejected());
+        let in_service = |i: &usize| hosts.get(*i).is_some_and(|h| !h.is_ejected());
         let idx = std::iter::once(idx)
-            .chain((0..set.hosts.len()).filter_map(|_| pick()))
+            .chain((0..hosts.len()).filter_map(|_| pick()))
             .find(in_service)
-            .or_else(|| (0..set.hosts.len()).find(in_service))?;
-        set.hosts.get(idx).cloned()
+            .or_else(|| (0..hosts.len()).find(in_service))?;
+        hosts.get(idx).cloned()
+    }
+
+    /// Envoy's priority load for a set of several priorities: each level's health is min(100, 1.4 × in service /
+    /// all hosts) percent; levels take load best first, as much as their health (normalized to the total health, at
+    /// most 100) allows, the rest going on down. A request draws its level by that load (a hashed request by its
+    /// hash modulo 100, as Envoy's choosePriority does). When no level has any health: with a panic threshold, every
+    /// level is in panic and load follows host counts; without, the first level (which then has no host in
+    /// service). Returns the level and whether it is in panic.
+    fn choose_level(&self, set: &HostSet, any_ejected: bool, hash: Option<u64>) -> (usize, bool) {
+        let levels = &set.levels;
+        let in_service: Vec<usize> = levels
+            .iter()
+            .map(|l| {
+                let hosts = &set.hosts[l.start..l.end];
+                if any_ejected { hosts.iter().filter(|h| !h.is_ejected()).count() } else { hosts.len() }
+            })
+            .collect();
+        let health: Vec<usize> =
+            levels.iter().zip(&in_service).map(|(l, n)| (OVERPROVISIONING * n / l.total.max(1)).min(100)).collect();
+        let normalized = health.iter().sum::<usize>().min(100);
+        let threshold = self.config.healthy_panic_threshold;
+        let draw = match hash {
+            Some(h) => (h % 100) as usize,
+            None => rand::random_range(0..100),
+        };
+        let by_load = |loads: &[usize]| {
+            let mut x = draw;
+            loads.iter().position(|load| {
+                if x < *load {
+                    return true;
+                }
+                x -= load;
+                false
+            })
+        };
+        if normalized == 0 {
+            if threshold <= 0.0 {
+                return (0, false);
+            }
+            let all: usize = levels.iter().map(|l| l.total).sum();
+            let loads: Vec<usize> = levels.iter().map(|l| l.total * 100 / all.max(1)).collect();
+            let mut loads = loads;
+            let rest = 100 - loads.iter().sum::<usize>().min(100);
+            loads[0] += rest;
+            return (by_load(&loads).unwrap_or(0), true);
+        }
+        let mut remaining = 100usize;
+        let mut loads: Vec<usize> = health
+            .iter()
+            .map(|h| {
+                let load = (h * 100 / normalized).min(remaining);
+                remaining -= load;
+                load
+            })
+            .collect();
+        // Rounding leaves a little: it goes to the first level with any health, as in Envoy.
+        if let Some(first) = health.iter().position(|h| *h > 0) {
+            loads[first] += remaining;
+        }
+        let i = by_load(&loads).unwrap_or(0);
+        let panic = (in_service[i] as f64) * 100.0 < threshold * levels[i].total as f64;
+        (i, panic)
     }
 
     /// Whether an upstream connection opened at `born` is past the cluster's max_connection_duration.
@@ -534,7 +648,12 @@ impl Cluster {
     /// weights; this draws at random in the same proportions. Each weight is computed once (so a busy count that
     /// moves meanwhile cannot skew the draw), ejected hosts weigh nothing unless `with_ejected` (panic mode), and
     /// weights that all come to nothing (an enormous bias) fall back to an even draw.
-    fn pick_scaled(&self, set: &HostSet, slow_start: Option<(&SlowStart, u64)>, with_ejected: bool) -> Option<usize> {
+    fn pick_scaled(
+        &self,
+        hosts: &[Arc<Host>],
+        slow_start: Option<(&SlowStart, u64)>,
+        with_ejected: bool,
+    ) -> Option<usize> {
         const ON_STACK: usize = 64;
         let bias = self.config.balancing.active_request_bias;
         let least_request = self.config.lb_policy == LbPolicy::LeastRequest;
@@ -560,22 +679,22 @@ impl Cluster {
         };
         let mut stack = [0f64; ON_STACK];
         let mut heap: Vec<f64>;
-        let weights: &mut [f64] = match stack.get_mut(..set.hosts.len()) {
+        let weights: &mut [f64] = match stack.get_mut(..hosts.len()) {
             Some(w) => w,
             None => {
-                heap = vec![0.0; set.hosts.len()];
+                heap = vec![0.0; hosts.len()];
                 &mut heap
             }
         };
         let mut total = 0.0;
-        for (w, h) in weights.iter_mut().zip(&set.hosts) {
+        for (w, h) in weights.iter_mut().zip(hosts) {
             *w = weight(h);
             total += *w;
         }
         if total <= 0.0 || !total.is_finite() {
-            let candidates = set.hosts.iter().filter(|h| usable(h)).count();
+            let candidates = hosts.iter().filter(|h| usable(h)).count();
             let nth = rand::random_range(0..candidates.max(1));
-            return set.hosts.iter().enumerate().filter(|(_, h)| usable(h)).nth(nth).map(|(i, _)| i);
+            return hosts.iter().enumerate().filter(|(_, h)| usable(h)).nth(nth).map(|(i, _)| i);
         }
         let mut x = rand::random::<f64>() * total;
         for (i, w) in weights.iter().enumerate() {
@@ -846,11 +965,11 @@ mod tests {
         set.hosts[2].added_ms.store(base, Ordering::Relaxed);
         // 20 s in: 1/3 of its weight; 1 s in: the 10% floor (1/60 is below it).
         for (since, expect) in [(20_000, 1.0 / 7.0), (1_000, 0.1 / 2.1)] {
-            let picks = shares(6000, || c.pick_scaled(&set, Some((&slow, base + since)), true), &c);
+            let picks = shares(6000, || c.pick_scaled(&set.hosts, Some((&slow, base + since)), true), &c);
             let got = picks.get(&3).copied().unwrap_or(0) as f64 / 6000.0;
             assert!((got - expect).abs() < 0.03, "{since} ms in: share {got}, expected {expect}");
         }
-        let picks = shares(3000, || c.pick_scaled(&set, Some((&slow, base + 60_000)), true), &c);
+        let picks = shares(3000, || c.pick_scaled(&set.hosts, Some((&slow, base + 60_000)), true), &c);
         assert!(picks.get(&3).copied().unwrap_or(0) > 800, "out of the window: a full third: {picks:?}");
 
         let joined = c.hosts().hosts[2].added_ms.load(Ordering::Relaxed);

@@ -733,6 +733,70 @@ mod tests {
         assert_eq!(c.stats.outlier.ejections_active.value(), 1);
     }
 
+    /// Istio's locality failover (outlier detection with priorities by locality): as P0 hosts are ejected, Envoy's
+    /// priority load moves traffic to P1 (P0 keeps min(100, 1.4 × in service / all) percent), and with all of P0
+    /// ejected P1 takes everything, even at Istio's panic threshold 0. Nothing left at all: no host.
+    #[test]
+    fn ejections_move_traffic_to_the_next_priority() {
+        use crate::config::cluster::ClusterConfig;
+        use crate::config::proto::{self, Format};
+        let group = |priority: u16, ports: std::ops::RangeInclusive<u16>| {
+            let eps: Vec<String> = ports
+                .map(|p| {
+                    format!(
+                        "{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {p} }} }} }} }}"
+                    )
+                })
+                .collect();
+            format!("{{ priority: {priority}, lb_endpoints: [ {} ] }}", eps.join(", "))
+        };
+        for policy in ["ROUND_ROBIN", "LEAST_REQUEST", "RING_HASH", "RANDOM"] {
+            let yaml = format!(
+                "name: c\nlb_policy: {policy}\ncommon_lb_config: {{ healthy_panic_threshold: {{ value: 0 }} }}\n\
+                 outlier_detection: {{ consecutive_5xx: 1, max_ejection_percent: 100 }}\n\
+                 load_assignment: {{ cluster_name: c, endpoints: [ {}, {} ] }}",
+                group(0, 1..=4),
+                group(1, 5..=8)
+            );
+            let msg = proto::parse_dynamic(&yaml, Format::Yaml, "envoy.config.cluster.v3.Cluster")
+                .unwrap_or_else(|e| panic!("{e}"));
+            let cfg = ClusterConfig::try_from(
+                proto::decode::<envoy_types::pb::envoy::config::cluster::v3::Cluster>(&msg)
+                    .unwrap_or_else(|e| panic!("{e}")),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            let hosts = HostSet::from_endpoints(&cfg.endpoints, false);
+            let c = Cluster::new(Arc::new(cfg), hosts, &Store::default());
+            assert!(c.hosts().has_priorities());
+            // Share of 2000 picks (hashed ones with spread hashes) that went to P1.
+            let p1_share = |c: &Cluster| {
+                let picks: Vec<u16> = (0..2000u64)
+                    .filter_map(|n| {
+                        let hash = (policy == "RING_HASH").then(|| n.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                        c.choose_hashed(None, hash)
+                    })
+                    .map(|h| h.address.port())
+                    .collect();
+                assert!(picks.iter().all(|p| !host(c, *p).is_ejected()), "{policy}: an ejected host was picked");
+                picks.iter().filter(|p| **p >= 5).count() as f64 / picks.len().max(1) as f64
+            };
+            assert_eq!(p1_share(&c), 0.0, "{policy}: a healthy P0 takes everything");
+            c.report(&host(&c, 1), Outcome::Status(500));
+            assert_eq!(p1_share(&c), 0.0, "{policy}: 3 of 4 (105%) is still fully healthy");
+            c.report(&host(&c, 2), Outcome::Status(500));
+            let share = p1_share(&c);
+            assert!((0.2..0.4).contains(&share), "{policy}: 2 of 4 in service keeps 70% on P0, got {share}");
+            for p in [3, 4] {
+                c.report(&host(&c, p), Outcome::Status(500));
+            }
+            assert_eq!(p1_share(&c), 1.0, "{policy}: P0 all ejected, P1 takes it all");
+            for p in 5..=8 {
+                c.report(&host(&c, p), Outcome::Status(500));
+            }
+            assert!(c.choose_hashed(None, Some(3)).is_none() && c.choose(None).is_none(), "{policy}: nothing left");
+        }
+    }
+
     /// healthy_panic_threshold: Istio sends 0 with every outlier_detection (its minHealthPercent), so an all-ejected
     /// cluster has no host; at Envoy's default 50 the balancer panics and uses them all.
     #[test]

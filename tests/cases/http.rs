@@ -1473,6 +1473,49 @@ async fn istio_gateway_errors_eject_and_panic_threshold_zero_leaves_no_host() {
     assert_eq!(counter(&server, "cluster.u.upstream_rq_total"), 2, "the ejected host got nothing more");
 }
 
+/// Istio's locality failover: endpoints by priority (same zone first) with outlier detection and panic threshold
+/// 0. Once the only P0 host is ejected, Envoy's priority load sends everything to P1 instead of answering "no
+/// healthy upstream".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ejecting_the_local_priority_fails_over_to_the_next() {
+    let bad = flaky_upstream(usize::MAX).await;
+    let good = http_upstream("G").await;
+    let ep = |a: std::net::SocketAddr| {
+        format!(
+            "{{ endpoint: {{ address: {{ socket_address: {{ address: {}, port_value: {} }} }} }} }}",
+            a.ip(),
+            a.port()
+        )
+    };
+    let cluster = format!(
+        r#"
+  - name: u
+    type: STATIC
+    connect_timeout: 1s
+    outlier_detection: {{ consecutive_gateway_failure: 2, enforcing_consecutive_gateway_failure: 100, interval: 10s, base_ejection_time: 30s, max_ejection_percent: 100 }}
+    common_lb_config: {{ healthy_panic_threshold: {{}} }}
+    load_assignment:
+      cluster_name: u
+      endpoints:
+      - {{ priority: 0, locality: {{ zone: a }}, lb_endpoints: [ {} ] }}
+      - {{ priority: 1, locality: {{ zone: b }}, lb_endpoints: [ {} ] }}"#,
+        ep(bad),
+        ep(good)
+    );
+    let server = start(&yaml(&http_listener("h", 0, &routes_to("u", ""), ""), &cluster), Duration::from_secs(1)).await;
+    let mut c = http1_client(listener_addr(&server, "h")).await;
+    for _ in 0..2 {
+        let (status, _, body) = http1_request(&mut c, "GET", "/", "x", &[]).await;
+        assert_eq!((status, body.starts_with("attempt")), (503, true), "P0 takes everything while healthy: {body}");
+    }
+    assert_eq!(counter(&server, "cluster.u.outlier_detection.ejections_enforced_consecutive_gateway_failure"), 1);
+    for _ in 0..5 {
+        let (status, _, body) = http1_request(&mut c, "GET", "/", "x", &[]).await;
+        assert_eq!(status, 200, "P1 serves once P0 is ejected: {body}");
+        assert!(body.starts_with("G\n"), "{body}");
+    }
+}
+
 /// Envoy's failure-percentage detector works on the interval sweep: a host whose share of 5xx over the last interval
 /// reaches the threshold is ejected, though its failures never came consecutive_5xx in a row.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
