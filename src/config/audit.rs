@@ -278,7 +278,8 @@ const POLICIES: &[(&str, Policy)] = {
             "envoy.config.core.v3.HttpProtocolOptions",
             Only(&["idle_timeout", "max_requests_per_connection", "max_stream_duration", "max_connection_duration"]),
         ),
-        ("envoy.config.core.v3.Http1ProtocolOptions", Only(&[])),
+        // Downstream (the HCM's http_protocol_options); upstream clusters allow none of its fields (UPSTREAM_CODECS).
+        ("envoy.config.core.v3.Http1ProtocolOptions", Only(&["accept_http_10", "default_host_for_http_10"])),
         ("envoy.config.core.v3.Http2ProtocolOptions", Only(&[])),
         // Route configurations: the route table refuses the values it reads and does not honour (a path rewrite
         // policy, an unknown retry_on token…); these lists keep the fields it never reads from being ignored.

@@ -92,6 +92,10 @@ pub struct HcmConfig {
     pub websocket: bool,
     /// `proxy_100_continue`: a request's `Expect: 100-continue` goes upstream (else it is answered here and removed).
     pub proxy_100_continue: bool,
+    /// `http_protocol_options.accept_http_10`: HTTP/1.0 requests are served (else answered 426, as Envoy does).
+    pub accept_http_10: bool,
+    /// `http_protocol_options.default_host_for_http_10`: the Host an HTTP/1.0 request without one gets.
+    pub default_host_for_http_10: Option<http::HeaderValue>,
     /// `normalize_path`: RFC 3986 dot-segment removal before routing.
     pub normalize_path: bool,
     pub merge_slashes: bool,
@@ -265,6 +269,17 @@ impl HcmConfig {
             suppress_envoy_headers,
             websocket,
             proxy_100_continue: h.proxy_100_continue,
+            accept_http_10: h.http_protocol_options.as_ref().is_some_and(|o| o.accept_http_10),
+            default_host_for_http_10: match h
+                .http_protocol_options
+                .as_ref()
+                .map(|o| o.default_host_for_http_10.as_str())
+            {
+                None | Some("") => None,
+                Some(host) => Some(http::HeaderValue::from_str(host).map_err(|_| {
+                    ConfigError::new(at("http_protocol_options.default_host_for_http_10"), "not a valid header value")
+                })?),
+            },
             normalize_path: h.normalize_path.as_ref().is_some_and(|v| v.value),
             merge_slashes: h.merge_slashes,
             skipped_filters,

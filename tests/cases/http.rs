@@ -2255,3 +2255,33 @@ async fn require_tls_redirects_plaintext_requests_to_https() {
     let (status, _, _) = http1_request(&mut c, "GET", "/p", "secure.example", &[]).await;
     assert_eq!(status, 301);
 }
+
+/// Envoy refuses HTTP/1.0 with 426 unless `http_protocol_options.accept_http_10` (what Istio's HTTP10 node metadata
+/// turns on); `default_host_for_http_10` fills in a missing Host.
+#[tokio::test]
+async fn http_1_0_needs_accept_http_10() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = http_upstream("U").await;
+    let refusing = proxy_to(up, "").await;
+    let accepting = proxy_to(
+        up,
+        "\n          http_protocol_options: { accept_http_10: true, default_host_for_http_10: dflt.example }",
+    )
+    .await;
+    let ask = |server: &xds_proxy::server::Server| {
+        let addr = listener_addr(server, "h");
+        async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(b"GET /x HTTP/1.0\r\n\r\n").await.unwrap();
+            let mut out = Vec::new();
+            tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await.unwrap().unwrap();
+            String::from_utf8_lossy(&out).to_string()
+        }
+    };
+    let text = ask(&refusing).await;
+    assert!(text.contains(" 426 Upgrade Required\r\n") && text.contains("connection: close"), "{text}");
+    assert_eq!(counter(&refusing, "http.h.downstream_rq_4xx"), 1);
+    let text = ask(&accepting).await;
+    assert!(text.starts_with("HTTP/1.0 200 OK\r\n") || text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(text.contains("GET /x\nhost=dflt.example\n"), "{text}");
+}

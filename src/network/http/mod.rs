@@ -429,6 +429,21 @@ impl Connection {
         }
         stats.downstream_rq_total.inc();
         if h2 { &stats.downstream_rq_http2_total } else { &stats.downstream_rq_http1_total }.inc();
+        if req.version() < http::Version::HTTP_11 {
+            // Envoy's HTTP/1 codec refuses HTTP/1.0 unless http_protocol_options.accept_http_10: 426 Upgrade
+            // Required, and the connection closes.
+            if !self.hcm.config.accept_http_10 {
+                let mut resp = Response::new(ProxyBody::Empty);
+                *resp.status_mut() = http::StatusCode::UPGRADE_REQUIRED;
+                resp.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+                return self.finish(resp, false, false);
+            }
+            if let Some(host) = &self.hcm.config.default_host_for_http_10
+                && !req.headers().contains_key(http::header::HOST)
+            {
+                req.headers_mut().insert(http::header::HOST, host.clone());
+            }
+        }
         // Envoy's stream lifetime: active until the response body is complete (or the stream is reset), so the guard
         // moves into the response body.
         // Made before routing so that a request hyper drops (the downstream went away) still counts as Envoy's
