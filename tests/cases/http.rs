@@ -2285,3 +2285,52 @@ async fn http_1_0_needs_accept_http_10() {
     assert!(text.starts_with("HTTP/1.0 200 OK\r\n") || text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
     assert!(text.contains("GET /x\nhost=dflt.example\n"), "{text}");
 }
+
+/// Istio's per-destination `headers` and host rewrites on a weighted route: each weighted cluster entry's own
+/// mutations and host_rewrite_literal apply when that entry is picked, before the route's own.
+#[tokio::test]
+async fn weighted_clusters_apply_their_own_headers_and_host() {
+    let a = http_upstream("A").await;
+    let b = http_upstream("B").await;
+    let routes = r#"          route_config:
+            name: local
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: { prefix: "/" }
+                request_headers_to_add: [ { header: { key: x-route, value: r } } ]
+                route:
+                  weighted_clusters:
+                    clusters:
+                    - name: a
+                      weight: 50
+                      host_rewrite_literal: a.internal
+                      request_headers_to_add: [ { header: { key: x-dest, value: a } } ]
+                      response_headers_to_add: [ { header: { key: x-served, value: a } } ]
+                    - name: b
+                      weight: 50
+                      request_headers_to_add: [ { header: { key: x-dest, value: b } } ]
+                      request_headers_to_remove: [ x-drop ]"#;
+    let clusters = format!("{}{}", static_cluster("a", &[a]), static_cluster("b", &[b]));
+    let server = start(&yaml(&http_listener("h", 0, routes, ""), &clusters), Duration::from_secs(1)).await;
+    let mut c = http1_client(listener_addr(&server, "h")).await;
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        let (status, headers, body) = http1_request(&mut c, "GET", "/", "orig", &[("x-drop", "1")]).await;
+        assert_eq!(status, 200);
+        assert!(body.contains("x-route=r\n"), "{body}");
+        if body.starts_with("A\n") {
+            assert!(body.contains("host=a.internal\n") && body.contains("x-dest=a\n"), "{body}");
+            assert!(body.contains("x-drop=1\n"), "{body}");
+            assert_eq!(headers["x-served"], "a");
+        } else {
+            assert!(body.starts_with("B\n"), "{body}");
+            assert!(body.contains("host=orig\n") && body.contains("x-dest=b\n"), "{body}");
+            assert!(!body.contains("x-drop"), "{body}");
+            assert!(!headers.contains_key("x-served"));
+        }
+        seen.insert(body[..1].to_string());
+    }
+    assert_eq!(seen.len(), 2, "both clusters picked in 40 requests");
+}

@@ -582,8 +582,20 @@ pub enum ClusterSpecifier {
 pub struct WeightedClusters {
     /// (cluster, weight) in configuration order; weights may be 0.
     pub clusters: Vec<(String, u32)>,
+    /// What each entry adds when it is the one picked (Istio's per-destination `headers`), by position.
+    extras: Vec<Option<Box<ClusterExtras>>>,
     /// The sum of the weights, greater than 0.
     pub total_weight: u64,
+}
+
+/// A weighted cluster entry's own header mutations and host rewrite, applied when it is picked: its headers before
+/// the route's, virtual host's and configuration's (as the most specific level), its host rewrite instead of the
+/// route's.
+#[derive(Debug)]
+pub struct ClusterExtras {
+    request_headers: HeaderMutations,
+    response_headers: HeaderMutations,
+    pub host_rewrite: Option<HeaderValue>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1250,6 +1262,7 @@ impl WeightedClusters {
             ));
         }
         let mut clusters = Vec::with_capacity(w.clusters.len());
+        let mut extras = Vec::with_capacity(w.clusters.len());
         let mut total: u64 = 0;
         for (i, c) in w.clusters.iter().enumerate() {
             let cpath = join(path, &format!("clusters[{i}]"));
@@ -1262,19 +1275,21 @@ impl WeightedClusters {
             if c.metadata_match.is_some() {
                 return Err(ConfigError::new(join(&cpath, "metadata_match"), "subset load balancing is not supported"));
             }
-            if c.host_rewrite_specifier.is_some() {
-                return Err(ConfigError::new(
-                    join(&cpath, "host_rewrite_literal"),
-                    "per-cluster host rewrite is not supported",
-                ));
-            }
-            if !c.request_headers_to_add.is_empty()
-                || !c.request_headers_to_remove.is_empty()
-                || !c.response_headers_to_add.is_empty()
-                || !c.response_headers_to_remove.is_empty()
-            {
-                return Err(ConfigError::new(&cpath, "per-cluster header mutations are not supported"));
-            }
+            use rpb::weighted_cluster::cluster_weight::HostRewriteSpecifier as H;
+            let host_rewrite =
+                match &c.host_rewrite_specifier {
+                    None => None,
+                    Some(H::HostRewriteLiteral(h)) if h.is_empty() => None,
+                    Some(H::HostRewriteLiteral(h)) => Some(HeaderValue::from_str(h).map_err(|_| {
+                        ConfigError::new(join(&cpath, "host_rewrite_literal"), "not a valid header value")
+                    })?),
+                };
+            let request_headers =
+                HeaderMutations::new(&c.request_headers_to_add, &c.request_headers_to_remove, &cpath, "request")?;
+            let response_headers =
+                HeaderMutations::new(&c.response_headers_to_add, &c.response_headers_to_remove, &cpath, "response")?;
+            let plain = host_rewrite.is_none() && request_headers.is_empty() && response_headers.is_empty();
+            extras.push((!plain).then(|| Box::new(ClusterExtras { request_headers, response_headers, host_rewrite })));
             // An unset weight reads as 0 in Envoy.
             let weight = c.weight.as_ref().map_or(0, |v| v.value);
             total += u64::from(weight);
@@ -1289,7 +1304,7 @@ impl WeightedClusters {
                 format!("the sum of the weights ({total}) must not exceed {}", u32::MAX),
             ));
         }
-        Ok(WeightedClusters { clusters, total_weight: total })
+        Ok(WeightedClusters { clusters, extras, total_weight: total })
     }
 
     /// Envoy's pick: `random % total_weight` falls into one cluster's interval, in configuration order.
@@ -1760,20 +1775,56 @@ impl<'a> Matched<'a> {
     /// route configuration, most specific first (so the route configuration's wins), or the reverse with
     /// `most_specific_header_mutations_wins`.
     pub fn apply_request_headers(&self, headers: &mut HeaderMap) {
-        self.apply([&self.route.request_headers, &self.vhost.request_headers, &self.table.request_headers], headers);
+        self.apply(&[&self.route.request_headers, &self.vhost.request_headers, &self.table.request_headers], headers);
     }
 
     /// As [`Matched::apply_request_headers`], for the response (local replies included).
     pub fn apply_response_headers(&self, headers: &mut HeaderMap) {
-        self.apply([&self.route.response_headers, &self.vhost.response_headers, &self.table.response_headers], headers);
+        self.apply(
+            &[&self.route.response_headers, &self.vhost.response_headers, &self.table.response_headers],
+            headers,
+        );
     }
 
-    fn apply(&self, most_specific_first: [&HeaderMutations; 3], headers: &mut HeaderMap) {
+    /// As [`Matched::apply_request_headers`], with the picked weighted cluster's own mutations as the most specific
+    /// level.
+    pub fn apply_request_headers_with(&self, cluster: &ClusterExtras, headers: &mut HeaderMap) {
+        let levels = [
+            &cluster.request_headers,
+            &self.route.request_headers,
+            &self.vhost.request_headers,
+            &self.table.request_headers,
+        ];
+        self.apply(&levels, headers);
+    }
+
+    /// As [`Matched::apply_response_headers`], with the picked weighted cluster's own mutations first.
+    pub fn apply_response_headers_with(&self, cluster: &ClusterExtras, headers: &mut HeaderMap) {
+        let levels = [
+            &cluster.response_headers,
+            &self.route.response_headers,
+            &self.vhost.response_headers,
+            &self.table.response_headers,
+        ];
+        self.apply(&levels, headers);
+    }
+
+    fn apply(&self, most_specific_first: &[&HeaderMutations], headers: &mut HeaderMap) {
         if self.table.most_specific_header_mutations_wins {
             most_specific_first.iter().rev().for_each(|m| m.apply(headers));
         } else {
             most_specific_first.iter().for_each(|m| m.apply(headers));
         }
+    }
+
+    /// The extras of the weighted cluster entry named `cluster`, when the route picks among weighted clusters and
+    /// that entry has any.
+    pub fn cluster_extras(&self, cluster: &str) -> Option<&'a ClusterExtras> {
+        let Action::Route(RouteAction { cluster: ClusterSpecifier::Weighted(w), .. }) = &self.route.action else {
+            return None;
+        };
+        let i = w.clusters.iter().position(|(name, _)| name == cluster)?;
+        w.extras.get(i)?.as_deref()
     }
 
     /// The cluster for this request: weighted clusters pick at random by weight; `cluster_header` reads the
@@ -2306,6 +2357,10 @@ enum AppendAction {
 }
 
 impl HeaderMutations {
+    fn is_empty(&self) -> bool {
+        self.remove.is_empty() && self.add.is_empty()
+    }
+
     /// `parent` is the message's path, `direction` "request" or "response".
     fn new(
         add: &[core::HeaderValueOption],

@@ -357,7 +357,10 @@ async fn act(
     }
     let chosen = Chosen { matched, action, authority, upgrade };
     let mut resp = forward(conn, &chosen, &cluster, req, trace).await;
-    matched.apply_response_headers(resp.headers_mut());
+    match matched.cluster_extras(cluster.name()) {
+        Some(extras) => matched.apply_response_headers_with(extras, resp.headers_mut()),
+        None => matched.apply_response_headers(resp.headers_mut()),
+    }
     resp
 }
 
@@ -879,13 +882,20 @@ async fn forward(
     if !conn.hcm.config.proxy_100_continue {
         headers.remove(header::EXPECT);
     }
-    matched.apply_request_headers(&mut headers);
+    // A weighted cluster entry's own mutations and host rewrite (Istio's per-destination headers).
+    let extras = matched.cluster_extras(cluster.name());
+    match extras {
+        Some(e) => matched.apply_request_headers_with(e, &mut headers),
+        None => matched.apply_request_headers(&mut headers),
+    }
+    let extra_host = extras.and_then(|e| e.host_rewrite.as_ref());
     if let Some(via) = &conn.hcm.config.via {
         headers.append(header::VIA, via.clone());
     }
     // The upstream Host: a literal rewrite, else the request's own (kept as received when it already is a Host
     // header, so the common case copies nothing).
     let host: Option<HeaderValue> = match &action.host_rewrite {
+        _ if extra_host.is_some() => extra_host.cloned(),
         HostRewrite::Literal(h) => HeaderValue::from_str(h).ok(),
         HostRewrite::None | HostRewrite::Auto if headers.contains_key(header::HOST) => None,
         HostRewrite::None | HostRewrite::Auto => HeaderValue::from_str(authority).ok(),
@@ -1010,7 +1020,7 @@ async fn forward(
                 h.insert(GRPC_TIMEOUT.clone(), v);
             }
         }
-        if matches!(action.host_rewrite, HostRewrite::Auto) {
+        if matches!(action.host_rewrite, HostRewrite::Auto) && extra_host.is_none() {
             h.insert(header::HOST, host_value(&host_entry.address, &host_entry.hostname));
         } else if let Some(v) = &host {
             h.insert(header::HOST, v.clone());
