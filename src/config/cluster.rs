@@ -442,6 +442,9 @@ pub struct HttpUpstream {
     pub max_retries: u32,
     /// `track_remaining` on the default thresholds: publish `circuit_breakers.default.remaining_*`.
     pub track_remaining: bool,
+    /// HTTP/2's `max_concurrent_streams` (Istio's `http.maxConcurrentStreams`): streams per upstream connection
+    /// before the pool opens another; None at Envoy's default (2^31 - 1) or above 2^30, as Istio sends it unset.
+    pub max_concurrent_streams: Option<u32>,
 }
 
 impl Default for HttpUpstream {
@@ -455,6 +458,7 @@ impl Default for HttpUpstream {
             max_pending_requests: 1024,
             max_retries: 3,
             track_remaining: false,
+            max_concurrent_streams: None,
         }
     }
 }
@@ -606,12 +610,14 @@ fn http_upstream(c: &cpb::Cluster) -> Result<HttpUpstream, ConfigError> {
         };
         if let Some((at, h2)) = h2
             && let Some(max) = &h2.max_concurrent_streams
-            && max.value < 1 << 30
         {
-            return Err(ConfigError::new(
-                join(&path, &format!("{at}.http2_protocol_options.max_concurrent_streams")),
-                "a cap below 1073741824 is not supported (upstream HTTP/2 follows the server's own limit)",
-            ));
+            if max.value == 0 {
+                return Err(ConfigError::new(
+                    join(&path, &format!("{at}.http2_protocol_options.max_concurrent_streams")),
+                    "must be at least 1",
+                ));
+            }
+            out.max_concurrent_streams = (max.value < 1 << 30).then_some(max.value);
         }
         out.protocol = match &o.upstream_protocol_options {
             Some(P::ExplicitHttpConfig(e)) => match &e.protocol_config {
@@ -1196,7 +1202,12 @@ load_assignment:
             "use_downstream_protocol_config: { http_protocol_options: {}, \
              http2_protocol_options: { max_concurrent_streams: 1073741824 } }",
         );
-        assert_eq!(istio.map(|c| c.http.protocol), Ok(UpstreamProtocol::Downstream));
+        assert_eq!(
+            istio.map(|c| (c.http.protocol, c.http.max_concurrent_streams)),
+            Ok((UpstreamProtocol::Downstream, None))
+        );
+        let capped = with("explicit_http_config: { http2_protocol_options: { max_concurrent_streams: 100 } }");
+        assert_eq!(capped.map(|c| c.http.max_concurrent_streams), Ok(Some(100)));
         let at = "typed_extension_protocol_options[\"envoy.extensions.upstreams.http.v3.HttpProtocolOptions\"]";
         for (options, expect) in [
             (
@@ -1209,8 +1220,8 @@ load_assignment:
                 "explicit_http_config.http2_protocol_options.initial_stream_window_size: not supported",
             ),
             (
-                "explicit_http_config: { http2_protocol_options: { max_concurrent_streams: 100 } }",
-                "explicit_http_config.http2_protocol_options.max_concurrent_streams: a cap below 1073741824",
+                "explicit_http_config: { http2_protocol_options: { max_concurrent_streams: 0 } }",
+                "explicit_http_config.http2_protocol_options.max_concurrent_streams: must be at least 1",
             ),
         ] {
             let err = with(options).err().unwrap_or_default();

@@ -112,7 +112,9 @@ impl Drop for StreamCount {
 struct HostPool {
     /// Idle HTTP/1.1 connections, most recently used last (reused first: its socket is warm).
     http1: Vec<Http1Conn>,
-    http2: Option<Http2Conn>,
+    /// The host's HTTP/2 connections: one, unless the cluster caps streams per connection
+    /// (`max_concurrent_streams`) and the load needs more.
+    http2: Vec<Http2Conn>,
 }
 
 #[derive(Debug)]
@@ -299,7 +301,7 @@ impl HttpPools {
                     if limit.is_none_or(|l| l > 1) {
                         let mut clusters = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
                         let pool = entry(&mut clusters, cluster).hosts.entry(host.address).or_default();
-                        pool.http2 = Some(Http2Conn { sender: sender.clone(), uses: 1, streams });
+                        pool.http2.push(Http2Conn { sender: sender.clone(), uses: 1, streams });
                     }
                     (sender, stream, true)
                 }
@@ -343,17 +345,18 @@ impl HttpPools {
     ) -> Option<(http2::SendRequest<ProxyBody>, StreamCount)> {
         let mut clusters = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
         let pool = host_pool(&mut clusters, cluster, addr)?;
-        let conn = pool.http2.as_mut()?;
-        if conn.sender.is_closed() || cluster.connection_expired(conn.streams.born) {
-            // An expired connection takes no new stream and closes once its streams end.
-            pool.http2 = None;
-            return None;
-        }
+        // An expired connection takes no new stream and closes once its streams end.
+        pool.http2.retain(|c| !c.sender.is_closed() && !cluster.connection_expired(c.streams.born));
+        // The first with room under the cluster's max_concurrent_streams, as Envoy's pool assigns streams; none
+        // with room makes the caller open another connection.
+        let cap = cluster.config.http.max_concurrent_streams;
+        let i = pool.http2.iter().position(|c| cap.is_none_or(|cap| c.streams.open.load(Ordering::Relaxed) < cap))?;
+        let conn = &mut pool.http2[i];
         conn.uses += 1;
         // Counted open before the lock goes, so the idle timer never closes a connection a request was given.
         let taken = (conn.sender.clone(), conn.streams.open());
         if limit.is_some_and(|l| conn.uses >= l) {
-            pool.http2 = None;
+            pool.http2.remove(i);
         }
         Some(taken)
     }
@@ -439,12 +442,10 @@ impl PoolRef {
 }
 
 impl Pooled {
-    /// Takes this HTTP/2 connection out of `pool` if it is the pooled one, so no new stream goes to it.
+    /// Takes this HTTP/2 connection out of `pool` if it is pooled, so no new stream goes to it.
     fn unpool_http2(streams: &Arc<Streams>, pool: Option<&mut HostPool>) {
-        if let Some(pool) = pool
-            && pool.http2.as_ref().is_some_and(|c| Arc::ptr_eq(&c.streams, streams))
-        {
-            pool.http2 = None;
+        if let Some(pool) = pool {
+            pool.http2.retain(|c| !Arc::ptr_eq(&c.streams, streams));
         }
     }
 }

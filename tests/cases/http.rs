@@ -2334,3 +2334,44 @@ async fn weighted_clusters_apply_their_own_headers_and_host() {
     }
     assert_eq!(seen.len(), 2, "both clusters picked in 40 requests");
 }
+
+/// Istio's `http.maxConcurrentStreams` (HTTP/2 max_concurrent_streams on the cluster): no upstream connection
+/// carries more streams than that at once; the pool opens more connections as the load needs, and reuses them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_concurrent_streams_caps_streams_per_upstream_connection() {
+    use http_body_util::BodyExt;
+    let up = http_upstream("U").await;
+    let cluster = format!(
+        r#"{}
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{ http2_protocol_options: {{ max_concurrent_streams: 2 }} }}"#,
+        static_cluster("u", &[up])
+    );
+    let server = start(&yaml(&http_listener("h", 0, &routes_to("u", ""), ""), &cluster), Duration::from_secs(1)).await;
+    // One downstream HTTP/2 connection, so one worker and its one pool; streams start 150 ms apart and last 1.5 s,
+    // so each finds the earlier ones still open.
+    let send = h2c_client(listener_addr(&server, "h")).await;
+    for round in 0..2 {
+        let mut tasks = Vec::new();
+        for _ in 0..6 {
+            let mut send = send.clone();
+            tasks.push(tokio::spawn(async move {
+                let req =
+                    hyper::Request::builder().uri("http://x/sleep/1500").body(http_body_util::Empty::new()).unwrap();
+                let resp = send.send_request(req).await.unwrap();
+                let status = resp.status();
+                let body = resp.into_body().collect().await.unwrap().to_bytes();
+                (status, String::from_utf8_lossy(&body).to_string())
+            }));
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+        for t in tasks {
+            let (status, body) = t.await.unwrap();
+            assert_eq!(status, 200, "{body}");
+            assert!(body.contains("version=HTTP/2.0"), "{body}");
+        }
+        assert_eq!(counter(&server, "cluster.u.upstream_cx_total"), 3, "round {round}: 6 streams, 2 per connection");
+    }
+}
