@@ -284,12 +284,15 @@ pub struct UpstreamTls {
     alpn: Vec<Vec<u8>>,
     /// The `sni` to send; None sends none (the host's address stands in for rustls).
     sni: Option<rustls::pki_types::ServerName<'static>>,
+    /// The cluster's `auto_san_validation`: a connection made with an automatic SNI must present a certificate
+    /// whose DNS SAN matches that name (instead of the configured SAN matchers).
+    auto_san: bool,
     built: PerVersion<rustls::ClientConfig>,
 }
 
 impl UpstreamTls {
     /// `default_alpn` is offered when the context lists none (Envoy offers `h2` to a cluster configured for HTTP/2).
-    pub fn from_any(any: &Any, path: &str, default_alpn: &[&str]) -> Result<UpstreamTls, ConfigError> {
+    pub fn from_any(any: &Any, path: &str, default_alpn: &[&str], auto_san: bool) -> Result<UpstreamTls, ConfigError> {
         let ctx: tlspb::UpstreamTlsContext = decode_any(any, path)?;
         let cpath = join(path, "common_tls_context");
         let default = tlspb::CommonTlsContext::default();
@@ -310,7 +313,7 @@ impl UpstreamTls {
         };
         let provider = params::provider(common.tls_params.as_ref(), &join(&cpath, "tls_params"))?;
         let sources = Sources::parse(common, &cpath)?;
-        let tls = UpstreamTls { sources, provider, versions, alpn, sni, built: PerVersion::new() };
+        let tls = UpstreamTls { sources, provider, versions, alpn, sni, auto_san, built: PerVersion::new() };
         if tls.sources.bindings().next().is_none() {
             // Inline only: built (and judged) now, so a bad config is an error of the config.
             let built = tls.build_material(&tls.sources.material(None, None)?)?;
@@ -346,8 +349,12 @@ impl UpstreamTls {
             Some(v) => (Some(v.roots.clone()), v.san.clone()),
             None => (None, Vec::new()),
         };
-        let verifier =
-            Arc::new(UpstreamVerifier { roots, san, algorithms: provider.signature_verification_algorithms });
+        let verifier = Arc::new(UpstreamVerifier {
+            roots,
+            san,
+            auto_san: self.auto_san,
+            algorithms: provider.signature_verification_algorithms,
+        });
         let builder = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&self.versions)
             .map_err(|e| ConfigError::new(join(&self.sources.path, "tls_params"), e.to_string()))?
@@ -361,15 +368,23 @@ impl UpstreamTls {
         Ok(config)
     }
 
-    /// Runs the TLS handshake over a connected upstream socket.
+    /// Runs the TLS handshake over a connected upstream socket; `auto_sni` (the request's host, with the cluster's
+    /// `auto_sni`) replaces the configured `sni`.
     pub async fn connect(
         &self,
         stream: tokio::net::TcpStream,
         host: std::net::SocketAddr,
+        auto_sni: Option<&str>,
     ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
         // Envoy's "secrets not ready": the connection fails, the cluster stays.
         let config = self.client_config().map_err(std::io::Error::other)?;
-        let name = self.sni.clone().unwrap_or_else(|| rustls::pki_types::ServerName::IpAddress(host.ip().into()));
+        // With auto_san_validation the verifier checks the certificate against a DNS server name; Istio sets it only
+        // without a configured `sni`, so a connection without an automatic one (an IP host) keeps the matchers.
+        let name = match auto_sni.map(|n| rustls::pki_types::ServerName::try_from(n.to_string())) {
+            Some(Ok(name)) => name,
+            Some(Err(e)) => return Err(std::io::Error::other(format!("automatic SNI: {e}"))),
+            None => self.sni.clone().unwrap_or_else(|| rustls::pki_types::ServerName::IpAddress(host.ip().into())),
+        };
         tokio_rustls::TlsConnector::from(config).connect(name, stream).await
     }
 }
@@ -403,10 +418,13 @@ impl rustls::client::ResolvesClientCert for FixedCert {
 /// Envoy's upstream certificate check: the chain must lead to the trusted CA (when one is configured) and, with
 /// `match_typed_subject_alt_names`, carry a matching SAN. Unlike a browser, Envoy does not compare the certificate
 /// with the SNI (Istio sends `outbound_.PORT_._.HOST` and matches the SPIFFE ID instead).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct UpstreamVerifier {
     roots: Option<Arc<rustls::RootCertStore>>,
     san: Vec<SanMatcher>,
+    /// `auto_san_validation`: the certificate's DNS SANs must match the server name the handshake used (the
+    /// automatic SNI), in place of `san`.
+    auto_san: bool,
     algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
 }
 
@@ -415,7 +433,7 @@ impl rustls::client::danger::ServerCertVerifier for UpstreamVerifier {
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
+        server_name: &rustls::pki_types::ServerName<'_>,
         _ocsp: &[u8],
         now: rustls::pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
@@ -429,7 +447,14 @@ impl rustls::client::danger::ServerCertVerifier for UpstreamVerifier {
                 self.algorithms.all,
             )?;
         }
-        if !self.san.is_empty() {
+        if self.auto_san
+            && let rustls::pki_types::ServerName::DnsName(name) = server_name
+        {
+            let names = subject_alt_names(end_entity.as_ref());
+            if !names.iter().any(|(kind, san)| *kind == SanKind::Dns && dns_name_matches(san, name.as_ref())) {
+                return Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName));
+            }
+        } else if !self.san.is_empty() {
             let names = subject_alt_names(end_entity.as_ref());
             let ok = self.san.iter().any(|m| names.iter().any(|n| m.matches(n)));
             if !ok {
@@ -894,9 +919,30 @@ fn tlv(b: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((value, &b[header + len..]))
 }
 
+/// A certificate DNS SAN against a host name, as Envoy's DNS SAN check does: equal ignoring case, or a `*.` wildcard
+/// standing for exactly one leftmost label.
+fn dns_name_matches(san: &str, name: &str) -> bool {
+    if san.eq_ignore_ascii_case(name) {
+        return true;
+    }
+    match (san.strip_prefix("*."), name.split_once('.')) {
+        (Some(suffix), Some((label, rest))) => !label.is_empty() && rest.eq_ignore_ascii_case(suffix),
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dns_sans_match_names_as_envoys_auto_san_validation_does() {
+        assert!(dns_name_matches("API.example", "api.example"));
+        assert!(dns_name_matches("*.example", "api.example"));
+        assert!(!dns_name_matches("*.example", "a.b.example"), "a wildcard stands for one label");
+        assert!(!dns_name_matches("*.example", "example"));
+        assert!(!dns_name_matches("api.example", "web.example"));
+    }
 
     #[test]
     fn subject_alt_names_are_read_from_the_certificate() {
@@ -938,9 +984,9 @@ mod tests {
             type_url: format!("type.googleapis.com/{TYPE_UPSTREAM_TLS}"),
             value: prost::Message::encode_to_vec(&ctx),
         };
-        let h2 = UpstreamTls::from_any(&any, "t", &["h2"]).unwrap_or_else(|e| panic!("{e}"));
+        let h2 = UpstreamTls::from_any(&any, "t", &["h2"], false).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(h2.client_config().map(|c| c.alpn_protocols.clone()), Ok(vec![b"h2".to_vec()]));
-        let plain = UpstreamTls::from_any(&any, "t", &[]).unwrap_or_else(|e| panic!("{e}"));
+        let plain = UpstreamTls::from_any(&any, "t", &[], false).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(plain.client_config().map(|c| c.alpn_protocols.is_empty()), Ok(true));
     }
 

@@ -459,6 +459,10 @@ const POLICIES: &[(&str, Policy)] = {
                     "common_http_protocol_options",
                     Only(&["idle_timeout", "max_requests_per_connection", "max_connection_duration"]),
                 ),
+                (
+                    "upstream_http_protocol_options",
+                    Only(&["auto_sni", "auto_san_validation", "override_auto_sni_header"]),
+                ),
                 ("explicit_http_config", Fields(UPSTREAM_CODECS)),
                 ("use_downstream_protocol_config", Fields(UPSTREAM_CODECS)),
                 ("auto_config", Fields(UPSTREAM_CODECS)),

@@ -445,6 +445,11 @@ pub struct HttpUpstream {
     /// HTTP/2's `max_concurrent_streams` (Istio's `http.maxConcurrentStreams`): streams per upstream connection
     /// before the pool opens another; None at Envoy's default (2^31 - 1) or above 2^30, as Istio sends it unset.
     pub max_concurrent_streams: Option<u32>,
+    /// `upstream_http_protocol_options.auto_sni`: a new TLS connection's SNI is the request's host (Some(None)) or
+    /// this header's value (`override_auto_sni_header`); connections are pooled by that name.
+    pub auto_sni: Option<Option<http::HeaderName>>,
+    /// `upstream_http_protocol_options.auto_san_validation`: the certificate must carry that name as a DNS SAN.
+    pub auto_san_validation: bool,
 }
 
 impl Default for HttpUpstream {
@@ -459,6 +464,8 @@ impl Default for HttpUpstream {
             max_retries: 3,
             track_remaining: false,
             max_concurrent_streams: None,
+            auto_sni: None,
+            auto_san_validation: false,
         }
     }
 }
@@ -482,7 +489,12 @@ fn upstream_tls(
     match crate::config::listener::type_name(&any.type_url) {
         crate::tls::TYPE_UPSTREAM_TLS => {
             let alpn: &[&str] = if http.protocol == UpstreamProtocol::Http2 { &["h2"] } else { &[] };
-            Ok(Some(Arc::new(crate::tls::UpstreamTls::from_any(any, &join(path, "typed_config"), alpn)?)))
+            Ok(Some(Arc::new(crate::tls::UpstreamTls::from_any(
+                any,
+                &join(path, "typed_config"),
+                alpn,
+                http.auto_san_validation,
+            )?)))
         }
         "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer" => Ok(None),
         other => Err(ConfigError::new(path, format!("transport socket '{other}' is not supported"))),
@@ -594,6 +606,26 @@ fn http_upstream(c: &cpb::Cluster) -> Result<HttpUpstream, ConfigError> {
                 let d = super::duration(d, &join(&path, "common_http_protocol_options.max_connection_duration"))?;
                 out.max_connection_duration = (!d.is_zero()).then_some(d);
             }
+        }
+        if let Some(u) = &o.upstream_http_protocol_options {
+            let upath = join(&path, "upstream_http_protocol_options");
+            if u.auto_sni {
+                out.auto_sni = Some(match u.override_auto_sni_header.as_str() {
+                    "" => None,
+                    h => Some(http::HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).map_err(|_| {
+                        ConfigError::new(join(&upath, "override_auto_sni_header"), "not a valid header name")
+                    })?),
+                });
+            } else if !u.override_auto_sni_header.is_empty() {
+                return Err(ConfigError::new(join(&upath, "override_auto_sni_header"), "needs auto_sni"));
+            }
+            if u.auto_san_validation && !u.auto_sni {
+                return Err(ConfigError::new(
+                    join(&upath, "auto_san_validation"),
+                    "auto_san_validation without auto_sni is not supported",
+                ));
+            }
+            out.auto_san_validation = u.auto_san_validation;
         }
         // Istio sends 2^30: our upstream HTTP/2 connections open as many streams as the server's SETTINGS allow,
         // one connection per host, so only a cap at least that high is what we do.

@@ -218,7 +218,7 @@ impl TcpProxy {
             None => Either::Left(up_stream),
             Some(tls) => {
                 let handshake =
-                    tokio::time::timeout(cluster.config.connect_timeout, tls.connect(up_stream, host.address));
+                    tokio::time::timeout(cluster.config.connect_timeout, tls.connect(up_stream, host.address, None));
                 match handshake.await {
                     Ok(Ok(s)) => Either::Right(Box::new(s)),
                     Ok(Err(e)) => {

@@ -121,8 +121,12 @@ struct HostPool {
 struct ClusterPools {
     /// The cluster version these pools belong to: a replaced cluster starts afresh.
     cluster: Weak<Cluster>,
-    hosts: HashMap<SocketAddr, HostPool>,
+    hosts: HashMap<PoolKey, HostPool>,
 }
+
+/// Which connections an exchange may share: the host's, and with `auto_sni` those made with the same SNI (Envoy
+/// keys its pools by the SNI then, so a connection made for one name never carries a request for another).
+type PoolKey = (SocketAddr, Option<Arc<str>>);
 
 type Shared = Arc<Mutex<HashMap<String, ClusterPools>>>;
 
@@ -163,7 +167,7 @@ impl Lease {
 pub struct Http1Lease {
     pools: Shared,
     cluster: Arc<Cluster>,
-    addr: SocketAddr,
+    key: PoolKey,
     conn: Http1Conn,
     /// The request body's progress: a connection whose request was not sent to its end is not reusable.
     request: Option<Arc<crate::network::http::body::Progress>>,
@@ -193,7 +197,7 @@ impl Http1Lease {
         if !std::ptr::eq(pools.cluster.as_ptr(), Arc::as_ptr(&self.cluster)) {
             return;
         }
-        pools.hosts.entry(self.addr).or_default().http1.push(self.conn);
+        pools.hosts.entry(self.key).or_default().http1.push(self.conn);
     }
 }
 
@@ -201,13 +205,13 @@ impl Http1Lease {
 fn host_pool<'a>(
     clusters: &'a mut HashMap<String, ClusterPools>,
     cluster: &Arc<Cluster>,
-    addr: SocketAddr,
+    key: &PoolKey,
 ) -> Option<&'a mut HostPool> {
     let pools = clusters.get_mut(cluster.name())?;
     if !std::ptr::eq(pools.cluster.as_ptr(), Arc::as_ptr(cluster)) {
         return None;
     }
-    pools.hosts.get_mut(&addr)
+    pools.hosts.get_mut(key)
 }
 
 /// The cluster's pools, replaced when the cluster itself was (a CDS update): old connections are let go.
@@ -231,9 +235,11 @@ impl HttpPools {
         protocol: Protocol,
         req: Request<ProxyBody>,
     ) -> Result<(Response<Incoming>, Option<Lease>), PoolError> {
+        let sni = cluster.config.http.auto_sni.as_ref().and_then(|header| auto_sni(&req, header.as_ref()));
+        let key = (host.address, sni);
         match protocol {
-            Protocol::Http1 => self.send_http1(cluster, host, req).await,
-            Protocol::Http2 => self.send_http2(cluster, host, req).await.map(|(r, s)| (r, Some(Lease::Http2(s)))),
+            Protocol::Http1 => self.send_http1(cluster, host, key, req).await,
+            Protocol::Http2 => self.send_http2(cluster, host, key, req).await.map(|(r, s)| (r, Some(Lease::Http2(s)))),
         }
     }
 
@@ -241,19 +247,20 @@ impl HttpPools {
         &self,
         cluster: &Arc<Cluster>,
         host: &Arc<Host>,
+        key: PoolKey,
         mut req: Request<ProxyBody>,
     ) -> Result<(Response<Incoming>, Option<Lease>), PoolError> {
         let limit = cluster.config.http.max_requests_per_connection;
         // An idle connection may turn out to be gone when the request is tried on it; the request comes back unsent
         // and goes to the next one, ending with a fresh connection.
         loop {
-            let (mut conn, fresh) = match self.take_http1(cluster, host.address) {
+            let (mut conn, fresh) = match self.take_http1(cluster, &key) {
                 Some(c) => (c, false),
                 None => {
                     let _pending = cluster.start_pending().ok_or(PoolError::PendingOverflow)?;
                     // Boxed: connecting is the rare path and its future is large; inline it would be copied with
                     // every request's future.
-                    (Box::pin(self.connect_http1(cluster, host)).await?, true)
+                    (Box::pin(self.connect_http1(cluster, host, &key)).await?, true)
                 }
             };
             if !fresh && conn.sender.ready().await.is_err() {
@@ -269,7 +276,7 @@ impl HttpPools {
                         Lease::Http1(Http1Lease {
                             pools: self.clusters.clone(),
                             cluster: cluster.clone(),
-                            addr: host.address,
+                            key: key.clone(),
                             conn,
                             request: None,
                         })
@@ -288,19 +295,20 @@ impl HttpPools {
         &self,
         cluster: &Arc<Cluster>,
         host: &Arc<Host>,
+        key: PoolKey,
         mut req: Request<ProxyBody>,
     ) -> Result<(Response<Incoming>, StreamCount), PoolError> {
         let limit = cluster.config.http.max_requests_per_connection;
         loop {
-            let (mut sender, stream, fresh) = match self.take_http2(cluster, host.address, limit) {
+            let (mut sender, stream, fresh) = match self.take_http2(cluster, &key, limit) {
                 Some((s, stream)) => (s, stream, false),
                 None => {
                     let _pending = cluster.start_pending().ok_or(PoolError::PendingOverflow)?;
-                    let (sender, streams) = Box::pin(self.connect_http2(cluster, host)).await?;
+                    let (sender, streams) = Box::pin(self.connect_http2(cluster, host, &key)).await?;
                     let stream = streams.open();
                     if limit.is_none_or(|l| l > 1) {
                         let mut clusters = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
-                        let pool = entry(&mut clusters, cluster).hosts.entry(host.address).or_default();
+                        let pool = entry(&mut clusters, cluster).hosts.entry(key.clone()).or_default();
                         pool.http2.push(Http2Conn { sender: sender.clone(), uses: 1, streams });
                     }
                     (sender, stream, true)
@@ -316,9 +324,9 @@ impl HttpPools {
         }
     }
 
-    fn take_http1(&self, cluster: &Arc<Cluster>, addr: SocketAddr) -> Option<Http1Conn> {
+    fn take_http1(&self, cluster: &Arc<Cluster>, key: &PoolKey) -> Option<Http1Conn> {
         let mut clusters = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
-        let pool = host_pool(&mut clusters, cluster, addr)?;
+        let pool = host_pool(&mut clusters, cluster, key)?;
         let idle = cluster.config.http.idle_timeout;
         let now = Instant::now();
         while let Some(conn) = pool.http1.pop() {
@@ -340,11 +348,11 @@ impl HttpPools {
     fn take_http2(
         &self,
         cluster: &Arc<Cluster>,
-        addr: SocketAddr,
+        key: &PoolKey,
         limit: Option<u32>,
     ) -> Option<(http2::SendRequest<ProxyBody>, StreamCount)> {
         let mut clusters = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
-        let pool = host_pool(&mut clusters, cluster, addr)?;
+        let pool = host_pool(&mut clusters, cluster, key)?;
         // An expired connection takes no new stream and closes once its streams end.
         pool.http2.retain(|c| !c.sender.is_closed() && !cluster.connection_expired(c.streams.born));
         // The first with room under the cluster's max_concurrent_streams, as Envoy's pool assigns streams; none
@@ -361,16 +369,21 @@ impl HttpPools {
         Some(taken)
     }
 
-    async fn connect_http1(&self, cluster: &Arc<Cluster>, host: &Arc<Host>) -> Result<Http1Conn, PoolError> {
-        let (io, addr, slot) = connect_io(cluster, host).await?;
+    async fn connect_http1(
+        &self,
+        cluster: &Arc<Cluster>,
+        host: &Arc<Host>,
+        key: &PoolKey,
+    ) -> Result<Http1Conn, PoolError> {
+        let (io, addr, slot) = connect_io(cluster, host, key.1.as_deref()).await?;
         let (sender, conn) = http1::Builder::new()
             .handshake::<_, ProxyBody>(TokioIo::new(io))
             .await
             .map_err(|e| PoolError::Handshake(addr, e))?;
         static IDS: AtomicU64 = AtomicU64::new(0);
         let id = IDS.fetch_add(1, Ordering::Relaxed);
-        let idle = self.idle_timer(cluster, addr, Pooled::Http1(id));
-        let aged = self.age_timer(cluster, addr, Pooled::Http1(id));
+        let idle = self.idle_timer(cluster, key, Pooled::Http1(id));
+        let aged = self.age_timer(cluster, key, Pooled::Http1(id));
         tokio::spawn(async move {
             tokio::select! {
                 r = conn.with_upgrades() => if let Err(e) = r {
@@ -388,15 +401,16 @@ impl HttpPools {
         &self,
         cluster: &Arc<Cluster>,
         host: &Arc<Host>,
+        key: &PoolKey,
     ) -> Result<(http2::SendRequest<ProxyBody>, Arc<Streams>), PoolError> {
-        let (io, addr, slot) = connect_io(cluster, host).await?;
+        let (io, addr, slot) = connect_io(cluster, host, key.1.as_deref()).await?;
         let mut builder = http2::Builder::new(TokioExecutor::new());
         builder.timer(TokioTimer::new());
         let (sender, conn) =
             builder.handshake::<_, ProxyBody>(TokioIo::new(io)).await.map_err(|e| PoolError::Handshake(addr, e))?;
         let streams = Streams::new();
-        let idle = self.idle_timer(cluster, addr, Pooled::Http2(streams.clone()));
-        let aged = self.age_timer(cluster, addr, Pooled::Http2(streams.clone()));
+        let idle = self.idle_timer(cluster, key, Pooled::Http2(streams.clone()));
+        let aged = self.age_timer(cluster, key, Pooled::Http2(streams.clone()));
         tokio::spawn(async move {
             tokio::select! {
                 r = conn => if let Err(e) = r {
@@ -423,12 +437,17 @@ struct PoolRef {
     pools: Shared,
     version: Weak<Cluster>,
     name: String,
-    addr: SocketAddr,
+    key: PoolKey,
 }
 
 impl PoolRef {
-    fn new(pools: &Shared, cluster: &Arc<Cluster>, addr: SocketAddr) -> Self {
-        PoolRef { pools: pools.clone(), version: Arc::downgrade(cluster), name: cluster.name().to_string(), addr }
+    fn new(pools: &Shared, cluster: &Arc<Cluster>, key: &PoolKey) -> Self {
+        PoolRef {
+            pools: pools.clone(),
+            version: Arc::downgrade(cluster),
+            name: cluster.name().to_string(),
+            key: key.clone(),
+        }
     }
 
     fn with<R>(&self, f: impl FnOnce(Option<&mut HostPool>) -> R) -> R {
@@ -436,7 +455,7 @@ impl PoolRef {
         let pool = clusters
             .get_mut(&self.name)
             .filter(|p| Weak::ptr_eq(&p.cluster, &self.version))
-            .and_then(|p| p.hosts.get_mut(&self.addr));
+            .and_then(|p| p.hosts.get_mut(&self.key));
         f(pool)
     }
 }
@@ -454,8 +473,8 @@ impl HttpPools {
     /// Resolves once the connection has had no request for the cluster's idle timeout, after taking it out of the
     /// pool and counting `upstream_cx_idle_timeout`; never while an exchange uses it, never without a timeout. It
     /// only sleeps and looks when the deadline comes, so a busy connection costs it nothing per request.
-    fn idle_timer(&self, cluster: &Arc<Cluster>, addr: SocketAddr, conn: Pooled) -> impl Future<Output = ()> + use<> {
-        let home = PoolRef::new(&self.clusters, cluster, addr);
+    fn idle_timer(&self, cluster: &Arc<Cluster>, key: &PoolKey, conn: Pooled) -> impl Future<Output = ()> + use<> {
+        let home = PoolRef::new(&self.clusters, cluster, key);
         let timeout = cluster.config.http.idle_timeout;
         let counter = cluster.stats.upstream_cx_idle_timeout.clone();
         async move {
@@ -501,8 +520,8 @@ impl HttpPools {
     /// Resolves when the connection should close for its max_connection_duration, counting
     /// `upstream_cx_max_duration_reached`: at once if it sits idle in the pool then, else once its exchanges are
     /// over (it takes no new one). Never without a limit.
-    fn age_timer(&self, cluster: &Arc<Cluster>, addr: SocketAddr, conn: Pooled) -> impl Future<Output = ()> + use<> {
-        let home = PoolRef::new(&self.clusters, cluster, addr);
+    fn age_timer(&self, cluster: &Arc<Cluster>, key: &PoolKey, conn: Pooled) -> impl Future<Output = ()> + use<> {
+        let home = PoolRef::new(&self.clusters, cluster, key);
         let limit = cluster.config.http.max_connection_duration;
         let counter = cluster.stats.upstream_cx_max_duration_reached.clone();
         let born = Instant::now();
@@ -546,6 +565,7 @@ type UpstreamIo = tokio_util::either::Either<TcpStream, Box<tokio_rustls::client
 async fn connect_io(
     cluster: &Arc<Cluster>,
     host: &Arc<Host>,
+    sni: Option<&str>,
 ) -> Result<(UpstreamIo, SocketAddr, super::cluster::ConnectionSlot), PoolError> {
     use tokio_util::either::Either;
     let upstream = cluster.connect_to(host.clone()).await?;
@@ -553,7 +573,7 @@ async fn connect_io(
     let addr = host.address;
     let io = match cluster.config.tls_for(host.labels.as_deref()) {
         None => Either::Left(stream),
-        Some(tls) => match tokio::time::timeout(cluster.config.connect_timeout, tls.connect(stream, addr)).await {
+        Some(tls) => match tokio::time::timeout(cluster.config.connect_timeout, tls.connect(stream, addr, sni)).await {
             Ok(Ok(s)) => Either::Right(Box::new(s)),
             Ok(Err(e)) => return Err(PoolError::Tls(addr, e)),
             Err(_) => {
@@ -565,4 +585,27 @@ async fn connect_io(
         },
     };
     Ok((io, addr, slot))
+}
+
+/// The SNI `auto_sni` gives a new upstream connection: the request's host (or the `override_auto_sni_header`'s
+/// value) without its port, as Envoy takes it after routing; none for an IP address, which SNI cannot carry.
+fn auto_sni(req: &Request<ProxyBody>, header: Option<&http::HeaderName>) -> Option<Arc<str>> {
+    let value = match header {
+        Some(h) => req.headers().get(h)?.to_str().ok()?,
+        None => match req.headers().get(http::header::HOST) {
+            Some(v) => v.to_str().ok()?,
+            None => req.uri().authority()?.as_str(),
+        },
+    };
+    let host = match value.strip_prefix('[') {
+        Some(_) => return None,
+        None => value
+            .rsplit_once(':')
+            .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
+            .map_or(value, |(h, _)| h),
+    };
+    if host.is_empty() || host.parse::<std::net::IpAddr>().is_ok() {
+        return None;
+    }
+    Some(Arc::from(host))
 }

@@ -594,3 +594,58 @@ pub(crate) fn pem_der(pem: &str) -> Vec<u8> {
     use rustls::pki_types::pem::PemObject;
     rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap().to_vec()
 }
+
+/// Istio's TLS origination without a DestinationRule `sni` (auto_sni and auto_san_validation since 1.21): each new
+/// upstream connection's SNI is the request's host, its certificate must carry that name, and connections are
+/// pooled per name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_sni_names_each_upstream_connection_after_the_request_host() {
+    let pki = Pki::new();
+    let backend = pki.leaf(&["a.example", "*.wild.example"], &[]);
+    let plain = http_upstream("TLS-UP").await;
+    let acceptor = tls_acceptor(&backend);
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let names = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let (acceptor, names) = (acceptor.clone(), names.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(s).await else { return };
+                names.lock().unwrap().push(tls.get_ref().1.server_name().unwrap_or("-").to_string());
+                let Ok(plain) = TcpStream::connect(plain).await else { return };
+                let (mut a, mut b) = (tls, plain);
+                let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+            });
+        }
+    });
+    let cluster = format!(
+        r#"{}
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        upstream_http_protocol_options: {{ auto_sni: true, auto_san_validation: true }}
+        explicit_http_config: {{ http_protocol_options: {{}} }}
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config: {{ "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext, common_tls_context: {{ validation_context: {{ trusted_ca: {{ inline_string: {} }} }} }} }}"#,
+        static_cluster("egress", &[up]),
+        lit(&pki.ca_pem())
+    );
+    let routes = r#"          route_config: { name: r, virtual_hosts: [ { name: all, domains: ['*'], routes: [ { match: { prefix: / }, route: { cluster: egress } } ] } ] }"#;
+    let yaml = format!("static_resources:\n  listeners:{}\n  clusters:{cluster}\n", http_listener("h", 0, routes, ""));
+    let proxy = start(&yaml, Duration::from_secs(1)).await;
+    let mut c = http1_client(listener_addr(&proxy, "h")).await;
+    for host in ["a.example", "x.wild.example:8443", "a.example"] {
+        let (status, _, body) = http1_request(&mut c, "GET", "/", host, &[]).await;
+        assert_eq!(status, 200, "{host}: {body}");
+        assert!(body.starts_with("TLS-UP\n"), "{body}");
+    }
+    assert_eq!(*seen.lock().unwrap(), ["a.example", "x.wild.example"], "one connection per name, the port left out");
+    assert_eq!(counter(&proxy, "cluster.egress.upstream_cx_total"), 2);
+    // A name the certificate does not carry: the handshake is refused, nothing is sent.
+    let (status, _, body) = http1_request(&mut c, "GET", "/", "other.example", &[]).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(seen.lock().unwrap().len(), 2, "the upstream saw no completed handshake for other.example");
+}
