@@ -560,63 +560,81 @@ impl Cluster {
     /// Envoy's priority load for a set of several priorities: each level's health is min(100, 1.4 × in service /
     /// all hosts) percent; levels take load best first, as much as their health (normalized to the total health, at
     /// most 100) allows, the rest going on down. A request draws its level by that load (a hashed request by its
-    /// hash modulo 100, as Envoy's choosePriority does). When no level has any health: with a panic threshold, every
-    /// level is in panic and load follows host counts; without, the first level (which then has no host in
-    /// service). Returns the level and whether it is in panic.
+    /// hash modulo 100, as Envoy's choosePriority does). A level is in panic with fewer of its hosts in service than
+    /// the threshold; when every level is (or none has any health, with a threshold), load follows host counts
+    /// instead. Without a threshold and without health: the first level, which then has no host in service.
+    /// Returns the level and whether it is in panic.
     fn choose_level(&self, set: &HostSet, any_ejected: bool, hash: Option<u64>) -> (usize, bool) {
+        const ON_STACK: usize = 16;
         let levels = &set.levels;
-        let in_service: Vec<usize> = levels
-            .iter()
-            .map(|l| {
-                let hosts = &set.hosts[l.start..l.end];
-                if any_ejected { hosts.iter().filter(|h| !h.is_ejected()).count() } else { hosts.len() }
-            })
-            .collect();
-        let health: Vec<usize> =
-            levels.iter().zip(&in_service).map(|(l, n)| (OVERPROVISIONING * n / l.total.max(1)).min(100)).collect();
-        let normalized = health.iter().sum::<usize>().min(100);
+        let n = levels.len();
+        let (mut stack_in, mut stack_load) = ([0usize; ON_STACK], [0usize; ON_STACK]);
+        let (mut heap_in, mut heap_load): (Vec<usize>, Vec<usize>);
+        let (in_service, loads): (&mut [usize], &mut [usize]) = if n <= ON_STACK {
+            (&mut stack_in[..n], &mut stack_load[..n])
+        } else {
+            heap_in = vec![0; n];
+            heap_load = vec![0; n];
+            (&mut heap_in, &mut heap_load)
+        };
         let threshold = self.config.healthy_panic_threshold;
+        let panic = |i: usize, up: usize| (up as f64) * 100.0 < threshold * levels[i].total as f64;
+        let mut sum = 0;
+        let mut all_panic = true;
+        for (i, l) in levels.iter().enumerate() {
+            let hosts = &set.hosts[l.start..l.end];
+            let up = if any_ejected { hosts.iter().filter(|h| !h.is_ejected()).count() } else { hosts.len() };
+            in_service[i] = up;
+            loads[i] = (OVERPROVISIONING * up / l.total.max(1)).min(100);
+            sum += loads[i];
+            all_panic &= panic(i, up);
+        }
+        let normalized = sum.min(100);
         let draw = match hash {
             Some(h) => (h % 100) as usize,
             None => rand::random_range(0..100),
         };
-        let by_load = |loads: &[usize]| {
-            let mut x = draw;
-            loads.iter().position(|load| {
+        if normalized == 0 && threshold <= 0.0 {
+            return (0, false);
+        }
+        if normalized == 0 || all_panic {
+            // Envoy's total panic: load in proportion to each level's hosts, every level using all of them.
+            let all: usize = levels.iter().map(|l| l.total).sum::<usize>().max(1);
+            let mut x = draw * all / 100;
+            let i = levels
+                .iter()
+                .position(|l| {
+                    if x < l.total {
+                        return true;
+                    }
+                    x -= l.total;
+                    false
+                })
+                .unwrap_or(0);
+            return (i, true);
+        }
+        // Health becomes load, best level first; rounding leaves a little, which goes to the first level with any
+        // health, as in Envoy.
+        let mut remaining = 100usize;
+        for load in loads.iter_mut() {
+            *load = (*load * 100 / normalized).min(remaining);
+            remaining -= *load;
+        }
+        if let Some(first) = loads.iter().position(|l| *l > 0) {
+            loads[first] += remaining;
+        }
+        let mut x = draw;
+        let i = loads
+            .iter()
+            .position(|load| {
                 if x < *load {
                     return true;
                 }
                 x -= load;
                 false
             })
-        };
-        if normalized == 0 {
-            if threshold <= 0.0 {
-                return (0, false);
-            }
-            let all: usize = levels.iter().map(|l| l.total).sum();
-            let loads: Vec<usize> = levels.iter().map(|l| l.total * 100 / all.max(1)).collect();
-            let mut loads = loads;
-            let rest = 100 - loads.iter().sum::<usize>().min(100);
-            loads[0] += rest;
-            return (by_load(&loads).unwrap_or(0), true);
-        }
-        let mut remaining = 100usize;
-        let mut loads: Vec<usize> = health
-            .iter()
-            .map(|h| {
-                let load = (h * 100 / normalized).min(remaining);
-                remaining -= load;
-                load
-            })
-            .collect();
-        // Rounding leaves a little: it goes to the first level with any health, as in Envoy.
-        if let Some(first) = health.iter().position(|h| *h > 0) {
-            loads[first] += remaining;
-        }
-        let i = by_load(&loads).unwrap_or(0);
-        let panic = (in_service[i] as f64) * 100.0 < threshold * levels[i].total as f64;
-        (i, panic)
+            .unwrap_or(0);
+        (i, panic(i, in_service[i]))
     }
 
     /// Whether an upstream connection opened at `born` is past the cluster's max_connection_duration.

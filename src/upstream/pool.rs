@@ -384,6 +384,7 @@ impl HttpPools {
         let id = IDS.fetch_add(1, Ordering::Relaxed);
         let idle = self.idle_timer(cluster, key, Pooled::Http1(id));
         let aged = self.age_timer(cluster, key, Pooled::Http1(id));
+        let home = PoolRef::new(&self.clusters, cluster, key);
         tokio::spawn(async move {
             tokio::select! {
                 r = conn.with_upgrades() => if let Err(e) = r {
@@ -393,6 +394,7 @@ impl HttpPools {
                 () = aged => debug!(upstream = %addr, "upstream connection closed at its max_connection_duration"),
             }
             drop(slot);
+            home.prune();
         });
         Ok(Http1Conn { sender, uses: 0, born: Instant::now(), idle_since: Instant::now(), id })
     }
@@ -411,6 +413,7 @@ impl HttpPools {
         let streams = Streams::new();
         let idle = self.idle_timer(cluster, key, Pooled::Http2(streams.clone()));
         let aged = self.age_timer(cluster, key, Pooled::Http2(streams.clone()));
+        let home = PoolRef::new(&self.clusters, cluster, key);
         tokio::spawn(async move {
             tokio::select! {
                 r = conn => if let Err(e) = r {
@@ -420,6 +423,7 @@ impl HttpPools {
                 () = aged => debug!(upstream = %addr, "upstream connection closed at its max_connection_duration"),
             }
             drop(slot);
+            home.prune();
         });
         Ok((sender, streams))
     }
@@ -447,6 +451,17 @@ impl PoolRef {
             version: Arc::downgrade(cluster),
             name: cluster.name().to_string(),
             key: key.clone(),
+        }
+    }
+
+    /// Forgets the pool once it holds no connection, so that pools keyed by names a client chose (auto_sni) do not
+    /// pile up.
+    fn prune(&self) {
+        let mut clusters = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = clusters.get_mut(&self.name).filter(|p| Weak::ptr_eq(&p.cluster, &self.version))
+            && p.hosts.get(&self.key).is_some_and(|h| h.http1.is_empty() && h.http2.is_empty())
+        {
+            p.hosts.remove(&self.key);
         }
     }
 

@@ -565,7 +565,8 @@ fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
                 Some(unquoted) => unquoted,
                 None => v,
             };
-            (k == name).then_some(v)
+            // An empty value is no cookie at all to Envoy.
+            (k == name && !v.is_empty()).then_some(v)
         })
     })
 }
@@ -589,8 +590,8 @@ pub struct WeightedClusters {
 }
 
 /// A weighted cluster entry's own header mutations and host rewrite, applied when it is picked: its headers before
-/// the route's, virtual host's and configuration's (as the most specific level), its host rewrite instead of the
-/// route's.
+/// the route's, virtual host's and configuration's; its host rewrite unless the route rewrites the host itself
+/// (Envoy applies the entry's, then the route's over it).
 #[derive(Debug)]
 pub struct ClusterExtras {
     request_headers: HeaderMutations,
@@ -1786,27 +1787,18 @@ impl<'a> Matched<'a> {
         );
     }
 
-    /// As [`Matched::apply_request_headers`], with the picked weighted cluster's own mutations as the most specific
-    /// level.
+    /// As [`Matched::apply_request_headers`], after the picked weighted cluster's own mutations: Envoy applies the
+    /// entry's first, then the route's as it always does (so with `most_specific_header_mutations_wins` too, the
+    /// entry's come first).
     pub fn apply_request_headers_with(&self, cluster: &ClusterExtras, headers: &mut HeaderMap) {
-        let levels = [
-            &cluster.request_headers,
-            &self.route.request_headers,
-            &self.vhost.request_headers,
-            &self.table.request_headers,
-        ];
-        self.apply(&levels, headers);
+        cluster.request_headers.apply(headers);
+        self.apply_request_headers(headers);
     }
 
-    /// As [`Matched::apply_response_headers`], with the picked weighted cluster's own mutations first.
+    /// As [`Matched::apply_response_headers`], after the picked weighted cluster's own mutations.
     pub fn apply_response_headers_with(&self, cluster: &ClusterExtras, headers: &mut HeaderMap) {
-        let levels = [
-            &cluster.response_headers,
-            &self.route.response_headers,
-            &self.vhost.response_headers,
-            &self.table.response_headers,
-        ];
-        self.apply(&levels, headers);
+        cluster.response_headers.apply(headers);
+        self.apply_response_headers(headers);
     }
 
     fn apply(&self, most_specific_first: &[&HeaderMutations], headers: &mut HeaderMap) {
@@ -4033,6 +4025,11 @@ mod tests {
         let mut set = Vec::new();
         assert_eq!(a.request_hash(&back, &uri, &source, &mut set), Some(hash_value(made.as_bytes())));
         assert!(set.is_empty(), "the request has the cookie");
+        let mut empty = HeaderMap::new();
+        empty.insert(http::header::COOKIE, HeaderValue::from_static("sid="));
+        let mut set = Vec::new();
+        assert_eq!(a.request_hash(&empty, &uri, &source, &mut set), Some(hash_value(made.as_bytes())));
+        assert_eq!(set.len(), 1, "an empty cookie is no cookie: one is made up");
     }
 
     /// The gRPC wire spec's `grpc-timeout` (digits and a unit) and how a route's max_stream_duration uses it.

@@ -472,14 +472,9 @@ fn prepare_request_headers(conn: &Connection, headers: &mut HeaderMap) -> Option
 /// The x-envoy-* headers only an internal request may carry (Envoy's `cleanInternalHeaders`); an edge request also
 /// loses the ones naming a downstream Envoy.
 fn clean_internal_headers(headers: &mut HeaderMap, edge: bool) {
-    if edge {
-        for name in
-            ["x-envoy-decorator-operation", "x-envoy-downstream-service-cluster", "x-envoy-downstream-service-node"]
-        {
-            headers.remove(name);
-        }
-    }
-    for name in [
+    const EDGE_ONLY: [&str; 3] =
+        ["x-envoy-decorator-operation", "x-envoy-downstream-service-cluster", "x-envoy-downstream-service-node"];
+    const EXTERNAL: [&str; 14] = [
         "x-envoy-retriable-status-codes",
         "x-envoy-retriable-header-names",
         "x-envoy-retry-on",
@@ -494,7 +489,17 @@ fn clean_internal_headers(headers: &mut HeaderMap, edge: bool) {
         "x-envoy-ip-tags",
         "x-envoy-original-url",
         "x-envoy-hedge-on-per-try-timeout",
-    ] {
+    ];
+    // One pass over the names present; most requests carry none of these.
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| {
+            let n = n.as_str();
+            EXTERNAL.contains(&n) || (edge && EDGE_ONLY.contains(&n))
+        })
+        .cloned()
+        .collect();
+    for name in doomed {
         headers.remove(name);
     }
 }
@@ -503,14 +508,20 @@ fn clean_internal_headers(headers: &mut HeaderMap, edge: bool) {
 /// whether it is the list's only entry; None when the list is shorter or that entry is not an IP address. Envoy's
 /// `getLastAddressFromXFF`.
 fn xff_address(headers: &HeaderMap, skip: u32) -> Option<(IpAddr, bool)> {
-    let mut entries: Vec<&str> = Vec::new();
-    for v in headers.get_all(&X_FORWARDED_FOR) {
-        entries.extend(v.to_str().ok()?.split(','));
-    }
     let skip = usize::try_from(skip).ok()?;
-    let at = entries.len().checked_sub(skip.checked_add(1)?)?;
-    let ip: IpAddr = entries[at].trim().parse().ok()?;
-    Some((ip.to_canonical(), entries.len() == 1))
+    let mut seen = 0usize;
+    let mut found = None;
+    // From the right end: the last header's last entry first. No list is built.
+    for value in headers.get_all(&X_FORWARDED_FOR).iter().rev() {
+        for entry in value.to_str().ok()?.rsplit(',') {
+            if seen == skip {
+                found = Some(entry);
+            }
+            seen += 1;
+        }
+    }
+    let ip: IpAddr = found?.trim().parse().ok()?;
+    Some((ip.to_canonical(), seen == 1))
 }
 
 /// The router's own request headers, honoured when the connection manager let them through (an internal request)
@@ -834,7 +845,9 @@ async fn forward(
     let mut set_cookies = Vec::new();
     let hash = action.request_hash(req.headers(), req.uri(), &source, &mut set_cookies);
     let mut req = req;
-    let overrides = RequestOverrides::take(req.headers_mut());
+    // Only an internal request can still carry them: the connection manager strips them from every other.
+    let overrides =
+        if req.headers().contains_key(&X_ENVOY_INTERNAL) { RequestOverrides::take(req.headers_mut()) } else { None };
     // Envoy's route timeout: none under the "new timeouts" (a route max_stream_duration), else the legacy
     // max_grpc_timeout's reading of a gRPC request's grpc-timeout, else the route's; an internal request's
     // x-envoy-upstream-rq-timeout-ms replaces it.
@@ -895,7 +908,7 @@ async fn forward(
     // The upstream Host: a literal rewrite, else the request's own (kept as received when it already is a Host
     // header, so the common case copies nothing).
     let host: Option<HeaderValue> = match &action.host_rewrite {
-        _ if extra_host.is_some() => extra_host.cloned(),
+        HostRewrite::None if extra_host.is_some() => extra_host.cloned(),
         HostRewrite::Literal(h) => HeaderValue::from_str(h).ok(),
         HostRewrite::None | HostRewrite::Auto if headers.contains_key(header::HOST) => None,
         HostRewrite::None | HostRewrite::Auto => HeaderValue::from_str(authority).ok(),
@@ -965,6 +978,7 @@ async fn forward(
                 headers: h,
                 downstream_h2,
                 timeout: route_timeout,
+                idle,
                 hash,
             };
             spawn_shadow(conn, shadow, bodies.get_mut(i).and_then(Option::take));
@@ -1016,11 +1030,11 @@ async fn forward(
             if announce {
                 h.insert(X_EXPECTED_RQ_TIMEOUT.clone(), HeaderValue::from(ms));
             }
-            if grpc_deadline && let Ok(v) = HeaderValue::from_str(&format!("{ms}m")) {
+            if grpc_deadline && let Ok(v) = HeaderValue::from_str(&grpc_timeout_value(ms)) {
                 h.insert(GRPC_TIMEOUT.clone(), v);
             }
         }
-        if matches!(action.host_rewrite, HostRewrite::Auto) && extra_host.is_none() {
+        if matches!(action.host_rewrite, HostRewrite::Auto) {
             h.insert(header::HOST, host_value(&host_entry.address, &host_entry.hostname));
         } else if let Some(v) = &host {
             h.insert(header::HOST, v.clone());
@@ -1230,6 +1244,20 @@ async fn forward(
     }
 }
 
+/// A `grpc-timeout` value for `ms` milliseconds: at most 8 digits, as the gRPC wire spec allows, in the finest unit
+/// that fits (Envoy's toGrpcTimeout).
+fn grpc_timeout_value(ms: u64) -> String {
+    const MAX: u64 = 99_999_999;
+    let mut value = ms;
+    for (unit, next) in [("m", 1000), ("S", 60), ("M", 60)] {
+        if value <= MAX {
+            return format!("{value}{unit}");
+        }
+        value /= next;
+    }
+    format!("{}H", value.min(MAX))
+}
+
 /// Envoy's answer to a route or per-try timeout: 504 "upstream request timeout", or with
 /// `x-envoy-upstream-rq-timeout-alt-response` a 204, which carries no body.
 fn timeout_reply(conn: &Connection, status: StatusCode) -> Response<ProxyBody> {
@@ -1326,6 +1354,8 @@ struct Shadow {
     downstream_h2: bool,
     /// The route timeout, which bounds the shadow too (Envoy's global timeout); None: none.
     timeout: Option<Duration>,
+    /// The stream idle timeout, which bounds each wait for its answer when there is no route timeout.
+    idle: Option<Duration>,
     hash: Option<u64>,
 }
 
@@ -1366,32 +1396,44 @@ fn spawn_shadow(conn: &Connection, shadow: Shadow, body: Option<ShadowBody>) {
         };
         let stats = &cluster.stats;
         stats.upstream_rq_total.inc();
-        let send = ctx.http_pools.send(&cluster, &host, protocol, request);
-        let outcome = match shadow.timeout {
-            Some(t) => tokio::time::timeout(t, send).await,
-            None => Ok(send.await),
-        };
-        match outcome {
-            Ok(Ok((resp, lease))) => {
-                let status = resp.status().as_u16();
-                cluster.count_response(status);
-                cluster.report(&host, Outcome::Status(status));
-                let mut rest = ProxyBody::stream(resp.into_body(), None, lease, None);
-                while let Some(frame) = http_body_util::BodyExt::frame(&mut rest).await {
-                    if frame.is_err() {
-                        break;
+        // The whole exchange, its answer's body included, under the route timeout; without one, each wait for the
+        // upstream under the stream idle timeout. A stalled shadow never holds its task, connection or slot for
+        // good.
+        let idle = shadow.idle;
+        let exchange = async {
+            let send = ctx.http_pools.send(&cluster, &host, protocol, request);
+            let sent = match (shadow.timeout, idle) {
+                (None, Some(t)) => tokio::time::timeout(t, send).await.map_err(|_| ())?,
+                _ => send.await,
+            };
+            match sent {
+                Ok((resp, lease)) => {
+                    let status = resp.status().as_u16();
+                    cluster.count_response(status);
+                    cluster.report(&host, Outcome::Status(status));
+                    let mut rest = ProxyBody::stream(resp.into_body(), idle, lease, None);
+                    while let Some(frame) = http_body_util::BodyExt::frame(&mut rest).await {
+                        if frame.is_err() {
+                            break;
+                        }
                     }
                 }
+                // Our own limits, not the host's doing.
+                Err(PoolError::Connect(ConnectError::Overflow(_)) | PoolError::PendingOverflow) => {}
+                Err(e) => {
+                    debug!(cluster = %cluster.name(), "shadow request failed: {e}");
+                    cluster.report(&host, Outcome::ConnectFailed);
+                }
             }
-            Ok(Err(PoolError::Connect(ConnectError::Overflow(_)))) => {}
-            Ok(Err(e)) => {
-                debug!(cluster = %cluster.name(), "shadow request failed: {e}");
-                cluster.report(&host, Outcome::ConnectFailed);
-            }
-            Err(_) => {
-                stats.upstream_rq_timeout.inc();
-                cluster.report(&host, Outcome::Timeout);
-            }
+            Ok::<(), ()>(())
+        };
+        let finished = match shadow.timeout {
+            Some(t) => tokio::time::timeout(t, exchange).await.map_err(|_| ()).and_then(|r| r),
+            None => exchange.await,
+        };
+        if finished.is_err() {
+            stats.upstream_rq_timeout.inc();
+            cluster.report(&host, Outcome::Timeout);
         }
     });
 }
@@ -1519,6 +1561,28 @@ mod tests {
         let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         names.sort_unstable();
         assert_eq!(names, ["te", "x-kept"]);
+    }
+
+    #[test]
+    fn grpc_timeouts_fit_eight_digits_in_the_finest_unit() {
+        assert_eq!(grpc_timeout_value(300), "300m");
+        assert_eq!(grpc_timeout_value(99_999_999), "99999999m");
+        assert_eq!(grpc_timeout_value(100_000_000), "100000S");
+        assert_eq!(grpc_timeout_value(u64::MAX), "99999999H");
+    }
+
+    #[test]
+    fn the_xff_address_is_counted_from_the_right_across_headers() {
+        let mut h = HeaderMap::new();
+        assert_eq!(xff_address(&h, 0), None);
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
+        assert_eq!(xff_address(&h, 0), Some(("10.0.0.1".parse().unwrap(), true)));
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("192.0.2.1, 192.0.2.2"));
+        assert_eq!(xff_address(&h, 0), Some(("192.0.2.2".parse().unwrap(), false)));
+        assert_eq!(xff_address(&h, 2), Some(("10.0.0.1".parse().unwrap(), false)));
+        assert_eq!(xff_address(&h, 3), None);
+        h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("not-an-ip"));
+        assert_eq!(xff_address(&h, 0), None);
     }
 
     #[test]
