@@ -27,6 +27,8 @@ pub struct Host {
     pub(super) outlier: HostOutlier,
     /// When the host's address joined the cluster ([`epoch_ms`]), for slow start; kept across host set updates.
     added_ms: AtomicU64,
+    /// Its endpoint's priority (0 for hosts not from endpoints), for retries that avoid priorities already tried.
+    pub priority: u32,
 }
 
 impl Host {
@@ -39,12 +41,17 @@ impl Host {
             active: AtomicU32::new(0),
             outlier: HostOutlier::default(),
             added_ms: AtomicU64::new(epoch_ms()),
+            priority: 0,
         }
     }
 
     /// A host of an endpoint, carrying the endpoint's transport socket labels and its load-balancing weight.
     pub fn of(address: SocketAddr, ep: &EndpointConfig, hostname: String, locality_weighted: bool) -> Self {
-        Host { labels: ep.socket_labels.clone(), ..Host::new(address, ep.lb_weight(locality_weighted), hostname) }
+        Host {
+            labels: ep.socket_labels.clone(),
+            priority: ep.priority,
+            ..Host::new(address, ep.lb_weight(locality_weighted), hostname)
+        }
     }
 
     /// Taken out of load balancing by outlier detection.
@@ -82,6 +89,7 @@ pub struct HostSet {
 /// One priority's share of a [`HostSet`].
 #[derive(Debug, Clone)]
 struct Level {
+    priority: u32,
     /// Its hosts: `hosts[start..end]`.
     start: usize,
     end: usize,
@@ -157,7 +165,7 @@ impl HostSet {
             hosts.extend(all[i..i + same].iter().filter(|(_, _, healthy)| *healthy).map(|(h, _, _)| h.clone()));
             if hosts.len() > start {
                 let weights = Weights::new(hosts[start..].iter().map(|h| h.weight));
-                levels.push(Level { start, end: hosts.len(), total: same, weights, table: None });
+                levels.push(Level { priority, start, end: hosts.len(), total: same, weights, table: None });
             }
             i += same;
         }
@@ -505,6 +513,17 @@ impl Cluster {
     /// As [`Cluster::choose`], with the request's hash for a RING_HASH cluster: the host that owns the hash on the
     /// ring, or the next one in service after it. Without a hash a RING_HASH cluster picks at random, as Envoy does.
     pub fn choose_hashed(&self, original_dst: Option<SocketAddr>, hash: Option<u64>) -> Option<Arc<Host>> {
+        self.choose_avoiding(original_dst, hash, &[])
+    }
+
+    /// As [`Cluster::choose_hashed`], with these priorities left out of the priority load (a retry's
+    /// `previous_priorities`); when that leaves no level any health, none is left out, as in Envoy.
+    pub fn choose_avoiding(
+        &self,
+        original_dst: Option<SocketAddr>,
+        hash: Option<u64>,
+        avoid: &[u32],
+    ) -> Option<Arc<Host>> {
         if self.config.kind == ClusterKind::OriginalDst {
             return original_dst.map(|dst| Arc::new(Host::new(dst, 1, String::new())));
         }
@@ -521,7 +540,7 @@ impl Cluster {
             };
             (&set.hosts[..], &set.weights, set.table.as_ref().map(|(t, _)| t.as_ref()), any)
         } else {
-            let (i, panic) = self.choose_level(&set, ejected > 0, hash);
+            let (i, panic) = self.choose_level(&set, ejected > 0, hash, avoid);
             let l = &set.levels[i];
             (&set.hosts[l.start..l.end], &l.weights, l.table.as_deref(), ejected == 0 || panic)
         };
@@ -564,7 +583,7 @@ impl Cluster {
     /// the threshold; when every level is (or none has any health, with a threshold), load follows host counts
     /// instead. Without a threshold and without health: the first level, which then has no host in service.
     /// Returns the level and whether it is in panic.
-    fn choose_level(&self, set: &HostSet, any_ejected: bool, hash: Option<u64>) -> (usize, bool) {
+    fn choose_level(&self, set: &HostSet, any_ejected: bool, hash: Option<u64>, avoid: &[u32]) -> (usize, bool) {
         const ON_STACK: usize = 16;
         let levels = &set.levels;
         let n = levels.len();
@@ -588,6 +607,19 @@ impl Cluster {
             loads[i] = (OVERPROVISIONING * up / l.total.max(1)).min(100);
             sum += loads[i];
             all_panic &= panic(i, up);
+        }
+        // previous_priorities: the levels tried already have no health, unless that leaves none with any.
+        if !avoid.is_empty() {
+            let left: usize =
+                levels.iter().zip(loads.iter()).filter(|(l, _)| !avoid.contains(&l.priority)).map(|(_, h)| *h).sum();
+            if left > 0 {
+                for (l, h) in levels.iter().zip(loads.iter_mut()) {
+                    if avoid.contains(&l.priority) {
+                        *h = 0;
+                    }
+                }
+                sum = left;
+            }
         }
         let normalized = sum.min(100);
         let draw = match hash {

@@ -2375,3 +2375,62 @@ async fn max_concurrent_streams_caps_streams_per_upstream_connection() {
         assert_eq!(counter(&server, "cluster.u.upstream_cx_total"), 3, "round {round}: 6 streams, 2 per connection");
     }
 }
+
+/// Istio's `retryRemoteLocalities` (Envoy's previous_priorities retry priority): a retry leaves the priorities
+/// already tried out of the priority load, so it goes to the next locality even though the local one is healthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn previous_priorities_send_retries_to_the_next_priority() {
+    let bad = flaky_upstream(usize::MAX).await;
+    let good = http_upstream("G").await;
+    let ep = |a: std::net::SocketAddr| {
+        format!(
+            "{{ endpoint: {{ address: {{ socket_address: {{ address: {}, port_value: {} }} }} }} }}",
+            a.ip(),
+            a.port()
+        )
+    };
+    let cluster = format!(
+        r#"
+  - name: u
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: u
+      endpoints:
+      - {{ priority: 0, lb_endpoints: [ {} ] }}
+      - {{ priority: 1, lb_endpoints: [ {} ] }}"#,
+        ep(bad),
+        ep(good)
+    );
+    let retry = |extra: &str| {
+        format!(
+            ", retry_policy: {{ retry_on: 5xx, num_retries: 1, retry_back_off: {{ base_interval: 0.001s }}{extra} }}"
+        )
+    };
+    let priority = ", retry_priority: { name: envoy.retry_priorities.previous_priorities, typed_config: { \"@type\": \
+                    type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig, \
+                    update_frequency: 1 } }";
+    let routes = format!(
+        r#"          route_config:
+            name: local
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: "/elsewhere" }}
+                route: {{ cluster: u{} }}
+              - match: {{ prefix: "/" }}
+                route: {{ cluster: u{} }}"#,
+        retry(priority),
+        retry("")
+    );
+    let server = start(&yaml(&http_listener("h", 0, &routes, ""), &cluster), Duration::from_secs(1)).await;
+    let mut c = http1_client(listener_addr(&server, "h")).await;
+    let (status, _, body) = http1_request(&mut c, "GET", "/", "x", &[]).await;
+    assert_eq!(status, 503, "without it the retry stays on the healthy local priority: {body}");
+    for _ in 0..3 {
+        let (status, _, body) = http1_request(&mut c, "GET", "/elsewhere", "x", &[]).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.starts_with("G\n"), "{body}");
+    }
+}

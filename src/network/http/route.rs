@@ -29,6 +29,9 @@ pub const DEFAULT_RETRY_BACKOFF_BASE: Duration = Duration::from_millis(25);
 pub const DEFAULT_MAX_DIRECT_RESPONSE_BODY: u32 = 4096;
 
 const PREVIOUS_HOSTS_NAME: &str = "envoy.retry_host_predicates.previous_hosts";
+const PREVIOUS_PRIORITIES_NAME: &str = "envoy.retry_priorities.previous_priorities";
+const PREVIOUS_PRIORITIES_TYPE: &str =
+    "envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig";
 const PREVIOUS_HOSTS_TYPE: &str =
     "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate";
 
@@ -646,6 +649,9 @@ pub struct RetryPolicy {
     /// `host_selection_retry_max_attempts`: how many more picks a retry makes to find a host the predicate accepts
     /// before it takes the last one (Envoy's default 1; Istio sends 5).
     pub host_selection_attempts: u32,
+    /// `envoy.retry_priorities.previous_priorities`'s `update_frequency` (Istio's `retryRemoteLocalities` sends 2):
+    /// every that many attempts, the priorities tried so far leave the priority load, so retries go elsewhere.
+    pub previous_priorities: Option<u32>,
 }
 
 /// The `retry_on` conditions, one flag per token.
@@ -1487,6 +1493,7 @@ impl RetryPolicy {
             backoff_max: DEFAULT_RETRY_BACKOFF_BASE * 10,
             avoid_previous_hosts: false,
             host_selection_attempts: 1,
+            previous_priorities: None,
         }
     }
 
@@ -1495,9 +1502,10 @@ impl RetryPolicy {
         if p.per_try_idle_timeout.is_some() {
             return unsupported("per_try_idle_timeout");
         }
-        if p.retry_priority.is_some() {
-            return unsupported("retry_priority");
-        }
+        let previous_priorities = match &p.retry_priority {
+            None => None,
+            Some(rp) => Some(previous_priorities(rp, &join(path, "retry_priority"))?),
+        };
         if !p.retry_options_predicates.is_empty() {
             return unsupported("retry_options_predicates");
         }
@@ -1585,6 +1593,7 @@ impl RetryPolicy {
             backoff_max,
             avoid_previous_hosts,
             host_selection_attempts,
+            previous_priorities,
         })
     }
 
@@ -1624,6 +1633,26 @@ impl RetryPolicy {
             _ => false,
         }
     }
+}
+
+/// A retry policy's `retry_priority`: only Envoy's `previous_priorities`, whose `update_frequency` is returned.
+fn previous_priorities(rp: &rpb::retry_policy::RetryPriority, path: &str) -> Result<u32, ConfigError> {
+    use envoy_types::pb::envoy::extensions::retry::priority::previous_priorities::v3::PreviousPrioritiesConfig;
+    use rpb::retry_policy::retry_priority::ConfigType;
+    let Some(ConfigType::TypedConfig(any)) = &rp.config_type else {
+        return Err(ConfigError::new(path, format!("{PREVIOUS_PRIORITIES_NAME} needs its typed_config")));
+    };
+    if crate::config::listener::type_name(&any.type_url) != PREVIOUS_PRIORITIES_TYPE {
+        return Err(ConfigError::new(
+            join(path, "typed_config"),
+            format!("retry priority \"{}\" is not supported (only {PREVIOUS_PRIORITIES_NAME})", rp.name),
+        ));
+    }
+    let c: PreviousPrioritiesConfig = crate::config::listener::decode_any(any, &join(path, "typed_config"))?;
+    u32::try_from(c.update_frequency)
+        .ok()
+        .filter(|f| *f >= 1)
+        .ok_or_else(|| ConfigError::new(join(path, "typed_config.update_frequency"), "must be at least 1"))
 }
 
 fn whole_millis(d: Duration) -> Duration {
@@ -3690,6 +3719,34 @@ mod tests {
     }
 
     #[test]
+    fn retry_priorities_other_than_previous_priorities_are_refused() {
+        use envoy_types::pb::envoy::extensions::retry::priority::previous_priorities::v3::PreviousPrioritiesConfig;
+        use prost::Message;
+        let with = |type_url: &str, update_frequency: i32| {
+            let any = Any {
+                type_url: format!("type.googleapis.com/{type_url}"),
+                value: PreviousPrioritiesConfig { update_frequency }.encode_to_vec(),
+            };
+            let p = rpb::RetryPolicy {
+                retry_on: "5xx".into(),
+                retry_priority: Some(rpb::retry_policy::RetryPriority {
+                    name: "p".into(),
+                    config_type: Some(rpb::retry_policy::retry_priority::ConfigType::TypedConfig(any)),
+                }),
+                ..Default::default()
+            };
+            RetryPolicy::new(&p, "r").map(|p| p.previous_priorities)
+        };
+        let previous = "envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig";
+        assert_eq!(with(previous, 2).ok(), Some(Some(2)), "Istio's retryRemoteLocalities");
+        assert_eq!(
+            with(previous, 0).err().map(|e| e.path),
+            Some("r.retry_priority.typed_config.update_frequency".into())
+        );
+        assert_eq!(with("x.Other", 1).err().map(|e| e.path), Some("r.retry_priority.typed_config".into()));
+    }
+
+    #[test]
     fn retry_policy_fields() {
         let p = rpb::RetryPolicy {
             retry_on: "gateway-error, retriable-status-codes,retriable-4xx".into(),
@@ -3727,16 +3784,7 @@ mod tests {
             p.connect_failure && p.refused_stream && p.grpc_unavailable && p.grpc_cancelled && p.retriable_status_codes
         );
         assert!(!p.five_xx && !p.reset && !p.grpc_internal);
-        let policy = RetryPolicy {
-            retry_on: p,
-            num_retries: 1,
-            per_try_timeout: None,
-            retriable_status_codes: vec![],
-            backoff_base: DEFAULT_RETRY_BACKOFF_BASE,
-            backoff_max: DEFAULT_RETRY_BACKOFF_BASE * 10,
-            avoid_previous_hosts: false,
-            host_selection_attempts: 1,
-        };
+        let policy = RetryPolicy { retry_on: p, ..RetryPolicy::envoy_default() };
         assert!(policy.should_retry_failure(UpstreamFailure::ConnectFailure));
         assert!(policy.should_retry_failure(UpstreamFailure::RefusedStream));
         assert!(!policy.should_retry_failure(UpstreamFailure::Reset));

@@ -997,17 +997,34 @@ async fn forward(
     // The retry in flight, holding its place under the cluster's max_retries until its outcome is known.
     let mut retry_slot = None;
     let mut tried: Vec<SocketAddr> = Vec::new();
+    // previous_priorities: the priorities of the attempts so far, and those the priority load now leaves out.
+    let mut tried_priorities: Vec<u32> = Vec::new();
+    let mut avoid: Vec<u32> = Vec::new();
     let mut attempt = 0;
     let stats = &cluster.stats;
     loop {
         attempt += 1;
-        let Some(host_entry) = choose_host(conn, cluster, retry, &tried, hash) else {
+        // Envoy's previous_priorities: every update_frequency attempts, the priorities tried leave the load.
+        if let Some(every) = retry.and_then(|p| p.previous_priorities).map(|f| f as usize)
+            && !tried_priorities.is_empty()
+            && tried_priorities.len().is_multiple_of(every)
+        {
+            for p in &tried_priorities {
+                if !avoid.contains(p) {
+                    avoid.push(*p);
+                }
+            }
+        }
+        let Some(host_entry) = choose_host(conn, cluster, retry, &tried, hash, &avoid) else {
             stats.upstream_cx_none_healthy.inc();
             trace.flags.push(Flag::NoHealthyUpstream);
             return local_reply(conn, StatusCode::SERVICE_UNAVAILABLE, NO_HEALTHY_UPSTREAM);
         };
         if max_attempts > 1 {
             tried.push(host_entry.address);
+            if retry.is_some_and(|p| p.previous_priorities.is_some()) {
+                tried_priorities.push(host_entry.priority);
+            }
         }
         trace.upstream_host = Some(host_entry.address);
         let Some(rq_slot) = cluster.start_request() else {
@@ -1274,16 +1291,21 @@ fn choose_host(
     retry: Option<&RetryPolicy>,
     tried: &[SocketAddr],
     hash: Option<u64>,
+    avoid_priorities: &[u32],
 ) -> Option<Arc<Host>> {
     let avoid = retry.filter(|p| p.avoid_previous_hosts && !tried.is_empty());
-    let mut pick = cluster.choose_hashed(conn.original_dst, hash)?;
+    let mut pick = cluster.choose_avoiding(conn.original_dst, hash, avoid_priorities)?;
     if let Some(policy) = avoid {
         for attempt in 1..=u64::from(policy.host_selection_attempts) {
             if !tried.contains(&pick.address) {
                 break;
             }
             // The same hash would find the same host again: a retry that must avoid it hashes elsewhere.
-            pick = cluster.choose_hashed(conn.original_dst, hash.map(|h| h.wrapping_add(attempt << 40)))?;
+            pick = cluster.choose_avoiding(
+                conn.original_dst,
+                hash.map(|h| h.wrapping_add(attempt << 40)),
+                avoid_priorities,
+            )?;
         }
     }
     Some(pick)
