@@ -43,11 +43,14 @@ pub enum PoolError {
     /// `max_pending_requests` reached: too many requests already wait for a connection.
     #[error("too many requests waiting for a connection")]
     PendingOverflow,
+    /// The HTTP/2 connection this request waited for could not be opened (by the request that was opening it).
+    #[error("connection to {0} failed: {1}")]
+    Shared(SocketAddr, String),
 }
 
 impl PoolError {
     pub fn is_connect_failure(&self) -> bool {
-        matches!(self, PoolError::Connect(_) | PoolError::Handshake(..) | PoolError::Tls(..))
+        matches!(self, PoolError::Connect(_) | PoolError::Handshake(..) | PoolError::Tls(..) | PoolError::Shared(..))
     }
 }
 
@@ -115,6 +118,58 @@ struct HostPool {
     /// The host's HTTP/2 connections: one, unless the cluster caps streams per connection
     /// (`max_concurrent_streams`) and the load needs more.
     http2: Vec<Http2Conn>,
+    /// The HTTP/2 connection being opened, which requests finding no room wait for.
+    h2_connecting: Option<Arc<Connecting>>,
+}
+
+/// An HTTP/2 connection being opened: requests that find no room wait for it instead of each opening their own, as
+/// Envoy's pool attaches pending streams to a connecting client; if it fails, they fail with it.
+#[derive(Debug, Default)]
+struct Connecting {
+    done: tokio::sync::Notify,
+    /// Set (after `failed`, before `done` is notified) once the attempt is over.
+    finished: std::sync::atomic::AtomicBool,
+    failed: std::sync::OnceLock<String>,
+}
+
+/// Ends a [`Connecting`] however its request ends: with the connection, with its failure, or, dropped (the request
+/// went away), as a failure, so that its waiters never wait for good.
+struct Opening<'a> {
+    pools: &'a HttpPools,
+    cluster: &'a Arc<Cluster>,
+    key: &'a PoolKey,
+    connecting: Arc<Connecting>,
+    over: bool,
+}
+
+impl Opening<'_> {
+    fn finish(&mut self, conn: Option<Http2Conn>, failed: Option<String>) {
+        self.over = true;
+        {
+            let mut clusters = self.pools.clusters.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(pool) = host_pool(&mut clusters, self.cluster, self.key) {
+                if pool.h2_connecting.as_ref().is_some_and(|c| Arc::ptr_eq(c, &self.connecting)) {
+                    pool.h2_connecting = None;
+                }
+                if let Some(conn) = conn {
+                    pool.http2.push(conn);
+                }
+            }
+        }
+        if let Some(why) = failed {
+            let _ = self.connecting.failed.set(why);
+        }
+        self.connecting.finished.store(true, Ordering::SeqCst);
+        self.connecting.done.notify_waiters();
+    }
+}
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        if !self.over {
+            self.finish(None, Some("the request opening it went away".into()));
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -302,16 +357,52 @@ impl HttpPools {
         loop {
             let (mut sender, stream, fresh) = match self.take_http2(cluster, &key, limit) {
                 Some((s, stream)) => (s, stream, false),
-                None => {
+                None if limit == Some(1) => {
+                    // A connection per request: nothing to share or wait for.
                     let _pending = cluster.start_pending().ok_or(PoolError::PendingOverflow)?;
                     let (sender, streams) = Box::pin(self.connect_http2(cluster, host, &key)).await?;
                     let stream = streams.open();
-                    if limit.is_none_or(|l| l > 1) {
+                    (sender, stream, true)
+                }
+                None => {
+                    let _pending = cluster.start_pending().ok_or(PoolError::PendingOverflow)?;
+                    let mine = Arc::new(Connecting::default());
+                    let other = {
                         let mut clusters = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
                         let pool = entry(&mut clusters, cluster).hosts.entry(key.clone()).or_default();
-                        pool.http2.push(Http2Conn { sender: sender.clone(), uses: 1, streams });
+                        match &pool.h2_connecting {
+                            Some(c) => Some(c.clone()),
+                            None => {
+                                pool.h2_connecting = Some(mine.clone());
+                                None
+                            }
+                        }
+                    };
+                    if let Some(other) = other {
+                        // Registered before looking, so a notification between the look and the wait is not lost.
+                        let woken = other.done.notified();
+                        tokio::pin!(woken);
+                        woken.as_mut().enable();
+                        if !other.finished.load(Ordering::SeqCst) {
+                            woken.await;
+                        }
+                        if let Some(why) = other.failed.get() {
+                            return Err(PoolError::Shared(host.address, why.clone()));
+                        }
+                        continue;
                     }
-                    (sender, stream, true)
+                    let mut opening = Opening { pools: self, cluster, key: &key, connecting: mine, over: false };
+                    match Box::pin(self.connect_http2(cluster, host, &key)).await {
+                        Ok((sender, streams)) => {
+                            let stream = streams.open();
+                            opening.finish(Some(Http2Conn { sender: sender.clone(), uses: 1, streams }), None);
+                            (sender, stream, true)
+                        }
+                        Err(e) => {
+                            opening.finish(None, Some(e.to_string()));
+                            return Err(e);
+                        }
+                    }
                 }
             };
             match sender.try_send_request(req).await {
@@ -459,7 +550,9 @@ impl PoolRef {
     fn prune(&self) {
         let mut clusters = self.pools.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(p) = clusters.get_mut(&self.name).filter(|p| Weak::ptr_eq(&p.cluster, &self.version))
-            && p.hosts.get(&self.key).is_some_and(|h| h.http1.is_empty() && h.http2.is_empty())
+            && p.hosts
+                .get(&self.key)
+                .is_some_and(|h| h.http1.is_empty() && h.http2.is_empty() && h.h2_connecting.is_none())
         {
             p.hosts.remove(&self.key);
         }

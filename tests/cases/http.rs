@@ -2434,3 +2434,69 @@ async fn previous_priorities_send_retries_to_the_next_priority() {
         assert!(body.starts_with("G\n"), "{body}");
     }
 }
+
+/// Requests that find no HTTP/2 connection to their upstream wait for the one being opened, as Envoy's pool attaches
+/// pending streams to a connecting client, instead of each opening their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_first_requests_shares_one_new_http2_connection() {
+    use http_body_util::BodyExt;
+    let up = http_upstream("U").await;
+    let dead: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let h2 = |name: &str, at: std::net::SocketAddr| {
+        format!(
+            r#"{}
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{ http2_protocol_options: {{}} }}"#,
+            static_cluster(name, &[at])
+        )
+    };
+    let routes = r#"          route_config:
+            name: local
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: { prefix: "/dead" }
+                route: { cluster: dead }
+              - match: { prefix: "/" }
+                route: { cluster: u }"#;
+    let clusters = format!("{}{}", h2("u", up), h2("dead", dead));
+    let server = start(&yaml(&http_listener("h", 0, routes, ""), &clusters), Duration::from_secs(1)).await;
+    // One downstream connection: one worker, one pool.
+    let send = h2c_client(listener_addr(&server, "h")).await;
+    let burst = |path: &'static str| {
+        let send = send.clone();
+        async move {
+            let mut tasks = Vec::new();
+            for _ in 0..20 {
+                let mut send = send.clone();
+                tasks.push(tokio::spawn(async move {
+                    let req = hyper::Request::builder()
+                        .uri(format!("http://x{path}"))
+                        .body(http_body_util::Empty::new())
+                        .unwrap();
+                    let resp = send.send_request(req).await.unwrap();
+                    let status = resp.status();
+                    let body = resp.into_body().collect().await.unwrap().to_bytes();
+                    (status, String::from_utf8_lossy(&body).to_string())
+                }));
+            }
+            let mut out = Vec::new();
+            for t in tasks {
+                out.push(t.await.unwrap());
+            }
+            out
+        }
+    };
+    for (status, body) in burst("/sleep/300").await {
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(counter(&server, "cluster.u.upstream_cx_total"), 1, "20 streams, one connection");
+    // A connection that cannot be made fails every request that waited for it.
+    for (status, body) in burst("/dead").await {
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("connection failure"), "{body}");
+    }
+}

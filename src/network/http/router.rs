@@ -1213,7 +1213,8 @@ async fn forward(
                 // timeout, a refused connection or a reset as a connect failure; never our own max_connections
                 // overflow.
                 match &failure {
-                    Failure::Pool(PoolError::Connect(ConnectError::Overflow(_))) => {}
+                    // Our own limit, or a connection another request was opening and has reported already.
+                    Failure::Pool(PoolError::Connect(ConnectError::Overflow(_)) | PoolError::Shared(..)) => {}
                     Failure::PerTryTimeout => cluster.report(&host_entry, Outcome::Timeout),
                     Failure::Pool(_) => cluster.report(&host_entry, Outcome::ConnectFailed),
                 }
@@ -1441,7 +1442,9 @@ fn spawn_shadow(conn: &Connection, shadow: Shadow, body: Option<ShadowBody>) {
                     }
                 }
                 // Our own limits, not the host's doing.
-                Err(PoolError::Connect(ConnectError::Overflow(_)) | PoolError::PendingOverflow) => {}
+                Err(
+                    PoolError::Connect(ConnectError::Overflow(_)) | PoolError::PendingOverflow | PoolError::Shared(..),
+                ) => {}
                 Err(e) => {
                     debug!(cluster = %cluster.name(), "shadow request failed: {e}");
                     cluster.report(&host, Outcome::ConnectFailed);
