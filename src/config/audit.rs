@@ -405,6 +405,8 @@ const POLICIES: &[(&str, Policy)] = {
                 "load_assignment",
                 "eds_cluster_config",
                 "dns_refresh_rate",
+                "dns_jitter",
+                "typed_dns_resolver_config",
                 "respect_dns_ttl",
                 "max_requests_per_connection",
                 "dns_lookup_family",
@@ -437,6 +439,10 @@ const POLICIES: &[(&str, Policy)] = {
         ("envoy.config.cluster.v3.UpstreamConnectionOptions", Only(&["tcp_keepalive"])),
         ("envoy.config.core.v3.TcpKeepalive", All),
         ("envoy.config.core.v3.BindConfig", Only(&["source_address"])),
+        // An extension's contents are audited by their own type (its policy below, or refused).
+        ("envoy.config.core.v3.TypedExtensionConfig", Only(&["name", "typed_config"])),
+        // The cluster conversion refuses every field but udp_max_queries (names go to the system resolver).
+        ("envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig", All),
         // The conversion skips Istio's telemetry filters and refuses any other.
         ("envoy.config.cluster.v3.Filter", Only(&["name", "typed_config"])),
         (

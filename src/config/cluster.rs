@@ -156,6 +156,8 @@ pub struct ClusterConfig {
     pub lb_policy: LbPolicy,
     pub endpoints: Vec<EndpointConfig>,
     pub dns_refresh_rate: Duration,
+    /// `dns_jitter`: up to this much (drawn anew each time) is added to every DNS refresh interval.
+    pub dns_jitter: Duration,
     pub dns_family: DnsFamily,
     pub max_connections: u32,
     pub per_connection_buffer_limit_bytes: u32,
@@ -478,6 +480,34 @@ pub enum UpstreamProtocol {
     Downstream,
 }
 
+/// The cluster's `typed_dns_resolver_config`. Names are resolved by the system resolver (getaddrinfo), not c-ares:
+/// the c-ares config Istio sends with only `udp_max_queries` (a cap on queries per c-ares UDP socket, a c-ares
+/// tuning knob with no counterpart there) is accepted with a warning, like `respect_dns_ttl`; anything that would
+/// change which servers answer or how (custom resolvers, search domains, TCP, timeouts) is refused.
+fn dns_resolver(r: &core::TypedExtensionConfig, cluster: &str) -> Result<(), ConfigError> {
+    use envoy_types::pb::envoy::extensions::network::dns_resolver::cares::v3::CaresDnsResolverConfig;
+    const CARES: &str = "envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig";
+    let path = "typed_dns_resolver_config.typed_config";
+    let Some(any) = &r.typed_config else {
+        return Err(ConfigError::new("typed_dns_resolver_config", "a typed_config is required"));
+    };
+    if crate::config::listener::type_name(&any.type_url) != CARES {
+        return Err(ConfigError::new(path, format!("DNS resolver {} is not supported", any.type_url)));
+    }
+    let c: CaresDnsResolverConfig = crate::config::listener::decode_any(any, path)?;
+    let honoured_only_udp_max_queries = CaresDnsResolverConfig { udp_max_queries: None, ..c.clone() };
+    if honoured_only_udp_max_queries != CaresDnsResolverConfig::default() {
+        return Err(ConfigError::new(
+            path,
+            "only udp_max_queries is accepted (names are resolved by the system resolver, not c-ares)",
+        ));
+    }
+    if c.udp_max_queries.is_some() {
+        warn!(cluster, "typed_dns_resolver_config: udp_max_queries is a c-ares setting; the system resolver is used");
+    }
+    Ok(())
+}
+
 fn upstream_tls(
     ts: Option<&core::TransportSocket>,
     http: &HttpUpstream,
@@ -785,6 +815,11 @@ impl TryFrom<cpb::Cluster> for ClusterConfig {
         if dns && dns_refresh_rate < Duration::from_millis(1) {
             return Err(ConfigError::new("dns_refresh_rate", "must be at least 1ms"));
         }
+        #[allow(deprecated)]
+        let dns_jitter = opt_duration(c.dns_jitter.as_ref(), Duration::ZERO, "dns_jitter")?;
+        if let Some(r) = &c.typed_dns_resolver_config {
+            dns_resolver(r, &c.name)?;
+        }
         let http = http_upstream(&c)?;
         let max_connections = c
             .circuit_breakers
@@ -800,6 +835,7 @@ impl TryFrom<cpb::Cluster> for ClusterConfig {
             lb_policy,
             endpoints,
             dns_refresh_rate,
+            dns_jitter,
             dns_family,
             max_connections,
             per_connection_buffer_limit_bytes: c

@@ -893,6 +893,7 @@ mod tests {
             lb_policy,
             endpoints,
             dns_refresh_rate: std::time::Duration::from_secs(5),
+            dns_jitter: std::time::Duration::ZERO,
             dns_family: DnsFamily::Auto,
             max_connections: 10,
             per_connection_buffer_limit_bytes: 1024,

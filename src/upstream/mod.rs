@@ -408,7 +408,31 @@ async fn dns_refresh(cluster: std::sync::Weak<Cluster>, stop: CancellationToken,
         let _ = ready.send(true);
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(config.dns_refresh_rate) => {}
+            _ = tokio::time::sleep(refresh_delay(config.dns_refresh_rate, config.dns_jitter)) => {}
         }
+    }
+}
+
+/// The wait before the next DNS refresh: the refresh rate plus, with `dns_jitter`, a random part of the jitter, so
+/// that many proxies do not ask their resolver at the same moment.
+fn refresh_delay(rate: std::time::Duration, jitter: std::time::Duration) -> std::time::Duration {
+    if jitter.is_zero() {
+        return rate;
+    }
+    let extra = rand::random_range(0..=u64::try_from(jitter.as_millis()).unwrap_or(u64::MAX));
+    rate.saturating_add(std::time::Duration::from_millis(extra))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn dns_jitter_adds_at_most_the_jitter() {
+        let rate = Duration::from_secs(5);
+        assert_eq!(super::refresh_delay(rate, Duration::ZERO), rate);
+        let delays: Vec<Duration> = (0..200).map(|_| super::refresh_delay(rate, Duration::from_millis(100))).collect();
+        assert!(delays.iter().all(|d| *d >= rate && *d <= rate + Duration::from_millis(100)));
+        assert!(delays.iter().any(|d| *d != delays[0]), "drawn anew each time");
     }
 }

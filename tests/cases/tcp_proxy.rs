@@ -307,6 +307,44 @@ async fn strict_dns_cluster_resolves_localhost() {
     assert!(echo_ok(&mut s, b"resolved").await);
 }
 
+/// What istiod 1.25+ puts on its DNS clusters: a c-ares resolver config with only udp_max_queries (accepted with a
+/// warning: names go to the system resolver) and dns_jitter (honoured); anything else of c-ares is refused.
+#[tokio::test]
+async fn istios_dns_cluster_settings_load() {
+    let up = echo_server().await;
+    let cluster = |cares: &str| {
+        format!(
+            r#"
+  - name: dns
+    type: STRICT_DNS
+    dns_lookup_family: V4_ONLY
+    dns_refresh_rate: 0.2s
+    dns_jitter: 0.1s
+    respect_dns_ttl: true
+    typed_dns_resolver_config:
+      name: envoy.network.dns_resolver.cares
+      typed_config: {{ "@type": type.googleapis.com/envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig, {cares} }}
+    load_assignment:
+      cluster_name: dns
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: localhost, port_value: {} }} }} }}"#,
+            up.port()
+        )
+    };
+    let server =
+        start(&yaml(&tcp_listener("l", 0, "dns"), &cluster("udp_max_queries: 100")), Duration::from_secs(1)).await;
+    let mut s = TcpStream::connect(listener_addr(&server, "l")).await.unwrap();
+    assert!(echo_ok(&mut s, b"resolved").await);
+    let bad = format!(
+        "static_resources:\n  clusters:{}\n",
+        cluster("resolvers: [ { socket_address: { address: 10.0.0.53, port_value: 53 } } ]")
+    );
+    let (status, err, _) = run_proxy("dns.yaml", &bad, &["--mode", "validate"]);
+    assert!(!status.success());
+    assert!(err.contains("typed_dns_resolver_config.typed_config") && err.contains("only udp_max_queries"), "{err}");
+}
+
 #[tokio::test]
 async fn circuit_breaker_max_connections_refuses_the_excess() {
     let up = echo_server().await;
