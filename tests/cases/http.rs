@@ -1473,13 +1473,9 @@ async fn istio_gateway_errors_eject_and_panic_threshold_zero_leaves_no_host() {
     assert_eq!(counter(&server, "cluster.u.upstream_rq_total"), 2, "the ejected host got nothing more");
 }
 
-/// Istio's locality failover: endpoints by priority (same zone first) with outlier detection and panic threshold
-/// 0. Once the only P0 host is ejected, Envoy's priority load sends everything to P1 instead of answering "no
-/// healthy upstream".
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ejecting_the_local_priority_fails_over_to_the_next() {
-    let bad = flaky_upstream(usize::MAX).await;
-    let good = http_upstream("G").await;
+/// A STATIC cluster `u` with `p0` at priority 0 and `p1` at priority 1 (Istio's locality failover shape), with
+/// `extra` cluster fields.
+fn two_priority_cluster(p0: std::net::SocketAddr, p1: std::net::SocketAddr, extra: &str) -> String {
     let ep = |a: std::net::SocketAddr| {
         format!(
             "{{ endpoint: {{ address: {{ socket_address: {{ address: {}, port_value: {} }} }} }} }}",
@@ -1487,20 +1483,34 @@ async fn ejecting_the_local_priority_fails_over_to_the_next() {
             a.port()
         )
     };
-    let cluster = format!(
+    format!(
         r#"
   - name: u
     type: STATIC
-    connect_timeout: 1s
-    outlier_detection: {{ consecutive_gateway_failure: 2, enforcing_consecutive_gateway_failure: 100, interval: 10s, base_ejection_time: 30s, max_ejection_percent: 100 }}
-    common_lb_config: {{ healthy_panic_threshold: {{}} }}
+    connect_timeout: 1s{extra}
     load_assignment:
       cluster_name: u
       endpoints:
-      - {{ priority: 0, locality: {{ zone: a }}, lb_endpoints: [ {} ] }}
-      - {{ priority: 1, locality: {{ zone: b }}, lb_endpoints: [ {} ] }}"#,
-        ep(bad),
-        ep(good)
+      - {{ priority: 0, lb_endpoints: [ {} ] }}
+      - {{ priority: 1, lb_endpoints: [ {} ] }}"#,
+        ep(p0),
+        ep(p1)
+    )
+}
+
+/// Istio's locality failover: endpoints by priority (same zone first) with outlier detection and panic threshold
+/// 0. Once the only P0 host is ejected, Envoy's priority load sends everything to P1 instead of answering "no
+/// healthy upstream".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ejecting_the_local_priority_fails_over_to_the_next() {
+    let bad = flaky_upstream(usize::MAX).await;
+    let good = http_upstream("G").await;
+    let cluster = two_priority_cluster(
+        bad,
+        good,
+        "\n    outlier_detection: { consecutive_gateway_failure: 2, enforcing_consecutive_gateway_failure: 100, \
+         interval: 10s, base_ejection_time: 30s, max_ejection_percent: 100 }\n    common_lb_config: { \
+         healthy_panic_threshold: {} }",
     );
     let server = start(&yaml(&http_listener("h", 0, &routes_to("u", ""), ""), &cluster), Duration::from_secs(1)).await;
     let mut c = http1_client(listener_addr(&server, "h")).await;
@@ -2382,26 +2392,7 @@ async fn max_concurrent_streams_caps_streams_per_upstream_connection() {
 async fn previous_priorities_send_retries_to_the_next_priority() {
     let bad = flaky_upstream(usize::MAX).await;
     let good = http_upstream("G").await;
-    let ep = |a: std::net::SocketAddr| {
-        format!(
-            "{{ endpoint: {{ address: {{ socket_address: {{ address: {}, port_value: {} }} }} }} }}",
-            a.ip(),
-            a.port()
-        )
-    };
-    let cluster = format!(
-        r#"
-  - name: u
-    type: STATIC
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: u
-      endpoints:
-      - {{ priority: 0, lb_endpoints: [ {} ] }}
-      - {{ priority: 1, lb_endpoints: [ {} ] }}"#,
-        ep(bad),
-        ep(good)
-    );
+    let cluster = two_priority_cluster(bad, good, "");
     let retry = |extra: &str| {
         format!(
             ", retry_policy: {{ retry_on: 5xx, num_retries: 1, retry_back_off: {{ base_interval: 0.001s }}{extra} }}"

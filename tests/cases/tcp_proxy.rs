@@ -287,21 +287,25 @@ async fn weighted_clusters_follow_weights() {
     }
 }
 
-#[tokio::test]
-async fn strict_dns_cluster_resolves_localhost() {
-    let up = echo_server().await;
-    let clusters = format!(
+/// A STRICT_DNS cluster `dns` resolving localhost to `port`, IPv4 only, with `extra` fields.
+fn localhost_dns_cluster(port: u16, extra: &str) -> String {
+    format!(
         r#"
   - name: dns
     type: STRICT_DNS
-    dns_lookup_family: V4_ONLY
+    dns_lookup_family: V4_ONLY{extra}
     load_assignment:
       cluster_name: dns
       endpoints:
       - lb_endpoints:
-        - endpoint: {{ address: {{ socket_address: {{ address: localhost, port_value: {} }} }} }}"#,
-        up.port()
-    );
+        - endpoint: {{ address: {{ socket_address: {{ address: localhost, port_value: {port} }} }} }}"#
+    )
+}
+
+#[tokio::test]
+async fn strict_dns_cluster_resolves_localhost() {
+    let up = echo_server().await;
+    let clusters = localhost_dns_cluster(up.port(), "");
     let server = start(&yaml(&tcp_listener("l", 0, "dns"), &clusters), Duration::from_secs(1)).await;
     let mut s = TcpStream::connect(listener_addr(&server, "l")).await.unwrap();
     assert!(echo_ok(&mut s, b"resolved").await);
@@ -313,23 +317,14 @@ async fn strict_dns_cluster_resolves_localhost() {
 async fn istios_dns_cluster_settings_load() {
     let up = echo_server().await;
     let cluster = |cares: &str| {
-        format!(
-            r#"
-  - name: dns
-    type: STRICT_DNS
-    dns_lookup_family: V4_ONLY
-    dns_refresh_rate: 0.2s
-    dns_jitter: 0.1s
-    respect_dns_ttl: true
-    typed_dns_resolver_config:
-      name: envoy.network.dns_resolver.cares
-      typed_config: {{ "@type": type.googleapis.com/envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig, {cares} }}
-    load_assignment:
-      cluster_name: dns
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{ address: {{ socket_address: {{ address: localhost, port_value: {} }} }} }}"#,
-            up.port()
+        localhost_dns_cluster(
+            up.port(),
+            &format!(
+                "\n    dns_refresh_rate: 0.2s\n    dns_jitter: 0.1s\n    respect_dns_ttl: true\n    \
+                 typed_dns_resolver_config:\n      name: envoy.network.dns_resolver.cares\n      typed_config: {{ \
+                 \"@type\": type.googleapis.com/envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig, \
+                 {cares} }}"
+            ),
         )
     };
     let server =
