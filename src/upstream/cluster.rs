@@ -89,8 +89,7 @@ pub struct HostSet {
 /// One priority's share of a [`HostSet`].
 #[derive(Debug, Clone)]
 struct Level {
-    priority: u32,
-    /// Its hosts: `hosts[start..end]`.
+    /// Its hosts: `hosts[start..end]`, all of one priority.
     start: usize,
     end: usize,
     /// Every host of this priority, EDS-unhealthy ones included: a level's health is healthy / all, as in Envoy.
@@ -150,22 +149,23 @@ impl HostSet {
 }
 
 impl HostSet {
-    pub fn new(all: Vec<(Arc<Host>, u32, bool)>) -> Self {
+    /// Every host of the cluster, with whether it may take traffic (EDS health, a weight above 0).
+    pub fn new(all: Vec<(Arc<Host>, bool)>) -> Self {
         let total = all.len();
         let mut all = all;
         // Stable: hosts keep their configured order inside a priority.
-        all.sort_by_key(|(_, p, _)| *p);
+        all.sort_by_key(|(h, _)| h.priority);
         let mut levels = Vec::new();
         let mut hosts: Vec<Arc<Host>> = Vec::new();
         let mut i = 0;
         while i < all.len() {
-            let priority = all[i].1;
-            let same = all[i..].iter().take_while(|(_, p, _)| *p == priority).count();
+            let priority = all[i].0.priority;
+            let same = all[i..].iter().take_while(|(h, _)| h.priority == priority).count();
             let start = hosts.len();
-            hosts.extend(all[i..i + same].iter().filter(|(_, _, healthy)| *healthy).map(|(h, _, _)| h.clone()));
+            hosts.extend(all[i..i + same].iter().filter(|(_, healthy)| *healthy).map(|(h, _)| h.clone()));
             if hosts.len() > start {
                 let weights = Weights::new(hosts[start..].iter().map(|h| h.weight));
-                levels.push(Level { priority, start, end: hosts.len(), total: same, weights, table: None });
+                levels.push(Level { start, end: hosts.len(), total: same, weights, table: None });
             }
             i += same;
         }
@@ -183,7 +183,7 @@ impl HostSet {
                     EndpointAddress::Ip(a) => {
                         let host = Host::of(*a, e, e.hostname.clone(), locality_weighted);
                         let serving = e.healthy && host.weight > 0;
-                        Some((Arc::new(host), e.priority, serving))
+                        Some((Arc::new(host), serving))
                     }
                     EndpointAddress::Dns { .. } => None,
                 })
@@ -610,11 +610,15 @@ impl Cluster {
         }
         // previous_priorities: the levels tried already have no health, unless that leaves none with any.
         if !avoid.is_empty() {
-            let left: usize =
-                levels.iter().zip(loads.iter()).filter(|(l, _)| !avoid.contains(&l.priority)).map(|(_, h)| *h).sum();
+            let left: usize = levels
+                .iter()
+                .zip(loads.iter())
+                .filter(|(l, _)| !avoid.contains(&set.hosts[l.start].priority))
+                .map(|(_, h)| *h)
+                .sum();
             if left > 0 {
                 for (l, h) in levels.iter().zip(loads.iter_mut()) {
-                    if avoid.contains(&l.priority) {
+                    if avoid.contains(&set.hosts[l.start].priority) {
                         *h = 0;
                     }
                 }

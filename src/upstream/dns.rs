@@ -39,11 +39,7 @@ pub async fn resolve(config: &ClusterConfig) -> (HostSet, Vec<String>) {
     for ep in &config.endpoints {
         let (host, port) = match &ep.address {
             EndpointAddress::Ip(a) => {
-                hosts.push((
-                    Arc::new(Host::of(*a, ep, ep.hostname.clone(), config.locality_weighted)),
-                    ep.priority,
-                    ep.healthy,
-                ));
+                hosts.push((Arc::new(Host::of(*a, ep, ep.hostname.clone(), config.locality_weighted)), ep.healthy));
                 continue;
             }
             EndpointAddress::Dns { host, port } => (host.clone(), *port),
@@ -61,11 +57,7 @@ pub async fn resolve(config: &ClusterConfig) -> (HostSet, Vec<String>) {
                 }
                 let hostname = if ep.hostname.is_empty() { host.clone() } else { ep.hostname.clone() };
                 for a in found {
-                    hosts.push((
-                        Arc::new(Host::of(a, ep, hostname.clone(), config.locality_weighted)),
-                        ep.priority,
-                        ep.healthy,
-                    ));
+                    hosts.push((Arc::new(Host::of(a, ep, hostname.clone(), config.locality_weighted)), ep.healthy));
                 }
             }
             Err(e) => errors.push(format!("{host}: {e}")),

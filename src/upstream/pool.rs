@@ -705,14 +705,9 @@ fn auto_sni(req: &Request<ProxyBody>, header: Option<&http::HeaderName>) -> Opti
             None => req.uri().authority()?.as_str(),
         },
     };
-    let host = match value.strip_prefix('[') {
-        Some(_) => return None,
-        None => value
-            .rsplit_once(':')
-            .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
-            .map_or(value, |(h, _)| h),
-    };
-    if host.is_empty() || host.parse::<std::net::IpAddr>().is_ok() {
+    let host = &value[..crate::network::http::route::port_start(value.as_bytes()).unwrap_or(value.len())];
+    // A bracketed IPv6 literal, like any IP address, cannot be an SNI.
+    if host.is_empty() || host.starts_with('[') || host.parse::<std::net::IpAddr>().is_ok() {
         return None;
     }
     Some(Arc::from(host))

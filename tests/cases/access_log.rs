@@ -91,15 +91,8 @@ async fn http_requests_are_logged_in_envoys_default_format_and_json() {
                 match: { prefix: "/" }
                 route: { cluster: u }"#;
     let extra = format!("\n          access_log: {logs}");
-    let server = start(
-        &format!(
-            "static_resources:\n  listeners:{}\n  clusters:{}\n",
-            http_listener("h", 0, routes, &extra),
-            static_cluster("u", &[up])
-        ),
-        Duration::from_secs(1),
-    )
-    .await;
+    let server =
+        start(&yaml(&http_listener("h", 0, routes, &extra), &static_cluster("u", &[up])), Duration::from_secs(1)).await;
     let mut c = http1_client(listener_addr(&server, "h")).await;
     let (status, _, body) = http1_request(
         &mut c,
@@ -236,15 +229,8 @@ async fn abandoned_requests_are_logged_with_dc_and_cancel_the_upstream_request()
               - match: { prefix: "/" }
                 route: { cluster: u }"#;
     let extra = format!("\n          access_log: {}", file_log(&path, format));
-    let server = start(
-        &format!(
-            "static_resources:\n  listeners:{}\n  clusters:{}\n",
-            http_listener("h", 0, routes, &extra),
-            static_cluster("u", &[up])
-        ),
-        Duration::from_secs(1),
-    )
-    .await;
+    let server =
+        start(&yaml(&http_listener("h", 0, routes, &extra), &static_cluster("u", &[up])), Duration::from_secs(1)).await;
     let addr = listener_addr(&server, "h");
     let next = async |events: &mut tokio::sync::mpsc::UnboundedReceiver<&'static str>| {
         tokio::time::timeout(Duration::from_secs(5), events.recv()).await.unwrap().unwrap()
@@ -313,15 +299,8 @@ async fn access_log_filters_pick_the_entries_written() {
         &tagged_log[2..tagged_log.len() - 2],
         &slow_log[2..slow_log.len() - 2]
     );
-    let server = start(
-        &format!(
-            "static_resources:\n  listeners:{}\n  clusters:{}\n",
-            http_listener("h", 0, routes, &hcm),
-            static_cluster("u", &[up])
-        ),
-        Duration::from_secs(1),
-    )
-    .await;
+    let server =
+        start(&yaml(&http_listener("h", 0, routes, &hcm), &static_cluster("u", &[up])), Duration::from_secs(1)).await;
     let mut c = http1_client(listener_addr(&server, "h")).await;
     for (path, headers) in [
         ("/status/200", &[][..]),

@@ -5,10 +5,6 @@ use std::time::Duration;
 
 use crate::common::*;
 
-fn yaml(listeners: &str, clusters: &str) -> String {
-    format!("static_resources:\n  listeners:{listeners}\n  clusters:{clusters}\n")
-}
-
 /// Two virtual hosts, routed by Host header, with a path-prefix route to a second cluster.
 fn inline_routes() -> &'static str {
     r#"          route_config:

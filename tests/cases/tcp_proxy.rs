@@ -9,10 +9,6 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::common::*;
 
-fn yaml(listeners: &str, clusters: &str) -> String {
-    format!("static_resources:\n  listeners:{listeners}\n  clusters:{clusters}\n")
-}
-
 #[tokio::test]
 async fn bytes_flow_both_ways() {
     let up = echo_server().await;

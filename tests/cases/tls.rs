@@ -195,10 +195,9 @@ async fn mutual_tls_checks_the_clients_spiffe_id() {
         &["istio-peer-exchange", "istio"],
         Some((&pki.ca_pem(), "spiffe://cluster.local/ns/default/sa/client")),
     );
-    let yaml = format!(
-        "static_resources:\n  listeners:{}\n  clusters:{}\n",
-        listener_with_chains(&tcp_chain("mtls", "{ transport_protocol: tls }", &socket, "up")),
-        static_cluster("up", &[up])
+    let yaml = yaml(
+        &listener_with_chains(&tcp_chain("mtls", "{ transport_protocol: tls }", &socket, "up")),
+        &static_cluster("up", &[up]),
     );
     let proxy = start(&yaml, Duration::from_secs(1)).await;
     let addr = listener_addr(&proxy, "l");
@@ -285,10 +284,9 @@ fn tls_config_errors_name_the_field() {
     let pki = Pki::new();
     let server = pki.leaf(&["svc.local"], &[]);
     let case = |socket: String| {
-        let yaml = format!(
-            "static_resources:\n  listeners:{}\n  clusters:{}\n",
-            listener_with_chains(&tcp_chain("c", "{ transport_protocol: tls }", &socket, "up")),
-            static_cluster("up", &[([127, 0, 0, 1], 1).into()])
+        let yaml = yaml(
+            &listener_with_chains(&tcp_chain("c", "{ transport_protocol: tls }", &socket, "up")),
+            &static_cluster("up", &[([127, 0, 0, 1], 1).into()]),
         );
         let (status, err, _) = run_proxy("tls.yaml", &yaml, &["--mode", "validate"]);
         assert!(!status.success());
@@ -425,10 +423,9 @@ async fn http_requests_go_upstream_over_tls() {
         }
     });
     let routes = r#"          route_config: { name: r, virtual_hosts: [ { name: all, domains: ['*'], routes: [ { match: { prefix: / }, route: { cluster: secure } } ] } ] }"#;
-    let yaml = format!(
-        "static_resources:\n  listeners:{}\n  clusters:{}\n",
-        http_listener("h", 0, routes, ""),
-        tls_cluster("secure", up, &pki.ca_pem(), "backend.local", "spiffe://cluster.local/ns/default/sa/backend")
+    let yaml = yaml(
+        &http_listener("h", 0, routes, ""),
+        &tls_cluster("secure", up, &pki.ca_pem(), "backend.local", "spiffe://cluster.local/ns/default/sa/backend"),
     );
     let proxy = start(&yaml, Duration::from_secs(1)).await;
     let mut c = http1_client(listener_addr(&proxy, "h")).await;

@@ -430,3 +430,8 @@ pub fn unlisted(item: &str) -> String {
     let item = item.trim_start_matches('\n').replacen("  - ", "    ", 1);
     item.lines().map(|l| l.strip_prefix("    ").unwrap_or(l)).collect::<Vec<_>>().join("\n")
 }
+
+/// A bootstrap with these listeners and clusters (YAML list items) as its static resources.
+pub fn yaml(listeners: &str, clusters: &str) -> String {
+    format!("static_resources:\n  listeners:{listeners}\n  clusters:{clusters}\n")
+}

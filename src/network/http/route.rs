@@ -285,14 +285,7 @@ impl MirrorPolicy {
             ShadowHost::Unchanged => HeaderValue::from_str(host).ok(),
             // Envoy's shadow host: "name:port" becomes "name-shadow:port" (an IPv6 literal keeps its brackets).
             ShadowHost::Suffixed => {
-                let name_end = match host.strip_prefix('[') {
-                    Some(rest) => rest.find(']').map_or(host.len(), |i| i + 2),
-                    None => host
-                        .rfind(':')
-                        .filter(|&i| host[i + 1..].bytes().all(|b| b.is_ascii_digit()))
-                        .unwrap_or(host.len()),
-                };
-                let (name, port) = host.split_at(name_end);
+                let (name, port) = host.split_at(port_start(host.as_bytes()).unwrap_or(host.len()));
                 HeaderValue::from_str(&format!("{name}-shadow{port}")).ok()
             }
         }
@@ -1702,49 +1695,44 @@ impl RetryOn {
     /// know or do not act on are skipped, as Envoy skips unknown ones.
     pub fn add_header(&mut self, value: &str, grpc: bool) {
         for token in value.split(',').map(str::trim) {
-            let flag = match (grpc, token) {
-                (false, "5xx") => &mut self.five_xx,
-                (false, "gateway-error") => &mut self.gateway_error,
-                (false, "connect-failure") => &mut self.connect_failure,
-                (false, "reset") => &mut self.reset,
-                (false, "retriable-status-codes") => &mut self.retriable_status_codes,
-                (false, "refused-stream") => &mut self.refused_stream,
-                (false, "retriable-4xx") => &mut self.retriable_4xx,
-                (false, "reset-before-request") => &mut self.reset_before_request,
-                (true, "cancelled") => &mut self.grpc_cancelled,
-                (true, "deadline-exceeded") => &mut self.grpc_deadline_exceeded,
-                (true, "resource-exhausted") => &mut self.grpc_resource_exhausted,
-                (true, "internal") => &mut self.grpc_internal,
-                (true, "unavailable") => &mut self.grpc_unavailable,
-                _ => continue,
-            };
-            *flag = true;
+            if let Some((flag, is_grpc)) = self.flag(token)
+                && is_grpc == grpc
+            {
+                *flag = true;
+            }
         }
+    }
+
+    /// The condition a `retry_on` token names, and whether it is a gRPC one; None for names we do not act on.
+    fn flag(&mut self, token: &str) -> Option<(&mut bool, bool)> {
+        Some(match token {
+            "5xx" => (&mut self.five_xx, false),
+            "gateway-error" => (&mut self.gateway_error, false),
+            "connect-failure" => (&mut self.connect_failure, false),
+            "reset" => (&mut self.reset, false),
+            "retriable-status-codes" => (&mut self.retriable_status_codes, false),
+            "refused-stream" => (&mut self.refused_stream, false),
+            "retriable-4xx" => (&mut self.retriable_4xx, false),
+            "reset-before-request" => (&mut self.reset_before_request, false),
+            "cancelled" => (&mut self.grpc_cancelled, true),
+            "deadline-exceeded" => (&mut self.grpc_deadline_exceeded, true),
+            "resource-exhausted" => (&mut self.grpc_resource_exhausted, true),
+            "internal" => (&mut self.grpc_internal, true),
+            "unavailable" => (&mut self.grpc_unavailable, true),
+            _ => return None,
+        })
     }
 
     fn parse(s: &str, path: &str) -> Result<RetryOn, ConfigError> {
         let mut on = RetryOn::default();
         for token in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {
-            let flag = match token {
-                "5xx" => &mut on.five_xx,
-                "gateway-error" => &mut on.gateway_error,
-                "connect-failure" => &mut on.connect_failure,
-                "reset" => &mut on.reset,
-                "retriable-status-codes" => &mut on.retriable_status_codes,
-                "refused-stream" => &mut on.refused_stream,
-                "retriable-4xx" => &mut on.retriable_4xx,
-                "cancelled" => &mut on.grpc_cancelled,
-                "deadline-exceeded" => &mut on.grpc_deadline_exceeded,
-                "resource-exhausted" => &mut on.grpc_resource_exhausted,
-                "internal" => &mut on.grpc_internal,
-                "unavailable" => &mut on.grpc_unavailable,
-                "reset-before-request" => &mut on.reset_before_request,
-                "envoy-ratelimited" | "retriable-headers" | "http3-post-connect-failure" => {
+            match on.flag(token) {
+                Some((flag, _)) => *flag = true,
+                None if matches!(token, "envoy-ratelimited" | "retriable-headers" | "http3-post-connect-failure") => {
                     return Err(ConfigError::new(path, format!("retry condition \"{token}\" is not supported")));
                 }
-                _ => return Err(ConfigError::new(path, format!("unknown retry condition \"{token}\""))),
-            };
-            *flag = true;
+                None => return Err(ConfigError::new(path, format!("unknown retry condition \"{token}\""))),
+            }
         }
         Ok(on)
     }
@@ -2552,7 +2540,7 @@ fn strip_query(path_and_query: &str) -> &str {
 }
 
 /// Envoy's `getPortStart`: the last `:` unless it is inside an IPv6 literal's brackets.
-fn port_start(host: &[u8]) -> Option<usize> {
+pub(crate) fn port_start(host: &[u8]) -> Option<usize> {
     let colon = host.iter().rposition(|b| *b == b':')?;
     match host.iter().rposition(|b| *b == b']') {
         Some(v6_end) if v6_end > colon => None,

@@ -16,8 +16,8 @@ use super::body::{CountOnDrop, ProxyBody, ShadowBody, StreamHold, Tee};
 use super::cors;
 use super::fault::AbortWith;
 use super::route::{
-    Action, FilterOverride, HashSource, HostRewrite, Matched, MirrorPolicy, RequestHead, RetryOn, RetryPolicy,
-    RouteAction, UpstreamFailure,
+    Action, ClusterExtras, FilterOverride, HashSource, HostRewrite, Matched, MirrorPolicy, RequestHead, RetryOn,
+    RetryPolicy, RouteAction, UpstreamFailure,
 };
 use super::{Connection, HealthCheckStats};
 use crate::access_log::Flag;
@@ -355,9 +355,11 @@ async fn act(
     if trace.logging {
         trace.cluster = Some(cluster.name().to_string());
     }
-    let chosen = Chosen { matched, action, authority, upgrade };
+    // A weighted cluster entry's own mutations and host rewrite (Istio's per-destination headers).
+    let extras = matched.cluster_extras(cluster.name());
+    let chosen = Chosen { matched, action, extras, authority, upgrade };
     let mut resp = forward(conn, &chosen, &cluster, req, trace).await;
-    match matched.cluster_extras(cluster.name()) {
+    match extras {
         Some(extras) => matched.apply_response_headers_with(extras, resp.headers_mut()),
         None => matched.apply_response_headers(resp.headers_mut()),
     }
@@ -543,11 +545,8 @@ struct RequestOverrides {
 }
 
 impl RequestOverrides {
-    /// Takes the router's headers out of `headers`; None (and nothing removed) when there are none.
-    fn take(headers: &mut HeaderMap) -> Option<RequestOverrides> {
-        if !headers.keys().any(|n| n.as_str().starts_with("x-envoy-")) {
-            return None;
-        }
+    /// Takes the router's headers out of an internal request's `headers`.
+    fn take(headers: &mut HeaderMap) -> RequestOverrides {
         let mut o = RequestOverrides::default();
         let mut take = |name: &str| headers.remove(name).and_then(|v| v.to_str().ok().map(|s| s.trim().to_string()));
         let millis = |v: Option<String>| v.and_then(|s| s.parse::<u64>().ok()).map(Duration::from_millis);
@@ -574,7 +573,7 @@ impl RequestOverrides {
         // response header matcher list we only take from config).
         take("x-envoy-retriable-header-names");
         take("x-envoy-hedge-on-per-try-timeout");
-        Some(o)
+        o
     }
 
     /// The route's retry policy with the headers' conditions, retry count and status codes merged in, as Envoy's
@@ -826,6 +825,7 @@ enum Failure {
 struct Chosen<'a> {
     matched: &'a Matched<'a>,
     action: &'a RouteAction,
+    extras: Option<&'a ClusterExtras>,
     authority: &'a str,
     upgrade: bool,
 }
@@ -838,7 +838,7 @@ async fn forward(
     req: Request<Incoming>,
     trace: &mut Trace,
 ) -> Response<ProxyBody> {
-    let Chosen { matched, action, authority, upgrade } = *chosen;
+    let Chosen { matched, action, extras, authority, upgrade } = *chosen;
     let start = Instant::now();
     let source =
         HashSource { client: trace.remote.map_or(conn.peer.ip(), |a| a.ip()), peer: conn.peer, local: conn.local };
@@ -846,8 +846,7 @@ async fn forward(
     let hash = action.request_hash(req.headers(), req.uri(), &source, &mut set_cookies);
     let mut req = req;
     // Only an internal request can still carry them: the connection manager strips them from every other.
-    let overrides =
-        if req.headers().contains_key(&X_ENVOY_INTERNAL) { RequestOverrides::take(req.headers_mut()) } else { None };
+    let overrides = req.headers().contains_key(&X_ENVOY_INTERNAL).then(|| RequestOverrides::take(req.headers_mut()));
     // Envoy's route timeout: none under the "new timeouts" (a route max_stream_duration), else the legacy
     // max_grpc_timeout's reading of a gRPC request's grpc-timeout, else the route's; an internal request's
     // x-envoy-upstream-rq-timeout-ms replaces it.
@@ -895,8 +894,6 @@ async fn forward(
     if !conn.hcm.config.proxy_100_continue {
         headers.remove(header::EXPECT);
     }
-    // A weighted cluster entry's own mutations and host rewrite (Istio's per-destination headers).
-    let extras = matched.cluster_extras(cluster.name());
     match extras {
         Some(e) => matched.apply_request_headers_with(e, &mut headers),
         None => matched.apply_request_headers(&mut headers),
