@@ -55,6 +55,8 @@ pub enum Flag {
     FaultInjected,
     /// DT: the stream outlived its max_stream_duration.
     DurationTimeout,
+    /// UMSDR: the upstream request outlived the cluster's max_stream_duration.
+    UpstreamMaxStreamDurationReached,
 }
 
 impl Flag {
@@ -74,6 +76,7 @@ impl Flag {
             Flag::DelayInjected => "DI",
             Flag::FaultInjected => "FI",
             Flag::DurationTimeout => "DT",
+            Flag::UpstreamMaxStreamDurationReached => "UMSDR",
         }
     }
 }

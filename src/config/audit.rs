@@ -463,7 +463,12 @@ const POLICIES: &[(&str, Policy)] = {
             Fields(&[
                 (
                     "common_http_protocol_options",
-                    Only(&["idle_timeout", "max_requests_per_connection", "max_connection_duration"]),
+                    Only(&[
+                        "idle_timeout",
+                        "max_requests_per_connection",
+                        "max_connection_duration",
+                        "max_stream_duration",
+                    ]),
                 ),
                 (
                     "upstream_http_protocol_options",

@@ -438,6 +438,9 @@ pub struct HttpUpstream {
     /// `common_http_protocol_options.max_connection_duration`: a connection this old takes no new request and
     /// closes once its exchanges end.
     pub max_connection_duration: Option<Duration>,
+    /// `common_http_protocol_options.max_stream_duration`: how long one upstream request may last, its response
+    /// included (an internal request's `x-envoy-upstream-stream-duration-ms` replaces it).
+    pub max_stream_duration: Option<Duration>,
     pub max_requests: u32,
     pub max_pending_requests: u32,
     /// Retries outstanding at once across the cluster (Envoy's default 3), not a per-request cap.
@@ -461,6 +464,7 @@ impl Default for HttpUpstream {
             max_requests_per_connection: None,
             idle_timeout: Some(Duration::from_secs(3600)),
             max_connection_duration: None,
+            max_stream_duration: None,
             max_requests: 1024,
             max_pending_requests: 1024,
             max_retries: 3,
@@ -635,6 +639,10 @@ fn http_upstream(c: &cpb::Cluster) -> Result<HttpUpstream, ConfigError> {
             if let Some(d) = &common.max_connection_duration {
                 let d = super::duration(d, &join(&path, "common_http_protocol_options.max_connection_duration"))?;
                 out.max_connection_duration = (!d.is_zero()).then_some(d);
+            }
+            if let Some(d) = &common.max_stream_duration {
+                let d = super::duration(d, &join(&path, "common_http_protocol_options.max_stream_duration"))?;
+                out.max_stream_duration = (!d.is_zero()).then_some(d);
             }
         }
         if let Some(u) = &o.upstream_http_protocol_options {

@@ -203,6 +203,8 @@ pub struct ClusterStats {
     pub upstream_cx_idle_timeout: Counter,
     /// Upstream connections retired by the cluster's max_connection_duration.
     pub upstream_cx_max_duration_reached: Counter,
+    /// Upstream requests cut by `max_stream_duration` (or `x-envoy-upstream-stream-duration-ms`).
+    pub upstream_rq_max_duration_reached: Counter,
     pub membership_total: Gauge,
     pub membership_healthy: Gauge,
     pub upstream_rq_total: Counter,
@@ -248,6 +250,7 @@ impl ClusterStats {
             upstream_cx_none_healthy: c("upstream_cx_none_healthy"),
             upstream_cx_idle_timeout: c("upstream_cx_idle_timeout"),
             upstream_cx_max_duration_reached: c("upstream_cx_max_duration_reached"),
+            upstream_rq_max_duration_reached: c("upstream_rq_max_duration_reached"),
             membership_total: g("membership_total"),
             membership_healthy: g("membership_healthy"),
             upstream_rq_total: c("upstream_rq_total"),

@@ -856,6 +856,84 @@ async fn max_stream_duration_ends_streams_before_and_after_the_response_begins()
     assert_eq!(http1_request(&mut c, "GET", "/sleep/600", "x", &[]).await.0, 200);
 }
 
+/// Envoy's upstream max_stream_duration (the cluster's `common_http_protocol_options`, or an internal request's
+/// `x-envoy-upstream-stream-duration-ms`) bounds each attempt: 504 "upstream max stream duration reached" before the
+/// response began (408 while the request is still arriving; retried under a `reset` policy), a cut body after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_max_stream_duration_bounds_each_attempt() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = http_upstream("U").await;
+    let cluster = format!(
+        "{}\n    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \
+         \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        \
+         common_http_protocol_options: {{ max_stream_duration: 0.3s }}\n        \
+         explicit_http_config: {{ http_protocol_options: {{}} }}",
+        static_cluster("u", &[up])
+    );
+    let internal = "\n          use_remote_address: true\n          internal_address_config: \
+                    { cidr_ranges: [ { address_prefix: 127.0.0.0, prefix_len: 8 } ] }";
+    let retry = ", timeout: 0s, retry_policy: { retry_on: reset, num_retries: 1 }";
+    let listeners = format!(
+        "{}{}{}",
+        http_listener("int", 0, &routes_to("u", ", timeout: 0s"), internal),
+        http_listener("ext", 0, &routes_to("u", ", timeout: 0s"), "\n          use_remote_address: true"),
+        http_listener("retry", 0, &routes_to("u", retry), ""),
+    );
+    let server = start(&yaml(&listeners, &cluster), Duration::from_secs(1)).await;
+    let reached = || counter(&server, "cluster.u.upstream_rq_max_duration_reached");
+
+    let mut c = http1_client(listener_addr(&server, "int")).await;
+    let began = std::time::Instant::now();
+    let (status, _, body) = http1_request(&mut c, "GET", "/sleep/3000", "x", &[]).await;
+    assert_eq!((status, body.as_str()), (504, "upstream max stream duration reached"));
+    assert!(began.elapsed() < Duration::from_secs(2), "cut at 0.3 s: {:?}", began.elapsed());
+    assert_eq!(reached(), 1);
+    assert_eq!(counter(&server, "cluster.u.upstream_rq_tx_reset"), 1, "the proxy reset the upstream request");
+
+    let mut c = http1_client(listener_addr(&server, "int")).await;
+    let resp = get_response(&mut c, "/drip/2000").await;
+    assert_eq!(resp.status(), 200, "the response began in time");
+    let body = tokio::time::timeout(Duration::from_secs(5), http_body_util::BodyExt::collect(resp.into_body())).await;
+    assert!(body.unwrap().is_err(), "the body is cut at 0.3 s, not completed after 2 s");
+    assert_eq!(reached(), 2);
+
+    // An internal request's header replaces the cluster's limit (0: none) and goes no further.
+    let mut c = http1_client(listener_addr(&server, "int")).await;
+    for ms in ["0", "2000"] {
+        let (status, _, body) =
+            http1_request(&mut c, "GET", "/sleep/600", "x", &[("x-envoy-upstream-stream-duration-ms", ms)]).await;
+        assert_eq!(status, 200, "header {ms}: {body}");
+        assert!(!body.contains("x-envoy-upstream-stream-duration-ms"), "{body}");
+    }
+    let (status, ..) =
+        http1_request(&mut c, "GET", "/sleep/600", "x", &[("x-envoy-upstream-stream-duration-ms", "100")]).await;
+    assert_eq!(status, 504);
+    assert_eq!(reached(), 3);
+    // An external request's header is dropped (current Envoy): the cluster's 0.3 s stands.
+    let mut c = http1_client(listener_addr(&server, "ext")).await;
+    let (status, ..) =
+        http1_request(&mut c, "GET", "/sleep/600", "x", &[("x-envoy-upstream-stream-duration-ms", "2000")]).await;
+    assert_eq!(status, 504);
+    assert_eq!(reached(), 4);
+
+    // The request is still arriving when the limit passes: 408.
+    let mut s = tokio::net::TcpStream::connect(listener_addr(&server, "int")).await.unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nab").await.unwrap();
+    let mut out = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut out)).await.unwrap().unwrap();
+    let text = String::from_utf8_lossy(&out[..n]);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("upstream max stream duration reached"), "{text}");
+    assert_eq!(reached(), 5);
+
+    // A local reset, so a `reset` retry policy retries it; each attempt has its own limit.
+    let mut c = http1_client(listener_addr(&server, "retry")).await;
+    let (status, ..) = http1_request(&mut c, "GET", "/sleep/3000", "x", &[]).await;
+    assert_eq!(status, 504);
+    assert_eq!(reached(), 7);
+    assert_eq!(counter(&server, "cluster.u.upstream_rq_retry"), 1);
+}
+
 /// The deprecated max_grpc_timeout (without max_stream_duration): a gRPC request's grpc-timeout becomes its route
 /// timeout, capped by max_grpc_timeout unless that is 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -575,10 +575,15 @@ impl ProxyBody {
     }
 
     /// Ends this (response) body with an error at `at`, counting `expired`, if it is still streaming then: the rest
-    /// of Envoy's max_stream_duration once the response has begun (the stream is reset).
+    /// of Envoy's max_stream_duration once the response has begun (the stream is reset). Of two deadlines (the
+    /// stream's and the upstream request's) the earlier stands.
     pub fn deadline(&mut self, at: Instant, expired: Counter) {
         match self {
-            ProxyBody::Watched(w) => w.deadline = Some((Box::pin(tokio::time::sleep_until(at)), expired)),
+            ProxyBody::Watched(w) => {
+                if w.deadline.as_ref().is_none_or(|(d, _)| at < d.deadline()) {
+                    w.deadline = Some((Box::pin(tokio::time::sleep_until(at)), expired));
+                }
+            }
             ProxyBody::Logged(l) => l.inner.deadline(at, expired),
             ProxyBody::Throttled(t) => t.inner.deadline(at, expired),
             ProxyBody::Stream(s) if !s.is_end_stream() => {

@@ -33,6 +33,7 @@ const CONNECT_FAILURE: &str =
 const RESET: &str = "upstream connect error or disconnect/reset before headers. reset reason: connection termination";
 const OVERFLOW: &str = "upstream connect error or disconnect/reset before headers. reset reason: overflow";
 const TIMEOUT: &str = "upstream request timeout";
+const MAX_STREAM_DURATION: &str = "upstream max stream duration reached";
 const STREAM_TIMEOUT: &str = "stream timeout";
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -476,7 +477,7 @@ fn prepare_request_headers(conn: &Connection, headers: &mut HeaderMap) -> Option
 fn clean_internal_headers(headers: &mut HeaderMap, edge: bool) {
     const EDGE_ONLY: [&str; 3] =
         ["x-envoy-decorator-operation", "x-envoy-downstream-service-cluster", "x-envoy-downstream-service-node"];
-    const EXTERNAL: [&str; 14] = [
+    const EXTERNAL: [&str; 15] = [
         "x-envoy-retriable-status-codes",
         "x-envoy-retriable-header-names",
         "x-envoy-retry-on",
@@ -486,6 +487,8 @@ fn clean_internal_headers(headers: &mut HeaderMap, edge: bool) {
         "x-envoy-upstream-rq-timeout-ms",
         "x-envoy-upstream-rq-per-try-timeout-ms",
         "x-envoy-upstream-rq-timeout-alt-response",
+        // Taken from external requests too in current Envoy (its sanitize_upstream_stream_duration_header guard).
+        "x-envoy-upstream-stream-duration-ms",
         "x-envoy-expected-rq-timeout-ms",
         "x-envoy-force-trace",
         "x-envoy-ip-tags",
@@ -537,6 +540,8 @@ struct RequestOverrides {
     per_try_timeout: Option<Duration>,
     /// A timeout answers 204 instead of 504.
     alt_response: bool,
+    /// The upstream request's max stream duration, replacing the cluster's; zero: none.
+    stream_duration: Option<Duration>,
     retry_on: RetryOn,
     max_retries: Option<u32>,
     retriable_status_codes: Vec<u16>,
@@ -553,6 +558,7 @@ impl RequestOverrides {
         o.timeout = millis(take("x-envoy-upstream-rq-timeout-ms"));
         o.per_try_timeout = millis(take("x-envoy-upstream-rq-per-try-timeout-ms"));
         o.alt_response = take("x-envoy-upstream-rq-timeout-alt-response").is_some();
+        o.stream_duration = millis(take("x-envoy-upstream-stream-duration-ms"));
         if let Some(v) = take("x-envoy-retry-on") {
             o.retry = true;
             o.retry_on.add_header(&v, false);
@@ -819,6 +825,8 @@ impl Trace {
 enum Failure {
     Pool(PoolError),
     PerTryTimeout,
+    /// The attempt outlived the upstream max stream duration before its response began.
+    MaxStreamDuration,
 }
 
 /// What routing decided for a request that goes upstream.
@@ -870,6 +878,12 @@ async fn forward(
             timeout_status = StatusCode::NO_CONTENT;
         }
     }
+    // Envoy's upstream max_stream_duration: the cluster's, or an internal request's header (0 turns it off). Each
+    // attempt gets its own, response included.
+    let stream_duration = match overrides.as_ref().and_then(|o| o.stream_duration) {
+        Some(d) => Some(d).filter(|d| !d.is_zero()),
+        None => cluster.config.http.max_stream_duration,
+    };
     // A per-try timeout at or past the route's is no limit of its own.
     if let (Some(p), Some(r)) = (per_try, route_timeout)
         && p >= r
@@ -1071,7 +1085,18 @@ async fn forward(
         stats.upstream_rq_total.inc();
         let now = Instant::now();
         let try_deadline = [deadline, per_try.map(|t| now + t), idle.map(|t| now + t)].into_iter().flatten().min();
+        // Counted from the attempt's start (Envoy starts it once the pool has a connection for the attempt).
+        let stream_end = stream_duration.map(|d| now + d);
         let send = conn.ctx.http_pools.send(cluster, &host_entry, protocol, request);
+        let send = async {
+            match stream_end {
+                None => send.await.map_err(Failure::Pool),
+                Some(at) => match tokio::time::timeout_at(at, send).await {
+                    Ok(r) => r.map_err(Failure::Pool),
+                    Err(_) => Err(Failure::MaxStreamDuration),
+                },
+            }
+        };
         // Dropped armed (a timeout fired, or hyper dropped this request because the downstream went away), the
         // upstream request was reset by us: Envoy's upstream_rq_tx_reset.
         let in_flight = CountOnDrop::new(&stats.upstream_rq_tx_reset);
@@ -1094,7 +1119,7 @@ async fn forward(
                 (passed(global), passed(this_try))
             };
             tokio::select! {
-                r = send => r.map_err(Failure::Pool),
+                r = send => r,
                 fired = timers => match fired {
                     (true, _) => {
                         stats.upstream_rq_timeout.inc();
@@ -1117,7 +1142,7 @@ async fn forward(
         } else {
             match try_deadline {
                 Some(d) => match tokio::time::timeout_at(d, send).await {
-                    Ok(r) => r.map_err(Failure::Pool),
+                    Ok(r) => r,
                     Err(_) if deadline.is_some_and(|g| g <= Instant::now()) => {
                         stats.upstream_rq_timeout.inc();
                         trace.flags.push(Flag::UpstreamRequestTimeout);
@@ -1139,10 +1164,10 @@ async fn forward(
                         Err(Failure::PerTryTimeout)
                     }
                 },
-                None => send.await.map_err(Failure::Pool),
+                None => send.await,
             }
         };
-        if !matches!(outcome, Err(Failure::PerTryTimeout)) {
+        if !matches!(outcome, Err(Failure::PerTryTimeout | Failure::MaxStreamDuration)) {
             in_flight.disarm();
         }
         // A body that outgrew the retry buffer ends retrying, as Envoy drops its retry state then.
@@ -1189,8 +1214,19 @@ async fn forward(
                     upstream_tx_reset: Some(CountOnDrop::new(&stats.upstream_rq_tx_reset)),
                     ..Default::default()
                 };
-                let tunnel = Tunnel { downstream: downstream_upgrade, deadline: trace.stream_deadline };
+                // A tunnel ends at the stream's deadline or the upstream request's, whichever comes first.
+                let stream =
+                    trace.stream_deadline.map(|at| (at, conn.hcm.stats.downstream_rq_max_duration_reached.clone()));
+                let upstream = stream_end.map(|at| (at, stats.upstream_rq_max_duration_reached.clone()));
+                let expiry = match (stream, upstream) {
+                    (Some(s), Some(u)) => Some(if u.0 < s.0 { u } else { s }),
+                    (s, u) => s.or(u),
+                };
+                let tunnel = Tunnel { downstream: downstream_upgrade, expiry };
                 let mut resp = upstream_response(conn, resp, lease, hold, start, tunnel, parts.version, idle);
+                if let Some(at) = stream_end {
+                    resp.body_mut().deadline(at, stats.upstream_rq_max_duration_reached.clone());
+                }
                 // A cookie the hash policy made up goes back with the upstream's answer, as Envoy's router adds it.
                 for v in set_cookies {
                     resp.headers_mut().append(header::SET_COOKIE, v);
@@ -1214,6 +1250,8 @@ async fn forward(
                     Failure::Pool(PoolError::Connect(ConnectError::Overflow(_)) | PoolError::Shared(..)) => {}
                     Failure::PerTryTimeout => cluster.report(&host_entry, Outcome::Timeout),
                     Failure::Pool(_) => cluster.report(&host_entry, Outcome::ConnectFailed),
+                    // Envoy's onStreamMaxDurationReached tells outlier detection nothing.
+                    Failure::MaxStreamDuration => {}
                 }
                 let (retryable, reply) = match &failure {
                     Failure::Pool(e) if e.is_connect_failure() => {
@@ -1235,6 +1273,17 @@ async fn forward(
                         policy.is_some_and(|p| p.retry_on.five_xx || p.retry_on.gateway_error || p.retry_on.reset),
                         (timeout_status, if timeout_status == StatusCode::NO_CONTENT { "" } else { TIMEOUT }),
                     ),
+                    Failure::MaxStreamDuration => {
+                        stats.upstream_rq_max_duration_reached.inc();
+                        // A local reset, retried as Envoy's maybeRetryReset retries one; the answer is Envoy's
+                        // maybeRequestTimeoutCode: 504 once the request was complete, 408 while it was arriving.
+                        let complete = request_progress.as_ref().is_none_or(|p| p.finished_at().is_some());
+                        let status = if complete { StatusCode::GATEWAY_TIMEOUT } else { StatusCode::REQUEST_TIMEOUT };
+                        (
+                            policy.is_some_and(|p| p.retry_on.five_xx || p.retry_on.gateway_error || p.retry_on.reset),
+                            (status, MAX_STREAM_DURATION),
+                        )
+                    }
                 };
                 if can_retry && retryable {
                     if let Some(slot) = admit_retry(cluster, retry, attempt, deadline).await {
@@ -1248,6 +1297,7 @@ async fn forward(
                     Failure::Pool(e) if e.is_connect_failure() => Flag::UpstreamConnectionFailure,
                     Failure::Pool(_) => Flag::UpstreamConnectionTermination,
                     Failure::PerTryTimeout => Flag::UpstreamRequestTimeout,
+                    Failure::MaxStreamDuration => Flag::UpstreamMaxStreamDurationReached,
                 });
                 if attempt > 1 && retryable && !can_retry {
                     stats.upstream_rq_retry_limit_exceeded.inc();
@@ -1460,10 +1510,10 @@ fn spawn_shadow(conn: &Connection, shadow: Shadow, body: Option<ShadowBody>) {
     });
 }
 
-/// An upgrade's downstream side and when its tunnel must end (max_stream_duration).
+/// An upgrade's downstream side, and when its tunnel must end (a max_stream_duration) with the counter that counts it.
 struct Tunnel {
     downstream: Option<hyper::upgrade::OnUpgrade>,
-    deadline: Option<Instant>,
+    expiry: Option<(Instant, crate::stats::Counter)>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1480,7 +1530,7 @@ fn upstream_response(
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     if switching && let Some(down) = tunnel.downstream {
         let up = hyper::upgrade::on(&mut resp);
-        let expired = tunnel.deadline.map(|at| (at, conn.hcm.stats.downstream_rq_max_duration_reached.clone()));
+        let expired = tunnel.expiry;
         tokio::spawn(async move {
             match (down.await, up.await) {
                 (Ok(d), Ok(u)) => {
