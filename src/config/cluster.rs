@@ -105,7 +105,7 @@ pub struct EndpointConfig {
     pub address: EndpointAddress,
     pub weight: u32,
     pub priority: u32,
-    /// False for hosts EDS marks UNHEALTHY, DRAINING or TIMEOUT: they receive no traffic.
+    /// False for hosts EDS marks UNHEALTHY, DRAINING or TIMEOUT: they receive traffic only in panic mode.
     pub healthy: bool,
     pub hostname: String,
     /// The endpoint's `envoy.transport_socket_match` metadata, else its locality's: what `transport_socket_matches`

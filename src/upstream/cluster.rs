@@ -81,19 +81,30 @@ pub struct HostSet {
     pub total: usize,
     /// RING_HASH and MAGLEV clusters: the table over `hosts`, and the policy it was built for.
     table: Option<(Arc<HashTable>, LbPolicy)>,
-    /// One per priority with a healthy host, best first. With one, the whole set is that level (and `table` its
-    /// table).
+    /// One per priority with a host that has a weight (healthy or not), best first. With one, the whole set is that
+    /// level (and `table` its table).
     levels: Vec<Level>,
 }
 
 /// One priority's share of a [`HostSet`].
 #[derive(Debug, Clone)]
 struct Level {
-    /// Its hosts: `hosts[start..end]`, all of one priority.
+    priority: u32,
+    /// Its healthy hosts: `hosts[start..end]` (none when EDS marks them all unhealthy).
     start: usize,
     end: usize,
     /// Every host of this priority, EDS-unhealthy ones included: a level's health is healthy / all, as in Envoy.
     total: usize,
+    weights: Weights,
+    table: Option<Arc<HashTable>>,
+    /// When EDS marks some of its hosts unhealthy: all of them, which Envoy's panic mode balances over.
+    panic: Option<PanicHosts>,
+}
+
+/// A priority's hosts in panic mode: the healthy and the unhealthy ones (a host without weight never takes traffic).
+#[derive(Debug, Clone)]
+struct PanicHosts {
+    hosts: Vec<Arc<Host>>,
     weights: Weights,
     table: Option<Arc<HashTable>>,
 }
@@ -125,9 +136,13 @@ impl HostSet {
             return self;
         }
         self.table = hash_table(&self.hosts, policy).map(|t| (Arc::new(t), policy));
-        if self.levels.len() > 1 {
-            for level in &mut self.levels {
+        let several = self.levels.len() > 1;
+        for level in &mut self.levels {
+            if several {
                 level.table = hash_table(&self.hosts[level.start..level.end], policy).map(Arc::new);
+            }
+            if let Some(p) = &mut level.panic {
+                p.table = hash_table(&p.hosts, policy).map(Arc::new);
             }
         }
         self
@@ -149,7 +164,8 @@ impl HostSet {
 }
 
 impl HostSet {
-    /// Every host of the cluster, with whether it may take traffic (EDS health, a weight above 0).
+    /// Every host of the cluster, with whether EDS counts it healthy. Only hosts with a weight take traffic: the
+    /// healthy ones, and in panic mode the unhealthy ones of their priority too.
     pub fn new(all: Vec<(Arc<Host>, bool)>) -> Self {
         let total = all.len();
         let mut all = all;
@@ -161,20 +177,29 @@ impl HostSet {
         while i < all.len() {
             let priority = all[i].0.priority;
             let same = all[i..].iter().take_while(|(h, _)| h.priority == priority).count();
-            let start = hosts.len();
-            hosts.extend(all[i..i + same].iter().filter(|(_, healthy)| *healthy).map(|(h, _)| h.clone()));
-            if hosts.len() > start {
-                let weights = Weights::new(hosts[start..].iter().map(|h| h.weight));
-                levels.push(Level { start, end: hosts.len(), total: same, weights, table: None });
-            }
+            let level = &all[i..i + same];
             i += same;
+            let start = hosts.len();
+            hosts.extend(level.iter().filter(|(h, healthy)| *healthy && h.weight > 0).map(|(h, _)| h.clone()));
+            let unhealthy = level.iter().filter(|(h, healthy)| !*healthy && h.weight > 0).map(|(h, _)| h.clone());
+            let panic_hosts: Vec<Arc<Host>> = hosts[start..].iter().cloned().chain(unhealthy).collect();
+            if panic_hosts.is_empty() {
+                continue;
+            }
+            let panic = (panic_hosts.len() > hosts.len() - start).then(|| PanicHosts {
+                weights: Weights::new(panic_hosts.iter().map(|h| h.weight)),
+                hosts: panic_hosts,
+                table: None,
+            });
+            let weights = Weights::new(hosts[start..].iter().map(|h| h.weight));
+            levels.push(Level { priority, start, end: hosts.len(), total: same, weights, table: None, panic });
         }
         let weights = Weights::new(hosts.iter().map(|h| h.weight));
         HostSet { hosts, weights, total, table: None, levels }
     }
 
     /// Hosts of endpoints that already carry IPs (STATIC and EDS clusters). A host whose weight is 0 (its
-    /// locality has none under locality-weighted balancing) takes no traffic, like an unhealthy one.
+    /// locality has none under locality-weighted balancing) takes no traffic, not even in panic mode.
     pub fn from_endpoints(eps: &[EndpointConfig], locality_weighted: bool) -> Self {
         use crate::config::cluster::EndpointAddress;
         Self::new(
@@ -182,8 +207,7 @@ impl HostSet {
                 .filter_map(|e| match &e.address {
                     EndpointAddress::Ip(a) => {
                         let host = Host::of(*a, e, e.hostname.clone(), locality_weighted);
-                        let serving = e.healthy && host.weight > 0;
-                        Some((Arc::new(host), serving))
+                        Some((Arc::new(host), e.healthy))
                     }
                     EndpointAddress::Dns { .. } => None,
                 })
@@ -533,19 +557,22 @@ impl Cluster {
         let set = self.hosts.load();
         let ejected = self.ejected.load(Ordering::Relaxed) as usize;
         // The priority level to pick in, and whether it is in Envoy's panic mode: with fewer of its hosts in service
-        // than healthy_panic_threshold percent it balances over all of them, ejected ones too; at 0, never (so with
-        // every host ejected there is then no host).
-        let (hosts, weights, table, any) = if set.levels.len() <= 1 {
+        // than healthy_panic_threshold percent it balances over all of them, unhealthy and ejected ones too; at 0,
+        // never (so with every host ejected or unhealthy there is then no host).
+        let (level, panic) = if set.levels.len() <= 1 {
             let total = set.levels.first().map_or(set.hosts.len(), |l| l.total);
-            let any = ejected == 0 || {
-                let in_service = set.hosts.len().saturating_sub(ejected) as f64;
-                in_service * 100.0 < self.config.healthy_panic_threshold * total as f64
-            };
-            (&set.hosts[..], &set.weights, set.table.as_ref().map(|(t, _)| t.as_ref()), any)
+            let in_service = set.hosts.len().saturating_sub(ejected) as f64;
+            (set.levels.first(), in_service * 100.0 < self.config.healthy_panic_threshold * total as f64)
         } else {
             let (i, panic) = self.choose_level(&set, ejected > 0, hash, avoid);
-            let l = &set.levels[i];
-            (&set.hosts[l.start..l.end], &l.weights, l.table.as_deref(), ejected == 0 || panic)
+            (set.levels.get(i), panic)
+        };
+        let (hosts, weights, table, any) = match (level, level.and_then(|l| l.panic.as_ref()).filter(|_| panic)) {
+            (_, Some(p)) => (&p.hosts[..], &p.weights, p.table.as_deref(), true),
+            (Some(l), None) if set.levels.len() > 1 => {
+                (&set.hosts[l.start..l.end], &l.weights, l.table.as_deref(), ejected == 0 || panic)
+            }
+            _ => (&set.hosts[..], &set.weights, set.table.as_ref().map(|(t, _)| t.as_ref()), ejected == 0 || panic),
         };
         if let (Some(hash), Some(table)) = (hash, table)
             && !table.is_empty()
@@ -613,15 +640,11 @@ impl Cluster {
         }
         // previous_priorities: the levels tried already have no health, unless that leaves none with any.
         if !avoid.is_empty() {
-            let left: usize = levels
-                .iter()
-                .zip(loads.iter())
-                .filter(|(l, _)| !avoid.contains(&set.hosts[l.start].priority))
-                .map(|(_, h)| *h)
-                .sum();
+            let left: usize =
+                levels.iter().zip(loads.iter()).filter(|(l, _)| !avoid.contains(&l.priority)).map(|(_, h)| *h).sum();
             if left > 0 {
                 for (l, h) in levels.iter().zip(loads.iter_mut()) {
-                    if avoid.contains(&set.hosts[l.start].priority) {
+                    if avoid.contains(&l.priority) {
                         *h = 0;
                     }
                 }
@@ -953,6 +976,74 @@ mod tests {
         let c = Cluster::new(config(ClusterKind::Static, LbPolicy::RoundRobin, eps), hosts, &Store::default());
         let ports: Vec<u16> = (0..4).filter_map(|_| c.choose(None)).map(|h| h.address.port()).collect();
         assert_eq!(ports, vec![2, 3, 2, 3]);
+    }
+
+    /// A static cluster over `eps` with this healthy_panic_threshold.
+    fn with_threshold(eps: &[EndpointConfig], threshold: f64, policy: LbPolicy) -> Cluster {
+        let mut cfg = (*config(ClusterKind::Static, policy, eps.to_vec())).clone();
+        cfg.healthy_panic_threshold = threshold;
+        Cluster::new(Arc::new(cfg), HostSet::from_endpoints(eps, false), &Store::default())
+    }
+
+    fn ports_picked(c: &Cluster, n: usize) -> std::collections::BTreeSet<u16> {
+        (0..n).filter_map(|_| c.choose_hashed(None, None)).map(|h| h.address.port()).collect()
+    }
+
+    /// Envoy's panic mode: with fewer than healthy_panic_threshold percent of its hosts healthy, a priority balances
+    /// over the hosts EDS marks unhealthy too; at 0 it never does, and a cluster with no healthy host has none.
+    #[test]
+    fn panic_mode_balances_over_unhealthy_hosts_too() {
+        let one_of_three = [ep(1, 0, true), ep(2, 0, false), ep(3, 0, false)];
+        for policy in [LbPolicy::RoundRobin, LbPolicy::Random, LbPolicy::RingHash { min: 1024, max: 8192 }] {
+            let c = with_threshold(&one_of_three, 50.0, policy);
+            assert_eq!(ports_picked(&c, 60), [1, 2, 3].into(), "{policy:?}: 33% healthy is under 50%");
+            let c = with_threshold(&one_of_three, 0.0, policy);
+            assert_eq!(ports_picked(&c, 60), [1].into(), "{policy:?}: panic mode off");
+        }
+        let hashed = with_threshold(&one_of_three, 50.0, LbPolicy::RingHash { min: 1024, max: 8192 });
+        let spread: std::collections::BTreeSet<u16> = (0..60u64)
+            .filter_map(|k| hashed.choose_hashed(None, Some(k * (u64::MAX / 60))))
+            .map(|h| h.address.port())
+            .collect();
+        assert_eq!(spread, [1, 2, 3].into(), "the ring spans the unhealthy hosts in panic");
+        for k in 0..60u64 {
+            let key = Some(k * (u64::MAX / 60));
+            let (a, b) = (hashed.choose_hashed(None, key), hashed.choose_hashed(None, key));
+            assert_eq!(a.map(|h| h.address), b.map(|h| h.address), "a hash keeps its host in panic too");
+        }
+
+        let two_of_three = [ep(1, 0, true), ep(2, 0, true), ep(3, 0, false)];
+        assert_eq!(ports_picked(&with_threshold(&two_of_three, 50.0, LbPolicy::RoundRobin), 60), [1, 2].into());
+
+        let none = [ep(1, 0, false), ep(2, 0, false)];
+        assert_eq!(ports_picked(&with_threshold(&none, 50.0, LbPolicy::RoundRobin), 60), [1, 2].into());
+        assert!(with_threshold(&none, 0.0, LbPolicy::RoundRobin).choose(None).is_none(), "no healthy upstream");
+        let mut weightless = ep(3, 0, false);
+        weightless.weight = 0;
+        let c = with_threshold(&[ep(1, 0, false), weightless], 50.0, LbPolicy::RoundRobin);
+        assert_eq!(ports_picked(&c, 60), [1].into(), "a host without weight takes nothing, even in panic");
+    }
+
+    /// A priority in panic spreads its share of the priority load over all of its hosts: P0 with 1 of 4 healthy has
+    /// min(100, 1.4 × 25) = 35% of the load, which its four hosts share; P1 keeps the other 65%.
+    #[test]
+    fn a_priority_in_panic_spreads_its_load_over_its_unhealthy_hosts() {
+        let eps = [ep(1, 0, true), ep(2, 0, false), ep(3, 0, false), ep(4, 0, false), ep(5, 1, true), ep(6, 1, true)];
+        let c = with_threshold(&eps, 50.0, LbPolicy::Random);
+        let mut by_port = std::collections::HashMap::<u16, usize>::new();
+        for _ in 0..8000 {
+            if let Some(h) = c.choose(None) {
+                *by_port.entry(h.address.port()).or_default() += 1;
+            }
+        }
+        let p0: usize = (1..=4).map(|p| by_port.get(&p).copied().unwrap_or(0)).sum();
+        assert!((2500..3100).contains(&p0), "P0's 35%: {by_port:?}");
+        for port in 1..=4 {
+            let n = by_port.get(&port).copied().unwrap_or(0);
+            assert!((500..900).contains(&n), "each P0 host about 700: {by_port:?}");
+        }
+        let c = with_threshold(&eps, 0.0, LbPolicy::Random);
+        assert_eq!(ports_picked(&c, 200), [1, 5, 6].into(), "no panic: P0's unhealthy hosts stay out");
     }
 
     /// How often each host (by port) is picked in `n` picks.

@@ -17,6 +17,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -283,18 +284,22 @@ fn entry<'a>(clusters: &'a mut HashMap<String, ClusterPools>, cluster: &Arc<Clus
 impl HttpPools {
     /// Sends a request to `host` over a pooled connection, or over a new one. For HTTP/1.1 the connection comes back
     /// as a [`Lease`] to return when the response body is done (unless it reached `max_requests_per_connection`).
+    /// `ready` is told when the request has its connection and goes out (Envoy's onPoolReady).
     pub async fn send(
         &self,
         cluster: &Arc<Cluster>,
         host: &Arc<Host>,
         protocol: Protocol,
         req: Request<ProxyBody>,
+        ready: Option<&Notify>,
     ) -> Result<(Response<Incoming>, Option<Lease>), PoolError> {
         let sni = cluster.config.http.auto_sni.as_ref().and_then(|header| auto_sni(&req, header.as_ref()));
         let key = (host.address, sni);
         match protocol {
-            Protocol::Http1 => self.send_http1(cluster, host, key, req).await,
-            Protocol::Http2 => self.send_http2(cluster, host, key, req).await.map(|(r, s)| (r, Some(Lease::Http2(s)))),
+            Protocol::Http1 => self.send_http1(cluster, host, key, req, ready).await,
+            Protocol::Http2 => {
+                self.send_http2(cluster, host, key, req, ready).await.map(|(r, s)| (r, Some(Lease::Http2(s))))
+            }
         }
     }
 
@@ -304,6 +309,7 @@ impl HttpPools {
         host: &Arc<Host>,
         key: PoolKey,
         mut req: Request<ProxyBody>,
+        ready: Option<&Notify>,
     ) -> Result<(Response<Incoming>, Option<Lease>), PoolError> {
         let limit = cluster.config.http.max_requests_per_connection;
         // An idle connection may turn out to be gone when the request is tried on it; the request comes back unsent
@@ -322,6 +328,9 @@ impl HttpPools {
                 continue;
             }
             conn.uses += 1;
+            if let Some(r) = ready {
+                r.notify_one();
+            }
             match conn.sender.try_send_request(req).await {
                 Ok(resp) => {
                     let reusable = limit.is_none_or(|l| conn.uses < l);
@@ -352,6 +361,7 @@ impl HttpPools {
         host: &Arc<Host>,
         key: PoolKey,
         mut req: Request<ProxyBody>,
+        ready: Option<&Notify>,
     ) -> Result<(Response<Incoming>, StreamCount), PoolError> {
         let limit = cluster.config.http.max_requests_per_connection;
         loop {
@@ -405,6 +415,9 @@ impl HttpPools {
                     }
                 }
             };
+            if let Some(r) = ready {
+                r.notify_one();
+            }
             match sender.try_send_request(req).await {
                 Ok(resp) => return Ok((resp, stream)),
                 Err(mut e) => match e.take_message() {

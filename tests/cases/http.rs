@@ -866,7 +866,7 @@ async fn upstream_max_stream_duration_bounds_each_attempt() {
     let cluster = format!(
         "{}\n    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \
          \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        \
-         common_http_protocol_options: {{ max_stream_duration: 0.3s }}\n        \
+         common_http_protocol_options: {{ max_stream_duration: 0.5s }}\n        \
          explicit_http_config: {{ http_protocol_options: {{}} }}",
         static_cluster("u", &[up])
     );
@@ -886,7 +886,7 @@ async fn upstream_max_stream_duration_bounds_each_attempt() {
     let began = std::time::Instant::now();
     let (status, _, body) = http1_request(&mut c, "GET", "/sleep/3000", "x", &[]).await;
     assert_eq!((status, body.as_str()), (504, "upstream max stream duration reached"));
-    assert!(began.elapsed() < Duration::from_secs(2), "cut at 0.3 s: {:?}", began.elapsed());
+    assert!(began.elapsed() < Duration::from_secs(2), "cut at 0.5 s: {:?}", began.elapsed());
     assert_eq!(reached(), 1);
     assert_eq!(counter(&server, "cluster.u.upstream_rq_tx_reset"), 1, "the proxy reset the upstream request");
 
@@ -894,25 +894,25 @@ async fn upstream_max_stream_duration_bounds_each_attempt() {
     let resp = get_response(&mut c, "/drip/2000").await;
     assert_eq!(resp.status(), 200, "the response began in time");
     let body = tokio::time::timeout(Duration::from_secs(5), http_body_util::BodyExt::collect(resp.into_body())).await;
-    assert!(body.unwrap().is_err(), "the body is cut at 0.3 s, not completed after 2 s");
+    assert!(body.unwrap().is_err(), "the body is cut at 0.5 s, not completed after 2 s");
     assert_eq!(reached(), 2);
 
     // An internal request's header replaces the cluster's limit (0: none) and goes no further.
     let mut c = http1_client(listener_addr(&server, "int")).await;
     for ms in ["0", "2000"] {
         let (status, _, body) =
-            http1_request(&mut c, "GET", "/sleep/600", "x", &[("x-envoy-upstream-stream-duration-ms", ms)]).await;
+            http1_request(&mut c, "GET", "/sleep/800", "x", &[("x-envoy-upstream-stream-duration-ms", ms)]).await;
         assert_eq!(status, 200, "header {ms}: {body}");
         assert!(!body.contains("x-envoy-upstream-stream-duration-ms"), "{body}");
     }
     let (status, ..) =
-        http1_request(&mut c, "GET", "/sleep/600", "x", &[("x-envoy-upstream-stream-duration-ms", "100")]).await;
-    assert_eq!(status, 504);
+        http1_request(&mut c, "GET", "/sleep/300", "x", &[("x-envoy-upstream-stream-duration-ms", "100")]).await;
+    assert_eq!(status, 504, "under the cluster's 0.5 s: only the header's 0.1 s cuts it");
     assert_eq!(reached(), 3);
-    // An external request's header is dropped (current Envoy): the cluster's 0.3 s stands.
+    // An external request's header is dropped (as recent Envoy drops it): the cluster's 0.5 s stands.
     let mut c = http1_client(listener_addr(&server, "ext")).await;
     let (status, ..) =
-        http1_request(&mut c, "GET", "/sleep/600", "x", &[("x-envoy-upstream-stream-duration-ms", "2000")]).await;
+        http1_request(&mut c, "GET", "/sleep/800", "x", &[("x-envoy-upstream-stream-duration-ms", "2000")]).await;
     assert_eq!(status, 504);
     assert_eq!(reached(), 4);
 
@@ -1520,6 +1520,56 @@ async fn consecutive_5xx_ejects_the_host_until_its_ejection_time_is_over() {
         statuses.push(http1_request(&mut c, "GET", "/", "x", &[]).await.0);
     }
     assert!(statuses.contains(&503), "back in the rotation: {statuses:?}");
+}
+
+/// Envoy's panic mode over hosts the control plane marks unhealthy: with 1 of 3 hosts healthy (under the default
+/// 50%), requests reach all three; with `healthy_panic_threshold` 0 only the healthy one; when none is healthy,
+/// none at all ("no healthy upstream").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn panic_mode_sends_traffic_to_unhealthy_endpoints_below_the_threshold() {
+    let ups = [http_upstream("A").await, http_upstream("B").await, http_upstream("C").await];
+    let cluster = |name: &str, statuses: [&str; 3], threshold: &str| {
+        let mut eps = String::new();
+        for (up, status) in ups.iter().zip(statuses) {
+            eps.push_str(&format!(
+                "\n        - endpoint: {{ address: {{ socket_address: {{ address: {}, port_value: {} }} }} }}\n          \
+                 health_status: {status}",
+                up.ip(),
+                up.port()
+            ));
+        }
+        format!(
+            "\n  - name: {name}\n    type: STATIC\n    connect_timeout: 1s{threshold}\n    load_assignment:\n      \
+             cluster_name: {name}\n      endpoints:\n      - lb_endpoints:{eps}"
+        )
+    };
+    let off = "\n    common_lb_config: { healthy_panic_threshold: { value: 0 } }";
+    let clusters = [
+        cluster("panic", ["HEALTHY", "UNHEALTHY", "UNHEALTHY"], ""),
+        cluster("strict", ["HEALTHY", "UNHEALTHY", "UNHEALTHY"], off),
+        cluster("none", ["UNHEALTHY", "DRAINING", "TIMEOUT"], off),
+    ]
+    .concat();
+    let listeners = format!(
+        "{}{}{}",
+        http_listener("panic", 0, &routes_to("panic", ""), ""),
+        http_listener("strict", 0, &routes_to("strict", ""), ""),
+        http_listener("none", 0, &routes_to("none", ""), ""),
+    );
+    let server = start(&yaml(&listeners, &clusters), Duration::from_secs(1)).await;
+    let served = async |listener: &str| {
+        let mut c = http1_client(listener_addr(&server, listener)).await;
+        let mut tags = std::collections::BTreeSet::new();
+        for _ in 0..30 {
+            let (status, _, body) = http1_request(&mut c, "GET", "/", "x", &[]).await;
+            tags.insert(if status == 200 { body.lines().next().unwrap_or("").to_string() } else { body });
+        }
+        tags
+    };
+    assert_eq!(served("panic").await, ["A", "B", "C"].map(String::from).into());
+    assert_eq!(served("strict").await, ["A"].map(String::from).into());
+    assert_eq!(served("none").await, ["no healthy upstream"].map(String::from).into());
+    assert_eq!(gauge(&server, "cluster.panic.membership_healthy"), 1, "panic mode does not make hosts healthy");
 }
 
 /// What Istio sends for a DestinationRule with `consecutiveGatewayErrors: 2` and `minHealthPercent` unset: gateway

@@ -384,7 +384,7 @@ impl Drop for Logged {
 pub struct Watched {
     inner: Incoming,
     idle: Option<(Duration, Pin<Box<Sleep>>)>,
-    /// The stream's max_stream_duration, and the counter its expiry bumps.
+    /// When a max_stream_duration (the stream's or the upstream request's) ends the body, and the counter it bumps.
     deadline: Option<(Pin<Box<Sleep>>, Counter)>,
     lease: Option<Lease>,
     count: Option<Arc<Progress>>,

@@ -487,7 +487,8 @@ fn clean_internal_headers(headers: &mut HeaderMap, edge: bool) {
         "x-envoy-upstream-rq-timeout-ms",
         "x-envoy-upstream-rq-per-try-timeout-ms",
         "x-envoy-upstream-rq-timeout-alt-response",
-        // Taken from external requests too in current Envoy (its sanitize_upstream_stream_duration_header guard).
+        // Stripped from external requests by recent Envoy (runtime guard sanitize_upstream_stream_duration_header);
+        // older releases honoured it from any client.
         "x-envoy-upstream-stream-duration-ms",
         "x-envoy-expected-rq-timeout-ms",
         "x-envoy-force-trace",
@@ -1085,16 +1086,23 @@ async fn forward(
         stats.upstream_rq_total.inc();
         let now = Instant::now();
         let try_deadline = [deadline, per_try.map(|t| now + t), idle.map(|t| now + t)].into_iter().flatten().min();
-        // Counted from the attempt's start (Envoy starts it once the pool has a connection for the attempt).
-        let stream_end = stream_duration.map(|d| now + d);
-        let send = conn.ctx.http_pools.send(cluster, &host_entry, protocol, request);
+        // The upstream max stream duration runs from when the pool has a connection for the attempt (Envoy's
+        // onPoolReady), so a slow connect stays a connect failure.
+        let ready = tokio::sync::Notify::new();
+        let mut limit_end = None;
+        let send = conn.ctx.http_pools.send(cluster, &host_entry, protocol, request, stream_duration.map(|_| &ready));
         let send = async {
-            match stream_end {
-                None => send.await.map_err(Failure::Pool),
-                Some(at) => match tokio::time::timeout_at(at, send).await {
-                    Ok(r) => r.map_err(Failure::Pool),
-                    Err(_) => Err(Failure::MaxStreamDuration),
-                },
+            let Some(d) = stream_duration else { return send.await.map_err(Failure::Pool) };
+            let limit = async {
+                ready.notified().await;
+                let at = Instant::now() + d;
+                limit_end = Some(at);
+                tokio::time::sleep_until(at).await;
+            };
+            tokio::select! {
+                biased;
+                r = send => r.map_err(Failure::Pool),
+                () = limit => Err(Failure::MaxStreamDuration),
             }
         };
         // Dropped armed (a timeout fired, or hyper dropped this request because the downstream went away), the
@@ -1167,6 +1175,8 @@ async fn forward(
                 None => send.await,
             }
         };
+        // Where the limit ends, for the response body.
+        let stream_end = stream_duration.map(|d| limit_end.unwrap_or_else(|| now + d));
         if !matches!(outcome, Err(Failure::PerTryTimeout | Failure::MaxStreamDuration)) {
             in_flight.disarm();
         }
@@ -1219,7 +1229,7 @@ async fn forward(
                     trace.stream_deadline.map(|at| (at, conn.hcm.stats.downstream_rq_max_duration_reached.clone()));
                 let upstream = stream_end.map(|at| (at, stats.upstream_rq_max_duration_reached.clone()));
                 let expiry = match (stream, upstream) {
-                    (Some(s), Some(u)) => Some(if u.0 < s.0 { u } else { s }),
+                    (Some(s), Some(u)) => Some(if u.0 <= s.0 { u } else { s }),
                     (s, u) => s.or(u),
                 };
                 let tunnel = Tunnel { downstream: downstream_upgrade, expiry };
@@ -1280,7 +1290,7 @@ async fn forward(
                         let complete = request_progress.as_ref().is_none_or(|p| p.finished_at().is_some());
                         let status = if complete { StatusCode::GATEWAY_TIMEOUT } else { StatusCode::REQUEST_TIMEOUT };
                         (
-                            policy.is_some_and(|p| p.retry_on.five_xx || p.retry_on.gateway_error || p.retry_on.reset),
+                            policy.is_some_and(|p| p.should_retry_failure(UpstreamFailure::Reset)),
                             (status, MAX_STREAM_DURATION),
                         )
                     }
@@ -1471,7 +1481,7 @@ fn spawn_shadow(conn: &Connection, shadow: Shadow, body: Option<ShadowBody>) {
         // good.
         let idle = shadow.idle;
         let exchange = async {
-            let send = ctx.http_pools.send(&cluster, &host, protocol, request);
+            let send = ctx.http_pools.send(&cluster, &host, protocol, request, None);
             let sent = match (shadow.timeout, idle) {
                 (None, Some(t)) => tokio::time::timeout(t, send).await.map_err(|_| ())?,
                 _ => send.await,
@@ -1542,8 +1552,8 @@ fn upstream_response(
                         Some((at, counter)) => match tokio::time::timeout_at(*at, copy).await {
                             Ok(r) => r.map(|_| ()),
                             Err(_) => {
-                                // The stream's max_stream_duration covers the tunnel too (how Envoy caps WebSocket
-                                // lifetimes): both sides close.
+                                // A max_stream_duration (the stream's or the upstream request's) covers the tunnel
+                                // too, as Envoy caps WebSocket lifetimes with it: both sides close.
                                 counter.inc();
                                 Ok(())
                             }
