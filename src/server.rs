@@ -105,7 +105,8 @@ impl Server {
             health_check_failed: lifecycle.health_check_flag(),
             cluster: bootstrap.node.cluster.as_str().into(),
         };
-        let workers = Workers::start(options.concurrency.max(1), clusters.published(), &stats, local)
+        let pin = bootstrap.worker_cpu_affinity;
+        let workers = Workers::start(options.concurrency.max(1), clusters.published(), &stats, local, pin)
             .map_err(StartError::Workers)?;
         let drain = DrainSettings { drain_time: options.drain_time, strategy: options.drain_strategy };
         let mut listeners = ListenerManager::new(workers, sockets, drain, stats.clone(), clusters.published());

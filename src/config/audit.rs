@@ -68,7 +68,10 @@ const POLICIES: &[(&str, Policy)] = {
         ("google.protobuf.ListValue", All),
         ("google.protobuf.Empty", All),
         // Bootstrap.
-        ("envoy.config.bootstrap.v3.Bootstrap", Only(&["node", "admin", "static_resources", "dynamic_resources"])),
+        (
+            "envoy.config.bootstrap.v3.Bootstrap",
+            Only(&["node", "admin", "static_resources", "dynamic_resources", "enable_worker_cpu_affinity"]),
+        ),
         (
             "envoy.config.bootstrap.v3.Bootstrap.StaticResources",
             Fields(&[("listeners", Skip), ("clusters", Skip), ("secrets", Skip)]),
@@ -86,7 +89,10 @@ const POLICIES: &[(&str, Policy)] = {
         ("envoy.config.core.v3.Pipe", Only(&["path", "mode"])),
         // protocol: the conversion accepts TCP only.
         ("envoy.config.core.v3.SocketAddress", Only(&["protocol", "address", "port_value", "ipv4_compat"])),
-        // Listeners.
+        // Listeners. Of the connection balancers only the CPU-locality one (exact balancing takes a lock per accept
+        // across workers, which this design has no place for).
+        ("envoy.config.listener.v3.Listener.ConnectionBalanceConfig", Only(&["cpu_locality_balance"])),
+        ("envoy.config.listener.v3.Listener.ConnectionBalanceConfig.CpuLocalityBalance", All),
         (
             "envoy.config.listener.v3.Listener",
             Only(&[
@@ -97,6 +103,7 @@ const POLICIES: &[(&str, Policy)] = {
                 "use_original_dst",
                 "bind_to_port",
                 "enable_reuse_port",
+                "connection_balance_config",
                 "tcp_backlog_size",
                 "freebind",
                 "transparent",

@@ -26,6 +26,8 @@ pub struct BootstrapConfig {
     pub dynamic_resources: Option<bpb::bootstrap::DynamicResources>,
     /// The static cluster the ADS stream goes through and its protocol, when `ads_config` is set.
     pub ads_cluster: Option<(String, crate::xds::Protocol)>,
+    /// `enable_worker_cpu_affinity`: worker i runs on the i-th CPU of the process's affinity mask.
+    pub worker_cpu_affinity: bool,
     pub proto: Arc<bpb::Bootstrap>,
 }
 
@@ -133,6 +135,7 @@ impl BootstrapConfig {
             clusters,
             secrets: registry,
             dynamic_resources: b.dynamic_resources.clone(),
+            worker_cpu_affinity: b.enable_worker_cpu_affinity,
             proto: Arc::new(b),
         })
     }

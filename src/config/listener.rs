@@ -48,6 +48,9 @@ pub struct SocketSpec {
     /// `ipv4_compat` on a `::` address: accept IPv4-mapped connections too (IPV6_V6ONLY off).
     pub ipv4_compat: bool,
     pub socket_options: Vec<SocketOption>,
+    /// `connection_balance_config.cpu_locality_balance`: the kernel hands each connection to the socket of the worker
+    /// pinned to the CPU that received it.
+    pub cpu_locality: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,6 +163,20 @@ impl TryFrom<lpb::Listener> for ListenerConfig {
             .enumerate()
             .map(|(i, o)| socket_option(o, &format!("socket_options[{i}]")))
             .collect::<Result<Vec<_>, _>>()?;
+        let cpu_locality = match &l.connection_balance_config {
+            None => false,
+            Some(c) => {
+                use envoy_types::pb::envoy::config::listener::v3::listener::connection_balance_config::BalanceType;
+                match c.balance_type {
+                    Some(BalanceType::CpuLocalityBalance(_)) => true,
+                    // The field audit refuses the other balancers by name.
+                    Some(_) => false,
+                    None => {
+                        return Err(ConfigError::new("connection_balance_config", "one balancer must be set"));
+                    }
+                }
+            }
+        };
         let socket = SocketSpec {
             address,
             reuse_port,
@@ -168,6 +185,7 @@ impl TryFrom<lpb::Listener> for ListenerConfig {
             transparent: l.transparent.as_ref().is_some_and(|v| v.value),
             ipv4_compat,
             socket_options,
+            cpu_locality,
         };
 
         let filter_chains = l

@@ -423,7 +423,7 @@ impl ListenerManager {
             local_address,
             sockets,
             core: Arc::new(ListenerCore {
-                stats: ListenerStats::new(&self.store, &config.stat_prefix),
+                stats: ListenerStats::new(&self.store, &config.stat_prefix, self.workers.count()),
                 config: Arc::new(config),
                 chains,
             }),
@@ -577,6 +577,19 @@ impl ListenerManager {
             warn!(listener = %config.name, "cannot bind {}: {e}", config.socket.address);
             ListenerError::Bind { address: config.socket.address, reason: e.to_string() }
         })?;
+        if config.socket.cpu_locality {
+            // As in Envoy, a listener whose steering cannot work serves with the kernel's hash instead.
+            let steered = match self.workers.cpus() {
+                Some(cpus) if config.socket.reuse_port => {
+                    super::socket::steer_by_cpu(&bound, cpus).map_err(|e| e.to_string())
+                }
+                Some(_) => Err("enable_reuse_port is off".to_string()),
+                None => Err("the workers are not pinned (bootstrap enable_worker_cpu_affinity)".to_string()),
+            };
+            if let Err(e) = steered {
+                warn!(listener = %config.name, "cpu_locality_balance: {e}; connections spread by the kernel's hash");
+            }
+        }
         let local = bound.first().and_then(|s| s.local_addr().ok()).unwrap_or(config.socket.address);
         Ok((Arc::new(bound), local))
     }

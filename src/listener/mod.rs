@@ -26,10 +26,12 @@ pub struct ListenerStats {
     pub downstream_pre_cx_active: Gauge,
     pub downstream_pre_cx_timeout: Counter,
     pub downstream_cx_length_ms: Histogram,
+    /// Envoy's per-handler stats, by worker index: `worker_<i>.downstream_cx_total` and `.downstream_cx_active`.
+    pub per_worker: Vec<(Counter, Gauge)>,
 }
 
 impl ListenerStats {
-    pub fn new(store: &Store, prefix: &str) -> Self {
+    pub fn new(store: &Store, prefix: &str, workers: usize) -> Self {
         let c = |s: &str| store.counter(&format!("listener.{prefix}.{s}"));
         // Envoy counts connections refused by the listener's connection limit here; that limit is a runtime key
         // (`envoy.resource_limits.listener.<name>.connection_limit`) and we have no runtime layers, so it stays 0,
@@ -43,6 +45,15 @@ impl ListenerStats {
             downstream_pre_cx_active: store.gauge(&format!("listener.{prefix}.downstream_pre_cx_active")),
             downstream_pre_cx_timeout: c("downstream_pre_cx_timeout"),
             downstream_cx_length_ms: store.histogram(&format!("listener.{prefix}.downstream_cx_length_ms")),
+            per_worker: (0..workers)
+                .map(|i| {
+                    let name = format!("listener.{prefix}.worker_{i}");
+                    (
+                        store.counter(&format!("{name}.downstream_cx_total")),
+                        store.gauge(&format!("{name}.downstream_cx_active")),
+                    )
+                })
+                .collect(),
         }
     }
 }

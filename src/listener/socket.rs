@@ -2,7 +2,8 @@
 //! `enable_reuse_port`, IPV6_V6ONLY unless `ipv4_compat`, freebind, transparent, the listener's raw socket
 //! options at the state they ask for, and the backlog. Workers only convert the result (`from_std`).
 //!
-//! Socket creation sits behind [`SocketFactory`] so tests can substitute failures.
+//! Socket creation sits behind [`SocketFactory`] so tests can substitute failures. [`steer_by_cpu`] attaches Envoy's
+//! `cpu_locality_balance` program to a bound reuse-port group.
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
@@ -60,6 +61,45 @@ fn bind_one(spec: &SocketSpec, addr: SocketAddr) -> io::Result<TcpListener> {
     Ok(socket.into())
 }
 
+/// Envoy's `cpu_locality_balance`: a classic BPF program on the SO_REUSEPORT group of `sockets` (socket i is worker
+/// i's, in the order they were bound) that hands each new connection to the worker pinned to the CPU that received
+/// it (`cpus[i]` is worker i's CPU). A CPU without a worker maps by its number modulo the worker count; the kernel
+/// falls back to its hash for an index past the group.
+pub fn steer_by_cpu(sockets: &[TcpListener], cpus: &[usize]) -> io::Result<()> {
+    let invalid = |why: &str| io::Error::new(io::ErrorKind::InvalidInput, why.to_string());
+    if sockets.len() != cpus.len() || sockets.is_empty() {
+        return Err(invalid("one socket per pinned worker is needed"));
+    }
+    let n = u32::try_from(cpus.len()).map_err(|_| invalid("too many workers"))?;
+    let op = |code: u32, jt: u8, jf: u8, k: u32| libc::sock_filter { code: code as u16, jt, jf, k };
+    // A = the CPU; for each worker: equal to its CPU → return its index, else skip that return; then A mod n.
+    let mut prog =
+        vec![op(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0, 0, (libc::SKF_AD_OFF + libc::SKF_AD_CPU) as u32)];
+    for (i, cpu) in cpus.iter().enumerate() {
+        let cpu = u32::try_from(*cpu).map_err(|_| invalid("CPU number out of range"))?;
+        prog.push(op(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K, 0, 1, cpu));
+        prog.push(op(libc::BPF_RET | libc::BPF_K, 0, 0, i as u32));
+    }
+    prog.push(op(libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K, 0, 0, n));
+    prog.push(op(libc::BPF_RET | libc::BPF_A, 0, 0, 0));
+    let len = u16::try_from(prog.len())
+        .ok()
+        .filter(|l| *l <= libc::BPF_MAXINSNS as u16)
+        .ok_or_else(|| invalid("too many workers"))?;
+    let fprog = libc::sock_fprog { len, filter: prog.as_mut_ptr() };
+    // SAFETY: `fprog` points at `prog`, which outlives the call (the kernel copies the program); the fd is open.
+    let rc = unsafe {
+        libc::setsockopt(
+            sockets[0].as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            std::ptr::from_ref(&fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
 fn apply_options(socket: &Socket, options: &[SocketOption], state: SocketState) -> io::Result<()> {
     for o in options.iter().filter(|o| o.state == state) {
         let (ptr, len): (*const libc::c_void, usize) = match &o.value {
@@ -91,7 +131,52 @@ mod tests {
             transparent: false,
             ipv4_compat: false,
             socket_options: vec![],
+            cpu_locality: false,
         }
+    }
+
+    /// Which of `socks` has a connection waiting (accepting it).
+    fn accepting(socks: &[TcpListener]) -> Vec<usize> {
+        socks.iter().enumerate().filter(|(_, s)| s.accept().is_ok()).map(|(i, _)| i).collect()
+    }
+
+    /// Envoy's cpu_locality_balance: a connection made from a thread on worker i's CPU (on loopback the SYN is
+    /// handled on the connecting CPU) waits on socket i, whichever of the group the kernel's hash would pick.
+    #[test]
+    fn cpu_steering_queues_each_connection_on_its_cpus_socket() -> io::Result<()> {
+        let allowed = crate::listener::worker::allowed_cpus()?;
+        let cpus = &allowed[..allowed.len().min(2)];
+        let socks = SystemSockets.bind(&spec("127.0.0.1:0", true), cpus.len())?;
+        steer_by_cpu(&socks, cpus)?;
+        let addr = socks[0].local_addr()?;
+        let test_thread = std::thread::spawn({
+            let cpus = cpus.to_vec();
+            move || -> io::Result<Vec<Vec<usize>>> {
+                let mut seen = Vec::new();
+                for _ in 0..4 {
+                    for &cpu in &cpus {
+                        crate::listener::worker::pin_current_thread(cpu)?;
+                        let _c = std::net::TcpStream::connect(addr)?;
+                        // The handshake is done when connect returns on loopback; give the queue a moment anyway.
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                        seen.push(accepting(&socks));
+                    }
+                }
+                Ok(seen)
+            }
+        });
+        let seen = test_thread.join().map_err(|_| io::Error::other("the connecting thread panicked"))??;
+        let expected: Vec<Vec<usize>> = (0..4).flat_map(|_| (0..cpus.len()).map(|i| vec![i])).collect();
+        assert_eq!(seen, expected, "CPUs {cpus:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn cpu_steering_needs_one_socket_per_worker() -> io::Result<()> {
+        let socks = SystemSockets.bind(&spec("127.0.0.1:0", true), 1)?;
+        let err = steer_by_cpu(&socks, &[0, 1]).err().map(|e| e.kind());
+        assert_eq!(err, Some(io::ErrorKind::InvalidInput));
+        Ok(())
     }
 
     #[test]

@@ -83,15 +83,35 @@ pub struct Workers {
     threads: Vec<JoinHandle<()>>,
     /// Workers that have started their runtime; `listener_manager.workers_started` turns 1 at `threads.len()`.
     started: watch::Receiver<usize>,
+    /// The CPU each worker is pinned to (`enable_worker_cpu_affinity`), by worker index.
+    cpus: Option<Arc<[usize]>>,
 }
 
 impl Workers {
+    /// Starts `count` workers; with `pin`, worker i runs on the i-th CPU of the process's affinity mask (Envoy's
+    /// `enable_worker_cpu_affinity`), unless there are more workers than CPUs in the mask, when none is pinned.
     pub fn start(
         count: usize,
         clusters: Arc<ArcSwap<ClusterSet>>,
         store: &Store,
         local: LocalInfo,
+        pin: bool,
     ) -> io::Result<Workers> {
+        let cpus: Option<Arc<[usize]>> = if pin {
+            let allowed = allowed_cpus()?;
+            if count <= allowed.len() {
+                Some(allowed[..count].into())
+            } else {
+                warn!(
+                    workers = count,
+                    cpus = allowed.len(),
+                    "enable_worker_cpu_affinity: more workers than CPUs, none pinned"
+                );
+                None
+            }
+        } else {
+            None
+        };
         let set = Arc::new(ArcSwap::from_pointee(ListenerSet::default()));
         let (version, _) = watch::channel(0u64);
         let (started_tx, started) = watch::channel(0usize);
@@ -112,7 +132,13 @@ impl Workers {
             let rx = version.subscribe();
             let stop = shutdown.clone();
             let started_tx = started_tx.clone();
+            let cpu = cpus.as_ref().map(|c| c[index]);
             let handle = std::thread::Builder::new().name(format!("worker_{index}")).spawn(move || {
+                if let Some(cpu) = cpu
+                    && let Err(e) = pin_current_thread(cpu)
+                {
+                    warn!(worker = index, cpu, "cannot pin the worker to its CPU: {e}");
+                }
                 // Each worker counts into its own stats shard (no cache line shared with another worker).
                 crate::stats::set_thread_shard(index + 1);
                 let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -127,11 +153,16 @@ impl Workers {
             })?;
             threads.push(handle);
         }
-        Ok(Workers { set, version, shutdown, threads, started })
+        Ok(Workers { set, version, shutdown, threads, started, cpus })
     }
 
     pub fn count(&self) -> usize {
         self.threads.len()
+    }
+
+    /// The CPU each worker is pinned to, by worker index; None unless pinned.
+    pub fn cpus(&self) -> Option<&[usize]> {
+        self.cpus.as_deref()
     }
 
     /// Waits until every worker thread runs its runtime.
@@ -265,6 +296,32 @@ async fn accept_loop(
             },
         }
     }
+}
+
+/// The CPUs this process may run on, ascending.
+pub(crate) fn allowed_cpus() -> io::Result<Vec<usize>> {
+    // SAFETY: an all-zero cpu_set_t is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a live cpu_set_t of the size passed, which the kernel fills.
+    let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: every index is below CPU_SETSIZE, inside `set`.
+    Ok((0..libc::CPU_SETSIZE as usize).filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) }).collect())
+}
+
+pub(crate) fn pin_current_thread(cpu: usize) -> io::Result<()> {
+    // SAFETY: an all-zero cpu_set_t is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("CPU {cpu} is past CPU_SETSIZE")));
+    }
+    // SAFETY: `cpu` is below CPU_SETSIZE, inside `set`.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: `set` is a live cpu_set_t of the size passed; pid 0 is the calling thread.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if rc != 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 
 enum AcceptError {
@@ -463,6 +520,10 @@ async fn serve_on(listener: &ListenerCore, stream: TcpStream, det: &Detected, ct
     let stats = &listener.stats;
     stats.downstream_cx_total.inc();
     let _active = GaugeGuard::new(&stats.downstream_cx_active);
+    let _on_worker = stats.per_worker.get(ctx.index).map(|(total, active)| {
+        total.inc();
+        GaugeGuard::new(active)
+    });
     let Some(chain) = listener.chains.select(det).cloned() else {
         stats.no_filter_chain_match.inc();
         if !listener.config.access_log.is_empty() {
