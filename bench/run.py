@@ -37,6 +37,9 @@ IPERF_PORT, HTTP_PORT = 15201, 18080
 PORTS = {  # system -> (iperf port, http port)
     "direct": (IPERF_PORT, HTTP_PORT),
     "xds-proxy": (19001, 19002),
+    # Envoy's opt-in CPU locality: workers pinned (enable_worker_cpu_affinity), connections steered to the worker on
+    # the receiving CPU (cpu_locality_balance).
+    "xds-proxy-cpu": (19501, 19502),
     "haproxy": (19101, 19102),
     "nginx": (19201, 19202),
 }
@@ -63,13 +66,16 @@ def start(cmd, **kw):
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, **kw)
 
 
-def proxy_bootstrap():
+def proxy_bootstrap(system="xds-proxy"):
     listeners, clusters = "", ""
-    for name, (lport, uport) in (("iperf", (19001, IPERF_PORT)), ("http", (19002, HTTP_PORT))):
+    cpu = system == "xds-proxy-cpu"
+    balance = "\n    connection_balance_config: { cpu_locality_balance: {} }" if cpu else ""
+    iperf_port, http_port = PORTS[system]
+    for name, (lport, uport) in (("iperf", (iperf_port, IPERF_PORT)), ("http", (http_port, HTTP_PORT))):
         listeners += f"""
   - name: {name}
     address: {{ socket_address: {{ address: 127.0.0.1, port_value: {lport} }} }}
-    tcp_backlog_size: 4096
+    tcp_backlog_size: 4096{balance}
     filter_chains:
     - filters:
       - name: envoy.filters.network.tcp_proxy
@@ -86,7 +92,8 @@ def proxy_bootstrap():
       endpoints:
       - lb_endpoints:
         - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {uport} }} }} }}"""
-    return f"static_resources:\n  listeners:{listeners}\n  clusters:{clusters}\n"
+    pin = "enable_worker_cpu_affinity: true\n" if cpu else ""
+    return f"{pin}static_resources:\n  listeners:{listeners}\n  clusters:{clusters}\n"
 
 
 def haproxy_cfg():
@@ -199,6 +206,10 @@ def run_tcp(args):
         proxy = start([args.proxy, "--config-path", write(f"{d}/bootstrap.yaml", proxy_bootstrap()),
                        "--concurrency", "2", "--log-level", "error"])
         procs.append(proxy)
+        if "xds-proxy-cpu" in systems:
+            cpu_bootstrap = write(f"{d}/bootstrap-cpu.yaml", proxy_bootstrap("xds-proxy-cpu"))
+            procs.append(start([args.proxy, "--config-path", cpu_bootstrap, "--concurrency", "2", "--log-level",
+                                "error"]))
         if "haproxy" in systems:
             procs.append(start(["haproxy", "-f", write(f"{d}/haproxy.cfg", haproxy_cfg()), "-db"]))
         if "nginx" in systems:
@@ -232,17 +243,20 @@ def run_tcp(args):
         print(f"\nmachine: {os.cpu_count()} CPUs, {cpu.stdout.strip()}; {args.rounds} rounds of {args.seconds}s, "
               f"medians")
         peers = [s for s in ("haproxy", "nginx") if s in systems]
+        ours = [s for s in ("xds-proxy", "xds-proxy-cpu") if s in systems]
         header = f"| {'test':24} | " + " | ".join(f"{s:>10}" for s in systems)
-        header += " | xds-proxy / best peer | xds-proxy / direct |"
+        header += "".join(f" | {s} / best peer" for s in ours) + " | xds-proxy / direct |"
         print(header)
-        print("|" + "---|" * (len(systems) + 3))
+        print("|" + "---|" * (len(systems) + len(ours) + 2))
         for name, _ in tests:
             med = {s: statistics.median(results[(name, s)]) for s in systems}
             best = max((med[s] for s in peers), default=None)
             row = f"| {name:24} | " + " | ".join(f"{med[s]:>10.2f}" for s in systems)
-            ratio = f"{med['xds-proxy'] / best:.2f}" if best and "xds-proxy" in med else "-"
+            for s in ours:
+                ratio = f"{med[s] / best:.2f}" if best else "-"
+                row += f" | {ratio:>{len(s) + 12}}"
             direct = f"{med['xds-proxy'] / med['direct']:.2f}" if "direct" in med and "xds-proxy" in med else "-"
-            print(row + f" | {ratio:>21} | {direct:>18} |")
+            print(row + f" | {direct:>18} |")
         print(f"\nxds-proxy RSS: idle {idle_rss / 1024:.1f} MiB; with 1000 open connections {rss_1000 / 1024:.1f} MiB "
               f"(peak {peak / 1024:.1f} MiB)")
     finally:
@@ -777,7 +791,8 @@ def main():
     ap.add_argument("suite", nargs="?", choices=("tcp", "http"), default="tcp")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, help="length of each measured run (default: tcp 5, http 10)")
-    ap.add_argument("--systems", default="direct,xds-proxy,haproxy,nginx")
+    ap.add_argument("--systems", help="tcp: of direct, xds-proxy, xds-proxy-cpu, haproxy, nginx (default all); "
+                    "http: of direct, xds-proxy, haproxy, nginx (default all)")
     ap.add_argument("--proxy", default=PROXY, help="the xds-proxy binary (default: the release build)")
     ap.add_argument("--warmup", type=int, default=2, help="http: seconds of unmeasured load before each run")
     ap.add_argument("--connections", type=int, default=64, help="http: client connections (wrk and h2load)")
@@ -786,6 +801,9 @@ def main():
     args = ap.parse_args()
     if args.seconds is None:
         args.seconds = 10 if args.suite == "http" else 5
+    if args.systems is None:
+        args.systems = "direct,xds-proxy,haproxy,nginx" if args.suite == "http" else \
+            "direct,xds-proxy,xds-proxy-cpu,haproxy,nginx"
     run_http(args) if args.suite == "http" else run_tcp(args)
 
 
