@@ -870,12 +870,20 @@ async fn upstream_max_stream_duration_bounds_each_attempt() {
          explicit_http_config: {{ http_protocol_options: {{}} }}",
         static_cluster("u", &[up])
     );
-    let internal = "\n          use_remote_address: true\n          internal_address_config: \
-                    { cidr_ranges: [ { address_prefix: 127.0.0.0, prefix_len: 8 } ] }";
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("int.log");
+    let internal = format!(
+        "\n          use_remote_address: true\n          internal_address_config: \
+         {{ cidr_ranges: [ {{ address_prefix: 127.0.0.0, prefix_len: 8 }} ] }}\n          access_log: [ {{ name: \
+         envoy.access_loggers.file, typed_config: {{ \"@type\": \
+         type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog, path: \"{}\", log_format: \
+         {{ text_format: \"%RESPONSE_CODE% %RESPONSE_FLAGS% %REQ(:PATH)%\\n\" }} }} }} ]",
+        log.display()
+    );
     let retry = ", timeout: 0s, retry_policy: { retry_on: reset, num_retries: 1 }";
     let listeners = format!(
         "{}{}{}",
-        http_listener("int", 0, &routes_to("u", ", timeout: 0s"), internal),
+        http_listener("int", 0, &routes_to("u", ", timeout: 0s"), &internal),
         http_listener("ext", 0, &routes_to("u", ", timeout: 0s"), "\n          use_remote_address: true"),
         http_listener("retry", 0, &routes_to("u", retry), ""),
     );
@@ -896,6 +904,11 @@ async fn upstream_max_stream_duration_bounds_each_attempt() {
     let body = tokio::time::timeout(Duration::from_secs(5), http_body_util::BodyExt::collect(resp.into_body())).await;
     assert!(body.unwrap().is_err(), "the body is cut at 0.5 s, not completed after 2 s");
     assert_eq!(reached(), 2);
+    // Flagged UMSDR either way, as Envoy does; a cut body is the proxy's reset, not the client's going away (DC).
+    let logged = || std::fs::read_to_string(&log).unwrap_or_default();
+    eventually("both requests logged", Duration::from_secs(3), async || logged().lines().count() >= 2).await;
+    let lines: Vec<String> = logged().lines().map(str::to_string).collect();
+    assert_eq!(lines[..2], ["504 UMSDR /sleep/3000", "200 UMSDR /drip/2000"], "{lines:?}");
 
     // An internal request's header replaces the cluster's limit (0: none) and goes no further.
     let mut c = http1_client(listener_addr(&server, "int")).await;

@@ -117,11 +117,15 @@ impl ShadowBody {
 impl Watched {
     /// The stream's max_stream_duration ran out: counted, its hold released as a reset, the body failed.
     fn expire(&mut self) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if let Some((_, expired)) = self.deadline.take() {
-            expired.inc();
-        }
+        let cause = match self.deadline.take() {
+            Some((_, expired, cause)) => {
+                expired.inc();
+                cause
+            }
+            None => DurationTimeout::Stream,
+        };
         self.hold.reset(false);
-        Poll::Ready(Some(Err(DurationTimeout.into())))
+        Poll::Ready(Some(Err(cause.into())))
     }
 }
 
@@ -358,11 +362,13 @@ pub struct Logged {
     began: Instant,
     entry: Option<Entry>,
     logs: Arc<[AccessLog]>,
+    /// The flag of the duration limit that ended the body, if one did.
+    cut: Option<Flag>,
 }
 
 impl Logged {
     pub fn wrap(inner: ProxyBody, entry: Entry, began: Instant, logs: Arc<[AccessLog]>) -> ProxyBody {
-        ProxyBody::Logged(Box::new(Logged { inner, sent: 0, ended: false, began, entry: Some(entry), logs }))
+        ProxyBody::Logged(Box::new(Logged { inner, sent: 0, ended: false, began, entry: Some(entry), logs, cut: None }))
     }
 }
 
@@ -371,7 +377,10 @@ impl Drop for Logged {
         if let Some(mut e) = self.entry.take() {
             e.duration = self.began.elapsed();
             e.bytes_sent = self.sent;
-            if !self.ended && !self.inner.is_end_stream() {
+            // A duration limit that cut the body is the proxy's own reset, not the client's going away.
+            if let Some(flag) = self.cut {
+                e.flags.push(flag);
+            } else if !self.ended && !self.inner.is_end_stream() {
                 e.flags.push(Flag::DownstreamConnectionTermination);
             }
             access_log::log_all(&self.logs, &e);
@@ -385,7 +394,7 @@ pub struct Watched {
     inner: Incoming,
     idle: Option<(Duration, Pin<Box<Sleep>>)>,
     /// When a max_stream_duration (the stream's or the upstream request's) ends the body, and the counter it bumps.
-    deadline: Option<(Pin<Box<Sleep>>, Counter)>,
+    deadline: Option<(Pin<Box<Sleep>>, Counter, DurationTimeout)>,
     lease: Option<Lease>,
     count: Option<Arc<Progress>>,
     hold: StreamHold,
@@ -529,9 +538,26 @@ impl Progress {
 #[error("stream idle timeout")]
 pub struct StreamIdleTimeout;
 
-#[derive(Debug, thiserror::Error)]
-#[error("downstream duration timeout")]
-pub struct DurationTimeout;
+/// Which max_stream_duration ended a response body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DurationTimeout {
+    /// The stream's (route or connection manager).
+    #[error("downstream duration timeout")]
+    Stream,
+    /// The upstream request's (cluster, or `x-envoy-upstream-stream-duration-ms`).
+    #[error("upstream max stream duration reached")]
+    Upstream,
+}
+
+impl DurationTimeout {
+    /// The access log flag Envoy sets for it.
+    pub fn flag(self) -> Flag {
+        match self {
+            DurationTimeout::Stream => Flag::DurationTimeout,
+            DurationTimeout::Upstream => Flag::UpstreamMaxStreamDurationReached,
+        }
+    }
+}
 
 impl ProxyBody {
     pub fn text(s: impl Into<Bytes>) -> Self {
@@ -577,21 +603,21 @@ impl ProxyBody {
     /// Ends this (response) body with an error at `at`, counting `expired`, if it is still streaming then: the rest
     /// of Envoy's max_stream_duration once the response has begun (the stream is reset). Of two deadlines (the
     /// stream's and the upstream request's) the earlier stands.
-    pub fn deadline(&mut self, at: Instant, expired: Counter) {
+    pub fn deadline(&mut self, at: Instant, expired: Counter, cause: DurationTimeout) {
         match self {
             ProxyBody::Watched(w) => {
-                if w.deadline.as_ref().is_none_or(|(d, _)| at < d.deadline()) {
-                    w.deadline = Some((Box::pin(tokio::time::sleep_until(at)), expired));
+                if w.deadline.as_ref().is_none_or(|(d, ..)| at < d.deadline()) {
+                    w.deadline = Some((Box::pin(tokio::time::sleep_until(at)), expired, cause));
                 }
             }
-            ProxyBody::Logged(l) => l.inner.deadline(at, expired),
-            ProxyBody::Throttled(t) => t.inner.deadline(at, expired),
+            ProxyBody::Logged(l) => l.inner.deadline(at, expired, cause),
+            ProxyBody::Throttled(t) => t.inner.deadline(at, expired, cause),
             ProxyBody::Stream(s) if !s.is_end_stream() => {
                 let ProxyBody::Stream(inner) = std::mem::replace(self, ProxyBody::Empty) else { return };
                 *self = ProxyBody::Watched(Box::new(Watched {
                     inner,
                     idle: None,
-                    deadline: Some((Box::pin(tokio::time::sleep_until(at)), expired)),
+                    deadline: Some((Box::pin(tokio::time::sleep_until(at)), expired, cause)),
                     lease: None,
                     count: None,
                     hold: StreamHold::default(),
@@ -660,14 +686,17 @@ impl Body for ProxyBody {
                         l.ended = l.inner.is_end_stream();
                     }
                     Poll::Ready(None) => l.ended = true,
-                    _ => {}
+                    Poll::Ready(Some(Err(e))) => {
+                        l.cut = e.downcast_ref::<DurationTimeout>().map(|d| d.flag());
+                    }
+                    Poll::Pending => {}
                 }
                 polled
             }
             ProxyBody::Watched(w) => match Pin::new(&mut w.inner).poll_frame(cx) {
                 // A body that never waits still ends at its deadline.
                 Poll::Ready(Some(Ok(_)))
-                    if w.deadline.as_ref().is_some_and(|(at, _)| at.deadline() <= Instant::now()) =>
+                    if w.deadline.as_ref().is_some_and(|(at, ..)| at.deadline() <= Instant::now()) =>
                 {
                     w.expire()
                 }
@@ -703,7 +732,7 @@ impl Body for ProxyBody {
                     Poll::Ready(frame.map(|f| f.map_err(Into::into)))
                 }
                 Poll::Pending => match &mut w.idle {
-                    _ if w.deadline.as_mut().is_some_and(|(at, _)| at.as_mut().poll(cx).is_ready()) => w.expire(),
+                    _ if w.deadline.as_mut().is_some_and(|(at, ..)| at.as_mut().poll(cx).is_ready()) => w.expire(),
                     Some((_, sleep)) => match sleep.as_mut().poll(cx) {
                         Poll::Ready(()) => {
                             w.hold.reset(false);

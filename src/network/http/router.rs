@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::body::{CountOnDrop, ProxyBody, ShadowBody, StreamHold, Tee};
+use super::body::{CountOnDrop, DurationTimeout, ProxyBody, ShadowBody, StreamHold, Tee};
 use super::cors;
 use super::fault::AbortWith;
 use super::route::{
@@ -205,7 +205,8 @@ async fn route_request(conn: &Connection, req: Request<Incoming>, trace: &mut Tr
     trace.stream_deadline = Some(deadline);
     match tokio::time::timeout_at(deadline, after_match(conn, &matched, req, trace, &authority, upgrade)).await {
         Ok(mut resp) => {
-            resp.body_mut().deadline(deadline, hcm.stats.downstream_rq_max_duration_reached.clone());
+            let expired = hcm.stats.downstream_rq_max_duration_reached.clone();
+            resp.body_mut().deadline(deadline, expired, DurationTimeout::Stream);
             resp
         }
         Err(_) => {
@@ -1235,7 +1236,8 @@ async fn forward(
                 let tunnel = Tunnel { downstream: downstream_upgrade, expiry };
                 let mut resp = upstream_response(conn, resp, lease, hold, start, tunnel, parts.version, idle);
                 if let Some(at) = stream_end {
-                    resp.body_mut().deadline(at, stats.upstream_rq_max_duration_reached.clone());
+                    let expired = stats.upstream_rq_max_duration_reached.clone();
+                    resp.body_mut().deadline(at, expired, DurationTimeout::Upstream);
                 }
                 // A cookie the hash policy made up goes back with the upstream's answer, as Envoy's router adds it.
                 for v in set_cookies {
