@@ -48,9 +48,6 @@ pub struct SocketSpec {
     /// `ipv4_compat` on a `::` address: accept IPv4-mapped connections too (IPV6_V6ONLY off).
     pub ipv4_compat: bool,
     pub socket_options: Vec<SocketOption>,
-    /// `connection_balance_config.cpu_locality_balance`: the kernel hands each connection to the socket of the worker
-    /// pinned to the CPU that received it.
-    pub cpu_locality: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +75,9 @@ pub enum SocketState {
 pub struct ListenerConfig {
     pub name: String,
     pub socket: SocketSpec,
+    /// `connection_balance_config.cpu_locality_balance`: the kernel hands each connection to the socket of the worker
+    /// pinned to the CPU that received it. Not part of the socket spec: switching it keeps the sockets.
+    pub cpu_locality: bool,
     /// `bind_to_port: false` listeners own no socket; they receive connections handed off by a
     /// `use_original_dst` listener.
     pub bind_to_port: bool,
@@ -185,7 +185,6 @@ impl TryFrom<lpb::Listener> for ListenerConfig {
             transparent: l.transparent.as_ref().is_some_and(|v| v.value),
             ipv4_compat,
             socket_options,
-            cpu_locality,
         };
 
         let filter_chains = l
@@ -223,6 +222,7 @@ impl TryFrom<lpb::Listener> for ListenerConfig {
         Ok(ListenerConfig {
             name: l.name.clone(),
             socket,
+            cpu_locality,
             bind_to_port: l.bind_to_port.as_ref().is_none_or(|v| v.value),
             use_original_dst,
             listener_filters,

@@ -14,7 +14,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::filter_chain::{ChainSet, FilterChain, NetworkFilter};
 use super::socket::SocketFactory;
@@ -409,6 +409,7 @@ impl ListenerManager {
         let in_place = old.as_ref().is_some_and(|o| o.config().only_filter_chains_differ(&config));
         let warming = self.warming.get(&name).map(|w| w.listener.clone());
         let (sockets, local_address) = self.sockets_for(&config, old.as_deref(), warming.as_deref())?;
+        self.steer(&config, &sockets);
         let chains = ChainSet::build(
             &config.filter_chains,
             config.default_filter_chain.as_ref(),
@@ -537,6 +538,34 @@ impl ListenerManager {
         }
     }
 
+    /// Envoy's cpu_locality_balance on a version's sockets, or off (sockets taken over from a version that had it
+    /// keep it otherwise). As in Envoy, a listener whose steering cannot work serves without it, with a warning.
+    fn steer(&self, config: &ListenerConfig, sockets: &[TcpListener]) {
+        if sockets.is_empty() {
+            return;
+        }
+        let cpus = match (config.cpu_locality, self.workers.cpus()) {
+            (false, _) => None,
+            (true, Some(cpus)) if config.socket.reuse_port => Some(cpus),
+            (true, pinned) => {
+                let why = if pinned.is_none() {
+                    "the workers are not pinned (bootstrap enable_worker_cpu_affinity)"
+                } else {
+                    "enable_reuse_port is off"
+                };
+                warn!(listener = %config.name, "cpu_locality_balance: {why}; serving without CPU locality");
+                None
+            }
+        };
+        if let Err(e) = super::socket::steer_by_cpu(sockets, cpus) {
+            if cpus.is_some() {
+                warn!(listener = %config.name, "cpu_locality_balance: {e}; serving without CPU locality");
+            } else {
+                debug!(listener = %config.name, "clearing CPU steering: {e}");
+            }
+        }
+    }
+
     /// The sockets for a new listener version: the old version's when the spec is unchanged, sockets released in
     /// this update with the same spec, or freshly bound ones.
     fn sockets_for(
@@ -577,19 +606,6 @@ impl ListenerManager {
             warn!(listener = %config.name, "cannot bind {}: {e}", config.socket.address);
             ListenerError::Bind { address: config.socket.address, reason: e.to_string() }
         })?;
-        if config.socket.cpu_locality {
-            // As in Envoy, a listener whose steering cannot work serves with the kernel's hash instead.
-            let steered = match self.workers.cpus() {
-                Some(cpus) if config.socket.reuse_port => {
-                    super::socket::steer_by_cpu(&bound, cpus).map_err(|e| e.to_string())
-                }
-                Some(_) => Err("enable_reuse_port is off".to_string()),
-                None => Err("the workers are not pinned (bootstrap enable_worker_cpu_affinity)".to_string()),
-            };
-            if let Err(e) = steered {
-                warn!(listener = %config.name, "cpu_locality_balance: {e}; connections spread by the kernel's hash");
-            }
-        }
         let local = bound.first().and_then(|s| s.local_addr().ok()).unwrap_or(config.socket.address);
         Ok((Arc::new(bound), local))
     }

@@ -2,8 +2,8 @@
 //! `enable_reuse_port`, IPV6_V6ONLY unless `ipv4_compat`, freebind, transparent, the listener's raw socket
 //! options at the state they ask for, and the backlog. Workers only convert the result (`from_std`).
 //!
-//! Socket creation sits behind [`SocketFactory`] so tests can substitute failures. [`steer_by_cpu`] attaches Envoy's
-//! `cpu_locality_balance` program to a bound reuse-port group.
+//! Socket creation sits behind [`SocketFactory`] so tests can substitute failures. [`steer_by_cpu`] sets up Envoy's
+//! `cpu_locality_balance` on bound reuse-port sockets.
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
@@ -61,43 +61,48 @@ fn bind_one(spec: &SocketSpec, addr: SocketAddr) -> io::Result<TcpListener> {
     Ok(socket.into())
 }
 
-/// Envoy's `cpu_locality_balance`: a classic BPF program on the SO_REUSEPORT group of `sockets` (socket i is worker
-/// i's, in the order they were bound) that hands each new connection to the worker pinned to the CPU that received
-/// it (`cpus[i]` is worker i's CPU). A CPU without a worker maps by its number modulo the worker count; the kernel
-/// falls back to its hash for an index past the group.
-pub fn steer_by_cpu(sockets: &[TcpListener], cpus: &[usize]) -> io::Result<()> {
-    let invalid = |why: &str| io::Error::new(io::ErrorKind::InvalidInput, why.to_string());
-    if sockets.len() != cpus.len() || sockets.is_empty() {
-        return Err(invalid("one socket per pinned worker is needed"));
+/// Envoy's `cpu_locality_balance` on a listener's reuse-port sockets (socket i is worker i's): socket i takes the
+/// connections received on `cpus[i]`, through SO_INCOMING_CPU, which the kernel's reuse-port selection honours since
+/// Linux 6.2 (it ignored it before); a connection received on a CPU with no worker goes where the kernel's hash sends
+/// it. Unlike a BPF program indexing the group, this does not depend on the group's order, which a rebind on the same
+/// address reshuffles. `None` takes the steering off again.
+pub fn steer_by_cpu(sockets: &[TcpListener], cpus: Option<&[usize]>) -> io::Result<()> {
+    if let Some(cpus) = cpus {
+        if cpus.len() != sockets.len() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "one socket per pinned worker is needed"));
+        }
+        if !kernel_at_least(6, 2) {
+            return Err(io::Error::new(io::ErrorKind::Unsupported, "needs Linux 6.2 or later"));
+        }
     }
-    let n = u32::try_from(cpus.len()).map_err(|_| invalid("too many workers"))?;
-    let op = |code: u32, jt: u8, jf: u8, k: u32| libc::sock_filter { code: code as u16, jt, jf, k };
-    // A = the CPU; for each worker: equal to its CPU → return its index, else skip that return; then A mod n.
-    let mut prog =
-        vec![op(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0, 0, (libc::SKF_AD_OFF + libc::SKF_AD_CPU) as u32)];
-    for (i, cpu) in cpus.iter().enumerate() {
-        let cpu = u32::try_from(*cpu).map_err(|_| invalid("CPU number out of range"))?;
-        prog.push(op(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K, 0, 1, cpu));
-        prog.push(op(libc::BPF_RET | libc::BPF_K, 0, 0, i as u32));
+    for (i, socket) in sockets.iter().enumerate() {
+        let cpu = match cpus {
+            Some(cpus) => i32::try_from(cpus[i])
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "CPU number out of range"))?,
+            None => -1,
+        };
+        // SAFETY: `cpu` is a live int for the whole call; the fd is open.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_INCOMING_CPU,
+                std::ptr::from_ref(&cpu).cast(),
+                std::mem::size_of::<i32>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
     }
-    prog.push(op(libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K, 0, 0, n));
-    prog.push(op(libc::BPF_RET | libc::BPF_A, 0, 0, 0));
-    let len = u16::try_from(prog.len())
-        .ok()
-        .filter(|l| *l <= libc::BPF_MAXINSNS as u16)
-        .ok_or_else(|| invalid("too many workers"))?;
-    let fprog = libc::sock_fprog { len, filter: prog.as_mut_ptr() };
-    // SAFETY: `fprog` points at `prog`, which outlives the call (the kernel copies the program); the fd is open.
-    let rc = unsafe {
-        libc::setsockopt(
-            sockets[0].as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ATTACH_REUSEPORT_CBPF,
-            std::ptr::from_ref(&fprog).cast(),
-            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    Ok(())
+}
+
+/// Whether the running kernel's release is at least `major.minor`.
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let Ok(release) = std::fs::read_to_string("/proc/sys/kernel/osrelease") else { return false };
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (major, minor)
 }
 
 fn apply_options(socket: &Socket, options: &[SocketOption], state: SocketState) -> io::Result<()> {
@@ -131,50 +136,71 @@ mod tests {
             transparent: false,
             ipv4_compat: false,
             socket_options: vec![],
-            cpu_locality: false,
         }
     }
 
-    /// Which of `socks` has a connection waiting (accepting it).
+    /// Which of `socks` has the connection just made waiting (accepting it), polled for up to a second.
     fn accepting(socks: &[TcpListener]) -> Vec<usize> {
-        socks.iter().enumerate().filter(|(_, s)| s.accept().is_ok()).map(|(i, _)| i).collect()
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        loop {
+            let ready: Vec<usize> =
+                socks.iter().enumerate().filter(|(_, s)| s.accept().is_ok()).map(|(i, _)| i).collect();
+            if !ready.is_empty() || std::time::Instant::now() > end {
+                return ready;
+            }
+            std::thread::yield_now();
+        }
     }
 
     /// Envoy's cpu_locality_balance: a connection made from a thread on worker i's CPU (on loopback the SYN is
-    /// handled on the connecting CPU) waits on socket i, whichever of the group the kernel's hash would pick.
+    /// handled on the connecting CPU) waits on socket i, whichever of the group the kernel's hash would pick; with the
+    /// steering taken off the hash decides again.
     #[test]
     fn cpu_steering_queues_each_connection_on_its_cpus_socket() -> io::Result<()> {
+        if !kernel_at_least(6, 2) {
+            let socks = SystemSockets.bind(&spec("127.0.0.1:0", true), 1)?;
+            let err = steer_by_cpu(&socks, Some(&[0])).err().map(|e| e.kind());
+            assert_eq!(err, Some(io::ErrorKind::Unsupported), "refused before Linux 6.2");
+            return Ok(());
+        }
         let allowed = crate::listener::worker::allowed_cpus()?;
         let cpus = &allowed[..allowed.len().min(2)];
         let socks = SystemSockets.bind(&spec("127.0.0.1:0", true), cpus.len())?;
-        steer_by_cpu(&socks, cpus)?;
         let addr = socks[0].local_addr()?;
-        let test_thread = std::thread::spawn({
-            let cpus = cpus.to_vec();
-            move || -> io::Result<Vec<Vec<usize>>> {
-                let mut seen = Vec::new();
-                for _ in 0..4 {
-                    for &cpu in &cpus {
-                        crate::listener::worker::pin_current_thread(cpu)?;
-                        let _c = std::net::TcpStream::connect(addr)?;
-                        // The handshake is done when connect returns on loopback; give the queue a moment anyway.
-                        std::thread::sleep(std::time::Duration::from_millis(5));
-                        seen.push(accepting(&socks));
-                    }
-                }
-                Ok(seen)
-            }
-        });
-        let seen = test_thread.join().map_err(|_| io::Error::other("the connecting thread panicked"))??;
+        let connect_from_each = |rounds: usize| {
+            std::thread::scope(|scope| {
+                scope
+                    .spawn(|| -> io::Result<Vec<Vec<usize>>> {
+                        let mut seen = Vec::new();
+                        for _ in 0..rounds {
+                            for &cpu in cpus {
+                                crate::listener::worker::pin_current_thread(cpu)?;
+                                let _c = std::net::TcpStream::connect(addr)?;
+                                seen.push(accepting(&socks));
+                            }
+                        }
+                        Ok(seen)
+                    })
+                    .join()
+                    .map_err(|_| io::Error::other("the connecting thread panicked"))?
+            })
+        };
+        steer_by_cpu(&socks, Some(cpus))?;
+        let seen = connect_from_each(4)?;
         let expected: Vec<Vec<usize>> = (0..4).flat_map(|_| (0..cpus.len()).map(|i| vec![i])).collect();
         assert_eq!(seen, expected, "CPUs {cpus:?}");
+        if cpus.len() == 2 {
+            steer_by_cpu(&socks, None)?;
+            let seen = connect_from_each(16)?;
+            assert!(seen != (0..16).flat_map(|_| [vec![0], vec![1]]).collect::<Vec<_>>(), "the hash decides again");
+        }
         Ok(())
     }
 
     #[test]
     fn cpu_steering_needs_one_socket_per_worker() -> io::Result<()> {
         let socks = SystemSockets.bind(&spec("127.0.0.1:0", true), 1)?;
-        let err = steer_by_cpu(&socks, &[0, 1]).err().map(|e| e.kind());
+        let err = steer_by_cpu(&socks, Some(&[0, 1])).err().map(|e| e.kind());
         assert_eq!(err, Some(io::ErrorKind::InvalidInput));
         Ok(())
     }

@@ -85,6 +85,8 @@ pub struct Workers {
     started: watch::Receiver<usize>,
     /// The CPU each worker is pinned to (`enable_worker_cpu_affinity`), by worker index.
     cpus: Option<Arc<[usize]>>,
+    /// A worker could not be pinned: steering by CPU would send connections to a worker that is not there.
+    pin_failed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Workers {
@@ -97,11 +99,10 @@ impl Workers {
         local: LocalInfo,
         pin: bool,
     ) -> io::Result<Workers> {
-        let cpus: Option<Arc<[usize]>> = if pin {
-            let allowed = allowed_cpus()?;
-            if count <= allowed.len() {
-                Some(allowed[..count].into())
-            } else {
+        let cpus: Option<Arc<[usize]>> = match pin.then(allowed_cpus) {
+            None => None,
+            Some(Ok(allowed)) if count <= allowed.len() => Some(allowed[..count].into()),
+            Some(Ok(allowed)) => {
                 warn!(
                     workers = count,
                     cpus = allowed.len(),
@@ -109,9 +110,12 @@ impl Workers {
                 );
                 None
             }
-        } else {
-            None
+            Some(Err(e)) => {
+                warn!("enable_worker_cpu_affinity: cannot read the process's CPUs ({e}), none pinned");
+                None
+            }
         };
+        let pin_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let set = Arc::new(ArcSwap::from_pointee(ListenerSet::default()));
         let (version, _) = watch::channel(0u64);
         let (started_tx, started) = watch::channel(0usize);
@@ -133,10 +137,12 @@ impl Workers {
             let stop = shutdown.clone();
             let started_tx = started_tx.clone();
             let cpu = cpus.as_ref().map(|c| c[index]);
+            let pin_failed = pin_failed.clone();
             let handle = std::thread::Builder::new().name(format!("worker_{index}")).spawn(move || {
                 if let Some(cpu) = cpu
                     && let Err(e) = pin_current_thread(cpu)
                 {
+                    pin_failed.store(true, std::sync::atomic::Ordering::Relaxed);
                     warn!(worker = index, cpu, "cannot pin the worker to its CPU: {e}");
                 }
                 // Each worker counts into its own stats shard (no cache line shared with another worker).
@@ -153,16 +159,16 @@ impl Workers {
             })?;
             threads.push(handle);
         }
-        Ok(Workers { set, version, shutdown, threads, started, cpus })
+        Ok(Workers { set, version, shutdown, threads, started, cpus, pin_failed })
     }
 
     pub fn count(&self) -> usize {
         self.threads.len()
     }
 
-    /// The CPU each worker is pinned to, by worker index; None unless pinned.
+    /// The CPU each worker is pinned to, by worker index; None unless every worker is pinned.
     pub fn cpus(&self) -> Option<&[usize]> {
-        self.cpus.as_deref()
+        self.cpus.as_deref().filter(|_| !self.pin_failed.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Waits until every worker thread runs its runtime.

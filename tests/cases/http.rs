@@ -1341,14 +1341,7 @@ fn health_check_filter_config_errors_name_the_field() {
                 "          http_filters:\n          - name: hc\n            typed_config: {{ \"@type\": type.googleapis.com/envoy.extensions.filters.http.health_check.v3.HealthCheck, {config} }}\n"
             ),
         ));
-        let msg = xds_proxy::config::proto::parse_dynamic(
-            &yaml,
-            xds_proxy::config::proto::Format::Yaml,
-            "envoy.config.listener.v3.Listener",
-        )
-        .unwrap();
-        let l: envoy_types::pb::envoy::config::listener::v3::Listener = xds_proxy::config::proto::decode(&msg).unwrap();
-        xds_proxy::config::listener::ListenerConfig::try_from(l).err().map(|e| e.to_string()).unwrap_or_default()
+        listener_error(&yaml)
     };
     let err = with("headers: [ { name: x-hc, present_match: true } ]");
     assert!(err.contains("http_filters[0].typed_config.pass_through_mode: pass_through_mode is required"), "{err}");
@@ -2125,14 +2118,7 @@ fn internal_address_config_errors_name_the_field() {
             &routes_to("u", ""),
             &format!("\n          internal_address_config: {config}"),
         ));
-        let msg = xds_proxy::config::proto::parse_dynamic(
-            &yaml,
-            xds_proxy::config::proto::Format::Yaml,
-            "envoy.config.listener.v3.Listener",
-        )
-        .unwrap();
-        let l: envoy_types::pb::envoy::config::listener::v3::Listener = xds_proxy::config::proto::decode(&msg).unwrap();
-        xds_proxy::config::listener::ListenerConfig::try_from(l).err().map(|e| e.to_string()).unwrap_or_default()
+        listener_error(&yaml)
     };
     assert_eq!(
         with(

@@ -425,6 +425,14 @@ pub async fn http1_client(
     send
 }
 
+/// Why a listener document (YAML) is refused; empty when it converts.
+pub fn listener_error(yaml: &str) -> String {
+    let msg = proto::parse_dynamic(yaml, Format::Yaml, "envoy.config.listener.v3.Listener")
+        .unwrap_or_else(|e| panic!("listener: {e}"));
+    let l: envoy_types::pb::envoy::config::listener::v3::Listener = proto::decode(&msg).unwrap();
+    ListenerConfig::try_from(l).err().map(|e| e.to_string()).unwrap_or_default()
+}
+
 /// A listener rendered as a list item (`  - name: ...`) turned into a document of its own.
 pub fn unlisted(item: &str) -> String {
     let item = item.trim_start_matches('\n').replacen("  - ", "    ", 1);
