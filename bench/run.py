@@ -12,8 +12,8 @@ Two suites, chosen by the first argument:
                  every proxy presenting the same ECDSA P-256 certificate (`make bench-tls`).
 
 Every system proxies the same upstreams, runs with 2 workers and no logging, and the systems are interleaved within
-each round so drift on the machine hits them alike. Prints medians and ratios as a markdown table. The Makefile
-targets install the tools and build the release binary.
+each round, in an order that rotates from round to round, so drift on the machine hits them alike. Prints medians
+and ratios as a markdown table. The Makefile targets install the tools and build the release binary.
 """
 import argparse
 import json
@@ -225,8 +225,10 @@ def run_tcp(args):
                  ("tcp 4 streams (Gbit/s)", lambda p: iperf(p[0], 4, args.seconds)),
                  ("new connections/s", lambda p: conn_rate(p[1], args.seconds)[0])]
         for r in range(args.rounds):
+            # The order rotates each round, so no system always runs right after the same one.
+            order = systems[r % len(systems):] + systems[:r % len(systems)]
             for name, fn in tests:
-                for s in systems:
+                for s in order:
                     v = fn(PORTS[s])
                     results.setdefault((name, s), []).append(v)
                     print(f"round {r + 1} {name:24} {s:10} {v:12.2f}", file=sys.stderr, flush=True)
@@ -760,8 +762,9 @@ def run_http(args):
 
         results = {}  # (load, system) -> [measure()]
         for r in range(args.rounds):
+            order = systems[r % len(systems):] + systems[:r % len(systems)]
             for load in loads:
-                for s in systems:
+                for s in order:
                     if not applies(load, s):
                         continue
                     v = measure(load, s, servers.get(s), origin, args, d)
