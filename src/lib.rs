@@ -4,7 +4,8 @@
 //! - The **main thread** runs a current-thread tokio runtime that owns all mutable configuration: the bootstrap
 //!   ([`config`]), the [`upstream::ClusterManager`] and the [`listener::manager::ListenerManager`]. Listener
 //!   sockets are bound here, so a bind failure is an error for that listener, never a crash on a worker.
-//! - **Workers** ([`listener::worker`]) are `--concurrency` OS threads, each with its own current-thread runtime.
+//! - **Workers** ([`listener::worker`]) are `--concurrency` OS threads, each with its own current-thread runtime
+//!   (each pinned to a CPU of its own with the bootstrap's `enable_worker_cpu_affinity`).
 //!   They read immutable snapshots only: the published `ListenerSet` and `ClusterSet` (`ArcSwap`), woken by a
 //!   `watch` channel when a new listener set is published. Each accepted connection keeps the `Arc` of its filter
 //!   chain for life.

@@ -409,7 +409,6 @@ impl ListenerManager {
         let in_place = old.as_ref().is_some_and(|o| o.config().only_filter_chains_differ(&config));
         let warming = self.warming.get(&name).map(|w| w.listener.clone());
         let (sockets, local_address) = self.sockets_for(&config, old.as_deref(), warming.as_deref())?;
-        self.steer(&config, &sockets);
         let chains = ChainSet::build(
             &config.filter_chains,
             config.default_filter_chain.as_ref(),
@@ -465,6 +464,10 @@ impl ListenerManager {
         }
         self.addresses.insert(listener.config().socket.address, name.clone());
         self.active.insert(name.clone(), listener.clone());
+        // Only now: until this version serves, its sockets may still be the previous version's.
+        let steered_before =
+            old.as_ref().is_some_and(|o| o.config().cpu_locality && Arc::ptr_eq(&o.sockets, &listener.sockets));
+        self.steer(listener.config(), &listener.sockets, steered_before);
 
         let outcome = match old {
             None => {
@@ -538,10 +541,11 @@ impl ListenerManager {
         }
     }
 
-    /// Envoy's cpu_locality_balance on a version's sockets, or off (sockets taken over from a version that had it
-    /// keep it otherwise). As in Envoy, a listener whose steering cannot work serves without it, with a warning.
-    fn steer(&self, config: &ListenerConfig, sockets: &[TcpListener]) {
-        if sockets.is_empty() {
+    /// Envoy's cpu_locality_balance on a serving version's sockets, or off again when they were the steered sockets
+    /// of the version before (left alone otherwise: a listener's own `socket_options` may set SO_INCOMING_CPU). As in
+    /// Envoy, a listener whose steering cannot work serves without it, with a warning.
+    fn steer(&self, config: &ListenerConfig, sockets: &[TcpListener], steered_before: bool) {
+        if sockets.is_empty() || !(config.cpu_locality || steered_before) {
             return;
         }
         let cpus = match (config.cpu_locality, self.workers.cpus()) {
@@ -619,6 +623,12 @@ impl ListenerManager {
         let Some(old) = self.active.remove(name) else { return Ok(was_warming) };
         self.addresses.remove(&old.config().socket.address);
         if old.config().bind_to_port && !old.sockets.is_empty() {
+            // Released sockets may serve a listener without the balancer next.
+            if old.config().cpu_locality
+                && let Err(e) = super::socket::steer_by_cpu(&old.sockets, None)
+            {
+                debug!(listener = %name, "clearing CPU steering: {e}");
+            }
             self.released.push((old.config().socket.clone(), old.sockets.clone()));
         }
         self.start_drain(name, old.chains().all().cloned().collect(), Some(&old));

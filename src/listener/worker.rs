@@ -1,6 +1,7 @@
-//! Workers: one OS thread each with its own current-thread tokio runtime. A worker watches the published
-//! [`ListenerSet`], runs one accept loop per bound listener on that listener's socket for this worker, and serves
-//! each accepted connection in its own task on this worker.
+//! Workers: one OS thread each with its own current-thread tokio runtime (pinned to a CPU of its own with Envoy's
+//! `enable_worker_cpu_affinity`). A worker watches the published [`ListenerSet`], runs one accept loop per bound
+//! listener on that listener's socket for this worker, and serves each accepted connection in its own task on this
+//! worker.
 //!
 //! The connection path reads config only from immutable snapshots: the listener (`Arc`) its accept loop holds, and
 //! the cluster set loaded from an `ArcSwap`. It never takes a lock the control path can hold.
@@ -83,10 +84,8 @@ pub struct Workers {
     threads: Vec<JoinHandle<()>>,
     /// Workers that have started their runtime; `listener_manager.workers_started` turns 1 at `threads.len()`.
     started: watch::Receiver<usize>,
-    /// The CPU each worker is pinned to (`enable_worker_cpu_affinity`), by worker index.
+    /// The CPU each worker is pinned to (`enable_worker_cpu_affinity`), by worker index; None unless all are.
     cpus: Option<Arc<[usize]>>,
-    /// A worker could not be pinned: steering by CPU would send connections to a worker that is not there.
-    pin_failed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Workers {
@@ -115,7 +114,8 @@ impl Workers {
                 None
             }
         };
-        let pin_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // Each worker reports its pinning before start returns, so listeners are steered only to pinned workers.
+        let (pinned_tx, pinned_rx) = std::sync::mpsc::channel::<bool>();
         let set = Arc::new(ArcSwap::from_pointee(ListenerSet::default()));
         let (version, _) = watch::channel(0u64);
         let (started_tx, started) = watch::channel(0usize);
@@ -137,14 +137,17 @@ impl Workers {
             let stop = shutdown.clone();
             let started_tx = started_tx.clone();
             let cpu = cpus.as_ref().map(|c| c[index]);
-            let pin_failed = pin_failed.clone();
+            let pinned_tx = pinned_tx.clone();
             let handle = std::thread::Builder::new().name(format!("worker_{index}")).spawn(move || {
-                if let Some(cpu) = cpu
-                    && let Err(e) = pin_current_thread(cpu)
-                {
-                    pin_failed.store(true, std::sync::atomic::Ordering::Relaxed);
-                    warn!(worker = index, cpu, "cannot pin the worker to its CPU: {e}");
+                if let Some(cpu) = cpu {
+                    let pinned = pin_current_thread(cpu);
+                    if let Err(e) = &pinned {
+                        warn!(worker = index, cpu, "cannot pin the worker to its CPU: {e}");
+                    }
+                    let _ = pinned_tx.send(pinned.is_ok());
                 }
+                // Gone before the runtime starts, so start's wait ends even if a worker dies early.
+                drop(pinned_tx);
                 // Each worker counts into its own stats shard (no cache line shared with another worker).
                 crate::stats::set_thread_shard(index + 1);
                 let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -159,7 +162,10 @@ impl Workers {
             })?;
             threads.push(handle);
         }
-        Ok(Workers { set, version, shutdown, threads, started, cpus, pin_failed })
+        drop(pinned_tx);
+        // A worker that could not be pinned (or died first) leaves its CPU to others: no steering then.
+        let cpus = cpus.filter(|c| pinned_rx.iter().take(c.len()).filter(|ok| *ok).count() == c.len());
+        Ok(Workers { set, version, shutdown, threads, started, cpus })
     }
 
     pub fn count(&self) -> usize {
@@ -168,7 +174,7 @@ impl Workers {
 
     /// The CPU each worker is pinned to, by worker index; None unless every worker is pinned.
     pub fn cpus(&self) -> Option<&[usize]> {
-        self.cpus.as_deref().filter(|_| !self.pin_failed.load(std::sync::atomic::Ordering::Relaxed))
+        self.cpus.as_deref()
     }
 
     /// Waits until every worker thread runs its runtime.

@@ -561,8 +561,13 @@ impl Cluster {
         // never (so with every host ejected or unhealthy there is then no host).
         let (level, panic) = if set.levels.len() <= 1 {
             let total = set.levels.first().map_or(set.hosts.len(), |l| l.total);
-            let in_service = set.hosts.len().saturating_sub(ejected) as f64;
-            (set.levels.first(), in_service * 100.0 < self.config.healthy_panic_threshold * total as f64)
+            let in_service = set.hosts.len().saturating_sub(ejected);
+            // Envoy: no panic while the (overprovisioned) availability still makes 100%.
+            let short = OVERPROVISIONING * in_service < 100 * total;
+            (
+                set.levels.first(),
+                short && (in_service as f64) * 100.0 < self.config.healthy_panic_threshold * total as f64,
+            )
         } else {
             let (i, panic) = self.choose_level(&set, ejected > 0, hash, avoid);
             (set.levels.get(i), panic)
@@ -638,6 +643,10 @@ impl Cluster {
             sum += loads[i];
             all_panic &= panic(i, up);
         }
+        // Of the levels' real health, before a retry leaves some out. Envoy's recalculatePerPriorityPanic: no level
+        // is in panic (so none is in total panic) while the total availability makes 100%.
+        let available = sum.min(100);
+        let all_panic = all_panic && available < 100;
         // previous_priorities: the levels tried already have no health, unless that leaves none with any.
         if !avoid.is_empty() {
             let left: usize =
@@ -696,7 +705,7 @@ impl Cluster {
                 false
             })
             .unwrap_or(0);
-        (i, panic(i, in_service[i]))
+        (i, available < 100 && panic(i, in_service[i]))
     }
 
     /// Whether an upstream connection opened at `born` is past the cluster's max_connection_duration.
@@ -1006,11 +1015,6 @@ mod tests {
             .map(|h| h.address.port())
             .collect();
         assert_eq!(spread, [1, 2, 3].into(), "the ring spans the unhealthy hosts in panic");
-        for k in 0..60u64 {
-            let key = Some(k * (u64::MAX / 60));
-            let (a, b) = (hashed.choose_hashed(None, key), hashed.choose_hashed(None, key));
-            assert_eq!(a.map(|h| h.address), b.map(|h| h.address), "a hash keeps its host in panic too");
-        }
 
         let two_of_three = [ep(1, 0, true), ep(2, 0, true), ep(3, 0, false)];
         assert_eq!(ports_picked(&with_threshold(&two_of_three, 50.0, LbPolicy::RoundRobin), 60), [1, 2].into());
@@ -1024,26 +1028,49 @@ mod tests {
         assert_eq!(ports_picked(&c, 60), [1].into(), "a host without weight takes nothing, even in panic");
     }
 
-    /// A priority in panic spreads its share of the priority load over all of its hosts: P0 with 1 of 4 healthy has
-    /// min(100, 1.4 × 25) = 35% of the load, which its four hosts share; P1 keeps the other 65%.
-    #[test]
-    fn a_priority_in_panic_spreads_its_load_over_its_unhealthy_hosts() {
-        let eps = [ep(1, 0, true), ep(2, 0, false), ep(3, 0, false), ep(4, 0, false), ep(5, 1, true), ep(6, 1, true)];
-        let c = with_threshold(&eps, 50.0, LbPolicy::Random);
-        let mut by_port = std::collections::HashMap::<u16, usize>::new();
-        for _ in 0..8000 {
+    /// How many of `n` picks each host (by port) takes.
+    fn picks_by_port(c: &Cluster, n: usize) -> std::collections::HashMap<u16, usize> {
+        let mut by_port = std::collections::HashMap::new();
+        for _ in 0..n {
             if let Some(h) = c.choose(None) {
                 *by_port.entry(h.address.port()).or_default() += 1;
             }
         }
-        let p0: usize = (1..=4).map(|p| by_port.get(&p).copied().unwrap_or(0)).sum();
-        assert!((2500..3100).contains(&p0), "P0's 35%: {by_port:?}");
-        for port in 1..=4 {
+        by_port
+    }
+
+    /// A priority in panic spreads its share of the priority load over all of its hosts, as long as the levels'
+    /// total availability is short of 100% (Envoy's recalculatePerPriorityPanic). P0 with 1 of 5 healthy is worth
+    /// 1.4 × 20 = 28, P1 with 2 of 4 is worth 70 and is not in panic (50% is not under 50%): P0 takes 28/98 of the
+    /// load over its five hosts, P1 the rest over its two healthy ones.
+    #[test]
+    fn a_priority_in_panic_spreads_its_load_over_its_unhealthy_hosts() {
+        let mut eps = vec![ep(1, 0, true), ep(2, 0, false), ep(3, 0, false), ep(4, 0, false), ep(5, 0, false)];
+        eps.extend([ep(6, 1, true), ep(7, 1, true), ep(8, 1, false), ep(9, 1, false)]);
+        let by_port = picks_by_port(&with_threshold(&eps, 50.0, LbPolicy::Random), 8000);
+        for port in 1..=5 {
             let n = by_port.get(&port).copied().unwrap_or(0);
-            assert!((500..900).contains(&n), "each P0 host about 700: {by_port:?}");
+            assert!((300..650).contains(&n), "each P0 host about 8000 × 28/98 / 5 = 457: {by_port:?}");
         }
-        let c = with_threshold(&eps, 0.0, LbPolicy::Random);
-        assert_eq!(ports_picked(&c, 200), [1, 5, 6].into(), "no panic: P0's unhealthy hosts stay out");
+        for port in [6, 7] {
+            let n = by_port.get(&port).copied().unwrap_or(0);
+            assert!((2550..3150).contains(&n), "each healthy P1 host about 2857: {by_port:?}");
+        }
+        assert!(!by_port.contains_key(&8) && !by_port.contains_key(&9), "P1 is not in panic: {by_port:?}");
+    }
+
+    /// With the levels' total availability at 100% no level is in panic, however few of its own hosts are healthy:
+    /// P0 with 1 of 4 healthy (worth 35) beside a healthy P1 (worth 100) keeps its unhealthy hosts out.
+    #[test]
+    fn no_priority_is_in_panic_while_the_total_availability_makes_100() {
+        let eps = [ep(1, 0, true), ep(2, 0, false), ep(3, 0, false), ep(4, 0, false), ep(5, 1, true), ep(6, 1, true)];
+        let by_port = picks_by_port(&with_threshold(&eps, 50.0, LbPolicy::Random), 8000);
+        let p0 = by_port.get(&1).copied().unwrap_or(0);
+        assert!((2500..3100).contains(&p0), "P0's 35% on its one healthy host: {by_port:?}");
+        assert!((2..=4).all(|p| !by_port.contains_key(&p)), "{by_port:?}");
+        // One level: 3 of 4 healthy is worth 100 (1.4 × 75), so even an 80% threshold leaves no panic.
+        let one = [ep(1, 0, true), ep(2, 0, true), ep(3, 0, true), ep(4, 0, false)];
+        assert_eq!(ports_picked(&with_threshold(&one, 80.0, LbPolicy::RoundRobin), 60), [1, 2, 3].into());
     }
 
     /// How often each host (by port) is picked in `n` picks.

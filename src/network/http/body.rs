@@ -115,7 +115,8 @@ impl ShadowBody {
 }
 
 impl Watched {
-    /// The stream's max_stream_duration ran out: counted, its hold released as a reset, the body failed.
+    /// A max_stream_duration (the stream's or the upstream request's) ran out: counted, its hold released as a
+    /// reset, the body failed with which one it was.
     fn expire(&mut self) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let cause = match self.deadline.take() {
             Some((_, expired, cause)) => {
