@@ -267,7 +267,17 @@ async fn upgrade_echo_upstream() -> std::net::SocketAddr {
 async fn websocket_upgrade_passes_through_when_configured() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let up = upgrade_echo_upstream().await;
-    let extra = "\n          upgrade_configs: [ { upgrade_type: websocket } ]";
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("ws.log");
+    let extra = format!(
+        "\n          upgrade_configs: [ {{ upgrade_type: websocket }} ]\n          access_log: [ {{ name: \
+         envoy.access_loggers.file, typed_config: {{ \"@type\": \
+         type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog, path: \"{}\", log_format: \
+         {{ text_format: \"%RESPONSE_CODE% %BYTES_RECEIVED% %BYTES_SENT% %RESPONSE_FLAGS%\\n\" }} }} }} ]",
+        log.display()
+    );
+    let extra = extra.as_str();
+    let logged = || std::fs::read_to_string(&log).unwrap_or_default();
     let server = start(
         &yaml(&http_listener("h", 0, &routes_to("ws", ""), extra), &static_cluster("ws", &[up])),
         Duration::from_secs(1),
@@ -292,6 +302,10 @@ async fn websocket_upgrade_passes_through_when_configured() {
         s.read_exact(&mut got).await.unwrap();
         assert_eq!(got, msg);
     }
+    assert_eq!(logged(), "", "Envoy logs an upgraded stream when its tunnel closes, not at the 101");
+    drop(s);
+    eventually("the tunnel's log line", Duration::from_secs(3), async || !logged().is_empty()).await;
+    assert_eq!(logged(), "101 18 18 -\n", "the tunnel's bytes each way");
 
     // A route's max_stream_duration bounds the tunnel too, as Envoy caps WebSocket lifetimes with it.
     let server = start(
@@ -310,6 +324,8 @@ async fn websocket_upgrade_passes_through_when_configured() {
     assert!(String::from_utf8_lossy(&rest).to_lowercase().starts_with("http/1.1 101"));
     assert!(began.elapsed() >= Duration::from_millis(400), "closed at the deadline: {:?}", began.elapsed());
     assert_eq!(counter(&server, "http.h.downstream_rq_max_duration_reached"), 1);
+    eventually("the cut tunnel's log line", Duration::from_secs(3), async || logged().lines().count() == 2).await;
+    assert_eq!(logged().lines().nth(1), Some("101 0 0 DT"), "closed by the stream's max_stream_duration");
 
     // Without upgrade_configs the same request is refused, as Envoy does (403).
     let server = start(

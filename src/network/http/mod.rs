@@ -520,6 +520,22 @@ impl Connection {
         entry.response_code = Some(resp.status().as_u16());
         entry.response_headers = Some(resp.headers().clone());
         pending.trace.fill(&mut entry);
+        // An upgraded stream lasts as long as its tunnel: Envoy logs it when that closes, with the tunnel's bytes.
+        let tunnel = resp.extensions_mut().remove::<router::TunnelLog>();
+        if let Some(told) = tunnel.and_then(|t| t.0.lock().unwrap_or_else(|p| p.into_inner()).take()) {
+            let logs = logs.clone();
+            tokio::spawn(async move {
+                let end = told.await.unwrap_or_default();
+                entry.duration = began.elapsed();
+                entry.bytes_received += end.received;
+                entry.bytes_sent += end.sent;
+                if let Some(cut) = end.cut {
+                    entry.flags.push(cut.flag());
+                }
+                access_log::log_all(&logs, &entry);
+            });
+            return resp;
+        }
         let body = std::mem::replace(resp.body_mut(), ProxyBody::Empty);
         *resp.body_mut() = body::Logged::wrap(body, entry, began, logs.clone());
         resp

@@ -1226,9 +1226,11 @@ async fn forward(
                     ..Default::default()
                 };
                 // A tunnel ends at the stream's deadline or the upstream request's, whichever comes first.
-                let stream =
-                    trace.stream_deadline.map(|at| (at, conn.hcm.stats.downstream_rq_max_duration_reached.clone()));
-                let upstream = stream_end.map(|at| (at, stats.upstream_rq_max_duration_reached.clone()));
+                let stream = trace
+                    .stream_deadline
+                    .map(|at| (at, conn.hcm.stats.downstream_rq_max_duration_reached.clone(), DurationTimeout::Stream));
+                let upstream = stream_end
+                    .map(|at| (at, stats.upstream_rq_max_duration_reached.clone(), DurationTimeout::Upstream));
                 let expiry = match (stream, upstream) {
                     (Some(s), Some(u)) => Some(if u.0 <= s.0 { u } else { s }),
                     (s, u) => s.or(u),
@@ -1522,10 +1524,68 @@ fn spawn_shadow(conn: &Connection, shadow: Shadow, body: Option<ShadowBody>) {
     });
 }
 
-/// An upgrade's downstream side, and when its tunnel must end (a max_stream_duration) with the counter that counts it.
+/// An upgrade's downstream side, and when its tunnel must end (a max_stream_duration) with the counter that counts it
+/// and which limit it is.
 struct Tunnel {
     downstream: Option<hyper::upgrade::OnUpgrade>,
-    expiry: Option<(Instant, crate::stats::Counter)>,
+    expiry: Option<(Instant, crate::stats::Counter, DurationTimeout)>,
+}
+
+/// How an upgraded stream's tunnel ended, for its access log entry, which Envoy writes when the stream ends.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct TunnelEnd {
+    /// Bytes from the client through the tunnel, and to it.
+    pub received: u64,
+    pub sent: u64,
+    /// The duration limit that closed it, if one did.
+    pub cut: Option<DurationTimeout>,
+}
+
+/// On a 101 response: where the tunnel's end will be told (shared only because response extensions must be Clone).
+#[derive(Clone)]
+pub(super) struct TunnelLog(pub Arc<std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<TunnelEnd>>>>);
+
+/// Counts what is read through one side of a tunnel.
+struct Counted<T> {
+    inner: T,
+    read: u64,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.read += (buf.filled().len() - before) as u64;
+        polled
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1543,20 +1603,24 @@ fn upstream_response(
     if switching && let Some(down) = tunnel.downstream {
         let up = hyper::upgrade::on(&mut resp);
         let expired = tunnel.expiry;
+        let (done, told) = tokio::sync::oneshot::channel();
+        resp.extensions_mut().insert(TunnelLog(Arc::new(std::sync::Mutex::new(Some(told)))));
         tokio::spawn(async move {
+            let mut end = TunnelEnd::default();
             match (down.await, up.await) {
                 (Ok(d), Ok(u)) => {
-                    let mut d = hyper_util::rt::TokioIo::new(d);
-                    let mut u = hyper_util::rt::TokioIo::new(u);
+                    let mut d = Counted { inner: hyper_util::rt::TokioIo::new(d), read: 0 };
+                    let mut u = Counted { inner: hyper_util::rt::TokioIo::new(u), read: 0 };
                     let copy = tokio::io::copy_bidirectional(&mut d, &mut u);
                     let ended = match &expired {
                         None => copy.await.map(|_| ()),
-                        Some((at, counter)) => match tokio::time::timeout_at(*at, copy).await {
+                        Some((at, counter, cause)) => match tokio::time::timeout_at(*at, copy).await {
                             Ok(r) => r.map(|_| ()),
                             Err(_) => {
                                 // A max_stream_duration (the stream's or the upstream request's) covers the tunnel
                                 // too, as Envoy caps WebSocket lifetimes with it: both sides close.
                                 counter.inc();
+                                end.cut = Some(*cause);
                                 Ok(())
                             }
                         },
@@ -1564,9 +1628,11 @@ fn upstream_response(
                     if let Err(e) = ended {
                         debug!("upgraded connection ended: {e}");
                     }
+                    (end.received, end.sent) = (d.read, u.read);
                 }
                 (d, u) => debug!(downstream = d.is_ok(), upstream = u.is_ok(), "upgrade failed"),
             }
+            let _ = done.send(end);
         });
     }
     let (mut parts, body) = resp.into_parts();
