@@ -181,15 +181,15 @@ impl HostSet {
             i += same;
             let start = hosts.len();
             hosts.extend(level.iter().filter(|(h, healthy)| *healthy && h.weight > 0).map(|(h, _)| h.clone()));
-            let unhealthy = level.iter().filter(|(h, healthy)| !*healthy && h.weight > 0).map(|(h, _)| h.clone());
-            let panic_hosts: Vec<Arc<Host>> = hosts[start..].iter().cloned().chain(unhealthy).collect();
-            if panic_hosts.is_empty() {
+            let has_unhealthy = level.iter().any(|(h, healthy)| !*healthy && h.weight > 0);
+            if hosts.len() == start && !has_unhealthy {
                 continue;
             }
-            let panic = (panic_hosts.len() > hosts.len() - start).then(|| PanicHosts {
-                weights: Weights::new(panic_hosts.iter().map(|h| h.weight)),
-                hosts: panic_hosts,
-                table: None,
+            // Only a priority with unhealthy hosts needs a second list: healthy ones first, as Envoy's panic set.
+            let panic = has_unhealthy.then(|| {
+                let unhealthy = level.iter().filter(|(h, healthy)| !*healthy && h.weight > 0).map(|(h, _)| h.clone());
+                let all: Vec<Arc<Host>> = hosts[start..].iter().cloned().chain(unhealthy).collect();
+                PanicHosts { weights: Weights::new(all.iter().map(|h| h.weight)), hosts: all, table: None }
             });
             let weights = Weights::new(hosts[start..].iter().map(|h| h.weight));
             levels.push(Level { priority, start, end: hosts.len(), total: same, weights, table: None, panic });

@@ -8,13 +8,6 @@ use tokio::net::TcpStream;
 
 use crate::common::*;
 
-fn file_log(path: &std::path::Path, format: &str) -> String {
-    format!(
-        r#"[ {{ name: envoy.access_loggers.file, typed_config: {{ "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog, path: "{}"{format} }} }} ]"#,
-        path.display()
-    )
-}
-
 async fn lines(path: &std::path::Path, n: usize) -> Vec<String> {
     let mut found = Vec::new();
     eventually(&format!("{n} access log lines in {}", path.display()), Duration::from_secs(5), async || {

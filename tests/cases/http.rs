@@ -269,12 +269,10 @@ async fn websocket_upgrade_passes_through_when_configured() {
     let up = upgrade_echo_upstream().await;
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("ws.log");
+    let format = r#", log_format: { text_format: "%RESPONSE_CODE% %BYTES_RECEIVED% %BYTES_SENT% %RESPONSE_FLAGS%\n" }"#;
     let extra = format!(
-        "\n          upgrade_configs: [ {{ upgrade_type: websocket }} ]\n          access_log: [ {{ name: \
-         envoy.access_loggers.file, typed_config: {{ \"@type\": \
-         type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog, path: \"{}\", log_format: \
-         {{ text_format: \"%RESPONSE_CODE% %BYTES_RECEIVED% %BYTES_SENT% %RESPONSE_FLAGS%\\n\" }} }} }} ]",
-        log.display()
+        "\n          upgrade_configs: [ {{ upgrade_type: websocket }} ]\n          access_log: {}",
+        file_log(&log, format)
     );
     let extra = extra.as_str();
     let logged = || std::fs::read_to_string(&log).unwrap_or_default();
@@ -879,22 +877,14 @@ async fn max_stream_duration_ends_streams_before_and_after_the_response_begins()
 async fn upstream_max_stream_duration_bounds_each_attempt() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let up = http_upstream("U").await;
-    let cluster = format!(
-        "{}\n    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \
-         \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        \
-         common_http_protocol_options: {{ max_stream_duration: 0.5s }}\n        \
-         explicit_http_config: {{ http_protocol_options: {{}} }}",
-        static_cluster("u", &[up])
-    );
+    let cluster = http1_cluster_with("u", &[up], "max_stream_duration: 0.5s");
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("int.log");
+    let format = r#", log_format: { text_format: "%RESPONSE_CODE% %RESPONSE_FLAGS% %REQ(:PATH)%\n" }"#;
     let internal = format!(
         "\n          use_remote_address: true\n          internal_address_config: \
-         {{ cidr_ranges: [ {{ address_prefix: 127.0.0.0, prefix_len: 8 }} ] }}\n          access_log: [ {{ name: \
-         envoy.access_loggers.file, typed_config: {{ \"@type\": \
-         type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog, path: \"{}\", log_format: \
-         {{ text_format: \"%RESPONSE_CODE% %RESPONSE_FLAGS% %REQ(:PATH)%\\n\" }} }} }} ]",
-        log.display()
+         {{ cidr_ranges: [ {{ address_prefix: 127.0.0.0, prefix_len: 8 }} ] }}\n          access_log: {}",
+        file_log(&log, format)
     );
     let retry = ", timeout: 0s, retry_policy: { retry_on: reset, num_retries: 1 }";
     let listeners = format!(
@@ -1005,13 +995,7 @@ async fn max_connection_duration_retires_downstream_and_upstream_connections() {
     eventually("the proxy closed the connection", Duration::from_secs(3), async || c.is_closed()).await;
     assert_eq!(counter(&server, "http.h.downstream_cx_max_duration_reached"), 1);
 
-    let cluster = format!(
-        "{}\n    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \
-         \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        \
-         common_http_protocol_options: {{ max_connection_duration: 1s }}\n        \
-         explicit_http_config: {{ http_protocol_options: {{}} }}",
-        static_cluster("u", &[up])
-    );
+    let cluster = http1_cluster_with("u", &[up], "max_connection_duration: 1s");
     let server = start(&yaml(&http_listener("h", 0, &routes_to("u", ""), ""), &cluster), Duration::from_secs(1)).await;
     let mut c = http1_client(listener_addr(&server, "h")).await;
     assert_eq!(http1_request(&mut c, "GET", "/", "x", &[]).await.0, 200);

@@ -425,6 +425,27 @@ pub async fn http1_client(
     send
 }
 
+/// An `access_log` list with one file logger writing to `path`; `format` is the rest of its config (`, log_format:
+/// ...`), or empty for Envoy's default format.
+pub fn file_log(path: &std::path::Path, format: &str) -> String {
+    format!(
+        r#"[ {{ name: envoy.access_loggers.file, typed_config: {{ "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog, path: "{}"{format} }} }} ]"#,
+        path.display()
+    )
+}
+
+/// A static cluster named `name` over `endpoints`, speaking HTTP/1.1 upstream with these
+/// `common_http_protocol_options` (YAML flow mapping contents).
+pub fn http1_cluster_with(name: &str, endpoints: &[SocketAddr], common: &str) -> String {
+    format!(
+        "{}\n    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \
+         \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        \
+         common_http_protocol_options: {{ {common} }}\n        \
+         explicit_http_config: {{ http_protocol_options: {{}} }}",
+        static_cluster(name, endpoints)
+    )
+}
+
 /// Why a listener document (YAML) is refused; empty when it converts.
 pub fn listener_error(yaml: &str) -> String {
     let msg = proto::parse_dynamic(yaml, Format::Yaml, "envoy.config.listener.v3.Listener")

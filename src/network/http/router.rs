@@ -893,12 +893,7 @@ async fn forward(
         per_try = None;
     }
     let downstream_h2 = req.version() == Version::HTTP_2;
-    let protocol = match (cluster.config.http.protocol, upgrade) {
-        (_, true) | (UpstreamProtocol::Http1, _) => Protocol::Http1,
-        (UpstreamProtocol::Http2, _) => Protocol::Http2,
-        (UpstreamProtocol::Downstream, _) if downstream_h2 => Protocol::Http2,
-        (UpstreamProtocol::Downstream, _) => Protocol::Http1,
-    };
+    let protocol = upstream_protocol(cluster.config.http.protocol, downstream_h2, upgrade);
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
 
@@ -1012,23 +1007,16 @@ async fn forward(
     let mut tried: Vec<SocketAddr> = Vec::new();
     // previous_priorities: the priorities of the attempts so far, and those the priority load now leaves out.
     let mut tried_priorities: Vec<u32> = Vec::new();
-    let mut avoid: Vec<u32> = Vec::new();
     let mut attempt = 0;
     let stats = &cluster.stats;
     loop {
         attempt += 1;
-        // Envoy's previous_priorities: every update_frequency attempts, the priorities tried leave the load.
-        if let Some(every) = retry.and_then(|p| p.previous_priorities).map(|f| f as usize)
-            && !tried_priorities.is_empty()
-            && tried_priorities.len().is_multiple_of(every)
-        {
-            for p in &tried_priorities {
-                if !avoid.contains(p) {
-                    avoid.push(*p);
-                }
-            }
-        }
-        let Some(host_entry) = choose_host(conn, cluster, retry, &tried, hash, &avoid) else {
+        // Envoy's previous_priorities: every update_frequency attempts, the priorities tried so far leave the load.
+        let avoid: &[u32] = match retry.and_then(|p| p.previous_priorities).map(|f| f as usize) {
+            Some(every) if every > 0 => &tried_priorities[..tried_priorities.len() / every * every],
+            _ => &[],
+        };
+        let Some(host_entry) = choose_host(conn, cluster, retry, &tried, hash, avoid) else {
             stats.upstream_cx_none_healthy.inc();
             trace.flags.push(Flag::NoHealthyUpstream);
             return local_reply(conn, StatusCode::SERVICE_UNAVAILABLE, NO_HEALTHY_UPSTREAM);
@@ -1323,6 +1311,18 @@ async fn forward(
     }
 }
 
+/// The protocol a request goes upstream in: the cluster's, or the downstream's under `use_downstream_protocol_config`;
+/// an upgrade always goes over HTTP/1.1.
+fn upstream_protocol(configured: UpstreamProtocol, downstream_h2: bool, upgrade: bool) -> Protocol {
+    match configured {
+        _ if upgrade => Protocol::Http1,
+        UpstreamProtocol::Http1 => Protocol::Http1,
+        UpstreamProtocol::Http2 => Protocol::Http2,
+        UpstreamProtocol::Downstream if downstream_h2 => Protocol::Http2,
+        UpstreamProtocol::Downstream => Protocol::Http1,
+    }
+}
+
 /// A `grpc-timeout` value for `ms` milliseconds: at most 8 digits, as the gRPC wire spec allows, in the finest unit
 /// that fits (Envoy's toGrpcTimeout).
 fn grpc_timeout_value(ms: u64) -> String {
@@ -1467,12 +1467,7 @@ fn spawn_shadow(conn: &Connection, shadow: Shadow, body: Option<ShadowBody>) {
             return;
         };
         let Some(_slot) = cluster.start_request() else { return };
-        let protocol = match cluster.config.http.protocol {
-            UpstreamProtocol::Http1 => Protocol::Http1,
-            UpstreamProtocol::Http2 => Protocol::Http2,
-            UpstreamProtocol::Downstream if shadow.downstream_h2 => Protocol::Http2,
-            UpstreamProtocol::Downstream => Protocol::Http1,
-        };
+        let protocol = upstream_protocol(cluster.config.http.protocol, shadow.downstream_h2, false);
         let Ok(request) =
             build_request(&shadow.method, &shadow.uri, shadow.path.as_deref(), protocol, shadow.headers, body)
         else {
