@@ -130,12 +130,13 @@ async fn forward_with(
             }
         } else {
             let len = chunk.min(COPY_BUF);
-            let (n, rest) = match copy_once(src, dst, len) {
+            // The peer's FIN was already in when this read began, so a short read takes the last bytes before it:
+            // the EOF is known without another recv that would return 0. (A reset shows as an error and is read
+            // the normal way.)
+            let fin_seen = ready.is_read_closed() && !ready.is_error();
+            let (n, rest) = match copy_once(src, dst, len, fin_seen) {
                 Ok((n, rest)) => {
-                    // The peer's FIN was already in when this read began, so a short read took the last bytes before
-                    // it: the EOF is known without another recv that would return 0. (A reset shows as an error and
-                    // is read the normal way.)
-                    at_eof = n > 0 && n < len && ready.is_read_closed() && !ready.is_error();
+                    at_eof = fin_seen && n > 0 && n < len;
                     (n, rest)
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -195,7 +196,12 @@ fn splice_in(src: &TcpStream, chunk: usize, slot: &mut Option<Pipe>) -> io::Resu
 
 /// One recv of up to `len` bytes into the worker's buffer and one send of them to `dst`. Returns the bytes read (0 is
 /// EOF) and what `dst` did not take at once, to be written after waiting.
-fn copy_once(src: &TcpStream, dst: &TcpStream, len: usize) -> io::Result<(usize, Vec<u8>)> {
+///
+/// `fin_seen`: the source's FIN was in before the recv, so a short read is its last data. The send then carries
+/// MSG_MORE, which holds the bytes back until the half-close (or close) that follows at once, and the kernel sends
+/// them and the FIN as one segment, as haproxy does; the peer then acknowledges both with one segment too. Without
+/// it, each such response costs two more segments: the bytes, their ACK, and a bare FIN.
+fn copy_once(src: &TcpStream, dst: &TcpStream, len: usize, fin_seen: bool) -> io::Result<(usize, Vec<u8>)> {
     BUF.with(|buf| {
         let mut buf = buf.borrow_mut();
         let buf = &mut buf[..len];
@@ -220,14 +226,33 @@ fn copy_once(src: &TcpStream, dst: &TcpStream, len: usize) -> io::Result<(usize,
             (_, Some(n)) => n,
             (read, None) => read?,
         };
+        let last = fin_seen && n > 0 && n < len;
         let mut sent = 0;
         while sent < n {
-            match dst.try_write(&buf[sent..n]) {
+            let sending = if last { send_more(dst, &buf[sent..n]) } else { dst.try_write(&buf[sent..n]) };
+            match sending {
                 Ok(m) => sent += m,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(e),
             }
         }
         Ok((n, buf[sent..n].to_vec()))
+    })
+}
+
+/// A send flagged MSG_MORE: the kernel keeps the bytes queued (corked) until a send without it, the half-close or
+/// the close, so the FIN that comes next leaves in the same segment.
+fn send_more(dst: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
+    dst.try_io(Interest::WRITABLE, || {
+        // SAFETY: `bytes` is a valid, readable region of `bytes.len()` bytes for the whole call.
+        let n = unsafe {
+            libc::send(
+                dst.as_raw_fd(),
+                bytes.as_ptr().cast(),
+                bytes.len(),
+                libc::MSG_MORE | libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
     })
 }

@@ -382,12 +382,31 @@ pub struct Cluster {
     breakers: BreakerGauges,
 }
 
-/// A TCP connection to `addr`, from `source` when the cluster binds one (`upstream_bind_config`).
+/// A TCP connection to `addr` with TCP_NODELAY (Envoy sets it on every upstream connection), from `source` when
+/// the cluster binds one (`upstream_bind_config`).
+///
+/// tokio's own connect reads SO_ERROR once the socket turns writable, a syscall per connection whose answer the
+/// readiness already gives: epoll reports a failed connect as an error or hang-up, a completed one as writable
+/// only. The error is read only when there is one.
 async fn connect_from(source: Option<SocketAddr>, addr: SocketAddr) -> io::Result<TcpStream> {
-    let Some(source) = source else { return TcpStream::connect(addr).await };
-    let socket = if source.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
-    socket.bind(source)?;
-    socket.connect(addr).await
+    use socket2::{Domain, Socket, Type};
+    let domain = Domain::for_address(source.unwrap_or(addr));
+    let socket = Socket::new(domain, Type::STREAM.nonblocking().cloexec(), None)?;
+    socket.set_tcp_nodelay(true)?;
+    if let Some(source) = source {
+        socket.bind(&source.into())?;
+    }
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let stream = TcpStream::from_std(socket.into())?;
+    let ready = stream.ready(tokio::io::Interest::WRITABLE | tokio::io::Interest::ERROR).await?;
+    if ready.is_error() || ready.is_write_closed() {
+        return Err(stream.take_error()?.unwrap_or_else(|| io::ErrorKind::ConnectionRefused.into()));
+    }
+    Ok(stream)
 }
 
 /// Envoy's `cluster.<name>.circuit_breakers.default.*` gauges: whether each breaker is open and, with
@@ -897,8 +916,6 @@ impl Cluster {
         let addr = host.address;
         match tokio::time::timeout(self.config.connect_timeout, connect_from(self.config.source_address, addr)).await {
             Ok(Ok(stream)) => {
-                // Envoy sets TCP_NODELAY on every upstream connection.
-                let _ = stream.set_nodelay(true);
                 if let Some(keepalive) = &self.config.tcp_keepalive {
                     let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(keepalive);
                 }

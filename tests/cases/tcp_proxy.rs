@@ -111,6 +111,86 @@ async fn half_close_from_upstream_keeps_the_downstream_direction_open() {
     assert_eq!(received, b"after your FIN");
 }
 
+/// (segments received, segments sent and not yet acknowledged) from the socket's TCP_INFO.
+fn segments(s: &TcpStream) -> (u32, u32) {
+    use std::os::fd::AsRawFd;
+    let mut info = [0u8; 256];
+    let mut len = info.len() as libc::socklen_t;
+    // SAFETY: `info` is a writable buffer of `len` bytes that outlives the call.
+    let rc = unsafe {
+        libc::getsockopt(s.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, info.as_mut_ptr().cast(), &mut len)
+    };
+    assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+    // struct tcp_info: tcpi_unacked at byte 24, tcpi_segs_in (Linux 4.2+) at byte 140.
+    assert!(len >= 144, "TCP_INFO of {len} bytes has no tcpi_segs_in");
+    let at = |i: usize| u32::from_ne_bytes(info[i..i + 4].try_into().unwrap());
+    (at(140), at(24))
+}
+
+/// An upstream that sends `reply` and its FIN in one segment (MSG_MORE, then the half-close) once told to, after
+/// reading to EOF when `read_first`.
+async fn replying_upstream(reply: &'static [u8], read_first: bool) -> (std::net::SocketAddr, Channels) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        if read_first {
+            let mut all = Vec::new();
+            s.read_to_end(&mut all).await.unwrap();
+        }
+        let _ = ready_tx.send(());
+        go_rx.await.unwrap();
+        let sent = socket2::SockRef::from(&s).send_with_flags(reply, libc::MSG_MORE).unwrap();
+        assert_eq!(sent, reply.len());
+        s.shutdown().await.unwrap();
+        // Kept open until the proxy closes its side, so the proxy sees a FIN, not a reset.
+        let _ = s.read(&mut [0u8; 16]).await;
+    });
+    (up, Channels { ready: ready_rx, go: go_tx })
+}
+
+struct Channels {
+    ready: tokio::sync::oneshot::Receiver<()>,
+    go: tokio::sync::oneshot::Sender<()>,
+}
+
+/// The client's segments for `reply`: the proxy's last bytes and its FIN should arrive together, as haproxy sends
+/// them, instead of as data, then a bare FIN (which also costs the client a separate ACK).
+async fn reply_segments(client_closes_first: bool) -> (Vec<u8>, u32) {
+    const REPLY: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n";
+    let (up, channels) = replying_upstream(REPLY, client_closes_first).await;
+    let server = start(&yaml(&tcp_listener("l", 0, "up"), &static_cluster("up", &[up])), Duration::from_secs(1)).await;
+    let mut s = TcpStream::connect(listener_addr(&server, "l")).await.unwrap();
+    if client_closes_first {
+        s.shutdown().await.unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(5), channels.ready).await.unwrap().unwrap();
+    // Everything the client sent is acknowledged, so what arrives from here on is the reply alone.
+    eventually("client's segments acknowledged", Duration::from_secs(5), async || segments(&s).1 == 0).await;
+    let before = segments(&s).0;
+    channels.go.send(()).unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), read_to_end(&mut s)).await.unwrap();
+    (got, segments(&s).0 - before)
+}
+
+#[tokio::test]
+async fn last_bytes_and_fin_leave_in_one_segment_when_the_upstream_closes_first() {
+    let (got, segments) = reply_segments(false).await;
+    assert_eq!(got, b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n");
+    assert_eq!(segments, 1, "reply and FIN in one segment");
+}
+
+#[tokio::test]
+async fn last_bytes_and_fin_leave_in_one_segment_when_the_client_closed_first() {
+    // The upstream direction finishes second here, so the proxy closes instead of half-closing: the close must
+    // still send the held-back bytes.
+    let (got, segments) = reply_segments(true).await;
+    assert_eq!(got, b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n");
+    assert_eq!(segments, 1, "reply and FIN in one segment");
+}
+
 #[tokio::test]
 async fn upstream_reset_reaches_the_client_as_a_reset() {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -141,6 +221,29 @@ async fn upstream_refused_closes_the_downstream_promptly() {
     assert!(got.is_empty());
     assert!(start_at.elapsed() < Duration::from_secs(2), "closed after {:?}", start_at.elapsed());
     assert_eq!(counter(&server, "cluster.dead.upstream_cx_connect_fail"), 1);
+}
+
+#[tokio::test]
+async fn upstream_connect_timeout_closes_the_downstream_and_counts_it() {
+    // A listener whose accept queue is full drops further SYNs, so a connect to it neither completes nor fails.
+    let full = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    full.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+    full.listen(0).unwrap();
+    let up = full.local_addr().unwrap().as_socket().unwrap();
+    // A backlog of 0 still queues one connection.
+    let queued = std::net::TcpStream::connect_timeout(&up, Duration::from_secs(1)).unwrap();
+    let cluster = static_cluster("full", &[up]).replace("connect_timeout: 1s", "connect_timeout: 0.3s");
+    let server = start(&yaml(&tcp_listener("l", 0, "full"), &cluster), Duration::from_secs(1)).await;
+    let start_at = Instant::now();
+    let mut s = TcpStream::connect(listener_addr(&server, "l")).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), read_to_end(&mut s)).await.unwrap();
+    assert!(got.is_empty());
+    let took = start_at.elapsed();
+    assert!(took >= Duration::from_millis(250), "closed after {took:?}, before the connect timeout");
+    assert_eq!(counter(&server, "cluster.full.upstream_cx_connect_timeout"), 1);
+    assert_eq!(counter(&server, "cluster.full.upstream_cx_connect_fail"), 1);
+    assert_eq!(counter(&server, "tcp.l.upstream_cx_connect_attempts_exceeded"), 1);
+    drop(queued);
 }
 
 #[tokio::test]
