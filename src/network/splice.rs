@@ -6,7 +6,8 @@
 //! exchanges then cost one recv and one send per message, and a short recv proves the socket drained (it clears the
 //! readiness, as tokio's own reads do), which saves the read that would only return EAGAIN. Splicing a message
 //! costs the same two calls plus that extra one, because a short splice proves nothing (the pipe may have run out
-//! of slots). The first read that fills the buffer switches the direction to splice for good.
+//! of slots). The first read that fills the buffer switches the direction to splice for good. When the source's FIN
+//! is already in, the last bytes are held back (MSG_MORE) for the half-close, so bytes and FIN share one segment.
 
 use std::cell::{Cell, RefCell};
 use std::io;
