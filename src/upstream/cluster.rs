@@ -76,13 +76,12 @@ impl Host {
 #[derive(Debug, Default, Clone)]
 pub struct HostSet {
     pub hosts: Vec<Arc<Host>>,
-    weights: Weights,
     /// Every host of every priority, for `membership_total`.
     pub total: usize,
-    /// RING_HASH and MAGLEV clusters: the table over `hosts`, and the policy it was built for.
-    table: Option<(Arc<HashTable>, LbPolicy)>,
+    /// The RING_HASH or MAGLEV policy the levels' hashing tables were built for; None: no tables.
+    hashed_for: Option<LbPolicy>,
     /// One per priority with a host that has a weight (healthy or not), best first. With one, the whole set is that
-    /// level (and `table` its table).
+    /// level.
     levels: Vec<Level>,
 }
 
@@ -129,32 +128,29 @@ fn hash_table(hosts: &[Arc<Host>], policy: LbPolicy) -> Option<HashTable> {
     }
 }
 
+/// The policy a host set's hashing tables are built for: RING_HASH and MAGLEV have tables, other policies none.
+fn hashed(policy: LbPolicy) -> Option<LbPolicy> {
+    matches!(policy, LbPolicy::RingHash { .. } | LbPolicy::Maglev { .. }).then_some(policy)
+}
+
 impl HostSet {
     /// The set with the hashing tables its cluster's policy needs (built once per host set, on the control thread).
     fn for_policy(mut self, policy: LbPolicy) -> HostSet {
         if self.table_matches(policy) {
             return self;
         }
-        self.table = hash_table(&self.hosts, policy).map(|t| (Arc::new(t), policy));
-        let several = self.levels.len() > 1;
         for level in &mut self.levels {
-            if several {
-                level.table = hash_table(&self.hosts[level.start..level.end], policy).map(Arc::new);
-            }
+            level.table = hash_table(&self.hosts[level.start..level.end], policy).map(Arc::new);
             if let Some(p) = &mut level.panic {
                 p.table = hash_table(&p.hosts, policy).map(Arc::new);
             }
         }
+        self.hashed_for = hashed(policy);
         self
     }
 
     fn table_matches(&self, policy: LbPolicy) -> bool {
-        match policy {
-            LbPolicy::RingHash { .. } | LbPolicy::Maglev { .. } => {
-                self.table.as_ref().is_some_and(|(_, built_for)| *built_for == policy)
-            }
-            _ => self.table.is_none(),
-        }
+        self.hashed_for == hashed(policy)
     }
 
     /// Whether the hosts span several priorities.
@@ -194,8 +190,7 @@ impl HostSet {
             let weights = Weights::new(hosts[start..].iter().map(|h| h.weight));
             levels.push(Level { priority, start, end: hosts.len(), total: same, weights, table: None, panic });
         }
-        let weights = Weights::new(hosts.iter().map(|h| h.weight));
-        HostSet { hosts, weights, total, table: None, levels }
+        HostSet { hosts, total, hashed_for: None, levels }
     }
 
     /// Hosts of endpoints that already carry IPs (STATIC and EDS clusters). A host whose weight is 0 (its
@@ -591,12 +586,11 @@ impl Cluster {
             let (i, panic) = self.choose_level(&set, ejected > 0, hash, avoid);
             (set.levels.get(i), panic)
         };
-        let (hosts, weights, table, any) = match (level, level.and_then(|l| l.panic.as_ref()).filter(|_| panic)) {
-            (_, Some(p)) => (&p.hosts[..], &p.weights, p.table.as_deref(), true),
-            (Some(l), None) if set.levels.len() > 1 => {
-                (&set.hosts[l.start..l.end], &l.weights, l.table.as_deref(), ejected == 0 || panic)
-            }
-            _ => (&set.hosts[..], &set.weights, set.table.as_ref().map(|(t, _)| t.as_ref()), ejected == 0 || panic),
+        // No level: no host with a weight.
+        let level = level?;
+        let (hosts, weights, table, any) = match level.panic.as_ref().filter(|_| panic) {
+            Some(p) => (&p.hosts[..], &p.weights, p.table.as_deref(), true),
+            None => (&set.hosts[level.start..level.end], &level.weights, level.table.as_deref(), ejected == 0 || panic),
         };
         if let (Some(hash), Some(table)) = (hash, table)
             && !table.is_empty()
