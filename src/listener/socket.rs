@@ -57,6 +57,10 @@ fn bind_one(spec: &SocketSpec, addr: SocketAddr) -> io::Result<TcpListener> {
     let backlog = i32::try_from(spec.backlog).unwrap_or(i32::MAX);
     socket.listen(backlog)?;
     apply_options(&socket, &spec.socket_options, SocketState::Listening)?;
+    // Envoy sets TCP_NODELAY on every accepted connection, whatever the listener's socket options say. Linux copies
+    // it from the listening socket into each connection it accepts, so set here, after those options, it costs one
+    // call per socket instead of one per connection.
+    socket.set_tcp_nodelay(true)?;
     socket.set_nonblocking(true)?;
     Ok(socket.into())
 }
@@ -237,6 +241,25 @@ mod tests {
         let sock = socket2::SockRef::from(&socks[0]);
         assert!(sock.freebind_v4()?);
         assert!(sock.ip_transparent_v4()?);
+        Ok(())
+    }
+
+    /// Workers rely on this instead of setting TCP_NODELAY on each connection; a listener's own TCP_NODELAY=0 does
+    /// not reach its connections, as Envoy sets no-delay on every accepted connection.
+    #[test]
+    fn accepted_connections_have_no_delay_set() -> io::Result<()> {
+        let mut s = spec("127.0.0.1:0", true);
+        s.socket_options.push(SocketOption {
+            level: libc::IPPROTO_TCP,
+            name: libc::TCP_NODELAY,
+            value: SocketOptionValue::Int(0),
+            state: SocketState::Listening,
+        });
+        let socks = SystemSockets.bind(&s, 1)?;
+        let _client = std::net::TcpStream::connect(socks[0].local_addr()?)?;
+        socks[0].set_nonblocking(false)?;
+        let (accepted, _) = socks[0].accept()?;
+        assert!(accepted.nodelay()?);
         Ok(())
     }
 

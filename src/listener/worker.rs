@@ -462,8 +462,8 @@ async fn serve(
     local: Option<SocketAddr>,
     ctx: Arc<WorkerContext>,
 ) {
-    // Envoy sets TCP_NODELAY on accepted connections.
-    let _ = stream.set_nodelay(true);
+    // TCP_NODELAY, which Envoy sets on accepted connections, came with the connection from its listening socket
+    // (socket::bind_one).
     let local = match local.map_or_else(|| stream.local_addr(), Ok) {
         Ok(a) => a,
         Err(e) => {
