@@ -585,6 +585,14 @@ pub struct WeightedClusters {
     pub total_weight: u64,
 }
 
+/// The cluster a request goes to, and with weighted clusters the chosen entry's own mutations and host rewrite (an
+/// entry, not a name: two entries may name the same cluster with different extras).
+#[derive(Debug, Clone)]
+pub struct Target<'a> {
+    pub name: Cow<'a, str>,
+    pub extras: Option<&'a ClusterExtras>,
+}
+
 /// A weighted cluster entry's own header mutations and host rewrite, applied when it is picked: its headers before
 /// the route's, virtual host's and configuration's; its host rewrite unless the route rewrites the host itself
 /// (Envoy applies the entry's, then the route's over it).
@@ -1307,18 +1315,19 @@ impl WeightedClusters {
         Ok(WeightedClusters { clusters, extras, total_weight: total })
     }
 
-    /// Envoy's pick: `random % total_weight` falls into one cluster's interval, in configuration order.
-    pub fn pick(&self, random: u64) -> &str {
+    /// Envoy's pick: `random % total_weight` falls into one entry's interval, in configuration order. Returns the
+    /// entry's index.
+    pub fn pick(&self, random: u64) -> usize {
         let selected = random % self.total_weight;
         let mut end = 0;
-        for (name, weight) in &self.clusters {
+        for (i, (_, weight)) in self.clusters.iter().enumerate() {
             end += u64::from(*weight);
             if selected < end {
-                return name;
+                return i;
             }
         }
         // Unreachable: the weights add up to total_weight.
-        self.clusters.last().map_or("", |(name, _)| name)
+        self.clusters.len().saturating_sub(1)
     }
 }
 
@@ -1826,34 +1835,28 @@ impl<'a> Matched<'a> {
         }
     }
 
-    /// The extras of the weighted cluster entry named `cluster`, when the route picks among weighted clusters and
-    /// that entry has any.
-    pub fn cluster_extras(&self, cluster: &str) -> Option<&'a ClusterExtras> {
-        let Action::Route(RouteAction { cluster: ClusterSpecifier::Weighted(w), .. }) = &self.route.action else {
-            return None;
-        };
-        let i = w.clusters.iter().position(|(name, _)| name == cluster)?;
-        w.extras.get(i)?.as_deref()
-    }
-
     /// The cluster for this request: weighted clusters pick at random by weight; `cluster_header` reads the
     /// header's first value (`None` when absent or not text: answer with `cluster_not_found_status`, as Envoy does).
-    pub fn cluster_name(&self, headers: &HeaderMap) -> Option<Cow<'a, str>> {
-        self.cluster_name_with_random(headers, rand::random())
+    pub fn cluster(&self, headers: &HeaderMap) -> Option<Target<'a>> {
+        self.cluster_with_random(headers, rand::random())
     }
 
-    /// [`Matched::cluster_name`] with the random value given, for tests and for callers that draw one per request.
+    /// [`Matched::cluster`] with the random value given, for tests and for callers that draw one per request.
     /// Borrowed from the route table (so the request stays free to move on), copied only from a `cluster_header`.
-    pub fn cluster_name_with_random(&self, headers: &HeaderMap, random: u64) -> Option<Cow<'a, str>> {
+    pub fn cluster_with_random(&self, headers: &HeaderMap, random: u64) -> Option<Target<'a>> {
         let Action::Route(a) = &self.route.action else { return None };
         match &a.cluster {
-            ClusterSpecifier::Cluster(c) => Some(Cow::Borrowed(c)),
-            ClusterSpecifier::Weighted(w) => Some(Cow::Borrowed(w.pick(random))),
+            ClusterSpecifier::Cluster(c) => Some(Target { name: Cow::Borrowed(c), extras: None }),
+            ClusterSpecifier::Weighted(w) => {
+                let i = w.pick(random);
+                let (name, _) = w.clusters.get(i)?;
+                Some(Target { name: Cow::Borrowed(name), extras: w.extras.get(i).and_then(|e| e.as_deref()) })
+            }
             ClusterSpecifier::Header(h) => headers
                 .get(h)
                 .and_then(|v| v.to_str().ok())
                 .filter(|v| !v.is_empty())
-                .map(|v| Cow::Owned(v.to_string())),
+                .map(|v| Target { name: Cow::Owned(v.to_string()), extras: None }),
         }
     }
 }
@@ -3179,7 +3182,7 @@ mod tests {
         let t = table(&single(route("r", prefix("/"), action(weighted(&[("a", 10), ("zero", 0), ("b", 30)])))));
         let m = t.route(&Req::get("/").head()).unwrap_or_else(|| panic!("no route"));
         let h = HeaderMap::new();
-        let pick = |r: u64| m.cluster_name_with_random(&h, r).map(|c| c.into_owned());
+        let pick = |r: u64| m.cluster_with_random(&h, r).map(|c| c.name.into_owned());
         // Intervals [0, 10) → a, [10, 40) → b, over random % 40.
         assert_eq!(pick(0).as_deref(), Some("a"));
         assert_eq!(pick(9).as_deref(), Some("a"));
@@ -3194,13 +3197,33 @@ mod tests {
         assert_eq!(t.cluster_names().collect::<Vec<_>>(), ["a", "b", "zero"]);
     }
 
+    /// The extras come with the entry picked, not with the first entry of that name.
+    #[test]
+    fn weighted_entries_of_one_cluster_keep_their_own_extras() {
+        let mut ra = weighted(&[("a", 1), ("a", 1)]);
+        let Some(C::WeightedClusters(w)) = &mut ra.cluster_specifier else { unreachable!() };
+        w.clusters[0].request_headers_to_add = vec![hvo("x-entry", "first", 0)];
+        w.clusters[1].request_headers_to_add = vec![hvo("x-entry", "second", 0)];
+        let t = table(&single(route("r", prefix("/"), action(ra))));
+        let m = t.route(&Req::get("/").head()).unwrap_or_else(|| panic!("no route"));
+        let entry = |random: u64| {
+            let target = m.cluster_with_random(&HeaderMap::new(), random).unwrap_or_else(|| panic!("no cluster"));
+            assert_eq!(target.name, "a");
+            let mut headers = HeaderMap::new();
+            m.apply_request_headers_with(target.extras.unwrap_or_else(|| panic!("no extras")), &mut headers);
+            headers.get("x-entry").cloned()
+        };
+        assert_eq!(entry(0), Some(HeaderValue::from_static("first")));
+        assert_eq!(entry(1), Some(HeaderValue::from_static("second")));
+    }
+
     #[test]
     fn weighted_clusters_distribution() {
         let t = table(&single(route("r", prefix("/"), action(weighted(&[("a", 25), ("b", 75)])))));
         let m = t.route(&Req::get("/").head()).unwrap_or_else(|| panic!("no route"));
         let h = HeaderMap::new();
         let n = 20_000;
-        let a = (0..n).filter(|_| m.cluster_name(&h).as_deref() == Some("a")).count();
+        let a = (0..n).filter(|_| m.cluster(&h).is_some_and(|t| t.name == "a")).count();
         // 25% ± a wide margin (the standard deviation is about 0.3%).
         assert!((4_000..6_000).contains(&a), "{a} of {n}");
     }
@@ -3228,8 +3251,8 @@ mod tests {
         let t = table(&single(route("r", prefix("/"), action(ra))));
         let req = Req::get("/").header("x-cluster", "backend");
         let m = t.route(&req.head()).unwrap_or_else(|| panic!("no route"));
-        assert_eq!(m.cluster_name(&req.headers).as_deref(), Some("backend"));
-        assert_eq!(m.cluster_name(&HeaderMap::new()), None);
+        assert_eq!(m.cluster(&req.headers).map(|t| t.name.into_owned()).as_deref(), Some("backend"));
+        assert!(m.cluster(&HeaderMap::new()).is_none());
         assert_eq!(t.cluster_names().count(), 0);
     }
 

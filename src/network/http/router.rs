@@ -17,7 +17,7 @@ use super::cors;
 use super::fault::AbortWith;
 use super::route::{
     Action, ClusterExtras, FilterOverride, HashSource, HostRewrite, Matched, MirrorPolicy, RequestHead, RetryOn,
-    RetryPolicy, RouteAction, UpstreamFailure,
+    RetryPolicy, RouteAction, Target, UpstreamFailure,
 };
 use super::{Connection, HealthCheckStats};
 use crate::access_log::Flag;
@@ -242,8 +242,8 @@ async fn after_match(
     let hcm = &conn.hcm;
     let head = RequestHead { method: req.method(), uri: req.uri(), authority, headers: req.headers() };
     // Chosen once: a weighted choice must be the same for the fault filter's upstream_cluster and the router.
-    let cluster_name = match matched.action() {
-        Action::Route(_) => matched.cluster_name(req.headers()),
+    let target = match matched.action() {
+        Action::Route(_) => matched.cluster(req.headers()),
         Action::Redirect(_) | Action::DirectResponse { .. } => None,
     };
     // The fault filter runs before the router, as Envoy requires it to: its delay holds the request, its abort
@@ -255,7 +255,7 @@ async fn after_match(
             Some(FilterOverride::Disabled) => None,
             Some(FilterOverride::Cors(_)) | None => Some(own),
         };
-        if let Some(plan) = fault.and_then(|f| f.plan(&head, cluster_name.as_deref(), stats)) {
+        if let Some(plan) = fault.and_then(|f| f.plan(&head, target.as_ref().map(|t| t.name.as_ref()), stats)) {
             if let Some(delay) = plan.delay {
                 trace.flags.push(Flag::DelayInjected);
                 tokio::time::sleep(delay).await;
@@ -283,7 +283,7 @@ async fn after_match(
             cors::Decision::Decorate { policy, origin } => decorate = Some((policy, origin)),
         }
     }
-    let mut resp = act(conn, matched, cluster_name, req, trace, authority, upgrade).await;
+    let mut resp = act(conn, matched, target, req, trace, authority, upgrade).await;
     if let Some((policy, origin)) = decorate {
         policy.decorate(origin, resp.headers_mut());
     }
@@ -297,7 +297,7 @@ async fn after_match(
 async fn act(
     conn: &Connection,
     matched: &Matched<'_>,
-    cluster_name: Option<std::borrow::Cow<'_, str>>,
+    target: Option<Target<'_>>,
     req: Request<Incoming>,
     trace: &mut Trace,
     authority: &str,
@@ -347,7 +347,7 @@ async fn act(
     }
     // A cluster_header route without its header finds no cluster, like a name that does not exist: both get the
     // route's cluster_not_found_response_code (503 unless configured).
-    let cluster = cluster_name.and_then(|name| conn.ctx.clusters.load().get(name.as_ref()).cloned());
+    let cluster = target.as_ref().and_then(|t| conn.ctx.clusters.load().get(t.name.as_ref()).cloned());
     let Some(cluster) = cluster else {
         hcm.stats.no_cluster.inc();
         trace.flags.push(Flag::NoClusterFound);
@@ -358,7 +358,7 @@ async fn act(
         trace.cluster = Some(cluster.name().to_string());
     }
     // A weighted cluster entry's own mutations and host rewrite (Istio's per-destination headers).
-    let extras = matched.cluster_extras(cluster.name());
+    let extras = target.and_then(|t| t.extras);
     let chosen = Chosen { matched, action, extras, authority, upgrade };
     let mut resp = forward(conn, &chosen, &cluster, req, trace).await;
     match extras {
