@@ -49,8 +49,6 @@ pub struct RouteTable {
     /// Every cluster named by a route, sorted and deduplicated.
     cluster_names: Vec<String>,
     per_filter: PerFilter,
-    /// Some virtual host has `require_tls`.
-    any_require_tls: bool,
 }
 
 /// A virtual host's `require_tls`.
@@ -745,13 +743,11 @@ impl RouteTable {
                 }));
             }
         }
-        let any_require_tls = vhosts.iter().any(|v| v.require_tls != TlsRequirement::None);
         Ok(RouteTable {
             name: rc.name.clone(),
             vhosts,
             domains,
             ignore_port_in_host_matching: rc.ignore_port_in_host_matching,
-            any_require_tls,
             most_specific_header_mutations_wins: rc.most_specific_header_mutations_wins,
             request_headers,
             response_headers,
@@ -774,30 +770,18 @@ impl RouteTable {
         &self.vhosts
     }
 
-    /// Envoy's `require_tls`: where a request must be redirected to https instead of routed, the `Location`
-    /// (`https://` + its host and path, as Envoy's SSL redirect builds it). A request counts as TLS when its
-    /// `x-forwarded-proto` (set or trusted by the connection manager) says https.
-    pub fn tls_redirect(&self, req: &RequestHead<'_>) -> Option<String> {
-        if !self.any_require_tls {
-            return None;
-        }
-        let vhost = self.vhosts.get(self.virtual_host_index(req.authority.as_bytes())?)?;
-        let proto = req.headers.get("x-forwarded-proto").map(http::HeaderValue::as_bytes);
-        if proto == Some(b"https".as_slice()) {
-            return None;
-        }
-        let internal = req.headers.get("x-envoy-internal").is_some_and(|v| v == "true");
-        match vhost.require_tls {
-            TlsRequirement::All => {}
-            TlsRequirement::ExternalOnly if !internal => {}
-            TlsRequirement::ExternalOnly | TlsRequirement::None => return None,
-        }
-        Some(format!("https://{}{}", req.authority, path_and_query(req.uri)))
+    /// The virtual host a request's authority selects.
+    pub fn virtual_host(&self, req: &RequestHead<'_>) -> Option<&VirtualHost> {
+        self.vhosts.get(self.virtual_host_index(req.authority.as_bytes())?)
     }
 
     /// The route for a request, or `None` when no virtual host or no route matches (Envoy answers 404, flag NR).
     pub fn route<'a>(&'a self, req: &RequestHead<'_>) -> Option<Matched<'a>> {
-        let vhost = self.vhosts.get(self.virtual_host_index(req.authority.as_bytes())?)?;
+        self.route_in(self.virtual_host(req)?, req)
+    }
+
+    /// The route for a request in its virtual host ([`RouteTable::virtual_host`]).
+    pub fn route_in<'a>(&'a self, vhost: &'a VirtualHost, req: &RequestHead<'_>) -> Option<Matched<'a>> {
         let path_and_query = path_and_query(req.uri);
         let path = strip_query(path_and_query);
         // Envoy checks the other criteria before the path; all are pure conjunctions, so the cheap path goes first.
@@ -902,6 +886,26 @@ impl DomainIndex {
 }
 
 impl VirtualHost {
+    /// Envoy's `require_tls`: where a request must be redirected to https instead of routed, the `Location`
+    /// (`https://` + its host and path, as Envoy's SSL redirect builds it). A request counts as TLS when its
+    /// `x-forwarded-proto` (set or trusted by the connection manager) says https.
+    pub fn tls_redirect(&self, req: &RequestHead<'_>) -> Option<String> {
+        if self.require_tls == TlsRequirement::None {
+            return None;
+        }
+        let proto = req.headers.get("x-forwarded-proto").map(http::HeaderValue::as_bytes);
+        if proto == Some(b"https".as_slice()) {
+            return None;
+        }
+        let internal = req.headers.get("x-envoy-internal").is_some_and(|v| v == "true");
+        match self.require_tls {
+            TlsRequirement::All => {}
+            TlsRequirement::ExternalOnly if !internal => {}
+            TlsRequirement::ExternalOnly | TlsRequirement::None => return None,
+        }
+        Some(format!("https://{}{}", req.authority, path_and_query(req.uri)))
+    }
+
     fn new(vh: &rpb::VirtualHost, path: &str, max_body: u32) -> Result<VirtualHost, ConfigError> {
         if vh.name.is_empty() {
             return Err(ConfigError::new(join(path, "name"), "a virtual host needs a name"));

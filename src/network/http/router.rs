@@ -175,7 +175,8 @@ async fn route_request(conn: &Connection, req: Request<Incoming>, trace: &mut Tr
         return local_reply(conn, StatusCode::NOT_FOUND, "");
     };
     let head = RequestHead { method: req.method(), uri: req.uri(), authority: &authority, headers: req.headers() };
-    if let Some(location) = table.tls_redirect(&head) {
+    let vhost = table.virtual_host(&head);
+    if let Some(location) = vhost.and_then(|v| v.tls_redirect(&head)) {
         // Envoy's SSL redirect route (a virtual host's require_tls): 301 to the same host and path over https.
         let mut resp = local_reply(conn, StatusCode::MOVED_PERMANENTLY, "");
         if let Ok(v) = HeaderValue::from_str(&location) {
@@ -183,7 +184,7 @@ async fn route_request(conn: &Connection, req: Request<Incoming>, trace: &mut Tr
         }
         return resp;
     }
-    let Some(matched) = table.route(&head) else {
+    let Some(matched) = vhost.and_then(|v| table.route_in(v, &head)) else {
         hcm.stats.no_route.inc();
         trace.flags.push(Flag::NoRoute);
         debug!(authority = %authority, path = %req.uri().path(), "no route");
