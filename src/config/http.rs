@@ -7,7 +7,7 @@ use std::time::Duration;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
 use envoy_types::pb::google::protobuf::Any;
 
-use super::listener::{decode_any, type_name};
+use super::listener::{IstioFilter, decode_any, type_name};
 use super::{ConfigError, duration, join, opt_duration};
 use crate::listener::chain_match::{Cidr, cidrs};
 use crate::network::http::fault::FaultConfig;
@@ -476,14 +476,13 @@ fn skippable_http_filter(any: &Any) -> bool {
         "istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig" => true,
         "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig" => true,
         super::listener::ISTIO_STATS => true,
-        "udpa.type.v1.TypedStruct" | "xds.type.v3.TypedStruct" => {
+        "udpa.type.v1.TypedStruct" | "xds.type.v3.TypedStruct" => IstioFilter::of(any).is_some_and(|f| {
             // Newer istiod's native peer metadata filter (it only adds Istio's peer metadata headers), in a
             // TypedStruct.
-            super::listener::typed_struct_type(any)
-                .is_some_and(|t| type_name(&t) == "io.istio.http.peer_metadata.Config")
-                || super::listener::istio_null_vm_plugin(any)
-        }
-        "envoy.extensions.filters.http.wasm.v3.Wasm" => super::listener::istio_null_vm_plugin(any),
+            f.typed_struct_type().is_some_and(|t| type_name(t) == "io.istio.http.peer_metadata.Config")
+                || f.is_null_vm_plugin()
+        }),
+        "envoy.extensions.filters.http.wasm.v3.Wasm" => IstioFilter::of(any).is_some_and(|f| f.is_null_vm_plugin()),
         _ => false,
     }
 }

@@ -512,11 +512,11 @@ pub fn skippable_filter(f: &lpb::Filter) -> bool {
     match type_name(&any.type_url) {
         // Metadata exchange, and the native stats filter of the Istio versions that stopped using Wasm for it.
         ISTIO_MX | ISTIO_STATS => true,
-        "udpa.type.v1.TypedStruct" | "xds.type.v3.TypedStruct" => {
+        "udpa.type.v1.TypedStruct" | "xds.type.v3.TypedStruct" => IstioFilter::of(any).is_some_and(|f| {
             // Newer istiod wraps metadata exchange in a TypedStruct.
-            typed_struct_type(any).is_some_and(|t| type_name(&t) == ISTIO_MX) || istio_null_vm_plugin(any)
-        }
-        "envoy.extensions.filters.network.wasm.v3.Wasm" => istio_null_vm_plugin(any),
+            f.typed_struct_type().is_some_and(|t| type_name(t) == ISTIO_MX) || f.is_null_vm_plugin()
+        }),
+        "envoy.extensions.filters.network.wasm.v3.Wasm" => IstioFilter::of(any).is_some_and(|f| f.is_null_vm_plugin()),
         _ => false,
     }
 }
@@ -526,29 +526,37 @@ const ISTIO_MX: &str = "envoy.tcp.metadataexchange.config.MetadataExchange";
 /// Istio's native stats filter config (network and HTTP).
 pub(crate) const ISTIO_STATS: &str = "stats.PluginConfig";
 
-/// The type a TypedStruct says its contents are (`type_url`), if `any` is one.
-pub(crate) fn typed_struct_type(any: &Any) -> Option<String> {
-    let json = super::proto::to_json_value(any, "google.protobuf.Any").ok()?;
-    let url = json.get("type_url").or_else(|| json.get("typeUrl"))?;
-    url.as_str().map(str::to_owned)
-}
+/// A TypedStruct's or Wasm filter's config as JSON, converted once for the checks that tell Istio's telemetry
+/// filters apart.
+pub(crate) struct IstioFilter(serde_json::Value);
 
-/// A Wasm filter running one of Istio's built-in (null VM) telemetry plugins.
-pub(crate) fn istio_null_vm_plugin(any: &Any) -> bool {
-    let Ok(json) = super::proto::to_json_value(any, "google.protobuf.Any") else { return false };
-    // A TypedStruct carries the Wasm config under `value` with the user's spelling; a Wasm Any has it at the top.
-    let wasm = json.get("value").unwrap_or(&json);
-    let field = |v: &serde_json::Value, snake: &str, camel: &str| v.get(snake).or_else(|| v.get(camel)).cloned();
-    let vm = wasm.get("config").and_then(|c| field(c, "vm_config", "vmConfig"));
-    let Some(vm) = vm else { return false };
-    let runtime = vm.get("runtime").and_then(|r| r.as_str().map(str::to_owned));
-    let code = vm
-        .get("code")
-        .and_then(|c| c.get("local"))
-        .and_then(|l| field(l, "inline_string", "inlineString"))
-        .and_then(|s| s.as_str().map(str::to_owned));
-    runtime.as_deref() == Some("envoy.wasm.runtime.null")
-        && matches!(code.as_deref(), Some("envoy.wasm.stats" | "envoy.wasm.metadata_exchange"))
+impl IstioFilter {
+    pub(crate) fn of(any: &Any) -> Option<IstioFilter> {
+        super::proto::to_json_value(any, "google.protobuf.Any").ok().map(IstioFilter)
+    }
+
+    /// The type a TypedStruct says its contents are (`type_url`).
+    pub(crate) fn typed_struct_type(&self) -> Option<&str> {
+        self.0.get("type_url").or_else(|| self.0.get("typeUrl"))?.as_str()
+    }
+
+    /// A Wasm filter running one of Istio's built-in (null VM) telemetry plugins.
+    pub(crate) fn is_null_vm_plugin(&self) -> bool {
+        // A TypedStruct carries the Wasm config under `value` with the user's spelling; a Wasm Any has it at the
+        // top.
+        let wasm = self.0.get("value").unwrap_or(&self.0);
+        let field = |v: &serde_json::Value, snake: &str, camel: &str| v.get(snake).or_else(|| v.get(camel)).cloned();
+        let vm = wasm.get("config").and_then(|c| field(c, "vm_config", "vmConfig"));
+        let Some(vm) = vm else { return false };
+        let runtime = vm.get("runtime").and_then(|r| r.as_str().map(str::to_owned));
+        let code = vm
+            .get("code")
+            .and_then(|c| c.get("local"))
+            .and_then(|l| field(l, "inline_string", "inlineString"))
+            .and_then(|s| s.as_str().map(str::to_owned));
+        runtime.as_deref() == Some("envoy.wasm.runtime.null")
+            && matches!(code.as_deref(), Some("envoy.wasm.stats" | "envoy.wasm.metadata_exchange"))
+    }
 }
 
 #[derive(Debug, Clone)]
