@@ -143,6 +143,13 @@ mod tests {
         }
     }
 
+    /// A reuse-port spec on a free loopback port with one raw socket option.
+    fn with_option(level: i32, name: i32, value: i32, state: SocketState) -> SocketSpec {
+        let mut s = spec("127.0.0.1:0", true);
+        s.socket_options.push(SocketOption { level, name, value: SocketOptionValue::Int(value), state });
+        s
+    }
+
     /// Which of `socks` has the connection just made waiting (accepting it), polled for up to a second.
     fn accepting(socks: &[TcpListener]) -> Vec<usize> {
         let end = std::time::Instant::now() + std::time::Duration::from_secs(1);
@@ -248,13 +255,7 @@ mod tests {
     /// not reach its connections, as Envoy sets no-delay on every accepted connection.
     #[test]
     fn accepted_connections_have_no_delay_set() -> io::Result<()> {
-        let mut s = spec("127.0.0.1:0", true);
-        s.socket_options.push(SocketOption {
-            level: libc::IPPROTO_TCP,
-            name: libc::TCP_NODELAY,
-            value: SocketOptionValue::Int(0),
-            state: SocketState::Listening,
-        });
+        let s = with_option(libc::IPPROTO_TCP, libc::TCP_NODELAY, 0, SocketState::Listening);
         let socks = SystemSockets.bind(&s, 1)?;
         let _client = std::net::TcpStream::connect(socks[0].local_addr()?)?;
         socks[0].set_nonblocking(false)?;
@@ -265,14 +266,8 @@ mod tests {
 
     #[test]
     fn raw_socket_options_are_applied() -> io::Result<()> {
-        let mut s = spec("127.0.0.1:0", true);
         // SO_RCVBUF at pre-bind; the kernel doubles what it is given.
-        s.socket_options.push(SocketOption {
-            level: libc::SOL_SOCKET,
-            name: libc::SO_RCVBUF,
-            value: SocketOptionValue::Int(65536),
-            state: SocketState::Prebind,
-        });
+        let s = with_option(libc::SOL_SOCKET, libc::SO_RCVBUF, 65536, SocketState::Prebind);
         let socks = SystemSockets.bind(&s, 1)?;
         let sock = socket2::SockRef::from(&socks[0]);
         assert_eq!(sock.recv_buffer_size()?, 131072);
