@@ -133,7 +133,8 @@ async fn forward_with(
             let len = chunk.min(COPY_BUF);
             // The peer's FIN was already in when this read began, so a short read takes the last bytes before it:
             // the EOF is known without another recv that would return 0. (A reset shows as an error and is read
-            // the normal way.)
+            // the normal way.) The one exception is TCP urgent data: a read also stops short at the urgent mark,
+            // and what follows the mark would then be lost (telnet's Synch and FTP's abort are its only users).
             let fin_seen = ready.is_read_closed() && !ready.is_error();
             let (n, rest) = match copy_once(src, dst, len, fin_seen) {
                 Ok((n, rest)) => {
