@@ -125,12 +125,16 @@ struct HostPool {
 
 /// An HTTP/2 connection being opened: requests that find no room wait for it instead of each opening their own, as
 /// Envoy's pool attaches pending streams to a connecting client; if it fails, they fail with it.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Connecting {
-    done: tokio::sync::Notify,
-    /// Set (after `failed`, before `done` is notified) once the attempt is over.
-    finished: std::sync::atomic::AtomicBool,
-    failed: std::sync::OnceLock<String>,
+    /// None while connecting; then Ok, or the failure its waiters fail with.
+    outcome: tokio::sync::watch::Sender<Option<Result<(), String>>>,
+}
+
+impl Connecting {
+    fn new() -> Self {
+        Connecting { outcome: tokio::sync::watch::Sender::new(None) }
+    }
 }
 
 /// Ends a [`Connecting`] however its request ends: with the connection, with its failure, or, dropped (the request
@@ -157,11 +161,7 @@ impl Opening<'_> {
                 }
             }
         }
-        if let Some(why) = failed {
-            let _ = self.connecting.failed.set(why);
-        }
-        self.connecting.finished.store(true, Ordering::SeqCst);
-        self.connecting.done.notify_waiters();
+        self.connecting.outcome.send_replace(Some(failed.map_or(Ok(()), Err)));
     }
 }
 
@@ -376,7 +376,7 @@ impl HttpPools {
                 }
                 None => {
                     let _pending = cluster.start_pending().ok_or(PoolError::PendingOverflow)?;
-                    let mine = Arc::new(Connecting::default());
+                    let mine = Arc::new(Connecting::new());
                     let other = {
                         let mut clusters = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
                         let pool = entry(&mut clusters, cluster).hosts.entry(key.clone()).or_default();
@@ -389,15 +389,14 @@ impl HttpPools {
                         }
                     };
                     if let Some(other) = other {
-                        // Registered before looking, so a notification between the look and the wait is not lost.
-                        let woken = other.done.notified();
-                        tokio::pin!(woken);
-                        woken.as_mut().enable();
-                        if !other.finished.load(Ordering::SeqCst) {
-                            woken.await;
-                        }
-                        if let Some(why) = other.failed.get() {
-                            return Err(PoolError::Shared(host.address, why.clone()));
+                        let mut outcome = other.outcome.subscribe();
+                        // The sender lives in `other`, so the wait ends only with an outcome.
+                        let failed = match outcome.wait_for(Option::is_some).await {
+                            Ok(o) => o.as_ref().and_then(|r| r.as_ref().err().cloned()),
+                            Err(_) => None,
+                        };
+                        if let Some(why) = failed {
+                            return Err(PoolError::Shared(host.address, why));
                         }
                         continue;
                     }
