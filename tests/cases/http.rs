@@ -2242,6 +2242,17 @@ async fn request_mirror_policies_send_a_copy_to_the_shadow_cluster() {
     let got = tokio::time::timeout(Duration::from_secs(5), seen.recv()).await.unwrap().unwrap();
     assert_eq!(got, "POST /upload app-shadow the body");
 
+    // A body of several chunks (each its own data frame) reaches the shadow whole.
+    use tokio::io::AsyncWriteExt;
+    let mut raw = tokio::net::TcpStream::connect(listener_addr(&server, "h")).await.unwrap();
+    raw.write_all(
+        b"POST /chunks HTTP/1.1\r\nhost: app\r\ntransfer-encoding: chunked\r\n\r\n3\r\none\r\n3\r\ntwo\r\n0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), seen.recv()).await.unwrap().unwrap();
+    assert_eq!(got, "POST /chunks app-shadow onetwo");
+
     // The virtual host's policy, for a route without its own.
     let (status, _, _) = http1_request(&mut c, "GET", "/vhost", "app", &[]).await;
     assert_eq!(status, 200);
@@ -2259,10 +2270,10 @@ async fn request_mirror_policies_send_a_copy_to_the_shadow_cluster() {
     assert_eq!(got, "GET /none app-shadow ", "the header's cluster");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(next(&mut seen), None, "nothing else was mirrored");
-    assert_eq!(counter(&server, "cluster.u.upstream_rq_total"), 9);
+    assert_eq!(counter(&server, "cluster.u.upstream_rq_total"), 10);
     // Counted in the shadow cluster's own stats, once each answer arrived.
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert_eq!(counter(&server, "cluster.shadow.upstream_rq_200"), 4);
+    assert_eq!(counter(&server, "cluster.shadow.upstream_rq_200"), 5);
 }
 
 /// Istio 1.24's default inbound route retries `reset-before-request` twice: a request whose connection could not

@@ -39,14 +39,16 @@ pub enum ProxyBody {
     Mirrored(Box<Tee>),
 }
 
-/// A request body passed on frame by frame while a copy is kept (up to the buffer limit) for the shadow requests,
-/// which go out once the request is complete, as Envoy's router shadows it. Past the limit nothing is kept, the
-/// shadows are abandoned and `retry_or_shadow_abandoned` counts it; a body that fails or is dropped unfinished
+/// A request body passed on frame by frame while its frames are kept (up to the buffer limit) for the shadow
+/// requests, which go out once the request is complete, as Envoy's router shadows it. Past the limit nothing is kept,
+/// the shadows are abandoned and `retry_or_shadow_abandoned` counts it; a body that fails or is dropped unfinished
 /// sends no shadow.
 #[derive(Debug)]
 pub struct Tee {
     inner: ProxyBody,
-    kept: bytes::BytesMut,
+    /// The body's data frames as received (`Bytes` share them with the frames passed on), and their length.
+    kept: Vec<Bytes>,
+    kept_len: usize,
     limit: usize,
     shadows: Vec<tokio::sync::oneshot::Sender<Option<Bytes>>>,
     abandoned: Counter,
@@ -62,7 +64,7 @@ impl Tee {
             senders.push(tx);
             receivers.push(ShadowBody(rx));
         }
-        let tee = Tee { inner, kept: bytes::BytesMut::new(), limit: limit as usize, shadows: senders, abandoned };
+        let tee = Tee { inner, kept: Vec::new(), kept_len: 0, limit: limit as usize, shadows: senders, abandoned };
         (ProxyBody::Mirrored(Box::new(tee)), receivers)
     }
 
@@ -73,15 +75,16 @@ impl Tee {
                 if let Some(data) = frame.data_ref()
                     && !self.shadows.is_empty()
                 {
-                    if self.kept.len() + data.len() > self.limit {
+                    if self.kept_len + data.len() > self.limit {
                         tracing::debug!(limit = self.limit, "request body exceeds the buffer limit: no shadow");
                         self.abandoned.inc();
                         for tx in self.shadows.drain(..) {
                             let _ = tx.send(None);
                         }
-                        self.kept = bytes::BytesMut::new();
-                    } else {
-                        self.kept.extend_from_slice(data);
+                        self.kept = Vec::new();
+                    } else if !data.is_empty() {
+                        self.kept_len += data.len();
+                        self.kept.push(data.clone());
                     }
                 }
                 if self.inner.is_end_stream() {
@@ -96,7 +99,12 @@ impl Tee {
     }
 
     fn finish(&mut self) {
-        let body = std::mem::take(&mut self.kept).freeze();
+        // A body that came in one frame goes to the shadows as it is; only one in several frames is joined.
+        let body = match std::mem::take(&mut self.kept).as_mut_slice() {
+            [] => Bytes::new(),
+            [one] => std::mem::take(one),
+            several => several.concat().into(),
+        };
         for tx in self.shadows.drain(..) {
             let _ = tx.send(Some(body.clone()));
         }
