@@ -301,9 +301,16 @@ async fn websocket_upgrade_passes_through_when_configured() {
         assert_eq!(got, msg);
     }
     assert_eq!(logged(), "", "Envoy logs an upgraded stream when its tunnel closes, not at the 101");
+    // The stream lives as long as its tunnel: active, and in the cluster's request circuit breaker.
+    assert_eq!(gauge(&server, "http.h.downstream_rq_active"), 1);
+    assert_eq!(gauge(&server, "cluster.ws.upstream_rq_active"), 1);
     drop(s);
     eventually("the tunnel's log line", Duration::from_secs(3), async || !logged().is_empty()).await;
     assert_eq!(logged(), "101 18 18 -\n", "the tunnel's bytes each way");
+    eventually("the stream ended with its tunnel", Duration::from_secs(3), async || {
+        gauge(&server, "http.h.downstream_rq_active") == 0 && gauge(&server, "cluster.ws.upstream_rq_active") == 0
+    })
+    .await;
 
     // A route's max_stream_duration bounds the tunnel too, as Envoy caps WebSocket lifetimes with it.
     let server = start(
@@ -336,6 +343,40 @@ async fn websocket_upgrade_passes_through_when_configured() {
         http1_request(&mut c, "GET", "/chat", "x", &[("connection", "upgrade"), ("upgrade", "websocket")]).await;
     assert_eq!(status, 403);
     assert_eq!(counter(&server, "http.h.downstream_rq_ws_on_non_ws_route"), 1);
+}
+
+/// A tunnel cannot be closed gracefully: like a tcp_proxy connection, it is closed at its chain's drain deadline.
+#[tokio::test]
+async fn an_upgraded_connection_closes_at_the_drain_deadline() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = upgrade_echo_upstream().await;
+    let server =
+        start(&format!("static_resources:\n  clusters:{}\n", static_cluster("ws", &[up])), Duration::from_secs(1))
+            .await;
+    let extra = "\n          upgrade_configs: [ { upgrade_type: websocket } ]";
+    let config = listener(&unlisted(&http_listener("h", 0, &routes_to("ws", ""), extra)));
+    server.listener_manager().add_or_update(config, false).unwrap();
+    let mut s = tokio::net::TcpStream::connect(listener_addr(&server, "h")).await.unwrap();
+    s.write_all(b"GET /chat HTTP/1.1\r\nhost: x\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\r\n").await.unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut b).await.unwrap(), 1, "{}", String::from_utf8_lossy(&head));
+        head.push(b[0]);
+    }
+    assert!(String::from_utf8_lossy(&head).to_lowercase().starts_with("http/1.1 101"));
+    server.listener_manager().remove("h").unwrap();
+    let began = std::time::Instant::now();
+    // Still a working tunnel while the drain runs.
+    s.write_all(b"ping").await.unwrap();
+    let mut got = [0u8; 4];
+    s.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"ping");
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await.unwrap();
+    let took = began.elapsed();
+    assert!(took >= Duration::from_millis(800), "closed before the drain deadline: {took:?}");
+    assert!(rest.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

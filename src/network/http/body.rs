@@ -456,8 +456,9 @@ impl StreamHold {
         keep(&mut self.upstream_tx_reset, other.upstream_tx_reset, CountOnDrop::disarm);
     }
 
-    /// The response is complete: the request's time is recorded and what it held is released.
-    fn complete(&mut self) {
+    /// The response is complete (for an upgrade: its tunnel closed): the request's time is recorded and what it held
+    /// is released.
+    pub(super) fn complete(&mut self) {
         if let Some((histogram, since)) = self.timing.take() {
             histogram.record(since.elapsed().as_secs_f64() * 1000.0);
         }

@@ -470,7 +470,10 @@ impl Connection {
             // Boxed: the observed path's state would otherwise make every request's future larger.
             Box::pin(self.handle_observed(req, h2, grpc, remote, request_timeout)).await
         };
-        resp.body_mut().hold(hold);
+        match resp.extensions().get::<router::TunnelHolds>() {
+            Some(tunnel) => tunnel.give(hold),
+            None => resp.body_mut().hold(hold),
+        }
         resp
     }
 

@@ -1541,6 +1541,21 @@ pub(super) struct TunnelEnd {
 #[derive(Clone)]
 pub(super) struct TunnelLog(pub Arc<std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<TunnelEnd>>>>);
 
+/// On a 101 response: where what the stream holds goes, to be released when its tunnel closes. An upgraded stream
+/// lives (active, in its circuit-breaker slot, in flight on its connection) until then, as in Envoy.
+#[derive(Clone)]
+pub(super) struct TunnelHolds(tokio::sync::mpsc::UnboundedSender<StreamHold>);
+
+impl TunnelHolds {
+    /// Hands `hold` to the tunnel, or releases it at once if the tunnel is already gone.
+    pub(super) fn give(&self, hold: StreamHold) {
+        if let Err(gone) = self.0.send(hold) {
+            let mut hold = gone.0;
+            hold.complete();
+        }
+    }
+}
+
 /// Counts what is read through one side of a tunnel.
 struct Counted<T> {
     inner: T,
@@ -1596,11 +1611,19 @@ fn upstream_response(
     idle: Option<Duration>,
 ) -> Response<ProxyBody> {
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    let mut hold = Some(hold);
     if switching && let Some(down) = tunnel.downstream {
         let up = hyper::upgrade::on(&mut resp);
         let expired = tunnel.expiry;
         let (done, told) = tokio::sync::oneshot::channel();
         resp.extensions_mut().insert(TunnelLog(Arc::new(std::sync::Mutex::new(Some(told)))));
+        let (holds, mut held) = tokio::sync::mpsc::unbounded_channel();
+        let holds = TunnelHolds(holds);
+        if let Some(hold) = hold.take() {
+            holds.give(hold);
+        }
+        resp.extensions_mut().insert(holds);
+        let mut drain = conn.drain.clone();
         tokio::spawn(async move {
             let mut end = TunnelEnd::default();
             match (down.await, up.await) {
@@ -1608,18 +1631,25 @@ fn upstream_response(
                     let mut d = Counted { inner: hyper_util::rt::TokioIo::new(d), read: 0 };
                     let mut u = Counted { inner: hyper_util::rt::TokioIo::new(u), read: 0 };
                     let copy = tokio::io::copy_bidirectional(&mut d, &mut u);
-                    let ended = match &expired {
-                        None => copy.await.map(|_| ()),
-                        Some((at, counter, cause)) => match tokio::time::timeout_at(*at, copy).await {
-                            Ok(r) => r.map(|_| ()),
-                            Err(_) => {
-                                // A max_stream_duration (the stream's or the upstream request's) covers the tunnel
-                                // too, as Envoy caps WebSocket lifetimes with it: both sides close.
+                    let limit = async {
+                        match &expired {
+                            Some((at, _, _)) => tokio::time::sleep_until(*at).await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    let ended = tokio::select! {
+                        r = copy => r.map(|_| ()),
+                        () = limit => {
+                            // A max_stream_duration (the stream's or the upstream request's) covers the tunnel
+                            // too, as Envoy caps WebSocket lifetimes with it: both sides close.
+                            if let Some((_, counter, cause)) = &expired {
                                 counter.inc();
                                 end.cut = Some(*cause);
-                                Ok(())
                             }
-                        },
+                            Ok(())
+                        }
+                        // The chain's drain deadline closes the tunnel as it closes every other connection of it.
+                        _ = drain.closed() => Ok(()),
                     };
                     if let Err(e) = ended {
                         debug!("upgraded connection ended: {e}");
@@ -1627,6 +1657,11 @@ fn upstream_response(
                     (end.received, end.sent) = (d.read, u.read);
                 }
                 (d, u) => debug!(downstream = d.is_ok(), upstream = u.is_ok(), "upgrade failed"),
+            }
+            // Closed first, so that a hold given from now on is released by its giver, not lost in the channel.
+            held.close();
+            while let Ok(mut hold) = held.try_recv() {
+                hold.complete();
             }
             let _ = done.send(end);
         });
@@ -1646,7 +1681,9 @@ fn upstream_response(
     // An upgraded connection never returns to the pool: its bytes now belong to the tunnel.
     let lease = if switching { None } else { lease };
     let mut body = ProxyBody::stream(body, idle, lease, None);
-    body.hold(hold);
+    if let Some(hold) = hold {
+        body.hold(hold);
+    }
     Response::from_parts(parts, body)
 }
 
