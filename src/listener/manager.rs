@@ -426,6 +426,7 @@ impl ListenerManager {
                 stats: ListenerStats::new(&self.store, &config.stat_prefix, self.workers.count()),
                 config: Arc::new(config),
                 chains,
+                pending: crate::drain::DrainTrigger::new(),
             }),
         });
         self.next_id += 1;
@@ -641,7 +642,7 @@ impl ListenerManager {
     /// Drains `chains`; `whole` is the listener version they belong to when all of it goes (removal or a full
     /// update), which /config_dump then shows as draining.
     fn start_drain(&self, name: &str, chains: Vec<Arc<FilterChain>>, whole: Option<&Arc<Listener>>) {
-        if chains.is_empty() {
+        if chains.is_empty() && whole.is_none() {
             return;
         }
         let draining = self.stats.total_listeners_draining.clone();
@@ -653,8 +654,15 @@ impl ListenerManager {
             l.id
         });
         let done = drain_chains(chains, self.drain, Until::Deadline);
+        let pending = whole.map(|l| l.core.clone());
+        let settings = self.drain;
         self.runtime.spawn(async move {
-            done.await;
+            let pending = async {
+                if let Some(core) = pending {
+                    core.pending.drain(settings.drain_time, settings.strategy, FORCE_GRACE, Until::Deadline).await;
+                }
+            };
+            tokio::join!(done, pending);
             draining.dec();
             if let Some(id) = id {
                 versions.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);

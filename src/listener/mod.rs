@@ -101,6 +101,10 @@ pub struct ListenerCore {
     pub config: Arc<ListenerConfig>,
     pub chains: ChainSet,
     pub stats: ListenerStats,
+    /// Connections still in their listener filters (no chain yet) watch this; it drains when the whole version goes
+    /// (removal, or an update that is not in place), so they close at its deadline, as Envoy closes the sockets of
+    /// a removed listener that never got past its listener filters.
+    pub pending: crate::drain::DrainTrigger,
 }
 
 impl Listener {

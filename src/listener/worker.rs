@@ -502,21 +502,33 @@ async fn listener_filters(
     if listener.config.listener_filters.is_empty() {
         return true;
     }
+    let mut version = listener.pending.watch();
     let run = filters::run(stream, &listener.config, det, &ctx.filter_stats);
-    let result = match listener.config.listener_filters_timeout {
-        Some(limit) => match tokio::time::timeout(limit, run).await {
-            Ok(r) => r,
-            Err(_) => {
-                listener.stats.downstream_pre_cx_timeout.inc();
-                if listener.config.continue_on_listener_filters_timeout {
-                    // Envoy goes on to chain matching with whatever the filters found so far.
-                    return true;
-                }
-                debug!("closing: listener filters timed out");
-                return false;
+    let limited = async {
+        match listener.config.listener_filters_timeout {
+            Some(limit) => tokio::time::timeout(limit, run).await.map_err(|_| ()),
+            None => Ok(run.await),
+        }
+    };
+    let outcome = tokio::select! {
+        r = limited => r,
+        // Istio turns listener_filters_timeout off: without this, a silent client would outlive its listener.
+        _ = version.closed() => {
+            debug!("closing during listener filters: the listener's drain is over");
+            return false;
+        }
+    };
+    let result = match outcome {
+        Ok(r) => r,
+        Err(()) => {
+            listener.stats.downstream_pre_cx_timeout.inc();
+            if listener.config.continue_on_listener_filters_timeout {
+                // Envoy goes on to chain matching with whatever the filters found so far.
+                return true;
             }
-        },
-        None => run.await,
+            debug!("closing: listener filters timed out");
+            return false;
+        }
     };
     match result {
         Ok(()) => true,

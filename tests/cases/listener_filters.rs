@@ -82,6 +82,27 @@ async fn silent_clients_do_not_hold_up_the_workers() {
     assert_eq!(send_and_read(([127, 0, 0, 1], port).into(), b"hello\r\n").await, b"served");
 }
 
+/// Istio turns listener_filters_timeout off. A client that never sends still does not outlive its listener: once
+/// the removed listener's drain is over, it is closed, as Envoy closes a removed listener's pending sockets.
+#[tokio::test]
+async fn a_silent_client_is_closed_when_its_removed_listener_has_drained() {
+    let port = free_port();
+    let extra = format!("    listener_filters: [ {TLS_INSPECTOR} ]\n    listener_filters_timeout: 0s\n");
+    let server = start("static_resources: {}\n", Duration::from_secs(1)).await;
+    let config = listener(&unlisted(&listener_yaml("l", port, &extra, &[], Some("default"))));
+    server.listener_manager().add_or_update(config, false).unwrap();
+    let mut silent = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    eventually("the client accepted", Duration::from_secs(5), async || {
+        gauge(&server, &format!("listener.127.0.0.1_{port}.downstream_pre_cx_active")) == 1
+    })
+    .await;
+    server.listener_manager().remove("l").unwrap();
+    let t = Instant::now();
+    let got = tokio::time::timeout(Duration::from_secs(5), read_to_end(&mut silent)).await.unwrap();
+    assert!(got.is_empty(), "closed without serving");
+    assert!(t.elapsed() >= Duration::from_millis(800), "closed at the drain deadline, not before: {:?}", t.elapsed());
+}
+
 #[tokio::test]
 async fn sni_selects_exact_then_the_longest_wildcard_then_no_server_names() {
     let port = free_port();
