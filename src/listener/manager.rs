@@ -347,6 +347,10 @@ impl ListenerManager {
         self.addresses.clear();
         self.static_names.clear();
         self.publish();
+        // Nothing will serve a connection still in its listener filters any more.
+        for l in &listeners {
+            l.core.pending.close();
+        }
         let chains: Vec<Arc<FilterChain>> = listeners.iter().flat_map(|l| l.chains().all().cloned()).collect();
         drain_chains(chains, self.drain, Until::Empty)
     }
@@ -418,6 +422,10 @@ impl ListenerManager {
             &self.routes,
             &config.stat_prefix,
         );
+        let pending = match &old {
+            Some(old) if in_place => old.core.pending.clone(),
+            _ => Arc::default(),
+        };
         let listener = Arc::new(Listener {
             id: self.next_id,
             local_address,
@@ -426,7 +434,7 @@ impl ListenerManager {
                 stats: ListenerStats::new(&self.store, &config.stat_prefix, self.workers.count()),
                 config: Arc::new(config),
                 chains,
-                pending: crate::drain::DrainTrigger::new(),
+                pending,
             }),
         });
         self.next_id += 1;

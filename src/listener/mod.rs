@@ -103,8 +103,9 @@ pub struct ListenerCore {
     pub stats: ListenerStats,
     /// Connections still in their listener filters (no chain yet) watch this; it drains when the whole version goes
     /// (removal, or an update that is not in place), so they close at its deadline, as Envoy closes the sockets of
-    /// a removed listener that never got past its listener filters.
-    pub pending: crate::drain::DrainTrigger,
+    /// a removed listener that never got past its listener filters. Shared with the next version of an in-place
+    /// update, which keeps the listener (and its pending sockets) in Envoy.
+    pub pending: Arc<crate::drain::DrainTrigger>,
 }
 
 impl Listener {

@@ -331,6 +331,8 @@ async fn websocket_upgrade_passes_through_when_configured() {
     assert_eq!(counter(&server, "http.h.downstream_rq_max_duration_reached"), 1);
     eventually("the cut tunnel's log line", Duration::from_secs(3), async || logged().lines().count() == 2).await;
     assert_eq!(logged().lines().nth(1), Some("101 0 0 DT"), "closed by the stream's max_stream_duration");
+    assert_eq!(counter(&server, "http.h.downstream_rq_tx_reset"), 1, "a stream we ended");
+    assert_eq!(gauge(&server, "http.h.downstream_rq_active"), 0);
 
     // Without upgrade_configs the same request is refused, as Envoy does (403).
     let server = start(
@@ -2283,16 +2285,18 @@ async fn request_mirror_policies_send_a_copy_to_the_shadow_cluster() {
     let got = tokio::time::timeout(Duration::from_secs(5), seen.recv()).await.unwrap().unwrap();
     assert_eq!(got, "POST /upload app-shadow the body");
 
-    // A body of several chunks (each its own data frame) reaches the shadow whole.
+    // A body of several chunks (each its own data frame, small ones copied, large ones shared) reaches the shadow
+    // whole. (To /upload, which reads the whole body: a primary that answers first ends the request's body.)
     use tokio::io::AsyncWriteExt;
+    let large = "x".repeat(1500);
     let mut raw = tokio::net::TcpStream::connect(listener_addr(&server, "h")).await.unwrap();
-    raw.write_all(
-        b"POST /chunks HTTP/1.1\r\nhost: app\r\ntransfer-encoding: chunked\r\n\r\n3\r\none\r\n3\r\ntwo\r\n0\r\n\r\n",
-    )
-    .await
-    .unwrap();
+    let request = format!(
+        "POST /upload HTTP/1.1\r\nhost: app\r\ntransfer-encoding: chunked\r\n\r\n3\r\none\r\n{:x}\r\n{large}\r\n3\r\ntwo\r\n0\r\n\r\n",
+        large.len()
+    );
+    raw.write_all(request.as_bytes()).await.unwrap();
     let got = tokio::time::timeout(Duration::from_secs(5), seen.recv()).await.unwrap().unwrap();
-    assert_eq!(got, "POST /chunks app-shadow onetwo");
+    assert_eq!(got, format!("POST /upload app-shadow one{large}two"));
 
     // The virtual host's policy, for a route without its own.
     let (status, _, _) = http1_request(&mut c, "GET", "/vhost", "app", &[]).await;

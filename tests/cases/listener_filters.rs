@@ -82,8 +82,9 @@ async fn silent_clients_do_not_hold_up_the_workers() {
     assert_eq!(send_and_read(([127, 0, 0, 1], port).into(), b"hello\r\n").await, b"served");
 }
 
-/// Istio turns listener_filters_timeout off. A client that never sends still does not outlive its listener: once
-/// the removed listener's drain is over, it is closed, as Envoy closes a removed listener's pending sockets.
+/// Istio turns listener_filters_timeout off. A client that never sends still does not outlive its listener, even
+/// across an in-place update: once the removed listener's drain is over, it is closed, as Envoy closes a removed
+/// listener's pending sockets.
 #[tokio::test]
 async fn a_silent_client_is_closed_when_its_removed_listener_has_drained() {
     let port = free_port();
@@ -96,6 +97,9 @@ async fn a_silent_client_is_closed_when_its_removed_listener_has_drained() {
         gauge(&server, &format!("listener.127.0.0.1_{port}.downstream_pre_cx_active")) == 1
     })
     .await;
+    // An update in place keeps the listener, and with it the client still in its filters.
+    let updated = listener(&unlisted(&listener_yaml("l", port, &extra, &[], Some("updated"))));
+    server.listener_manager().add_or_update(updated, false).unwrap();
     server.listener_manager().remove("l").unwrap();
     let t = Instant::now();
     let got = tokio::time::timeout(Duration::from_secs(5), read_to_end(&mut silent)).await.unwrap();

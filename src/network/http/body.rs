@@ -46,13 +46,19 @@ pub enum ProxyBody {
 #[derive(Debug)]
 pub struct Tee {
     inner: ProxyBody,
-    /// The body's data frames as received (`Bytes` share them with the frames passed on), and their length.
+    /// The body's data frames as received (`Bytes` share them with the frames passed on), and their length. Frames
+    /// under [`SHARE_MIN`] are copied into `tail` instead: a tiny shared frame would keep its whole read buffer
+    /// alive, so a body of one-byte chunks would hold many times the limit.
     kept: Vec<Bytes>,
+    tail: bytes::BytesMut,
     kept_len: usize,
     limit: usize,
     shadows: Vec<tokio::sync::oneshot::Sender<Option<Bytes>>>,
     abandoned: Counter,
 }
+
+/// The smallest data frame a [`Tee`] keeps shared rather than copied.
+const SHARE_MIN: usize = 1024;
 
 impl Tee {
     /// Wraps `inner`; each receiver gets the whole body when it has been read, or None if it outgrew `limit`.
@@ -64,7 +70,15 @@ impl Tee {
             senders.push(tx);
             receivers.push(ShadowBody(rx));
         }
-        let tee = Tee { inner, kept: Vec::new(), kept_len: 0, limit: limit as usize, shadows: senders, abandoned };
+        let tee = Tee {
+            inner,
+            kept: Vec::new(),
+            tail: bytes::BytesMut::new(),
+            kept_len: 0,
+            limit: limit as usize,
+            shadows: senders,
+            abandoned,
+        };
         (ProxyBody::Mirrored(Box::new(tee)), receivers)
     }
 
@@ -82,8 +96,15 @@ impl Tee {
                             let _ = tx.send(None);
                         }
                         self.kept = Vec::new();
-                    } else if !data.is_empty() {
+                        self.tail = bytes::BytesMut::new();
+                    } else if data.len() < SHARE_MIN {
                         self.kept_len += data.len();
+                        self.tail.extend_from_slice(data);
+                    } else {
+                        self.kept_len += data.len();
+                        if !self.tail.is_empty() {
+                            self.kept.push(self.tail.split().freeze());
+                        }
                         self.kept.push(data.clone());
                     }
                 }
@@ -99,6 +120,9 @@ impl Tee {
     }
 
     fn finish(&mut self) {
+        if !self.tail.is_empty() {
+            self.kept.push(self.tail.split().freeze());
+        }
         // A body that came in one frame goes to the shadows as it is; only one in several frames is joined.
         let body = match std::mem::take(&mut self.kept).as_mut_slice() {
             [] => Bytes::new(),
@@ -473,7 +497,7 @@ impl StreamHold {
 
     /// We end the stream early: released without a time (Envoy records none for an incomplete response), counted
     /// as a reset we sent downstream, and upstream too unless the upstream is what failed.
-    fn reset(&mut self, upstream_failed: bool) {
+    pub(super) fn reset(&mut self, upstream_failed: bool) {
         if let Some(g) = self.downstream_rx_reset.take() {
             g.disarm();
         }

@@ -1535,6 +1535,8 @@ pub(super) struct TunnelEnd {
     pub sent: u64,
     /// The duration limit that closed it, if one did.
     pub cut: Option<DurationTimeout>,
+    /// Closed by its chain's drain, or never set up (a side's upgrade failed).
+    pub aborted: bool,
 }
 
 /// On a 101 response: where the tunnel's end will be told (shared only because response extensions must be Clone).
@@ -1619,7 +1621,11 @@ fn upstream_response(
         resp.extensions_mut().insert(TunnelLog(Arc::new(std::sync::Mutex::new(Some(told)))));
         let (holds, mut held) = tokio::sync::mpsc::unbounded_channel();
         let holds = TunnelHolds(holds);
-        if let Some(hold) = hold.take() {
+        if let Some(mut hold) = hold.take() {
+            // upstream_rq_time ends at the 101: the tunnel's life is not a request time.
+            if let Some((histogram, since)) = hold.timing.take() {
+                histogram.record(since.elapsed().as_secs_f64() * 1000.0);
+            }
             holds.give(hold);
         }
         resp.extensions_mut().insert(holds);
@@ -1649,19 +1655,30 @@ fn upstream_response(
                             Ok(())
                         }
                         // The chain's drain deadline closes the tunnel as it closes every other connection of it.
-                        _ = drain.closed() => Ok(()),
+                        _ = drain.closed() => {
+                            end.aborted = true;
+                            Ok(())
+                        }
                     };
                     if let Err(e) = ended {
                         debug!("upgraded connection ended: {e}");
                     }
                     (end.received, end.sent) = (d.read, u.read);
                 }
-                (d, u) => debug!(downstream = d.is_ok(), upstream = u.is_ok(), "upgrade failed"),
+                (d, u) => {
+                    debug!(downstream = d.is_ok(), upstream = u.is_ok(), "upgrade failed");
+                    end.aborted = true;
+                }
             }
             // Closed first, so that a hold given from now on is released by its giver, not lost in the channel.
             held.close();
             while let Ok(mut hold) = held.try_recv() {
-                hold.complete();
+                // Ended by us (a duration limit, the drain, a failed upgrade): a reset, as the body path counts one.
+                if end.cut.is_some() || end.aborted {
+                    hold.reset(false);
+                } else {
+                    hold.complete();
+                }
             }
             let _ = done.send(end);
         });
