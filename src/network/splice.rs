@@ -137,9 +137,9 @@ async fn forward_with(
             // and what follows the mark would then be lost (telnet's Synch and FTP's abort are its only users).
             let fin_seen = ready.is_read_closed() && !ready.is_error();
             let (n, rest) = match copy_once(src, dst, len, fin_seen) {
-                Ok((n, rest)) => {
-                    at_eof = fin_seen && n > 0 && n < len;
-                    (n, rest)
+                Ok(Copied { read, unsent, last }) => {
+                    at_eof = last;
+                    (read, unsent)
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
@@ -196,14 +196,23 @@ fn splice_in(src: &TcpStream, chunk: usize, slot: &mut Option<Pipe>) -> io::Resu
     Ok(n)
 }
 
-/// One recv of up to `len` bytes into the worker's buffer and one send of them to `dst`. Returns the bytes read (0 is
-/// EOF) and what `dst` did not take at once, to be written after waiting.
+/// What one [`copy_once`] did.
+struct Copied {
+    /// Bytes read; 0 is EOF.
+    read: usize,
+    /// What `dst` did not take at once, to be written after waiting.
+    unsent: Vec<u8>,
+    /// These were the source's last bytes: its FIN is known to follow.
+    last: bool,
+}
+
+/// One recv of up to `len` bytes into the worker's buffer and one send of them to `dst`.
 ///
 /// `fin_seen`: the source's FIN was in before the recv, so a short read is its last data. The send then carries
 /// MSG_MORE, which holds the bytes back until the half-close (or close) that follows at once, and the kernel sends
 /// them and the FIN as one segment, as haproxy does; the peer then acknowledges both with one segment too. Without
 /// it, each such response costs two more segments: the bytes, their ACK, and a bare FIN.
-fn copy_once(src: &TcpStream, dst: &TcpStream, len: usize, fin_seen: bool) -> io::Result<(usize, Vec<u8>)> {
+fn copy_once(src: &TcpStream, dst: &TcpStream, len: usize, fin_seen: bool) -> io::Result<Copied> {
     BUF.with(|buf| {
         let mut buf = buf.borrow_mut();
         let buf = &mut buf[..len];
@@ -238,7 +247,7 @@ fn copy_once(src: &TcpStream, dst: &TcpStream, len: usize, fin_seen: bool) -> io
                 Err(e) => return Err(e),
             }
         }
-        Ok((n, buf[sent..n].to_vec()))
+        Ok(Copied { read: n, unsent: buf[sent..n].to_vec(), last })
     })
 }
 

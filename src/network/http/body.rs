@@ -483,9 +483,7 @@ impl StreamHold {
     /// The response is complete (for an upgrade: its tunnel closed): the request's time is recorded and what it held
     /// is released.
     pub(super) fn complete(&mut self) {
-        if let Some((histogram, since)) = self.timing.take() {
-            histogram.record(since.elapsed().as_secs_f64() * 1000.0);
-        }
+        self.record_time();
         if let Some(g) = self.downstream_rx_reset.take() {
             g.disarm();
         }
@@ -493,6 +491,13 @@ impl StreamHold {
             g.disarm();
         }
         *self = StreamHold::default();
+    }
+
+    /// Records `upstream_rq_time` now (once: later calls and `complete` record nothing more).
+    pub(super) fn record_time(&mut self) {
+        if let Some((histogram, since)) = self.timing.take() {
+            histogram.record(since.elapsed().as_secs_f64() * 1000.0);
+        }
     }
 
     /// We end the stream early: released without a time (Envoy records none for an incomplete response), counted

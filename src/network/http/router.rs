@@ -1535,8 +1535,6 @@ pub(super) struct TunnelEnd {
     pub sent: u64,
     /// The duration limit that closed it, if one did.
     pub cut: Option<DurationTimeout>,
-    /// Closed by its chain's drain, or never set up (a side's upgrade failed).
-    pub aborted: bool,
 }
 
 /// On a 101 response: where the tunnel's end will be told (shared only because response extensions must be Clone).
@@ -1623,15 +1621,15 @@ fn upstream_response(
         let holds = TunnelHolds(holds);
         if let Some(mut hold) = hold.take() {
             // upstream_rq_time ends at the 101: the tunnel's life is not a request time.
-            if let Some((histogram, since)) = hold.timing.take() {
-                histogram.record(since.elapsed().as_secs_f64() * 1000.0);
-            }
+            hold.record_time();
             holds.give(hold);
         }
         resp.extensions_mut().insert(holds);
         let mut drain = conn.drain.clone();
         tokio::spawn(async move {
             let mut end = TunnelEnd::default();
+            // Ended by us (a duration limit, the drain, a failed upgrade): a reset, as the body path counts one.
+            let mut ended_by_us = true;
             match (down.await, up.await) {
                 (Ok(d), Ok(u)) => {
                     let mut d = Counted { inner: hyper_util::rt::TokioIo::new(d), read: 0 };
@@ -1644,7 +1642,10 @@ fn upstream_response(
                         }
                     };
                     let ended = tokio::select! {
-                        r = copy => r.map(|_| ()),
+                        r = copy => {
+                            ended_by_us = false;
+                            r.map(|_| ())
+                        }
                         () = limit => {
                             // A max_stream_duration (the stream's or the upstream request's) covers the tunnel
                             // too, as Envoy caps WebSocket lifetimes with it: both sides close.
@@ -1655,26 +1656,19 @@ fn upstream_response(
                             Ok(())
                         }
                         // The chain's drain deadline closes the tunnel as it closes every other connection of it.
-                        _ = drain.closed() => {
-                            end.aborted = true;
-                            Ok(())
-                        }
+                        _ = drain.closed() => Ok(()),
                     };
                     if let Err(e) = ended {
                         debug!("upgraded connection ended: {e}");
                     }
                     (end.received, end.sent) = (d.read, u.read);
                 }
-                (d, u) => {
-                    debug!(downstream = d.is_ok(), upstream = u.is_ok(), "upgrade failed");
-                    end.aborted = true;
-                }
+                (d, u) => debug!(downstream = d.is_ok(), upstream = u.is_ok(), "upgrade failed"),
             }
             // Closed first, so that a hold given from now on is released by its giver, not lost in the channel.
             held.close();
             while let Ok(mut hold) = held.try_recv() {
-                // Ended by us (a duration limit, the drain, a failed upgrade): a reset, as the body path counts one.
-                if end.cut.is_some() || end.aborted {
+                if ended_by_us {
                     hold.reset(false);
                 } else {
                     hold.complete();
